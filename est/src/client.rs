@@ -1,0 +1,320 @@
+//! An EST client for commissioning laptops and agents.
+//!
+//! Trust starts with RFC 7030 §4.1.1: [`EstClient::bootstrap`] may only fetch `cacerts`
+//! without verifying the server; [`pin_root`] then checks the CA fingerprint the engineer got
+//! out of band, and every further request goes through [`EstClient::new`], which verifies
+//! the server against that root.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+
+use crate::csr_attrs::AttrOrOid;
+use crate::multipart::ServerKeygenParts;
+use crate::server::Secret;
+use crate::{body, certs_only, csr_attrs, media, multipart, Error, Label};
+
+/// How a request authenticates besides a TLS client certificate.
+#[derive(Debug, Clone)]
+pub enum Auth {
+    /// No Authorization header.
+    None,
+    /// HTTP Basic: a user (token id or device name) and the one-time token.
+    Basic {
+        /// User name.
+        user: String,
+        /// The token.
+        password: Secret,
+    },
+    /// `Authorization: Bearer <token>`.
+    Bearer(Secret),
+}
+
+/// A TLS client identity: certificate chain (leaf first) and its PKCS#8 key.
+#[derive(Clone)]
+pub struct ClientIdentity {
+    /// DER certificates, leaf first.
+    pub chain: Vec<Vec<u8>>,
+    /// The leaf's private key, PKCS#8 DER.
+    pub pkcs8_der: Vec<u8>,
+}
+
+impl std::fmt::Debug for ClientIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientIdentity")
+            .field("chain", &self.chain.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// An EST client bound to one server (and optionally one label).
+#[derive(Debug, Clone)]
+pub struct EstClient {
+    base: String,
+    label: Option<Label>,
+    http: reqwest::Client,
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+fn transport(e: impl std::fmt::Display) -> Error {
+    Error::Transport(e.to_string())
+}
+
+impl EstClient {
+    /// A client that does not verify the server: for fetching `cacerts` before trust exists.
+    pub fn bootstrap(server: &str) -> Result<Self, Error> {
+        let config = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(transport)?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(BootstrapVerifier(provider())))
+            .with_no_client_auth();
+        Self::from_config(server, config)
+    }
+
+    /// A client that verifies the server against `trust_anchors` (DER), optionally
+    /// presenting a client certificate.
+    pub fn new(
+        server: &str,
+        trust_anchors: &[Vec<u8>],
+        identity: Option<&ClientIdentity>,
+    ) -> Result<Self, Error> {
+        let mut roots = rustls::RootCertStore::empty();
+        for der in trust_anchors {
+            roots
+                .add(CertificateDer::from(der.clone()))
+                .map_err(|e| transport(format!("trust anchor not usable: {e}")))?;
+        }
+        let builder = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(transport)?
+            .with_root_certificates(roots);
+        let config = match identity {
+            Some(id) => builder
+                .with_client_auth_cert(
+                    id.chain
+                        .iter()
+                        .map(|c| CertificateDer::from(c.clone()))
+                        .collect(),
+                    PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(id.pkcs8_der.clone())),
+                )
+                .map_err(|e| transport(format!("client certificate not usable: {e}")))?,
+            None => builder.with_no_client_auth(),
+        };
+        Self::from_config(server, config)
+    }
+
+    fn from_config(server: &str, config: rustls::ClientConfig) -> Result<Self, Error> {
+        if !server.starts_with("https://") {
+            return Err(Error::Transport(format!(
+                "server URL {server:?} must start with https://"
+            )));
+        }
+        let http = reqwest::Client::builder()
+            .use_preconfigured_tls(config)
+            .connect_timeout(Duration::from_secs(10))
+            .timeout(Duration::from_secs(60))
+            .build()
+            .map_err(transport)?;
+        Ok(Self {
+            base: server.trim_end_matches('/').to_owned(),
+            label: None,
+            http,
+        })
+    }
+
+    /// Sends requests under `label` (`/.well-known/est/<label>/…`).
+    pub fn with_label(mut self, label: Option<Label>) -> Self {
+        self.label = label;
+        self
+    }
+
+    fn url(&self, operation: &str) -> String {
+        match &self.label {
+            Some(label) => format!("{}/.well-known/est/{label}/{operation}", self.base),
+            None => format!("{}/.well-known/est/{operation}", self.base),
+        }
+    }
+
+    /// `GET cacerts`: the CA certificates, DER.
+    pub async fn cacerts(&self) -> Result<Vec<Vec<u8>>, Error> {
+        let response = self.send(self.http.get(self.url("cacerts"))).await?;
+        let bytes = response.bytes().await.map_err(transport)?;
+        certs_only::decode(&body::decode(&bytes)?)
+    }
+
+    /// `GET csrattrs`: what the CA wants in a CSR (empty on 204).
+    pub async fn csrattrs(&self) -> Result<Vec<AttrOrOid>, Error> {
+        let response = self.send(self.http.get(self.url("csrattrs"))).await?;
+        if response.status() == reqwest::StatusCode::NO_CONTENT {
+            return Ok(Vec::new());
+        }
+        let bytes = response.bytes().await.map_err(transport)?;
+        csr_attrs::decode(&body::decode(&bytes)?)
+    }
+
+    /// `POST simpleenroll`: returns the issued certificate, DER.
+    pub async fn simple_enroll(&self, csr_der: &[u8], auth: &Auth) -> Result<Vec<u8>, Error> {
+        self.enroll("simpleenroll", csr_der, auth).await
+    }
+
+    /// `POST simplereenroll`, authenticated by this client's TLS certificate.
+    pub async fn simple_reenroll(&self, csr_der: &[u8]) -> Result<Vec<u8>, Error> {
+        self.enroll("simplereenroll", csr_der, &Auth::None).await
+    }
+
+    /// `POST serverkeygen`: the CA generates the key.
+    pub async fn server_keygen(
+        &self,
+        csr_der: &[u8],
+        auth: &Auth,
+    ) -> Result<(ServerKeygenParts, Vec<u8>), Error> {
+        let response = self.send(self.post("serverkeygen", csr_der, auth)).await?;
+        let content_type = response
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        let bytes = response.bytes().await.map_err(transport)?;
+        let parts = multipart::decode(&content_type, &bytes)?;
+        let cert = single_certificate(&parts.certs_only_der)?;
+        Ok((parts, cert))
+    }
+
+    async fn enroll(&self, operation: &str, csr_der: &[u8], auth: &Auth) -> Result<Vec<u8>, Error> {
+        let response = self.send(self.post(operation, csr_der, auth)).await?;
+        let bytes = response.bytes().await.map_err(transport)?;
+        single_certificate(&body::decode(&bytes)?)
+    }
+
+    fn post(&self, operation: &str, csr_der: &[u8], auth: &Auth) -> reqwest::RequestBuilder {
+        let request = self
+            .http
+            .post(self.url(operation))
+            .header(reqwest::header::CONTENT_TYPE, media::PKCS10)
+            .header("Content-Transfer-Encoding", "base64")
+            .body(body::encode(csr_der));
+        match auth {
+            Auth::None => request,
+            Auth::Basic { user, password } => request.basic_auth(user, Some(&password.0)),
+            Auth::Bearer(token) => request.bearer_auth(&token.0),
+        }
+    }
+
+    async fn send(&self, request: reqwest::RequestBuilder) -> Result<reqwest::Response, Error> {
+        let response = request.send().await.map_err(|e| {
+            // reqwest's Display hides the cause (e.g. the TLS error); show the chain.
+            let mut text = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                text.push_str(": ");
+                text.push_str(&s.to_string());
+                source = s.source();
+            }
+            Error::Transport(text)
+        })?;
+        let status = response.status();
+        if status.is_success() && status != reqwest::StatusCode::ACCEPTED {
+            return Ok(response);
+        }
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse().ok());
+        let message = response.text().await.unwrap_or_default().trim().to_owned();
+        Err(Error::Server {
+            status: status.as_u16(),
+            message,
+            retry_after,
+        })
+    }
+}
+
+fn single_certificate(certs_only_der: &[u8]) -> Result<Vec<u8>, Error> {
+    let mut certs = certs_only::decode(certs_only_der)?;
+    if certs.len() != 1 {
+        return Err(Error::CertsOnly(format!(
+            "expected exactly one issued certificate, got {}",
+            certs.len()
+        )));
+    }
+    Ok(certs.remove(0))
+}
+
+/// Finds the certificate among `ca_certs` whose SHA-256 fingerprint is `expected` (hex, any
+/// case, colons allowed): the root to trust from now on.
+pub fn pin_root(server: &str, ca_certs: &[Vec<u8>], expected: &str) -> Result<Vec<u8>, Error> {
+    let want = crate::normalize_fingerprint(expected);
+    ca_certs
+        .iter()
+        .find(|der| crate::fingerprint(der) == want)
+        .cloned()
+        .ok_or_else(|| Error::Fingerprint {
+            server: server.to_owned(),
+            expected: want,
+            found: ca_certs
+                .iter()
+                .map(|der| crate::fingerprint(der))
+                .collect::<Vec<_>>()
+                .join(", "),
+        })
+}
+
+/// Accepts any server certificate but still checks the handshake signatures: only used to
+/// fetch `cacerts`, whose content is then pinned by fingerprint.
+#[derive(Debug)]
+struct BootstrapVerifier(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for BootstrapVerifier {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
