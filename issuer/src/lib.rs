@@ -1,1 +1,24 @@
-//! issuer
+//! Plant PKI issuer: an EST (RFC 7030) issuing CA with one-time enrollment tokens, an
+//! inventory of every certificate, and a hash-chained audit log.
+
+pub mod admin;
+pub mod authority;
+pub mod ca;
+mod check;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod duration;
+mod error;
+pub mod est_backend;
+pub mod grant;
+mod header_case;
+pub mod init;
+pub mod inventory;
+pub mod profile;
+pub mod serial;
+pub mod serve;
+pub mod store;
+pub mod tls;
+
+pub use error::Error;

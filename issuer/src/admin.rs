@@ -1,0 +1,159 @@
+//! The admin API: JSON over HTTP on the owner-only Unix socket in the state folder. The same
+//! routes can later be served over HTTPS to operators with client certificates.
+//!
+//! `POST /v1/tokens`, `GET /v1/inventory`, `GET /v1/status`, `GET /v1/audit`.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use http_body_util::BodyExt;
+use hyper_util::rt::TokioIo;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+use crate::authority::{Authority, CreatedToken, StatusReport, TokenRequest};
+use crate::store::{AuditRecord, InventoryPage, InventoryQuery};
+use crate::Error;
+
+/// The admin routes.
+pub fn router(authority: Arc<Authority>) -> Router {
+    Router::new()
+        .route("/v1/tokens", post(create_tokens))
+        .route("/v1/inventory", get(inventory))
+        .route("/v1/status", get(status))
+        .route("/v1/audit", get(audit))
+        .with_state(authority)
+}
+
+struct AdminError(Error);
+
+impl IntoResponse for AdminError {
+    fn into_response(self) -> Response {
+        let status = match &self.0 {
+            Error::Admin(_) | Error::Config(_) => StatusCode::BAD_REQUEST,
+            Error::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        (status, format!("{}\n", self.0)).into_response()
+    }
+}
+
+impl From<Error> for AdminError {
+    fn from(e: Error) -> Self {
+        Self(e)
+    }
+}
+
+async fn create_tokens(
+    State(authority): State<Arc<Authority>>,
+    Json(request): Json<TokenRequest>,
+) -> Result<Json<Vec<CreatedToken>>, AdminError> {
+    Ok(Json(authority.create_tokens(&request).await?))
+}
+
+async fn inventory(
+    State(authority): State<Arc<Authority>>,
+    Query(query): Query<InventoryQuery>,
+) -> Result<Json<InventoryPage>, AdminError> {
+    Ok(Json(authority.inventory(&query)?))
+}
+
+async fn status(State(authority): State<Arc<Authority>>) -> Json<StatusReport> {
+    Json(authority.status())
+}
+
+#[derive(Deserialize)]
+struct AuditQuery {
+    count: Option<usize>,
+}
+
+async fn audit(
+    State(authority): State<Arc<Authority>>,
+    Query(query): Query<AuditQuery>,
+) -> Result<Json<Vec<AuditRecord>>, AdminError> {
+    Ok(Json(authority.store.audit.tail(query.count.unwrap_or(20))?))
+}
+
+/// A client for the admin socket.
+#[derive(Debug, Clone)]
+pub struct AdminClient {
+    socket: std::path::PathBuf,
+}
+
+impl AdminClient {
+    /// A client for the socket at `path`.
+    pub fn new(socket: &Path) -> Self {
+        Self {
+            socket: socket.to_owned(),
+        }
+    }
+
+    /// `GET path_and_query`.
+    pub async fn get<T: DeserializeOwned>(&self, path_and_query: &str) -> Result<T, Error> {
+        self.send(http::Method::GET, path_and_query, None).await
+    }
+
+    /// `POST path` with a JSON body.
+    pub async fn post<B: serde::Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, Error> {
+        let bytes = serde_json::to_vec(body).map_err(|e| Error::Admin(e.to_string()))?;
+        self.send(http::Method::POST, path, Some(bytes)).await
+    }
+
+    async fn send<T: DeserializeOwned>(
+        &self,
+        method: http::Method,
+        path_and_query: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<T, Error> {
+        let stream = tokio::net::UnixStream::connect(&self.socket)
+            .await
+            .map_err(|e| {
+                Error::Admin(format!(
+                    "cannot reach the issuer's admin socket {}: {e}; is `issuer serve` running with this configuration?",
+                    self.socket.display()
+                ))
+            })?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| Error::Admin(e.to_string()))?;
+        tokio::spawn(connection);
+        let mut request = http::Request::builder()
+            .method(method)
+            .uri(path_and_query)
+            .header(http::header::HOST, "issuer-admin");
+        if body.is_some() {
+            request = request.header(http::header::CONTENT_TYPE, "application/json");
+        }
+        let request = request
+            .body(http_body_util::Full::new(bytes::Bytes::from(
+                body.unwrap_or_default(),
+            )))
+            .map_err(|e| Error::Admin(e.to_string()))?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| Error::Admin(e.to_string()))?;
+        let status = response.status();
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| Error::Admin(e.to_string()))?
+            .to_bytes();
+        if !status.is_success() {
+            return Err(Error::Admin(
+                String::from_utf8_lossy(&bytes).trim().to_owned(),
+            ));
+        }
+        serde_json::from_slice(&bytes).map_err(|e| Error::Admin(format!("bad answer: {e}")))
+    }
+}

@@ -1,0 +1,346 @@
+//! The issuing authority: the one issuance pipeline every certificate goes through
+//! (DESIGN §3), token creation, and inventory answers.
+//!
+//! authenticate → authorize into a [`Grant`] → build from the profile → reserve a serial →
+//! sign → check → record + audit → durable commit → respond.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use rcgen::{CertificateParams, DistinguishedName, DnType, IsCa, SanType};
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use crate::ca::{CertificateAuthority, SubjectKey};
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::grant::{valid_dns, valid_subject, Grant};
+use crate::profile::{Profile, SanKind};
+use crate::serial::Serial;
+use crate::store::{
+    AuditEvent, CertificateRecord, InventoryPage, InventoryQuery, Status, Store, TokenRecord,
+};
+use crate::Error;
+
+/// notBefore is set this far back so PLCs with drifting clocks accept new certificates.
+const BACKDATE: time::Duration = time::Duration::seconds(60);
+
+/// The CA service state, built once in `serve` and shared by the EST and admin routes.
+#[derive(Debug)]
+pub struct Authority {
+    pub(crate) ca: CertificateAuthority,
+    pub(crate) store: Store,
+    pub(crate) profiles: BTreeMap<String, Profile>,
+    pub(crate) default_profile: String,
+    pub(crate) trust_domain: String,
+    pub(crate) token_default_ttl: Duration,
+    pub(crate) token_max_ttl: Duration,
+    pub(crate) clock: Arc<dyn Clock>,
+}
+
+/// An operator's request for tokens.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenRequest {
+    /// The label the token enrolls under (default profile when absent).
+    pub label: Option<String>,
+    /// The subject it is bound to.
+    pub subject: Option<String>,
+    /// Lifetime in seconds (config default when absent).
+    pub ttl_secs: Option<u64>,
+    /// DNS names to grant.
+    #[serde(default)]
+    pub dns: Vec<String>,
+    /// IP addresses to grant.
+    #[serde(default)]
+    pub ips: Vec<IpAddr>,
+    /// How many tokens (for benches and cabinets); default 1, at most 100,000.
+    pub count: Option<usize>,
+}
+
+/// A created token: the secret is shown once and never stored.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct CreatedToken {
+    /// Public id.
+    pub id: String,
+    /// The secret to hand to the engineer.
+    pub token: String,
+    /// Label.
+    pub label: String,
+    /// Bound subject.
+    pub subject: Option<String>,
+    /// Unix seconds.
+    pub expires_at: i64,
+}
+
+impl std::fmt::Debug for CreatedToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CreatedToken")
+            .field("id", &self.id)
+            .field("label", &self.label)
+            .field("subject", &self.subject)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What `issuer status` shows.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatusReport {
+    /// Trust domain.
+    pub trust_domain: String,
+    /// Root fingerprint (SHA-256 hex).
+    pub root_fingerprint: String,
+    /// Where the issuing key lives.
+    pub issuing_key: String,
+    /// Issuing CA notAfter, RFC 3339.
+    pub issuing_ca_not_after: String,
+    /// Labels served.
+    pub labels: Vec<String>,
+    /// Certificate records.
+    pub certificates: usize,
+}
+
+impl Authority {
+    /// Opens the CA and the store named by `config`.
+    pub fn open(config: &Config, clock: Arc<dyn Clock>) -> Result<Self, Error> {
+        let ca = CertificateAuthority::load(
+            &config.resolve(&config.ca.root_certificate),
+            &config.resolve(&config.ca.issuing_certificate),
+            &config.issuing_key()?,
+        )?;
+        let store = Store::open(&config.state_dir().join("store"))?;
+        Ok(Self {
+            ca,
+            store,
+            profiles: config.profiles.clone(),
+            default_profile: config.default_profile.clone(),
+            trust_domain: config.trust_domain.clone(),
+            token_default_ttl: config.tokens.default_ttl,
+            token_max_ttl: config.tokens.max_ttl,
+            clock,
+        })
+    }
+
+    pub(crate) fn now(&self) -> OffsetDateTime {
+        self.clock.now()
+    }
+
+    /// The profile for an EST label (`None`: the default profile).
+    pub fn profile(&self, label: Option<&str>) -> Option<(&str, &Profile)> {
+        let name = label.unwrap_or(&self.default_profile);
+        self.profiles
+            .get_key_value(name)
+            .map(|(k, v)| (k.as_str(), v))
+    }
+
+    /// Issues a certificate for `public_key` (uncompressed P-256 point) under `grant`.
+    pub async fn issue(&self, grant: &Grant, public_key: &[u8]) -> Result<Vec<u8>, Error> {
+        let profile = self
+            .profiles
+            .get(&grant.label)
+            .ok_or_else(|| Error::Config(format!("no profile {:?}", grant.label)))?;
+        let now = self.now();
+        let ca_not_after = self.ca.not_after();
+        if now >= ca_not_after {
+            return Err(Error::OutsideCaValidity(format!(
+                "the issuing CA expired at {ca_not_after}; no certificate can be issued \
+                 (check the issuer's clock, or install a new issuing CA)"
+            )));
+        }
+        let not_after = (now + profile.lifetime).min(ca_not_after);
+
+        let mut record = CertificateRecord {
+            serial: String::new(),
+            subject: grant.common_name.clone(),
+            sans: grant.san_strings(),
+            label: grant.label.clone(),
+            owner: grant.owner.clone(),
+            issued_at: now.unix_timestamp(),
+            not_after: not_after.unix_timestamp(),
+            status: Status::Pending,
+            renews: grant.renews.map(|s| s.to_string()),
+            der: String::new(),
+        };
+        let serial = loop {
+            let candidate = Serial::random();
+            record.serial = candidate.to_string();
+            if self.store.certificates.reserve(&candidate, &record)? {
+                break candidate;
+            }
+        };
+
+        let params = leaf_params(grant, profile, serial, now - BACKDATE, not_after);
+        let der = self.ca.sign(&params, &SubjectKey(public_key.to_vec()))?;
+        crate::check::leaf(&der, grant, ca_not_after.unix_timestamp())?;
+
+        record.status = Status::Valid;
+        record.der = base64::engine::general_purpose::STANDARD.encode(&der);
+        self.store.certificates.record(&serial, &record)?;
+        if let Some(old) = grant.renews {
+            self.store
+                .certificates
+                .set_status(&old, Status::Superseded)?;
+        }
+        self.audit(
+            "certificate.issued",
+            serde_json::json!({
+                "serial": record.serial,
+                "subject": record.subject,
+                "sans": record.sans,
+                "label": record.label,
+                "owner": record.owner,
+                "not_after": record.not_after,
+                "renews": record.renews,
+            }),
+        )?;
+        self.store.durability.commit().await?;
+        Ok(der)
+    }
+
+    pub(crate) fn audit(&self, kind: &str, detail: serde_json::Value) -> Result<u64, Error> {
+        let at_ms = (self.now().unix_timestamp_nanos() / 1_000_000) as i64;
+        self.store.audit.append(
+            AuditEvent {
+                kind: kind.to_owned(),
+                detail,
+            },
+            at_ms,
+        )
+    }
+
+    /// Creates one-time tokens; their secrets exist only in the answer.
+    pub async fn create_tokens(&self, request: &TokenRequest) -> Result<Vec<CreatedToken>, Error> {
+        let bad = |why: String| Error::Admin(why);
+        let (label, profile) = self.profile(request.label.as_deref()).ok_or_else(|| {
+            bad(format!(
+                "unknown label {:?}; this issuer serves {}",
+                request.label.clone().unwrap_or_default(),
+                self.profiles.keys().cloned().collect::<Vec<_>>().join(", ")
+            ))
+        })?;
+        if let Some(subject) = &request.subject {
+            if !valid_subject(subject) {
+                return Err(bad(format!(
+                    "subject {subject:?} must be 1-64 letters, digits, '.', '-', '_'"
+                )));
+            }
+        }
+        if let Some(dns) = request.dns.iter().find(|d| !valid_dns(d)) {
+            return Err(bad(format!("{dns:?} is not a valid DNS name")));
+        }
+        if !request.dns.is_empty() && !profile.allows(SanKind::Dns) {
+            return Err(bad(format!("profile {label} does not allow DNS names")));
+        }
+        if !request.ips.is_empty() && !profile.allows(SanKind::Ip) {
+            return Err(bad(format!("profile {label} does not allow IP addresses")));
+        }
+        let ttl = request
+            .ttl_secs
+            .map(Duration::from_secs)
+            .unwrap_or(self.token_default_ttl);
+        if ttl > self.token_max_ttl || ttl.is_zero() {
+            return Err(bad(format!(
+                "token lifetime must be between 1s and {} (tokens.max_ttl)",
+                crate::duration::format(self.token_max_ttl)
+            )));
+        }
+        let count = request.count.unwrap_or(1);
+        if count == 0 || count > 100_000 {
+            return Err(bad("count must be between 1 and 100000".into()));
+        }
+        let now = self.now().unix_timestamp();
+        let expires_at = now + ttl.as_secs() as i64;
+        let mut created = Vec::with_capacity(count);
+        for _ in 0..count {
+            let secret = new_secret();
+            let hash = hex::encode(crate::store::tokens_hash(&secret));
+            let record = TokenRecord {
+                id: hash[..8].to_owned(),
+                hash,
+                label: label.to_owned(),
+                subject: request.subject.clone(),
+                dns: request.dns.clone(),
+                ips: request.ips.clone(),
+                created_at: now,
+                expires_at,
+                used_at: None,
+            };
+            self.store.tokens.insert(&record)?;
+            self.audit(
+                "token.created",
+                serde_json::json!({
+                    "token_id": record.id, "label": record.label,
+                    "subject": record.subject, "expires_at": expires_at,
+                }),
+            )?;
+            created.push(CreatedToken {
+                id: record.id,
+                token: secret,
+                label: label.to_owned(),
+                subject: request.subject.clone(),
+                expires_at,
+            });
+        }
+        self.store.durability.commit().await?;
+        Ok(created)
+    }
+
+    /// Answers an inventory query.
+    pub fn inventory(&self, query: &InventoryQuery) -> Result<InventoryPage, Error> {
+        self.store
+            .certificates
+            .query(query, self.now().unix_timestamp())
+    }
+
+    /// The status report.
+    pub fn status(&self) -> StatusReport {
+        StatusReport {
+            trust_domain: self.trust_domain.clone(),
+            root_fingerprint: self.ca.root_fingerprint(),
+            issuing_key: self.ca.key_location(),
+            issuing_ca_not_after: self
+                .ca
+                .not_after()
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default(),
+            labels: self.profiles.keys().cloned().collect(),
+            certificates: self.store.certificates.len(),
+        }
+    }
+}
+
+/// 256 random bits, base64url: the one-time token an engineer types or pastes.
+fn new_secret() -> String {
+    let bytes: [u8; 32] = rand::random();
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// The certificate, built from the profile and the grant only.
+fn leaf_params(
+    grant: &Grant,
+    profile: &Profile,
+    serial: Serial,
+    not_before: OffsetDateTime,
+    not_after: OffsetDateTime,
+) -> CertificateParams {
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, grant.common_name.as_str());
+    params.distinguished_name = dn;
+    params.subject_alt_names = grant
+        .dns
+        .iter()
+        .filter_map(|d| d.clone().try_into().ok().map(SanType::DnsName))
+        .chain(grant.ips.iter().map(|ip| SanType::IpAddress(*ip)))
+        .collect();
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = profile.rcgen_key_usages();
+    params.extended_key_usages = profile.rcgen_extended_key_usages();
+    params.serial_number = Some(serial.0.to_vec().into());
+    params.not_before = not_before;
+    params.not_after = not_after;
+    params.use_authority_key_identifier_extension = true;
+    params
+}

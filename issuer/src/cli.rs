@@ -1,0 +1,351 @@
+//! The `issuer` command line.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::admin::AdminClient;
+use crate::authority::{CreatedToken, StatusReport, TokenRequest};
+use crate::config::Config;
+use crate::inventory::{self, Format};
+use crate::store::{AuditRecord, InventoryPage, InventoryQuery, Status};
+use crate::Error;
+
+/// Plant PKI issuer: an EST issuing CA for a plant's devices.
+#[derive(Debug, Parser)]
+#[command(name = "issuer", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, clap::Args)]
+struct ConfigArg {
+    /// The issuer's configuration file.
+    #[arg(long, env = "PLANT_ISSUER_CONFIG", default_value = "issuer.toml")]
+    config: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create a plant CA (root + issuing CA, P-256), the EST server certificate and issuer.toml.
+    Init {
+        /// Folder to create the CA in.
+        #[arg(long)]
+        dir: PathBuf,
+        /// SPIFFE trust domain, e.g. plant.example.
+        #[arg(long)]
+        trust_domain: String,
+        /// Organization name in the CA certificates.
+        #[arg(long, default_value = "Plant")]
+        organization: String,
+        /// EST listen address (port 0: any free port).
+        #[arg(long, default_value = "127.0.0.1:8443")]
+        listen: SocketAddr,
+        /// DNS name of the EST server (repeatable; default localhost).
+        #[arg(long = "dns")]
+        dns: Vec<String>,
+        /// IP address of the EST server (repeatable; default 127.0.0.1 and ::1).
+        #[arg(long = "ip")]
+        ips: Vec<IpAddr>,
+    },
+    /// Serve EST over HTTPS and the admin socket.
+    Serve(ConfigArg),
+    /// Manage one-time enrollment tokens.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// List issued certificates.
+    Inventory {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Only certificates expiring within this long (e.g. 30d, 12h).
+        #[arg(long, value_parser = parse_duration)]
+        expiring_within: Option<std::time::Duration>,
+        /// Only this label.
+        #[arg(long)]
+        label: Option<String>,
+        /// Only this status (valid, expired, revoked, superseded).
+        #[arg(long)]
+        status: Option<Status>,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+        /// Stop after this many rows.
+        #[arg(long)]
+        limit: Option<usize>,
+    },
+    /// Show where the keys live, the CA's validity and counts.
+    Status(ConfigArg),
+    /// Print the root CA fingerprint to give engineers for `agent enroll --ca-fingerprint`.
+    Fingerprint(ConfigArg),
+    /// Read the audit log.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Create one-time enrollment tokens (shown once; the issuer keeps only their hashes).
+    Create {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Label (profile) the token enrolls under; default: the default profile.
+        #[arg(long)]
+        label: Option<String>,
+        /// Subject (device name) the token is bound to.
+        #[arg(long)]
+        subject: Option<String>,
+        /// Lifetime, e.g. 8h (default from tokens.default_ttl).
+        #[arg(long, value_parser = parse_duration)]
+        ttl: Option<std::time::Duration>,
+        /// DNS name the certificate may carry (repeatable).
+        #[arg(long = "dns")]
+        dns: Vec<String>,
+        /// IP address the certificate may carry (repeatable).
+        #[arg(long = "ip")]
+        ips: Vec<IpAddr>,
+        /// How many tokens.
+        #[arg(long, default_value_t = 1)]
+        count: usize,
+        /// Output: text for people, plain (one token per line) or json for scripts.
+        #[arg(long, value_enum, default_value_t = TokenFormat::Text)]
+        format: TokenFormat,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Show the newest audit records.
+    Tail {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// How many records.
+        #[arg(short = 'n', long, default_value_t = 20)]
+        count: usize,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum TokenFormat {
+    Text,
+    Plain,
+    Json,
+}
+
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    crate::duration::parse(text)
+}
+
+fn admin(config: &Path) -> Result<AdminClient, Error> {
+    Ok(AdminClient::new(&Config::load(config)?.admin_socket()))
+}
+
+/// Runs a parsed command line.
+pub async fn run(cli: Cli) -> Result<(), Error> {
+    match cli.command {
+        Command::Init {
+            dir,
+            trust_domain,
+            organization,
+            listen,
+            mut dns,
+            mut ips,
+        } => {
+            if dns.is_empty() {
+                dns.push("localhost".into());
+            }
+            if ips.is_empty() {
+                ips = vec![
+                    IpAddr::from([127, 0, 0, 1]),
+                    "::1".parse().map_err(|_| Error::Config("::1".into()))?,
+                ];
+            }
+            let report = crate::init::run(&crate::init::InitOptions {
+                dir,
+                trust_domain,
+                organization,
+                listen,
+                dns,
+                ips,
+            })
+            .await?;
+            println!("created {}", report.config.display());
+            println!("root CA fingerprint (SHA-256): {}", report.root_fingerprint);
+            println!(
+                "start it with: issuer serve --config {}",
+                report.config.display()
+            );
+            Ok(())
+        }
+        Command::Serve(arg) => crate::serve::run(Config::load(&arg.config)?).await,
+        Command::Token {
+            command:
+                TokenCommand::Create {
+                    config,
+                    label,
+                    subject,
+                    ttl,
+                    dns,
+                    ips,
+                    count,
+                    format,
+                },
+        } => {
+            let request = TokenRequest {
+                label,
+                subject,
+                ttl_secs: ttl.map(|t| t.as_secs()),
+                dns,
+                ips,
+                count: Some(count),
+            };
+            let tokens: Vec<CreatedToken> =
+                admin(&config.config)?.post("/v1/tokens", &request).await?;
+            print_tokens(&tokens, format);
+            Ok(())
+        }
+        Command::Inventory {
+            config,
+            expiring_within,
+            label,
+            status,
+            format,
+            limit,
+        } => {
+            let client = admin(&config.config)?;
+            let mut query = InventoryQuery {
+                expiring_within_secs: expiring_within.map(|d| d.as_secs()),
+                label,
+                status,
+                after: None,
+                limit: Some(1000),
+            };
+            let mut rows = Vec::new();
+            let total = loop {
+                let page: InventoryPage = client
+                    .get(&format!("/v1/inventory?{}", query_string(&query)))
+                    .await?;
+                let total = page.total;
+                rows.extend(page.certificates);
+                if let Some(l) = limit.filter(|l| rows.len() >= *l) {
+                    rows.truncate(l);
+                    break total;
+                }
+                match page.next {
+                    Some(next) => query.after = Some(next),
+                    None => break total,
+                }
+            };
+            print!("{}", inventory::render(&rows, format));
+            if format == Format::Table {
+                eprintln!("{} of {total} certificates shown", rows.len());
+            }
+            Ok(())
+        }
+        Command::Status(arg) => {
+            let report: StatusReport = admin(&arg.config)?.get("/v1/status").await?;
+            println!("trust domain        {}", report.trust_domain);
+            println!("root fingerprint    {}", report.root_fingerprint);
+            println!("issuing key         {}", report.issuing_key);
+            println!("issuing CA expires  {}", report.issuing_ca_not_after);
+            println!("labels              {}", report.labels.join(", "));
+            println!("certificates        {}", report.certificates);
+            Ok(())
+        }
+        Command::Fingerprint(arg) => {
+            let config = Config::load(&arg.config)?;
+            let root =
+                crate::ca::read_pem_certificate(&config.resolve(&config.ca.root_certificate))?;
+            println!("{}", est::fingerprint(&root));
+            Ok(())
+        }
+        Command::Audit {
+            command: AuditCommand::Tail { config, count },
+        } => {
+            let records: Vec<AuditRecord> = admin(&config.config)?
+                .get(&format!("/v1/audit?count={count}"))
+                .await?;
+            for r in records {
+                println!(
+                    "{:>8}  {}  {:<20} {}",
+                    r.seq,
+                    crate::est_backend::rfc3339(r.at_ms / 1000),
+                    r.event.kind,
+                    r.event.detail
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+fn query_string(query: &InventoryQuery) -> String {
+    let mut parts = Vec::new();
+    if let Some(s) = query.expiring_within_secs {
+        parts.push(format!("expiring_within_secs={s}"));
+    }
+    if let Some(l) = &query.label {
+        parts.push(format!("label={}", url_escape(l)));
+    }
+    if let Some(s) = query.status {
+        if let Some(text) = serde_json::to_value(s)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+        {
+            parts.push(format!("status={text}"));
+        }
+    }
+    if let Some(a) = &query.after {
+        parts.push(format!("after={a}"));
+    }
+    if let Some(l) = query.limit {
+        parts.push(format!("limit={l}"));
+    }
+    parts.join("&")
+}
+
+fn url_escape(text: &str) -> String {
+    text.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+fn print_tokens(tokens: &[CreatedToken], format: TokenFormat) {
+    match format {
+        TokenFormat::Plain => {
+            for t in tokens {
+                println!("{}", t.token);
+            }
+        }
+        TokenFormat::Json => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(tokens).unwrap_or_default()
+            );
+        }
+        TokenFormat::Text => {
+            for t in tokens {
+                println!("token    {}", t.token);
+                println!("id       {}", t.id);
+                println!("label    {}", t.label);
+                if let Some(s) = &t.subject {
+                    println!("subject  {s}");
+                }
+                println!("expires  {}", crate::est_backend::rfc3339(t.expires_at));
+                println!();
+            }
+            eprintln!("The token is shown once; the issuer keeps only its hash. It works for one enrollment.");
+        }
+    }
+}

@@ -1,0 +1,182 @@
+//! `issuer.toml`: read once at start, validated, paths resolved against the file's folder.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::profile::Profile;
+use crate::Error;
+
+/// The whole configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The SPIFFE trust domain of this plant, e.g. `plant.example`.
+    pub trust_domain: String,
+    /// Where the store, admin socket and runtime files live.
+    pub state_dir: PathBuf,
+    /// The CA certificates and the issuing key.
+    pub ca: CaConfig,
+    /// The EST listener.
+    pub est: EstConfig,
+    /// One-time enrollment tokens.
+    #[serde(default)]
+    pub tokens: TokenConfig,
+    /// The profile used when the EST URL has no label.
+    pub default_profile: String,
+    /// Certificate profiles; each name is also an EST label.
+    pub profiles: BTreeMap<String, Profile>,
+    #[serde(skip)]
+    base_dir: PathBuf,
+}
+
+/// CA material.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaConfig {
+    /// The plant root CA certificate (PEM).
+    pub root_certificate: PathBuf,
+    /// The issuing CA certificate (PEM), signed by the root.
+    pub issuing_certificate: PathBuf,
+    /// The issuing CA key, as a key reference (`soft:path=…`).
+    pub issuing_key: String,
+}
+
+/// The EST HTTPS listener.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EstConfig {
+    /// Address to listen on; port 0 picks a free port (written to `state_dir/est.url`).
+    pub listen: SocketAddr,
+    /// The server certificate chain (PEM, leaf first).
+    pub tls_certificate: PathBuf,
+    /// The server key (PKCS#8 PEM, mode 0600).
+    pub tls_key: PathBuf,
+    /// Largest request body accepted.
+    #[serde(default = "default_max_body")]
+    pub max_body_bytes: usize,
+    /// Most TLS connections served at once; more wait in the kernel's backlog.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+}
+
+fn default_max_body() -> usize {
+    64 * 1024
+}
+
+fn default_max_connections() -> usize {
+    4096
+}
+
+/// Token policy.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    /// Lifetime of a token when `--ttl` is not given.
+    #[serde(with = "crate::duration::serde_text")]
+    pub default_ttl: Duration,
+    /// Longest lifetime an operator may give a token.
+    #[serde(with = "crate::duration::serde_text")]
+    pub max_ttl: Duration,
+}
+
+impl Default for TokenConfig {
+    fn default() -> Self {
+        Self {
+            default_ttl: Duration::from_secs(24 * 3600),
+            max_ttl: Duration::from_secs(30 * 86_400),
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates `path`.
+    pub fn load(path: &Path) -> Result<Self, Error> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            Error::Config(format!(
+                "cannot read {}: {e}; create one with `issuer init --dir DIR`",
+                path.display()
+            ))
+        })?;
+        let mut config: Config =
+            toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+        config.base_dir = path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), Error> {
+        if self.trust_domain.is_empty()
+            || !self
+                .trust_domain
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._".contains(&b))
+        {
+            return Err(Error::Config(format!(
+                "trust_domain {:?} must be lower-case letters, digits, '-', '.', '_'",
+                self.trust_domain
+            )));
+        }
+        if !self.profiles.contains_key(&self.default_profile) {
+            return Err(Error::Config(format!(
+                "default_profile {:?} is not one of the [profiles.*] tables",
+                self.default_profile
+            )));
+        }
+        for (name, profile) in &self.profiles {
+            name.parse::<est::Label>()
+                .map_err(|e| Error::Config(format!("profile name: {e}")))?;
+            profile
+                .validate()
+                .map_err(|e| Error::Config(format!("[profiles.{name}]: {e}")))?;
+        }
+        if self.tokens.default_ttl > self.tokens.max_ttl {
+            return Err(Error::Config(
+                "tokens.default_ttl is longer than tokens.max_ttl".into(),
+            ));
+        }
+        self.ca
+            .issuing_key
+            .parse::<hsm::KeyRef>()
+            .map_err(|e| Error::Config(format!("ca.issuing_key: {e}")))?;
+        Ok(())
+    }
+
+    /// A path from the file, resolved against the file's folder.
+    pub fn resolve(&self, path: &Path) -> PathBuf {
+        if path.is_absolute() {
+            path.to_owned()
+        } else {
+            self.base_dir.join(path)
+        }
+    }
+
+    /// The issuing key reference with a relative soft-key path resolved.
+    pub fn issuing_key(&self) -> Result<hsm::KeyRef, Error> {
+        let key: hsm::KeyRef = self
+            .ca
+            .issuing_key
+            .parse()
+            .map_err(|e| Error::Config(format!("ca.issuing_key: {e}")))?;
+        Ok(match key {
+            hsm::KeyRef::Soft { path } => hsm::KeyRef::soft(self.resolve(&path)),
+            other => other,
+        })
+    }
+
+    /// The state folder.
+    pub fn state_dir(&self) -> PathBuf {
+        self.resolve(&self.state_dir)
+    }
+
+    /// The admin socket in the state folder.
+    pub fn admin_socket(&self) -> PathBuf {
+        self.state_dir().join("admin.sock")
+    }
+}

@@ -1,0 +1,67 @@
+use std::path::PathBuf;
+
+/// The issuer's one error type. Each variant says what an operator can do about it; EST
+/// and admin responses map it to the wire in their own single place.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The configuration file is missing, unreadable or invalid (exit 64).
+    #[error("configuration: {0}")]
+    Config(String),
+    /// A key backend failed.
+    #[error(transparent)]
+    Key(#[from] hsm::Error),
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The embedded store failed; issuance stops rather than answer without a record.
+    #[error("store: {0}")]
+    Store(String),
+    /// Building or parsing a certificate failed.
+    #[error("certificate: {0}")]
+    Certificate(String),
+    /// The clock is outside the issuing CA's validity: nothing can be issued.
+    #[error("{0}")]
+    OutsideCaValidity(String),
+    /// A certificate about to leave broke its profile; it is withheld.
+    #[error("issued certificate failed its profile check: {0}")]
+    ProfileCheck(String),
+    /// TLS set-up failed.
+    #[error("TLS: {0}")]
+    Tls(String),
+    /// The admin socket could not be reached or answered an error.
+    #[error("admin: {0}")]
+    Admin(String),
+    /// A request that EST policy refuses; carries the EST error with its status.
+    #[error(transparent)]
+    Est(#[from] est::Error),
+}
+
+impl Error {
+    pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Self {
+        let path = path.into();
+        move |source| Self::Io { path, source }
+    }
+
+    /// Whether the error is a bad configuration or usage (exit status 64).
+    pub fn is_usage(&self) -> bool {
+        matches!(self, Self::Config(_))
+    }
+}
+
+impl From<sled::Error> for Error {
+    fn from(e: sled::Error) -> Self {
+        Self::Store(e.to_string())
+    }
+}
+
+impl From<rcgen::Error> for Error {
+    fn from(e: rcgen::Error) -> Self {
+        Self::Certificate(e.to_string())
+    }
+}

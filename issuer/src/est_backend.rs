@@ -1,0 +1,313 @@
+//! EST policy: authentication (one-time token, or the certificate being renewed) and
+//! authorization into a [`Grant`]; then the one issuance pipeline.
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+
+use der::Decode;
+use est::csr_attrs::AttrOrOid;
+use est::server::{Backend, Credentials, EnrollRequest, Operation, ServerKeygenResult};
+use est::{Error as EstError, Label, Refusal};
+use hsm::Signer;
+
+use crate::authority::Authority;
+use crate::grant::{valid_dns, valid_subject, Grant};
+use crate::profile::SanKind;
+use crate::serial::Serial;
+use crate::store::{Consumed, Status, TokenRecord};
+use crate::Error;
+
+/// Seconds a client is told to wait when the store or key is unavailable.
+const RETRY_AFTER_SECS: u32 = 10;
+
+impl Backend for Authority {
+    fn knows_label(&self, label: Option<&Label>) -> bool {
+        self.profile(label.map(Label::as_str)).is_some()
+    }
+
+    fn ca_certificates(&self, _label: Option<&Label>) -> Vec<Vec<u8>> {
+        self.ca.ca_certificates()
+    }
+
+    fn csr_attributes(&self, _label: Option<&Label>) -> Vec<AttrOrOid> {
+        est::csr_attrs::p256_policy(false)
+    }
+
+    async fn enroll(&self, request: EnrollRequest) -> Result<Vec<u8>, EstError> {
+        let grant = match request.operation {
+            Operation::SimpleReenroll => self.authorize_renewal(&request)?,
+            Operation::SimpleEnroll | Operation::ServerKeygen => self.authorize_token(&request)?,
+        };
+        self.issue(&grant, request.csr.public_key())
+            .await
+            .map_err(to_est)
+    }
+
+    async fn server_keygen(&self, request: EnrollRequest) -> Result<ServerKeygenResult, EstError> {
+        let (label, profile) = self
+            .profile(request.label.as_ref().map(Label::as_str))
+            .ok_or_else(|| EstError::refused(Refusal::NotFound, "unknown label"))?;
+        if !profile.server_keygen {
+            return Err(EstError::refused(
+                Refusal::Forbidden,
+                format!("label {label} does not offer serverkeygen; generate the key on the device and use simpleenroll"),
+            ));
+        }
+        let grant = self.authorize_token(&request)?;
+        let key = hsm::SoftKey::generate().map_err(|e| to_est(e.into()))?;
+        let certificate = self
+            .issue(&grant, key.public_key().point())
+            .await
+            .map_err(to_est)?;
+        let pkcs8 = key.to_pkcs8_der().map_err(|e| to_est(e.into()))?;
+        Ok(ServerKeygenResult {
+            pkcs8_der: pkcs8.to_vec(),
+            certificate,
+        })
+    }
+}
+
+impl Authority {
+    /// A one-time token authorizes one certificate under its label, for its subject and
+    /// names. All checks run before the token is consumed, so a rejected CSR does not burn it.
+    fn authorize_token(&self, request: &EnrollRequest) -> Result<Grant, EstError> {
+        let unauthorized = |m: String| EstError::refused(Refusal::Unauthorized, m);
+        let secret = match &request.credentials {
+            Credentials::Basic { password, .. } => password.0.as_str(),
+            Credentials::Bearer(token) => token.0.as_str(),
+            Credentials::None => {
+                return Err(unauthorized(
+                    "enrollment needs a one-time token (HTTP Basic password or Bearer)".into(),
+                ))
+            }
+        };
+        let record = self
+            .store
+            .tokens
+            .find(secret)
+            .map_err(to_est)?
+            .ok_or_else(|| {
+                unauthorized(
+                    "unknown token; check it was copied completely, or ask the PKI operator for a new one"
+                        .into(),
+                )
+            })?;
+        let now = self.now().unix_timestamp();
+        check_usable(&record, now)?;
+        let (label, profile) = self
+            .profile(request.label.as_ref().map(Label::as_str))
+            .ok_or_else(|| EstError::refused(Refusal::NotFound, "unknown label"))?;
+        if record.label != label {
+            return Err(EstError::refused(
+                Refusal::Forbidden,
+                format!(
+                    "this token is for label {0}, not {label}; enroll at /.well-known/est/{0}/",
+                    record.label
+                ),
+            ));
+        }
+        let csr = &request.csr;
+        let common_name = match (&record.subject, csr.common_name()) {
+            (Some(bound), Some(asked)) if bound != asked => {
+                return Err(EstError::refused(
+                    Refusal::Forbidden,
+                    format!("this token is bound to subject {bound:?}; the CSR asks for {asked:?}"),
+                ))
+            }
+            (Some(bound), _) => bound.clone(),
+            (None, Some(asked)) if valid_subject(asked) => asked.to_owned(),
+            (None, Some(asked)) => {
+                return Err(EstError::refused(
+                    Refusal::BadRequest,
+                    format!("CSR commonName {asked:?} must be 1-64 letters, digits, '.', '-', '_'"),
+                ))
+            }
+            (None, None) => {
+                return Err(EstError::refused(
+                    Refusal::BadRequest,
+                    "the CSR has no commonName and the token names no subject",
+                ))
+            }
+        };
+        let mut dns = record.dns.clone();
+        if dns.is_empty()
+            && record.ips.is_empty()
+            && profile.allows(SanKind::Dns)
+            && valid_dns(&common_name)
+        {
+            dns.push(common_name.clone());
+        }
+        let grant = Grant {
+            label: label.to_owned(),
+            common_name,
+            dns,
+            ips: record.ips.clone(),
+            owner: format!("token:{}", record.id),
+            renews: None,
+        };
+        grant.check_request(csr)?;
+        match self.store.tokens.consume(secret, now).map_err(to_est)? {
+            Consumed::Ok(_) => Ok(grant),
+            Consumed::AlreadyUsed(r) | Consumed::Expired(r) => {
+                check_usable(&r, now)?;
+                Err(unauthorized("token already used".into()))
+            }
+            Consumed::Unknown => Err(unauthorized("unknown token".into())),
+        }
+    }
+
+    /// simplereenroll (RFC 7030 §4.2.2): the TLS client certificate must be one this CA
+    /// issued (byte for byte), not revoked or expired; the CSR keeps its Subject and SANs.
+    /// A superseded certificate may renew again: a device that lost the answer to its first
+    /// renewal must be able to retry.
+    fn authorize_renewal(&self, request: &EnrollRequest) -> Result<Grant, EstError> {
+        let forbidden = |m: String| EstError::refused(Refusal::Forbidden, m);
+        let leaf = request
+            .client_certificate
+            .as_ref()
+            .and_then(|c| c.leaf())
+            .ok_or_else(|| {
+                EstError::refused(
+                    Refusal::Unauthorized,
+                    "simplereenroll needs the certificate being renewed as the TLS client certificate",
+                )
+            })?;
+        let foreign = || forbidden("the TLS client certificate was not issued by this CA".into());
+        let parsed = x509_cert::Certificate::from_der(leaf).map_err(|_| foreign())?;
+        let serial = Serial::from_bytes(parsed.tbs_certificate.serial_number.as_bytes())
+            .ok_or_else(foreign)?;
+        let record = self
+            .store
+            .certificates
+            .get(&serial)
+            .map_err(to_est)?
+            .ok_or_else(foreign)?;
+        if record.der_bytes().map_err(to_est)? != leaf {
+            return Err(foreign());
+        }
+        let now = self.now();
+        match record.status_at(now.unix_timestamp()) {
+            Status::Valid | Status::Superseded => {}
+            Status::Revoked => {
+                return Err(forbidden(format!(
+                    "certificate {serial} is revoked and cannot be renewed; enroll the device again with a new token"
+                )))
+            }
+            Status::Expired => {
+                return Err(forbidden(format!(
+                    "certificate {serial} expired; enroll the device again with a new token"
+                )))
+            }
+            Status::Pending => return Err(foreign()),
+        }
+        if let Some(label) = &request.label {
+            if label.as_str() != record.label {
+                return Err(forbidden(format!(
+                    "certificate {serial} was issued under label {0}; renew at /.well-known/est/{0}/simplereenroll",
+                    record.label
+                )));
+            }
+        }
+        let csr = &request.csr;
+        if csr.common_name() != Some(record.subject.as_str()) {
+            return Err(forbidden(format!(
+                "re-enrollment must keep the subject CN={:?}; the CSR asks for {:?}",
+                record.subject,
+                csr.common_name().unwrap_or("")
+            )));
+        }
+        let asked: BTreeSet<String> = csr
+            .requested()
+            .names
+            .iter()
+            .map(crate::grant::describe)
+            .collect();
+        let held: BTreeSet<String> = record.sans.iter().cloned().collect();
+        if !asked.is_empty() && asked != held {
+            return Err(forbidden(format!(
+                "re-enrollment must keep the subjectAltNames [{}]; the CSR asks for [{}]",
+                record.sans.join(", "),
+                asked.into_iter().collect::<Vec<_>>().join(", ")
+            )));
+        }
+        let mut dns = Vec::new();
+        let mut ips = Vec::new();
+        for san in &record.sans {
+            if let Some(d) = san.strip_prefix("dns:") {
+                dns.push(d.to_owned());
+            } else if let Some(ip) = san
+                .strip_prefix("ip:")
+                .and_then(|i| i.parse::<IpAddr>().ok())
+            {
+                ips.push(ip);
+            }
+        }
+        let grant = Grant {
+            label: record.label.clone(),
+            common_name: record.subject.clone(),
+            dns,
+            ips,
+            owner: record.owner.clone(),
+            renews: Some(serial),
+        };
+        grant.check_request(csr)?;
+        Ok(grant)
+    }
+}
+
+fn check_usable(record: &TokenRecord, now: i64) -> Result<(), EstError> {
+    let unauthorized = |m: String| EstError::refused(Refusal::Unauthorized, m);
+    if record.used_at.is_some() {
+        return Err(unauthorized(
+            "this token was already used; tokens are single use, ask the PKI operator for a new one"
+                .into(),
+        ));
+    }
+    if now >= record.expires_at {
+        return Err(unauthorized(format!(
+            "this token expired at {}; ask the PKI operator for a new one",
+            rfc3339(record.expires_at)
+        )));
+    }
+    Ok(())
+}
+
+pub(crate) fn rfc3339(unix: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| unix.to_string())
+}
+
+/// The one mapping from issuer errors to EST refusals. Store and key faults are 503 with
+/// Retry-After (the request may succeed later); internal detail stays in the log.
+pub(crate) fn to_est(error: Error) -> EstError {
+    match error {
+        Error::Est(e) => e,
+        Error::Store(_) | Error::Key(_) | Error::Io { .. } => {
+            tracing::error!(%error, "issuance unavailable");
+            EstError::refused(
+                Refusal::Unavailable {
+                    retry_after: RETRY_AFTER_SECS,
+                },
+                "the issuer cannot sign or record certificates right now; retry later",
+            )
+        }
+        Error::OutsideCaValidity(message) => {
+            tracing::error!(%message, "issuance refused");
+            EstError::refused(
+                Refusal::Unavailable {
+                    retry_after: RETRY_AFTER_SECS,
+                },
+                message,
+            )
+        }
+        other => {
+            tracing::error!(error = %other, "issuance failed");
+            EstError::refused(Refusal::Internal, "internal error")
+        }
+    }
+}

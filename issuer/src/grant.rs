@@ -1,0 +1,108 @@
+//! A [`Grant`]: what an authenticated request may have, decided before anything is signed.
+//! Deny by default: names come from the token (or the certificate being renewed), never
+//! from the CSR; the CSR may only repeat them.
+
+use std::net::IpAddr;
+
+use est::csr::{RequestedName, VerifiedCsr};
+use est::{Error as EstError, Refusal};
+
+use crate::serial::Serial;
+
+/// What one issuance may contain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    /// The profile (label) to build from.
+    pub label: String,
+    /// The subject commonName.
+    pub common_name: String,
+    /// dNSName SANs.
+    pub dns: Vec<String>,
+    /// iPAddress SANs.
+    pub ips: Vec<IpAddr>,
+    /// Who asked, for the inventory.
+    pub owner: String,
+    /// The certificate this renews.
+    pub renews: Option<Serial>,
+}
+
+impl Grant {
+    /// The SANs as the inventory writes them.
+    pub fn san_strings(&self) -> Vec<String> {
+        self.dns
+            .iter()
+            .map(|d| format!("dns:{d}"))
+            .chain(self.ips.iter().map(|i| format!("ip:{i}")))
+            .collect()
+    }
+
+    /// Refuses a CSR that asks for more than the grant: a CA certificate, certificate
+    /// signing, or names the grant does not hold.
+    pub fn check_request(&self, csr: &VerifiedCsr) -> Result<(), EstError> {
+        let requested = csr.requested();
+        if requested.ca || requested.cert_sign {
+            return Err(EstError::refused(
+                Refusal::BadRequest,
+                "the CSR asks for a CA certificate (basicConstraints cA:TRUE or keyCertSign); \
+                 this CA issues end-entity certificates only",
+            ));
+        }
+        for name in &requested.names {
+            let allowed = match name {
+                RequestedName::Dns(d) => self.dns.iter().any(|g| g.eq_ignore_ascii_case(d)),
+                RequestedName::Ip(ip) => self.ips.contains(ip),
+                _ => false,
+            };
+            if !allowed {
+                return Err(EstError::refused(
+                    Refusal::BadRequest,
+                    format!(
+                        "the CSR asks for subjectAltName {}, which this enrollment does not grant \
+                         (granted: {}); the certificate's names come from the token",
+                        describe(name),
+                        if self.san_strings().is_empty() {
+                            "none".to_owned()
+                        } else {
+                            self.san_strings().join(", ")
+                        }
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+pub(crate) fn describe(name: &RequestedName) -> String {
+    match name {
+        RequestedName::Dns(d) => format!("dns:{d}"),
+        RequestedName::Ip(i) => format!("ip:{i}"),
+        RequestedName::Uri(u) => format!("uri:{u}"),
+        RequestedName::Email(e) => format!("email:{e}"),
+        _ => "of an unsupported kind".into(),
+    }
+}
+
+/// A subject or device name operators and engineers type: 1–64 of letters, digits, `.-_`.
+pub fn valid_subject(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+/// A DNS name a certificate may carry (RFC 1123 labels).
+pub fn valid_dns(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}

@@ -1,0 +1,226 @@
+//! `issuer init`: a new plant CA in a folder, ready to `serve`.
+
+use std::fmt::Write as _;
+use std::net::{IpAddr, SocketAddr};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::authority::Authority;
+use crate::clock::SystemClock;
+use crate::config::Config;
+use crate::grant::{valid_dns, Grant};
+use crate::profile::{self, Profile};
+use crate::Error;
+
+/// What to create.
+#[derive(Debug, Clone)]
+pub struct InitOptions {
+    /// The folder (created if missing; must not hold an issuer.toml yet).
+    pub dir: PathBuf,
+    /// SPIFFE trust domain.
+    pub trust_domain: String,
+    /// Organization name in CA subjects.
+    pub organization: String,
+    /// EST listen address.
+    pub listen: SocketAddr,
+    /// DNS names for the EST server certificate.
+    pub dns: Vec<String>,
+    /// IP addresses for the EST server certificate.
+    pub ips: Vec<IpAddr>,
+}
+
+/// What was created.
+#[derive(Debug, Clone)]
+pub struct InitReport {
+    /// The configuration file.
+    pub config: PathBuf,
+    /// Root fingerprint (SHA-256 hex) to give engineers out of band.
+    pub root_fingerprint: String,
+}
+
+/// Creates the CA hierarchy, the EST server certificate and `issuer.toml`.
+pub async fn run(options: &InitOptions) -> Result<InitReport, Error> {
+    let dir = &options.dir;
+    let config_path = dir.join("issuer.toml");
+    if config_path.exists() {
+        return Err(Error::Config(format!(
+            "{} exists already; init never overwrites a CA",
+            config_path.display()
+        )));
+    }
+    if let Some(bad) = options.dns.iter().find(|d| !valid_dns(d)) {
+        return Err(Error::Config(format!(
+            "--dns {bad:?} is not a valid DNS name"
+        )));
+    }
+    for sub in ["", "ca", "tls", "state"] {
+        let path = dir.join(sub);
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&path)
+            .map_err(Error::io(&path))?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700))
+            .map_err(Error::io(&path))?;
+    }
+    let hierarchy = crate::ca::create_hierarchy(
+        &options.organization,
+        &options.trust_domain,
+        &hsm::KeyRef::soft(dir.join("ca/root.key")),
+        &hsm::KeyRef::soft(dir.join("ca/issuing.key")),
+    )?;
+    write(&dir.join("ca/root.crt"), &hierarchy.root_pem)?;
+    write(&dir.join("ca/issuing.crt"), &hierarchy.issuing_pem)?;
+    write(&config_path, &template(options))?;
+
+    // The EST server's own certificate goes through the normal pipeline, so it is in the
+    // inventory and its expiry is watched like any other.
+    let config = Config::load(&config_path)?;
+    let authority = Authority::open(&config, Arc::new(SystemClock))?;
+    let tls_key = hsm::SoftKey::create(&dir.join("tls/server.key"))?;
+    let grant = Grant {
+        label: "server".into(),
+        common_name: options
+            .dns
+            .first()
+            .cloned()
+            .unwrap_or_else(|| "issuer".into()),
+        dns: options.dns.clone(),
+        ips: options.ips.clone(),
+        owner: "issuer:est-listener".into(),
+        renews: None,
+    };
+    let der = authority
+        .issue(&grant, hsm::Signer::public_key(&tls_key).point())
+        .await?;
+    let chain = pem("CERTIFICATE", &der) + &hierarchy.issuing_pem;
+    write(&dir.join("tls/server.crt"), &chain)?;
+    Ok(InitReport {
+        config: config_path,
+        root_fingerprint: authority.status().root_fingerprint,
+    })
+}
+
+fn write(path: &Path, text: &str) -> Result<(), Error> {
+    std::fs::write(path, text).map_err(Error::io(path))
+}
+
+fn pem(label: &str, der: &[u8]) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut out = format!("-----BEGIN {label}-----\n");
+    for chunk in b64.as_bytes().chunks(64) {
+        out.push_str(std::str::from_utf8(chunk).unwrap_or_default());
+        out.push('\n');
+    }
+    out + &format!("-----END {label}-----\n")
+}
+
+fn template(options: &InitOptions) -> String {
+    let mut out = format!(
+        r#"# Plant PKI issuer configuration, written by `issuer init`.
+# Relative paths are relative to this file's folder.
+
+# SPIFFE trust domain of this plant.
+trust_domain = "{trust_domain}"
+
+# Store, admin socket (state/admin.sock, owner-only) and runtime files.
+state_dir = "state"
+
+# EST label used when the URL has none (/.well-known/est/simpleenroll).
+default_profile = "device"
+
+[ca]
+root_certificate = "ca/root.crt"
+issuing_certificate = "ca/issuing.crt"
+# Key reference: soft:path=FILE (PKCS#8, mode 0600). The root key (ca/root.key) is only
+# needed to create a new issuing CA: move it offline after init.
+issuing_key = "soft:path=ca/issuing.key"
+
+[est]
+# Port 0 picks a free port; the URL is written to state/est.url.
+listen = "{listen}"
+tls_certificate = "tls/server.crt"
+tls_key = "tls/server.key"
+# Largest request body; a P-256 CSR is under 1 KiB.
+max_body_bytes = 65536
+# TLS connections served at once.
+max_connections = 4096
+
+[tokens]
+# Lifetime of `issuer token create` tokens without --ttl, and the longest allowed.
+default_ttl = "24h"
+max_ttl = "30d"
+
+# Profiles: each name is an EST label (/.well-known/est/<label>/...).
+# key_usage: digitalSignature, keyAgreement. extended_key_usage: serverAuth, clientAuth.
+# san: which subjectAltName kinds tokens may grant (dns, ip).
+# server_keygen: offer /serverkeygen (the CA makes the key; for devices that can't).
+"#,
+        trust_domain = options.trust_domain,
+        listen = options.listen,
+    );
+    for (name, profile) in profile::defaults() {
+        let _ = write!(out, "\n{}", profile_toml(name, &profile));
+    }
+    out
+}
+
+fn profile_toml(name: &str, p: &Profile) -> String {
+    let list = |items: Vec<String>| {
+        items
+            .iter()
+            .map(|s| format!("{s:?}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let json_names = |v: serde_json::Value| -> Vec<String> {
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    format!(
+        "[profiles.{name}]\ndescription = {:?}\nlifetime = \"{}\"\nkey_usage = [{}]\nextended_key_usage = [{}]\nsan = [{}]\nserver_keygen = {}\n",
+        p.description,
+        crate::duration::format(p.lifetime),
+        list(json_names(serde_json::to_value(&p.key_usage).unwrap_or_default())),
+        list(json_names(serde_json::to_value(&p.extended_key_usage).unwrap_or_default())),
+        list(json_names(serde_json::to_value(&p.san).unwrap_or_default())),
+        p.server_keygen,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn template_parses_back_to_the_default_profiles() {
+        let options = InitOptions {
+            dir: PathBuf::from("/nonexistent"),
+            trust_domain: "plant.example".into(),
+            organization: "Plant".into(),
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            dns: vec![],
+            ips: vec![],
+        };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("issuer.toml");
+        std::fs::write(&path, template(&options)).expect("write");
+        let config = Config::load(&path).expect("parses");
+        for (name, profile) in profile::defaults() {
+            let loaded = &config.profiles[name];
+            assert_eq!(loaded.lifetime, profile.lifetime, "{name}");
+            assert_eq!(
+                loaded.extended_key_usage, profile.extended_key_usage,
+                "{name}"
+            );
+            assert_eq!(loaded.server_keygen, profile.server_keygen, "{name}");
+        }
+    }
+}

@@ -1,0 +1,137 @@
+//! Certificate profiles: what a certificate issued under a label looks like. Certificates are
+//! built from the profile, never from what a CSR asks for (DESIGN §3).
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Key usages a leaf may carry. keyCertSign and cRLSign are absent on purpose: no profile can
+/// make a CA.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum KeyUsage {
+    /// digitalSignature: TLS with ECDHE, signing.
+    DigitalSignature,
+    /// keyAgreement: static ECDH.
+    KeyAgreement,
+}
+
+/// Extended key usages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum ExtendedKeyUsage {
+    /// TLS server.
+    ServerAuth,
+    /// TLS client.
+    ClientAuth,
+}
+
+/// subjectAltName kinds a profile allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SanKind {
+    /// dNSName.
+    Dns,
+    /// iPAddress.
+    Ip,
+}
+
+/// One profile (`[profiles.<label>]`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Profile {
+    /// What the profile is for, shown to operators.
+    #[serde(default)]
+    pub description: String,
+    /// Certificate lifetime (capped at the issuing CA's own notAfter).
+    #[serde(with = "crate::duration::serde_text")]
+    pub lifetime: Duration,
+    /// keyUsage bits (always marked critical).
+    pub key_usage: Vec<KeyUsage>,
+    /// extendedKeyUsage purposes.
+    pub extended_key_usage: Vec<ExtendedKeyUsage>,
+    /// Which subjectAltName kinds tokens for this profile may grant.
+    #[serde(default)]
+    pub san: Vec<SanKind>,
+    /// Whether `serverkeygen` is offered (for devices that can't make their own key).
+    #[serde(default)]
+    pub server_keygen: bool,
+}
+
+impl Profile {
+    pub(crate) fn validate(&self) -> Result<(), String> {
+        if self.lifetime < Duration::from_secs(60) {
+            return Err("lifetime must be at least 60s".into());
+        }
+        if self.key_usage.is_empty() {
+            return Err("key_usage must name at least one usage".into());
+        }
+        Ok(())
+    }
+
+    /// Whether names of `kind` may appear in certificates of this profile.
+    pub fn allows(&self, kind: SanKind) -> bool {
+        self.san.contains(&kind)
+    }
+
+    pub(crate) fn rcgen_key_usages(&self) -> Vec<rcgen::KeyUsagePurpose> {
+        self.key_usage
+            .iter()
+            .map(|k| match k {
+                KeyUsage::DigitalSignature => rcgen::KeyUsagePurpose::DigitalSignature,
+                KeyUsage::KeyAgreement => rcgen::KeyUsagePurpose::KeyAgreement,
+            })
+            .collect()
+    }
+
+    pub(crate) fn rcgen_extended_key_usages(&self) -> Vec<rcgen::ExtendedKeyUsagePurpose> {
+        self.extended_key_usage
+            .iter()
+            .map(|k| match k {
+                ExtendedKeyUsage::ServerAuth => rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsage::ClientAuth => rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+            })
+            .collect()
+    }
+}
+
+/// The profiles `issuer init` writes: a general device, a PLC (long-lived, serverkeygen for
+/// controllers that can't make keys), and a TLS server.
+pub fn defaults() -> Vec<(&'static str, Profile)> {
+    use ExtendedKeyUsage::*;
+    vec![
+        (
+            "device",
+            Profile {
+                description: "field devices and gateways: TLS client and server".into(),
+                lifetime: Duration::from_secs(365 * 86_400),
+                key_usage: vec![KeyUsage::DigitalSignature],
+                extended_key_usage: vec![ClientAuth, ServerAuth],
+                san: vec![SanKind::Dns, SanKind::Ip],
+                server_keygen: false,
+            },
+        ),
+        (
+            "plc",
+            Profile {
+                description: "PLCs: long-lived, server-generated keys allowed".into(),
+                lifetime: Duration::from_secs(2 * 365 * 86_400),
+                key_usage: vec![KeyUsage::DigitalSignature],
+                extended_key_usage: vec![ServerAuth, ClientAuth],
+                san: vec![SanKind::Dns, SanKind::Ip],
+                server_keygen: true,
+            },
+        ),
+        (
+            "server",
+            Profile {
+                description: "TLS servers (historians, HMIs, web consoles)".into(),
+                lifetime: Duration::from_secs(90 * 86_400),
+                key_usage: vec![KeyUsage::DigitalSignature],
+                extended_key_usage: vec![ServerAuth],
+                san: vec![SanKind::Dns, SanKind::Ip],
+                server_keygen: false,
+            },
+        ),
+    ]
+}

@@ -1,0 +1,175 @@
+//! `issuer serve`: the EST listener (HTTPS) and the admin socket, with one shutdown.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use est::server::TlsClientCertificate;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::Semaphore;
+use tower::ServiceExt;
+
+use crate::authority::Authority;
+use crate::clock::SystemClock;
+use crate::config::Config;
+use crate::Error;
+
+/// Longest a client may take to finish the TLS handshake or send its headers.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Runs until SIGINT/SIGTERM.
+pub async fn run(config: Config) -> Result<(), Error> {
+    let state_dir = config.state_dir();
+    std::fs::create_dir_all(&state_dir).map_err(Error::io(&state_dir))?;
+    std::fs::set_permissions(&state_dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(Error::io(&state_dir))?;
+    let authority = Arc::new(Authority::open(&config, Arc::new(SystemClock))?);
+    let tls = crate::tls::server_config(
+        &config.resolve(&config.est.tls_certificate),
+        &config.resolve(&config.est.tls_key),
+    )?;
+
+    let listener = TcpListener::bind(config.est.listen)
+        .await
+        .map_err(|e| Error::Config(format!("cannot listen on {}: {e}", config.est.listen)))?;
+    let addr = listener.local_addr().map_err(Error::io("est listener"))?;
+    let url = format!("https://{addr}");
+    let url_file = state_dir.join("est.url");
+    std::fs::write(&url_file, format!("{url}\n")).map_err(Error::io(&url_file))?;
+
+    let admin_path = config.admin_socket();
+    let admin = bind_admin_socket(&admin_path)?;
+    let admin_router = crate::admin::router(authority.clone());
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(admin, admin_router).await {
+            tracing::error!(error = %e, "admin socket stopped");
+        }
+    });
+
+    let est_router = est::server::router(
+        authority.clone(),
+        est::server::ServerOptions {
+            max_body_bytes: config.est.max_body_bytes,
+        },
+    );
+    let status = authority.status();
+    tracing::info!(%url, admin = %admin_path.display(), key = %status.issuing_key, "issuer ready");
+    println!("EST listening on {url}");
+    println!("admin socket {}", admin_path.display());
+    println!("root CA fingerprint (SHA-256) {}", status.root_fingerprint);
+
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let slots = Arc::new(Semaphore::new(config.est.max_connections));
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            permit = slots.clone().acquire_owned() => permit.map_err(|e| Error::Tls(e.to_string()))?,
+            () = &mut shutdown => break,
+        };
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let acceptor = acceptor.clone();
+        let router = est_router.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            serve_connection(acceptor, router, tcp, peer).await;
+        });
+    }
+    tracing::info!("shutting down");
+    let _ = std::fs::remove_file(&admin_path);
+    authority.store.durability.commit().await
+}
+
+async fn serve_connection(
+    acceptor: tokio_rustls::TlsAcceptor,
+    router: axum::Router,
+    tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
+) {
+    let _ = tcp.set_nodelay(true);
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "TLS handshake timed out");
+            return;
+        }
+    };
+    let client_certificate =
+        tls.get_ref().1.peer_certificates().map(|chain| {
+            TlsClientCertificate(Arc::new(chain.iter().map(|c| c.to_vec()).collect()))
+        });
+    let service = hyper::service::service_fn(move |request: http::Request<Incoming>| {
+        let mut request = request.map(axum::body::Body::new);
+        if let Some(cert) = &client_certificate {
+            request.extensions_mut().insert(cert.clone());
+        }
+        let router = router.clone();
+        async move { Ok::<_, Infallible>(router.oneshot(request).await.unwrap_or_else(|e| match e {})) }
+    });
+    // Title-case header names and a Content-Length on every response: Cisco libest compares
+    // header names case-sensitively and refuses chunked responses (DESIGN §4).
+    let result = hyper::server::conn::http1::Builder::new()
+        .title_case_headers(true)
+        .timer(TokioTimer::new())
+        .header_read_timeout(HANDSHAKE_TIMEOUT)
+        .serve_connection(TokioIo::new(crate::header_case::HeaderCase(tls)), service)
+        .await;
+    if let Err(e) = result {
+        tracing::debug!(%peer, error = %e, "connection ended with an error");
+    }
+}
+
+fn bind_admin_socket(path: &std::path::Path) -> Result<UnixListener, Error> {
+    if path.exists() {
+        // A live issuer answers on it; a stale file from a crash does not.
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(Error::Config(format!(
+                "another issuer is already serving the admin socket {}",
+                path.display()
+            )));
+        }
+        std::fs::remove_file(path).map_err(Error::io(path))?;
+    }
+    let listener = UnixListener::bind(path).map_err(Error::io(path))?;
+    // The state folder is 0700 already; the socket itself is owner-only too.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(Error::io(path))?;
+    Ok(listener)
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+}

@@ -1,0 +1,271 @@
+//! Every certificate the issuer has signed, keyed by serial, with an index keyed by
+//! `not_after || serial` so "what expires in the next 30 days" is a range scan.
+
+use serde::{Deserialize, Serialize};
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+use sled::Transactional;
+
+use crate::serial::Serial;
+use crate::Error;
+
+/// A certificate's lifecycle state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// Serial reserved, signature not yet recorded (a crash may leave these; never served).
+    Pending,
+    /// Issued and usable.
+    Valid,
+    /// Past its notAfter (computed when read).
+    Expired,
+    /// Revoked by an operator.
+    Revoked,
+    /// Renewed by a re-enrollment; still valid until notAfter.
+    Superseded,
+}
+
+impl std::str::FromStr for Status {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "valid" => Ok(Self::Valid),
+            "expired" => Ok(Self::Expired),
+            "revoked" => Ok(Self::Revoked),
+            "superseded" => Ok(Self::Superseded),
+            "pending" => Ok(Self::Pending),
+            _ => Err(format!(
+                "unknown status {s:?}; use valid, expired, revoked or superseded"
+            )),
+        }
+    }
+}
+
+/// One certificate as the inventory knows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CertificateRecord {
+    /// Serial, hex.
+    pub serial: String,
+    /// Subject commonName.
+    pub subject: String,
+    /// subjectAltNames as `dns:…` / `ip:…`.
+    pub sans: Vec<String>,
+    /// The label (profile) it was issued under.
+    pub label: String,
+    /// Who asked: `token:<id>`, `renewal:<serial>`, …
+    pub owner: String,
+    /// Unix seconds.
+    pub issued_at: i64,
+    /// Unix seconds.
+    pub not_after: i64,
+    /// Lifecycle state.
+    pub status: Status,
+    /// The serial this certificate renewed, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub renews: Option<String>,
+    /// The certificate, base64 DER (absent on pending reservations).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub der: String,
+}
+
+impl CertificateRecord {
+    /// Status as of `now`: a valid certificate past notAfter reads as expired.
+    pub fn status_at(&self, now: i64) -> Status {
+        if self.status == Status::Valid && self.not_after <= now {
+            Status::Expired
+        } else {
+            self.status
+        }
+    }
+
+    /// The certificate DER.
+    pub fn der_bytes(&self) -> Result<Vec<u8>, Error> {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD
+            .decode(&self.der)
+            .map_err(|e| Error::Store(format!("certificate {}: {e}", self.serial)))
+    }
+}
+
+/// An inventory question.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct InventoryQuery {
+    /// Only certificates whose notAfter is within this long from now (and not yet past).
+    #[serde(default)]
+    pub expiring_within_secs: Option<u64>,
+    /// Only this label.
+    #[serde(default)]
+    pub label: Option<String>,
+    /// Only this status.
+    #[serde(default)]
+    pub status: Option<Status>,
+    /// Continue after this cursor (from the previous page's `next`).
+    #[serde(default)]
+    pub after: Option<String>,
+    /// Page size (default 100, at most 10,000).
+    #[serde(default)]
+    pub limit: Option<usize>,
+}
+
+/// One page of answers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InventoryPage {
+    /// Rows ordered by notAfter, then serial; `der` omitted, `status` as of the query.
+    pub certificates: Vec<CertificateRecord>,
+    /// Cursor for the next page, if there are more rows.
+    pub next: Option<String>,
+    /// How many rows match in all.
+    pub total: usize,
+}
+
+/// The certificate table and its expiry index.
+#[derive(Debug, Clone)]
+pub struct CertificateStore {
+    by_serial: sled::Tree,
+    by_expiry: sled::Tree,
+}
+
+fn expiry_key(not_after: i64, serial: &Serial) -> [u8; 24] {
+    let mut key = [0u8; 24];
+    key[..8].copy_from_slice(&(not_after.max(0) as u64).to_be_bytes());
+    key[8..].copy_from_slice(&serial.0);
+    key
+}
+
+impl CertificateStore {
+    pub(super) fn open(db: &sled::Db) -> Result<Self, Error> {
+        Ok(Self {
+            by_serial: db.open_tree("certificates")?,
+            by_expiry: db.open_tree("certificates_by_expiry")?,
+        })
+    }
+
+    /// Reserves `serial` with a pending record; false if the serial was ever used.
+    pub fn reserve(&self, serial: &Serial, pending: &CertificateRecord) -> Result<bool, Error> {
+        Ok(self
+            .by_serial
+            .compare_and_swap(serial.0, None as Option<&[u8]>, Some(encode(pending)?))?
+            .is_ok())
+    }
+
+    /// Records an issued certificate and its index entry in one transaction.
+    pub fn record(&self, serial: &Serial, record: &CertificateRecord) -> Result<(), Error> {
+        let value = encode(record)?;
+        let key = expiry_key(record.not_after, serial);
+        (&self.by_serial, &self.by_expiry)
+            .transaction(|(by_serial, by_expiry)| {
+                by_serial.insert(&serial.0, value.as_slice())?;
+                by_expiry.insert(&key, &[][..])?;
+                Ok::<_, ConflictableTransactionError<()>>(())
+            })
+            .map_err(|e: TransactionError<()>| Error::Store(format!("{e:?}")))
+    }
+
+    /// The record for `serial`.
+    pub fn get(&self, serial: &Serial) -> Result<Option<CertificateRecord>, Error> {
+        self.by_serial
+            .get(serial.0)?
+            .map(|bytes| decode(&bytes))
+            .transpose()
+    }
+
+    /// Changes a certificate's status (revocation, renewal).
+    pub fn set_status(&self, serial: &Serial, status: Status) -> Result<bool, Error> {
+        loop {
+            let Some(current) = self.by_serial.get(serial.0)? else {
+                return Ok(false);
+            };
+            let mut record = decode(&current)?;
+            record.status = status;
+            if self
+                .by_serial
+                .compare_and_swap(serial.0, Some(current), Some(encode(&record)?))?
+                .is_ok()
+            {
+                return Ok(true);
+            }
+        }
+    }
+
+    /// Answers an inventory query as of `now` (unix seconds).
+    pub fn query(&self, query: &InventoryQuery, now: i64) -> Result<InventoryPage, Error> {
+        let limit = query.limit.unwrap_or(100).clamp(1, 10_000);
+        let (low, high) = match query.expiring_within_secs {
+            Some(secs) => {
+                let end = now.saturating_add(i64::try_from(secs).unwrap_or(i64::MAX));
+                (
+                    (now.max(0) as u64 + 1).to_be_bytes(),
+                    (end.max(0) as u64 + 1).to_be_bytes(),
+                )
+            }
+            None => (0u64.to_be_bytes(), u64::MAX.to_be_bytes()),
+        };
+        let cursor = match &query.after {
+            Some(text) => {
+                let bytes = hex::decode(text).map_err(|_| {
+                    Error::Store("the paging cursor is not one this issuer gave out".into())
+                })?;
+                Some(bytes)
+            }
+            None => None,
+        };
+        let needs_record = query.label.is_some() || query.status.is_some();
+        let mut certificates = Vec::new();
+        let mut last_key = Vec::new();
+        let mut total = 0usize;
+        let mut past_cursor_matches = 0usize;
+        for entry in self.by_expiry.range(low.to_vec()..high.to_vec()) {
+            let (key, _) = entry?;
+            let past_cursor = cursor.as_deref().is_none_or(|c| key.as_ref() > c);
+            let wanted_row = past_cursor && certificates.len() < limit;
+            // Counting without filters needs only the index; rows and filters need the record.
+            let record = if needs_record || wanted_row {
+                let Some(bytes) = self.by_serial.get(&key[8..])? else {
+                    continue;
+                };
+                let mut record = decode(&bytes)?;
+                record.status = record.status_at(now);
+                if query.label.as_ref().is_some_and(|l| *l != record.label)
+                    || query.status.is_some_and(|s| s != record.status)
+                {
+                    continue;
+                }
+                Some(record)
+            } else {
+                None
+            };
+            total += 1;
+            if past_cursor {
+                past_cursor_matches += 1;
+                if let (true, Some(mut record)) = (wanted_row, record) {
+                    record.der.clear();
+                    certificates.push(record);
+                    last_key = key.to_vec();
+                }
+            }
+        }
+        let next = (past_cursor_matches > certificates.len()).then(|| hex::encode(&last_key));
+        Ok(InventoryPage {
+            certificates,
+            next,
+            total,
+        })
+    }
+
+    /// Number of certificate records (including pending reservations).
+    pub fn len(&self) -> usize {
+        self.by_serial.len()
+    }
+
+    /// Whether nothing was ever issued.
+    pub fn is_empty(&self) -> bool {
+        self.by_serial.is_empty()
+    }
+}
+
+fn encode(record: &CertificateRecord) -> Result<Vec<u8>, Error> {
+    serde_json::to_vec(record).map_err(|e| Error::Store(e.to_string()))
+}
+
+fn decode(bytes: &[u8]) -> Result<CertificateRecord, Error> {
+    serde_json::from_slice(bytes).map_err(|e| Error::Store(format!("certificate record: {e}")))
+}

@@ -1,0 +1,102 @@
+//! The EST listener's TLS configuration (rustls, aws-lc-rs).
+//!
+//! Client certificates are requested but not judged at the handshake: an expired, revoked or
+//! foreign certificate must get a clear 403 from `simplereenroll`, not a bare handshake
+//! failure, and enrollment with a token needs no certificate at all. The handshake still
+//! proves possession of the certificate's key (CertificateVerify is checked); whether the
+//! certificate is ours is decided against the inventory, byte for byte.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
+
+use crate::Error;
+
+/// Builds the server configuration from a PEM chain (leaf first) and a PKCS#8 key file.
+pub fn server_config(
+    chain_pem: &Path,
+    key_path: &Path,
+) -> Result<Arc<rustls::ServerConfig>, Error> {
+    let chain: Vec<CertificateDer<'static>> = crate::ca::read_pem_chain(chain_pem)?
+        .into_iter()
+        .map(CertificateDer::from)
+        .collect();
+    // Opening through hsm checks the key file's permissions and format.
+    let key = hsm::SoftKey::open(key_path)?;
+    let pkcs8 = key.to_pkcs8_der()?;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::Tls(e.to_string()))?
+        .with_client_cert_verifier(Arc::new(InventoryJudgedClientCert(provider)))
+        .with_single_cert(
+            chain,
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(pkcs8.to_vec())),
+        )
+        .map_err(|e| Error::Tls(format!("{}: {e}", chain_pem.display())))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+#[derive(Debug)]
+struct InventoryJudgedClientCert(Arc<CryptoProvider>);
+
+impl ClientCertVerifier for InventoryJudgedClientCert {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
