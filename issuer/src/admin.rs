@@ -1,7 +1,8 @@
 //! The admin API: JSON over HTTP on the owner-only Unix socket in the state folder. The same
 //! routes can later be served over HTTPS to operators with client certificates.
 //!
-//! `POST /v1/tokens`, `GET /v1/inventory`, `GET /v1/status`, `GET /v1/audit`.
+//! `POST /v1/tokens`, `POST /v1/revocations`, `GET /v1/inventory`, `GET /v1/status`,
+//! `GET /v1/audit`.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -16,8 +17,8 @@ use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
-use crate::authority::{Authority, CreatedToken, StatusReport, TokenRequest};
-use crate::store::{AuditRecord, InventoryPage, InventoryQuery};
+use crate::authority::{Authority, CreatedToken, RevokeRequest, StatusReport, TokenRequest};
+use crate::store::{AuditRecord, CertificateRecord, InventoryPage, InventoryQuery};
 use crate::Error;
 
 /// The admin routes.
@@ -25,6 +26,7 @@ pub fn router(authority: Arc<Authority>) -> Router {
     Router::new()
         .route("/v1/tokens", post(create_tokens))
         .route("/v1/inventory", get(inventory))
+        .route("/v1/revocations", post(revoke))
         .route("/v1/status", get(status))
         .route("/v1/audit", get(audit))
         .with_state(authority)
@@ -61,6 +63,13 @@ async fn inventory(
     Query(query): Query<InventoryQuery>,
 ) -> Result<Json<InventoryPage>, AdminError> {
     Ok(Json(authority.inventory(&query)?))
+}
+
+async fn revoke(
+    State(authority): State<Arc<Authority>>,
+    Json(request): Json<RevokeRequest>,
+) -> Result<Json<CertificateRecord>, AdminError> {
+    Ok(Json(authority.revoke(&request).await?))
 }
 
 async fn status(State(authority): State<Arc<Authority>>) -> Json<StatusReport> {

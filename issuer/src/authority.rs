@@ -85,6 +85,32 @@ impl std::fmt::Debug for CreatedToken {
     }
 }
 
+/// Why a certificate is revoked (RFC 5280 §5.3.1 CRLReason names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "camelCase")]
+#[value(rename_all = "camelCase")]
+pub enum RevocationReason {
+    /// No reason given.
+    Unspecified,
+    /// The device's key may be known to someone else.
+    KeyCompromise,
+    /// The device changed role or owner.
+    AffiliationChanged,
+    /// Replaced by a newer certificate.
+    Superseded,
+    /// The device is decommissioned.
+    CessationOfOperation,
+}
+
+/// An operator's revocation.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RevokeRequest {
+    /// Serial, hex.
+    pub serial: String,
+    /// Reason.
+    pub reason: RevocationReason,
+}
+
 /// What `issuer status` shows.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StatusReport {
@@ -285,6 +311,44 @@ impl Authority {
         }
         self.store.durability.commit().await?;
         Ok(created)
+    }
+
+    /// Revokes a certificate: it can no longer re-enroll. Recorded and audited before the
+    /// answer.
+    pub async fn revoke(&self, request: &RevokeRequest) -> Result<CertificateRecord, Error> {
+        let serial = Serial::parse(&request.serial).ok_or_else(|| {
+            Error::Admin(format!(
+                "{:?} is not a certificate serial (hex)",
+                request.serial
+            ))
+        })?;
+        let record = self
+            .store
+            .certificates
+            .get(&serial)?
+            .filter(|r| r.status != Status::Pending)
+            .ok_or_else(|| Error::Admin(format!("no certificate with serial {serial}")))?;
+        if record.status == Status::Revoked {
+            return Err(Error::Admin(format!(
+                "certificate {serial} is already revoked"
+            )));
+        }
+        self.store
+            .certificates
+            .set_status(&serial, Status::Revoked)?;
+        self.audit(
+            "certificate.revoked",
+            serde_json::json!({
+                "serial": record.serial, "subject": record.subject,
+                "reason": request.reason,
+            }),
+        )?;
+        self.store.durability.commit().await?;
+        Ok(CertificateRecord {
+            status: Status::Revoked,
+            der: String::new(),
+            ..record
+        })
     }
 
     /// Answers an inventory query.

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::admin::AdminClient;
-use crate::authority::{CreatedToken, StatusReport, TokenRequest};
+use crate::authority::{CreatedToken, RevocationReason, RevokeRequest, StatusReport, TokenRequest};
 use crate::config::Config;
 use crate::inventory::{self, Format};
 use crate::store::{AuditRecord, InventoryPage, InventoryQuery, Status};
@@ -76,6 +76,16 @@ enum Command {
         /// Stop after this many rows.
         #[arg(long)]
         limit: Option<usize>,
+    },
+    /// Revoke a certificate: it can no longer re-enroll.
+    Revoke {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The certificate's serial (hex, as `issuer inventory` shows it).
+        serial: String,
+        /// Why.
+        #[arg(long, value_enum, default_value_t = RevocationReason::Unspecified)]
+        reason: RevocationReason,
     },
     /// Show where the keys live, the CA's validity and counts.
     Status(ConfigArg),
@@ -245,6 +255,17 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
             if format == Format::Table {
                 eprintln!("{} of {total} certificates shown", rows.len());
             }
+            Ok(())
+        }
+        Command::Revoke {
+            config,
+            serial,
+            reason,
+        } => {
+            let record: crate::store::CertificateRecord = admin(&config.config)?
+                .post("/v1/revocations", &RevokeRequest { serial, reason })
+                .await?;
+            println!("revoked {} ({})", record.serial, record.subject);
             Ok(())
         }
         Command::Status(arg) => {

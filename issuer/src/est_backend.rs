@@ -11,8 +11,7 @@ use est::{Error as EstError, Label, Refusal};
 use hsm::Signer;
 
 use crate::authority::Authority;
-use crate::grant::{valid_dns, valid_subject, Grant};
-use crate::profile::SanKind;
+use crate::grant::{valid_subject, Grant};
 use crate::serial::Serial;
 use crate::store::{Consumed, Status, TokenRecord};
 use crate::Error;
@@ -94,7 +93,7 @@ impl Authority {
             })?;
         let now = self.now().unix_timestamp();
         check_usable(&record, now)?;
-        let (label, profile) = self
+        let (label, _) = self
             .profile(request.label.as_ref().map(Label::as_str))
             .ok_or_else(|| EstError::refused(Refusal::NotFound, "unknown label"))?;
         if record.label != label {
@@ -129,18 +128,11 @@ impl Authority {
                 ))
             }
         };
-        let mut dns = record.dns.clone();
-        if dns.is_empty()
-            && record.ips.is_empty()
-            && profile.allows(SanKind::Dns)
-            && valid_dns(&common_name)
-        {
-            dns.push(common_name.clone());
-        }
+        // Names come only from the token: none granted, none issued.
         let grant = Grant {
             label: label.to_owned(),
             common_name,
-            dns,
+            dns: record.dns.clone(),
             ips: record.ips.clone(),
             owner: format!("token:{}", record.id),
             renews: None,

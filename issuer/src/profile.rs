@@ -60,8 +60,8 @@ pub struct Profile {
 
 impl Profile {
     pub(crate) fn validate(&self) -> Result<(), String> {
-        if self.lifetime < Duration::from_secs(60) {
-            return Err("lifetime must be at least 60s".into());
+        if self.lifetime < Duration::from_secs(1) {
+            return Err("lifetime must be at least 1s".into());
         }
         if self.key_usage.is_empty() {
             return Err("key_usage must name at least one usage".into());

@@ -1,1 +1,363 @@
-//! tests
+//! Harness for the end-to-end journeys: real `issuer` and `agent` processes on loopback
+//! (port 0), real TLS, the store on a temp folder, and third-party clients (curl, openssl,
+//! pkilint) driven as their users would.
+//!
+//! The binaries come from `PLANT_BIN_DIR` (set by `scripts/test`, which builds them first)
+//! or the workspace's `target/debug`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+/// Where `issuer` and `agent` are.
+pub fn bin(name: &str) -> PathBuf {
+    let dir = std::env::var_os("PLANT_BIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug"));
+    dir.join(name)
+}
+
+/// Runs a command and returns its output; fails with its stderr when it can't start.
+pub fn run(command: &mut Command) -> Result<Output> {
+    command
+        .output()
+        .with_context(|| format!("running {command:?}"))
+}
+
+/// Runs a command that must succeed; returns its stdout.
+pub fn run_ok(command: &mut Command) -> Result<String> {
+    let out = run(command)?;
+    if !out.status.success() {
+        bail!(
+            "{command:?} failed ({}):\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A running issuer with its own CA in a temp folder.
+pub struct Issuer {
+    /// The CA folder (issuer.toml, ca/, tls/, state/).
+    pub dir: tempfile::TempDir,
+    /// `https://127.0.0.1:PORT`.
+    pub url: String,
+    child: Option<Child>,
+}
+
+impl Issuer {
+    /// `issuer init` + `issuer serve`.
+    pub fn start() -> Result<Self> {
+        Self::start_with(|_| Ok(()))
+    }
+
+    /// Like [`Issuer::start`], editing issuer.toml before serving.
+    pub fn start_with(edit: impl FnOnce(&Path) -> Result<()>) -> Result<Self> {
+        Self::start_custom(&[], edit)
+    }
+
+    /// Like [`Issuer::start`], with extra `issuer init` arguments and an edit of issuer.toml.
+    pub fn start_custom(
+        init_args: &[&str],
+        edit: impl FnOnce(&Path) -> Result<()>,
+    ) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        run_ok(
+            Command::new(bin("issuer"))
+                .args([
+                    "init",
+                    "--dir",
+                    &dir.path().to_string_lossy(),
+                    "--trust-domain",
+                    "plant.example",
+                    "--listen",
+                    "127.0.0.1:0",
+                ])
+                .args(init_args),
+        )?;
+        edit(&dir.path().join("issuer.toml"))?;
+        let mut issuer = Self {
+            dir,
+            url: String::new(),
+            child: None,
+        };
+        issuer.serve()?;
+        Ok(issuer)
+    }
+
+    /// Starts (or restarts) `issuer serve` and waits until it answers.
+    pub fn serve(&mut self) -> Result<()> {
+        let url_file = self.dir.path().join("state/est.url");
+        let _ = std::fs::remove_file(&url_file);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("issuer.log"))?;
+        let child = Command::new(bin("issuer"))
+            .args(["serve", "--config"])
+            .arg(self.config())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting issuer serve")?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(text) = std::fs::read_to_string(&url_file) {
+                if text.ends_with('\n') {
+                    self.url = text.trim().to_owned();
+                    break;
+                }
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                bail!("issuer serve exited with {status}:\n{}", self.log());
+            }
+            if Instant::now() > deadline {
+                bail!("issuer did not start within 30 s:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // The admin socket is bound before the URL file is written.
+        Ok(())
+    }
+
+    /// SIGKILL, as a power cut or OOM kill would.
+    pub fn kill(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// The issuer's stderr so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("issuer.log")).unwrap_or_default()
+    }
+
+    /// issuer.toml.
+    pub fn config(&self) -> PathBuf {
+        self.dir.path().join("issuer.toml")
+    }
+
+    /// The root CA certificate (PEM).
+    pub fn root_pem(&self) -> PathBuf {
+        self.dir.path().join("ca/root.crt")
+    }
+
+    /// The issuing CA certificate (PEM).
+    pub fn issuing_pem(&self) -> PathBuf {
+        self.dir.path().join("ca/issuing.crt")
+    }
+
+    /// An `issuer` command with `--config` set through the environment.
+    pub fn cli(&self) -> Command {
+        let mut command = Command::new(bin("issuer"));
+        command.env("PLANT_ISSUER_CONFIG", self.config());
+        command
+    }
+
+    /// One token for `label` bound to `subject`.
+    pub fn token(&self, label: &str, subject: Option<&str>) -> Result<String> {
+        self.token_with(label, subject, &[])
+    }
+
+    /// One token with extra `issuer token create` arguments (`--dns`, `--ip`, `--ttl`).
+    pub fn token_with(&self, label: &str, subject: Option<&str>, extra: &[&str]) -> Result<String> {
+        let mut command = self.cli();
+        command.args(["token", "create", "--label", label, "--format", "plain"]);
+        if let Some(s) = subject {
+            command.args(["--subject", s]);
+        }
+        command.args(extra);
+        Ok(run_ok(&mut command)?.trim().to_owned())
+    }
+
+    /// The whole inventory as JSON values.
+    pub fn inventory(&self, extra: &[&str]) -> Result<Vec<serde_json::Value>> {
+        let mut command = self.cli();
+        command.args(["inventory", "--format", "json"]).args(extra);
+        Ok(serde_json::from_str(&run_ok(&mut command)?)?)
+    }
+
+    /// The root fingerprint.
+    pub fn fingerprint(&self) -> Result<String> {
+        Ok(run_ok(self.cli().arg("fingerprint"))?.trim().to_owned())
+    }
+}
+
+impl Drop for Issuer {
+    fn drop(&mut self) {
+        let _ = self.kill();
+    }
+}
+
+/// An HTTP answer seen by curl.
+#[derive(Debug)]
+pub struct CurlAnswer {
+    /// Status code.
+    pub status: u16,
+    /// The raw header block, exactly as sent (to check header name case).
+    pub headers: String,
+    /// The body.
+    pub body: Vec<u8>,
+}
+
+impl CurlAnswer {
+    /// The body as text.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// A header's value by exact name.
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers.lines().find_map(|line| {
+            line.strip_prefix(name)
+                .and_then(|rest| rest.strip_prefix(':'))
+                .map(|v| v.trim().to_owned())
+        })
+    }
+}
+
+/// Runs curl against the issuer with its root as trust anchor; `args` add method, headers,
+/// body and the URL path (joined to the issuer URL when it starts with `/.well-known`).
+pub fn curl(issuer: &Issuer, args: &[&str]) -> Result<CurlAnswer> {
+    let scratch = tempfile::tempdir()?;
+    let headers = scratch.path().join("headers");
+    let body = scratch.path().join("body");
+    let mut command = Command::new("curl");
+    command
+        .args(["-sS", "--max-time", "30", "--cacert"])
+        .arg(issuer.root_pem())
+        .arg("-D")
+        .arg(&headers)
+        .arg("-o")
+        .arg(&body)
+        .args(["-w", "%{http_code}"]);
+    for arg in args {
+        if arg.starts_with("/.well-known") {
+            command.arg(format!("{}{arg}", issuer.url));
+        } else {
+            command.arg(arg);
+        }
+    }
+    let out = run(&mut command)?;
+    let status_text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    if !out.status.success() && status_text == "000" {
+        bail!("curl failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(CurlAnswer {
+        status: status_text.parse().unwrap_or(0),
+        headers: std::fs::read_to_string(&headers).unwrap_or_default(),
+        body: std::fs::read(&body).unwrap_or_default(),
+    })
+}
+
+/// openssl, for keys, CSRs and verification.
+pub fn openssl(args: &[&str]) -> Result<String> {
+    run_ok(Command::new("openssl").args(args))
+}
+
+/// A P-256 key and a CSR made by the openssl CLI: returns (key file, base64 CSR file).
+/// `extra` goes to `openssl req` (e.g. `-addext subjectAltName=DNS:x`).
+pub fn openssl_csr(
+    dir: &Path,
+    name: &str,
+    subject: &str,
+    extra: &[&str],
+) -> Result<(PathBuf, PathBuf)> {
+    let key = dir.join(format!("{name}.key"));
+    let der = dir.join(format!("{name}.csr.der"));
+    let b64 = dir.join(format!("{name}.csr.b64"));
+    let mut args = vec![
+        "req",
+        "-new",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    let key_s = key.to_string_lossy().into_owned();
+    let der_s = der.to_string_lossy().into_owned();
+    let subj = format!("/CN={subject}");
+    args.extend([
+        "-keyout", &key_s, "-subj", &subj, "-outform", "DER", "-out", &der_s,
+    ]);
+    args.extend(extra);
+    openssl(&args)?;
+    base64_file(&der, &b64)?;
+    Ok((key, b64))
+}
+
+/// Writes base64 of `der_file` to `out` (76-column lines, as `openssl base64` does).
+pub fn base64_file(der_file: &Path, out: &Path) -> Result<()> {
+    openssl(&[
+        "base64",
+        "-in",
+        &der_file.to_string_lossy(),
+        "-out",
+        &out.to_string_lossy(),
+    ])?;
+    Ok(())
+}
+
+/// Decodes a base64 certs-only body with openssl and writes the certificates as PEM.
+pub fn certs_from_pkcs7(body: &[u8], dir: &Path, name: &str) -> Result<PathBuf> {
+    let b64 = dir.join(format!("{name}.p7.b64"));
+    let der = dir.join(format!("{name}.p7.der"));
+    let pem = dir.join(format!("{name}.pem"));
+    std::fs::write(&b64, body)?;
+    openssl(&[
+        "base64",
+        "-d",
+        "-in",
+        &b64.to_string_lossy(),
+        "-out",
+        &der.to_string_lossy(),
+    ])?;
+    openssl(&[
+        "pkcs7",
+        "-inform",
+        "DER",
+        "-in",
+        &der.to_string_lossy(),
+        "-print_certs",
+        "-out",
+        &pem.to_string_lossy(),
+    ])?;
+    Ok(pem)
+}
+
+/// `openssl verify` of `leaf` against the issuer's root with the issuing CA as intermediate.
+pub fn verify_chain(issuer: &Issuer, leaf: &Path) -> Result<()> {
+    let out = openssl(&[
+        "verify",
+        "-CAfile",
+        &issuer.root_pem().to_string_lossy(),
+        "-untrusted",
+        &issuer.issuing_pem().to_string_lossy(),
+        &leaf.to_string_lossy(),
+    ])?;
+    if !out.trim().ends_with("OK") {
+        bail!("openssl verify: {out}");
+    }
+    Ok(())
+}
+
+/// A field of `openssl x509 -noout -<field>`.
+pub fn x509_field(cert: &Path, field: &str) -> Result<String> {
+    Ok(
+        openssl(&["x509", "-in", &cert.to_string_lossy(), "-noout", field])?
+            .trim()
+            .to_owned(),
+    )
+}
