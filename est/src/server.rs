@@ -17,7 +17,7 @@ use axum::Router;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use http::{header, HeaderMap, HeaderValue, StatusCode};
-use http_body_util::{BodyExt, Limited};
+use http_body_util::BodyExt;
 
 use crate::csr::VerifiedCsr;
 use crate::csr_attrs::AttrOrOid;
@@ -392,24 +392,62 @@ async fn read_body(headers: &HeaderMap, body_stream: Body, limit: usize) -> Resu
             format!("request body is larger than {limit} bytes; a CSR is about 1 KiB"),
         )
     };
-    // Refuse on the declared length before reading anything, so a 10 MB upload is never
-    // buffered (and a client using Expect: 100-continue never sends it).
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
+    let expects_continue = headers
+        .get(header::EXPECT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("100-continue"));
     if declared.is_some_and(|len| len > limit as u64) {
+        // Refuse on the declared length. A client waiting for 100-continue never sends the
+        // body; one that is already sending gets it discarded (never buffered) so it can
+        // read our answer instead of a connection reset.
+        if !expects_continue {
+            discard(body_stream).await;
+        }
         return Err(too_large());
     }
-    // Chunked bodies have no declared length: stop reading at the limit.
-    match Limited::new(body_stream, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes().to_vec()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
-        Err(e) => Err(Error::refused(
-            Refusal::BadRequest,
-            format!("reading the request body failed: {e}"),
-        )),
+    // Chunked bodies have no declared length: stop keeping bytes at the limit.
+    let mut body_stream = body_stream;
+    let mut bytes = Vec::new();
+    while let Some(frame) = body_stream.frame().await {
+        let frame = frame.map_err(|e| {
+            Error::refused(
+                Refusal::BadRequest,
+                format!("reading the request body failed: {e}"),
+            )
+        })?;
+        if let Some(data) = frame.data_ref() {
+            if bytes.len() + data.len() > limit {
+                discard(body_stream).await;
+                return Err(too_large());
+            }
+            bytes.extend_from_slice(data);
+        }
     }
+    Ok(bytes)
+}
+
+/// Most a refused upload is read and thrown away before the connection is simply closed.
+const DISCARD_BYTES: usize = 32 * 1024 * 1024;
+const DISCARD_TIME: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Reads and drops the rest of a body (bounded in bytes and time), so a client that is still
+/// uploading can finish and read the error: closing on it makes its TCP stack discard our
+/// answer with a reset.
+async fn discard(mut body_stream: Body) {
+    let drain = async {
+        let mut seen = 0usize;
+        while let Some(Ok(frame)) = body_stream.frame().await {
+            seen += frame.data_ref().map_or(0, |d| d.len());
+            if seen > DISCARD_BYTES {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(DISCARD_TIME, drain).await;
 }
 
 fn base64_response(content_type: &str, der: &[u8]) -> Response {

@@ -1,0 +1,154 @@
+use std::path::PathBuf;
+
+/// The one error type of the `agent` crate. Every message says what to fix, because the
+/// reader is a commissioning engineer at a cabinet, not the author.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Flags or their values can't work together; the text names the flag to fix.
+    #[error("{0}")]
+    Usage(String),
+    /// The batch CSV file is invalid; nothing was enrolled.
+    #[error("{}, line {line}: {reason}", path.display())]
+    BatchFile {
+        /// The CSV file.
+        path: PathBuf,
+        /// The line (1 is the header row).
+        line: u64,
+        /// What is wrong on it.
+        reason: String,
+    },
+    /// An EST exchange with the CA failed; `step` says which one.
+    #[error("{step}: {}", explain(source))]
+    Est {
+        /// What the agent was doing, e.g. "enrolling plc-7".
+        step: String,
+        /// The EST client's error, which carries the server's text.
+        source: est::Error,
+    },
+    /// A private key could not be generated, read or encoded.
+    #[error(transparent)]
+    Key(#[from] hsm::Error),
+    /// A certificate (from the CA or from a file) does not parse or is not what was asked for.
+    #[error("{what}: {reason}")]
+    Certificate {
+        /// Which certificate, e.g. "issued certificate" or a file name.
+        what: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The certificate request could not be built from the names given.
+    #[error("building the certificate request: {0}")]
+    Csr(String),
+    /// A file or directory could not be read or written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// A file holding a private key already exists and `--force` was not given.
+    #[error("{} already exists; refusing to overwrite a private key (move it away, or pass --force)", .0.display())]
+    WouldOverwrite(PathBuf),
+    /// A PKCS#12 bundle could not be built.
+    #[error("PKCS#12 bundle: {0}")]
+    Pkcs12(String),
+}
+
+impl Error {
+    /// True when the command line (or a file it names) is at fault rather than the CA, the
+    /// network or the disk: the binary exits 64 (EX_USAGE) for these.
+    pub fn is_usage(&self) -> bool {
+        matches!(
+            self,
+            Self::Usage(_) | Self::BatchFile { .. } | Self::WouldOverwrite(_)
+        )
+    }
+
+    pub(crate) fn est(step: impl Into<String>) -> impl FnOnce(est::Error) -> Self {
+        let step = step.into();
+        move |source| Self::Est { step, source }
+    }
+
+    pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Self {
+        let path = path.into();
+        move |source| Self::Io { path, source }
+    }
+
+    pub(crate) fn certificate(what: impl Into<String>, reason: impl ToString) -> Self {
+        Self::Certificate {
+            what: what.into(),
+            reason: reason.to_string(),
+        }
+    }
+}
+
+/// The server's own words plus what the engineer can do about the status, so an answer like
+/// 401 does not leave them guessing whether to retry, re-type or call the PKI operator.
+pub(crate) fn explain(error: &est::Error) -> String {
+    match error {
+        est::Error::Server {
+            status,
+            message,
+            retry_after,
+        } => {
+            let wait = retry_after
+                .map(|s| format!(" (the server asks to wait {s} s)"))
+                .unwrap_or_default();
+            let hint = match status {
+                202 => format!("the request waits for an operator's approval; run the command again later{wait}"),
+                400 => "the CA rejected the request as malformed; check the subject and SAN values".into(),
+                401 => "ask the PKI operator for a new token (tokens are single use, expire, and are bound to a label and sometimes a subject)".into(),
+                403 => "the CA's policy refuses this request; check --subject, --dns/--ip and --label with the PKI operator".into(),
+                404 => "the CA does not serve this label; ask the PKI operator which --label to use".into(),
+                413 | 415 => "the server did not take the request format; check that --server is a Plant PKI EST server".into(),
+                501 => "the CA does not offer this operation".into(),
+                503 => format!("the CA is busy or its key is unavailable; try again shortly{wait}"),
+                _ => String::new(),
+            };
+            let mut text = format!("EST server answered {status}");
+            if !message.is_empty() {
+                text.push_str(": ");
+                text.push_str(message);
+            }
+            if !hint.is_empty() {
+                text.push_str("; ");
+                text.push_str(&hint);
+            }
+            text
+        }
+        est::Error::Transport(reason) => format!(
+            "could not talk to the EST server: {reason}; check --server, the network, and that the server's certificate chains to the CA you trust"
+        ),
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_refusal_keeps_the_server_text_and_says_what_to_do() {
+        let err = Error::Est {
+            step: "enrolling plc-7".into(),
+            source: est::Error::Server {
+                status: 401,
+                message: "token already used".into(),
+                retry_after: None,
+            },
+        };
+        let text = err.to_string();
+        assert!(
+            text.starts_with("enrolling plc-7: EST server answered 401: token already used; ask the PKI operator for a new token"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn usage_errors_are_told_apart_from_failures() {
+        assert!(Error::Usage("x".into()).is_usage());
+        assert!(!Error::Pkcs12("x".into()).is_usage());
+    }
+}

@@ -1,0 +1,262 @@
+//! `agent`: enroll devices with the plant's CA and renew their certificates.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+
+use agent::batch::{self, BatchOptions};
+use agent::credentials::{AuthScheme, EnrollmentToken, Pkcs12Password, TOKEN_ENV};
+use agent::enrollment::{self, Device, EnrollOptions, KeyOrigin};
+use agent::pem_files::Overwrite;
+use agent::reenrollment::{self, ReenrollOptions};
+use est::Label;
+
+/// EX_USAGE from sysexits.h: the command line or a file it names is wrong.
+const EXIT_USAGE: u8 = 64;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "agent",
+    version,
+    about = "Plant PKI agent: enroll devices with the plant's CA over EST and renew their certificates"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Enroll one device (or a batch from a CSV file) with a one-time token.
+    Enroll(EnrollArgs),
+    /// Renew a certificate, authenticating with the current certificate and key.
+    Reenroll(ReenrollArgs),
+}
+
+#[derive(Debug, Args)]
+struct EnrollArgs {
+    /// EST server, e.g. https://ca.plant:8443
+    #[arg(long, value_name = "URL")]
+    server: String,
+    /// SHA-256 fingerprint of the plant's root CA, as the PKI operator gave it
+    #[arg(long, value_name = "SHA256HEX")]
+    ca_fingerprint: String,
+    /// Common name of the device's certificate
+    #[arg(long, value_name = "NAME", required_unless_present = "batch")]
+    subject: Option<String>,
+    /// The one-time token (visible in `ps`: prefer --token-file or PLANT_EST_TOKEN)
+    #[arg(long, value_name = "TOKEN", conflicts_with = "token_file")]
+    token: Option<String>,
+    /// File whose first line is the one-time token
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// Send the token as `Authorization: Bearer` instead of HTTP Basic
+    #[arg(long)]
+    bearer: bool,
+    /// EST label (certificate profile), e.g. plc, hmi, gateway; in a batch, the default
+    #[arg(long, value_name = "LABEL")]
+    label: Option<Label>,
+    /// Directory for key.pem, cert.pem, chain.pem, ca.pem (a batch makes DIR/<subject>/)
+    #[arg(long, value_name = "DIR", required_unless_present = "server_keygen")]
+    out: Option<PathBuf>,
+    /// DNS name for the certificate (repeatable)
+    #[arg(long = "dns", value_name = "NAME")]
+    dns: Vec<String>,
+    /// IP address for the certificate (repeatable)
+    #[arg(long = "ip", value_name = "ADDR")]
+    ip: Vec<IpAddr>,
+    /// Replace an existing key.pem or PKCS#12 file
+    #[arg(long)]
+    force: bool,
+    /// Enroll every device in this CSV (columns subject,token[,label,dns,ip])
+    #[arg(
+        long,
+        value_name = "CSV",
+        conflicts_with_all = ["subject", "token", "token_file", "dns", "ip", "server_keygen"]
+    )]
+    batch: Option<PathBuf>,
+    /// Enrollments in flight at once in a batch
+    #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    concurrency: u16,
+    /// Let the CA generate the key and write it as a PKCS#12 bundle
+    #[arg(long, requires_all = ["pkcs12", "password_file"])]
+    server_keygen: bool,
+    /// The PKCS#12 file to write (with --server-keygen)
+    #[arg(long, value_name = "FILE", requires = "server_keygen")]
+    pkcs12: Option<PathBuf>,
+    /// File whose first line is the PKCS#12 password (with --server-keygen)
+    #[arg(long, value_name = "FILE", requires = "server_keygen")]
+    password_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct ReenrollArgs {
+    /// EST server, e.g. https://ca.plant:8443
+    #[arg(long, value_name = "URL")]
+    server: String,
+    /// The current certificate (cert.pem)
+    #[arg(long, value_name = "FILE")]
+    cert: PathBuf,
+    /// The current private key (key.pem, mode 0600)
+    #[arg(long, value_name = "FILE")]
+    key: PathBuf,
+    /// The plant's root CA certificate (ca.pem)
+    #[arg(long, value_name = "FILE")]
+    ca: PathBuf,
+    /// Issuing CA certificates to present with --cert [default: chain.pem beside it]
+    #[arg(long, value_name = "FILE")]
+    chain: Option<PathBuf>,
+    /// EST label (certificate profile)
+    #[arg(long, value_name = "LABEL")]
+    label: Option<Label>,
+    /// Where to write the new files [default: the directory of --cert]
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+    /// Generate a new key instead of certifying the current one again
+    #[arg(long)]
+    rekey: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // --help and --version are not errors; everything else is a usage error.
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(EXIT_USAGE)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    match runtime().map(|rt| rt.block_on(run(cli))) {
+        Ok(Ok(code)) => code,
+        Ok(Err(e)) => {
+            eprintln!("error: {e}");
+            if e.is_usage() {
+                ExitCode::from(EXIT_USAGE)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+async fn run(cli: Cli) -> Result<ExitCode, agent::Error> {
+    match cli.command {
+        Command::Enroll(args) => match args.batch.clone() {
+            Some(csv) => enroll_batch(args, csv).await,
+            None => enroll_one(args).await,
+        },
+        Command::Reenroll(args) => {
+            let renewed = reenrollment::reenroll(ReenrollOptions {
+                server: args.server,
+                cert: args.cert,
+                key: args.key,
+                ca: args.ca,
+                chain: args.chain,
+                label: args.label,
+                out: args.out,
+                rekey: args.rekey,
+            })
+            .await?;
+            println!("renewed\n{renewed}");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn enroll_one(args: EnrollArgs) -> Result<ExitCode, agent::Error> {
+    let token = EnrollmentToken::resolve(
+        args.token.as_deref(),
+        args.token_file.as_deref(),
+        std::env::var(TOKEN_ENV).ok().as_deref(),
+    )?;
+    let device = Device::new(
+        args.subject.as_deref().unwrap_or_default(),
+        args.label,
+        args.dns,
+        args.ip,
+        token,
+    )?;
+    let keys = match (args.server_keygen, args.pkcs12, args.password_file) {
+        (true, Some(pkcs12), Some(password_file)) => KeyOrigin::Server {
+            pkcs12,
+            password: Pkcs12Password::from_file(&password_file)?,
+        },
+        _ => KeyOrigin::Local,
+    };
+    let enrolled = enrollment::enroll(EnrollOptions {
+        server: args.server,
+        ca_fingerprint: args.ca_fingerprint,
+        device,
+        auth: auth_scheme(args.bearer),
+        out: args.out,
+        overwrite: overwrite(args.force),
+        keys,
+    })
+    .await?;
+    println!("enrolled\n{enrolled}");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn enroll_batch(args: EnrollArgs, csv: PathBuf) -> Result<ExitCode, agent::Error> {
+    let out = args.out.ok_or_else(|| {
+        agent::Error::Usage("--batch needs --out DIR for the devices' directories".into())
+    })?;
+    let outcome = batch::enroll_batch(BatchOptions {
+        server: args.server,
+        ca_fingerprint: args.ca_fingerprint,
+        devices_csv: csv,
+        out,
+        default_label: args.label,
+        auth: auth_scheme(args.bearer),
+        overwrite: overwrite(args.force),
+        concurrency: usize::from(args.concurrency),
+    })
+    .await?;
+    println!("{outcome}");
+    Ok(if outcome.failed() == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn auth_scheme(bearer: bool) -> AuthScheme {
+    if bearer {
+        AuthScheme::Bearer
+    } else {
+        AuthScheme::Basic
+    }
+}
+
+fn overwrite(force: bool) -> Overwrite {
+    if force {
+        Overwrite::Allow
+    } else {
+        Overwrite::Refuse
+    }
+}
