@@ -41,6 +41,7 @@ pub fn run_ok(command: &mut Command) -> Result<String> {
 }
 
 /// A running issuer with its own CA in a temp folder.
+#[derive(Debug)]
 pub struct Issuer {
     /// The CA folder (issuer.toml, ca/, tls/, state/).
     pub dir: tempfile::TempDir,

@@ -46,7 +46,7 @@ async fn every_certificate_a_client_received_survives_kill_9() -> Result<()> {
     let received: Arc<Mutex<Vec<String>>> = Arc::default();
 
     for round in 0..3 {
-        let client = EstClient::new(&issuer.url, &[root_der.clone()], None)?;
+        let client = EstClient::new(&issuer.url, std::slice::from_ref(&root_der), None)?;
         let mut tasks = Vec::new();
         for worker in 0..8 {
             let (client, tokens, received) = (client.clone(), tokens.clone(), received.clone());
