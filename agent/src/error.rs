@@ -112,7 +112,8 @@ pub(crate) fn explain(error: &est::Error) -> String {
                 text.push_str(": ");
                 text.push_str(message);
             }
-            if !hint.is_empty() {
+            // Plant PKI's issuer already says what to do; other EST servers are often terse.
+            if !hint.is_empty() && !message.contains("PKI operator") {
                 text.push_str("; ");
                 text.push_str(&hint);
             }

@@ -190,7 +190,7 @@ pub fn create_hierarchy(
     let now = OffsetDateTime::now_utc();
     let root_signer = HsmKey(hsm::create(root_key)?);
     let mut root = ca_params(
-        &format!("{organization} Plant Root CA"),
+        &format!("{organization} Root CA"),
         organization,
         trust_domain,
         now,
@@ -203,7 +203,7 @@ pub fn create_hierarchy(
 
     let issuing_signer = HsmKey(hsm::create(issuing_key)?);
     let issuing = ca_params(
-        &format!("{organization} Plant Issuing CA 1"),
+        &format!("{organization} Issuing CA 1"),
         organization,
         trust_domain,
         now,
