@@ -92,7 +92,9 @@ pub async fn run(config: Config) -> Result<(), Error> {
     }
     tracing::info!("shutting down");
     let _ = std::fs::remove_file(&admin_path);
-    authority.store.durability.commit().await
+    let flushed = authority.store.durability.commit().await;
+    authority.store.durability.close().await;
+    flushed
 }
 
 async fn serve_connection(

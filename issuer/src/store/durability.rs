@@ -8,7 +8,7 @@
 
 use std::fs::File;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::{watch, Notify};
@@ -28,6 +28,7 @@ struct Flushed {
 #[derive(Debug, Clone)]
 pub struct Durability {
     inner: Arc<Inner>,
+    owner: Arc<Owner>,
 }
 
 #[derive(Debug)]
@@ -35,6 +36,28 @@ struct Inner {
     written: AtomicU64,
     kick: Notify,
     state: watch::Sender<Flushed>,
+    closed: AtomicBool,
+}
+
+/// Dropped with the last `Durability` handle: tells the flusher to flush once more and stop,
+/// releasing its handle on the database (and sled's file lock).
+#[derive(Debug)]
+struct Owner {
+    inner: Arc<Inner>,
+    flusher: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Owner {
+    fn stop(&self) {
+        self.inner.closed.store(true, Ordering::Release);
+        self.inner.kick.notify_one();
+    }
+}
+
+impl Drop for Owner {
+    fn drop(&mut self) {
+        self.stop();
+    }
 }
 
 impl Durability {
@@ -51,12 +74,18 @@ impl Durability {
             written: AtomicU64::new(0),
             kick: Notify::new(),
             state,
+            closed: AtomicBool::new(false),
         });
         let log = Arc::new(log);
         let flusher = inner.clone();
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             loop {
                 flusher.kick.notified().await;
+                if flusher.closed.load(Ordering::Acquire) {
+                    let db = db.clone();
+                    let _ = tokio::task::spawn_blocking(move || db.flush()).await;
+                    return;
+                }
                 loop {
                     let target = flusher.written.load(Ordering::Acquire);
                     if target <= flusher.state.borrow().durable {
@@ -84,7 +113,22 @@ impl Durability {
                 }
             }
         });
-        Ok(Self { inner })
+        Ok(Self {
+            owner: Arc::new(Owner {
+                inner: inner.clone(),
+                flusher: std::sync::Mutex::new(Some(task)),
+            }),
+            inner,
+        })
+    }
+
+    /// Flushes one last time and waits for the flusher to stop (shutdown, tests).
+    pub async fn close(&self) {
+        self.owner.stop();
+        let task = self.owner.flusher.lock().ok().and_then(|mut t| t.take());
+        if let Some(task) = task {
+            let _ = task.await;
+        }
     }
 
     /// Waits until every write this task made before calling is on disk.

@@ -58,3 +58,174 @@ impl Store {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::serial::Serial;
+
+    fn record(serial: &Serial, label: &str, not_after: i64) -> CertificateRecord {
+        CertificateRecord {
+            serial: serial.to_string(),
+            subject: format!("dev-{not_after}"),
+            sans: vec![],
+            label: label.into(),
+            owner: "test".into(),
+            issued_at: 0,
+            not_after,
+            status: Status::Valid,
+            renews: None,
+            der: String::new(),
+        }
+    }
+
+    fn filled_store(count: i64) -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        for i in 0..count {
+            let serial = Serial::random();
+            let label = if i % 3 == 0 { "plc" } else { "device" };
+            // One certificate a day from day 1, several on the same second to test ties.
+            let rec = record(&serial, label, 1_000_000 + (i / 2) * 86_400);
+            store.certificates.record(&serial, &rec).expect("record");
+        }
+        (dir, store)
+    }
+
+    #[tokio::test]
+    async fn expiring_within_counts_exactly_the_window() {
+        let (_dir, store) = filled_store(200);
+        let now = 1_000_000 - 1;
+        // not_after values in (now, now + 10 days]: days 0..=9 → 20 certificates.
+        let page = store
+            .certificates
+            .query(
+                &InventoryQuery {
+                    expiring_within_secs: Some(10 * 86_400),
+                    ..Default::default()
+                },
+                now,
+            )
+            .expect("query");
+        assert_eq!(page.total, 20);
+        assert!(page
+            .certificates
+            .iter()
+            .all(|r| r.not_after > now && r.not_after <= now + 10 * 86_400));
+    }
+
+    #[tokio::test]
+    async fn paging_never_skips_or_repeats_a_row() {
+        let (_dir, store) = filled_store(257);
+        for label in [None, Some("plc".to_owned())] {
+            let mut seen = std::collections::HashSet::new();
+            let mut query = InventoryQuery {
+                label: label.clone(),
+                limit: Some(10),
+                ..Default::default()
+            };
+            let mut last_not_after = i64::MIN;
+            let total = loop {
+                let page = store.certificates.query(&query, 0).expect("page");
+                for row in &page.certificates {
+                    assert!(seen.insert(row.serial.clone()), "repeated {}", row.serial);
+                    assert!(row.not_after >= last_not_after, "out of order");
+                    last_not_after = row.not_after;
+                }
+                match page.next {
+                    Some(next) => query.after = Some(next),
+                    None => break page.total,
+                }
+            };
+            let expected = if label.is_some() { 86 } else { 257 };
+            assert_eq!(seen.len(), expected, "{label:?}");
+            assert_eq!(total, expected);
+        }
+    }
+
+    #[tokio::test]
+    async fn audit_records_chain_by_hash_and_survive_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let store = Store::open(dir.path()).expect("open");
+            for i in 0..3 {
+                store
+                    .audit
+                    .append(
+                        AuditEvent {
+                            kind: "test".into(),
+                            detail: serde_json::json!({ "i": i }),
+                        },
+                        i,
+                    )
+                    .expect("append");
+            }
+            store.durability.commit().await.expect("commit");
+            store.durability.close().await;
+        }
+        let store = Store::open(dir.path()).expect("reopen");
+        store
+            .audit
+            .append(
+                AuditEvent {
+                    kind: "after-reopen".into(),
+                    detail: serde_json::Value::Null,
+                },
+                9,
+            )
+            .expect("append");
+        let records = store.audit.tail(10).expect("tail");
+        assert_eq!(
+            records.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            [1, 2, 3, 4]
+        );
+        for pair in records.windows(2) {
+            assert_eq!(pair[1].prev, pair[0].hash);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_token_is_consumed_once_under_concurrency() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let secret = "s3cret";
+        store
+            .tokens
+            .insert(&TokenRecord {
+                id: "abcd".into(),
+                hash: hex::encode(tokens_hash(secret)),
+                label: "device".into(),
+                subject: None,
+                dns: vec![],
+                ips: vec![],
+                created_at: 0,
+                expires_at: 100,
+                used_at: None,
+            })
+            .expect("insert");
+        let winners: usize = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..16)
+                .map(|_| {
+                    scope.spawn(|| matches!(store.tokens.consume(secret, 10), Ok(Consumed::Ok(_))))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| usize::from(h.join().unwrap_or(false)))
+                .sum()
+        });
+        assert_eq!(winners, 1);
+        assert!(matches!(
+            store.tokens.consume(secret, 10),
+            Ok(Consumed::AlreadyUsed(_))
+        ));
+        assert!(matches!(
+            store.tokens.consume(secret, 500),
+            Ok(Consumed::AlreadyUsed(_))
+        ));
+        assert!(matches!(
+            store.tokens.consume("other", 10),
+            Ok(Consumed::Unknown)
+        ));
+    }
+}
