@@ -292,6 +292,37 @@ impl ServerCertVerifier for BootstrapVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        HandshakeSignatures(&self.0).tls12(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        HandshakeSignatures(&self.0).tls13(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        HandshakeSignatures(&self.0).schemes()
+    }
+}
+
+/// The half of a custom rustls verifier that must never be skipped: checking that the peer
+/// signed the handshake with the certificate's key. Verifiers that judge the certificate
+/// itself elsewhere (bootstrap, or the issuer's inventory) delegate this part here.
+#[derive(Debug, Clone, Copy)]
+pub struct HandshakeSignatures<'a>(pub &'a CryptoProvider);
+
+impl HandshakeSignatures<'_> {
+    /// TLS 1.2 CertificateVerify / ServerKeyExchange signature.
+    pub fn tls12(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         rustls::crypto::verify_tls12_signature(
             message,
             cert,
@@ -300,7 +331,8 @@ impl ServerCertVerifier for BootstrapVerifier {
         )
     }
 
-    fn verify_tls13_signature(
+    /// TLS 1.3 CertificateVerify signature.
+    pub fn tls13(
         &self,
         message: &[u8],
         cert: &CertificateDer<'_>,
@@ -314,7 +346,8 @@ impl ServerCertVerifier for BootstrapVerifier {
         )
     }
 
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+    /// The signature schemes the provider verifies.
+    pub fn schemes(&self) -> Vec<SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
     }
 }

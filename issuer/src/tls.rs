@@ -15,6 +15,8 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, UnixT
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 
+use est::client::HandshakeSignatures;
+
 use crate::Error;
 
 /// Builds the server configuration from a PEM chain (leaf first) and a PKCS#8 key file.
@@ -74,12 +76,7 @@ impl ClientCertVerifier for InventoryJudgedClientCert {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
+        HandshakeSignatures(&self.0).tls12(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -88,15 +85,10 @@ impl ClientCertVerifier for InventoryJudgedClientCert {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
+        HandshakeSignatures(&self.0).tls13(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
+        HandshakeSignatures(&self.0).schemes()
     }
 }
