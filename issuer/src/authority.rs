@@ -1,8 +1,8 @@
 //! The issuing authority: the one issuance pipeline every certificate goes through
 //! (DESIGN §3), token creation, and inventory answers.
 //!
-//! authenticate → authorize into a [`Grant`] → build from the profile → reserve a serial →
-//! sign → check → record + audit → durable commit → respond.
+//! authenticate → authorize into a [`Grant`] → build from the profile with a random serial →
+//! sign → check → record (insert-if-new serial) + audit → durable commit → respond.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -177,33 +177,31 @@ impl Authority {
         }
         let not_after = (now + profile.lifetime).min(ca_not_after);
 
-        let mut record = CertificateRecord {
-            serial: String::new(),
-            subject: grant.common_name.clone(),
-            sans: grant.san_strings(),
-            label: grant.label.clone(),
-            owner: grant.owner.clone(),
-            issued_at: now.unix_timestamp(),
-            not_after: not_after.unix_timestamp(),
-            status: Status::Pending,
-            renews: grant.renews.map(|s| s.to_string()),
-            der: String::new(),
-        };
-        let serial = loop {
-            let candidate = Serial::random();
-            record.serial = candidate.to_string();
-            if self.store.certificates.reserve(&candidate, &record)? {
-                break candidate;
+        // A serial is taken by recording the certificate: the record is inserted only if
+        // the serial was never used, in the same transaction as its expiry index. A
+        // collision (odds 2^-127) re-signs with a new serial; the discarded signature never
+        // left the process.
+        let (der, record) = loop {
+            let serial = Serial::random();
+            let params = leaf_params(grant, profile, serial, now - BACKDATE, not_after);
+            let der = self.ca.sign(&params, &SubjectKey(public_key.to_vec()))?;
+            crate::check::leaf(&der, grant, ca_not_after.unix_timestamp())?;
+            let record = CertificateRecord {
+                serial: serial.to_string(),
+                subject: grant.common_name.clone(),
+                sans: grant.san_strings(),
+                label: grant.label.clone(),
+                owner: grant.owner.clone(),
+                issued_at: now.unix_timestamp(),
+                not_after: not_after.unix_timestamp(),
+                status: Status::Valid,
+                renews: grant.renews.map(|s| s.to_string()),
+                der: base64::engine::general_purpose::STANDARD.encode(&der),
+            };
+            if self.store.certificates.record_new(&serial, &record)? {
+                break (der, record);
             }
         };
-
-        let params = leaf_params(grant, profile, serial, now - BACKDATE, not_after);
-        let der = self.ca.sign(&params, &SubjectKey(public_key.to_vec()))?;
-        crate::check::leaf(&der, grant, ca_not_after.unix_timestamp())?;
-
-        record.status = Status::Valid;
-        record.der = base64::engine::general_purpose::STANDARD.encode(&der);
-        self.store.certificates.record(&serial, &record)?;
         if let Some(old) = grant.renews {
             self.store
                 .certificates
@@ -326,7 +324,6 @@ impl Authority {
             .store
             .certificates
             .get(&serial)?
-            .filter(|r| r.status != Status::Pending)
             .ok_or_else(|| Error::Admin(format!("no certificate with serial {serial}")))?;
         if record.status == Status::Revoked {
             return Err(Error::Admin(format!(

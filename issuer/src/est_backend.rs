@@ -190,7 +190,6 @@ impl Authority {
                     "certificate {serial} expired; enroll the device again with a new token"
                 )))
             }
-            Status::Pending => return Err(foreign()),
         }
         if let Some(label) = &request.label {
             if label.as_str() != record.label {

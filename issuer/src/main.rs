@@ -2,6 +2,11 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+// The issuance path allocates many small buffers (DER, JSON, base64); mimalloc measured
+// ~10% of issuer CPU spent in glibc malloc/free under keep-alive load.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(

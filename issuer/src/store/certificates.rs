@@ -2,7 +2,7 @@
 //! `not_after || serial` so "what expires in the next 30 days" is a range scan.
 
 use serde::{Deserialize, Serialize};
-use sled::transaction::{ConflictableTransactionError, TransactionError};
+use sled::transaction::TransactionError;
 use sled::Transactional;
 
 use crate::serial::Serial;
@@ -12,8 +12,6 @@ use crate::Error;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
-    /// Serial reserved, signature not yet recorded (a crash may leave these; never served).
-    Pending,
     /// Issued and usable.
     Valid,
     /// Past its notAfter (computed when read).
@@ -32,7 +30,6 @@ impl std::str::FromStr for Status {
             "expired" => Ok(Self::Expired),
             "revoked" => Ok(Self::Revoked),
             "superseded" => Ok(Self::Superseded),
-            "pending" => Ok(Self::Pending),
             _ => Err(format!(
                 "unknown status {s:?}; use valid, expired, revoked or superseded"
             )),
@@ -139,25 +136,24 @@ impl CertificateStore {
         })
     }
 
-    /// Reserves `serial` with a pending record; false if the serial was ever used.
-    pub fn reserve(&self, serial: &Serial, pending: &CertificateRecord) -> Result<bool, Error> {
-        Ok(self
-            .by_serial
-            .compare_and_swap(serial.0, None as Option<&[u8]>, Some(encode(pending)?))?
-            .is_ok())
-    }
-
-    /// Records an issued certificate and its index entry in one transaction.
-    pub fn record(&self, serial: &Serial, record: &CertificateRecord) -> Result<(), Error> {
+    /// Records a newly issued certificate and its index entry in one transaction, only if
+    /// `serial` was never used; returns false (writing nothing) if it was.
+    pub fn record_new(&self, serial: &Serial, record: &CertificateRecord) -> Result<bool, Error> {
         let value = encode(record)?;
         let key = expiry_key(record.not_after, serial);
-        (&self.by_serial, &self.by_expiry)
-            .transaction(|(by_serial, by_expiry)| {
-                by_serial.insert(&serial.0, value.as_slice())?;
-                by_expiry.insert(&key, &[][..])?;
-                Ok::<_, ConflictableTransactionError<()>>(())
-            })
-            .map_err(|e: TransactionError<()>| Error::Store(format!("{e:?}")))
+        let outcome = (&self.by_serial, &self.by_expiry).transaction(|(by_serial, by_expiry)| {
+            if by_serial.get(serial.0)?.is_some() {
+                return sled::transaction::abort(());
+            }
+            by_serial.insert(&serial.0, value.as_slice())?;
+            by_expiry.insert(&key, &[][..])?;
+            Ok(())
+        });
+        match outcome {
+            Ok(()) => Ok(true),
+            Err(TransactionError::Abort(())) => Ok(false),
+            Err(TransactionError::Storage(e)) => Err(e.into()),
+        }
     }
 
     /// The record for `serial`.
@@ -251,7 +247,7 @@ impl CertificateStore {
         })
     }
 
-    /// Number of certificate records (including pending reservations).
+    /// Number of certificate records.
     pub fn len(&self) -> usize {
         self.by_serial.len()
     }

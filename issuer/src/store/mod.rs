@@ -87,9 +87,39 @@ mod tests {
             let label = if i % 3 == 0 { "plc" } else { "device" };
             // One certificate a day from day 1, several on the same second to test ties.
             let rec = record(&serial, label, 1_000_000 + (i / 2) * 86_400);
-            store.certificates.record(&serial, &rec).expect("record");
+            assert!(store
+                .certificates
+                .record_new(&serial, &rec)
+                .expect("record"));
         }
         (dir, store)
+    }
+
+    #[tokio::test]
+    async fn a_serial_is_recorded_once_and_never_overwritten() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let serial = Serial::random();
+        assert!(store
+            .certificates
+            .record_new(&serial, &record(&serial, "plc", 5))
+            .expect("first"));
+        let other = record(&serial, "device", 9);
+        assert!(!store
+            .certificates
+            .record_new(&serial, &other)
+            .expect("second"));
+        let kept = store
+            .certificates
+            .get(&serial)
+            .expect("get")
+            .expect("present");
+        assert_eq!(kept.label, "plc");
+        let page = store
+            .certificates
+            .query(&InventoryQuery::default(), 0)
+            .expect("query");
+        assert_eq!(page.total, 1, "no second index entry");
     }
 
     #[tokio::test]
