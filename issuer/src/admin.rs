@@ -2,7 +2,7 @@
 //! routes can later be served over HTTPS to operators with client certificates.
 //!
 //! `POST /v1/tokens`, `POST /v1/revocations`, `GET /v1/inventory`, `GET /v1/status`,
-//! `GET /v1/audit`.
+//! `GET /v1/audit`, `GET /v1/audit/verify`.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -18,7 +18,7 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use crate::authority::{Authority, CreatedToken, RevokeRequest, StatusReport, TokenRequest};
-use crate::store::{AuditRecord, CertificateRecord, InventoryPage, InventoryQuery};
+use crate::store::{AuditRecord, CertificateRecord, InventoryPage, InventoryQuery, Verification};
 use crate::Error;
 
 /// The admin routes.
@@ -29,6 +29,7 @@ pub fn router(authority: Arc<Authority>) -> Router {
         .route("/v1/revocations", post(revoke))
         .route("/v1/status", get(status))
         .route("/v1/audit", get(audit))
+        .route("/v1/audit/verify", get(audit_verify))
         .with_state(authority)
 }
 
@@ -86,6 +87,12 @@ async fn audit(
     Query(query): Query<AuditQuery>,
 ) -> Result<Json<Vec<AuditRecord>>, AdminError> {
     Ok(Json(authority.store.audit.tail(query.count.unwrap_or(20))?))
+}
+
+async fn audit_verify(
+    State(authority): State<Arc<Authority>>,
+) -> Result<Json<Verification>, AdminError> {
+    Ok(Json(authority.store.audit.verify()?))
 }
 
 /// A client for the admin socket.

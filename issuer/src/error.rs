@@ -37,6 +37,9 @@ pub enum Error {
     /// The admin socket could not be reached or answered an error.
     #[error("admin: {0}")]
     Admin(String),
+    /// `audit verify` found a break in the hash chain.
+    #[error("audit log tampered: {0}")]
+    AuditBroken(String),
     /// A request that EST policy refuses; carries the EST error with its status.
     #[error(transparent)]
     Est(#[from] est::Error),

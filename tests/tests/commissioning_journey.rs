@@ -114,6 +114,15 @@ fn engineer_enrolls_a_device_and_the_operator_sees_it_in_the_inventory() -> Resu
         table.starts_with("SERIAL") && table.contains("plc-7"),
         "{table}"
     );
+
+    // The audit trail has the token and the issuance, and its chain verifies.
+    let tail = run_ok(issuer.cli().args(["audit", "tail", "-n", "50"]))?;
+    ensure!(
+        tail.contains("token.created") && tail.contains("certificate.issued"),
+        "{tail}"
+    );
+    let verified = run_ok(issuer.cli().args(["audit", "verify"]))?;
+    ensure!(verified.contains("audit log intact"), "{verified}");
     Ok(())
 }
 

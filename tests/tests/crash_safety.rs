@@ -109,6 +109,9 @@ async fn every_certificate_a_client_received_survives_kill_9() -> Result<()> {
             "received {serial} is missing after kill -9"
         );
     }
+    // The audit chain survived the kills intact.
+    let verified = run_ok(issuer.cli().args(["audit", "verify"]))?;
+    ensure!(verified.contains("audit log intact"), "{verified}");
     // The store reopened cleanly and still issues.
     let token = issuer.token("device", Some("after-crash"))?;
     let client = EstClient::new(&issuer.url, &[root_der], None)?;

@@ -83,6 +83,12 @@ impl AuditLog {
         Ok(seq)
     }
 
+    /// Raw access for tamper tests.
+    #[cfg(test)]
+    pub(crate) fn tree(&self) -> &sled::Tree {
+        &self.tree
+    }
+
     /// The newest `count` records, oldest first.
     pub fn tail(&self, count: usize) -> Result<Vec<AuditRecord>, Error> {
         let mut records = self
@@ -100,6 +106,93 @@ impl AuditLog {
     }
 }
 
+/// What `audit verify` found.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Verification {
+    /// Records read.
+    pub records: u64,
+    /// The first break in the chain, if any, in words an auditor can act on.
+    pub problem: Option<String>,
+}
+
+impl AuditLog {
+    /// Walks the whole log: sequence numbers must run 1, 2, 3… with no gap, each record's
+    /// `prev` must be its predecessor's `hash`, and each `hash` must match the record's
+    /// content. An edited record fails its own hash; a removed one leaves a gap; swapped
+    /// ones break the sequence or the chain.
+    pub fn verify(&self) -> Result<Verification, Error> {
+        let mut expected_seq = 1u64;
+        let mut prev = [0u8; 32];
+        for entry in self.tree.iter() {
+            let (key, bytes) = entry?;
+            let problem = |text: String| {
+                Ok(Verification {
+                    records: expected_seq - 1,
+                    problem: Some(text),
+                })
+            };
+            let record: AuditRecord = match serde_json::from_slice(&bytes) {
+                Ok(r) => r,
+                Err(e) => {
+                    return problem(format!(
+                        "record at position {expected_seq} does not parse: {e}"
+                    ))
+                }
+            };
+            let key_seq = <[u8; 8]>::try_from(key.as_ref())
+                .map(u64::from_be_bytes)
+                .unwrap_or(0);
+            if record.seq != key_seq {
+                return problem(format!(
+                    "record stored at position {key_seq} says it is number {}: records were moved or reordered",
+                    record.seq
+                ));
+            }
+            if record.seq != expected_seq {
+                return problem(format!(
+                    "record {expected_seq} is missing: the log jumps from {} to {}",
+                    expected_seq - 1,
+                    record.seq
+                ));
+            }
+            if record.prev != hex::encode(prev) {
+                return problem(format!(
+                    "record {} does not follow record {}: its previous-hash does not match (removed, reordered or edited before it)",
+                    record.seq,
+                    record.seq - 1
+                ));
+            }
+            let hash = chain_hash(&prev, record.seq, record.at_ms, &record.event)?;
+            if record.hash != hex::encode(hash) {
+                return problem(format!(
+                    "record {} was altered: its content does not match its hash",
+                    record.seq
+                ));
+            }
+            prev = hash;
+            expected_seq += 1;
+        }
+        let tail = self
+            .tail
+            .lock()
+            .map_err(|_| Error::Store("audit log lock poisoned".into()))?
+            .0;
+        if expected_seq - 1 < tail {
+            return Ok(Verification {
+                records: expected_seq - 1,
+                problem: Some(format!(
+                    "the log ends at record {} but {tail} were written: the newest records were removed",
+                    expected_seq - 1
+                )),
+            });
+        }
+        Ok(Verification {
+            records: expected_seq - 1,
+            problem: None,
+        })
+    }
+}
+
 /// The hash that chains a record to its predecessor.
 pub fn chain_hash(
     prev: &[u8; 32],
@@ -113,4 +206,113 @@ pub fn chain_hash(
     hasher.update(prev);
     hasher.update(&content);
     Ok(hasher.finalize().into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn log_with(count: i64) -> (tempfile::TempDir, sled::Db, AuditLog) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = sled::open(dir.path()).expect("db");
+        let log = AuditLog::open(&db).expect("open");
+        for i in 0..count {
+            log.append(
+                AuditEvent {
+                    kind: "certificate.issued".into(),
+                    detail: serde_json::json!({ "serial": format!("{i:032x}") }),
+                },
+                i,
+            )
+            .expect("append");
+        }
+        (dir, db, log)
+    }
+
+    fn record(log: &AuditLog, seq: u64) -> AuditRecord {
+        let bytes = log
+            .tree()
+            .get(seq.to_be_bytes())
+            .expect("get")
+            .expect("present");
+        serde_json::from_slice(&bytes).expect("json")
+    }
+
+    fn put(log: &AuditLog, position: u64, record: &AuditRecord) {
+        log.tree()
+            .insert(
+                position.to_be_bytes(),
+                serde_json::to_vec(record).expect("json"),
+            )
+            .expect("insert");
+    }
+
+    #[test]
+    fn a_clean_log_verifies() {
+        let (_dir, _db, log) = log_with(10);
+        assert_eq!(
+            log.verify().expect("verify"),
+            Verification {
+                records: 10,
+                problem: None
+            }
+        );
+    }
+
+    #[test]
+    fn an_edited_record_is_named() {
+        let (_dir, _db, log) = log_with(10);
+        let mut r = record(&log, 4);
+        r.event.detail = serde_json::json!({ "serial": "forged" });
+        put(&log, 4, &r);
+        let problem = log.verify().expect("verify").problem.expect("detected");
+        assert!(problem.contains("record 4 was altered"), "{problem}");
+    }
+
+    #[test]
+    fn an_edit_with_a_recomputed_hash_breaks_the_next_link() {
+        let (_dir, _db, log) = log_with(10);
+        let mut r = record(&log, 4);
+        r.event.detail = serde_json::json!({ "serial": "forged" });
+        let mut prev = [0u8; 32];
+        hex::decode_to_slice(&r.prev, &mut prev).expect("hex");
+        r.hash = hex::encode(chain_hash(&prev, r.seq, r.at_ms, &r.event).expect("hash"));
+        put(&log, 4, &r);
+        let problem = log.verify().expect("verify").problem.expect("detected");
+        assert!(
+            problem.contains("record 5 does not follow record 4"),
+            "{problem}"
+        );
+    }
+
+    #[test]
+    fn a_deleted_record_is_named() {
+        let (_dir, _db, log) = log_with(10);
+        log.tree().remove(6u64.to_be_bytes()).expect("remove");
+        let problem = log.verify().expect("verify").problem.expect("detected");
+        assert!(problem.contains("record 6 is missing"), "{problem}");
+        // Removing the newest record leaves no gap, but the writer knows how many it wrote.
+        let (_dir2, _db2, log2) = log_with(10);
+        log2.tree().remove(10u64.to_be_bytes()).expect("remove");
+        let problem = log2.verify().expect("verify").problem.expect("detected");
+        assert!(problem.contains("newest records were removed"), "{problem}");
+    }
+
+    #[test]
+    fn swapped_records_are_detected() {
+        let (_dir, _db, log) = log_with(10);
+        let (a, b) = (record(&log, 3), record(&log, 7));
+        put(&log, 3, &b);
+        put(&log, 7, &a);
+        let problem = log.verify().expect("verify").problem.expect("detected");
+        assert!(problem.contains("reordered"), "{problem}");
+        // Swapping content while keeping sequence numbers breaks hashes instead.
+        let (_dir2, _db2, log2) = log_with(10);
+        let (mut a, mut b) = (record(&log2, 3), record(&log2, 4));
+        std::mem::swap(&mut a.event, &mut b.event);
+        put(&log2, 3, &a);
+        put(&log2, 4, &b);
+        let problem = log2.verify().expect("verify").problem.expect("detected");
+        assert!(problem.contains("record 3 was altered"), "{problem}");
+    }
 }

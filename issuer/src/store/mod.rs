@@ -7,7 +7,7 @@ mod certificates;
 mod durability;
 mod tokens;
 
-pub use audit::{AuditEvent, AuditLog, AuditRecord};
+pub use audit::{AuditEvent, AuditLog, AuditRecord, Verification};
 pub use certificates::{
     CertificateRecord, CertificateStore, InventoryPage, InventoryQuery, Status,
 };
