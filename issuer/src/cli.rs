@@ -70,6 +70,19 @@ enum Command {
         /// Only this status (valid, expired, revoked, superseded).
         #[arg(long)]
         status: Option<Status>,
+        /// Only this owner, e.g. token:3fa9c2d1.
+        #[arg(long)]
+        owner: Option<String>,
+        /// Only subjects containing this text.
+        #[arg(long)]
+        subject: Option<String>,
+        /// Only certificates whose SPIFFE ID (URI SAN) starts with this prefix.
+        #[arg(long)]
+        spiffe_prefix: Option<String>,
+        /// For cron and monitoring: list what expires within this long (with the other
+        /// filters) and exit 1 if anything does.
+        #[arg(long, value_parser = parse_duration)]
+        fail_if_expiring_within: Option<std::time::Duration>,
         /// Output format.
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
@@ -231,14 +244,23 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
             expiring_within,
             label,
             status,
+            owner,
+            subject,
+            spiffe_prefix,
+            fail_if_expiring_within,
             format,
             limit,
         } => {
             let client = admin(&config.config)?;
             let mut query = InventoryQuery {
-                expiring_within_secs: expiring_within.map(|d| d.as_secs()),
+                expiring_within_secs: fail_if_expiring_within
+                    .or(expiring_within)
+                    .map(|d| d.as_secs()),
                 label,
                 status,
+                owner,
+                subject,
+                spiffe_prefix,
                 after: None,
                 limit: Some(1000),
             };
@@ -262,7 +284,13 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
             if format == Format::Table {
                 eprintln!("{} of {total} certificates shown", rows.len());
             }
-            Ok(())
+            match fail_if_expiring_within {
+                Some(window) if total > 0 => Err(Error::Expiring(format!(
+                    "{total} certificate(s) expire within {}",
+                    crate::duration::format(window)
+                ))),
+                _ => Ok(()),
+            }
         }
         Command::Revoke {
             config,
@@ -349,6 +377,15 @@ fn query_string(query: &InventoryQuery) -> String {
     }
     if let Some(l) = &query.label {
         parts.push(format!("label={}", url_escape(l)));
+    }
+    for (name, value) in [
+        ("owner", &query.owner),
+        ("subject", &query.subject),
+        ("spiffe_prefix", &query.spiffe_prefix),
+    ] {
+        if let Some(v) = value {
+            parts.push(format!("{name}={}", url_escape(v)));
+        }
     }
     if let Some(s) = query.status {
         if let Some(text) = serde_json::to_value(s)

@@ -37,6 +37,9 @@ pub enum Error {
     /// The admin socket could not be reached or answered an error.
     #[error("admin: {0}")]
     Admin(String),
+    /// `inventory --fail-if-expiring-within` found certificates in the window (exit 1).
+    #[error("{0}")]
+    Expiring(String),
     /// `audit verify` found a break in the hash chain.
     #[error("audit log tampered: {0}")]
     AuditBroken(String),

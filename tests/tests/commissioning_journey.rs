@@ -115,6 +115,26 @@ fn engineer_enrolls_a_device_and_the_operator_sees_it_in_the_inventory() -> Resu
         "{table}"
     );
 
+    // Filters by owner and subject text, and the monitoring exit code.
+    let owner = row["owner"].as_str().unwrap_or_default().to_owned();
+    assert_eq!(issuer.inventory(&["--owner", &owner])?.len(), 1);
+    assert_eq!(issuer.inventory(&["--subject", "PLC-"])?.len(), 1);
+    assert!(issuer.inventory(&["--subject", "boiler"])?.is_empty());
+    run_ok(
+        issuer
+            .cli()
+            .args(["inventory", "--fail-if-expiring-within", "30d"]),
+    )?;
+    let alarm = run(issuer.cli().args([
+        "inventory",
+        "--fail-if-expiring-within",
+        "800d",
+        "--label",
+        "plc",
+    ]))?;
+    ensure!(alarm.status.code() == Some(1), "{alarm:?}");
+    ensure!(String::from_utf8_lossy(&alarm.stderr).contains("1 certificate(s) expire within 800d"));
+
     // The audit trail has the token and the issuance, and its chain verifies.
     let tail = run_ok(issuer.cli().args(["audit", "tail", "-n", "50"]))?;
     ensure!(

@@ -95,6 +95,15 @@ pub struct InventoryQuery {
     /// Only this status.
     #[serde(default)]
     pub status: Option<Status>,
+    /// Only this owner (`token:…`, `issuer:…`; later nodes, entries, gateways).
+    #[serde(default)]
+    pub owner: Option<String>,
+    /// Only subjects containing this text (case-insensitive).
+    #[serde(default)]
+    pub subject: Option<String>,
+    /// Only certificates with a URI SAN starting with this SPIFFE ID prefix.
+    #[serde(default)]
+    pub spiffe_prefix: Option<String>,
     /// Continue after this cursor (from the previous page's `next`).
     #[serde(default)]
     pub after: Option<String>,
@@ -204,7 +213,12 @@ impl CertificateStore {
             }
             None => None,
         };
-        let needs_record = query.label.is_some() || query.status.is_some();
+        let needs_record = query.label.is_some()
+            || query.status.is_some()
+            || query.owner.is_some()
+            || query.subject.is_some()
+            || query.spiffe_prefix.is_some();
+        let subject_needle = query.subject.as_ref().map(|s| s.to_lowercase());
         let mut certificates = Vec::new();
         let mut last_key = Vec::new();
         let mut total = 0usize;
@@ -220,8 +234,22 @@ impl CertificateStore {
                 };
                 let mut record = decode(&bytes)?;
                 record.status = record.status_at(now);
+                let spiffe_match = |prefix: &String| {
+                    record.sans.iter().any(|san| {
+                        san.strip_prefix("uri:")
+                            .is_some_and(|u| u.starts_with(prefix.as_str()))
+                    })
+                };
                 if query.label.as_ref().is_some_and(|l| *l != record.label)
                     || query.status.is_some_and(|s| s != record.status)
+                    || query.owner.as_ref().is_some_and(|o| *o != record.owner)
+                    || subject_needle
+                        .as_ref()
+                        .is_some_and(|n| !record.subject.to_lowercase().contains(n.as_str()))
+                    || query
+                        .spiffe_prefix
+                        .as_ref()
+                        .is_some_and(|p| !spiffe_match(p))
                 {
                     continue;
                 }
