@@ -39,6 +39,9 @@ pub struct Authority {
     pub(crate) token_default_ttl: Duration,
     pub(crate) token_max_ttl: Duration,
     pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) crl: crate::crl::Crl,
+    pub(crate) crl_validity: Duration,
+    pub(crate) crl_file: Option<std::path::PathBuf>,
 }
 
 /// An operator's request for tokens.
@@ -102,6 +105,19 @@ pub enum RevocationReason {
     CessationOfOperation,
 }
 
+impl RevocationReason {
+    /// The RFC 5280 §5.3.1 CRLReason code.
+    pub fn code(self) -> u8 {
+        match self {
+            Self::Unspecified => 0,
+            Self::KeyCompromise => 1,
+            Self::AffiliationChanged => 3,
+            Self::Superseded => 4,
+            Self::CessationOfOperation => 5,
+        }
+    }
+}
+
 /// An operator's revocation.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RevokeRequest {
@@ -126,6 +142,9 @@ pub struct StatusReport {
     pub labels: Vec<String>,
     /// Certificate records.
     pub certificates: usize,
+    /// Where the CRL is served, if published.
+    #[serde(default)]
+    pub crl_url: Option<String>,
 }
 
 impl Authority {
@@ -146,6 +165,15 @@ impl Authority {
             token_default_ttl: config.tokens.default_ttl,
             token_max_ttl: config.tokens.max_ttl,
             clock,
+            crl: crate::crl::Crl::default(),
+            crl_validity: config
+                .crl
+                .as_ref()
+                .map_or(Duration::from_secs(7 * 86_400), |c| c.validity),
+            crl_file: config
+                .crl
+                .as_ref()
+                .map(|_| config.state_dir().join("crl.der")),
         })
     }
 
@@ -183,7 +211,12 @@ impl Authority {
         // left the process.
         let (der, record) = loop {
             let serial = Serial::random();
-            let params = leaf_params(grant, profile, serial, now - BACKDATE, not_after);
+            let mut params = leaf_params(grant, profile, serial, now - BACKDATE, not_after);
+            if let Some(url) = self.crl.url() {
+                params.crl_distribution_points = vec![rcgen::CrlDistributionPoint {
+                    uris: vec![url.to_owned()],
+                }];
+            }
             let der = self.ca.sign(&params, &SubjectKey(public_key.to_vec()))?;
             crate::check::leaf(&der, grant, ca_not_after.unix_timestamp())?;
             let record = CertificateRecord {
@@ -320,19 +353,21 @@ impl Authority {
                 request.serial
             ))
         })?;
-        let record = self
+        let existing = self
             .store
             .certificates
             .get(&serial)?
             .ok_or_else(|| Error::Admin(format!("no certificate with serial {serial}")))?;
-        if record.status == Status::Revoked {
+        if existing.status == Status::Revoked {
             return Err(Error::Admin(format!(
                 "certificate {serial} is already revoked"
             )));
         }
-        self.store
+        let record = self
+            .store
             .certificates
-            .set_status(&serial, Status::Revoked)?;
+            .revoke(&serial, self.now().unix_timestamp(), request.reason.code())?
+            .ok_or_else(|| Error::Admin(format!("no certificate with serial {serial}")))?;
         self.audit(
             "certificate.revoked",
             serde_json::json!({
@@ -341,6 +376,11 @@ impl Authority {
             }),
         )?;
         self.store.durability.commit().await?;
+        // The revocation is recorded; a failure to sign the CRL now is retried by the
+        // refresher and must not make the operator think the revocation was lost.
+        if let Err(e) = self.publish_crl() {
+            tracing::error!(error = %e, "publishing the CRL after a revocation failed");
+        }
         Ok(CertificateRecord {
             status: Status::Revoked,
             der: String::new(),
@@ -368,6 +408,7 @@ impl Authority {
                 .unwrap_or_default(),
             labels: self.profiles.keys().cloned().collect(),
             certificates: self.store.certificates.len(),
+            crl_url: self.crl.url().map(str::to_owned),
         }
     }
 }

@@ -59,6 +59,7 @@ pub struct CertificateAuthority {
     root_der: Vec<u8>,
     issuing_der: Vec<u8>,
     not_after: OffsetDateTime,
+    subject_key_id: Vec<u8>,
 }
 
 impl std::fmt::Debug for CertificateAuthority {
@@ -97,6 +98,23 @@ impl CertificateAuthority {
                 .not_after
                 .to_unix_duration(),
         )?;
+        let subject_key_id = issuing
+            .tbs_certificate
+            .extensions
+            .as_deref()
+            .unwrap_or_default()
+            .iter()
+            .find(|e| e.extn_id == const_oid::db::rfc5280::ID_CE_SUBJECT_KEY_IDENTIFIER)
+            .and_then(|e| {
+                x509_cert::ext::pkix::SubjectKeyIdentifier::from_der(e.extn_value.as_bytes()).ok()
+            })
+            .map(|ski| ski.0.as_bytes().to_vec())
+            .ok_or_else(|| {
+                Error::Certificate(format!(
+                    "{} has no subjectKeyIdentifier",
+                    issuing_pem.display()
+                ))
+            })?;
         let issuer = Issuer::from_ca_cert_der(&issuing_der.clone().into(), HsmKey(signer.clone()))?;
         Ok(Self {
             issuer,
@@ -104,7 +122,18 @@ impl CertificateAuthority {
             root_der,
             issuing_der,
             not_after,
+            subject_key_id,
         })
+    }
+
+    /// Signs a CRL whose authority key identifier is the issuing CA's own.
+    pub fn sign_crl(
+        &self,
+        mut params: rcgen::CertificateRevocationListParams,
+    ) -> Result<Vec<u8>, Error> {
+        params.key_identifier_method =
+            rcgen::KeyIdMethod::PreSpecified(self.subject_key_id.clone());
+        Ok(params.signed_by(&self.issuer)?.der().to_vec())
     }
 
     /// Signs `params` for `subject_key` with the issuing key.

@@ -43,6 +43,9 @@ enum Command {
         /// EST listen address (port 0: any free port).
         #[arg(long, default_value = "127.0.0.1:8443")]
         listen: SocketAddr,
+        /// Plain-HTTP address serving the CRL (port 0: any free port).
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        crl_listen: SocketAddr,
         /// DNS name of the EST server (repeatable; default localhost).
         #[arg(long = "dns")]
         dns: Vec<String>,
@@ -183,6 +186,7 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
             trust_domain,
             organization,
             listen,
+            crl_listen,
             mut dns,
             mut ips,
         } => {
@@ -200,6 +204,7 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
                 trust_domain,
                 organization,
                 listen,
+                crl_listen,
                 dns,
                 ips,
             })
@@ -311,6 +316,9 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
             println!("issuing CA expires  {}", report.issuing_ca_not_after);
             println!("labels              {}", report.labels.join(", "));
             println!("certificates        {}", report.certificates);
+            if let Some(url) = &report.crl_url {
+                println!("CRL                 {url}");
+            }
             Ok(())
         }
         Command::Fingerprint(arg) => {

@@ -27,6 +27,9 @@ pub struct Config {
     pub tokens: TokenConfig,
     /// The profile used when the EST URL has no label.
     pub default_profile: String,
+    /// The CRL and its plain-HTTP listener; absent means no CRL is published.
+    #[serde(default)]
+    pub crl: Option<crate::crl::CrlConfig>,
     /// Certificate profiles; each name is also an EST label.
     pub profiles: BTreeMap<String, Profile>,
     #[serde(skip)]

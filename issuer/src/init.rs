@@ -24,6 +24,8 @@ pub struct InitOptions {
     pub organization: String,
     /// EST listen address.
     pub listen: SocketAddr,
+    /// CRL (plain HTTP) listen address.
+    pub crl_listen: SocketAddr,
     /// DNS names for the EST server certificate.
     pub dns: Vec<String>,
     /// IP addresses for the EST server certificate.
@@ -148,6 +150,15 @@ max_body_bytes = 65536
 # TLS connections served at once.
 max_connections = 4096
 
+[crl]
+# Plain-HTTP listener for the CRL. Certificates carry http://<listen>/crl/issuing.crl as their
+# CRL distribution point unless `url` is set; use a fixed port (and `url` with the name
+# devices reach) in production, since certificates keep the URL they were issued with.
+listen = "{crl_listen}"
+# url = "http://pki.plant.example:8080/crl/issuing.crl"
+# Each CRL's validity; it is re-issued at half of it and on every revocation.
+validity = "7d"
+
 [tokens]
 # Lifetime of `issuer token create` tokens without --ttl, and the longest allowed.
 default_ttl = "24h"
@@ -160,6 +171,7 @@ max_ttl = "30d"
 "#,
         trust_domain = options.trust_domain,
         listen = options.listen,
+        crl_listen = options.crl_listen,
     );
     for (name, profile) in profile::defaults() {
         let _ = write!(out, "\n{}", profile_toml(name, &profile));
@@ -206,6 +218,7 @@ mod tests {
             trust_domain: "plant.example".into(),
             organization: "Plant".into(),
             listen: "127.0.0.1:0".parse().expect("addr"),
+            crl_listen: "127.0.0.1:0".parse().expect("addr"),
             dns: vec![],
             ips: vec![],
         };

@@ -8,6 +8,7 @@ mod check;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod crl;
 pub mod duration;
 mod error;
 pub mod est_backend;

@@ -38,8 +38,29 @@ pub async fn run(config: Config) -> Result<(), Error> {
         .map_err(|e| Error::Config(format!("cannot listen on {}: {e}", config.est.listen)))?;
     let addr = listener.local_addr().map_err(Error::io("est listener"))?;
     let url = format!("https://{addr}");
-    let url_file = state_dir.join("est.url");
-    std::fs::write(&url_file, format!("{url}\n")).map_err(Error::io(&url_file))?;
+
+    if let Some(crl) = &config.crl {
+        let listener = TcpListener::bind(crl.listen).await.map_err(|e| {
+            Error::Config(format!("cannot listen on {} for the CRL: {e}", crl.listen))
+        })?;
+        let crl_addr = listener.local_addr().map_err(Error::io("crl listener"))?;
+        let crl_url = crl
+            .url
+            .clone()
+            .unwrap_or_else(|| format!("http://{crl_addr}{}", crate::crl::PATH));
+        authority.crl.set_url(crl_url.clone());
+        authority.publish_crl()?;
+        let crl_url_file = state_dir.join("crl.url");
+        std::fs::write(&crl_url_file, format!("{crl_url}\n")).map_err(Error::io(&crl_url_file))?;
+        let router = crate::crl::router(authority.clone());
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, router).await {
+                tracing::error!(error = %e, "CRL listener stopped");
+            }
+        });
+        tokio::spawn(authority.clone().keep_crl_fresh());
+        println!("CRL served at {crl_url}");
+    }
 
     let admin_path = config.admin_socket();
     let admin = bind_admin_socket(&admin_path)?;
@@ -49,6 +70,10 @@ pub async fn run(config: Config) -> Result<(), Error> {
             tracing::error!(error = %e, "admin socket stopped");
         }
     });
+
+    // Written last: scripts and tests wait for this file to know the issuer is ready.
+    let url_file = state_dir.join("est.url");
+    std::fs::write(&url_file, format!("{url}\n")).map_err(Error::io(&url_file))?;
 
     let est_router = est::server::router(
         authority.clone(),

@@ -77,6 +77,8 @@ impl Issuer {
                     "plant.example",
                     "--listen",
                     "127.0.0.1:0",
+                    "--crl-listen",
+                    "127.0.0.1:0",
                 ])
                 .args(init_args),
         )?;
@@ -152,6 +154,15 @@ impl Issuer {
     /// The root CA certificate (PEM).
     pub fn root_pem(&self) -> PathBuf {
         self.dir.path().join("ca/root.crt")
+    }
+
+    /// The CRL's URL (plain HTTP).
+    pub fn crl_url(&self) -> Result<String> {
+        Ok(
+            std::fs::read_to_string(self.dir.path().join("state/crl.url"))?
+                .trim()
+                .to_owned(),
+        )
     }
 
     /// The issuing CA certificate (PEM).

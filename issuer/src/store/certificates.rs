@@ -123,11 +123,26 @@ pub struct InventoryPage {
     pub total: usize,
 }
 
-/// The certificate table and its expiry index.
+/// A revocation as the CRL needs it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Revocation {
+    /// Serial, hex.
+    pub serial: String,
+    /// Unix seconds.
+    pub revoked_at: i64,
+    /// RFC 5280 CRLReason code.
+    pub reason_code: u8,
+    /// The certificate's notAfter (expired entries may leave the CRL).
+    pub not_after: i64,
+}
+
+/// The certificate table, its expiry index, and the revocation list.
 #[derive(Debug, Clone)]
 pub struct CertificateStore {
     by_serial: sled::Tree,
     by_expiry: sled::Tree,
+    revocations: sled::Tree,
+    meta: sled::Tree,
 }
 
 fn expiry_key(not_after: i64, serial: &Serial) -> [u8; 24] {
@@ -142,7 +157,76 @@ impl CertificateStore {
         Ok(Self {
             by_serial: db.open_tree("certificates")?,
             by_expiry: db.open_tree("certificates_by_expiry")?,
+            revocations: db.open_tree("revocations")?,
+            meta: db.open_tree("meta")?,
         })
+    }
+
+    /// Marks a certificate revoked and adds it to the revocation list, in one transaction.
+    /// Returns the record as it was, or None if no such certificate.
+    pub fn revoke(
+        &self,
+        serial: &Serial,
+        revoked_at: i64,
+        reason_code: u8,
+    ) -> Result<Option<CertificateRecord>, Error> {
+        let outcome =
+            (&self.by_serial, &self.revocations).transaction(|(by_serial, revocations)| {
+                let Some(bytes) = by_serial.get(serial.0)? else {
+                    return Ok(None);
+                };
+                let mut record: CertificateRecord = serde_json::from_slice(&bytes)
+                    .map_err(|_| sled::transaction::ConflictableTransactionError::Abort(()))?;
+                let before = record.clone();
+                record.status = Status::Revoked;
+                let entry = Revocation {
+                    serial: record.serial.clone(),
+                    revoked_at,
+                    reason_code,
+                    not_after: record.not_after,
+                };
+                let record_bytes = serde_json::to_vec(&record)
+                    .map_err(|_| sled::transaction::ConflictableTransactionError::Abort(()))?;
+                let entry_bytes = serde_json::to_vec(&entry)
+                    .map_err(|_| sled::transaction::ConflictableTransactionError::Abort(()))?;
+                by_serial.insert(&serial.0, record_bytes)?;
+                revocations.insert(&serial.0, entry_bytes)?;
+                Ok(Some(before))
+            });
+        match outcome {
+            Ok(found) => Ok(found),
+            Err(TransactionError::Abort(())) => Err(Error::Store(format!(
+                "certificate record {serial} does not parse"
+            ))),
+            Err(TransactionError::Storage(e)) => Err(e.into()),
+        }
+    }
+
+    /// Every revocation of a certificate not yet expired at `now`.
+    pub fn revocations(&self, now: i64) -> Result<Vec<Revocation>, Error> {
+        let mut out = Vec::new();
+        for entry in self.revocations.iter() {
+            let (_, bytes) = entry?;
+            let revocation: Revocation = serde_json::from_slice(&bytes)
+                .map_err(|e| Error::Store(format!("revocation record: {e}")))?;
+            if revocation.not_after > now {
+                out.push(revocation);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The next CRL number (RFC 5280 §5.2.3: monotonically increasing), persisted.
+    pub fn next_crl_number(&self) -> Result<u64, Error> {
+        let updated = self.meta.update_and_fetch("crl_number", |old| {
+            let n = old
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                .map_or(0, u64::from_be_bytes);
+            Some((n + 1).to_be_bytes().to_vec())
+        })?;
+        Ok(updated
+            .and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok())
+            .map_or(1, u64::from_be_bytes))
     }
 
     /// Records a newly issued certificate and its index entry in one transaction, only if

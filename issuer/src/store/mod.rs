@@ -9,7 +9,7 @@ mod tokens;
 
 pub use audit::{AuditEvent, AuditLog, AuditRecord, Verification};
 pub use certificates::{
-    CertificateRecord, CertificateStore, InventoryPage, InventoryQuery, Status,
+    CertificateRecord, CertificateStore, InventoryPage, InventoryQuery, Revocation, Status,
 };
 pub use durability::Durability;
 pub use tokens::{hash as tokens_hash, Consumed, TokenRecord, TokenStore};

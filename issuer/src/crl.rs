@@ -1,0 +1,175 @@
+//! The CRL (RFC 5280 §5): signed by the issuing CA, re-issued on every revocation and at half
+//! its validity, served over plain HTTP at the URL certificates carry as their CRL
+//! distribution point. Plain HTTP on purpose: a relying party must be able to fetch the
+//! CRL without already trusting a TLS server that the CRL might revoke.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock, RwLock};
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use rcgen::{CertificateRevocationListParams, RevokedCertParams, SerialNumber};
+use serde::{Deserialize, Serialize};
+
+use crate::authority::Authority;
+use crate::serial::Serial;
+use crate::Error;
+
+/// The path the CRL is served at.
+pub const PATH: &str = "/crl/issuing.crl";
+
+/// `[crl]` in issuer.toml.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CrlConfig {
+    /// Plain-HTTP listen address; port 0 picks one (written to `state_dir/crl.url`).
+    pub listen: SocketAddr,
+    /// The URL put in certificates; default `http://<listen address>/crl/issuing.crl`.
+    /// Set it (and a fixed port) in production: certificates keep the URL they were issued with.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// How long each CRL is valid (its nextUpdate); it is re-issued at half this.
+    #[serde(with = "crate::duration::serde_text", default = "default_validity")]
+    pub validity: Duration,
+}
+
+fn default_validity() -> Duration {
+    Duration::from_secs(7 * 86_400)
+}
+
+/// The published CRL and where it is served.
+#[derive(Debug, Default)]
+pub struct Crl {
+    url: OnceLock<String>,
+    current: RwLock<Option<Published>>,
+}
+
+#[derive(Debug, Clone)]
+struct Published {
+    der: Arc<Vec<u8>>,
+    this_update: i64,
+    next_update: i64,
+}
+
+impl Crl {
+    /// The distribution point URL, once the listener is bound.
+    pub fn url(&self) -> Option<&str> {
+        self.url.get().map(String::as_str)
+    }
+
+    /// Sets the distribution point URL (once, at start).
+    pub fn set_url(&self, url: String) {
+        let _ = self.url.set(url);
+    }
+
+    /// The current CRL, DER.
+    pub fn current(&self) -> Option<Arc<Vec<u8>>> {
+        self.current
+            .read()
+            .ok()
+            .and_then(|c| c.as_ref().map(|p| p.der.clone()))
+    }
+
+    fn due(&self, now: i64) -> bool {
+        match self.current.read().ok().and_then(|c| c.clone()) {
+            Some(p) => now >= p.this_update + (p.next_update - p.this_update) / 2,
+            None => true,
+        }
+    }
+}
+
+impl Authority {
+    /// Builds, signs and publishes a new CRL (also written to `state_dir/crl.der`).
+    pub fn publish_crl(&self) -> Result<(), Error> {
+        let now = self.now();
+        let revocations = self.store.certificates.revocations(now.unix_timestamp())?;
+        let number = self.store.certificates.next_crl_number()?;
+        let next_update = (now + self.crl_validity).min(self.ca.not_after());
+        let mut revoked_certs = Vec::with_capacity(revocations.len());
+        for r in &revocations {
+            let serial = Serial::parse(&r.serial)
+                .ok_or_else(|| Error::Store(format!("revocation serial {:?}", r.serial)))?;
+            revoked_certs.push(RevokedCertParams {
+                serial_number: SerialNumber::from_slice(&serial.0),
+                revocation_time: time::OffsetDateTime::from_unix_timestamp(r.revoked_at)
+                    .map_err(|e| Error::Store(e.to_string()))?,
+                reason_code: reason(r.reason_code),
+                invalidity_date: None,
+            });
+        }
+        let der = self.ca.sign_crl(CertificateRevocationListParams {
+            this_update: now,
+            next_update,
+            crl_number: SerialNumber::from_slice(&number.to_be_bytes()),
+            issuing_distribution_point: None,
+            revoked_certs,
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        })?;
+        if let Some(path) = &self.crl_file {
+            let tmp = path.with_extension("der.tmp");
+            std::fs::write(&tmp, &der).map_err(Error::io(&tmp))?;
+            std::fs::rename(&tmp, path).map_err(Error::io(path))?;
+        }
+        if let Ok(mut current) = self.crl.current.write() {
+            *current = Some(Published {
+                der: Arc::new(der),
+                this_update: now.unix_timestamp(),
+                next_update: next_update.unix_timestamp(),
+            });
+        }
+        tracing::info!(number, revoked = revocations.len(), "CRL published");
+        Ok(())
+    }
+
+    /// Re-issues the CRL whenever half its validity has passed; runs for the process's life.
+    pub async fn keep_crl_fresh(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            if self.crl.due(self.now().unix_timestamp()) {
+                if let Err(e) = self.publish_crl() {
+                    tracing::error!(error = %e, "re-issuing the CRL failed; retrying in 30 s");
+                }
+            }
+        }
+    }
+}
+
+fn reason(code: u8) -> Option<rcgen::RevocationReason> {
+    use rcgen::RevocationReason::*;
+    Some(match code {
+        1 => KeyCompromise,
+        3 => AffiliationChanged,
+        4 => Superseded,
+        5 => CessationOfOperation,
+        _ => return None,
+    })
+}
+
+/// The plain-HTTP routes: `GET /crl/issuing.crl`.
+pub fn router(authority: Arc<Authority>) -> Router {
+    Router::new()
+        .route(PATH, get(serve_crl))
+        .with_state(authority)
+}
+
+async fn serve_crl(State(authority): State<Arc<Authority>>) -> Response {
+    match authority.crl.current() {
+        Some(der) => (
+            [
+                (header::CONTENT_TYPE, "application/pkix-crl"),
+                (header::CACHE_CONTROL, "max-age=300"),
+            ],
+            der.as_ref().clone(),
+        )
+            .into_response(),
+        None => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the CRL has not been published yet; retry shortly\n",
+        )
+            .into_response(),
+    }
+}
