@@ -42,6 +42,7 @@ pub struct Authority {
     pub(crate) crl: crate::crl::Crl,
     pub(crate) crl_validity: Duration,
     pub(crate) crl_file: Option<std::path::PathBuf>,
+    pub(crate) metrics: crate::metrics::Metrics,
 }
 
 /// An operator's request for tokens.
@@ -174,6 +175,7 @@ impl Authority {
                 .crl
                 .as_ref()
                 .map(|_| config.state_dir().join("crl.der")),
+            metrics: crate::metrics::Metrics::default(),
         })
     }
 
@@ -204,6 +206,7 @@ impl Authority {
             )));
         }
         let not_after = (now + profile.lifetime).min(ca_not_after);
+        let started = std::time::Instant::now();
 
         // A serial is taken by recording the certificate: the record is inserted only if
         // the serial was never used, in the same transaction as its expiry index. A
@@ -253,6 +256,7 @@ impl Authority {
             }),
         )?;
         self.store.durability.commit().await?;
+        self.metrics.issued(&grant.label, started.elapsed());
         Ok(der)
     }
 
@@ -393,6 +397,16 @@ impl Authority {
         self.store
             .certificates
             .query(query, self.now().unix_timestamp())
+    }
+
+    /// The Prometheus exposition text.
+    pub fn metrics_text(&self) -> String {
+        self.metrics.render()
+    }
+
+    /// Counts one EST answer.
+    pub fn count_est_response(&self, status: u16) {
+        self.metrics.est_response(status);
     }
 
     /// The status report.

@@ -149,11 +149,23 @@ fn reason(code: u8) -> Option<rcgen::RevocationReason> {
     })
 }
 
-/// The plain-HTTP routes: `GET /crl/issuing.crl`.
+/// The plain-HTTP routes: `GET /crl/issuing.crl` and `GET /metrics`.
 pub fn router(authority: Arc<Authority>) -> Router {
     Router::new()
         .route(PATH, get(serve_crl))
+        .route("/metrics", get(serve_metrics))
         .with_state(authority)
+}
+
+async fn serve_metrics(State(authority): State<Arc<Authority>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        authority.metrics_text(),
+    )
+        .into_response()
 }
 
 async fn serve_crl(State(authority): State<Arc<Authority>>) -> Response {

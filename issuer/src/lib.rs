@@ -16,6 +16,7 @@ pub mod grant;
 mod header_case;
 pub mod init;
 pub mod inventory;
+pub mod metrics;
 pub mod profile;
 pub mod serial;
 pub mod serve;

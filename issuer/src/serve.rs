@@ -59,6 +59,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
             }
         });
         tokio::spawn(authority.clone().keep_crl_fresh());
+        tokio::spawn(authority.clone().keep_metrics_fresh());
         println!("CRL served at {crl_url}");
     }
 
@@ -110,9 +111,10 @@ pub async fn run(config: Config) -> Result<(), Error> {
         };
         let acceptor = acceptor.clone();
         let router = est_router.clone();
+        let authority = authority.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            serve_connection(acceptor, router, tcp, peer).await;
+            serve_connection(acceptor, router, authority, tcp, peer).await;
         });
     }
     tracing::info!("shutting down");
@@ -125,6 +127,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
 async fn serve_connection(
     acceptor: tokio_rustls::TlsAcceptor,
     router: axum::Router,
+    authority: Arc<Authority>,
     tcp: tokio::net::TcpStream,
     peer: SocketAddr,
 ) {
@@ -150,7 +153,12 @@ async fn serve_connection(
             request.extensions_mut().insert(cert.clone());
         }
         let router = router.clone();
-        async move { Ok::<_, Infallible>(router.oneshot(request).await.unwrap_or_else(|e| match e {})) }
+        let authority = authority.clone();
+        async move {
+            let response = router.oneshot(request).await.unwrap_or_else(|e| match e {});
+            authority.count_est_response(response.status().as_u16());
+            Ok::<_, Infallible>(response)
+        }
     });
     // Title-case header names and a Content-Length on every response: Cisco libest compares
     // header names case-sensitively and refuses chunked responses (DESIGN §4).

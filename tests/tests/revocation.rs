@@ -171,5 +171,26 @@ fn a_revoked_certificate_is_on_the_signed_crl_and_openssl_refuses_it() -> Result
         answer.text()
     );
     assert_eq!(issuer.inventory(&["--status", "revoked"])?.len(), 1);
+
+    // Prometheus sees the issuances and the refusal, next to the CRL.
+    let metrics_url = crl_url.replace("/crl/issuing.crl", "/metrics");
+    let metrics =
+        plant_tests::run_ok(std::process::Command::new("curl").args(["-sS", "-f", &metrics_url]))?;
+    ensure!(
+        metrics.contains("plant_issuance_duration_seconds_count{label=\"device\"} 2"),
+        "{metrics}"
+    );
+    ensure!(
+        metrics.contains("plant_est_responses_total{code=\"200\"} 2"),
+        "{metrics}"
+    );
+    ensure!(
+        metrics.contains("plant_est_responses_total{code=\"403\"} 1"),
+        "{metrics}"
+    );
+    ensure!(
+        metrics.contains("# TYPE plant_certificates_expiring gauge"),
+        "{metrics}"
+    );
     Ok(())
 }

@@ -1,0 +1,219 @@
+//! Prometheus metrics (text exposition format 0.0.4) at `/metrics` on the plain-HTTP
+//! listener: certificates by status and by expiry bucket, issuance count and latency by label,
+//! EST answers by status code. Counting is lock-free on the request path; the inventory
+//! gauges are recomputed every 30 s in the background, never on a scrape.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::authority::Authority;
+use crate::store::{InventoryQuery, Status};
+
+/// Upper bounds (seconds) of the issuance latency histogram.
+const LATENCY_BUCKETS: [f64; 10] = [
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+];
+/// The expiry windows operators watch.
+const EXPIRY_BUCKETS: [(&str, i64); 4] = [("7d", 7), ("30d", 30), ("90d", 90), ("365d", 365)];
+
+#[derive(Debug, Default)]
+struct Histogram {
+    buckets: [AtomicU64; LATENCY_BUCKETS.len()],
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+/// The issuer's counters and gauges.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    issued: Mutex<BTreeMap<String, Arc<Histogram>>>,
+    est_responses: Mutex<BTreeMap<u16, Arc<AtomicU64>>>,
+    inventory: Mutex<InventoryGauges>,
+}
+
+#[derive(Debug, Default, Clone)]
+struct InventoryGauges {
+    by_status: Vec<(&'static str, usize)>,
+    expiring: Vec<(&'static str, usize)>,
+}
+
+impl Metrics {
+    /// Records one issued certificate and how long the pipeline took.
+    pub fn issued(&self, label: &str, elapsed: Duration) {
+        let histogram = {
+            let Ok(mut map) = self.issued.lock() else {
+                return;
+            };
+            map.entry(label.to_owned()).or_default().clone()
+        };
+        let secs = elapsed.as_secs_f64();
+        for (bound, bucket) in LATENCY_BUCKETS.iter().zip(&histogram.buckets) {
+            if secs <= *bound {
+                bucket.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        histogram.count.fetch_add(1, Ordering::Relaxed);
+        histogram
+            .sum_micros
+            .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// Records one EST answer by status code (refusals included).
+    pub fn est_response(&self, status: u16) {
+        let counter = {
+            let Ok(mut map) = self.est_responses.lock() else {
+                return;
+            };
+            map.entry(status).or_default().clone()
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The exposition text.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let inventory = self.inventory.lock().map(|g| g.clone()).unwrap_or_default();
+        out.push_str("# HELP plant_certificates Certificates in the inventory by status.\n# TYPE plant_certificates gauge\n");
+        for (status, n) in &inventory.by_status {
+            let _ = writeln!(out, "plant_certificates{{status=\"{status}\"}} {n}");
+        }
+        out.push_str("# HELP plant_certificates_expiring Valid certificates whose notAfter falls within the window.\n# TYPE plant_certificates_expiring gauge\n");
+        for (window, n) in &inventory.expiring {
+            let _ = writeln!(
+                out,
+                "plant_certificates_expiring{{within=\"{window}\"}} {n}"
+            );
+        }
+        out.push_str("# HELP plant_issuance_duration_seconds Time from authorization to durable record, per label.\n# TYPE plant_issuance_duration_seconds histogram\n");
+        if let Ok(map) = self.issued.lock() {
+            for (label, h) in map.iter() {
+                for (bound, bucket) in LATENCY_BUCKETS.iter().zip(&h.buckets) {
+                    let _ = writeln!(
+                        out,
+                        "plant_issuance_duration_seconds_bucket{{label=\"{label}\",le=\"{bound}\"}} {}",
+                        bucket.load(Ordering::Relaxed)
+                    );
+                }
+                let count = h.count.load(Ordering::Relaxed);
+                let _ = writeln!(out, "plant_issuance_duration_seconds_bucket{{label=\"{label}\",le=\"+Inf\"}} {count}");
+                let _ = writeln!(
+                    out,
+                    "plant_issuance_duration_seconds_sum{{label=\"{label}\"}} {}",
+                    h.sum_micros.load(Ordering::Relaxed) as f64 / 1e6
+                );
+                let _ = writeln!(
+                    out,
+                    "plant_issuance_duration_seconds_count{{label=\"{label}\"}} {count}"
+                );
+            }
+        }
+        out.push_str("# HELP plant_est_responses_total EST answers by HTTP status (4xx/5xx are refusals).\n# TYPE plant_est_responses_total counter\n");
+        if let Ok(map) = self.est_responses.lock() {
+            for (status, n) in map.iter() {
+                let _ = writeln!(
+                    out,
+                    "plant_est_responses_total{{code=\"{status}\"}} {}",
+                    n.load(Ordering::Relaxed)
+                );
+            }
+        }
+        out
+    }
+}
+
+impl Authority {
+    /// Recomputes the inventory gauges.
+    pub fn refresh_inventory_metrics(&self) {
+        let now = self.now().unix_timestamp();
+        let count = |query: InventoryQuery| {
+            self.store
+                .certificates
+                .query(
+                    &InventoryQuery {
+                        limit: Some(1),
+                        ..query
+                    },
+                    now,
+                )
+                .map(|p| p.total)
+                .unwrap_or(0)
+        };
+        let by_status = [
+            ("valid", Status::Valid),
+            ("expired", Status::Expired),
+            ("revoked", Status::Revoked),
+            ("superseded", Status::Superseded),
+        ]
+        .into_iter()
+        .map(|(name, status)| {
+            (
+                name,
+                count(InventoryQuery {
+                    status: Some(status),
+                    ..Default::default()
+                }),
+            )
+        })
+        .collect();
+        let expiring = EXPIRY_BUCKETS
+            .iter()
+            .map(|(name, days)| {
+                (
+                    *name,
+                    count(InventoryQuery {
+                        expiring_within_secs: Some((*days * 86_400) as u64),
+                        status: Some(Status::Valid),
+                        ..Default::default()
+                    }),
+                )
+            })
+            .collect();
+        if let Ok(mut gauges) = self.metrics.inventory.lock() {
+            *gauges = InventoryGauges {
+                by_status,
+                expiring,
+            };
+        }
+    }
+
+    /// Keeps the inventory gauges fresh for the process's life.
+    pub async fn keep_metrics_fresh(self: Arc<Self>) {
+        loop {
+            let authority = self.clone();
+            let _ =
+                tokio::task::spawn_blocking(move || authority.refresh_inventory_metrics()).await;
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative_and_text_is_prometheus_shaped() {
+        let m = Metrics::default();
+        m.issued("plc", Duration::from_micros(700));
+        m.issued("plc", Duration::from_millis(30));
+        m.est_response(200);
+        m.est_response(401);
+        m.est_response(401);
+        let text = m.render();
+        assert!(
+            text.contains("plant_issuance_duration_seconds_bucket{label=\"plc\",le=\"0.001\"} 1")
+        );
+        assert!(
+            text.contains("plant_issuance_duration_seconds_bucket{label=\"plc\",le=\"0.05\"} 2")
+        );
+        assert!(text.contains("plant_issuance_duration_seconds_count{label=\"plc\"} 2"));
+        assert!(text.contains("plant_est_responses_total{code=\"401\"} 2"));
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let value = line.rsplit(' ').next().unwrap_or_default();
+            assert!(value.parse::<f64>().is_ok(), "{line}");
+        }
+    }
+}
