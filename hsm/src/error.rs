@@ -1,6 +1,10 @@
 use std::path::PathBuf;
 
 /// Everything that can go wrong reaching or using a key.
+///
+/// Messages name the device or token and say what to do; they never carry key material or
+/// PINs. [`Error::is_transient`] tells callers which errors are worth a retry (the issuer
+/// answers those with 503 + Retry-After).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -18,6 +22,12 @@ pub enum Error {
     /// A key already exists where a new one was to be created.
     #[error("refusing to overwrite the existing key at {0}")]
     KeyExists(PathBuf),
+    /// A TPM persistent handle or a PKCS#11 label is already taken by another object.
+    #[error("refusing to create a key: {0} already holds an object")]
+    KeyPresent(String),
+    /// No key lives where the key reference points.
+    #[error("no key at {0}; create it first (e.g. `issuer init`)")]
+    KeyNotFound(String),
     /// Reading or writing a key file failed.
     #[error("key file {path}: {source}")]
     Io {
@@ -37,7 +47,73 @@ pub enum Error {
         /// What the parser said.
         reason: String,
     },
+    /// The file is not a TPM key blob (`TSS2 PRIVATE KEY` PEM) this backend can load.
+    #[error("TPM key blob {path} is unusable: {reason}")]
+    BadKeyBlob {
+        /// The blob file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// The signing operation itself failed.
     #[error("signing failed: {0}")]
     Sign(String),
+    /// The device's request queue is full: too many signatures are waiting already.
+    #[error("{device} is busy ({queued} requests waiting); retry later")]
+    Busy {
+        /// The device, e.g. `TPM at device:/dev/tpmrm0`.
+        device: String,
+        /// How many requests were waiting.
+        queued: usize,
+    },
+    /// The device cannot be reached, did not answer in time, or lost its connection.
+    #[error("{device} {reason}")]
+    Unavailable {
+        /// The device, e.g. `TPM at swtpm:host=127.0.0.1,port=2321`.
+        device: String,
+        /// What happened, e.g. `did not answer within 5 s`.
+        reason: String,
+    },
+    /// The TPM answered, but refused an operation.
+    #[error("{device} refused to {action}: {reason}")]
+    Tpm {
+        /// The device, e.g. `TPM at device:/dev/tpmrm0`.
+        device: String,
+        /// What was asked, e.g. `load key blob /var/lib/plant/issuing.tpmkey`.
+        action: String,
+        /// The TPM's answer, with advice where there is any.
+        reason: String,
+    },
+    /// The key reference names a PKCS#11 token but no PIN source is set.
+    #[error(
+        "no PIN for PKCS#11 token '{token}': add pin-file=PATH to the key reference \
+         or set PLANT_PKCS11_PIN"
+    )]
+    PinMissing {
+        /// The token label.
+        token: String,
+    },
+    /// Logging in to a PKCS#11 token failed.
+    #[error("PKCS#11 login to token '{token}' failed: {reason}")]
+    Login {
+        /// The token label.
+        token: String,
+        /// Why, e.g. `wrong PIN` or `PIN locked`.
+        reason: String,
+    },
+    /// A PKCS#11 module, token or operation failed.
+    #[error("PKCS#11 {context}: {reason}")]
+    Pkcs11 {
+        /// Module and token, e.g. `token 'plant' in /usr/lib/softhsm/libsofthsm2.so`.
+        context: String,
+        /// What failed and why.
+        reason: String,
+    },
+}
+
+impl Error {
+    /// Whether retrying later may succeed: the device was busy or unreachable, not wrong.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Busy { .. } | Self::Unavailable { .. })
+    }
 }
