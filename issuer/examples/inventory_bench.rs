@@ -82,22 +82,31 @@ async fn main() -> anyhow::Result<()> {
         limit: Some(100),
         ..Default::default()
     };
+    // A dashboard's first page: rows only, no full count.
+    let first_page = InventoryQuery {
+        skip_total: true,
+        ..thirty_days.clone()
+    };
     time(
         "expiring within 30 d: first page of 100",
         "< 10 ms",
         &mut || {
-            let page = store.certificates.query(&thirty_days, now)?;
+            let page = store.certificates.query(&first_page, now)?;
             Ok(format!(
-                "{} rows of {}",
+                "{} rows, more: {}",
                 page.certificates.len(),
-                page.total
+                page.next.is_some()
             ))
         },
     )?;
     time("expiring within 30 d: full count", "< 1 s", &mut || {
         Ok(format!(
             "{} certificates",
-            store.certificates.query(&thirty_days, now)?.total
+            store
+                .certificates
+                .query(&thirty_days, now)?
+                .total
+                .unwrap_or_default()
         ))
     })?;
     time("whole inventory: full count", "", &mut || {
@@ -107,6 +116,7 @@ async fn main() -> anyhow::Result<()> {
                 .certificates
                 .query(&InventoryQuery::default(), now)?
                 .total
+                .unwrap_or_default()
         ))
     })?;
     time("revoked (CRL input): scan", "", &mut || {

@@ -268,13 +268,14 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
                 spiffe_prefix,
                 after: None,
                 limit: Some(1000),
+                skip_total: false,
             };
             let mut rows = Vec::new();
             let total = loop {
                 let page: InventoryPage = client
                     .get(&format!("/v1/inventory?{}", query_string(&query)))
                     .await?;
-                let total = page.total;
+                let total = page.total.unwrap_or_default();
                 rows.extend(page.certificates);
                 if let Some(l) = limit.filter(|l| rows.len() >= *l) {
                     rows.truncate(l);

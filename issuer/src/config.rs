@@ -44,7 +44,7 @@ pub struct CaConfig {
     pub root_certificate: PathBuf,
     /// The issuing CA certificate (PEM), signed by the root.
     pub issuing_certificate: PathBuf,
-    /// The issuing CA key, as a key reference (`soft:path=…`).
+    /// The issuing CA key, as a key reference: `soft:path=…`, `tpm:…` or `pkcs11:…`.
     pub issuing_key: String,
 }
 
@@ -167,10 +167,8 @@ impl Config {
             .issuing_key
             .parse()
             .map_err(|e| Error::Config(format!("ca.issuing_key: {e}")))?;
-        Ok(match key {
-            hsm::KeyRef::Soft { path } => hsm::KeyRef::soft(self.resolve(&path)),
-            other => other,
-        })
+        // Relative key files, TPM blobs and PIN files are relative to this file's folder.
+        Ok(key.with_base_dir(&self.base_dir))
     }
 
     /// The state folder.

@@ -138,7 +138,7 @@ impl Authority {
                     },
                     now,
                 )
-                .map(|p| p.total)
+                .map(|p| p.total.unwrap_or_default())
                 .unwrap_or(0)
         };
         let by_status = [

@@ -110,6 +110,10 @@ pub struct InventoryQuery {
     /// Page size (default 100, at most 10,000).
     #[serde(default)]
     pub limit: Option<usize>,
+    /// Don't count all matching rows: stop scanning once the page is full and it is known
+    /// whether more follow. A dashboard's first page needs this; `total` is then `None`.
+    #[serde(default)]
+    pub skip_total: bool,
 }
 
 /// One page of answers.
@@ -119,8 +123,8 @@ pub struct InventoryPage {
     pub certificates: Vec<CertificateRecord>,
     /// Cursor for the next page, if there are more rows.
     pub next: Option<String>,
-    /// How many rows match in all.
-    pub total: usize,
+    /// How many rows match in all (`None` when the query asked to skip counting).
+    pub total: Option<usize>,
 }
 
 /// A revocation as the CRL needs it.
@@ -350,12 +354,16 @@ impl CertificateStore {
                     last_key = key.to_vec();
                 }
             }
+            if query.skip_total && past_cursor_matches > certificates.len() {
+                // The page is full and one more row exists: that is all a page needs.
+                break;
+            }
         }
         let next = (past_cursor_matches > certificates.len()).then(|| hex::encode(&last_key));
         Ok(InventoryPage {
             certificates,
             next,
-            total,
+            total: (!query.skip_total).then_some(total),
         })
     }
 
