@@ -380,6 +380,7 @@ impl Authority {
             }),
         )?;
         self.store.durability.commit().await?;
+        self.metrics.inventory_changed();
         // The revocation is recorded; a failure to sign the CRL now is retried by the
         // refresher and must not make the operator think the revocation was lost.
         if let Err(e) = self.publish_crl() {

@@ -1,7 +1,9 @@
 //! Prometheus metrics (text exposition format 0.0.4) at `/metrics` on the plain-HTTP
 //! listener: certificates by status and by expiry bucket, issuance count and latency by label,
 //! EST answers by status code. Counting is lock-free on the request path; the inventory
-//! gauges are recomputed every 30 s in the background, never on a scrape.
+//! gauges are recomputed in the background, never on a scrape: after a change, once at
+//! least max(5 s, 10 × the last recomputation's duration) has passed, so a small store is
+//! current within seconds and a store of millions is not rescanned back to back.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -32,6 +34,8 @@ pub struct Metrics {
     issued: Mutex<BTreeMap<String, Arc<Histogram>>>,
     est_responses: Mutex<BTreeMap<u16, Arc<AtomicU64>>>,
     inventory: Mutex<InventoryGauges>,
+    /// Set when the inventory changed since the gauges were computed.
+    inventory_dirty: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -59,6 +63,12 @@ impl Metrics {
         histogram
             .sum_micros
             .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+        self.inventory_changed();
+    }
+
+    /// Marks the inventory gauges stale (issuance, revocation).
+    pub fn inventory_changed(&self) {
+        self.inventory_dirty.store(true, Ordering::Relaxed);
     }
 
     /// Records one EST answer by status code (refusals included).
@@ -183,9 +193,19 @@ impl Authority {
     pub async fn keep_metrics_fresh(self: Arc<Self>) {
         loop {
             let authority = self.clone();
+            let started = std::time::Instant::now();
             let _ =
                 tokio::task::spawn_blocking(move || authority.refresh_inventory_metrics()).await;
-            tokio::time::sleep(Duration::from_secs(30)).await;
+            let pause = (started.elapsed() * 10).max(Duration::from_secs(5));
+            tokio::time::sleep(pause).await;
+            // Expiry moves the buckets even without changes: recompute at least hourly.
+            let mut waited = pause;
+            while !self.metrics.inventory_dirty.swap(false, Ordering::Relaxed)
+                && waited < Duration::from_secs(3600)
+            {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                waited += Duration::from_secs(1);
+            }
         }
     }
 }
