@@ -234,6 +234,11 @@ impl Authority {
                 renews: grant.renews.map(|s| s.to_string()),
                 der: base64::engine::general_purpose::STANDARD.encode(&der),
             };
+            // Spend the token only now that a certificate exists; of concurrent requests with
+            // one token, the first to get here wins and the others' signatures are dropped.
+            if let Some(token) = &grant.token {
+                self.spend_token(token, now.unix_timestamp())?;
+            }
             if self.store.certificates.record_new(&serial, &record)? {
                 break (der, record);
             }
@@ -258,6 +263,21 @@ impl Authority {
         self.store.durability.commit().await?;
         self.metrics.issued(&grant.label, started.elapsed());
         Ok(der)
+    }
+
+    fn spend_token(&self, token: &[u8; 32], now: i64) -> Result<(), Error> {
+        use crate::store::Consumed;
+        let refused = |m: &str| Error::Est(est::Error::refused(est::Refusal::Unauthorized, m));
+        match self.store.tokens.consume_hash(token, now)? {
+            Consumed::Ok(_) => Ok(()),
+            Consumed::AlreadyUsed(_) => Err(refused(
+                "this token was already used; tokens are single use, ask the PKI operator for a new one",
+            )),
+            Consumed::Expired(_) => Err(refused(
+                "this token expired; ask the PKI operator for a new one",
+            )),
+            Consumed::Unknown => Err(refused("unknown token")),
+        }
     }
 
     pub(crate) fn audit(&self, kind: &str, detail: serde_json::Value) -> Result<u64, Error> {

@@ -133,7 +133,10 @@ impl CertificateAuthority {
     ) -> Result<Vec<u8>, Error> {
         params.key_identifier_method =
             rcgen::KeyIdMethod::PreSpecified(self.subject_key_id.clone());
-        Ok(params.signed_by(&self.issuer)?.der().to_vec())
+        params
+            .signed_by(&self.issuer)
+            .map(|c| c.der().to_vec())
+            .map_err(|e| self.key_fault(e))
     }
 
     /// Signs `params` for `subject_key` with the issuing key.
@@ -142,7 +145,22 @@ impl CertificateAuthority {
         params: &CertificateParams,
         subject_key: &SubjectKey,
     ) -> Result<Vec<u8>, Error> {
-        Ok(params.signed_by(subject_key, &self.issuer)?.der().to_vec())
+        params
+            .signed_by(subject_key, &self.issuer)
+            .map(|c| c.der().to_vec())
+            .map_err(|e| self.key_fault(e))
+    }
+
+    /// A signing failure of the CA key (a TPM that is down, an HSM session lost) is a key
+    /// fault the client may retry (503), not a malformed certificate; `HsmKey` logged why.
+    fn key_fault(&self, error: rcgen::Error) -> Error {
+        match error {
+            rcgen::Error::RemoteKeyError => Error::Key(hsm::Error::Sign(format!(
+                "the CA key ({}) did not sign",
+                self.signer.location()
+            ))),
+            other => other.into(),
+        }
     }
 
     /// The certificates `cacerts` returns: issuing CA, then root.

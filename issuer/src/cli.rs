@@ -43,6 +43,11 @@ enum Command {
         /// EST listen address (port 0: any free port).
         #[arg(long, default_value = "127.0.0.1:8443")]
         listen: SocketAddr,
+        /// Where to create the issuing CA key: soft:path=FILE, tpm:blob=FILE;tcti=…,
+        /// tpm:handle=0x81…;tcti=…, or pkcs11:token=…;object=…;pin-file=…. A TPM or HSM key
+        /// is created inside the device and never exists outside it.
+        #[arg(long, default_value = "soft:path=ca/issuing.key")]
+        ca_key: String,
         /// Plain-HTTP address serving the CRL (port 0: any free port).
         #[arg(long, default_value = "127.0.0.1:8080")]
         crl_listen: SocketAddr,
@@ -187,6 +192,7 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
             organization,
             listen,
             crl_listen,
+            ca_key,
             mut dns,
             mut ips,
         } => {
@@ -205,6 +211,7 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
                 organization,
                 listen,
                 crl_listen,
+                ca_key,
                 dns,
                 ips,
             })

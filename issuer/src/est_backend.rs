@@ -13,7 +13,7 @@ use hsm::Signer;
 use crate::authority::Authority;
 use crate::grant::{valid_subject, Grant};
 use crate::serial::Serial;
-use crate::store::{Consumed, Status, TokenRecord};
+use crate::store::{Status, TokenRecord};
 use crate::Error;
 
 /// Seconds a client is told to wait when the store or key is unavailable.
@@ -136,16 +136,10 @@ impl Authority {
             ips: record.ips.clone(),
             owner: format!("token:{}", record.id),
             renews: None,
+            token: Some(crate::store::tokens_hash(secret)),
         };
         grant.check_request(csr)?;
-        match self.store.tokens.consume(secret, now).map_err(to_est)? {
-            Consumed::Ok(_) => Ok(grant),
-            Consumed::AlreadyUsed(r) | Consumed::Expired(r) => {
-                check_usable(&r, now)?;
-                Err(unauthorized("token already used".into()))
-            }
-            Consumed::Unknown => Err(unauthorized("unknown token".into())),
-        }
+        Ok(grant)
     }
 
     /// simplereenroll (RFC 7030 §4.2.2): the TLS client certificate must be one this CA
@@ -240,6 +234,7 @@ impl Authority {
             ips,
             owner: record.owner.clone(),
             renews: Some(serial),
+            token: None,
         };
         grant.check_request(csr)?;
         Ok(grant)

@@ -24,6 +24,10 @@ pub struct Grant {
     pub owner: String,
     /// The certificate this renews.
     pub renews: Option<Serial>,
+    /// The one-time token (its SHA-256) this grant spends. It is consumed only once the
+    /// certificate is signed, so a request refused or failed for any other reason (bad CSR,
+    /// TPM down) keeps its token.
+    pub token: Option<[u8; 32]>,
 }
 
 impl Grant {

@@ -26,6 +26,8 @@ pub struct InitOptions {
     pub listen: SocketAddr,
     /// CRL (plain HTTP) listen address.
     pub crl_listen: SocketAddr,
+    /// Where the issuing CA key is created (relative paths: inside the CA folder).
+    pub ca_key: String,
     /// DNS names for the EST server certificate.
     pub dns: Vec<String>,
     /// IP addresses for the EST server certificate.
@@ -70,7 +72,11 @@ pub async fn run(options: &InitOptions) -> Result<InitReport, Error> {
         &options.organization,
         &options.trust_domain,
         &hsm::KeyRef::soft(dir.join("ca/root.key")),
-        &hsm::KeyRef::soft(dir.join("ca/issuing.key")),
+        &options
+            .ca_key
+            .parse::<hsm::KeyRef>()
+            .map_err(|e| Error::Config(format!("--ca-key: {e}")))?
+            .with_base_dir(dir),
     )?;
     write(&dir.join("ca/root.crt"), &hierarchy.root_pem)?;
     write(&dir.join("ca/issuing.crt"), &hierarchy.issuing_pem)?;
@@ -92,6 +98,7 @@ pub async fn run(options: &InitOptions) -> Result<InitReport, Error> {
         ips: options.ips.clone(),
         owner: "issuer:est-listener".into(),
         renews: None,
+        token: None,
     };
     let der = authority
         .issue(&grant, hsm::Signer::public_key(&tls_key).point())
@@ -136,9 +143,10 @@ default_profile = "device"
 [ca]
 root_certificate = "ca/root.crt"
 issuing_certificate = "ca/issuing.crt"
-# Key reference: soft:path=FILE (PKCS#8, mode 0600). The root key (ca/root.key) is only
-# needed to create a new issuing CA: move it offline after init.
-issuing_key = "soft:path=ca/issuing.key"
+# Key reference: soft:path=FILE (PKCS#8, mode 0600), tpm:blob=FILE;tcti=… or
+# tpm:handle=0x81…;tcti=… (TPM 2.0), pkcs11:token=…;object=…;pin-file=… (HSM).
+# The root key (ca/root.key) is only needed to create a new issuing CA: move it offline.
+issuing_key = "{ca_key}"
 
 [est]
 # Port 0 picks a free port; the URL is written to state/est.url.
@@ -172,6 +180,7 @@ max_ttl = "30d"
         trust_domain = options.trust_domain,
         listen = options.listen,
         crl_listen = options.crl_listen,
+        ca_key = options.ca_key.replace('\\', "\\\\").replace('"', "\\\""),
     );
     for (name, profile) in profile::defaults() {
         let _ = write!(out, "\n{}", profile_toml(name, &profile));
@@ -219,6 +228,7 @@ mod tests {
             organization: "Plant".into(),
             listen: "127.0.0.1:0".parse().expect("addr"),
             crl_listen: "127.0.0.1:0".parse().expect("addr"),
+            ca_key: "soft:path=ca/issuing.key".into(),
             dns: vec![],
             ips: vec![],
         };

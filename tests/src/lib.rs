@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+pub mod swtpm;
+
 /// Where `issuer` and `agent` are.
 pub fn bin(name: &str) -> PathBuf {
     let dir = std::env::var_os("PLANT_BIN_DIR")

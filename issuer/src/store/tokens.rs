@@ -91,7 +91,13 @@ impl TokenStore {
     /// Uses a token exactly once: a compare-and-swap, so of any number of concurrent
     /// requests with the same token one wins.
     pub fn consume(&self, secret: &str, now: i64) -> Result<Consumed, Error> {
-        let digest = hash(secret);
+        self.consume_hash(&hash(secret), now)
+    }
+
+    /// [`TokenStore::consume`] by the token's SHA-256, for callers that no longer hold the
+    /// secret.
+    pub fn consume_hash(&self, digest: &[u8; 32], now: i64) -> Result<Consumed, Error> {
+        let digest = *digest;
         loop {
             let Some(current) = self.tree.get(digest)? else {
                 return Ok(Consumed::Unknown);

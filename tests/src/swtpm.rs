@@ -1,0 +1,169 @@
+//! A software TPM (swtpm) on free loopback ports, started by the tests themselves.
+
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// A `swtpm socket --tpm2` process on 127.0.0.1, killed on drop. Its state lives in a
+/// temporary folder that outlives restarts, like a TPM's NV memory outlives reboots.
+#[derive(Debug)]
+pub struct Swtpm {
+    child: Option<Child>,
+    state: tempfile::TempDir,
+    port: u16,
+}
+
+impl Swtpm {
+    /// Starts a fresh TPM (new endorsement and owner seeds) on two free consecutive ports.
+    /// Panics, failing the test, when swtpm is not installed: tests never skip silently.
+    pub fn start() -> Self {
+        let mut tpm = Self {
+            child: None,
+            state: tempfile::tempdir().expect("swtpm state dir"),
+            port: 0,
+        };
+        let mut last_error = String::new();
+        for _ in 0..10 {
+            tpm.port = free_port_pair();
+            match tpm.spawn() {
+                Ok(()) => return tpm,
+                Err(e) => last_error = e,
+            }
+        }
+        panic!("swtpm did not start: {last_error}");
+    }
+
+    /// The TPM command port (the control channel is the next one).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The TCTI string, for key references.
+    pub fn tcti_string(&self) -> String {
+        format!("swtpm:host=127.0.0.1,port={}", self.port)
+    }
+
+    /// A folder for key files next to this TPM's state.
+    pub fn dir(&self) -> &Path {
+        self.state.path()
+    }
+
+    /// Kills the TPM process at once (SIGKILL), as a crash or power loss would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the TPM again on the same ports with the same state.
+    pub fn restart(&mut self) {
+        self.kill();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match self.spawn() {
+                Ok(()) => return,
+                Err(e) if Instant::now() > deadline => panic!("swtpm did not restart: {e}"),
+                Err(_) => thread::sleep(Duration::from_millis(200)),
+            }
+        }
+    }
+
+    /// Freezes the TPM process (SIGSTOP): it accepts connections but answers nothing, like
+    /// a wedged chip.
+    pub fn freeze(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a frozen TPM run again (SIGCONT).
+    pub fn thaw(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let child = self.child.as_ref().expect("swtpm is running");
+        let status = Command::new("kill")
+            .args([signal, &child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill {signal} failed");
+    }
+
+    fn spawn(&mut self) -> Result<(), String> {
+        let state = self.state.path().join("tpm");
+        std::fs::create_dir_all(&state).map_err(|e| e.to_string())?;
+        let log = self.state.path().join("swtpm.log");
+        let child = Command::new("swtpm")
+            .arg("socket")
+            .arg("--tpm2")
+            .arg("--tpmstate")
+            .arg(format!("dir={}", state.display()))
+            .arg("--server")
+            .arg(format!("type=tcp,port={}", self.port))
+            .arg("--ctrl")
+            .arg(format!("type=tcp,port={}", self.port + 1))
+            .arg("--flags")
+            .arg("not-need-init,startup-clear")
+            .arg("--log")
+            .arg(format!("file={},level=1", log.display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn();
+        let mut child = match child {
+            Ok(child) => child,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
+                "swtpm is not installed; run scripts/setup (apt packages swtpm and swtpm-tools) \
+                 — the TPM tests need a real software TPM and never skip"
+            ),
+            Err(e) => return Err(format!("spawning swtpm: {e}")),
+        };
+        // Ready when the control channel accepts; the command channel serves one client at
+        // a time, so leave it to the code under test.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
+                let mut stderr = String::new();
+                if let Some(mut err) = child.stderr.take() {
+                    let _ = std::io::Read::read_to_string(&mut err, &mut stderr);
+                }
+                return Err(format!("swtpm exited with {status}: {stderr}"));
+            }
+            if TcpStream::connect(("127.0.0.1", self.port + 1)).is_ok() {
+                self.child = Some(child);
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err("swtpm did not accept connections within 10 s".into());
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Swtpm {
+    fn drop(&mut self) {
+        if let Some(child) = &self.child {
+            // A frozen process still dies of SIGKILL, but thaw it to be safe.
+            let _ = Command::new("kill")
+                .args(["-CONT", &child.id().to_string()])
+                .status();
+        }
+        self.kill();
+    }
+}
+
+/// Two consecutive free ports (swtpm's control channel is the command port + 1).
+fn free_port_pair() -> u16 {
+    loop {
+        let first = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = first.local_addr().expect("addr").port();
+        if port < 65534 && TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
+            return port;
+        }
+    }
+}
