@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+/// A real swtpm on free ports: the same fixture the hsm crate's own tests use.
+#[path = "../../hsm/tests/support/mod.rs"]
 pub mod swtpm;
 
 /// Where `issuer` and `agent` are.

@@ -12,6 +12,7 @@ use hsm::Tcti;
 
 /// A `swtpm socket --tpm2` process on 127.0.0.1, killed on drop. Its state lives in a
 /// temporary folder that outlives restarts, like a TPM's NV memory outlives reboots.
+#[derive(Debug)]
 pub struct Swtpm {
     child: Option<Child>,
     state: tempfile::TempDir,
