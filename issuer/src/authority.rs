@@ -212,6 +212,7 @@ impl Authority {
         // the serial was never used, in the same transaction as its expiry index. A
         // collision (odds 2^-127) re-signs with a new serial; the discarded signature never
         // left the process.
+        let mut token_spent = false;
         let (der, record) = loop {
             let serial = Serial::random();
             let mut params = leaf_params(grant, profile, serial, now - BACKDATE, not_after);
@@ -236,8 +237,10 @@ impl Authority {
             };
             // Spend the token only now that a certificate exists; of concurrent requests with
             // one token, the first to get here wins and the others' signatures are dropped.
-            if let Some(token) = &grant.token {
+            // A serial collision loops back to sign again; the token is spent only once.
+            if let Some(token) = grant.token.as_ref().filter(|_| !token_spent) {
                 self.spend_token(token, now.unix_timestamp())?;
+                token_spent = true;
             }
             if self.store.certificates.record_new(&serial, &record)? {
                 break (der, record);
