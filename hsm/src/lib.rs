@@ -34,6 +34,7 @@ pub mod key_ref;
 
 mod ecdsa;
 mod error;
+mod key_file;
 mod pkcs11;
 mod public_key;
 mod soft;

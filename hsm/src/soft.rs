@@ -3,9 +3,9 @@
 //! p256 generates and encodes the key (key handling); aws-lc-rs signs, because it signs
 //! about five times faster and the issuer's leaf signing is on the hot path (DESIGN §8).
 
-use std::fs::{self, OpenOptions};
+use std::fs;
 use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use aws_lc_rs::rand::SystemRandom;
@@ -50,18 +50,7 @@ impl SoftKey {
             source,
         };
         let pem = self.to_pkcs8_pem()?;
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(path)
-            .map_err(|e| {
-                if e.kind() == std::io::ErrorKind::AlreadyExists {
-                    Error::KeyExists(path.to_owned())
-                } else {
-                    io(e)
-                }
-            })?;
+        let mut file = crate::key_file::create(path)?;
         file.write_all(pem.as_bytes()).map_err(io)?;
         file.sync_all().map_err(io)
     }

@@ -4,9 +4,8 @@
 //! ESAPI context must not be shared. Each function takes the owner's context and returns
 //! ESAPI handles that stay valid for as long as that context lives.
 
-use std::fs::{self, OpenOptions};
+use std::fs;
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::str::FromStr;
 
@@ -297,21 +296,7 @@ pub(super) fn create(
         TpmObject::Blob(path) => {
             // Claim the file first, so an existing key is never overwritten and no TPM work
             // is wasted on a path that cannot be written.
-            let mut file = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(path)
-                .map_err(|e| {
-                    if e.kind() == std::io::ErrorKind::AlreadyExists {
-                        Error::KeyExists(path.clone())
-                    } else {
-                        Error::Io {
-                            path: path.clone(),
-                            source: e,
-                        }
-                    }
-                })?;
+            let mut file = crate::key_file::create(path)?;
             let result = (|| {
                 let (key, private, public) = create_and_load(context, device)?;
                 let pem = KeyBlob {
