@@ -212,6 +212,7 @@ impl Authority {
         // the serial was never used, in the same transaction as its expiry index. A
         // collision (odds 2^-127) re-signs with a new serial; the discarded signature never
         // left the process.
+        let subject_key = SubjectKey(public_key.to_vec());
         let mut token_spent = false;
         let (der, record) = loop {
             let serial = Serial::random();
@@ -221,7 +222,7 @@ impl Authority {
                     uris: vec![url.to_owned()],
                 }];
             }
-            let der = self.ca.sign(&params, &SubjectKey(public_key.to_vec()))?;
+            let der = self.ca.sign(&params, &subject_key)?;
             crate::check::leaf(&der, grant, ca_not_after.unix_timestamp())?;
             let record = CertificateRecord {
                 serial: serial.to_string(),

@@ -50,7 +50,7 @@ pub struct Crl {
 
 #[derive(Debug, Clone)]
 struct Published {
-    der: Arc<Vec<u8>>,
+    der: bytes::Bytes,
     this_update: i64,
     next_update: i64,
 }
@@ -67,7 +67,7 @@ impl Crl {
     }
 
     /// The current CRL, DER.
-    pub fn current(&self) -> Option<Arc<Vec<u8>>> {
+    pub fn current(&self) -> Option<bytes::Bytes> {
         self.current
             .read()
             .ok()
@@ -116,7 +116,7 @@ impl Authority {
         }
         if let Ok(mut current) = self.crl.current.write() {
             *current = Some(Published {
-                der: Arc::new(der),
+                der: bytes::Bytes::from(der),
                 this_update: now.unix_timestamp(),
                 next_update: next_update.unix_timestamp(),
             });
@@ -175,7 +175,7 @@ async fn serve_crl(State(authority): State<Arc<Authority>>) -> Response {
                 (header::CONTENT_TYPE, "application/pkix-crl"),
                 (header::CACHE_CONTROL, "max-age=300"),
             ],
-            der.as_ref().clone(),
+            der,
         )
             .into_response(),
         None => (
