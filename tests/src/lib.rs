@@ -326,11 +326,10 @@ pub fn base64_file(der_file: &Path, out: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Decodes a base64 certs-only body with openssl and writes the certificates as PEM.
-pub fn certs_from_pkcs7(body: &[u8], dir: &Path, name: &str) -> Result<PathBuf> {
-    let b64 = dir.join(format!("{name}.p7.b64"));
-    let der = dir.join(format!("{name}.p7.der"));
-    let pem = dir.join(format!("{name}.pem"));
+/// Decodes a base64 body with `openssl base64 -d` (not our decoder) into `dir/name`.
+pub fn der_from_base64(body: &[u8], dir: &Path, name: &str) -> Result<PathBuf> {
+    let b64 = dir.join(format!("{name}.b64"));
+    let der = dir.join(name);
     std::fs::write(&b64, body)?;
     openssl(&[
         "base64",
@@ -340,6 +339,13 @@ pub fn certs_from_pkcs7(body: &[u8], dir: &Path, name: &str) -> Result<PathBuf> 
         "-out",
         &der.to_string_lossy(),
     ])?;
+    Ok(der)
+}
+
+/// Decodes a base64 certs-only body with openssl and writes the certificates as PEM.
+pub fn certs_from_pkcs7(body: &[u8], dir: &Path, name: &str) -> Result<PathBuf> {
+    let der = der_from_base64(body, dir, &format!("{name}.p7.der"))?;
+    let pem = dir.join(format!("{name}.pem"));
     openssl(&[
         "pkcs7",
         "-inform",

@@ -64,17 +64,7 @@ fn cacerts_and_csrattrs_read_with_curl_and_openssl() -> Result<()> {
         answer.header("Content-Type").as_deref(),
         Some("application/csrattrs")
     );
-    let b64 = dir.path().join("attrs.b64");
-    std::fs::write(&b64, &answer.body)?;
-    let der = dir.path().join("attrs.der");
-    openssl(&[
-        "base64",
-        "-d",
-        "-in",
-        &b64.to_string_lossy(),
-        "-out",
-        &der.to_string_lossy(),
-    ])?;
+    let der = plant_tests::der_from_base64(&answer.body, dir.path(), "attrs.der")?;
     let parsed = openssl(&["asn1parse", "-inform", "DER", "-in", &der.to_string_lossy()])?;
     assert!(
         parsed.contains("prime256v1") && parsed.contains("ecdsa-with-SHA256"),
@@ -291,24 +281,15 @@ fn serverkeygen_returns_a_key_and_certificate_openssl_can_read() -> Result<()> {
     assert_eq!(parts.len(), 2, "{text}");
     let mut key_pem = None;
     let mut cert_pem = None;
-    for (i, part) in parts.iter().enumerate() {
+    for part in &parts {
         let (headers, content) = part.split_once("\r\n\r\n").context("part headers")?;
         assert!(
             headers.contains("Content-Transfer-Encoding: base64"),
             "{headers}"
         );
-        let b64 = dir.path().join(format!("part{i}.b64"));
-        std::fs::write(&b64, content.trim())?;
         if headers.contains("application/pkcs8") {
-            let der = dir.path().join("key.der");
-            openssl(&[
-                "base64",
-                "-d",
-                "-in",
-                &b64.to_string_lossy(),
-                "-out",
-                &der.to_string_lossy(),
-            ])?;
+            let der =
+                plant_tests::der_from_base64(content.trim().as_bytes(), dir.path(), "key.der")?;
             let pem = dir.path().join("key.pem");
             openssl(&[
                 "pkey",
