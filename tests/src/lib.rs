@@ -359,6 +359,44 @@ pub fn certs_from_pkcs7(body: &[u8], dir: &Path, name: &str) -> Result<PathBuf> 
     Ok(pem)
 }
 
+/// Enrolls `name` under `label` the way a third-party client would: an openssl-made key and
+/// CSR, POSTed with curl with the curl arguments `auth` (e.g. `-u name:token` or a Bearer
+/// header). Checks the 200 answer's media headers; returns (certificate PEM, key PEM).
+pub fn enroll_with_curl(
+    issuer: &Issuer,
+    dir: &Path,
+    name: &str,
+    label: &str,
+    auth: &[&str],
+) -> Result<(PathBuf, PathBuf)> {
+    let (key, csr) = openssl_csr(dir, name, name, &[])?;
+    let body = format!("@{}", csr.display());
+    let path = format!("/.well-known/est/{label}/simpleenroll");
+    let mut args = vec![
+        "-H",
+        "Content-Type: application/pkcs10",
+        "--data-binary",
+        &body,
+    ];
+    args.extend(auth);
+    args.push(&path);
+    let answer = curl(issuer, &args)?;
+    anyhow::ensure!(
+        answer.status == 200,
+        "enroll {name}: {} {}",
+        answer.status,
+        answer.text()
+    );
+    anyhow::ensure!(
+        answer.header("Content-Type").as_deref()
+            == Some("application/pkcs7-mime; smime-type=certs-only"),
+        "content type: {}",
+        answer.headers
+    );
+    anyhow::ensure!(answer.header("Content-Transfer-Encoding").as_deref() == Some("base64"));
+    Ok((certs_from_pkcs7(&answer.body, dir, name)?, key))
+}
+
 /// `openssl verify` of `leaf` against the issuer's root with the issuing CA as intermediate.
 pub fn verify_chain(issuer: &Issuer, leaf: &Path) -> Result<()> {
     let out = openssl(&[

@@ -372,18 +372,7 @@ fn expired_unknown_and_misbound_tokens_are_refused() -> Result<()> {
 /// Enrolls `subject` with curl and returns (cert PEM, key) paths.
 fn enrolled(issuer: &Issuer, dir: &Path, label: &str, subject: &str) -> Result<(PathBuf, PathBuf)> {
     let token = issuer.token(label, Some(subject))?;
-    let (key, csr) = openssl_csr(dir, subject, subject, &[])?;
-    let answer = post(
-        issuer,
-        &format!("/.well-known/est/{label}/simpleenroll"),
-        &csr,
-        &["-H", PKCS10, "-H", &bearer(&token)],
-    )?;
-    ensure!(answer.status == 200, "{}", answer.text());
-    Ok((
-        plant_tests::certs_from_pkcs7(&answer.body, dir, subject)?,
-        key,
-    ))
+    plant_tests::enroll_with_curl(issuer, dir, subject, label, &["-H", &bearer(&token)])
 }
 
 fn reenroll(

@@ -1,42 +1,13 @@
 //! EST interoperability with clients nobody here wrote: curl for HTTP, the openssl CLI for
 //! keys, CSRs, PKCS#7 and chain verification, pkilint for RFC 5280 conformance.
 
-use std::path::Path;
-
 use anyhow::{ensure, Context, Result};
-use plant_tests::{certs_from_pkcs7, curl, openssl, openssl_csr, verify_chain, x509_field, Issuer};
+use plant_tests::{
+    certs_from_pkcs7, curl, enroll_with_curl, openssl, openssl_csr, verify_chain, x509_field,
+    Issuer,
+};
 
 const PKCS10: &str = "Content-Type: application/pkcs10";
-
-fn enroll_with_curl(
-    issuer: &Issuer,
-    dir: &Path,
-    name: &str,
-    label: &str,
-    auth: &[&str],
-) -> Result<std::path::PathBuf> {
-    let (_, csr) = openssl_csr(dir, name, name, &[])?;
-    let body = format!("@{}", csr.display());
-    let path = format!("/.well-known/est/{label}/simpleenroll");
-    let mut args = vec!["-H", PKCS10, "--data-binary", &body];
-    args.extend(auth);
-    args.push(&path);
-    let answer = curl(issuer, &args)?;
-    ensure!(
-        answer.status == 200,
-        "enroll {name}: {} {}",
-        answer.status,
-        answer.text()
-    );
-    ensure!(
-        answer.header("Content-Type").as_deref()
-            == Some("application/pkcs7-mime; smime-type=certs-only"),
-        "content type: {}",
-        answer.headers
-    );
-    ensure!(answer.header("Content-Transfer-Encoding").as_deref() == Some("base64"));
-    certs_from_pkcs7(&answer.body, dir, name)
-}
 
 #[test]
 fn cacerts_and_csrattrs_read_with_curl_and_openssl() -> Result<()> {
@@ -80,13 +51,13 @@ fn simpleenroll_with_basic_and_bearer_tokens_yields_verifiable_certificates() ->
 
     let token = issuer.token("plc", Some("plc-7"))?;
     let basic = format!("plc-7:{token}");
-    let cert = enroll_with_curl(&issuer, dir.path(), "plc-7", "plc", &["-u", &basic])?;
+    let (cert, _) = enroll_with_curl(&issuer, dir.path(), "plc-7", "plc", &["-u", &basic])?;
     verify_chain(&issuer, &cert)?;
     assert!(x509_field(&cert, "-subject")?.contains("CN = plc-7"));
 
     let token = issuer.token("device", Some("gw-1"))?;
     let bearer = format!("Authorization: Bearer {token}");
-    let cert = enroll_with_curl(&issuer, dir.path(), "gw-1", "device", &["-H", &bearer])?;
+    let (cert, _) = enroll_with_curl(&issuer, dir.path(), "gw-1", "device", &["-H", &bearer])?;
     verify_chain(&issuer, &cert)?;
 
     let inventory = issuer.inventory(&[])?;
@@ -187,7 +158,7 @@ fn simplereenroll_with_the_current_certificate_renews_and_supersedes_it() -> Res
     let dir = tempfile::tempdir()?;
     let token = issuer.token("device", Some("hmi-3"))?;
     let basic = format!("hmi-3:{token}");
-    let cert = enroll_with_curl(&issuer, dir.path(), "hmi-3", "device", &["-u", &basic])?;
+    let (cert, _) = enroll_with_curl(&issuer, dir.path(), "hmi-3", "device", &["-u", &basic])?;
     let key = dir.path().join("hmi-3.key");
     let old_serial = x509_field(&cert, "-serial")?;
 

@@ -2,7 +2,7 @@
 //! HTTP with curl, verified and applied by openssl; and the revoked certificate can't renew.
 
 use anyhow::{ensure, Result};
-use plant_tests::{certs_from_pkcs7, curl, openssl, openssl_csr, run, run_ok, x509_field, Issuer};
+use plant_tests::{curl, openssl, run, run_ok, x509_field, Issuer};
 
 #[test]
 fn a_revoked_certificate_is_on_the_signed_crl_and_openssl_refuses_it() -> Result<()> {
@@ -13,23 +13,14 @@ fn a_revoked_certificate_is_on_the_signed_crl_and_openssl_refuses_it() -> Result
     let mut certs = Vec::new();
     for subject in ["gw-1", "gw-2"] {
         let token = issuer.token("device", Some(subject))?;
-        let (key, csr) = openssl_csr(dir.path(), subject, subject, &[])?;
-        let body = format!("@{}", csr.display());
         let auth = format!("Authorization: Bearer {token}");
-        let answer = curl(
+        certs.push(plant_tests::enroll_with_curl(
             &issuer,
-            &[
-                "-H",
-                "Content-Type: application/pkcs10",
-                "-H",
-                &auth,
-                "--data-binary",
-                &body,
-                "/.well-known/est/simpleenroll",
-            ],
-        )?;
-        ensure!(answer.status == 200, "{}", answer.text());
-        certs.push((certs_from_pkcs7(&answer.body, dir.path(), subject)?, key));
+            dir.path(),
+            subject,
+            "device",
+            &["-H", &auth],
+        )?);
     }
     let (revoked, revoked_key) = &certs[0];
     let (kept, _) = &certs[1];
