@@ -201,8 +201,8 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
             }
             if ips.is_empty() {
                 ips = vec![
-                    IpAddr::from([127, 0, 0, 1]),
-                    "::1".parse().map_err(|_| Error::Config("::1".into()))?,
+                    IpAddr::from(std::net::Ipv4Addr::LOCALHOST),
+                    IpAddr::from(std::net::Ipv6Addr::LOCALHOST),
                 ];
             }
             let report = crate::init::run(&crate::init::InitOptions {
