@@ -109,14 +109,13 @@ pub fn issuing_chain(
         .map(|der| CertificateFacts::from_der("CA certificate from cacerts", der))
         .collect::<Result<_, _>>()?;
     let mut chain = Vec::with_capacity(rest.len());
-    let mut issuer = leaf.parsed.tbs_certificate.issuer.clone();
-    while let Some(i) = rest
-        .iter()
-        .position(|c| c.parsed.tbs_certificate.subject == issuer)
-    {
+    let mut child = leaf.parsed.clone();
+    // Short-lived signing keys share the issuing CA's name (self-issued certificates), so
+    // a name alone does not pick the issuer: the key identifiers do.
+    while let Some(i) = rest.iter().position(|c| issued_by(&child, &c.parsed)) {
         let next = rest.remove(i);
-        issuer = next.parsed.tbs_certificate.issuer.clone();
-        let self_signed = next.parsed.tbs_certificate.subject == issuer;
+        let self_signed = issued_by(&next.parsed, &next.parsed);
+        child = next.parsed.clone();
         chain.push(next.der);
         if self_signed {
             break;
@@ -124,6 +123,59 @@ pub fn issuing_chain(
     }
     chain.extend(rest.into_iter().map(|c| c.der));
     Ok(chain)
+}
+
+/// Whether `issuer` is the certificate that issued `child`: names match, and the child's
+/// authorityKeyIdentifier, when both have key identifiers, is the issuer's subjectKeyIdentifier.
+fn issued_by(child: &Certificate, issuer: &Certificate) -> bool {
+    if child.tbs_certificate.issuer != issuer.tbs_certificate.subject {
+        return false;
+    }
+    match (authority_key_id(child), subject_key_id(issuer)) {
+        (Some(aki), Some(ski)) => aki == ski,
+        _ => true,
+    }
+}
+
+fn extension<'a>(
+    certificate: &'a Certificate,
+    oid: &der::asn1::ObjectIdentifier,
+) -> Option<&'a [u8]> {
+    certificate
+        .tbs_certificate
+        .extensions
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .find(|e| &e.extn_id == oid)
+        .map(|e| e.extn_value.as_bytes())
+}
+
+fn authority_key_id(certificate: &Certificate) -> Option<Vec<u8>> {
+    use x509_cert::ext::pkix::AuthorityKeyIdentifier;
+    let bytes = extension(
+        certificate,
+        &const_oid::db::rfc5280::ID_CE_AUTHORITY_KEY_IDENTIFIER,
+    )?;
+    AuthorityKeyIdentifier::from_der(bytes)
+        .ok()?
+        .key_identifier
+        .map(|k| k.as_bytes().to_vec())
+}
+
+fn subject_key_id(certificate: &Certificate) -> Option<Vec<u8>> {
+    use x509_cert::ext::pkix::SubjectKeyIdentifier;
+    let bytes = extension(
+        certificate,
+        &const_oid::db::rfc5280::ID_CE_SUBJECT_KEY_IDENTIFIER,
+    )?;
+    Some(
+        SubjectKeyIdentifier::from_der(bytes)
+            .ok()?
+            .0
+            .as_bytes()
+            .to_vec(),
+    )
 }
 
 #[cfg(test)]
@@ -174,6 +226,47 @@ pub(crate) mod tests {
         )
         .expect("chain");
         assert_eq!(chain, vec![ca, other]);
+    }
+
+    #[test]
+    fn short_lived_signing_keys_with_the_issuing_name_are_told_apart_by_key_id() {
+        let mut ca_params = CertificateParams::default();
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "Plant Issuing CA");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(1));
+        let ca_key = KeyPair::generate().expect("key");
+        let ca = ca_params.self_signed(&ca_key).expect("ca");
+        let ca_issuer = rcgen::Issuer::new(ca_params.clone(), &ca_key);
+        // Two self-issued signing certificates (current and next), same name as the CA.
+        let signing = |_: u8| {
+            let key = KeyPair::generate().expect("key");
+            let mut params = ca_params.clone();
+            params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+            params.use_authority_key_identifier_extension = true;
+            let cert = params.signed_by(&key, &ca_issuer).expect("signing");
+            (cert.der().to_vec(), rcgen::Issuer::new(params, key))
+        };
+        let (current, current_issuer) = signing(1);
+        let (next, _) = signing(2);
+        let mut leaf_params = CertificateParams::default();
+        leaf_params
+            .distinguished_name
+            .push(DnType::CommonName, "plc-7");
+        leaf_params.use_authority_key_identifier_extension = true;
+        let leaf_key = KeyPair::generate().expect("key");
+        let leaf = leaf_params
+            .signed_by(&leaf_key, &current_issuer)
+            .expect("leaf");
+        let leaf = CertificateFacts::from_der("leaf", leaf.der()).expect("leaf");
+        let ca = ca.der().to_vec();
+        let chain = issuing_chain(
+            &leaf,
+            &[next.clone(), current.clone(), ca.clone()],
+            std::slice::from_ref(&ca),
+        )
+        .expect("chain");
+        assert_eq!(chain, vec![current, next]);
     }
 
     #[test]

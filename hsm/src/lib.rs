@@ -65,6 +65,21 @@ pub trait Signer: Send + Sync + fmt::Debug {
 
     /// Where the key lives, for operators (`issuer status`); never key material.
     fn location(&self) -> String;
+
+    /// How many signatures wait for the device now, for devices that queue them (a TPM runs
+    /// one command at a time); `None` for keys that sign on the caller's thread.
+    fn queue(&self) -> Option<Queue> {
+        None
+    }
+}
+
+/// A device queue's fill, for operators.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Queue {
+    /// Requests waiting now (the one being signed is not counted).
+    pub waiting: usize,
+    /// Requests that may wait at once; more are refused with [`Error::Busy`].
+    pub capacity: usize,
 }
 
 /// Creates a new key at `key_ref` and returns its signer. Fails if a key already exists there
@@ -83,6 +98,15 @@ pub fn open(key_ref: &KeyRef) -> Result<Arc<dyn Signer>, Error> {
         KeyRef::Soft { path } => Ok(Arc::new(SoftKey::open(path)?)),
         KeyRef::Tpm(tpm) => Ok(Arc::new(TpmKey::open(tpm)?)),
         KeyRef::Pkcs11(p11) => Ok(Arc::new(Pkcs11Key::open(p11)?)),
+    }
+}
+
+/// Opens the existing key at `key_ref`, a TPM key with `options` for its queue and deadline
+/// (other backends have neither).
+pub fn open_with(key_ref: &KeyRef, options: TpmOptions) -> Result<Arc<dyn Signer>, Error> {
+    match key_ref {
+        KeyRef::Tpm(tpm) => Ok(Arc::new(TpmKey::open_with(tpm, options)?)),
+        other => open(other),
     }
 }
 

@@ -14,7 +14,7 @@ use rcgen::{CertificateParams, DistinguishedName, DnType, IsCa, SanType};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
-use crate::ca::{CertificateAuthority, SubjectKey};
+use crate::ca::{CertificateAuthority, SignWith, SubjectKey};
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::grant::{valid_dns, valid_subject, Grant};
@@ -146,6 +146,30 @@ pub struct StatusReport {
     /// Where the CRL is served, if published.
     #[serde(default)]
     pub crl_url: Option<String>,
+    /// Signatures waiting for the issuing key's device, and how many may wait (TPM only).
+    #[serde(default)]
+    pub issuing_key_queue: Option<(usize, usize)>,
+    /// The short-lived signing keys held now, newest first (empty when not configured).
+    #[serde(default)]
+    pub signing_keys: Vec<SigningKeyStatus>,
+    /// Labels whose certificates the issuing key signs itself.
+    #[serde(default)]
+    pub issuing_key_labels: Vec<String>,
+}
+
+/// One short-lived signing key in `issuer status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SigningKeyStatus {
+    /// Its certificate's serial, hex.
+    pub serial: String,
+    /// next, signing or retired.
+    pub phase: crate::signing_key::Phase,
+    /// When it starts signing, RFC 3339.
+    pub signs_from: String,
+    /// When its successor takes over, RFC 3339.
+    pub signs_until: String,
+    /// Its certificate's notAfter, RFC 3339.
+    pub not_after: String,
 }
 
 impl Authority {
@@ -155,6 +179,8 @@ impl Authority {
             &config.resolve(&config.ca.root_certificate),
             &config.resolve(&config.ca.issuing_certificate),
             &config.issuing_key()?,
+            config.key_options(),
+            config.signing_keys(),
         )?;
         let store = Store::open(&config.state_dir().join("store"))?;
         Ok(Self {
@@ -191,20 +217,35 @@ impl Authority {
             .map(|(k, v)| (k.as_str(), v))
     }
 
-    /// Issues a certificate for `public_key` (uncompressed P-256 point) under `grant`.
+    /// Issues a certificate for `public_key` (uncompressed P-256 point) under `grant`, signed
+    /// by the key its profile names.
     pub async fn issue(&self, grant: &Grant, public_key: &[u8]) -> Result<Vec<u8>, Error> {
+        self.issue_signed_by(grant, public_key, None).await
+    }
+
+    /// [`Authority::issue`], with `sign_with` overriding the profile's choice of key.
+    pub async fn issue_signed_by(
+        &self,
+        grant: &Grant,
+        public_key: &[u8],
+        sign_with: Option<SignWith>,
+    ) -> Result<Vec<u8>, Error> {
         let profile = self
             .profiles
             .get(&grant.label)
             .ok_or_else(|| Error::Config(format!("no profile {:?}", grant.label)))?;
         let now = self.now();
-        let ca_not_after = self.ca.not_after();
-        if now >= ca_not_after {
+        if now >= self.ca.not_after() {
             return Err(Error::OutsideCaValidity(format!(
-                "the issuing CA expired at {ca_not_after}; no certificate can be issued \
-                 (check the issuer's clock, or install a new issuing CA)"
+                "the issuing CA expired at {}; no certificate can be issued \
+                 (check the issuer's clock, or install a new issuing CA)",
+                self.ca.not_after()
             )));
         }
+        let signer = self
+            .ca
+            .leaf_signer(sign_with.unwrap_or(profile.sign_with), now)?;
+        let ca_not_after = signer.not_after();
         let not_after = (now + profile.lifetime).min(ca_not_after);
         let started = std::time::Instant::now();
 
@@ -222,7 +263,7 @@ impl Authority {
                     uris: vec![url.to_owned()],
                 }];
             }
-            let der = self.ca.sign(&params, &subject_key)?;
+            let der = signer.sign(&params, &subject_key).await?;
             crate::check::leaf(&der, grant, ca_not_after.unix_timestamp())?;
             let record = CertificateRecord {
                 serial: serial.to_string(),
@@ -448,8 +489,89 @@ impl Authority {
             labels: self.profiles.keys().cloned().collect(),
             certificates: self.store.certificates.len(),
             crl_url: self.crl.url().map(str::to_owned),
+            issuing_key_queue: self.ca.key_queue().map(|q| (q.waiting, q.capacity)),
+            signing_keys: self
+                .ca
+                .signing_keys()
+                .map(|keys| keys.phases(self.now()))
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(key, phase)| SigningKeyStatus {
+                    serial: key.serial().to_string(),
+                    phase,
+                    signs_from: rfc3339(key.signs_from()),
+                    signs_until: rfc3339(key.signs_until()),
+                    not_after: rfc3339(key.not_after()),
+                })
+                .collect(),
+            issuing_key_labels: self
+                .profiles
+                .iter()
+                .filter(|(_, p)| {
+                    self.ca.signing_keys().is_none() || p.sign_with == SignWith::IssuingKey
+                })
+                .map(|(name, _)| name.clone())
+                .collect(),
         }
     }
+
+    /// Certifies the next short-lived signing key if one is due, records it (audit, durable)
+    /// and only then publishes it. `Ok(false)`: nothing was due.
+    pub async fn certify_signing_key_if_due(self: &Arc<Self>) -> Result<bool, Error> {
+        let this = Arc::clone(self);
+        let now = self.now();
+        let key = tokio::task::spawn_blocking(move || this.ca.certify_due(now))
+            .await
+            .map_err(|e| Error::SigningKey(format!("certifying task failed: {e}")))??;
+        let (Some(key), Some(keys)) = (key, self.ca.signing_keys()) else {
+            return Ok(false);
+        };
+        self.audit(
+            "signing_key.certified",
+            serde_json::json!({
+                "serial": key.serial().to_string(),
+                "signs_from": key.signs_from().unix_timestamp(),
+                "signs_until": key.signs_until().unix_timestamp(),
+                "not_after": key.not_after().unix_timestamp(),
+                "certificate": base64::engine::general_purpose::STANDARD.encode(key.der()),
+            }),
+        )?;
+        self.store.durability.commit().await?;
+        tracing::info!(
+            serial = %key.serial(),
+            signs_from = %rfc3339(key.signs_from()),
+            signs_until = %rfc3339(key.signs_until()),
+            "short-lived signing key certified"
+        );
+        keys.publish(key, self.now());
+        Ok(true)
+    }
+
+    /// Keeps a short-lived signing key certified ahead of need; a failure (TPM down) is
+    /// retried every second while the current key goes on signing through the overlap.
+    pub async fn keep_signing_key_fresh(self: Arc<Self>) {
+        let mut failing = false;
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            match self.certify_signing_key_if_due().await {
+                Ok(_) if failing => {
+                    failing = false;
+                    tracing::info!("short-lived signing key rotation recovered");
+                }
+                Ok(_) => {}
+                Err(e) if !failing => {
+                    failing = true;
+                    tracing::error!(error = %e, "certifying the next short-lived signing key failed; retrying every second");
+                }
+                Err(_) => {}
+            }
+        }
+    }
+}
+
+fn rfc3339(t: OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| t.to_string())
 }
 
 /// 256 random bits, base64url: the one-time token an engineer types or pastes.

@@ -12,7 +12,10 @@ use rcgen::{
 };
 use time::OffsetDateTime;
 
+use serde::{Deserialize, Serialize};
+
 use crate::serial::Serial;
+use crate::signing_key::{ShortLivedKey, SigningKeyConfig, SigningKeys};
 use crate::Error;
 
 /// An `hsm::Signer` seen through rcgen's `SigningKey` trait.
@@ -33,8 +36,27 @@ impl SigningKey for HsmKey {
     fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, rcgen::Error> {
         self.0.sign(msg).map_err(|e| {
             tracing::error!(error = %e, "CA key failed to sign");
+            LAST_KEY_ERROR.set(Some(e));
             rcgen::Error::RemoteKeyError
         })
+    }
+}
+
+thread_local! {
+    /// Why the CA key last failed on this thread. rcgen reduces a signer's error to
+    /// `RemoteKeyError`; rcgen signs on the caller's thread, so the cause is taken back here
+    /// right after (a full TPM queue must stay "busy, retry in a second", not "failed").
+    static LAST_KEY_ERROR: std::cell::Cell<Option<hsm::Error>> = const { std::cell::Cell::new(None) };
+}
+
+/// A signing failure of the CA key (a TPM that is down, a full queue, an HSM session lost)
+/// is a key fault the client may retry (503), not a malformed certificate.
+pub(crate) fn key_fault(error: rcgen::Error, key: &HsmKey) -> Error {
+    match error {
+        rcgen::Error::RemoteKeyError => Error::Key(LAST_KEY_ERROR.take().unwrap_or_else(|| {
+            hsm::Error::Sign(format!("the CA key ({}) did not sign", key.0.location()))
+        })),
+        other => other.into(),
     }
 }
 
@@ -52,14 +74,84 @@ impl PublicKeyData for SubjectKey {
     }
 }
 
-/// The loaded CA: certificates and the issuing key.
+/// The loaded CA: certificates, the issuing key and, when configured, the short-lived
+/// signing keys it certifies.
 pub struct CertificateAuthority {
-    issuer: Issuer<'static, HsmKey>,
+    issuer: Arc<Issuer<'static, HsmKey>>,
     signer: Arc<dyn hsm::Signer>,
     root_der: Vec<u8>,
     issuing_der: Vec<u8>,
+    issuing_name: DistinguishedName,
     not_after: OffsetDateTime,
     subject_key_id: Vec<u8>,
+    signing_keys: Option<SigningKeys>,
+}
+
+/// Which key signs a certificate (`sign_with` in a profile).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SignWith {
+    /// The short-lived in-memory key the issuing key certified (when `[ca.signing_key]` is
+    /// set; otherwise the issuing key).
+    #[default]
+    SigningKey,
+    /// The issuing key itself: one hardware signature per certificate, so issuance is held to
+    /// the device's rate and a full queue answers 503.
+    IssuingKey,
+}
+
+/// The key chosen for one certificate.
+pub enum LeafSigner {
+    /// The issuing key, and its certificate's notAfter.
+    Issuing(Arc<Issuer<'static, HsmKey>>, OffsetDateTime),
+    /// A short-lived signing key.
+    ShortLived(Arc<ShortLivedKey>),
+}
+
+impl std::fmt::Debug for LeafSigner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Issuing(_, _) => f.write_str("LeafSigner::Issuing"),
+            Self::ShortLived(key) => f.debug_tuple("LeafSigner::ShortLived").field(key).finish(),
+        }
+    }
+}
+
+impl LeafSigner {
+    /// No certificate signed by this key may outlive this.
+    pub fn not_after(&self) -> OffsetDateTime {
+        match self {
+            Self::Issuing(_, not_after) => *not_after,
+            Self::ShortLived(key) => key.not_after(),
+        }
+    }
+
+    /// Signs `params` for `subject_key`. The issuing key may be a TPM that takes 70 ms a
+    /// signature behind a queue, so it signs on a blocking thread: the async workers go on
+    /// serving everything else (short-lived-key issuance, cacerts) meanwhile.
+    pub async fn sign(
+        &self,
+        params: &CertificateParams,
+        subject_key: &SubjectKey,
+    ) -> Result<Vec<u8>, Error> {
+        match self {
+            Self::Issuing(issuer, _) => {
+                let (issuer, params, subject_key) =
+                    (issuer.clone(), params.clone(), subject_key.clone());
+                tokio::task::spawn_blocking(move || {
+                    params
+                        .signed_by(&subject_key, &issuer)
+                        .map(|c| c.der().to_vec())
+                        .map_err(|e| key_fault(e, issuer.key()))
+                })
+                .await
+                .map_err(|e| Error::Certificate(format!("signing task failed: {e}")))?
+            }
+            Self::ShortLived(key) => {
+                Ok(params.signed_by(subject_key, key.issuer())?.der().to_vec())
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for CertificateAuthority {
@@ -72,11 +164,19 @@ impl std::fmt::Debug for CertificateAuthority {
 }
 
 impl CertificateAuthority {
-    /// Loads the root and issuing certificates and opens the issuing key.
-    pub fn load(root_pem: &Path, issuing_pem: &Path, key: &hsm::KeyRef) -> Result<Self, Error> {
+    /// Loads the root and issuing certificates and opens the issuing key. With
+    /// `signing_keys` (config and the longest leaf lifetime they sign), leaves are signed by
+    /// short-lived keys once [`CertificateAuthority::certify_due`] has made the first.
+    pub fn load(
+        root_pem: &Path,
+        issuing_pem: &Path,
+        key: &hsm::KeyRef,
+        key_options: hsm::TpmOptions,
+        signing_keys: Option<(SigningKeyConfig, Duration)>,
+    ) -> Result<Self, Error> {
         let root_der = read_pem_certificate(root_pem)?;
         let issuing_der = read_pem_certificate(issuing_pem)?;
-        let signer = hsm::open(key)?;
+        let signer = hsm::open_with(key, key_options)?;
         let issuing = x509_cert::Certificate::from_der(&issuing_der)
             .map_err(|e| Error::Certificate(format!("{}: {e}", issuing_pem.display())))?;
         let spki = issuing
@@ -115,15 +215,57 @@ impl CertificateAuthority {
                     issuing_pem.display()
                 ))
             })?;
-        let issuer = Issuer::from_ca_cert_der(&issuing_der.clone().into(), HsmKey(signer.clone()))?;
+        if signing_keys.is_some() && path_len(&issuing) == Some(0) {
+            return Err(Error::Config(format!(
+                "{} has pathLenConstraint 0, so certificates signed by short-lived signing keys \
+                 would fail verifiers that count every CA (rustls among them); remove \
+                 [ca.signing_key] from the configuration, or create the hierarchy again with \
+                 `issuer init`",
+                issuing_pem.display()
+            )));
+        }
+        let issuing_name = rcgen_name(&issuing.tbs_certificate.subject)
+            .map_err(|e| Error::Certificate(format!("{}: {e}", issuing_pem.display())))?;
+        let issuer = Arc::new(Issuer::from_ca_cert_der(
+            &issuing_der.clone().into(),
+            HsmKey(signer.clone()),
+        )?);
         Ok(Self {
             issuer,
             signer,
             root_der,
             issuing_der,
+            issuing_name,
             not_after,
             subject_key_id,
+            signing_keys: signing_keys.map(|(config, longest)| SigningKeys::new(config, longest)),
         })
+    }
+
+    /// The key that signs a certificate of a profile set to `sign_with`, at `now`.
+    pub fn leaf_signer(
+        &self,
+        sign_with: SignWith,
+        now: OffsetDateTime,
+    ) -> Result<LeafSigner, Error> {
+        match (&self.signing_keys, sign_with) {
+            (Some(keys), SignWith::SigningKey) => Ok(LeafSigner::ShortLived(keys.current(now)?)),
+            _ => Ok(LeafSigner::Issuing(self.issuer.clone(), self.not_after)),
+        }
+    }
+
+    /// The short-lived signing keys, when configured.
+    pub fn signing_keys(&self) -> Option<&SigningKeys> {
+        self.signing_keys.as_ref()
+    }
+
+    /// Certifies the next short-lived signing key if one is due (a hardware signature: run
+    /// it off the async threads). Publish it with [`SigningKeys::publish`] once recorded.
+    pub fn certify_due(&self, now: OffsetDateTime) -> Result<Option<ShortLivedKey>, Error> {
+        match &self.signing_keys {
+            Some(keys) => keys.certify_due(now, &self.issuer, &self.issuing_name, self.not_after),
+            None => Ok(None),
+        }
     }
 
     /// Signs a CRL whose authority key identifier is the issuing CA's own.
@@ -136,36 +278,25 @@ impl CertificateAuthority {
         params
             .signed_by(&self.issuer)
             .map(|c| c.der().to_vec())
-            .map_err(|e| self.key_fault(e))
+            .map_err(|e| key_fault(e, self.issuer.key()))
     }
 
-    /// Signs `params` for `subject_key` with the issuing key.
-    pub fn sign(
-        &self,
-        params: &CertificateParams,
-        subject_key: &SubjectKey,
-    ) -> Result<Vec<u8>, Error> {
-        params
-            .signed_by(subject_key, &self.issuer)
-            .map(|c| c.der().to_vec())
-            .map_err(|e| self.key_fault(e))
+    /// The certificates `cacerts` returns at `now`: the published short-lived signing keys
+    /// (newest first), the issuing CA, then the root.
+    pub fn ca_certificates(&self, now: OffsetDateTime) -> Vec<Vec<u8>> {
+        let mut certs = self
+            .signing_keys
+            .as_ref()
+            .map(|keys| keys.published(now))
+            .unwrap_or_default();
+        certs.push(self.issuing_der.clone());
+        certs.push(self.root_der.clone());
+        certs
     }
 
-    /// A signing failure of the CA key (a TPM that is down, an HSM session lost) is a key
-    /// fault the client may retry (503), not a malformed certificate; `HsmKey` logged why.
-    fn key_fault(&self, error: rcgen::Error) -> Error {
-        match error {
-            rcgen::Error::RemoteKeyError => Error::Key(hsm::Error::Sign(format!(
-                "the CA key ({}) did not sign",
-                self.signer.location()
-            ))),
-            other => other.into(),
-        }
-    }
-
-    /// The certificates `cacerts` returns: issuing CA, then root.
-    pub fn ca_certificates(&self) -> Vec<Vec<u8>> {
-        vec![self.issuing_der.clone(), self.root_der.clone()]
+    /// The issuing key's queue, when its device queues (a TPM).
+    pub fn key_queue(&self) -> Option<hsm::Queue> {
+        self.signer.queue()
     }
 
     /// The issuing CA certificate, DER.
@@ -212,6 +343,67 @@ pub fn read_pem_chain(path: &Path) -> Result<Vec<Vec<u8>>, Error> {
         .collect()
 }
 
+/// `name` as rcgen builds names, with the same string types, so a self-issued certificate
+/// names its subject byte for byte as the issuing CA does (name matching in path building
+/// and CRL checks stays exact).
+fn rcgen_name(name: &x509_cert::name::Name) -> Result<DistinguishedName, String> {
+    use der::asn1::{Ia5StringRef, PrintableStringRef, Utf8StringRef};
+    use der::Tag;
+    let mut dn = DistinguishedName::new();
+    for rdn in name.0.iter() {
+        let [attribute] = rdn.0.as_slice() else {
+            return Err("multi-valued name components are not supported".into());
+        };
+        let arcs: Vec<u64> = attribute.oid.arcs().map(u64::from).collect();
+        let text = |e: der::Error| format!("name component {}: {e}", attribute.oid);
+        let value = match der::Tagged::tag(&attribute.value) {
+            Tag::Utf8String => rcgen::DnValue::Utf8String(
+                Utf8StringRef::try_from(&attribute.value)
+                    .map_err(text)?
+                    .as_str()
+                    .to_owned(),
+            ),
+            Tag::PrintableString => rcgen::DnValue::PrintableString(
+                PrintableStringRef::try_from(&attribute.value)
+                    .map_err(text)?
+                    .as_str()
+                    .try_into()
+                    .map_err(|e: rcgen::Error| e.to_string())?,
+            ),
+            Tag::Ia5String => rcgen::DnValue::Ia5String(
+                Ia5StringRef::try_from(&attribute.value)
+                    .map_err(text)?
+                    .as_str()
+                    .try_into()
+                    .map_err(|e: rcgen::Error| e.to_string())?,
+            ),
+            other => {
+                return Err(format!(
+                    "name component {} is a {other}, which is not supported",
+                    attribute.oid
+                ))
+            }
+        };
+        dn.push(DnType::from_oid(&arcs), value);
+    }
+    Ok(dn)
+}
+
+/// The issuing certificate's pathLenConstraint, if it has one.
+fn path_len(certificate: &x509_cert::Certificate) -> Option<u8> {
+    certificate
+        .tbs_certificate
+        .extensions
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .find(|e| e.extn_id == const_oid::db::rfc5280::ID_CE_BASIC_CONSTRAINTS)
+        .and_then(|e| {
+            x509_cert::ext::pkix::BasicConstraints::from_der(e.extn_value.as_bytes()).ok()
+        })
+        .and_then(|bc| bc.path_len_constraint)
+}
+
 fn to_offset(since_epoch: Duration) -> Result<OffsetDateTime, Error> {
     OffsetDateTime::from_unix_timestamp(since_epoch.as_secs() as i64)
         .map_err(|e| Error::Certificate(e.to_string()))
@@ -255,7 +447,9 @@ pub fn create_hierarchy(
         trust_domain,
         now,
         Duration::from_secs(10 * 365 * 86_400),
-        Some(0),
+        // 1, not 0: short-lived signing keys are CA certificates under it. RFC 5280 exempts
+        // self-issued ones from the count, but rustls-webpki counts them.
+        Some(1),
     );
     let issuing_cert = issuing.signed_by(&issuing_signer, &root_issuer)?;
     Ok(NewHierarchy {

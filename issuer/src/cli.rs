@@ -321,7 +321,30 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
             println!("trust domain        {}", report.trust_domain);
             println!("root fingerprint    {}", report.root_fingerprint);
             println!("issuing key         {}", report.issuing_key);
+            if let Some((waiting, capacity)) = report.issuing_key_queue {
+                println!("  queue             {waiting} waiting (at most {capacity})");
+            }
             println!("issuing CA expires  {}", report.issuing_ca_not_after);
+            if report.signing_keys.is_empty() {
+                println!("signing key         the issuing key signs every certificate");
+            }
+            for key in &report.signing_keys {
+                let phase = match key.phase {
+                    crate::signing_key::Phase::Next => "next",
+                    crate::signing_key::Phase::Signing => "signing",
+                    crate::signing_key::Phase::Retired => "retired",
+                };
+                println!(
+                    "signing key         {phase:<8} in memory, serial {}, signs {} to {}, certificate valid to {}",
+                    key.serial, key.signs_from, key.signs_until, key.not_after
+                );
+            }
+            if !report.signing_keys.is_empty() && !report.issuing_key_labels.is_empty() {
+                println!(
+                    "issuing key signs   {} (sign_with = \"issuing-key\")",
+                    report.issuing_key_labels.join(", ")
+                );
+            }
             println!("labels              {}", report.labels.join(", "));
             println!("certificates        {}", report.certificates);
             if let Some(url) = &report.crl_url {

@@ -46,6 +46,25 @@ pub struct CaConfig {
     pub issuing_certificate: PathBuf,
     /// The issuing CA key, as a key reference: `soft:path=…`, `tpm:…` or `pkcs11:…`.
     pub issuing_key: String,
+    /// Short-lived in-memory signing keys certified by the issuing key; absent, the issuing
+    /// key signs every certificate itself.
+    #[serde(default)]
+    pub signing_key: Option<crate::signing_key::SigningKeyConfig>,
+    /// Signatures that may wait for a TPM issuing key at once; more are answered 503 with
+    /// Retry-After (a TPM signs one at a time, 14–24 a second).
+    #[serde(default = "default_key_queue")]
+    pub key_queue: usize,
+    /// Longest a signature waits for a TPM issuing key before the request is answered 503.
+    #[serde(with = "crate::duration::serde_text", default = "default_key_deadline")]
+    pub key_deadline: Duration,
+}
+
+fn default_key_queue() -> usize {
+    hsm::TpmOptions::default().queue_capacity
+}
+
+fn default_key_deadline() -> Duration {
+    hsm::TpmOptions::default().deadline
 }
 
 /// The EST HTTPS listener.
@@ -148,7 +167,26 @@ impl Config {
             .issuing_key
             .parse::<hsm::KeyRef>()
             .map_err(|e| Error::Config(format!("ca.issuing_key: {e}")))?;
+        if self.ca.key_queue == 0 {
+            return Err(Error::Config("ca.key_queue must be at least 1".into()));
+        }
+        if let Some(signing_key) = &self.ca.signing_key {
+            signing_key.validate().map_err(Error::Config)?;
+        }
         Ok(())
+    }
+
+    /// The short-lived signing key settings and the longest lifetime of the profiles they
+    /// sign for (their certificates must outlast every leaf they sign), if configured.
+    pub fn signing_keys(&self) -> Option<(crate::signing_key::SigningKeyConfig, Duration)> {
+        let longest = self
+            .profiles
+            .values()
+            .filter(|p| p.sign_with == crate::ca::SignWith::SigningKey)
+            .map(|p| p.lifetime)
+            .max()
+            .unwrap_or_default();
+        self.ca.signing_key.map(|config| (config, longest))
     }
 
     /// A path from the file, resolved against the file's folder.
@@ -169,6 +207,14 @@ impl Config {
             .map_err(|e| Error::Config(format!("ca.issuing_key: {e}")))?;
         // Relative key files, TPM blobs and PIN files are relative to this file's folder.
         Ok(key.with_base_dir(&self.base_dir))
+    }
+
+    /// How the issuing key's TPM, if it is one, queues and waits.
+    pub fn key_options(&self) -> hsm::TpmOptions {
+        hsm::TpmOptions {
+            deadline: self.ca.key_deadline,
+            queue_capacity: self.ca.key_queue,
+        }
     }
 
     /// The state folder.

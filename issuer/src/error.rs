@@ -25,6 +25,10 @@ pub enum Error {
     /// Building or parsing a certificate failed.
     #[error("certificate: {0}")]
     Certificate(String),
+    /// No short-lived signing key can sign now (the issuing key could not certify one); the
+    /// request may succeed later.
+    #[error("signing key: {0}")]
+    SigningKey(String),
     /// The clock is outside the issuing CA's validity: nothing can be issued.
     #[error("{0}")]
     OutsideCaValidity(String),

@@ -25,7 +25,7 @@ impl Backend for Authority {
     }
 
     fn ca_certificates(&self, _label: Option<&Label>) -> Vec<Vec<u8>> {
-        self.ca.ca_certificates()
+        self.ca.ca_certificates(self.now())
     }
 
     fn csr_attributes(&self, _label: Option<&Label>) -> Vec<AttrOrOid> {
@@ -273,7 +273,14 @@ pub(crate) fn rfc3339(unix: i64) -> String {
 pub(crate) fn to_est(error: Error) -> EstError {
     match error {
         Error::Est(e) => e,
-        Error::Store(_) | Error::Key(_) | Error::Io { .. } => {
+        Error::Key(hsm::Error::Busy { .. }) => {
+            tracing::warn!(%error, "issuance refused: the issuing key's queue is full");
+            EstError::refused(
+                Refusal::Unavailable { retry_after: 1 },
+                "the CA's hardware key is busy signing other requests; retry in a second",
+            )
+        }
+        Error::Store(_) | Error::Key(_) | Error::Io { .. } | Error::SigningKey(_) => {
             tracing::error!(%error, "issuance unavailable");
             EstError::refused(
                 Refusal::Unavailable {

@@ -100,8 +100,14 @@ pub async fn run(options: &InitOptions) -> Result<InitReport, Error> {
         renews: None,
         token: None,
     };
+    // Signed by the issuing key itself: no short-lived key exists before `serve`, and the
+    // listener's chain (written below) must not depend on one.
     let der = authority
-        .issue(&grant, hsm::Signer::public_key(&tls_key).point())
+        .issue_signed_by(
+            &grant,
+            hsm::Signer::public_key(&tls_key).point(),
+            Some(crate::ca::SignWith::IssuingKey),
+        )
         .await?;
     let chain = pem("CERTIFICATE", &der) + &hierarchy.issuing_pem;
     write(&dir.join("tls/server.crt"), &chain)?;
@@ -147,7 +153,12 @@ issuing_certificate = "ca/issuing.crt"
 # tpm:handle=0x81…;tcti=… (TPM 2.0), pkcs11:token=…;object=…;pin-file=… (HSM).
 # The root key (ca/root.key) is only needed to create a new issuing CA: move it offline.
 issuing_key = "{ca_key}"
+# A TPM signs one request at a time: at most key_queue signatures wait for it, each at most
+# key_deadline; more, or longer, are answered 503 with Retry-After. (TPM keys only.)
+key_queue = 32
+key_deadline = "5s"
 
+{signing_key}
 [est]
 # Port 0 picks a free port; the URL is written to state/est.url.
 listen = "{listen}"
@@ -181,11 +192,29 @@ max_ttl = "30d"
         listen = options.listen,
         crl_listen = options.crl_listen,
         ca_key = options.ca_key.replace('\\', "\\\\").replace('"', "\\\""),
+        signing_key = signing_key_section(&options.ca_key),
     );
     for (name, profile) in profile::defaults() {
         let _ = write!(out, "\n{}", profile_toml(name, &profile));
     }
     out
+}
+
+/// `[ca.signing_key]`: on for a hardware issuing key (a TPM signs only 14–24 certificates a
+/// second), shown commented out for a software one, which signs at software speed already.
+fn signing_key_section(ca_key: &str) -> String {
+    let hardware = !ca_key.trim_start().starts_with("soft:");
+    let on = if hardware { "" } else { "# " };
+    format!(
+        r#"# A short-lived in-memory key, certified by the issuing key, signs certificates at software
+# speed; it is rotated every `lifetime`, the next one published in cacerts `overlap` before
+# it takes over. Without this table the issuing key signs every certificate itself. A
+# profile can keep signing with the issuing key: sign_with = "issuing-key".
+{on}[ca.signing_key]
+{on}lifetime = "24h"
+{on}overlap = "1h"
+"#
+    )
 }
 
 fn profile_toml(name: &str, p: &Profile) -> String {

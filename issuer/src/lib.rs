@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod profile;
 pub mod serial;
 pub mod serve;
+pub mod signing_key;
 pub mod store;
 pub mod tls;
 

@@ -56,6 +56,9 @@ pub struct Profile {
     /// Whether `serverkeygen` is offered (for devices that can't make their own key).
     #[serde(default)]
     pub server_keygen: bool,
+    /// Which key signs: the short-lived signing key (default) or the issuing key itself.
+    #[serde(default)]
+    pub sign_with: crate::ca::SignWith,
 }
 
 impl Profile {
@@ -109,6 +112,7 @@ pub fn defaults() -> Vec<(&'static str, Profile)> {
                 extended_key_usage: vec![ClientAuth, ServerAuth],
                 san: vec![SanKind::Dns, SanKind::Ip],
                 server_keygen: false,
+                sign_with: Default::default(),
             },
         ),
         (
@@ -120,6 +124,7 @@ pub fn defaults() -> Vec<(&'static str, Profile)> {
                 extended_key_usage: vec![ServerAuth, ClientAuth],
                 san: vec![SanKind::Dns, SanKind::Ip],
                 server_keygen: true,
+                sign_with: Default::default(),
             },
         ),
         (
@@ -131,6 +136,7 @@ pub fn defaults() -> Vec<(&'static str, Profile)> {
                 extended_key_usage: vec![ServerAuth],
                 san: vec![SanKind::Dns, SanKind::Ip],
                 server_keygen: false,
+                sign_with: Default::default(),
             },
         ),
     ]

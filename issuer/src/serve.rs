@@ -28,6 +28,12 @@ pub async fn run(config: Config) -> Result<(), Error> {
     std::fs::set_permissions(&state_dir, std::fs::Permissions::from_mode(0o700))
         .map_err(Error::io(&state_dir))?;
     let authority = Arc::new(Authority::open(&config, Arc::new(SystemClock))?);
+    if authority.ca.signing_keys().is_some() {
+        // The first short-lived key is certified before anything is served: its private
+        // half never outlives this process, so every start makes a new one.
+        authority.certify_signing_key_if_due().await?;
+        tokio::spawn(authority.clone().keep_signing_key_fresh());
+    }
     let tls = crate::tls::server_config(
         &config.resolve(&config.est.tls_certificate),
         &config.resolve(&config.est.tls_key),

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 
 /// A real swtpm on free ports: the same fixture the hsm crate's own tests use.
 #[path = "../../hsm/tests/support/mod.rs"]
@@ -399,17 +399,50 @@ pub fn enroll_with_curl(
 
 /// `openssl verify` of `leaf` against the issuer's root with the issuing CA as intermediate.
 pub fn verify_chain(issuer: &Issuer, leaf: &Path) -> Result<()> {
+    let dir = leaf.parent().unwrap_or(Path::new("."));
+    let name = leaf
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let cacerts = curl(issuer, &["/.well-known/est/cacerts"])?;
+    ensure!(cacerts.status == 200, "cacerts: {}", cacerts.text());
+    let untrusted = certs_from_pkcs7(&cacerts.body, dir, &format!("{name}-cacerts"))?;
+    verify_against(issuer, leaf, &untrusted)
+}
+
+/// `openssl verify` of `leaf` up to the issuer's root, with the intermediates from
+/// `untrusted` (a PEM file, e.g. a `cacerts` answer: short-lived signing keys, issuing CA).
+pub fn verify_against(issuer: &Issuer, leaf: &Path, untrusted: &Path) -> Result<()> {
     let out = openssl(&[
         "verify",
         "-CAfile",
         &issuer.root_pem().to_string_lossy(),
         "-untrusted",
-        &issuer.issuing_pem().to_string_lossy(),
+        &untrusted.to_string_lossy(),
         &leaf.to_string_lossy(),
     ])?;
     if !out.trim().ends_with("OK") {
         bail!("openssl verify: {out}");
     }
+    Ok(())
+}
+
+/// An issuer.toml edit for [`Issuer::start_with`]: turns on short-lived signing keys (shown
+/// commented out by `issuer init` for a software issuing key).
+pub fn enable_short_lived_keys(toml: &Path) -> Result<()> {
+    let text = std::fs::read_to_string(toml)?;
+    let commented = "# [ca.signing_key]\n# lifetime = \"24h\"\n# overlap = \"1h\"\n";
+    ensure!(
+        text.contains(commented),
+        "no [ca.signing_key] template in {text}"
+    );
+    std::fs::write(
+        toml,
+        text.replace(
+            commented,
+            "[ca.signing_key]\nlifetime = \"24h\"\noverlap = \"1h\"\n",
+        ),
+    )?;
     Ok(())
 }
 

@@ -317,11 +317,12 @@ fn issued_certificates_of_every_profile_pass_pkilint() -> Result<()> {
         "PLANT_PKILINT must point at pkilint's lint_pkix_cert (scripts/test sets it up)",
     )?;
     // pkilint wants dotted DNS names (its validator rejects single labels like
-    // `localhost`), so this issuer's listener certificate uses one.
-    let issuer =
-        Issuer::start_custom(&["--dns", "est.plant.example", "--ip", "127.0.0.1"], |_| {
-            Ok(())
-        })?;
+    // `localhost`), so this issuer's listener certificate uses one. Leaves are signed by a
+    // short-lived signing key, whose own certificate is linted too.
+    let issuer = Issuer::start_custom(
+        &["--dns", "est.plant.example", "--ip", "127.0.0.1"],
+        plant_tests::enable_short_lived_keys,
+    )?;
     let dir = tempfile::tempdir()?;
     let mut certs = Vec::new();
     for (label, names) in [
@@ -356,9 +357,23 @@ fn issued_certificates_of_every_profile_pass_pkilint() -> Result<()> {
             &["-u", &user, "-H", PKCS10, "--data-binary", &body, &path],
         )?;
         ensure!(answer.status == 200, "{label}: {}", answer.text());
-        certs.push(certs_from_pkcs7(&answer.body, dir.path(), &subject)?);
+        let cert = certs_from_pkcs7(&answer.body, dir.path(), &subject)?;
+        plant_tests::verify_chain(&issuer, &cert)?;
+        certs.push(cert);
     }
     certs.push(issuer.dir.path().join("tls/server.crt"));
+    // cacerts: the short-lived signing key's certificate first, then issuing CA and root.
+    let cacerts = curl(&issuer, &["/.well-known/est/cacerts"])?;
+    let cacerts = certs_from_pkcs7(&cacerts.body, dir.path(), "cacerts")?;
+    ensure!(
+        std::fs::read_to_string(&cacerts)?
+            .matches("BEGIN CERTIFICATE")
+            .count()
+            == 3,
+        "cacerts should hold signing key, issuing CA and root"
+    );
+    certs.push(cacerts);
+    certs.push(issuer.issuing_pem());
     for (i, cert) in certs.iter().enumerate() {
         // pkilint takes one bare certificate: strip openssl's text and the chain.
         let leaf = dir.path().join(format!("leaf-{i}.pem"));

@@ -23,6 +23,7 @@ mod device;
 
 pub use blob::KeyBlob;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 use std::thread;
@@ -32,7 +33,7 @@ use tss_esapi::handles::KeyHandle;
 use tss_esapi::Context;
 
 use crate::key_ref::{Tcti, TpmKeyRef, TpmObject};
-use crate::{Error, PublicKey, Signer};
+use crate::{Error, PublicKey, Queue, Signer};
 
 /// How a [`TpmKey`] queues and waits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -98,6 +99,8 @@ enum Job {
 #[derive(Default)]
 struct Activity {
     busy_since: Mutex<Option<Instant>>,
+    /// Jobs queued and not yet taken by the owner thread (`issuer status` shows it).
+    waiting: AtomicUsize,
 }
 
 impl Activity {
@@ -223,15 +226,27 @@ impl Signer for TpmKey {
     fn location(&self) -> String {
         self.location.clone()
     }
+
+    fn queue(&self) -> Option<Queue> {
+        Some(Queue {
+            waiting: self.tpm.activity.waiting.load(Ordering::Relaxed),
+            capacity: self.tpm.capacity,
+        })
+    }
 }
 
 impl Drop for TpmKey {
     fn drop(&mut self) {
         // Best effort: if the queue is full the key stays loaded until the TPM is released.
         if let Some(requests) = self.tpm.sender() {
-            let _ = requests.try_send(Job::Release {
+            let waiting = &self.tpm.activity.waiting;
+            waiting.fetch_add(1, Ordering::Relaxed);
+            let released = requests.try_send(Job::Release {
                 object: self.object.clone(),
             });
+            if released.is_err() {
+                waiting.fetch_sub(1, Ordering::Relaxed);
+            }
         }
     }
 }
@@ -328,7 +343,12 @@ impl Tpm {
         let requests = self
             .sender()
             .ok_or_else(|| self.unavailable("is closed".into()))?;
-        match requests.try_send(job) {
+        self.activity.waiting.fetch_add(1, Ordering::Relaxed);
+        let sent = requests.try_send(job);
+        if sent.is_err() {
+            self.activity.waiting.fetch_sub(1, Ordering::Relaxed);
+        }
+        match sent {
             Ok(()) => Ok(()),
             Err(TrySendError::Full(_)) => Err(Error::Busy {
                 device: self.name.clone(),
@@ -407,6 +427,7 @@ struct Owner {
 impl Owner {
     fn run(mut self, queue: &Receiver<Job>, stopped: &SyncSender<()>) {
         while let Ok(job) = queue.recv() {
+            self.activity.waiting.fetch_sub(1, Ordering::Relaxed);
             match job {
                 Job::Setup {
                     setup,

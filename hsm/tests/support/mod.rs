@@ -179,3 +179,126 @@ fn free_port_pair() -> u16 {
         }
     }
 }
+
+/// A slow link in front of a TPM: every command waits `delay` before it is passed on, as on
+/// a discrete chip that takes 42–74 ms per P-256 signature (DESIGN §3). It listens on two
+/// consecutive ports of its own like swtpm: commands, and the control channel, which passes
+/// straight through. Stops accepting when dropped.
+#[derive(Debug)]
+pub struct SlowLink {
+    port: u16,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl SlowLink {
+    /// Puts a link with `delay` per command in front of `tpm`.
+    pub fn start(tpm: &Swtpm, delay: Duration) -> Self {
+        let (commands, control) = loop {
+            let commands = TcpListener::bind("127.0.0.1:0").expect("bind");
+            let port = commands.local_addr().expect("addr").port();
+            if port < 65534 {
+                if let Ok(control) = TcpListener::bind(("127.0.0.1", port + 1)) {
+                    break (commands, control);
+                }
+            }
+        };
+        let port = commands.local_addr().expect("addr").port();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let upstream = tpm.port();
+        Self::accept(commands, upstream, Some(delay), stop.clone());
+        Self::accept(control, upstream + 1, None, stop.clone());
+        Self { port, stop }
+    }
+
+    /// How the backend reaches the TPM through this link.
+    pub fn tcti(&self) -> Tcti {
+        Tcti::Swtpm {
+            host: "127.0.0.1".into(),
+            port: self.port,
+        }
+    }
+
+    /// The TCTI string, for key references.
+    pub fn tcti_string(&self) -> String {
+        self.tcti().to_string()
+    }
+
+    fn accept(
+        listener: TcpListener,
+        upstream: u16,
+        delay: Option<Duration>,
+        stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ) {
+        listener.set_nonblocking(true).expect("nonblocking");
+        thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let Ok((client, _)) = listener.accept() else {
+                    thread::sleep(Duration::from_millis(10));
+                    continue;
+                };
+                let _ = client.set_nonblocking(false);
+                // A TPM that is down closes the client's connection, as swtpm's would.
+                let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                    continue;
+                };
+                match delay {
+                    Some(delay) => {
+                        thread::spawn(move || Self::relay_commands(client, server, delay));
+                    }
+                    None => Self::pipe(client, server),
+                }
+            }
+        });
+    }
+
+    /// One TPM command at a time: read it whole, wait, pass it on, pass the answer back.
+    fn relay_commands(mut client: TcpStream, mut server: TcpStream, delay: Duration) {
+        use std::io::{Read, Write};
+        let message = |from: &mut TcpStream| -> std::io::Result<Vec<u8>> {
+            // TPM 2.0 command and response header: tag (2), size (4, big-endian), code (4).
+            let mut bytes = vec![0u8; 10];
+            from.read_exact(&mut bytes)?;
+            let size = u32::from_be_bytes([bytes[2], bytes[3], bytes[4], bytes[5]]) as usize;
+            if !(10..=65_536).contains(&size) {
+                return Err(std::io::Error::other("not a TPM message"));
+            }
+            bytes.resize(size, 0);
+            from.read_exact(&mut bytes[10..])?;
+            Ok(bytes)
+        };
+        while let Ok(command) = message(&mut client) {
+            thread::sleep(delay);
+            if server.write_all(&command).is_err() {
+                return;
+            }
+            let Ok(response) = message(&mut server) else {
+                return;
+            };
+            if client.write_all(&response).is_err() {
+                return;
+            }
+        }
+    }
+
+    fn pipe(client: TcpStream, server: TcpStream) {
+        let (Ok(mut client_read), Ok(mut server_read)) = (client.try_clone(), server.try_clone())
+        else {
+            return;
+        };
+        let (mut client_write, mut server_write) = (client, server);
+        thread::spawn(move || {
+            let _ = std::io::copy(&mut client_read, &mut server_write);
+            let _ = server_write.shutdown(std::net::Shutdown::Both);
+        });
+        thread::spawn(move || {
+            let _ = std::io::copy(&mut server_read, &mut client_write);
+            let _ = client_write.shutdown(std::net::Shutdown::Both);
+        });
+    }
+}
+
+impl Drop for SlowLink {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
