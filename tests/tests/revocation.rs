@@ -6,7 +6,18 @@ use plant_tests::{curl, openssl, run, run_ok, x509_field, Issuer};
 
 #[test]
 fn a_revoked_certificate_is_on_the_signed_crl_and_openssl_refuses_it() -> Result<()> {
-    let issuer = Issuer::start()?;
+    revoked_certificate_is_refused(Issuer::start()?)
+}
+
+/// The same with leaves signed by a short-lived signing key: the CRL is signed by the issuing
+/// key, and openssl finds it by the shared issuer name and the CRL's key identifier.
+#[test]
+fn a_revoked_certificate_signed_by_a_short_lived_key_is_refused_by_the_issuing_crl() -> Result<()>
+{
+    revoked_certificate_is_refused(Issuer::start_with(plant_tests::enable_short_lived_keys)?)
+}
+
+fn revoked_certificate_is_refused(issuer: Issuer) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let crl_url = issuer.crl_url()?;
 
@@ -93,18 +104,16 @@ fn a_revoked_certificate_is_on_the_signed_crl_and_openssl_refuses_it() -> Result
     );
     ensure!(text.contains("Key Compromise"), "{text}");
 
-    let chain = dir.path().join("chain.pem");
-    std::fs::write(
-        &chain,
-        std::fs::read_to_string(issuer.root_pem())?
-            + &std::fs::read_to_string(issuer.issuing_pem())?,
-    )?;
+    let cacerts = curl(&issuer, &["/.well-known/est/cacerts"])?;
+    let cacerts = plant_tests::certs_from_pkcs7(&cacerts.body, dir.path(), "cacerts")?;
     let verify = |cert: &std::path::Path| {
         run(std::process::Command::new("openssl").args([
             "verify",
             "-crl_check",
             "-CAfile",
-            &chain.to_string_lossy(),
+            &issuer.root_pem().to_string_lossy(),
+            "-untrusted",
+            &cacerts.to_string_lossy(),
             "-CRLfile",
             &crl_pem.to_string_lossy(),
             &cert.to_string_lossy(),
@@ -171,8 +180,9 @@ fn a_revoked_certificate_is_on_the_signed_crl_and_openssl_refuses_it() -> Result
         metrics.contains("plant_issuance_duration_seconds_count{label=\"device\"} 2"),
         "{metrics}"
     );
+    // Two enrollments and one cacerts.
     ensure!(
-        metrics.contains("plant_est_responses_total{code=\"200\"} 2"),
+        metrics.contains("plant_est_responses_total{code=\"200\"} 3"),
         "{metrics}"
     );
     ensure!(
