@@ -446,6 +446,80 @@ pub fn enable_short_lived_keys(toml: &Path) -> Result<()> {
     Ok(())
 }
 
+/// An issuer.toml edit: adds the profile `direct` (label `direct`), whose certificates the
+/// issuing key signs itself, never a short-lived key.
+pub fn add_direct_profile(toml: &Path) -> Result<()> {
+    let mut text = std::fs::read_to_string(toml)?;
+    text.push_str(
+        "\n[profiles.direct]\ndescription = \"signed by the issuing key itself\"\n\
+         lifetime = \"30d\"\nkey_usage = [\"digitalSignature\"]\n\
+         extended_key_usage = [\"clientAuth\"]\nsan = []\nsign_with = \"issuing-key\"\n",
+    );
+    std::fs::write(toml, text)?;
+    Ok(())
+}
+
+/// POSTs the CSR in `csr` (base64) to `label`'s simpleenroll with a Bearer token.
+pub fn enroll_bearer(issuer: &Issuer, csr: &Path, label: &str, token: &str) -> Result<CurlAnswer> {
+    let body = format!("@{}", csr.display());
+    let auth = format!("Authorization: Bearer {token}");
+    curl(
+        issuer,
+        &[
+            "-H",
+            "Content-Type: application/pkcs10",
+            "-H",
+            &auth,
+            "--data-binary",
+            &body,
+            &format!("/.well-known/est/{label}/simpleenroll"),
+        ],
+    )
+}
+
+/// `n` fresh tokens for `label`, not bound to a subject.
+pub fn tokens(issuer: &Issuer, label: &str, n: usize) -> Result<Vec<String>> {
+    let out = run_ok(issuer.cli().args([
+        "token",
+        "create",
+        "--label",
+        label,
+        "--count",
+        &n.to_string(),
+        "--format",
+        "plain",
+    ]))?;
+    Ok(out.lines().map(str::to_owned).collect())
+}
+
+/// The certificate's authorityKeyIdentifier: which key signed it.
+pub fn authority_key_id(cert: &Path) -> Result<String> {
+    extension_value(cert, "authorityKeyIdentifier")
+}
+
+pub fn subject_key_id(cert: &Path) -> Result<String> {
+    extension_value(cert, "subjectKeyIdentifier")
+}
+
+/// The key identifier in an extension, as openssl prints it (`AB:CD:…`, with or without a
+/// `keyid:` prefix depending on the version).
+fn extension_value(cert: &Path, extension: &str) -> Result<String> {
+    let text = openssl(&[
+        "x509",
+        "-in",
+        &cert.to_string_lossy(),
+        "-noout",
+        "-ext",
+        extension,
+    ])?;
+    text.lines()
+        .skip(1)
+        .map(|l| l.trim().trim_start_matches("keyid:"))
+        .find(|l| l.len() > 20)
+        .map(str::to_owned)
+        .ok_or_else(|| anyhow::anyhow!("no {extension} in {text}"))
+}
+
 /// A field of `openssl x509 -noout -<field>`.
 pub fn x509_field(cert: &Path, field: &str) -> Result<String> {
     Ok(

@@ -12,8 +12,7 @@ fn a_revoked_certificate_is_on_the_signed_crl_and_openssl_refuses_it() -> Result
 /// The same with leaves signed by a short-lived signing key: the CRL is signed by the issuing
 /// key, and openssl finds it by the shared issuer name and the CRL's key identifier.
 #[test]
-fn a_revoked_certificate_signed_by_a_short_lived_key_is_refused_by_the_issuing_crl() -> Result<()>
-{
+fn a_revoked_certificate_signed_by_a_short_lived_key_is_refused_by_the_issuing_crl() -> Result<()> {
     revoked_certificate_is_refused(Issuer::start_with(plant_tests::enable_short_lived_keys)?)
 }
 

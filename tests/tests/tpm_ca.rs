@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, ensure, Result};
 use plant_tests::swtpm::{SlowLink, Swtpm};
 use plant_tests::{
-    certs_from_pkcs7, curl, openssl, openssl_csr, verify_against, verify_chain, CurlAnswer, Issuer,
+    authority_key_id as signed_by, certs_from_pkcs7, curl, enroll_bearer as enroll, openssl_csr,
+    subject_key_id, tokens, verify_against, verify_chain, CurlAnswer, Issuer,
 };
 
 /// A real discrete TPM takes 42–74 ms per P-256 signature (DESIGN §3).
@@ -34,13 +35,8 @@ fn configure(toml: &Path, key_queue: usize, signing_key: Option<(&str, &str)>) -
             &format!("lifetime = \"{lifetime}\"\noverlap = \"{overlap}\""),
         );
     }
-    text.push_str(
-        "\n[profiles.direct]\ndescription = \"signed by the TPM key itself\"\nlifetime = \"30d\"\n\
-         key_usage = [\"digitalSignature\"]\nextended_key_usage = [\"clientAuth\"]\nsan = []\n\
-         sign_with = \"issuing-key\"\n",
-    );
     std::fs::write(toml, text)?;
-    Ok(())
+    plant_tests::add_direct_profile(toml)
 }
 
 fn start_issuer(tcti: &str, key_queue: usize, signing_key: Option<(&str, &str)>) -> Result<Issuer> {
@@ -48,67 +44,6 @@ fn start_issuer(tcti: &str, key_queue: usize, signing_key: Option<(&str, &str)>)
     Issuer::start_custom(&["--ca-key", &ca_key], |toml| {
         configure(toml, key_queue, signing_key)
     })
-}
-
-/// POSTs the CSR in `csr` (base64) to `label`'s simpleenroll with a Bearer token.
-fn enroll(issuer: &Issuer, csr: &Path, label: &str, token: &str) -> Result<CurlAnswer> {
-    let body = format!("@{}", csr.display());
-    let auth = format!("Authorization: Bearer {token}");
-    curl(
-        issuer,
-        &[
-            "-H",
-            "Content-Type: application/pkcs10",
-            "-H",
-            &auth,
-            "--data-binary",
-            &body,
-            &format!("/.well-known/est/{label}/simpleenroll"),
-        ],
-    )
-}
-
-/// `n` fresh tokens for `label`, not bound to a subject.
-fn tokens(issuer: &Issuer, label: &str, n: usize) -> Result<Vec<String>> {
-    let out = plant_tests::run_ok(issuer.cli().args([
-        "token",
-        "create",
-        "--label",
-        label,
-        "--count",
-        &n.to_string(),
-        "--format",
-        "plain",
-    ]))?;
-    Ok(out.lines().map(str::to_owned).collect())
-}
-
-/// The certificate's authorityKeyIdentifier: which key signed it.
-fn signed_by(cert: &Path) -> Result<String> {
-    extension_value(cert, "authorityKeyIdentifier")
-}
-
-fn subject_key_id(cert: &Path) -> Result<String> {
-    extension_value(cert, "subjectKeyIdentifier")
-}
-
-/// The key identifier in an extension, as openssl prints it (`AB:CD:…`, with or without a
-/// `keyid:` prefix depending on the version).
-fn extension_value(cert: &Path, extension: &str) -> Result<String> {
-    let text = openssl(&[
-        "x509",
-        "-in",
-        &cert.to_string_lossy(),
-        "-noout",
-        "-ext",
-        extension,
-    ])?;
-    text.lines()
-        .skip(1)
-        .map(|l| l.trim().trim_start_matches("keyid:"))
-        .find(|l| l.len() > 20)
-        .map(str::to_owned)
-        .ok_or_else(|| anyhow!("no {extension} in {text}"))
 }
 
 fn issued(answer: &CurlAnswer, dir: &Path, name: &str) -> Result<PathBuf> {
