@@ -463,3 +463,42 @@ fn signature_rates_of_soft_and_swtpm_keys() {
     eprintln!("signature rate: soft {soft_rate:.0}/s, swtpm {tpm_rate:.0}/s (one caller)");
     assert!(soft_rate > 0.0 && tpm_rate > 0.0);
 }
+
+#[test]
+fn a_slow_tpm_signs_within_its_deadline_shows_its_queue_and_times_out_a_shorter_one() {
+    let tpm = Swtpm::start();
+    let link = support::SlowLink::start(&tpm, Duration::from_millis(70));
+    let key_ref: KeyRef = format!(
+        "tpm:blob={};tcti={}",
+        tpm.dir().join("slow.tpmkey").display(),
+        link.tcti_string()
+    )
+    .parse()
+    .expect("key ref");
+    let generous = TpmOptions {
+        deadline: Duration::from_secs(10),
+        queue_capacity: 3,
+    };
+    let key = TpmKey::create_with(&tpm_ref(&key_ref), generous).expect("create through the link");
+    let signature = key.sign(b"slow but sure").expect("sign");
+    verify(&key, b"slow but sure", &signature);
+    assert_eq!(
+        key.queue(),
+        Some(hsm::Queue {
+            waiting: 0,
+            capacity: 3
+        })
+    );
+    drop(key);
+
+    let hasty = TpmOptions {
+        deadline: Duration::from_millis(50),
+        queue_capacity: 3,
+    };
+    match TpmKey::open_with(&tpm_ref(&key_ref), hasty) {
+        Err(Error::Unavailable { reason, .. }) => {
+            assert!(reason.contains("did not answer within 50 ms"), "{reason}")
+        }
+        other => panic!("a 70 ms TPM met a 50 ms deadline: {other:?}"),
+    }
+}
