@@ -427,6 +427,33 @@ pub fn verify_against(issuer: &Issuer, leaf: &Path, untrusted: &Path) -> Result<
     Ok(())
 }
 
+/// A SoftHSM2 configuration in `dir` with one initialised token `label` (user PIN `pin`);
+/// returns the configuration file, for `SOFTHSM2_CONF`. Fails, never skips, without SoftHSM2.
+pub fn softhsm_token(dir: &Path, label: &str, pin: &str) -> Result<PathBuf> {
+    ensure!(
+        Path::new(hsm::DEFAULT_PKCS11_MODULE).exists(),
+        "SoftHSM2 is not installed ({}); run scripts/setup (apt package softhsm2)",
+        hsm::DEFAULT_PKCS11_MODULE
+    );
+    let tokens = dir.join("tokens");
+    std::fs::create_dir_all(&tokens)?;
+    let conf = dir.join("softhsm2.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+            tokens.display()
+        ),
+    )?;
+    run_ok(
+        Command::new("softhsm2-util")
+            .args(["--init-token", "--free", "--label", label])
+            .args(["--pin", pin, "--so-pin", "0815"])
+            .env("SOFTHSM2_CONF", &conf),
+    )?;
+    Ok(conf)
+}
+
 /// An issuer.toml edit for [`Issuer::start_with`]: turns on short-lived signing keys (shown
 /// commented out by `issuer init` for a software issuing key).
 pub fn enable_short_lived_keys(toml: &Path) -> Result<()> {

@@ -4,7 +4,6 @@
 //! stops `issuer serve` with a message that names the token and the PIN.
 
 use std::path::Path;
-use std::process::Command;
 
 use anyhow::{ensure, Result};
 use plant_tests::{
@@ -14,30 +13,10 @@ use plant_tests::{
 
 const MODULE: &str = hsm::DEFAULT_PKCS11_MODULE;
 
-/// A SoftHSM2 configuration with one initialised token, `plant-ca`, PIN in `dir/pin`.
-/// SoftHSM2 reads `SOFTHSM2_CONF` from the environment, which `issuer` inherits from here.
+/// A SoftHSM2 token `plant-ca` (PIN in `dir/pin`, a wrong one in `dir/wrong-pin`), made the
+/// process's SoftHSM2 configuration so the `issuer` children find it.
 fn softhsm(dir: &Path) -> Result<()> {
-    ensure!(
-        Path::new(MODULE).exists(),
-        "SoftHSM2 is not installed ({MODULE}); run scripts/setup (apt package softhsm2) — \
-         the PKCS#11 tests never skip"
-    );
-    let tokens = dir.join("tokens");
-    std::fs::create_dir_all(&tokens)?;
-    let conf = dir.join("softhsm2.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
-            tokens.display()
-        ),
-    )?;
-    plant_tests::run_ok(
-        Command::new("softhsm2-util")
-            .args(["--init-token", "--free", "--label", "plant-ca"])
-            .args(["--pin", "4711", "--so-pin", "0815"])
-            .env("SOFTHSM2_CONF", &conf),
-    )?;
+    let conf = plant_tests::softhsm_token(dir, "plant-ca", "4711")?;
     std::fs::write(dir.join("pin"), "4711\n")?;
     std::fs::write(dir.join("wrong-pin"), "1111\n")?;
     // The only test in this binary: nothing else reads the environment concurrently.
@@ -99,6 +78,9 @@ fn an_hsm_held_ca_key_issues_directly_and_through_short_lived_keys_and_a_wrong_p
         message.contains("plant-ca") && message.to_lowercase().contains("pin"),
         "{message}"
     );
-    ensure!(!message.contains("1111"), "the PIN is in the message: {message}");
+    ensure!(
+        !message.contains("1111"),
+        "the PIN is in the message: {message}"
+    );
     Ok(())
 }

@@ -259,3 +259,23 @@ fn signing_keys_rotate_under_load_without_a_failed_request() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn an_issuer_killed_again_and_again_restarts_on_the_same_tpm() -> Result<()> {
+    // swtpm has no resource manager: a killed issuer's loaded objects stay in the TPM's few
+    // slots until something flushes them.
+    let tpm = Swtpm::start();
+    let mut issuer = start_issuer(&tpm.tcti_string(), 32, None)?;
+    let dir = tempfile::tempdir()?;
+    let (_, csr) = openssl_csr(dir.path(), "dev", "restarted", &[])?;
+    for round in 0..5 {
+        issuer.kill()?;
+        issuer.serve()?;
+        let answer = enroll(&issuer, &csr, "direct", &issuer.token("direct", None)?)?;
+        verify_chain(
+            &issuer,
+            &issued(&answer, dir.path(), &format!("round-{round}"))?,
+        )?;
+    }
+    Ok(())
+}

@@ -131,8 +131,39 @@ pub(super) fn connect(tcti: &Tcti, device: &str) -> Result<Context, Error> {
         reason: format!("has an unusable TCTI configuration: {e}"),
     })?;
     let mut context = Context::new(conf).map_err(|e| classify(device, "open a session", e))?;
+    // Listing and flushing take no authorization: no session may be set for them.
+    context.execute_without_session(|context| flush_stale_objects(context, device))?;
     context.set_sessions((Some(AuthSession::Password), None, None));
     Ok(context)
+}
+
+/// Flushes transient objects a previous connection left loaded. Without a resource manager
+/// (swtpm's socket, `/dev/tpm0`) a TPM keeps a killed process's objects until it resets, and
+/// its three or so object slots are full after a couple of crashes ("out of memory for
+/// object contexts"), so a restarted issuer could not load its key. Nobody else can be using
+/// them: such a TPM serves one connection at a time, and behind a resource manager
+/// (`/dev/tpmrm0`, tabrmd) a new connection sees no transient objects but its own.
+fn flush_stale_objects(context: &mut Context, device: &str) -> Result<(), Error> {
+    use tss_esapi::constants::tss::TPM2_TRANSIENT_FIRST;
+    use tss_esapi::constants::CapabilityType;
+    use tss_esapi::structures::CapabilityData;
+    let (data, _) = context
+        .get_capability(CapabilityType::Handles, TPM2_TRANSIENT_FIRST, 64)
+        .map_err(|e| classify(device, "list loaded objects", e))?;
+    let CapabilityData::Handles(handles) = data else {
+        return Ok(());
+    };
+    for handle in handles.iter() {
+        if let TpmHandle::Transient(_) = handle {
+            let object = context
+                .tr_from_tpm_public(*handle)
+                .map_err(|e| classify(device, "flush a stale object", e))?;
+            context
+                .flush_context(object)
+                .map_err(|e| classify(device, "flush a stale object", e))?;
+        }
+    }
+    Ok(())
 }
 
 /// The storage primary of the owner hierarchy, from the TCG provisioning guidance's ECC
