@@ -33,16 +33,33 @@ impl Backend for Authority {
     }
 
     async fn enroll(&self, request: EnrollRequest) -> Result<Vec<u8>, EstError> {
-        let grant = match request.operation {
-            Operation::SimpleReenroll => self.authorize_renewal(&request)?,
-            Operation::SimpleEnroll | Operation::ServerKeygen => self.authorize_token(&request)?,
-        };
-        self.issue(&grant, request.csr.public_key())
-            .await
-            .map_err(to_est)
+        let issued = async {
+            let grant = match request.operation {
+                Operation::SimpleReenroll => self.authorize_renewal(&request)?,
+                Operation::SimpleEnroll | Operation::ServerKeygen => {
+                    self.authorize_token(&request)?
+                }
+            };
+            self.issue(&grant, request.csr.public_key())
+                .await
+                .map_err(to_est)
+        }
+        .await;
+        issued.map_err(|refusal| self.audit_refusal(&request, refusal))
     }
 
     async fn server_keygen(&self, request: EnrollRequest) -> Result<ServerKeygenResult, EstError> {
+        self.server_keygen_issue(&request)
+            .await
+            .map_err(|refusal| self.audit_refusal(&request, refusal))
+    }
+}
+
+impl Authority {
+    async fn server_keygen_issue(
+        &self,
+        request: &EnrollRequest,
+    ) -> Result<ServerKeygenResult, EstError> {
         let (label, profile) = self
             .profile(request.label.as_ref().map(Label::as_str))
             .ok_or_else(|| EstError::refused(Refusal::NotFound, "unknown label"))?;
@@ -52,7 +69,7 @@ impl Backend for Authority {
                 format!("label {label} does not offer serverkeygen; generate the key on the device and use simpleenroll"),
             ));
         }
-        let grant = self.authorize_token(&request)?;
+        let grant = self.authorize_token(request)?;
         let key = hsm::SoftKey::generate().map_err(|e| to_est(e.into()))?;
         let certificate = self
             .issue(&grant, key.public_key().point())
@@ -67,6 +84,43 @@ impl Backend for Authority {
 }
 
 impl Authority {
+    /// Records a refused enrollment in the audit log (who asked for what, and why not) and
+    /// passes the refusal on. Requests the EST layer rejects before they reach policy (bad
+    /// encoding, size, media type) are counted in the metrics, not audited: they carry no
+    /// identity to record. The token appears by its public id only, never its secret.
+    fn audit_refusal(&self, request: &EnrollRequest, refusal: EstError) -> EstError {
+        let token_id = match &request.credentials {
+            Credentials::Basic { password, .. } => Some(password.0.as_str()),
+            Credentials::Bearer(token) => Some(token.0.as_str()),
+            Credentials::None => None,
+        }
+        .map(|secret| hex::encode(&crate::store::tokens_hash(secret)[..4]));
+        let certificate_serial = request
+            .client_certificate
+            .as_ref()
+            .and_then(|c| c.leaf())
+            .and_then(|der| x509_cert::Certificate::from_der(der).ok())
+            .and_then(|c| Serial::from_bytes(c.tbs_certificate.serial_number.as_bytes()))
+            .map(|s| s.to_string());
+        let status = est::server::error_response(&refusal).status().as_u16();
+        let recorded = self.audit(
+            "enrollment.refused",
+            serde_json::json!({
+                "operation": format!("{:?}", request.operation),
+                "label": request.label.as_ref().map(Label::as_str),
+                "subject": request.csr.common_name(),
+                "status": status,
+                "reason": refusal.to_string(),
+                "token_id": token_id,
+                "certificate_serial": certificate_serial,
+            }),
+        );
+        if let Err(e) = recorded {
+            tracing::error!(error = %e, "could not record a refused enrollment in the audit log");
+        }
+        refusal
+    }
+
     /// A one-time token authorizes one certificate under its label, for its subject and
     /// names. All checks run before the token is consumed, so a rejected CSR does not burn it.
     fn authorize_token(&self, request: &EnrollRequest) -> Result<Grant, EstError> {

@@ -366,6 +366,35 @@ fn expired_unknown_and_misbound_tokens_are_refused() -> Result<()> {
     expect(&enroll("plc", &for_other)?, 403, "bound to subject")?;
     // Refusals on policy keep the token: it still works where it belongs.
     assert_eq!(enroll("device", &for_device)?.status, 200);
+
+    // Each refusal is in the audit log: what was asked, the status and why, the token by
+    // its public id only.
+    let audit = plant_tests::run_ok(issuer.cli().args(["audit", "tail", "--count", "50"]))?;
+    let refusals: Vec<&str> = audit
+        .lines()
+        .filter(|l| l.contains("enrollment.refused"))
+        .collect();
+    ensure!(refusals.len() == 4, "{audit}");
+    for needle in [
+        "expired",
+        "unknown token",
+        "for label device",
+        "bound to subject",
+    ] {
+        ensure!(
+            refusals.iter().any(|r| r.contains(needle)),
+            "no audited refusal says {needle:?}:\n{audit}"
+        );
+    }
+    ensure!(refusals.iter().all(|r| r.contains("plc-7")), "{audit}");
+    for secret in [&short, &for_device, &for_other] {
+        ensure!(
+            !audit.contains(secret.as_str()),
+            "a token secret is in the audit log"
+        );
+    }
+    let verified = plant_tests::run_ok(issuer.cli().args(["audit", "verify"]))?;
+    ensure!(verified.contains("audit log intact"), "{verified}");
     Ok(())
 }
 
