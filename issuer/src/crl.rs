@@ -89,26 +89,9 @@ impl Authority {
         let revocations = self.store.certificates.revocations(now.unix_timestamp())?;
         let number = self.store.certificates.next_crl_number()?;
         let next_update = (now + self.crl_validity).min(self.ca.not_after());
-        let mut revoked_certs = Vec::with_capacity(revocations.len());
-        for r in &revocations {
-            let serial = Serial::parse(&r.serial)
-                .ok_or_else(|| Error::Store(format!("revocation serial {:?}", r.serial)))?;
-            revoked_certs.push(RevokedCertParams {
-                serial_number: SerialNumber::from_slice(&serial.0),
-                revocation_time: time::OffsetDateTime::from_unix_timestamp(r.revoked_at)
-                    .map_err(|e| Error::Store(e.to_string()))?,
-                reason_code: reason(r.reason_code),
-                invalidity_date: None,
-            });
-        }
-        let der = self.ca.sign_crl(CertificateRevocationListParams {
-            this_update: now,
-            next_update,
-            crl_number: SerialNumber::from_slice(&number.to_be_bytes()),
-            issuing_distribution_point: None,
-            revoked_certs,
-            key_identifier_method: rcgen::KeyIdMethod::Sha256,
-        })?;
+        let der = self
+            .ca
+            .sign_crl(crl_params(&revocations, number, now, next_update)?)?;
         if let Some(path) = &self.crl_file {
             let tmp = path.with_extension("der.tmp");
             std::fs::write(&tmp, &der).map_err(Error::io(&tmp))?;
@@ -136,6 +119,35 @@ impl Authority {
             }
         }
     }
+}
+
+/// The CRL for `revocations`: number `number`, valid from `this_update` to `next_update`.
+pub fn crl_params(
+    revocations: &[crate::store::Revocation],
+    number: u64,
+    this_update: time::OffsetDateTime,
+    next_update: time::OffsetDateTime,
+) -> Result<CertificateRevocationListParams, Error> {
+    let mut revoked_certs = Vec::with_capacity(revocations.len());
+    for r in revocations {
+        let serial = Serial::parse(&r.serial)
+            .ok_or_else(|| Error::Store(format!("revocation serial {:?}", r.serial)))?;
+        revoked_certs.push(RevokedCertParams {
+            serial_number: SerialNumber::from_slice(&serial.0),
+            revocation_time: time::OffsetDateTime::from_unix_timestamp(r.revoked_at)
+                .map_err(|e| Error::Store(e.to_string()))?,
+            reason_code: reason(r.reason_code),
+            invalidity_date: None,
+        });
+    }
+    Ok(CertificateRevocationListParams {
+        this_update,
+        next_update,
+        crl_number: SerialNumber::from_slice(&number.to_be_bytes()),
+        issuing_distribution_point: None,
+        revoked_certs,
+        key_identifier_method: rcgen::KeyIdMethod::Sha256,
+    })
 }
 
 fn reason(code: u8) -> Option<rcgen::RevocationReason> {
