@@ -1,5 +1,6 @@
-//! The admin API: JSON over HTTP on the owner-only Unix socket in the state folder. The same
-//! routes can later be served over HTTPS to operators with client certificates.
+//! The admin API: JSON over HTTP on the owner-only Unix socket in the state folder. Its
+//! read-only routes are also served over HTTPS to operators with client certificates
+//! ([`crate::operator_api`]).
 //!
 //! `POST /v1/tokens`, `POST /v1/revocations`, `GET /v1/inventory`, `GET /v1/status`,
 //! `GET /v1/audit`, `GET /v1/audit/verify`.
@@ -23,14 +24,19 @@ use crate::Error;
 
 /// The admin routes.
 pub fn router(authority: Arc<Authority>) -> Router {
-    Router::new()
+    read_only_routes()
         .route("/v1/tokens", post(create_tokens))
-        .route("/v1/inventory", get(inventory))
         .route("/v1/revocations", post(revoke))
+        .with_state(authority)
+}
+
+/// The routes that only read: inventory, status and the audit log.
+pub(crate) fn read_only_routes() -> Router<Arc<Authority>> {
+    Router::new()
+        .route("/v1/inventory", get(inventory))
         .route("/v1/status", get(status))
         .route("/v1/audit", get(audit))
         .route("/v1/audit/verify", get(audit_verify))
-        .with_state(authority)
 }
 
 struct AdminError(Error);

@@ -187,6 +187,8 @@ max_ttl = "30d"
 # key_usage: digitalSignature, keyAgreement. extended_key_usage: serverAuth, clientAuth.
 # san: which subjectAltName kinds tokens may grant (dns, ip).
 # server_keygen: offer /serverkeygen (the CA makes the key; for devices that can't).
+# operator: its certificates may read the operator API (https://<est listen>/api/v1/…).
+# sign_with: "signing-key" (default) or "issuing-key" (the TPM/HSM key signs itself).
 "#,
         trust_domain = options.trust_domain,
         listen = options.listen,
@@ -234,8 +236,9 @@ fn profile_toml(name: &str, p: &Profile) -> String {
             })
             .unwrap_or_default()
     };
+    let operator = if p.operator { "operator = true\n" } else { "" };
     format!(
-        "[profiles.{name}]\ndescription = {:?}\nlifetime = \"{}\"\nkey_usage = [{}]\nextended_key_usage = [{}]\nsan = [{}]\nserver_keygen = {}\n",
+        "[profiles.{name}]\ndescription = {:?}\nlifetime = \"{}\"\nkey_usage = [{}]\nextended_key_usage = [{}]\nsan = [{}]\nserver_keygen = {}\n{operator}",
         p.description,
         crate::duration::format(p.lifetime),
         list(json_names(serde_json::to_value(&p.key_usage).unwrap_or_default())),
@@ -273,6 +276,7 @@ mod tests {
                 "{name}"
             );
             assert_eq!(loaded.server_keygen, profile.server_keygen, "{name}");
+            assert_eq!(loaded.operator, profile.operator, "{name}");
         }
     }
 }

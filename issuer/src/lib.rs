@@ -17,6 +17,7 @@ mod header_case;
 pub mod init;
 pub mod inventory;
 pub mod metrics;
+pub mod operator_api;
 pub mod profile;
 pub mod serial;
 pub mod serve;

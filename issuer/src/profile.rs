@@ -59,6 +59,10 @@ pub struct Profile {
     /// Which key signs: the short-lived signing key (default) or the issuing key itself.
     #[serde(default)]
     pub sign_with: crate::ca::SignWith,
+    /// Whether certificates of this profile may read the operator API (`/api/v1/…` on the
+    /// EST listener) as TLS client certificates.
+    #[serde(default)]
+    pub operator: bool,
 }
 
 impl Profile {
@@ -113,6 +117,7 @@ pub fn defaults() -> Vec<(&'static str, Profile)> {
                 san: vec![SanKind::Dns, SanKind::Ip],
                 server_keygen: false,
                 sign_with: Default::default(),
+                operator: false,
             },
         ),
         (
@@ -125,6 +130,20 @@ pub fn defaults() -> Vec<(&'static str, Profile)> {
                 san: vec![SanKind::Dns, SanKind::Ip],
                 server_keygen: true,
                 sign_with: Default::default(),
+                operator: false,
+            },
+        ),
+        (
+            "operator",
+            Profile {
+                description: "PKI operators: the read-only HTTPS operator API".into(),
+                lifetime: Duration::from_secs(90 * 86_400),
+                key_usage: vec![KeyUsage::DigitalSignature],
+                extended_key_usage: vec![ClientAuth],
+                san: vec![],
+                server_keygen: false,
+                sign_with: Default::default(),
+                operator: true,
             },
         ),
         (
@@ -137,6 +156,7 @@ pub fn defaults() -> Vec<(&'static str, Profile)> {
                 san: vec![SanKind::Dns, SanKind::Ip],
                 server_keygen: false,
                 sign_with: Default::default(),
+                operator: false,
             },
         ),
     ]

@@ -87,7 +87,8 @@ pub async fn run(config: Config) -> Result<(), Error> {
         est::server::ServerOptions {
             max_body_bytes: config.est.max_body_bytes,
         },
-    );
+    )
+    .merge(crate::operator_api::router(authority.clone()));
     let status = authority.status();
     tracing::info!(%url, admin = %admin_path.display(), key = %status.issuing_key, "issuer ready");
     println!("EST listening on {url}");

@@ -329,6 +329,7 @@ fn issued_certificates_of_every_profile_pass_pkilint() -> Result<()> {
         ("device", vec![]),
         ("plc", vec!["--ip", "10.20.30.40"]),
         ("server", vec!["--dns", "historian.plant.example"]),
+        ("operator", vec![]),
     ] {
         let subject = format!("{label}-lint");
         let token = issuer.token_with(label, Some(&subject), &names)?;

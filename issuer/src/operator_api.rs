@@ -1,0 +1,97 @@
+//! The operator API: the admin socket's read-only routes (inventory, status, audit log) over
+//! the EST HTTPS listener at `/api/v1/…`, for operators on other machines (DESIGN §6).
+//!
+//! The TLS client certificate is the credential. It must be one this CA issued (byte for
+//! byte, as the inventory holds it), still valid, and issued under a profile marked
+//! `operator = true`. A device certificate, a superseded or revoked operator certificate, or
+//! none at all gets nothing: anything that changes the CA (tokens, revocation) stays on the
+//! owner-only admin socket.
+
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::http::StatusCode;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use der::Decode;
+use est::server::TlsClientCertificate;
+
+use crate::authority::Authority;
+use crate::serial::Serial;
+use crate::store::Status;
+
+/// The path prefix the operator API is served under.
+pub const PREFIX: &str = "/api";
+
+/// The operator routes, behind the operator-certificate check.
+pub fn router(authority: Arc<Authority>) -> Router {
+    Router::new()
+        .nest(PREFIX, crate::admin::read_only_routes())
+        .layer(axum::middleware::from_fn_with_state(
+            authority.clone(),
+            require_operator,
+        ))
+        .with_state(authority)
+}
+
+async fn require_operator(
+    State(authority): State<Arc<Authority>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let leaf = request
+        .extensions()
+        .get::<TlsClientCertificate>()
+        .and_then(|c| c.leaf().map(<[u8]>::to_vec));
+    match authority.operator(leaf.as_deref()) {
+        Ok(operator) => {
+            tracing::debug!(%operator, path = %request.uri().path(), "operator API request");
+            next.run(request).await
+        }
+        Err((status, message)) => (status, format!("{message}\n")).into_response(),
+    }
+}
+
+impl Authority {
+    /// Who the TLS client certificate `leaf` belongs to, if it may read the operator API.
+    fn operator(&self, leaf: Option<&[u8]>) -> Result<String, (StatusCode, String)> {
+        let leaf = leaf.ok_or((
+            StatusCode::UNAUTHORIZED,
+            "the operator API needs an operator client certificate (label operator); \
+             enroll one with `agent enroll --label operator`"
+                .to_owned(),
+        ))?;
+        let forbidden = |why: &str| (StatusCode::FORBIDDEN, why.to_owned());
+        let foreign = || forbidden("this client certificate was not issued by this CA");
+        let parsed = x509_cert::Certificate::from_der(leaf).map_err(|_| foreign())?;
+        let serial = Serial::from_bytes(parsed.tbs_certificate.serial_number.as_bytes())
+            .ok_or_else(foreign)?;
+        let record = self
+            .store
+            .certificates
+            .get(&serial)
+            .map_err(|_| {
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "store unavailable".to_owned(),
+                )
+            })?
+            .ok_or_else(foreign)?;
+        if record.der_bytes().ok().as_deref() != Some(leaf) {
+            return Err(foreign());
+        }
+        if record.status_at(self.now().unix_timestamp()) != Status::Valid {
+            return Err(forbidden(
+                "this operator certificate is revoked, expired or superseded",
+            ));
+        }
+        if !self.profiles.get(&record.label).is_some_and(|p| p.operator) {
+            return Err(forbidden(&format!(
+                "certificates of label {} may not read the operator API; use an operator certificate",
+                record.label
+            )));
+        }
+        Ok(format!("{} ({serial})", record.subject))
+    }
+}
