@@ -9,6 +9,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod crl;
+pub mod dashboard;
 pub mod duration;
 mod error;
 pub mod est_backend;
