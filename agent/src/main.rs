@@ -48,7 +48,12 @@ struct EnrollArgs {
     #[arg(long, value_name = "NAME", required_unless_present = "batch")]
     subject: Option<String>,
     /// The one-time token (visible in `ps`: prefer --token-file or PLANT_EST_TOKEN)
-    #[arg(long, value_name = "TOKEN", conflicts_with = "token_file")]
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        conflicts_with = "token_file",
+        allow_hyphen_values = true
+    )]
     token: Option<String>,
     /// File whose first line is the one-time token
     #[arg(long, value_name = "FILE")]

@@ -576,8 +576,15 @@ fn rfc3339(t: OffsetDateTime) -> String {
 
 /// 256 random bits, base64url: the one-time token an engineer types or pastes.
 fn new_secret() -> String {
-    let bytes: [u8; 32] = rand::random();
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    // A token that starts with '-' reads as an option to command-line tools
+    // (`agent enroll --token -x…`), so draw again: one in 64 times, costing 6 bits of 256.
+    loop {
+        let bytes: [u8; 32] = rand::random();
+        let secret = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+        if !secret.starts_with('-') {
+            return secret;
+        }
+    }
 }
 
 /// The certificate, built from the profile and the grant only.
@@ -606,4 +613,19 @@ fn leaf_params(
     params.not_after = not_after;
     params.use_authority_key_identifier_extension = true;
     params
+}
+
+#[cfg(test)]
+mod tests {
+    use super::new_secret;
+
+    #[test]
+    fn token_secrets_never_start_with_a_hyphen() {
+        // Without the redraw, one in 64 would: 2,000 draws would all but surely show one.
+        for _ in 0..2000 {
+            let secret = new_secret();
+            assert!(!secret.starts_with('-'), "{secret}");
+            assert_eq!(secret.len(), 43);
+        }
+    }
 }
