@@ -515,6 +515,26 @@ impl Authority {
         }
     }
 
+    /// The inventory record of `certificate` (DER) if this CA issued it, byte for byte;
+    /// `None` for anything else: unparsable, an unknown serial, or other bytes under a known
+    /// serial. How TLS client certificates are judged (re-enrollment, the operator API).
+    pub(crate) fn issued_record(
+        &self,
+        certificate: &[u8],
+    ) -> Result<Option<(Serial, CertificateRecord)>, Error> {
+        use der::Decode;
+        let Some(serial) = x509_cert::Certificate::from_der(certificate)
+            .ok()
+            .and_then(|c| Serial::from_bytes(c.tbs_certificate.serial_number.as_bytes()))
+        else {
+            return Ok(None);
+        };
+        let Some(record) = self.store.certificates.get(&serial)? else {
+            return Ok(None);
+        };
+        Ok((record.der_bytes()? == certificate).then_some((serial, record)))
+    }
+
     /// Certifies the next short-lived signing key if one is due, records it (audit, durable)
     /// and only then publishes it. `Ok(false)`: nothing was due.
     pub async fn certify_signing_key_if_due(self: &Arc<Self>) -> Result<bool, Error> {

@@ -212,19 +212,9 @@ impl Authority {
                     "simplereenroll needs the certificate being renewed as the TLS client certificate",
                 )
             })?;
-        let foreign = || forbidden("the TLS client certificate was not issued by this CA".into());
-        let parsed = x509_cert::Certificate::from_der(leaf).map_err(|_| foreign())?;
-        let serial = Serial::from_bytes(parsed.tbs_certificate.serial_number.as_bytes())
-            .ok_or_else(foreign)?;
-        let record = self
-            .store
-            .certificates
-            .get(&serial)
-            .map_err(to_est)?
-            .ok_or_else(foreign)?;
-        if record.der_bytes().map_err(to_est)? != leaf {
-            return Err(foreign());
-        }
+        let (serial, record) = self.issued_record(leaf).map_err(to_est)?.ok_or_else(|| {
+            forbidden("the TLS client certificate was not issued by this CA".into())
+        })?;
         let now = self.now();
         match record.status_at(now.unix_timestamp()) {
             Status::Valid | Status::Superseded => {}

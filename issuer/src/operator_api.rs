@@ -15,11 +15,9 @@ use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Router;
-use der::Decode;
 use est::server::TlsClientCertificate;
 
 use crate::authority::Authority;
-use crate::serial::Serial;
 use crate::store::Status;
 
 /// The path prefix the operator API is served under.
@@ -65,24 +63,10 @@ impl Authority {
                 .to_owned(),
         ))?;
         let forbidden = |why: &str| (StatusCode::FORBIDDEN, why.to_owned());
-        let foreign = || forbidden("this client certificate was not issued by this CA");
-        let parsed = x509_cert::Certificate::from_der(leaf).map_err(|_| foreign())?;
-        let serial = Serial::from_bytes(parsed.tbs_certificate.serial_number.as_bytes())
-            .ok_or_else(foreign)?;
-        let record = self
-            .store
-            .certificates
-            .get(&serial)
-            .map_err(|_| {
-                (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "store unavailable".to_owned(),
-                )
-            })?
-            .ok_or_else(foreign)?;
-        if record.der_bytes().ok().as_deref() != Some(leaf) {
-            return Err(foreign());
-        }
+        let (serial, record) = self
+            .issued_record(leaf)
+            .map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?
+            .ok_or_else(|| forbidden("this client certificate was not issued by this CA"))?;
         if record.status_at(self.now().unix_timestamp()) != Status::Valid {
             return Err(forbidden(
                 "this operator certificate is revoked, expired or superseded",

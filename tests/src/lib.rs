@@ -397,7 +397,21 @@ pub fn enroll_with_curl(
     Ok((certs_from_pkcs7(&answer.body, dir, name)?, key))
 }
 
-/// `openssl verify` of `leaf` against the issuer's root with the issuing CA as intermediate.
+/// [`enroll_with_curl`] with a fresh one-time token for `label` bound to `subject`, sent as
+/// a Bearer token. Returns (certificate PEM, key PEM).
+pub fn enroll_with_token(
+    issuer: &Issuer,
+    dir: &Path,
+    subject: &str,
+    label: &str,
+) -> Result<(PathBuf, PathBuf)> {
+    let token = issuer.token(label, Some(subject))?;
+    let auth = format!("Authorization: Bearer {token}");
+    enroll_with_curl(issuer, dir, subject, label, &["-H", &auth])
+}
+
+/// `openssl verify` of `leaf` against the issuer's root, with the intermediates the issuer's
+/// `cacerts` serves now (short-lived signing keys, issuing CA).
 pub fn verify_chain(issuer: &Issuer, leaf: &Path) -> Result<()> {
     let dir = leaf.parent().unwrap_or(Path::new("."));
     let name = leaf

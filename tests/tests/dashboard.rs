@@ -13,7 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use plant_tests::{enroll_with_curl, Issuer};
+use plant_tests::{enroll_with_token, Issuer};
 
 /// A socat relay from a loopback port to the issuer, presenting the operator certificate.
 struct Relay {
@@ -94,11 +94,8 @@ fn artifacts() -> PathBuf {
 fn the_dashboard_renders_rows_and_the_timeline_filters_and_is_screenshotted() -> Result<()> {
     let issuer = Issuer::start()?;
     let dir = tempfile::tempdir()?;
-    let enroll = |subject: &str, label: &str| {
-        let token = issuer.token(label, Some(subject))?;
-        let auth = format!("Authorization: Bearer {token}");
-        enroll_with_curl(&issuer, dir.path(), subject, label, &["-H", &auth])
-    };
+    let enroll =
+        |subject: &str, label: &str| enroll_with_token(&issuer, dir.path(), subject, label);
     let (operator, operator_key) = enroll("alice-ops", "operator")?;
     for (subject, label) in [
         ("plc-1", "plc"),

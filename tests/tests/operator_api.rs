@@ -3,17 +3,14 @@
 //! revoked operator certificate, or none, reads nothing; nothing that changes the CA is there.
 
 use anyhow::{ensure, Result};
-use plant_tests::{curl, enroll_with_curl, x509_field, Issuer};
+use plant_tests::{curl, enroll_with_token, x509_field, Issuer};
 
 #[test]
 fn operator_certificates_read_the_inventory_and_nothing_else_does() -> Result<()> {
     let issuer = Issuer::start()?;
     let dir = tempfile::tempdir()?;
-    let enroll = |subject: &str, label: &str| {
-        let token = issuer.token(label, Some(subject))?;
-        let auth = format!("Authorization: Bearer {token}");
-        enroll_with_curl(&issuer, dir.path(), subject, label, &["-H", &auth])
-    };
+    let enroll =
+        |subject: &str, label: &str| enroll_with_token(&issuer, dir.path(), subject, label);
     let (operator, operator_key) = enroll("alice-ops", "operator")?;
     let (device, device_key) = enroll("gw-3", "device")?;
     let api = |path: &str, cert: Option<(&std::path::Path, &std::path::Path)>| {
