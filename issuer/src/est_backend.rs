@@ -118,6 +118,7 @@ impl Authority {
         if let Err(e) = recorded {
             tracing::error!(error = %e, "could not record a refused enrollment in the audit log");
         }
+        self.metrics.refused(refusal_reason(refusal.refusal()));
         refusal
     }
 
@@ -300,6 +301,19 @@ fn check_usable(record: &TokenRecord, now: i64) -> Result<(), EstError> {
         )));
     }
     Ok(())
+}
+
+/// The `reason` label of `plant_enrollment_refusals_total`.
+fn refusal_reason(refusal: Refusal) -> &'static str {
+    match refusal {
+        Refusal::BadRequest => "bad_request",
+        Refusal::Unauthorized => "unauthorized",
+        Refusal::Forbidden => "forbidden",
+        Refusal::NotFound => "not_found",
+        Refusal::Unavailable { retry_after: 1 } => "busy",
+        Refusal::Unavailable { .. } => "unavailable",
+        _ => "other",
+    }
 }
 
 pub(crate) fn rfc3339(unix: i64) -> String {

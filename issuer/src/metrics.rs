@@ -33,6 +33,7 @@ struct Histogram {
 pub struct Metrics {
     issued: Mutex<BTreeMap<String, Arc<Histogram>>>,
     est_responses: Mutex<BTreeMap<u16, Arc<AtomicU64>>>,
+    refusals: Mutex<BTreeMap<&'static str, Arc<AtomicU64>>>,
     inventory: Mutex<InventoryGauges>,
     /// Set when the inventory changed since the gauges were computed.
     inventory_dirty: std::sync::atomic::AtomicBool,
@@ -82,6 +83,17 @@ impl Metrics {
         counter.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Records one refused enrollment by reason (`unauthorized`, `forbidden`, `busy`, …).
+    pub fn refused(&self, reason: &'static str) {
+        let counter = {
+            let Ok(mut map) = self.refusals.lock() else {
+                return;
+            };
+            map.entry(reason).or_default().clone()
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// The exposition text.
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -126,6 +138,16 @@ impl Metrics {
                 let _ = writeln!(
                     out,
                     "plant_est_responses_total{{code=\"{status}\"}} {}",
+                    n.load(Ordering::Relaxed)
+                );
+            }
+        }
+        out.push_str("# HELP plant_enrollment_refusals_total Enrollments refused after they reached policy, by reason.\n# TYPE plant_enrollment_refusals_total counter\n");
+        if let Ok(map) = self.refusals.lock() {
+            for (reason, n) in map.iter() {
+                let _ = writeln!(
+                    out,
+                    "plant_enrollment_refusals_total{{reason=\"{reason}\"}} {}",
                     n.load(Ordering::Relaxed)
                 );
             }

@@ -189,6 +189,10 @@ fn revoked_certificate_is_refused(issuer: Issuer) -> Result<()> {
         "{metrics}"
     );
     ensure!(
+        metrics.contains("plant_enrollment_refusals_total{reason=\"forbidden\"} 1"),
+        "{metrics}"
+    );
+    ensure!(
         metrics.contains("# TYPE plant_certificates_expiring gauge"),
         "{metrics}"
     );
