@@ -148,19 +148,29 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .init();
-    match runtime().map(|rt| rt.block_on(run(cli))) {
-        Ok(Ok(code)) => code,
-        Ok(Err(e)) => {
+    let runtime = match runtime() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let outcome = runtime.block_on(run(cli));
+    // Shut the runtime down before `main` returns and libc's exit handlers run. A task may
+    // still hold the device key (a pooled TLS connection keeps its rustls config, and so the
+    // key); dropping the runtime drops every task and joins its workers, so the last TPM key
+    // goes here and the hsm crate joins the TPM's owner thread before libcrypto's
+    // `OPENSSL_cleanup` runs at exit (see `hsm::tpm`'s `Drop for Tpm`).
+    drop(runtime);
+    match outcome {
+        Ok(code) => code,
+        Err(e) => {
             eprintln!("error: {e}");
             if e.is_usage() {
                 ExitCode::from(EXIT_USAGE)
             } else {
                 ExitCode::FAILURE
             }
-        }
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
         }
     }
 }
