@@ -11,7 +11,7 @@ use agent::batch::{self, BatchOptions};
 use agent::credentials::{AuthScheme, EnrollmentToken, Pkcs12Password, TOKEN_ENV};
 use agent::enrollment::{self, Device, EnrollOptions, KeyOrigin};
 use agent::pem_files::Overwrite;
-use agent::reenrollment::{self, ReenrollOptions};
+use agent::reenrollment::{self, CurrentKey, ReenrollOptions};
 use est::Label;
 
 /// EX_USAGE from sysexits.h: the command line or a file it names is wrong.
@@ -73,7 +73,12 @@ struct EnrollArgs {
     /// IP address for the certificate (repeatable)
     #[arg(long = "ip", value_name = "ADDR")]
     ip: Vec<IpAddr>,
-    /// Replace an existing key.pem or PKCS#12 file
+    /// Create the device key in a TPM or PKCS#11 token instead of key.pem, e.g.
+    /// `tpm:blob=device.tpmkey;tcti=device:/dev/tpmrm0` (a relative blob is relative to
+    /// --out); DIR/key.ref then records where it is
+    #[arg(long, value_name = "KEYREF", conflicts_with_all = ["batch", "server_keygen"])]
+    key: Option<hsm::KeyRef>,
+    /// Replace an existing key.pem, key.ref or PKCS#12 file
     #[arg(long)]
     force: bool,
     /// Enroll every device in this CSV (columns subject,token[,label,dns,ip])
@@ -105,9 +110,12 @@ struct ReenrollArgs {
     /// The current certificate (cert.pem)
     #[arg(long, value_name = "FILE")]
     cert: PathBuf,
-    /// The current private key (key.pem, mode 0600)
-    #[arg(long, value_name = "FILE")]
-    key: PathBuf,
+    /// The current private key (key.pem, mode 0600) [default: key.ref or key.pem beside --cert]
+    #[arg(long, value_name = "FILE", conflicts_with = "key_ref")]
+    key: Option<PathBuf>,
+    /// The current key in a TPM or PKCS#11 token: a key reference, or a key.ref file
+    #[arg(long, value_name = "FILE_OR_KEYREF")]
+    key_ref: Option<String>,
     /// The plant's root CA certificate (ca.pem)
     #[arg(long, value_name = "FILE")]
     ca: PathBuf,
@@ -145,19 +153,29 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .init();
-    match runtime().map(|rt| rt.block_on(run(cli))) {
-        Ok(Ok(code)) => code,
-        Ok(Err(e)) => {
+    let runtime = match runtime() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let outcome = runtime.block_on(run(cli));
+    // Shut the runtime down before `main` returns and libc's exit handlers run. A task may
+    // still hold the device key (a pooled TLS connection keeps its rustls config, and so the
+    // key); dropping the runtime drops every task and joins its workers, so the last TPM key
+    // goes here and the hsm crate joins the TPM's owner thread before libcrypto's
+    // `OPENSSL_cleanup` runs at exit (see `hsm::tpm`'s `Drop for Tpm`).
+    drop(runtime);
+    match outcome {
+        Ok(code) => code,
+        Err(e) => {
             eprintln!("error: {e}");
             if e.is_usage() {
                 ExitCode::from(EXIT_USAGE)
             } else {
                 ExitCode::FAILURE
             }
-        }
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
         }
     }
 }
@@ -176,10 +194,15 @@ async fn run(cli: Cli) -> Result<ExitCode, agent::Error> {
             None => enroll_one(args).await,
         },
         Command::Reenroll(args) => {
+            let key = match (args.key, args.key_ref) {
+                (Some(path), _) => CurrentKey::Pem(path),
+                (None, Some(text)) => CurrentKey::from_argument(&text)?,
+                (None, None) => CurrentKey::BesideCertificate,
+            };
             let renewed = reenrollment::reenroll(ReenrollOptions {
                 server: args.server,
                 cert: args.cert,
-                key: args.key,
+                key,
                 ca: args.ca,
                 chain: args.chain,
                 label: args.label,
@@ -211,7 +234,10 @@ async fn enroll_one(args: EnrollArgs) -> Result<ExitCode, agent::Error> {
             pkcs12,
             password: Pkcs12Password::from_file(&password_file)?,
         },
-        _ => KeyOrigin::Local,
+        _ => match args.key {
+            Some(key_ref) => KeyOrigin::KeyStore(key_ref),
+            None => KeyOrigin::Local,
+        },
     };
     let enrolled = enrollment::enroll(EnrollOptions {
         server: args.server,

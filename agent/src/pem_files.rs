@@ -12,12 +12,16 @@ use std::path::{Path, PathBuf};
 
 use der::pem::LineEnding;
 use der::{Decode, Encode};
+use hsm::KeyRef;
 use x509_cert::Certificate;
 
 use crate::Error;
 
 /// The private key, PKCS#8 PEM.
 pub const KEY_FILE: &str = "key.pem";
+/// Instead of `key.pem` when the key lives in a TPM or PKCS#11 token: its key reference
+/// (`hsm::KeyRef` grammar), relative paths meaning relative to this file's directory.
+pub const KEY_REF_FILE: &str = "key.ref";
 /// The device's certificate.
 pub const CERT_FILE: &str = "cert.pem";
 /// The issuing CA certificate(s), nearest first, without the root.
@@ -37,7 +41,8 @@ pub enum Overwrite {
     Allow,
 }
 
-/// A directory holding one device's `key.pem`, `cert.pem`, `chain.pem` and `ca.pem`.
+/// A directory holding one device's `key.pem` (or `key.ref`), `cert.pem`, `chain.pem` and
+/// `ca.pem`.
 #[derive(Debug, Clone)]
 pub struct CredentialDir {
     dir: PathBuf,
@@ -59,11 +64,20 @@ impl CredentialDir {
         self.dir.join(name)
     }
 
-    /// Creates the directory and checks that `key.pem` may be written, before any token is
-    /// spent: finding out after the CA issued would waste a single-use token.
+    /// Creates the directory and checks that `key.pem` and `key.ref` may be written, before
+    /// any token is spent: finding out after the CA issued would waste a single-use token.
     pub fn prepare(&self, overwrite: Overwrite) -> Result<(), Error> {
         prepare_directory(&self.dir)?;
-        refuse_existing(&self.file(KEY_FILE), overwrite)
+        refuse_existing(&self.file(KEY_FILE), overwrite)?;
+        refuse_existing(&self.file(KEY_REF_FILE), overwrite)
+    }
+
+    /// Writes `key.ref` (mode 0600: it tells where the device's identity lives).
+    pub fn write_key_ref(&self, key_ref: &KeyRef, overwrite: Overwrite) -> Result<PathBuf, Error> {
+        let path = self.file(KEY_REF_FILE);
+        let text = format!("{key_ref}\n");
+        write_atomically(&path, text.as_bytes(), KEY_MODE, overwrite)?;
+        Ok(path)
     }
 
     /// Writes `key.pem` (mode 0600).
@@ -163,6 +177,24 @@ pub fn write_atomically(
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(Error::io(dir))
+}
+
+/// The key reference in a `key.ref` file, its relative paths resolved against the file's
+/// (absolute) directory.
+pub fn read_key_ref(path: &Path) -> Result<KeyRef, Error> {
+    let text = fs::read_to_string(path).map_err(Error::io(path))?;
+    let key_ref: KeyRef = text.trim().parse().map_err(|e| {
+        Error::Usage(format!(
+            "{} does not hold a key reference: {e}",
+            path.display()
+        ))
+    })?;
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let dir = std::path::absolute(dir).map_err(Error::io(dir))?;
+    Ok(key_ref.with_base_dir(&dir))
 }
 
 /// Certificates as concatenated PEM blocks.

@@ -2,16 +2,53 @@
 //! client certificate, and the request repeats its Subject and SANs.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use est::client::ClientIdentity;
 use est::Label;
+use hsm::KeyRef;
 
 use crate::certificate::{issuing_chain, CertificateFacts};
+use crate::client_identity::ReenrollClient;
 use crate::csr::DeviceNames;
 use crate::enrollment::Enrollment;
-use crate::pem_files::{self, CredentialDir, Overwrite, CA_FILE, CHAIN_FILE, KEY_FILE};
+use crate::pem_files::{
+    self, CredentialDir, Overwrite, CA_FILE, CHAIN_FILE, KEY_FILE, KEY_REF_FILE,
+};
 use crate::trust::CaTrust;
 use crate::Error;
+
+/// The key the current certificate belongs to.
+#[derive(Debug, Clone)]
+pub enum CurrentKey {
+    /// A software key, PKCS#8 PEM (`key.pem`, mode 0600).
+    Pem(PathBuf),
+    /// A key named by a key reference, normally a TPM or PKCS#11 key from `key.ref`.
+    Reference(KeyRef),
+    /// Whichever is beside the certificate: `key.ref` if present, else `key.pem`.
+    BesideCertificate,
+}
+
+impl CurrentKey {
+    /// `--key-ref` takes a key reference or a file holding one (`key.ref`).
+    pub fn from_argument(text: &str) -> Result<Self, Error> {
+        let looks_like_reference = ["tpm:", "pkcs11:", "soft:"]
+            .iter()
+            .any(|scheme| text.starts_with(scheme));
+        if looks_like_reference {
+            return text
+                .parse::<KeyRef>()
+                .map(Self::Reference)
+                .map_err(|e| Error::Usage(format!("--key-ref: {e}")));
+        }
+        let path = Path::new(text);
+        if !path.exists() {
+            return Err(Error::Usage(format!(
+                "--key-ref {text:?} is neither a key reference (tpm:…, pkcs11:…, soft:…) nor an existing key.ref file"
+            )));
+        }
+        Ok(Self::Reference(pem_files::read_key_ref(path)?))
+    }
+}
 
 /// One `agent reenroll`.
 #[derive(Debug, Clone)]
@@ -20,8 +57,8 @@ pub struct ReenrollOptions {
     pub server: String,
     /// The current certificate (PEM; further certificates in the file count as its chain).
     pub cert: PathBuf,
-    /// The current private key (PKCS#8 PEM, mode 0600).
-    pub key: PathBuf,
+    /// The current certificate's key.
+    pub key: CurrentKey,
     /// The CA certificate(s) to verify the server with (`ca.pem` from enrollment).
     pub ca: PathBuf,
     /// The issuing chain to present with the certificate; default `chain.pem` beside `cert`.
@@ -30,8 +67,48 @@ pub struct ReenrollOptions {
     pub label: Option<Label>,
     /// Where the new files go; default: the directory of `cert`.
     pub out: Option<PathBuf>,
-    /// Generate a new key instead of certifying the current one again.
+    /// Generate a new key instead of certifying the current one again (software keys only).
     pub rekey: bool,
+}
+
+/// The current key, opened, and where it came from.
+struct OpenedKey {
+    signer: Arc<dyn hsm::Signer>,
+    /// The software key itself, to copy into a fresh output directory.
+    soft: Option<Arc<hsm::SoftKey>>,
+    /// The (absolute) key reference, for a fresh output directory.
+    reference: Option<KeyRef>,
+    /// For messages.
+    name: String,
+}
+
+fn open_current_key(key: &CurrentKey, cert_dir: &Path) -> Result<OpenedKey, Error> {
+    let reference = match key {
+        CurrentKey::Reference(reference) => reference.clone(),
+        CurrentKey::BesideCertificate if cert_dir.join(KEY_REF_FILE).exists() => {
+            pem_files::read_key_ref(&cert_dir.join(KEY_REF_FILE))?
+        }
+        CurrentKey::Pem(path) => return open_pem_key(path),
+        CurrentKey::BesideCertificate => return open_pem_key(&cert_dir.join(KEY_FILE)),
+    };
+    let cwd = std::path::absolute(".").map_err(Error::io("."))?;
+    let reference = reference.with_base_dir(&cwd);
+    Ok(OpenedKey {
+        signer: hsm::open(&reference)?,
+        soft: None,
+        name: reference.to_string(),
+        reference: Some(reference),
+    })
+}
+
+fn open_pem_key(path: &Path) -> Result<OpenedKey, Error> {
+    let soft = Arc::new(hsm::SoftKey::open(path)?);
+    Ok(OpenedKey {
+        signer: Arc::clone(&soft) as Arc<dyn hsm::Signer>,
+        soft: Some(soft),
+        reference: None,
+        name: path.display().to_string(),
+    })
 }
 
 /// Renews the certificate and writes `cert.pem`, `chain.pem` (and `key.pem` when re-keyed).
@@ -54,20 +131,28 @@ pub async fn reenroll(options: ReenrollOptions) -> Result<Enrollment, Error> {
         presented.extend(pem_files::read_certificates(&chain_file)?);
     }
 
-    let key = hsm::SoftKey::open(&options.key)?;
+    let key = open_current_key(&options.key, &cert_dir)?;
+    if options.rekey && key.soft.is_none() {
+        return Err(Error::Usage(format!(
+            "--rekey makes a new software key, but the current key is {}; a TPM or PKCS#11 key is renewed as it is (for a new one, enroll again with --key)",
+            key.name
+        )));
+    }
     current.ensure_key(
         &format!(
             "{} (does it belong to {}?)",
             options.cert.display(),
-            options.key.display()
+            key.name
         ),
-        hsm::Signer::public_key(&key),
+        key.signer.public_key(),
     )?;
-    let identity = ClientIdentity {
-        chain: presented,
-        pkcs8_der: key.to_pkcs8_der()?.to_vec(),
-    };
-    let client = trust.client(options.label.as_ref(), Some(&identity))?;
+    let client = ReenrollClient::new(
+        &trust,
+        options.label.as_ref(),
+        &presented,
+        Arc::clone(&key.signer),
+    )
+    .map_err(Error::est("setting up TLS to the EST server"))?;
 
     let names = DeviceNames::of_certificate(&current)?;
     let new_key = if options.rekey {
@@ -75,7 +160,10 @@ pub async fn reenroll(options: ReenrollOptions) -> Result<Enrollment, Error> {
     } else {
         None
     };
-    let signer = new_key.as_ref().unwrap_or(&key);
+    let signer: &dyn hsm::Signer = match &new_key {
+        Some(new_key) => new_key,
+        None => key.signer.as_ref(),
+    };
     let csr = names.request(signer)?;
     let step = format!("renewing {}", current.subject());
     let issued = client
@@ -83,10 +171,11 @@ pub async fn reenroll(options: ReenrollOptions) -> Result<Enrollment, Error> {
         .await
         .map_err(Error::est(step.clone()))?;
     let leaf = CertificateFacts::from_der("renewed certificate", &issued)?;
-    leaf.ensure_key("renewed certificate", hsm::Signer::public_key(signer))?;
+    leaf.ensure_key("renewed certificate", signer.public_key())?;
     // The issuing CA may have rotated since the last enrollment (DESIGN §3: a short-lived
     // signing CA), so chain.pem is refreshed along with the certificate.
-    let ca_certs = client
+    let ca_certs = trust
+        .client(options.label.as_ref(), None)?
         .cacerts()
         .await
         .map_err(Error::est(format!("{step}: fetching the CA certificates")))?;
@@ -95,12 +184,18 @@ pub async fn reenroll(options: ReenrollOptions) -> Result<Enrollment, Error> {
     let dir = CredentialDir::new(options.out.clone().unwrap_or(cert_dir));
     dir.prepare(Overwrite::Allow)?;
     let mut files = Vec::new();
+    let has_key = dir.file(KEY_FILE).exists() || dir.file(KEY_REF_FILE).exists();
     if let Some(new_key) = &new_key {
         // Re-keying replaces the key on purpose; the old one is useless with the new cert.
         files.push(dir.write_key(&new_key.to_pkcs8_pem()?, Overwrite::Allow)?);
-    } else if !dir.file(KEY_FILE).exists() {
-        // A fresh --out directory gets the key too, so it holds a usable identity.
-        files.push(dir.write_key(&key.to_pkcs8_pem()?, Overwrite::Refuse)?);
+    } else if !has_key {
+        // A fresh --out directory gets the key (or where it is) too, so it holds a usable
+        // identity.
+        match (&key.soft, &key.reference) {
+            (Some(soft), _) => files.push(dir.write_key(&soft.to_pkcs8_pem()?, Overwrite::Refuse)?),
+            (None, Some(reference)) => files.push(dir.write_key_ref(reference, Overwrite::Refuse)?),
+            (None, None) => {}
+        }
     }
     let root = (!dir.file(CA_FILE).exists()).then(|| trust.root());
     files.extend(dir.write_certificates(leaf.der(), &chain, root)?);
@@ -143,7 +238,7 @@ mod tests {
         let err = reenroll(ReenrollOptions {
             server: "https://127.0.0.1:9".into(),
             cert: creds.file(pem_files::CERT_FILE),
-            key: creds.file(KEY_FILE),
+            key: CurrentKey::Pem(creds.file(KEY_FILE)),
             ca: creds.file(CA_FILE),
             chain: None,
             label: None,

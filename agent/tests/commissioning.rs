@@ -14,7 +14,7 @@ use agent::certificate::CertificateFacts;
 use agent::credentials::{AuthScheme, EnrollmentToken, Pkcs12Password};
 use agent::enrollment::{self, Device, EnrollOptions, KeyOrigin};
 use agent::pem_files::{self, Overwrite, CA_FILE, CERT_FILE, CHAIN_FILE, KEY_FILE};
-use agent::reenrollment::{self, ReenrollOptions};
+use agent::reenrollment::{self, CurrentKey, ReenrollOptions};
 use agent::Error;
 use est::csr::RequestedName;
 use est::server::{
@@ -512,7 +512,7 @@ async fn renewal_keeps_the_names_and_rekey_replaces_the_key() {
     let reenroll = |rekey| ReenrollOptions {
         server: server.url.clone(),
         cert: dir.path().join(CERT_FILE),
-        key: dir.path().join(KEY_FILE),
+        key: CurrentKey::Pem(dir.path().join(KEY_FILE)),
         ca: dir.path().join(CA_FILE),
         chain: None,
         label: plc_label(),

@@ -23,7 +23,13 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(issuer::cli::run(cli)) {
+    let outcome = runtime.block_on(issuer::cli::run(cli));
+    // Shut the runtime down before `main` returns and libc's exit handlers run. A task may
+    // still hold a CA key; dropping the runtime drops every task and joins its workers, so
+    // the last TPM key goes here and the hsm crate joins the TPM's owner thread before
+    // libcrypto's `OPENSSL_cleanup` runs at exit (see `hsm::tpm`'s `Drop for Tpm`).
+    drop(runtime);
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("issuer: {e}");

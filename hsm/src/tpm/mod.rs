@@ -26,7 +26,7 @@ pub use blob::KeyBlob;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
-use std::thread;
+use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use tss_esapi::handles::KeyHandle;
@@ -70,6 +70,8 @@ struct Tpm {
     capacity: usize,
     activity: Arc<Activity>,
     stopped: Mutex<Receiver<()>>,
+    /// Joined on drop once `stopped` says the thread is done with the TPM.
+    owner: Option<JoinHandle<()>>,
     close_wait: Duration,
 }
 
@@ -298,7 +300,7 @@ impl Tpm {
             context: None,
             keys: Vec::new(),
         };
-        thread::Builder::new()
+        let owner = thread::Builder::new()
             .name("tpm-owner".into())
             .spawn(move || owner.run(&queue, &stopped_tx))
             .map_err(|e| Error::Unavailable {
@@ -311,6 +313,7 @@ impl Tpm {
             capacity,
             activity,
             stopped: Mutex::new(stopped),
+            owner: Some(owner),
             close_wait: options.deadline,
         })
     }
@@ -386,12 +389,33 @@ impl Drop for Tpm {
         // one connection at a time, and the next user of the TPM may be this same process.
         drop(
             self.requests
-                .lock()
+                .get_mut()
                 .unwrap_or_else(PoisonError::into_inner)
                 .take(),
         );
-        let stopped = self.stopped.lock().unwrap_or_else(PoisonError::into_inner);
-        let _ = stopped.recv_timeout(self.close_wait);
+        let stopped = self
+            .stopped
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner)
+            .recv_timeout(self.close_wait);
+        // Then join the thread: having said it stopped, it has not yet finished. Its
+        // thread-exit destructors still run, libcrypto's among them (libtss2-esys does its
+        // cryptography with OpenSSL 3), freeing the thread's OpenSSL state. The last key is typically
+        // dropped just before `main` returns, and libc's exit handlers then run libcrypto's
+        // `OPENSSL_cleanup`, which frees the same structures: both at once corrupt the heap
+        // ("malloc_consolidate(): invalid chunk size", or SIGSEGV in `OPENSSL_sk_num`, at
+        // exit of `agent reenroll` under CPU load). Joining waits only for those destructors.
+        // A thread that did not stop in time is still inside a TPM command and is left
+        // behind rather than hang its caller (DESIGN §3: never a hang).
+        match stopped {
+            Ok(()) | Err(RecvTimeoutError::Disconnected) => {
+                if let Some(owner) = self.owner.take() {
+                    // An owner thread that panicked has nothing left to report here.
+                    let _ = owner.join();
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+        }
     }
 }
 
