@@ -128,9 +128,13 @@ struct ReenrollArgs {
     /// Where to write the new files [default: the directory of --cert]
     #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
-    /// Generate a new key instead of certifying the current one again
-    #[arg(long)]
+    /// Generate a new software key instead of certifying the current one again
+    #[arg(long, conflicts_with = "new_key")]
     rekey: bool,
+    /// Create a new key at this reference (tpm:…, pkcs11:…) and renew with it; key.ref then
+    /// names it. The current key still authenticates the renewal.
+    #[arg(long, value_name = "KEYREF")]
+    new_key: Option<hsm::KeyRef>,
 }
 
 fn main() -> ExitCode {
@@ -208,6 +212,7 @@ async fn run(cli: Cli) -> Result<ExitCode, agent::Error> {
                 label: args.label,
                 out: args.out,
                 rekey: args.rekey,
+                new_key: args.new_key,
             })
             .await?;
             println!("renewed\n{renewed}");

@@ -69,6 +69,8 @@ pub struct ReenrollOptions {
     pub out: Option<PathBuf>,
     /// Generate a new key instead of certifying the current one again (software keys only).
     pub rekey: bool,
+    /// Create a new key here (a TPM or PKCS#11 reference) and renew with it.
+    pub new_key: Option<KeyRef>,
 }
 
 /// The current key, opened, and where it came from.
@@ -134,7 +136,7 @@ pub async fn reenroll(options: ReenrollOptions) -> Result<Enrollment, Error> {
     let key = open_current_key(&options.key, &cert_dir)?;
     if options.rekey && key.soft.is_none() {
         return Err(Error::Usage(format!(
-            "--rekey makes a new software key, but the current key is {}; a TPM or PKCS#11 key is renewed as it is (for a new one, enroll again with --key)",
+            "--rekey makes a new software key, but the current key is {}; a TPM or PKCS#11 key is renewed as it is, or replaced by a new one in the device with --new-key tpm:… or pkcs11:…",
             key.name
         )));
     }
@@ -160,9 +162,23 @@ pub async fn reenroll(options: ReenrollOptions) -> Result<Enrollment, Error> {
     } else {
         None
     };
-    let signer: &dyn hsm::Signer = match &new_key {
-        Some(new_key) => new_key,
-        None => key.signer.as_ref(),
+    // A new key in the TPM or token: created before the renewal, named in key.ref after it.
+    // A relative blob path is relative to the credential folder, as at enrollment. If the
+    // renewal fails the new key stays unused where it was made; creation never overwrites,
+    // so a retry names another blob or label.
+    let device_key = match &options.new_key {
+        Some(reference) => {
+            let folder = options.out.clone().unwrap_or_else(|| cert_dir.clone());
+            let folder = std::path::absolute(&folder).map_err(Error::io(&folder))?;
+            let reference = reference.clone().with_base_dir(&folder);
+            Some((hsm::create(&reference)?, reference))
+        }
+        None => None,
+    };
+    let signer: &dyn hsm::Signer = match (&new_key, &device_key) {
+        (Some(new_key), _) => new_key,
+        (None, Some((device_key, _))) => device_key.as_ref(),
+        (None, None) => key.signer.as_ref(),
     };
     let csr = names.request(signer)?;
     let step = format!("renewing {}", current.subject());
@@ -188,6 +204,13 @@ pub async fn reenroll(options: ReenrollOptions) -> Result<Enrollment, Error> {
     if let Some(new_key) = &new_key {
         // Re-keying replaces the key on purpose; the old one is useless with the new cert.
         files.push(dir.write_key(&new_key.to_pkcs8_pem()?, Overwrite::Allow)?);
+    } else if let Some((_, reference)) = &device_key {
+        files.push(dir.write_key_ref(reference, Overwrite::Allow)?);
+        // A key.pem left beside key.ref would be the old, now useless, key.
+        let stale = dir.file(KEY_FILE);
+        if stale.exists() {
+            std::fs::remove_file(&stale).map_err(Error::io(&stale))?;
+        }
     } else if !has_key {
         // A fresh --out directory gets the key (or where it is) too, so it holds a usable
         // identity.
@@ -244,6 +267,7 @@ mod tests {
             label: None,
             out: None,
             rekey: false,
+            new_key: None,
         })
         .await
         .expect_err("mismatch");

@@ -518,6 +518,7 @@ async fn renewal_keeps_the_names_and_rekey_replaces_the_key() {
         label: plc_label(),
         out: None,
         rekey,
+        new_key: None,
     };
 
     let renewed = reenrollment::reenroll(reenroll(false))

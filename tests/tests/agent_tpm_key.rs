@@ -120,6 +120,42 @@ fn tpm_key_enrolls_and_renews_over_mutual_tls_without_leaving_the_tpm() -> Resul
     )?;
     verify_chain(&issuer, &cert)?;
 
+    // A new key in the TPM: made there, the renewal authenticated by the old one, and
+    // key.ref names the new one for the next renewal.
+    let new_ref = format!("tpm:blob=device-2.tpmkey;tcti={}", tpm.tcti_string());
+    let renew = |extra: &[&str]| {
+        let mut command = agent();
+        command
+            .args([
+                "reenroll",
+                "--server",
+                &issuer.url,
+                "--label",
+                "plc",
+                "--cert",
+            ])
+            .arg(&cert)
+            .arg("--ca")
+            .arg(device.join("ca.pem"))
+            .args(extra);
+        command
+    };
+    run_ok(&mut renew(&["--new-key", &new_ref]))?;
+    verify_chain(&issuer, &cert)?;
+    ensure!(device.join("device-2.tpmkey").exists(), "no new TPM blob");
+    ensure!(
+        public_key(&cert)? != first_key,
+        "--new-key kept the old key"
+    );
+    let second_key = public_key(&cert)?;
+    let named = std::fs::read_to_string(device.join("key.ref"))?;
+    ensure!(named.contains("device-2.tpmkey"), "{named}");
+    run_ok(&mut renew(&[]))?;
+    ensure!(
+        public_key(&cert)? == second_key,
+        "the next renewal did not use the new key"
+    );
+
     let mut statuses: Vec<String> = issuer
         .inventory(&[])?
         .iter()
@@ -127,6 +163,15 @@ fn tpm_key_enrolls_and_renews_over_mutual_tls_without_leaving_the_tpm() -> Resul
         .map(|r| r["status"].as_str().unwrap_or_default().to_owned())
         .collect();
     statuses.sort();
-    assert_eq!(statuses, ["superseded", "superseded", "valid"]);
+    assert_eq!(
+        statuses,
+        [
+            "superseded",
+            "superseded",
+            "superseded",
+            "superseded",
+            "valid"
+        ]
+    );
     Ok(())
 }
