@@ -43,6 +43,8 @@ pub struct Authority {
     pub(crate) crl_validity: Duration,
     pub(crate) crl_file: Option<std::path::PathBuf>,
     pub(crate) metrics: crate::metrics::Metrics,
+    /// Where the root key is, as `issuer status` says it.
+    pub(crate) root_key: String,
 }
 
 /// An operator's request for tokens.
@@ -137,6 +139,9 @@ pub struct StatusReport {
     pub root_fingerprint: String,
     /// Where the issuing key lives.
     pub issuing_key: String,
+    /// Where the root key lives, if on this machine.
+    #[serde(default)]
+    pub root_key: String,
     /// Issuing CA notAfter, RFC 3339.
     pub issuing_ca_not_after: String,
     /// Labels served.
@@ -202,6 +207,21 @@ impl Authority {
                 .as_ref()
                 .map(|_| config.state_dir().join("crl.der")),
             metrics: crate::metrics::Metrics::default(),
+            root_key: {
+                // `init` writes the root key beside the root certificate; operators are told
+                // to move it offline, and status says whether they did.
+                let path = config
+                    .resolve(&config.ca.root_certificate)
+                    .with_file_name("root.key");
+                if path.exists() {
+                    format!(
+                        "software key file {} (needed only to make a new issuing CA: move it offline)",
+                        path.display()
+                    )
+                } else {
+                    "not on this machine (offline)".to_owned()
+                }
+            },
         })
     }
 
@@ -481,6 +501,7 @@ impl Authority {
             trust_domain: self.trust_domain.clone(),
             root_fingerprint: self.ca.root_fingerprint(),
             issuing_key: self.ca.key_location(),
+            root_key: self.root_key.clone(),
             issuing_ca_not_after: self
                 .ca
                 .not_after()

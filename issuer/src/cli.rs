@@ -320,6 +320,7 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
             let report: StatusReport = admin(&arg.config)?.get("/v1/status").await?;
             println!("trust domain        {}", report.trust_domain);
             println!("root fingerprint    {}", report.root_fingerprint);
+            println!("root key            {}", report.root_key);
             println!("issuing key         {}", report.issuing_key);
             if let Some((waiting, capacity)) = report.issuing_key_queue {
                 println!("  queue             {waiting} waiting (at most {capacity})");

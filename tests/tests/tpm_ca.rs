@@ -69,6 +69,7 @@ fn short_lived_keys_keep_issuing_while_the_tpm_is_down_and_direct_issuance_recov
     let status = plant_tests::run_ok(issuer.cli().arg("status"))?;
     for expected in [
         "TPM key blob",
+        "root key            software key file",
         "queue",
         "signing key         signing",
         "in memory",
