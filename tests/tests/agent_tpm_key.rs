@@ -72,57 +72,6 @@ fn tpm_key_enrolls_and_renews_over_mutual_tls_without_leaving_the_tpm() -> Resul
     let first_serial = x509_field(&cert, "-serial")?;
     let first_key = public_key(&cert)?;
 
-    // A TPM key is renewed as it is, never replaced by a software key.
-    let rekey = run(agent()
-        .args(["reenroll", "--server", &issuer.url, "--rekey", "--cert"])
-        .arg(&cert)
-        .arg("--ca")
-        .arg(device.join("ca.pem")))?;
-    ensure!(rekey.status.code() == Some(64), "{rekey:?}");
-    ensure!(String::from_utf8_lossy(&rekey.stderr).contains("--rekey"));
-
-    // key.ref beside the certificate is found by itself; the TPM signs the handshake.
-    run_ok(
-        agent()
-            .args([
-                "reenroll",
-                "--server",
-                &issuer.url,
-                "--label",
-                "plc",
-                "--cert",
-            ])
-            .arg(&cert)
-            .arg("--ca")
-            .arg(device.join("ca.pem")),
-    )?;
-    verify_chain(&issuer, &cert)?;
-    ensure!(x509_field(&cert, "-serial")? != first_serial, "same serial");
-    ensure!(public_key(&cert)? == first_key, "renewal changed the key");
-    ensure!(!device.join("key.pem").exists(), "renewal wrote a key.pem");
-
-    // Naming the key explicitly works as well.
-    run_ok(
-        agent()
-            .args([
-                "reenroll",
-                "--server",
-                &issuer.url,
-                "--label",
-                "plc",
-                "--cert",
-            ])
-            .arg(&cert)
-            .arg("--key-ref")
-            .arg(device.join("key.ref"))
-            .arg("--ca")
-            .arg(device.join("ca.pem")),
-    )?;
-    verify_chain(&issuer, &cert)?;
-
-    // A new key in the TPM: made there, the renewal authenticated by the old one, and
-    // key.ref names the new one for the next renewal.
-    let new_ref = format!("tpm:blob=device-2.tpmkey;tcti={}", tpm.tcti_string());
     let renew = |extra: &[&str]| {
         let mut command = agent();
         command
@@ -140,6 +89,27 @@ fn tpm_key_enrolls_and_renews_over_mutual_tls_without_leaving_the_tpm() -> Resul
             .args(extra);
         command
     };
+
+    // A TPM key is renewed as it is, never replaced by a software key.
+    let rekey = run(&mut renew(&["--rekey"]))?;
+    ensure!(rekey.status.code() == Some(64), "{rekey:?}");
+    ensure!(String::from_utf8_lossy(&rekey.stderr).contains("--rekey"));
+
+    // key.ref beside the certificate is found by itself; the TPM signs the handshake.
+    run_ok(&mut renew(&[]))?;
+    verify_chain(&issuer, &cert)?;
+    ensure!(x509_field(&cert, "-serial")? != first_serial, "same serial");
+    ensure!(public_key(&cert)? == first_key, "renewal changed the key");
+    ensure!(!device.join("key.pem").exists(), "renewal wrote a key.pem");
+
+    // Naming the key explicitly works as well.
+    let key_ref_file = device.join("key.ref").to_string_lossy().into_owned();
+    run_ok(&mut renew(&["--key-ref", &key_ref_file]))?;
+    verify_chain(&issuer, &cert)?;
+
+    // A new key in the TPM: made there, the renewal authenticated by the old one, and
+    // key.ref names the new one for the next renewal.
+    let new_ref = format!("tpm:blob=device-2.tpmkey;tcti={}", tpm.tcti_string());
     run_ok(&mut renew(&["--new-key", &new_ref]))?;
     verify_chain(&issuer, &cert)?;
     ensure!(device.join("device-2.tpmkey").exists(), "no new TPM blob");
