@@ -45,6 +45,8 @@ pub struct Authority {
     pub(crate) metrics: crate::metrics::Metrics,
     /// Where the root key is, as `issuer status` says it.
     pub(crate) root_key: String,
+    /// The dashboard's expiry timeline, recounted at most every 30 s.
+    pub(crate) timeline_cache: crate::dashboard::TimelineCache,
 }
 
 /// An operator's request for tokens.
@@ -207,6 +209,7 @@ impl Authority {
                 .as_ref()
                 .map(|_| config.state_dir().join("crl.der")),
             metrics: crate::metrics::Metrics::default(),
+            timeline_cache: Default::default(),
             root_key: {
                 // `init` writes the root key beside the root certificate; operators are told
                 // to move it offline, and status says whether they did.

@@ -16,6 +16,15 @@ use serde::Deserialize;
 use crate::authority::Authority;
 use crate::store::{InventoryQuery, Status};
 
+/// How long a computed timeline is shown before it is computed again: it pages through every
+/// valid certificate of the next two years (most of a large inventory), which a dashboard
+/// left open and reloaded must not redo on every load.
+const TIMELINE_TTL: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The last timeline computed, and when.
+#[derive(Debug, Default)]
+pub struct TimelineCache(std::sync::Mutex<Option<(std::time::Instant, Arc<Timeline>)>>);
+
 /// Rows shown in the table (the first page); the summary says how many match in all.
 const ROWS: usize = 500;
 /// The timeline: 25 buckets of 30 days, so two-year PLC certificates show.
@@ -82,7 +91,7 @@ fn render(authority: &Authority, filters: &Filters) -> Result<String, (StatusCod
         ..InventoryQuery::default()
     };
     let page = authority.inventory(&query).map_err(unavailable)?;
-    let timeline = timeline(authority).map_err(unavailable)?;
+    let timeline = cached_timeline(authority).map_err(unavailable)?;
     let report = authority.status();
 
     let mut html = String::with_capacity(64 * 1024);
@@ -106,7 +115,7 @@ tr.revoked td, tr.expired td {{ color: #98a2ad; }} tr.revoked td.status {{ color
 <body>
 <h1>Plant PKI · {domain}</h1>
 <p class="summary">Issuing key: {key}. {total} certificates match these filters{shown}.</p>
-<h2>Upcoming expiries by label (valid certificates, per 30 days, next two years)</h2>
+<h2>Upcoming expiries by label (valid certificates, per 30 days, next two years; recounted every 30 s)</h2>
 <div id="timeline" data-rendered="false"></div>
 <h2>Inventory</h2>
 <form method="get" action="/ui">
@@ -153,7 +162,7 @@ tr.revoked td, tr.expired td {{ color: #98a2ad; }} tr.revoked td.status {{ color
             not_after = crate::est_backend::rfc3339(row.not_after),
         );
     }
-    let data = serde_json::to_string(&timeline)
+    let data = serde_json::to_string(timeline.as_ref())
         .unwrap_or_else(|_| "{}".into())
         .replace("</", "<\\/");
     let _ = write!(
@@ -167,9 +176,23 @@ tr.revoked td, tr.expired td {{ color: #98a2ad; }} tr.revoked td.status {{ color
     Ok(html)
 }
 
+fn cached_timeline(authority: &Authority) -> Result<Arc<Timeline>, crate::Error> {
+    let cache = &authority.timeline_cache.0;
+    if let Some((at, timeline)) = cache.lock().ok().and_then(|c| c.clone()) {
+        if at.elapsed() < TIMELINE_TTL {
+            return Ok(timeline);
+        }
+    }
+    let timeline = Arc::new(timeline(authority)?);
+    if let Ok(mut cached) = cache.lock() {
+        *cached = Some((std::time::Instant::now(), timeline.clone()));
+    }
+    Ok(timeline)
+}
+
 /// Counts of valid certificates by label and 30-day bucket, from now on.
 #[derive(Debug, serde::Serialize)]
-struct Timeline {
+pub struct Timeline {
     /// The start date of each bucket, `YYYY-MM-DD`.
     buckets: Vec<String>,
     /// Per label, one count per bucket.
