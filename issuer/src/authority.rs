@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use crate::ca::{CertificateAuthority, SignWith, SubjectKey};
-use crate::clock::Clock;
+use crate::clock::{rfc3339, Clock};
 use crate::config::Config;
 use crate::grant::{valid_dns, valid_subject, Grant};
 use crate::profile::{Profile, SanKind};
@@ -611,11 +611,6 @@ impl Authority {
             }
         }
     }
-}
-
-fn rfc3339(t: OffsetDateTime) -> String {
-    t.format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_else(|_| t.to_string())
 }
 
 /// 256 random bits, base64url: the one-time token an engineer types or pastes.

@@ -198,24 +198,23 @@ impl CertificateAuthority {
                 .not_after
                 .to_unix_duration(),
         )?;
-        let subject_key_id = issuing
-            .tbs_certificate
-            .extensions
-            .as_deref()
-            .unwrap_or_default()
-            .iter()
-            .find(|e| e.extn_id == const_oid::db::rfc5280::ID_CE_SUBJECT_KEY_IDENTIFIER)
-            .and_then(|e| {
-                x509_cert::ext::pkix::SubjectKeyIdentifier::from_der(e.extn_value.as_bytes()).ok()
-            })
-            .map(|ski| ski.0.as_bytes().to_vec())
-            .ok_or_else(|| {
-                Error::Certificate(format!(
-                    "{} has no subjectKeyIdentifier",
-                    issuing_pem.display()
-                ))
-            })?;
-        if signing_keys.is_some() && path_len(&issuing) == Some(0) {
+        let subject_key_id = extension::<x509_cert::ext::pkix::SubjectKeyIdentifier>(
+            &issuing,
+            const_oid::db::rfc5280::ID_CE_SUBJECT_KEY_IDENTIFIER,
+        )
+        .map(|ski| ski.0.as_bytes().to_vec())
+        .ok_or_else(|| {
+            Error::Certificate(format!(
+                "{} has no subjectKeyIdentifier",
+                issuing_pem.display()
+            ))
+        })?;
+        let path_len = extension::<x509_cert::ext::pkix::BasicConstraints>(
+            &issuing,
+            const_oid::db::rfc5280::ID_CE_BASIC_CONSTRAINTS,
+        )
+        .and_then(|bc| bc.path_len_constraint);
+        if signing_keys.is_some() && path_len == Some(0) {
             return Err(Error::Config(format!(
                 "{} has pathLenConstraint 0, so certificates signed by short-lived signing keys \
                  would fail verifiers that count every CA (rustls among them); remove \
@@ -389,19 +388,19 @@ fn rcgen_name(name: &x509_cert::name::Name) -> Result<DistinguishedName, String>
     Ok(dn)
 }
 
-/// The issuing certificate's pathLenConstraint, if it has one.
-fn path_len(certificate: &x509_cert::Certificate) -> Option<u8> {
+/// The extension `oid` of `certificate`, decoded as `T`; `None` if absent or undecodable.
+fn extension<T: for<'a> Decode<'a>>(
+    certificate: &x509_cert::Certificate,
+    oid: const_oid::ObjectIdentifier,
+) -> Option<T> {
     certificate
         .tbs_certificate
         .extensions
         .as_deref()
         .unwrap_or_default()
         .iter()
-        .find(|e| e.extn_id == const_oid::db::rfc5280::ID_CE_BASIC_CONSTRAINTS)
-        .and_then(|e| {
-            x509_cert::ext::pkix::BasicConstraints::from_der(e.extn_value.as_bytes()).ok()
-        })
-        .and_then(|bc| bc.path_len_constraint)
+        .find(|e| e.extn_id == oid)
+        .and_then(|e| T::from_der(e.extn_value.as_bytes()).ok())
 }
 
 fn to_offset(since_epoch: Duration) -> Result<OffsetDateTime, Error> {

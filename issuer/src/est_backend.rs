@@ -318,12 +318,8 @@ fn refusal_reason(refusal: Refusal) -> &'static str {
 
 pub(crate) fn rfc3339(unix: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp(unix)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_else(|| unix.to_string())
+        .map(crate::clock::rfc3339)
+        .unwrap_or_else(|_| unix.to_string())
 }
 
 /// The one mapping from issuer errors to EST refusals. Store and key faults are 503 with

@@ -28,6 +28,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use crate::ca::HsmKey;
+use crate::clock::rfc3339;
 use crate::serial::Serial;
 use crate::Error;
 
@@ -299,11 +300,6 @@ impl SigningKeys {
 
 fn to_time(d: Duration) -> time::Duration {
     time::Duration::try_from(d).unwrap_or(time::Duration::MAX)
-}
-
-fn rfc3339(t: OffsetDateTime) -> String {
-    t.format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_else(|_| t.to_string())
 }
 
 #[cfg(test)]
