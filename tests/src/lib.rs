@@ -197,6 +197,16 @@ impl Issuer {
         Ok(run_ok(&mut command)?.trim().to_owned())
     }
 
+    /// `issuer revoke` of the certificate in `cert` (PEM) for keyCompromise; returns its serial.
+    pub fn revoke(&self, cert: &Path) -> Result<String> {
+        let serial = serial_hex(cert)?;
+        run_ok(
+            self.cli()
+                .args(["revoke", &serial, "--reason", "keyCompromise"]),
+        )?;
+        Ok(serial)
+    }
+
     /// The whole inventory as JSON values.
     pub fn inventory(&self, extra: &[&str]) -> Result<Vec<serde_json::Value>> {
         let mut command = self.cli();
@@ -559,6 +569,13 @@ fn extension_value(cert: &Path, extension: &str) -> Result<String> {
         .find(|l| l.len() > 20)
         .map(str::to_owned)
         .ok_or_else(|| anyhow::anyhow!("no {extension} in {text}"))
+}
+
+/// The certificate's serial as the inventory writes it: lower-case hex.
+pub fn serial_hex(cert: &Path) -> Result<String> {
+    Ok(x509_field(cert, "-serial")?
+        .trim_start_matches("serial=")
+        .to_ascii_lowercase())
 }
 
 /// A field of `openssl x509 -noout -<field>`.

@@ -78,9 +78,7 @@ fn engineer_enrolls_a_device_and_the_operator_sees_it_in_the_inventory() -> Resu
         0o600
     );
 
-    let serial = x509_field(&cert, "-serial")?
-        .trim_start_matches("serial=")
-        .to_ascii_lowercase();
+    let serial = plant_tests::serial_hex(&cert)?;
     let rows = issuer.inventory(&["--expiring-within", "800d", "--label", "plc"])?;
     let row = rows
         .iter()

@@ -494,14 +494,7 @@ fn reenrollment_refuses_changed_subjects_foreign_revoked_and_expired_certificate
     )?;
 
     // Revoked.
-    let serial = plant_tests::x509_field(&cert, "-serial")?
-        .trim_start_matches("serial=")
-        .to_ascii_lowercase();
-    plant_tests::run_ok(
-        issuer
-            .cli()
-            .args(["revoke", &serial, "--reason", "keyCompromise"]),
-    )?;
+    issuer.revoke(&cert)?;
     expect(
         &reenroll(&issuer, dir.path(), &cert, &key, "dev-1")?,
         403,

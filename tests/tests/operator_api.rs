@@ -3,7 +3,7 @@
 //! revoked operator certificate, or none, reads nothing; nothing that changes the CA is there.
 
 use anyhow::{ensure, Result};
-use plant_tests::{curl, enroll_with_token, x509_field, Issuer};
+use plant_tests::{curl, enroll_with_token, Issuer};
 
 #[test]
 fn operator_certificates_read_the_inventory_and_nothing_else_does() -> Result<()> {
@@ -95,14 +95,7 @@ fn operator_certificates_read_the_inventory_and_nothing_else_does() -> Result<()
     );
 
     // A revoked operator certificate reads nothing any more.
-    let serial = x509_field(&operator, "-serial")?
-        .trim_start_matches("serial=")
-        .to_ascii_lowercase();
-    plant_tests::run_ok(
-        issuer
-            .cli()
-            .args(["revoke", &serial, "--reason", "keyCompromise"]),
-    )?;
+    issuer.revoke(&operator)?;
     let revoked = api("inventory", as_operator)?;
     ensure!(
         revoked.status == 403 && revoked.text().contains("revoked"),

@@ -2,7 +2,7 @@
 //! HTTP with curl, verified and applied by openssl; and the revoked certificate can't renew.
 
 use anyhow::{ensure, Result};
-use plant_tests::{curl, openssl, run, run_ok, x509_field, Issuer};
+use plant_tests::{curl, openssl, run, Issuer};
 
 #[test]
 fn a_revoked_certificate_is_on_the_signed_crl_and_openssl_refuses_it() -> Result<()> {
@@ -48,14 +48,7 @@ fn revoked_certificate_is_refused(issuer: Issuer) -> Result<()> {
         "CRL distribution point {cdp:?} lacks {crl_url}"
     );
 
-    let serial = x509_field(revoked, "-serial")?
-        .trim_start_matches("serial=")
-        .to_ascii_lowercase();
-    run_ok(
-        issuer
-            .cli()
-            .args(["revoke", &serial, "--reason", "keyCompromise"]),
-    )?;
+    let serial = issuer.revoke(revoked)?;
     // Revoking twice says so.
     let again = run(issuer.cli().args(["revoke", &serial]))?;
     ensure!(
