@@ -92,7 +92,8 @@ fn render(authority: &Authority, filters: &Filters) -> Result<String, (StatusCod
     };
     let page = authority.inventory(&query).map_err(unavailable)?;
     let timeline = cached_timeline(authority).map_err(unavailable)?;
-    let report = authority.status();
+    // Not `authority.status()`: that counts the whole inventory, which the page never shows.
+    let labels: Vec<String> = authority.profiles.keys().cloned().collect();
 
     let mut html = String::with_capacity(64 * 1024);
     let _ = write!(
@@ -120,8 +121,8 @@ tr.revoked td, tr.expired td {{ color: #98a2ad; }} tr.revoked td.status {{ color
 <h2>Inventory</h2>
 <form method="get" action="/ui">
 "#,
-        domain = escape(&report.trust_domain),
-        key = escape(&report.issuing_key),
+        domain = escape(&authority.trust_domain),
+        key = escape(&authority.ca.key_location()),
         total = page.total.unwrap_or(page.certificates.len()),
         shown = if page.next.is_some() {
             format!(" (the first {ROWS} by expiry are shown)")
@@ -129,7 +130,7 @@ tr.revoked td, tr.expired td {{ color: #98a2ad; }} tr.revoked td.status {{ color
             String::new()
         },
     );
-    select(&mut html, "label", "Label", &report.labels, &filters.label);
+    select(&mut html, "label", "Label", &labels, &filters.label);
     let statuses: Vec<String> = ["valid", "expired", "revoked", "superseded"]
         .map(str::to_owned)
         .to_vec();
