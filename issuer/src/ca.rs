@@ -482,3 +482,69 @@ fn ca_params(
     params.use_authority_key_identifier_extension = path_len.is_some();
     params
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A root and an issuing CA with pathLenConstraint `path_len` in `dir`; returns the
+    /// root and issuing PEM paths and the issuing key reference.
+    fn hierarchy(
+        dir: &Path,
+        path_len: u8,
+    ) -> (std::path::PathBuf, std::path::PathBuf, hsm::KeyRef) {
+        let now = OffsetDateTime::now_utc();
+        let root_key = HsmKey(Arc::new(hsm::SoftKey::generate().expect("key")));
+        let root = ca_params(
+            "Root",
+            "Plant",
+            "plant.example",
+            now,
+            Duration::from_secs(86_400),
+            None,
+        );
+        let root_cert = root.self_signed(&root_key).expect("root");
+        let key_ref = hsm::KeyRef::soft(dir.join("issuing.key"));
+        let issuing_key = HsmKey(hsm::create(&key_ref).expect("issuing key"));
+        let issuing = ca_params(
+            "Issuing",
+            "Plant",
+            "plant.example",
+            now,
+            Duration::from_secs(3600),
+            Some(path_len),
+        );
+        let issuing_cert = issuing
+            .signed_by(&issuing_key, &Issuer::new(root, root_key))
+            .expect("issuing");
+        let (root_pem, issuing_pem) = (dir.join("root.crt"), dir.join("issuing.crt"));
+        std::fs::write(&root_pem, root_cert.pem()).expect("write");
+        std::fs::write(&issuing_pem, issuing_cert.pem()).expect("write");
+        (root_pem, issuing_pem, key_ref)
+    }
+
+    #[test]
+    fn short_lived_keys_under_a_path_length_zero_issuing_ca_are_refused_with_advice() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (root, issuing, key) = hierarchy(dir.path(), 0);
+        let signing = Some((SigningKeyConfig::default(), Duration::from_secs(3600)));
+        let refused =
+            CertificateAuthority::load(&root, &issuing, &key, hsm::TpmOptions::default(), signing)
+                .expect_err("pathLen 0 with short-lived keys");
+        assert!(
+            refused.to_string().contains("pathLenConstraint 0"),
+            "{refused}"
+        );
+        assert!(
+            refused.to_string().contains("[ca.signing_key]"),
+            "{refused}"
+        );
+        // Without short-lived keys the same hierarchy serves; with pathLen 1 both do.
+        CertificateAuthority::load(&root, &issuing, &key, hsm::TpmOptions::default(), None)
+            .expect("direct signing");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (root, issuing, key) = hierarchy(dir.path(), 1);
+        CertificateAuthority::load(&root, &issuing, &key, hsm::TpmOptions::default(), signing)
+            .expect("pathLen 1");
+    }
+}
