@@ -54,6 +54,9 @@ pub enum Error {
     /// A PKCS#12 bundle could not be built.
     #[error("PKCS#12 bundle: {0}")]
     Pkcs12(String),
+    /// Node attestation could not produce evidence or answer the issuer's challenge.
+    #[error("node attestation: {0}")]
+    Attestation(String),
 }
 
 impl Error {

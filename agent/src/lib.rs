@@ -19,6 +19,7 @@ pub mod credentials;
 pub mod csr;
 pub mod enrollment;
 mod error;
+pub mod node;
 pub mod pem_files;
 pub mod pkcs12;
 pub mod reenrollment;

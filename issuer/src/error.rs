@@ -50,6 +50,9 @@ pub enum Error {
     /// A request that EST policy refuses; carries the EST error with its status.
     #[error(transparent)]
     Est(#[from] est::Error),
+    /// A node was not attested; the refusal says why.
+    #[error("attestation refused: {0}")]
+    Attestation(#[from] crate::attestation::Refusal),
 }
 
 impl Error {

@@ -2,6 +2,7 @@
 //! inventory of every certificate, and a hash-chained audit log.
 
 pub mod admin;
+pub mod attestation;
 pub mod authority;
 pub mod ca;
 mod check;

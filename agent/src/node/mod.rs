@@ -1,0 +1,25 @@
+//! Node attestation, the agent's side (DESIGN §5 "Node identity"): each method produces the
+//! evidence the issuer's attestor checks and answers its challenge. The agent API client
+//! (`issuer_client`) drives a [`NodeAttestation`] over the `Attest` stream.
+//!
+//! The calls may block (a TPM command takes tens of milliseconds on a real chip); the caller
+//! runs them on a blocking thread.
+
+use proto::agent::{Challenge, ChallengeResponse, Evidence};
+
+use crate::Error;
+
+/// One attestation method on the agent's side.
+pub trait NodeAttestation: Send + std::fmt::Debug {
+    /// The method name, e.g. `tpm`.
+    fn method(&self) -> &'static str;
+
+    /// The evidence for a new attestation, with `csr` (DER PKCS#10 of the node SVID key).
+    fn evidence(&mut self, csr: &[u8]) -> Result<Evidence, Error>;
+
+    /// The answer to the issuer's challenge for the evidence last produced.
+    fn answer(&mut self, challenge: &Challenge, csr: &[u8]) -> Result<ChallengeResponse, Error>;
+
+    /// Whether this method can attest again after a success (false for a join token).
+    fn can_reattest(&self) -> bool;
+}
