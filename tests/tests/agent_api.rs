@@ -157,6 +157,26 @@ async fn join_token_nodes_sync_and_mint_only_their_own_entries_until_evicted() -
     assert!(text.contains(&format!("URI:{a_id}")), "{text}");
     assert!(text.contains("CA:FALSE"), "{text}");
 
+    // Malformed evidence is the agent's error, not a refusal.
+    let mut client = AgentClient::new(agent_api_channel(&issuer, None).await?);
+    let no_csr = AttestRequest {
+        step: Some(attest_request::Step::Evidence(Evidence {
+            csr: b"not a CSR".to_vec(),
+            method: Some(evidence::Method::JoinToken(JoinTokenEvidence {
+                token: issuer.join_token()?,
+            })),
+        })),
+    };
+    let bad = client
+        .attest(tokio_stream::iter([no_csr]))
+        .await?
+        .into_inner()
+        .message()
+        .await
+        .err()
+        .context("a bad CSR attested")?;
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument, "{bad:?}");
+
     // An EST enrollment token is not a join token.
     let est_token = issuer.token("device", Some("plc-1"))?;
     let refused = attest_with_token(&issuer, &est_token)
@@ -475,6 +495,61 @@ async fn an_enrolled_device_attests_by_x509pop_again_after_eviction_but_not_once
     let mut client =
         AgentClient::new(agent_api_channel(&issuer, Some(renewed.tls_identity())).await?);
     client.sync_entries(SyncEntriesRequest {}).await?;
+
+    // A batch comes back in request order; an oversized batch is refused before any work.
+    let entries: Vec<String> = ["opcua", "historian"]
+        .iter()
+        .map(|name| {
+            issuer.create_entry(
+                &format!("spiffe://{TD}/{name}"),
+                &node_id,
+                &["unix:uid:1000"],
+                &[],
+            )
+        })
+        .collect::<Result<_>>()?;
+    let requests: Vec<X509SvidRequest> = entries
+        .iter()
+        .map(|id| {
+            Ok(X509SvidRequest {
+                entry_id: id.clone(),
+                csr: key_and_csr()?.1,
+            })
+        })
+        .collect::<Result<_>>()?;
+    let minted = client
+        .mint_x509_svids(MintX509SvidsRequest {
+            requests: requests.clone(),
+        })
+        .await?
+        .into_inner();
+    let got: Vec<(&str, &str)> = minted
+        .svids
+        .iter()
+        .map(|s| (s.entry_id.as_str(), s.spiffe_id.as_str()))
+        .collect();
+    let opcua = format!("spiffe://{TD}/opcua");
+    let historian = format!("spiffe://{TD}/historian");
+    assert_eq!(
+        got,
+        [
+            (entries[0].as_str(), opcua.as_str()),
+            (entries[1].as_str(), historian.as_str())
+        ]
+    );
+    let oversized = client
+        .mint_x509_svids(MintX509SvidsRequest {
+            requests: vec![requests[0].clone(); 1001],
+        })
+        .await
+        .err()
+        .context("an oversized batch was minted")?;
+    assert_eq!(oversized.code(), tonic::Code::InvalidArgument);
+    assert!(
+        oversized.message().contains("at most 1000"),
+        "{}",
+        oversized.message()
+    );
 
     // Evicted, an x509pop node may attest again (as in SPIRE).
     plant_tests::run_ok(issuer.cli().args(["agent", "evict", &node_id]))?;
