@@ -293,6 +293,12 @@ impl Agent for AgentService {
         let requests = request.into_inner();
         tokio::spawn(async move {
             let outcome = this.attest_stream(requests, &sender).await;
+            if outcome.is_err() {
+                // A refusal's audit record is on disk before the agent hears of it.
+                if let Err(e) = this.authority.store.durability.commit().await {
+                    tracing::error!(error = %e, "committing a refused attestation's audit record failed");
+                }
+            }
             let message = outcome.map(|svid| AttestResponse {
                 step: Some(attest_response::Step::NodeSvid(svid)),
             });
