@@ -581,7 +581,7 @@ async fn an_enrolled_device_attests_by_x509pop_again_after_eviction_but_not_once
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn node_and_workload_svids_pass_pkilint() -> Result<()> {
+async fn node_and_workload_svids_chain_through_the_signing_key_and_pass_pkilint() -> Result<()> {
     let pkilint = std::env::var("PLANT_PKILINT").context(
         "PLANT_PKILINT must point at pkilint's lint_pkix_cert (scripts/test sets it up)",
     )?;
@@ -607,6 +607,15 @@ async fn node_and_workload_svids_pass_pkilint() -> Result<()> {
         })
         .await?
         .into_inner();
+    // Signed by a short-lived key: the chain is the leaf, that key's certificate and the
+    // issuing CA, and nothing else (no other published signing key, no root).
+    for (name, chain) in [
+        ("node", &node.svid.chain),
+        ("workload", &minted.svids[0].chain),
+    ] {
+        assert_eq!(chain.len(), 3, "{name} chain");
+        verify_svid_chain(&issuer, chain, dir.path(), name)?;
+    }
     for (name, der) in [
         ("node-svid", &node.svid.chain[0]),
         ("workload-svid", &minted.svids[0].chain[0]),
