@@ -490,3 +490,307 @@ pub async fn serve(
         reason: e.to_string(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::Snapshot;
+    use crate::svid::{KeyPair, X509Svid};
+    use proto::agent::RegistrationEntry;
+    use proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+    use proto::TrustDomain;
+    use tonic::transport::Channel;
+
+    struct Ca {
+        key: rcgen::KeyPair,
+        cert: rcgen::Certificate,
+    }
+
+    fn ca() -> Ca {
+        let key = rcgen::KeyPair::generate().expect("ca key");
+        let mut params = rcgen::CertificateParams::default();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let cert = params.self_signed(&key).expect("ca");
+        Ca { key, cert }
+    }
+
+    fn svid(ca: &Ca, id: &str, lifetime: Duration) -> X509Svid {
+        let key = KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params.subject_alt_names = vec![rcgen::SanType::URI(id.try_into().expect("uri"))];
+        let now = SystemTime::now();
+        params.not_before = (now - Duration::from_secs(60)).into();
+        params.not_after = (now + lifetime).into();
+        let public = rcgen::KeyPair::from_pem(&key.pkcs8_pem()).expect("rcgen key");
+        let issuer = rcgen::Issuer::from_ca_cert_der(ca.cert.der(), &ca.key).expect("issuer");
+        let cert = params.signed_by(&public, &issuer).expect("leaf");
+        X509Svid {
+            spiffe_id: SpiffeId::new(id).expect("id"),
+            chain: vec![cert.der().to_vec()],
+            key: key.pkcs8_der(),
+            not_before: now - Duration::from_secs(60),
+            not_after: now + lifetime,
+            rotate_at: now + lifetime / 2,
+            entry_revision: 1,
+        }
+    }
+
+    fn entry(id: &str, spiffe_id: &str, selector: &str) -> Arc<Entry> {
+        Arc::new(
+            Entry::from_wire(RegistrationEntry {
+                id: id.into(),
+                spiffe_id: spiffe_id.into(),
+                selectors: vec![selector.into()],
+                revision: 1,
+                ..Default::default()
+            })
+            .expect("entry"),
+        )
+    }
+
+    fn own_uid() -> u32 {
+        let status = std::fs::read_to_string("/proc/self/status").expect("status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .and_then(|ids| ids.split_whitespace().nth(1))
+            .and_then(|id| id.parse().ok())
+            .expect("uid")
+    }
+
+    async fn client(socket: &Path) -> SpiffeWorkloadApiClient<Channel> {
+        let socket = socket.to_owned();
+        let channel = tonic::transport::Endpoint::from_static("http://localhost")
+            .connect_with_connector(tower::service_fn(move |_: http::Uri| {
+                let socket = socket.clone();
+                async move {
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                        tokio::net::UnixStream::connect(socket).await?,
+                    ))
+                }
+            }))
+            .await
+            .expect("connect");
+        SpiffeWorkloadApiClient::new(channel)
+    }
+
+    fn with_header<T>(message: T) -> Request<T> {
+        let mut request = Request::new(message);
+        request.metadata_mut().insert(
+            SECURITY_HEADER,
+            tonic::metadata::MetadataValue::from_static("true"),
+        );
+        request
+    }
+
+    /// A Workload API on a real socket over a snapshot the test publishes.
+    struct Served {
+        _dir: tempfile::TempDir,
+        socket: PathBuf,
+        state: watch::Sender<Arc<Snapshot>>,
+        stop: Option<tokio::sync::oneshot::Sender<()>>,
+        server: tokio::task::JoinHandle<Result<(), Error>>,
+    }
+
+    async fn serve_snapshot(snapshot: Snapshot) -> Served {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("run/workload.sock");
+        let (state, state_rx) = watch::channel(Arc::new(snapshot));
+        let (_issuer, issuer_rx) = watch::channel(None);
+        let api = WorkloadApi::new(Published {
+            state: state_rx,
+            issuer: issuer_rx,
+        });
+        let listener = bind(&socket).await.expect("bind");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve(listener, socket.clone(), api, async {
+            let _ = stopped.await;
+        }));
+        Served {
+            _dir: dir,
+            socket,
+            state,
+            stop: Some(stop),
+            server,
+        }
+    }
+
+    fn snapshot(ca: &Ca, entries: Vec<Arc<Entry>>) -> Snapshot {
+        let mut snapshot = Snapshot::empty(TrustDomain::new("plant.example").expect("td"));
+        snapshot.synced = true;
+        snapshot.bundle = vec![ca.cert.der().to_vec()];
+        snapshot.entries = entries;
+        snapshot
+    }
+
+    #[tokio::test]
+    async fn x509_svids_reach_the_matching_caller_and_every_rotation_is_pushed() {
+        let ca = ca();
+        let id = "spiffe://plant.example/historian";
+        let mut state = snapshot(
+            &ca,
+            vec![entry("e1", id, &format!("unix:uid:{}", own_uid()))],
+        );
+        let first = Arc::new(svid(&ca, id, Duration::from_secs(3600)));
+        state.svids.insert("e1".into(), Arc::clone(&first));
+        let mut served = serve_snapshot(state.clone()).await;
+        let mut client = client(&served.socket).await;
+
+        let mut stream = client
+            .fetch_x509svid(with_header(X509svidRequest {}))
+            .await
+            .expect("stream")
+            .into_inner();
+        let message = stream.message().await.expect("message").expect("first");
+        assert_eq!(message.svids.len(), 1);
+        let got = &message.svids[0];
+        assert_eq!(got.spiffe_id, id);
+        assert_eq!(got.x509_svid, first.chain.concat());
+        assert_eq!(got.x509_svid_key, first.key.to_vec());
+        assert_eq!(got.bundle, ca.cert.der().to_vec());
+
+        // A rotation: the stream carries the new SVID without being asked.
+        let second = Arc::new(svid(&ca, id, Duration::from_secs(3600)));
+        state.svids.insert("e1".into(), Arc::clone(&second));
+        served.state.send_replace(Arc::new(state.clone()));
+        let message = stream.message().await.expect("message").expect("rotation");
+        assert_eq!(message.svids[0].x509_svid, second.chain.concat());
+
+        // Bundles, keyed by the trust domain's SPIFFE ID.
+        let mut bundles = client
+            .fetch_x509_bundles(with_header(X509BundlesRequest {}))
+            .await
+            .expect("bundles")
+            .into_inner();
+        let message = bundles.message().await.expect("message").expect("first");
+        assert_eq!(
+            message.bundles.get("spiffe://plant.example"),
+            Some(&ca.cert.der().to_vec())
+        );
+
+        // Shutdown removes the socket.
+        if let Some(stop) = served.stop.take() {
+            let _ = stop.send(());
+        }
+        drop(stream);
+        drop(bundles);
+        drop(client);
+        served.server.await.expect("join").expect("served");
+        assert!(!served.socket.exists());
+    }
+
+    #[tokio::test]
+    async fn an_expired_svid_is_never_served() {
+        let ca = ca();
+        let id = "spiffe://plant.example/historian";
+        let mut state = snapshot(
+            &ca,
+            vec![entry("e1", id, &format!("unix:uid:{}", own_uid()))],
+        );
+        let mut expired = svid(&ca, id, Duration::from_secs(3600));
+        expired.not_after = SystemTime::now() - Duration::from_secs(1);
+        state.svids.insert("e1".into(), Arc::new(expired));
+        let served = serve_snapshot(state.clone()).await;
+        let mut client = client(&served.socket).await;
+        let mut stream = client
+            .fetch_x509svid(with_header(X509svidRequest {}))
+            .await
+            .expect("stream")
+            .into_inner();
+        // Nothing valid: nothing is sent until a valid SVID arrives.
+        let fresh = Arc::new(svid(&ca, id, Duration::from_secs(3600)));
+        state.svids.insert("e1".into(), Arc::clone(&fresh));
+        served.state.send_replace(Arc::new(state));
+        let message = stream.message().await.expect("message").expect("first");
+        assert_eq!(message.svids[0].x509_svid, fresh.chain.concat());
+    }
+
+    #[tokio::test]
+    async fn a_request_without_the_security_header_is_an_invalid_argument() {
+        let ca = ca();
+        let state = snapshot(
+            &ca,
+            vec![entry(
+                "e1",
+                "spiffe://plant.example/h",
+                &format!("unix:uid:{}", own_uid()),
+            )],
+        );
+        let served = serve_snapshot(state).await;
+        let mut client = client(&served.socket).await;
+        let status = client
+            .fetch_x509svid(Request::new(X509svidRequest {}))
+            .await
+            .expect_err("refused");
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        let status = client
+            .validate_jwtsvid(Request::new(ValidateJwtsvidRequest {
+                audience: "a".into(),
+                svid: "x".into(),
+            }))
+            .await
+            .expect_err("refused");
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    }
+
+    #[tokio::test]
+    async fn a_caller_no_entry_matches_is_denied() {
+        let ca = ca();
+        let other = own_uid().wrapping_add(4242);
+        let state = snapshot(
+            &ca,
+            vec![entry(
+                "e1",
+                "spiffe://plant.example/h",
+                &format!("unix:uid:{other}"),
+            )],
+        );
+        let served = serve_snapshot(state).await;
+        let mut client = client(&served.socket).await;
+        let status = client
+            .fetch_x509svid(with_header(X509svidRequest {}))
+            .await
+            .expect_err("denied");
+        assert_eq!(status.code(), tonic::Code::PermissionDenied);
+        let status = client
+            .fetch_jwtsvid(with_header(JwtsvidRequest {
+                audience: vec!["scada".into()],
+                spiffe_id: String::new(),
+            }))
+            .await
+            .expect_err("denied");
+        assert_eq!(status.code(), tonic::Code::PermissionDenied);
+        let status = client
+            .fetch_jwtsvid(with_header(JwtsvidRequest {
+                audience: vec![],
+                spiffe_id: String::new(),
+            }))
+            .await
+            .expect_err("no audience");
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    }
+
+    #[tokio::test]
+    async fn a_live_socket_is_not_taken_over_but_a_stale_one_is_replaced() {
+        let ca = ca();
+        let served = serve_snapshot(snapshot(&ca, vec![])).await;
+        let error = bind(&served.socket).await.expect_err("in use");
+        assert!(error.to_string().contains("already running"), "{error}");
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let stale = dir.path().join("stale.sock");
+        drop(std::os::unix::net::UnixListener::bind(&stale).expect("bind"));
+        let listener = bind(&stale).await.expect("stale socket replaced");
+        let mode = std::fs::metadata(&stale)
+            .expect("meta")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o777);
+        drop(listener);
+
+        let file = dir.path().join("file");
+        std::fs::write(&file, "not a socket").expect("write");
+        assert!(bind(&file).await.is_err());
+    }
+}
