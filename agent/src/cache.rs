@@ -375,7 +375,16 @@ impl Manager {
                 self.node_failed(now, &e);
                 Ok(())
             }
-            Err(e) if !self.had_identity => Err(e),
+            Err(e) if !self.had_identity => Err(match e {
+                Error::Issuer { step, code, message } if !self.can_reattest => Error::Issuer {
+                    step,
+                    code,
+                    message: format!(
+                        "{message}; a join token works once: create a new one with `issuer token create --kind join` and put it in agent.toml"
+                    ),
+                },
+                other => other,
+            }),
             Err(e) => {
                 self.node_failed(now, &e);
                 Ok(())

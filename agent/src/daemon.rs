@@ -12,6 +12,9 @@ use crate::issuer_client::IssuerEndpoint;
 use crate::workload_api::{self, WorkloadApi};
 use crate::{node, pem_files, Error};
 
+/// How long shutdown waits for open Workload API calls to finish.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Runs the agent until `shutdown` resolves. Fails at start-up on a bad trust bundle, an
 /// unusable attestation or socket, and later only if the node's first attestation is
 /// refused (a spent join token, a revoked device certificate).
@@ -73,9 +76,20 @@ pub async fn run(
     let outcome = manager.run(until_stopped(stopped)).await;
     let _ = stop.send(true);
     signal.abort();
-    let served = server.await.map_err(|e| Error::Socket {
-        path: config.socket.clone(),
-        reason: format!("the server task failed: {e}"),
-    })?;
+    // Streams end when the manager (their watch sender) is gone, which lets the graceful
+    // shutdown finish; a client that still holds a call open is not waited for long.
+    let served = match tokio::time::timeout(SHUTDOWN_GRACE, server).await {
+        Ok(joined) => joined.map_err(|e| Error::Socket {
+            path: config.socket.clone(),
+            reason: format!("the server task failed: {e}"),
+        })?,
+        Err(_) => {
+            tracing::warn!(
+                "Workload API connections still open after {SHUTDOWN_GRACE:?}; closing them"
+            );
+            let _ = std::fs::remove_file(&config.socket);
+            Ok(())
+        }
+    };
     outcome.and(served)
 }

@@ -109,10 +109,21 @@ impl Error {
 
     pub(crate) fn issuer(step: impl Into<String>) -> impl FnOnce(tonic::Status) -> Self {
         let step = step.into();
-        move |status| Self::Issuer {
-            step,
-            code: status.code(),
-            message: status.message().to_owned(),
+        move |status| {
+            // A transport failure says only "transport error"; the cause (refused
+            // connection, certificate not trusted) is in the source chain.
+            let mut message = status.message().to_owned();
+            let mut source = std::error::Error::source(&status);
+            while let Some(cause) = source {
+                message.push_str(": ");
+                message.push_str(&cause.to_string());
+                source = cause.source();
+            }
+            Self::Issuer {
+                step,
+                code: status.code(),
+                message,
+            }
         }
     }
 

@@ -1,0 +1,191 @@
+//! The Workload API journey: an issuer, an agent that attests with a join token, and
+//! workloads using clients nobody here wrote (the `spiffe` crate's `X509Source` and
+//! `JwtSource`, openssl) against the agent's socket.
+
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use der::{Decode, Encode};
+use plant_tests::{create_entry, join_token, openssl, run_ok, Agent, Issuer};
+use spiffe::{JwtSource, JwtSvid, WorkloadApiClient, X509Source};
+
+const HISTORIAN: &str = "spiffe://plant.example/historian";
+
+fn own_uid() -> Result<u32> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|ids| ids.split_whitespace().nth(1))
+        .and_then(|id| id.parse().ok())
+        .context("no Uid line")
+}
+
+/// An attested agent with one entry, for this test process's uid, with a 20 s X509-SVID.
+fn agent_with_entry(issuer: &Issuer) -> Result<Agent> {
+    let (token, expected_node) = join_token(issuer)?;
+    let mut agent = Agent::start_with_join_token(issuer, &token)?;
+    let node = agent.node_id()?;
+    ensure!(
+        node == expected_node,
+        "node {node}, expected {expected_node}"
+    );
+    create_entry(
+        issuer,
+        HISTORIAN,
+        &node,
+        &[&format!("unix:uid:{}", own_uid()?)],
+        &["--ttl", "20s"],
+    )?;
+    agent.wait_for_svid(HISTORIAN)?;
+    Ok(agent)
+}
+
+fn leaf_serial(svid: &spiffe::X509Svid) -> Result<Vec<u8>> {
+    let leaf = x509_cert::Certificate::from_der(svid.leaf().as_ref())?;
+    Ok(leaf.tbs_certificate.serial_number.as_bytes().to_vec())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn x509_source_gets_a_chaining_svid_with_its_key_and_sees_it_rotate() -> Result<()> {
+    let issuer = Issuer::start()?;
+    let mut agent = agent_with_entry(&issuer)?;
+    let endpoint = format!("unix://{}", agent.socket.display());
+    let source = X509Source::builder()
+        .endpoint(&endpoint)
+        .build()
+        .await
+        .with_context(|| format!("X509Source against the agent:\n{}", agent.log()))?;
+    let svid = source.svid()?;
+    assert_eq!(svid.spiffe_id().to_string(), HISTORIAN);
+
+    // The key is the leaf's.
+    let leaf = x509_cert::Certificate::from_der(svid.leaf().as_ref())?;
+    let leaf_spki = leaf.tbs_certificate.subject_public_key_info.to_der()?;
+    let key = rcgen::KeyPair::try_from(svid.private_key().as_ref())?;
+    assert_eq!(
+        leaf_spki,
+        rcgen::PublicKeyData::subject_public_key_info(&key),
+        "x509_svid_key does not match the leaf"
+    );
+
+    // The leaf chains to the bundle, by openssl.
+    let td = spiffe::TrustDomain::new("plant.example")?;
+    let bundle = source
+        .try_bundle_for_trust_domain(&td)
+        .context("no bundle for plant.example")?;
+    let dir = tempfile::tempdir()?;
+    let pem = |ders: &[&[u8]]| {
+        ders.iter()
+            .map(|der| {
+                let b64 = base64_lines(der);
+                format!("-----BEGIN CERTIFICATE-----\n{b64}-----END CERTIFICATE-----\n")
+            })
+            .collect::<String>()
+    };
+    let roots: Vec<&[u8]> = bundle.authorities().iter().map(AsRef::as_ref).collect();
+    std::fs::write(dir.path().join("bundle.pem"), pem(&roots))?;
+    std::fs::write(dir.path().join("leaf.pem"), pem(&[svid.leaf().as_ref()]))?;
+    let intermediates: Vec<&[u8]> = svid.cert_chain()[1..].iter().map(AsRef::as_ref).collect();
+    std::fs::write(dir.path().join("chain.pem"), pem(&intermediates))?;
+    let mut verify = vec!["verify", "-CAfile"];
+    let bundle_path = dir.path().join("bundle.pem").display().to_string();
+    let chain_path = dir.path().join("chain.pem").display().to_string();
+    let leaf_path = dir.path().join("leaf.pem").display().to_string();
+    verify.push(&bundle_path);
+    if !intermediates.is_empty() {
+        verify.extend(["-untrusted", &chain_path]);
+    }
+    verify.push(&leaf_path);
+    let out = openssl(&verify)?;
+    assert!(out.contains("OK"), "openssl verify: {out}");
+
+    // A rotation (20 s TTL: due at about 10 s) reaches the source by itself.
+    let first = leaf_serial(&svid)?;
+    let mut updates = source.updated();
+    tokio::time::timeout(Duration::from_secs(45), updates.changed())
+        .await
+        .with_context(|| format!("no rotation within 45 s:\n{}", agent.log()))??;
+    let rotated = source.svid()?;
+    assert_eq!(rotated.spiffe_id().to_string(), HISTORIAN);
+    assert_ne!(
+        leaf_serial(&rotated)?,
+        first,
+        "a new certificate after rotation"
+    );
+
+    // `agent status` shows the node, the entry and its schedule.
+    let status = agent.status()?;
+    assert!(status.contains(HISTORIAN), "{status}");
+    assert!(status.contains("next rotation"), "{status}");
+
+    source.shutdown().await;
+    ensure!(
+        agent.stop()?,
+        "agent did not exit cleanly:\n{}",
+        agent.log()
+    );
+    assert!(!agent.socket.exists(), "socket removed on shutdown");
+    Ok(())
+}
+
+fn base64_lines(der: &[u8]) -> String {
+    use base64::Engine;
+    let text = base64::engine::general_purpose::STANDARD.encode(der);
+    text.as_bytes()
+        .chunks(64)
+        .map(|line| format!("{}\n", String::from_utf8_lossy(line)))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_source_gets_a_jwt_svid_that_validates() -> Result<()> {
+    let issuer = Issuer::start()?;
+    let agent = agent_with_entry(&issuer)?;
+    let endpoint = format!("unix://{}", agent.socket.display());
+    let source = JwtSource::builder()
+        .endpoint(&endpoint)
+        .build()
+        .await
+        .with_context(|| format!("JwtSource against the agent:\n{}", agent.log()))?;
+    let jwt = source.fetch_jwt_svid(["scada"]).await?;
+    assert_eq!(jwt.spiffe_id().to_string(), HISTORIAN);
+    // Checked locally against the JWT bundle by the spiffe crate (signature, aud, exp)…
+    let validated = JwtSvid::parse_and_validate(jwt.token(), &source, &["scada"])?;
+    assert_eq!(validated.spiffe_id().to_string(), HISTORIAN);
+    assert!(JwtSvid::parse_and_validate(jwt.token(), &source, &["other"]).is_err());
+    // …and by the agent's ValidateJWTSVID.
+    let client = WorkloadApiClient::connect_to(&endpoint).await?;
+    let checked = client.validate_jwt_token("scada", jwt.token()).await?;
+    assert_eq!(checked.spiffe_id().to_string(), HISTORIAN);
+    assert!(client
+        .validate_jwt_token("other", jwt.token())
+        .await
+        .is_err());
+    source.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_header_is_invalid_and_an_unknown_uid_is_denied() -> Result<()> {
+    let issuer = Issuer::start()?;
+    let agent = agent_with_entry(&issuer)?;
+
+    let mut client = plant_tests::workload_client(&agent.socket).await?;
+    let status = client
+        .fetch_x509svid(plant_tests::x509_request(false))
+        .await
+        .expect_err("no header");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+
+    // The same call as another user, who has no entry.
+    let probe = env!("CARGO_BIN_EXE_workload_probe");
+    let out = run_ok(Command::new(probe).arg(&agent.socket).uid(65534).gid(65534))?;
+    assert_eq!(out.trim(), "status PermissionDenied", "{}", agent.log());
+    // And as this test's own user, who has one.
+    let out = run_ok(Command::new(probe).arg(&agent.socket))?;
+    assert_eq!(out.trim(), format!("ok {HISTORIAN}"));
+    Ok(())
+}
