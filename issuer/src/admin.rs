@@ -22,12 +22,13 @@ use crate::authority::{Authority, CreatedToken, RevokeRequest, StatusReport, Tok
 use crate::store::{AuditRecord, CertificateRecord, InventoryPage, InventoryQuery, Verification};
 use crate::Error;
 
-/// The admin routes.
+/// The admin routes: JSON over HTTP/1, and the `plant.admin.v1` gRPC services (HTTP/2).
 pub fn router(authority: Arc<Authority>) -> Router {
     read_only_routes()
         .route("/v1/tokens", post(create_tokens))
         .route("/v1/revocations", post(revoke))
-        .with_state(authority)
+        .with_state(authority.clone())
+        .merge(crate::admin_grpc::router(authority))
 }
 
 /// The routes that only read: inventory, status and the audit log.

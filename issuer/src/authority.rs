@@ -21,7 +21,8 @@ use crate::grant::{valid_dns, valid_subject, Grant};
 use crate::profile::{Profile, SanKind};
 use crate::serial::Serial;
 use crate::store::{
-    AuditEvent, CertificateRecord, InventoryPage, InventoryQuery, Status, Store, TokenRecord,
+    AuditEvent, CertificateRecord, InventoryPage, InventoryQuery, Status, Store, TokenKind,
+    TokenRecord,
 };
 use crate::Error;
 
@@ -34,6 +35,8 @@ pub struct Authority {
     pub(crate) ca: CertificateAuthority,
     pub(crate) store: Store,
     pub(crate) profiles: BTreeMap<String, Profile>,
+    /// The SVID profiles (`svid`, `node-svid`), apart from the EST labels.
+    pub(crate) spiffe_profiles: BTreeMap<String, Profile>,
     pub(crate) default_profile: String,
     pub(crate) trust_domain: String,
     pub(crate) token_default_ttl: Duration,
@@ -52,6 +55,9 @@ pub struct Authority {
 /// An operator's request for tokens.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TokenRequest {
+    /// Enrollment (EST, the default) or join (agent node attestation).
+    #[serde(default)]
+    pub kind: TokenKind,
     /// The label the token enrolls under (default profile when absent).
     pub label: Option<String>,
     /// The subject it is bound to.
@@ -75,6 +81,9 @@ pub struct CreatedToken {
     pub id: String,
     /// The secret to hand to the engineer.
     pub token: String,
+    /// Enrollment or join.
+    #[serde(default)]
+    pub kind: TokenKind,
     /// Label.
     pub label: String,
     /// Bound subject.
@@ -87,6 +96,7 @@ impl std::fmt::Debug for CreatedToken {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CreatedToken")
             .field("id", &self.id)
+            .field("kind", &self.kind)
             .field("label", &self.label)
             .field("subject", &self.subject)
             .finish_non_exhaustive()
@@ -194,6 +204,7 @@ impl Authority {
             ca,
             store,
             profiles: config.profiles.clone(),
+            spiffe_profiles: crate::profile::spiffe(&config.agent_api),
             default_profile: config.default_profile.clone(),
             trust_domain: config.trust_domain.clone(),
             token_default_ttl: config.tokens.default_ttl,
@@ -253,8 +264,14 @@ impl Authority {
         public_key: &[u8],
         sign_with: Option<SignWith>,
     ) -> Result<Vec<u8>, Error> {
-        let profile = self
-            .profiles
+        // SVIDs are built from the issuer's own SPIFFE profiles and EST certificates from
+        // the configured ones: no EST label can produce an SVID, and no agent an EST profile.
+        let profiles = if grant.spiffe_id.is_some() {
+            &self.spiffe_profiles
+        } else {
+            &self.profiles
+        };
+        let profile = profiles
             .get(&grant.label)
             .ok_or_else(|| Error::Config(format!("no profile {:?}", grant.label)))?;
         let now = self.now();
@@ -269,7 +286,7 @@ impl Authority {
             .ca
             .leaf_signer(sign_with.unwrap_or(profile.sign_with), now)?;
         let ca_not_after = signer.not_after();
-        let not_after = (now + profile.lifetime).min(ca_not_after);
+        let not_after = (now + grant.lifetime.unwrap_or(profile.lifetime)).min(ca_not_after);
         let started = std::time::Instant::now();
 
         // A serial is taken by recording the certificate: the record is inserted only if
@@ -362,6 +379,18 @@ impl Authority {
     /// Creates one-time tokens; their secrets exist only in the answer.
     pub async fn create_tokens(&self, request: &TokenRequest) -> Result<Vec<CreatedToken>, Error> {
         let bad = |why: String| Error::Admin(why);
+        if request.kind == TokenKind::Join
+            && (request.label.is_some()
+                || request.subject.is_some()
+                || !request.dns.is_empty()
+                || !request.ips.is_empty())
+        {
+            return Err(bad(
+                "a join token names no label, subject, DNS name or IP address: the node's \
+                 identity is spiffe://<trust domain>/agent/join_token/<token id>"
+                    .into(),
+            ));
+        }
         let (label, profile) = self.profile(request.label.as_deref()).ok_or_else(|| {
             bad(format!(
                 "unknown label {:?}; this issuer serves {}",
@@ -406,9 +435,19 @@ impl Authority {
             let secret = new_secret();
             let hash = hex::encode(crate::store::tokens_hash(&secret));
             let record = TokenRecord {
-                id: hash[..8].to_owned(),
+                // A join token's id names a node for as long as the node lives, so it gets
+                // more of the hash than an enrollment token's: 128 bits, not 32. Either way it
+                // is of the hash, never of the secret.
+                id: match request.kind {
+                    TokenKind::Enrollment => hash[..8].to_owned(),
+                    TokenKind::Join => hash[..32].to_owned(),
+                },
+                kind: request.kind,
                 hash,
-                label: label.to_owned(),
+                label: match request.kind {
+                    TokenKind::Enrollment => label.to_owned(),
+                    TokenKind::Join => String::new(),
+                },
                 subject: request.subject.clone(),
                 dns: request.dns.clone(),
                 ips: request.ips.clone(),
@@ -420,14 +459,15 @@ impl Authority {
             self.audit(
                 "token.created",
                 serde_json::json!({
-                    "token_id": record.id, "label": record.label,
+                    "token_id": record.id, "kind": record.kind, "label": record.label,
                     "subject": record.subject, "expires_at": expires_at,
                 }),
             )?;
             created.push(CreatedToken {
                 id: record.id,
                 token: secret,
-                label: label.to_owned(),
+                kind: record.kind,
+                label: record.label,
                 subject: request.subject.clone(),
                 expires_at,
             });
@@ -639,9 +679,15 @@ fn leaf_params(
     dn.push(DnType::CommonName, grant.common_name.as_str());
     params.distinguished_name = dn;
     params.subject_alt_names = grant
-        .dns
+        .spiffe_id
         .iter()
-        .filter_map(|d| d.clone().try_into().ok().map(SanType::DnsName))
+        .filter_map(|u| u.to_string().try_into().ok().map(SanType::URI))
+        .chain(
+            grant
+                .dns
+                .iter()
+                .filter_map(|d| d.clone().try_into().ok().map(SanType::DnsName)),
+        )
         .chain(grant.ips.iter().map(|ip| SanType::IpAddress(*ip)))
         .collect();
     params.is_ca = IsCa::ExplicitNoCa;

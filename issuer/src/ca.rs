@@ -293,6 +293,51 @@ impl CertificateAuthority {
         certs
     }
 
+    /// The CA certificates above `leaf` up to, not including, the root, nearest first:
+    /// followed by authority key identifier, so of several published short-lived signing
+    /// keys only the one that signed `leaf` is included. What an SVID's `chain` carries.
+    pub fn chain_above(&self, leaf: &[u8], now: OffsetDateTime) -> Vec<Vec<u8>> {
+        use x509_cert::ext::pkix::{AuthorityKeyIdentifier, SubjectKeyIdentifier};
+        let parse = |der: &[u8]| x509_cert::Certificate::from_der(der).ok();
+        let mut candidates: Vec<(Vec<u8>, Option<Vec<u8>>)> = self
+            .ca_certificates(now)
+            .into_iter()
+            .filter(|der| *der != self.root_der)
+            .map(|der| {
+                let ski = parse(&der)
+                    .and_then(|c| {
+                        extension::<SubjectKeyIdentifier>(
+                            &c,
+                            const_oid::db::rfc5280::ID_CE_SUBJECT_KEY_IDENTIFIER,
+                        )
+                    })
+                    .map(|k| k.0.as_bytes().to_vec());
+                (der, ski)
+            })
+            .collect();
+        let mut chain = Vec::new();
+        let mut current = leaf.to_vec();
+        loop {
+            let aki = parse(&current)
+                .and_then(|c| {
+                    extension::<AuthorityKeyIdentifier>(
+                        &c,
+                        const_oid::db::rfc5280::ID_CE_AUTHORITY_KEY_IDENTIFIER,
+                    )
+                })
+                .and_then(|k| k.key_identifier.map(|id| id.as_bytes().to_vec()));
+            let Some(position) = candidates
+                .iter()
+                .position(|(_, ski)| aki.is_some() && *ski == aki)
+            else {
+                return chain;
+            };
+            let (der, _) = candidates.swap_remove(position);
+            chain.push(der.clone());
+            current = der;
+        }
+    }
+
     /// The issuing key's queue, when its device queues (a TPM).
     pub fn key_queue(&self) -> Option<hsm::Queue> {
         self.signer.queue()

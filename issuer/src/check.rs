@@ -57,7 +57,7 @@ pub fn leaf(der: &[u8], grant: &Grant, ca_not_after: i64) -> Result<(), Error> {
     if !saw_bc || !saw_ku {
         return fail("basicConstraints or keyUsage missing".into());
     }
-    let granted = grant.dns.len() + grant.ips.len();
+    let granted = grant.spiffe_id.iter().count() + grant.dns.len() + grant.ips.len();
     if san_count != granted {
         return fail(format!("{san_count} subjectAltNames, grant has {granted}"));
     }

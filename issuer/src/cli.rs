@@ -9,7 +9,7 @@ use crate::admin::AdminClient;
 use crate::authority::{CreatedToken, RevocationReason, RevokeRequest, StatusReport, TokenRequest};
 use crate::config::Config;
 use crate::inventory::{self, Format};
-use crate::store::{AuditRecord, InventoryPage, InventoryQuery, Status};
+use crate::store::{AuditRecord, InventoryPage, InventoryQuery, Status, TokenKind};
 use crate::Error;
 
 /// Plant PKI issuer: an EST issuing CA for a plant's devices.
@@ -51,6 +51,10 @@ enum Command {
         /// Plain-HTTP address serving the CRL (port 0: any free port).
         #[arg(long, default_value = "127.0.0.1:8080")]
         crl_listen: SocketAddr,
+        /// Agent API (gRPC over TLS) listen address; default: the EST address's IP with port
+        /// 8444, or port 0 when the EST port is 0.
+        #[arg(long)]
+        agent_api_listen: Option<SocketAddr>,
         /// DNS name of the EST server (repeatable; default localhost).
         #[arg(long = "dns")]
         dns: Vec<String>,
@@ -117,14 +121,103 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Manage registration entries: which workloads on which node get which SPIFFE ID.
+    Entry {
+        #[command(subcommand)]
+        command: EntryCommand,
+    },
+    /// List and evict attested agents (nodes).
+    Agent {
+        #[command(subcommand)]
+        command: AgentCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum EntryCommand {
+    /// Create an entry; prints its id.
+    Create {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The workload's SPIFFE ID, e.g. spiffe://plant.example/historian.
+        #[arg(long)]
+        spiffe_id: String,
+        /// The node that serves it, e.g. spiffe://plant.example/agent/x509pop/gw-1.
+        #[arg(long)]
+        parent: String,
+        /// A selector the workload must match, e.g. unix:uid:1000 (repeatable; all must
+        /// match).
+        #[arg(long = "selector", required = true)]
+        selectors: Vec<String>,
+        /// X509-SVID lifetime (default: agent_api.x509_svid_ttl, 1h).
+        #[arg(long, value_parser = parse_duration)]
+        ttl: Option<std::time::Duration>,
+        /// JWT-SVID lifetime (default: agent_api.jwt_svid_ttl, 5m).
+        #[arg(long, value_parser = parse_duration)]
+        jwt_ttl: Option<std::time::Duration>,
+        /// DNS name the X509-SVID carries (repeatable).
+        #[arg(long = "dns")]
+        dns: Vec<String>,
+        /// Hint for workloads holding several SVIDs.
+        #[arg(long, default_value = "")]
+        hint: String,
+    },
+    /// List entries.
+    List {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Only entries of this node.
+        #[arg(long)]
+        parent: Option<String>,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = ListFormat::Table)]
+        format: ListFormat,
+    },
+    /// Delete an entry by id.
+    Delete {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The entry id (from `entry create` or `entry list`).
+        id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AgentCommand {
+    /// List attested agents.
+    List {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = ListFormat::Table)]
+        format: ListFormat,
+    },
+    /// Evict an agent: its node SVID is revoked and the agent API refuses it. An x509pop or
+    /// tpm node may attest again; a join-token node needs a new token.
+    Evict {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The agent's SPIFFE ID (spiffe://<td>/agent/<method>/<id>).
+        spiffe_id: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ListFormat {
+    Table,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
 enum TokenCommand {
-    /// Create one-time enrollment tokens (shown once; the issuer keeps only their hashes).
+    /// Create one-time tokens (shown once; the issuer keeps only their hashes).
     Create {
         #[command(flatten)]
         config: ConfigArg,
+        /// enrollment: one EST enrollment; join: one agent node attestation (the node becomes
+        /// spiffe://<trust domain>/agent/join_token/<token id>).
+        #[arg(long, value_enum, default_value_t = TokenKind::Enrollment)]
+        kind: TokenKind,
         /// Label (profile) the token enrolls under; default: the default profile.
         #[arg(long)]
         label: Option<String>,
@@ -192,6 +285,7 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
             organization,
             listen,
             crl_listen,
+            agent_api_listen,
             ca_key,
             mut dns,
             mut ips,
@@ -211,6 +305,14 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
                 organization,
                 listen,
                 crl_listen,
+                agent_api_listen: agent_api_listen.unwrap_or_else(|| {
+                    let port = if listen.port() == 0 {
+                        0
+                    } else {
+                        crate::config::DEFAULT_AGENT_API_PORT
+                    };
+                    SocketAddr::new(listen.ip(), port)
+                }),
                 ca_key,
                 dns,
                 ips,
@@ -229,6 +331,7 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
             command:
                 TokenCommand::Create {
                     config,
+                    kind,
                     label,
                     subject,
                     ttl,
@@ -239,6 +342,7 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
                 },
         } => {
             let request = TokenRequest {
+                kind,
                 label,
                 subject,
                 ttl_secs: ttl.map(|t| t.as_secs()),
@@ -390,6 +494,8 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
                 ))),
             }
         }
+        Command::Entry { command } => run_entry(command).await,
+        Command::Agent { command } => run_agent(command).await,
         Command::Audit {
             command: AuditCommand::Tail { config, count },
         } => {
@@ -408,6 +514,217 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
             Ok(())
         }
     }
+}
+
+fn ttl_secs(ttl: Option<std::time::Duration>, flag: &str) -> Result<u32, Error> {
+    match ttl {
+        None => Ok(0),
+        Some(t) if t.as_secs() == 0 => Err(Error::Admin(format!("{flag} must be at least 1s"))),
+        Some(t) => u32::try_from(t.as_secs())
+            .map_err(|_| Error::Admin(format!("{flag} is longer than 136 years"))),
+    }
+}
+
+async fn run_entry(command: EntryCommand) -> Result<(), Error> {
+    use crate::admin_grpc::{entries, from_status};
+    use proto::admin::{CreateEntryRequest, DeleteEntryRequest, ListEntriesRequest};
+    match command {
+        EntryCommand::Create {
+            config,
+            spiffe_id,
+            parent,
+            selectors,
+            ttl,
+            jwt_ttl,
+            dns,
+            hint,
+        } => {
+            let request = CreateEntryRequest {
+                spiffe_id,
+                parent_id: parent,
+                selectors,
+                x509_svid_ttl_seconds: ttl_secs(ttl, "--ttl")?,
+                jwt_svid_ttl_seconds: ttl_secs(jwt_ttl, "--jwt-ttl")?,
+                dns_names: dns,
+                hint,
+            };
+            let socket = Config::load(&config.config)?.admin_socket();
+            let entry = entries(&socket)
+                .await?
+                .create(request)
+                .await
+                .map_err(from_status)?
+                .into_inner();
+            println!("{}", entry.id);
+            Ok(())
+        }
+        EntryCommand::List {
+            config,
+            parent,
+            format,
+        } => {
+            let socket = Config::load(&config.config)?.admin_socket();
+            let list = entries(&socket)
+                .await?
+                .list(ListEntriesRequest {
+                    parent_id: parent.unwrap_or_default(),
+                })
+                .await
+                .map_err(from_status)?
+                .into_inner();
+            let rows: Vec<serde_json::Value> = list
+                .entries
+                .iter()
+                .map(|e| {
+                    serde_json::json!({
+                        "id": e.id, "spiffe_id": e.spiffe_id, "parent_id": e.parent_id,
+                        "selectors": e.selectors, "x509_svid_ttl_seconds": e.x509_svid_ttl_seconds,
+                        "jwt_svid_ttl_seconds": e.jwt_svid_ttl_seconds, "dns_names": e.dns_names,
+                        "hint": e.hint, "revision": e.revision, "created_at": e.created_at,
+                    })
+                })
+                .collect();
+            match format {
+                ListFormat::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&rows).unwrap_or_default()
+                ),
+                ListFormat::Table => print!(
+                    "{}",
+                    table(
+                        &["ID", "SPIFFE ID", "PARENT", "SELECTORS", "TTL"],
+                        list.entries
+                            .iter()
+                            .map(|e| {
+                                vec![
+                                    e.id.clone(),
+                                    e.spiffe_id.clone(),
+                                    e.parent_id.clone(),
+                                    e.selectors.join(" "),
+                                    match e.x509_svid_ttl_seconds {
+                                        0 => "default".to_owned(),
+                                        s => crate::duration::format(
+                                            std::time::Duration::from_secs(s.into()),
+                                        ),
+                                    },
+                                ]
+                            })
+                            .collect(),
+                    )
+                ),
+            }
+            Ok(())
+        }
+        EntryCommand::Delete { config, id } => {
+            let socket = Config::load(&config.config)?.admin_socket();
+            entries(&socket)
+                .await?
+                .delete(DeleteEntryRequest { id: id.clone() })
+                .await
+                .map_err(from_status)?;
+            println!("deleted entry {id}");
+            Ok(())
+        }
+    }
+}
+
+async fn run_agent(command: AgentCommand) -> Result<(), Error> {
+    use crate::admin_grpc::{agents, from_status};
+    use proto::admin::{EvictAgentRequest, ListAgentsRequest};
+    match command {
+        AgentCommand::List { config, format } => {
+            let socket = Config::load(&config.config)?.admin_socket();
+            let list = agents(&socket)
+                .await?
+                .list(ListAgentsRequest {})
+                .await
+                .map_err(from_status)?
+                .into_inner();
+            match format {
+                ListFormat::Json => {
+                    let rows: Vec<serde_json::Value> = list
+                        .agents
+                        .iter()
+                        .map(|a| {
+                            serde_json::json!({
+                                "spiffe_id": a.spiffe_id, "method": a.method,
+                                "attested_at": a.attested_at,
+                                "node_svid_expires_at": a.node_svid_expires_at,
+                                "node_svid_serial": a.node_svid_serial, "evicted": a.evicted,
+                            })
+                        })
+                        .collect();
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&rows).unwrap_or_default()
+                    );
+                }
+                ListFormat::Table => print!(
+                    "{}",
+                    table(
+                        &[
+                            "SPIFFE ID",
+                            "METHOD",
+                            "ATTESTED",
+                            "NODE SVID EXPIRES",
+                            "STATUS"
+                        ],
+                        list.agents
+                            .iter()
+                            .map(|a| {
+                                vec![
+                                    a.spiffe_id.clone(),
+                                    a.method.clone(),
+                                    crate::est_backend::rfc3339(a.attested_at),
+                                    crate::est_backend::rfc3339(a.node_svid_expires_at),
+                                    if a.evicted { "evicted" } else { "attested" }.to_owned(),
+                                ]
+                            })
+                            .collect(),
+                    )
+                ),
+            }
+            Ok(())
+        }
+        AgentCommand::Evict { config, spiffe_id } => {
+            let socket = Config::load(&config.config)?.admin_socket();
+            agents(&socket)
+                .await?
+                .evict(EvictAgentRequest {
+                    spiffe_id: spiffe_id.clone(),
+                })
+                .await
+                .map_err(from_status)?;
+            println!("evicted {spiffe_id}; its node SVID is revoked");
+            Ok(())
+        }
+    }
+}
+
+/// Aligned columns for a terminal.
+fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for row in &rows {
+        for (w, c) in widths.iter_mut().zip(row) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_owned()
+            + "\n"
+    };
+    let mut out = line(headers.iter().map(|h| (*h).to_owned()).collect());
+    for row in rows {
+        out.push_str(&line(row));
+    }
+    out
 }
 
 fn query_string(query: &InventoryQuery) -> String {
@@ -473,14 +790,17 @@ fn print_tokens(tokens: &[CreatedToken], format: TokenFormat) {
             for t in tokens {
                 println!("token    {}", t.token);
                 println!("id       {}", t.id);
-                println!("label    {}", t.label);
+                match t.kind {
+                    TokenKind::Enrollment => println!("label    {}", t.label),
+                    TokenKind::Join => println!("kind     join"),
+                }
                 if let Some(s) = &t.subject {
                     println!("subject  {s}");
                 }
                 println!("expires  {}", crate::est_backend::rfc3339(t.expires_at));
                 println!();
             }
-            eprintln!("The token is shown once; the issuer keeps only its hash. It works for one enrollment.");
+            eprintln!("The token is shown once; the issuer keeps only its hash. It works once.");
         }
     }
 }

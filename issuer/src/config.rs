@@ -32,6 +32,12 @@ pub struct Config {
     pub crl: Option<crate::crl::CrlConfig>,
     /// Certificate profiles; each name is also an EST label.
     pub profiles: BTreeMap<String, Profile>,
+    /// The agent API (gRPC over TLS): node attestation and SVID minting.
+    #[serde(default)]
+    pub agent_api: AgentApiConfig,
+    /// Node attestation methods that need configuration.
+    #[serde(default)]
+    pub attestation: AttestationConfig,
     #[serde(skip)]
     base_dir: PathBuf,
 }
@@ -93,6 +99,80 @@ fn default_max_connections() -> usize {
     4096
 }
 
+/// `[agent_api]`: the TLS listener agents attest on and mint SVIDs from.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentApiConfig {
+    /// Serve the agent API at all.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Address to listen on; port 0 picks a free port (written to `state_dir/agent_api.url`).
+    #[serde(default = "default_agent_api_listen")]
+    pub listen: SocketAddr,
+    /// Lifetime of node SVIDs.
+    #[serde(with = "crate::duration::serde_text", default = "default_hour")]
+    pub node_svid_ttl: Duration,
+    /// Lifetime of workload X509-SVIDs whose entry sets none (SPIRE's default, 1 h).
+    #[serde(with = "crate::duration::serde_text", default = "default_hour")]
+    pub x509_svid_ttl: Duration,
+    /// Lifetime of JWT-SVIDs whose entry sets none (SPIRE's default, 5 min).
+    #[serde(with = "crate::duration::serde_text", default = "default_jwt_ttl")]
+    pub jwt_svid_ttl: Duration,
+    /// Most TLS connections served at once.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+}
+
+/// The agent API's port unless configured: next to EST's 8443.
+pub const DEFAULT_AGENT_API_PORT: u16 = 8444;
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_agent_api_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], DEFAULT_AGENT_API_PORT))
+}
+
+fn default_hour() -> Duration {
+    Duration::from_secs(3600)
+}
+
+fn default_jwt_ttl() -> Duration {
+    Duration::from_secs(300)
+}
+
+impl Default for AgentApiConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: default_agent_api_listen(),
+            node_svid_ttl: default_hour(),
+            x509_svid_ttl: default_hour(),
+            jwt_svid_ttl: default_jwt_ttl(),
+            max_connections: default_max_connections(),
+        }
+    }
+}
+
+/// `[attestation]`: settings of node attestation methods. `join_token` and `x509pop` need
+/// none (they use the issuer's own tokens and inventory).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttestationConfig {
+    /// `[attestation.tpm]`: TPM credential activation; absent, the method is off.
+    #[serde(default)]
+    pub tpm: Option<TpmAttestationConfig>,
+}
+
+/// `[attestation.tpm]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TpmAttestationConfig {
+    /// PEM files of the TPM manufacturers' EK CAs an EK certificate must chain to.
+    pub ek_ca: Vec<PathBuf>,
+}
+
 /// Token policy.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -145,6 +225,7 @@ impl Config {
                 self.trust_domain
             )));
         }
+        self.trust_domain()?;
         if !self.profiles.contains_key(&self.default_profile) {
             return Err(Error::Config(format!(
                 "default_profile {:?} is not one of the [profiles.*] tables",
@@ -169,6 +250,22 @@ impl Config {
             .map_err(|e| Error::Config(format!("ca.issuing_key: {e}")))?;
         if self.ca.key_queue == 0 {
             return Err(Error::Config("ca.key_queue must be at least 1".into()));
+        }
+        for (name, ttl) in [
+            ("node_svid_ttl", self.agent_api.node_svid_ttl),
+            ("x509_svid_ttl", self.agent_api.x509_svid_ttl),
+            ("jwt_svid_ttl", self.agent_api.jwt_svid_ttl),
+        ] {
+            if ttl < Duration::from_secs(1) || ttl > Duration::from_secs(u32::MAX.into()) {
+                return Err(Error::Config(format!(
+                    "agent_api.{name} must be between 1s and 136 years"
+                )));
+            }
+        }
+        if self.agent_api.max_connections == 0 {
+            return Err(Error::Config(
+                "agent_api.max_connections must be at least 1".into(),
+            ));
         }
         if let Some(signing_key) = &self.ca.signing_key {
             signing_key.validate().map_err(Error::Config)?;
@@ -220,6 +317,12 @@ impl Config {
     /// The state folder.
     pub fn state_dir(&self) -> PathBuf {
         self.resolve(&self.state_dir)
+    }
+
+    /// The trust domain, parsed (validated at load).
+    pub fn trust_domain(&self) -> Result<proto::TrustDomain, Error> {
+        proto::TrustDomain::new(&self.trust_domain)
+            .map_err(|e| Error::Config(format!("trust_domain: {e}")))
     }
 
     /// The admin socket in the state folder.

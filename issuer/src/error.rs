@@ -50,6 +50,15 @@ pub enum Error {
     /// A request that EST policy refuses; carries the EST error with its status.
     #[error(transparent)]
     Est(#[from] est::Error),
+    /// A registration entry, node or certificate that does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// An agent asked for something that is not its own (another node's entry).
+    #[error("{0}")]
+    Denied(String),
+    /// An entry that exists already.
+    #[error("{0}")]
+    AlreadyExists(String),
     /// A node was not attested; the refusal says why.
     #[error("attestation refused: {0}")]
     Attestation(#[from] crate::attestation::Refusal),

@@ -190,6 +190,8 @@ impl Authority {
             dns: record.dns.clone(),
             ips: record.ips.clone(),
             owner: format!("token:{}", record.id),
+            spiffe_id: None,
+            lifetime: None,
             renews: None,
             token: Some(crate::store::tokens_hash(secret)),
         };
@@ -278,6 +280,8 @@ impl Authority {
             dns,
             ips,
             owner: record.owner.clone(),
+            spiffe_id: None,
+            lifetime: None,
             renews: Some(serial),
             token: None,
         };
@@ -288,6 +292,13 @@ impl Authority {
 
 fn check_usable(record: &TokenRecord, now: i64) -> Result<(), EstError> {
     let unauthorized = |m: String| EstError::refused(Refusal::Unauthorized, m);
+    if record.kind != crate::store::TokenKind::Enrollment {
+        return Err(unauthorized(
+            "this is a join token for an agent's node attestation, not an enrollment token; \
+             ask the PKI operator for an enrollment token"
+                .into(),
+        ));
+    }
     if record.used_at.is_some() {
         return Err(unauthorized(
             "this token was already used; tokens are single use, ask the PKI operator for a new one"

@@ -20,6 +20,11 @@ pub struct Grant {
     pub dns: Vec<String>,
     /// iPAddress SANs.
     pub ips: Vec<IpAddr>,
+    /// The SPIFFE ID, the one URI SAN of an SVID (DESIGN §5). A grant with one is built from
+    /// the issuer's SPIFFE profiles (`svid`, `node-svid`), never from an EST label's.
+    pub spiffe_id: Option<proto::SpiffeId>,
+    /// Lifetime instead of the profile's (an entry's TTL), still capped by the CA's notAfter.
+    pub lifetime: Option<std::time::Duration>,
     /// Who asked, for the inventory.
     pub owner: String,
     /// The certificate this renews.
@@ -33,9 +38,10 @@ pub struct Grant {
 impl Grant {
     /// The SANs as the inventory writes them.
     pub fn san_strings(&self) -> Vec<String> {
-        self.dns
+        self.spiffe_id
             .iter()
-            .map(|d| format!("dns:{d}"))
+            .map(|u| format!("uri:{u}"))
+            .chain(self.dns.iter().map(|d| format!("dns:{d}")))
             .chain(self.ips.iter().map(|i| format!("ip:{i}")))
             .collect()
     }

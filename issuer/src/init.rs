@@ -26,6 +26,8 @@ pub struct InitOptions {
     pub listen: SocketAddr,
     /// CRL (plain HTTP) listen address.
     pub crl_listen: SocketAddr,
+    /// Agent API (gRPC over TLS) listen address.
+    pub agent_api_listen: SocketAddr,
     /// Where the issuing CA key is created (relative paths: inside the CA folder).
     pub ca_key: String,
     /// DNS names for the EST server certificate.
@@ -96,6 +98,8 @@ pub async fn run(options: &InitOptions) -> Result<InitReport, Error> {
             .unwrap_or_else(|| "issuer".into()),
         dns: options.dns.clone(),
         ips: options.ips.clone(),
+        spiffe_id: None,
+        lifetime: None,
         owner: "issuer:est-listener".into(),
         renews: None,
         token: None,
@@ -178,6 +182,16 @@ listen = "{crl_listen}"
 # Each CRL's validity; it is re-issued at half of it and on every revocation.
 validity = "7d"
 
+[agent_api]
+# gRPC over TLS for agents: node attestation (join_token, x509pop, tpm), entry sync, SVID
+# minting. Same server certificate as EST. Port 0 picks a free port; the URL is written to
+# state/agent_api.url.
+listen = "{agent_api_listen}"
+# Node SVID lifetime, and the defaults for entries that set no TTL (SPIRE's: 1h and 5m).
+node_svid_ttl = "1h"
+x509_svid_ttl = "1h"
+jwt_svid_ttl = "5m"
+
 [tokens]
 # Lifetime of `issuer token create` tokens without --ttl, and the longest allowed.
 default_ttl = "24h"
@@ -193,6 +207,7 @@ max_ttl = "30d"
         trust_domain = options.trust_domain,
         listen = options.listen,
         crl_listen = options.crl_listen,
+        agent_api_listen = options.agent_api_listen,
         ca_key = options.ca_key.replace('\\', "\\\\").replace('"', "\\\""),
         signing_key = signing_key_section(&options.ca_key),
     );
@@ -260,6 +275,7 @@ mod tests {
             organization: "Plant".into(),
             listen: "127.0.0.1:0".parse().expect("addr"),
             crl_listen: "127.0.0.1:0".parse().expect("addr"),
+            agent_api_listen: "127.0.0.1:0".parse().expect("addr"),
             ca_key: "soft:path=ca/issuing.key".into(),
             dns: vec![],
             ips: vec![],

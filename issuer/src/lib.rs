@@ -2,6 +2,8 @@
 //! inventory of every certificate, and a hash-chained audit log.
 
 pub mod admin;
+pub mod admin_grpc;
+pub mod agent_api;
 pub mod attestation;
 pub mod authority;
 pub mod ca;
@@ -21,6 +23,7 @@ pub mod inventory;
 pub mod metrics;
 pub mod operator_api;
 pub mod profile;
+pub mod registration;
 pub mod serial;
 pub mod serve;
 pub mod signing_key;

@@ -34,6 +34,7 @@ pub struct Metrics {
     issued: Mutex<BTreeMap<String, Arc<Histogram>>>,
     est_responses: Mutex<BTreeMap<u16, Arc<AtomicU64>>>,
     refusals: Mutex<BTreeMap<&'static str, Arc<AtomicU64>>>,
+    attestations: Mutex<BTreeMap<(&'static str, &'static str), Arc<AtomicU64>>>,
     inventory: Mutex<InventoryGauges>,
     /// Set when the inventory changed since the gauges were computed.
     inventory_dirty: std::sync::atomic::AtomicBool,
@@ -94,6 +95,17 @@ impl Metrics {
         counter.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Records one node attestation by method and outcome (`attested` or a refusal reason).
+    pub fn attestation(&self, method: &'static str, outcome: &'static str) {
+        let counter = {
+            let Ok(mut map) = self.attestations.lock() else {
+                return;
+            };
+            map.entry((method, outcome)).or_default().clone()
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// The exposition text.
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -148,6 +160,16 @@ impl Metrics {
                 let _ = writeln!(
                     out,
                     "plant_enrollment_refusals_total{{reason=\"{reason}\"}} {}",
+                    n.load(Ordering::Relaxed)
+                );
+            }
+        }
+        out.push_str("# HELP plant_node_attestations_total Agent node attestations by method and outcome.\n# TYPE plant_node_attestations_total counter\n");
+        if let Ok(map) = self.attestations.lock() {
+            for ((method, outcome), n) in map.iter() {
+                let _ = writeln!(
+                    out,
+                    "plant_node_attestations_total{{method=\"{method}\",outcome=\"{outcome}\"}} {}",
                     n.load(Ordering::Relaxed)
                 );
             }

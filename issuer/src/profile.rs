@@ -161,3 +161,41 @@ pub fn defaults() -> Vec<(&'static str, Profile)> {
         ),
     ]
 }
+
+/// The profile of workload X509-SVIDs (label `svid`).
+pub const SVID: &str = "svid";
+/// The profile of agents' node SVIDs (label `node-svid`).
+pub const NODE_SVID: &str = "node-svid";
+
+/// The SVID profiles (DESIGN §5): CA=false, keyUsage digitalSignature (critical), EKU
+/// serverAuth + clientAuth, one URI SAN (the SPIFFE ID) and, for workloads, DNS names.
+pub fn spiffe(
+    config: &crate::config::AgentApiConfig,
+) -> std::collections::BTreeMap<String, Profile> {
+    let profile = |description: &str, lifetime, san| Profile {
+        description: description.into(),
+        lifetime,
+        key_usage: vec![KeyUsage::DigitalSignature],
+        extended_key_usage: vec![ExtendedKeyUsage::ServerAuth, ExtendedKeyUsage::ClientAuth],
+        san,
+        server_keygen: false,
+        sign_with: Default::default(),
+        operator: false,
+    };
+    [
+        (
+            SVID.to_owned(),
+            profile(
+                "workload X509-SVIDs",
+                config.x509_svid_ttl,
+                vec![SanKind::Dns],
+            ),
+        ),
+        (
+            NODE_SVID.to_owned(),
+            profile("agent node SVIDs", config.node_svid_ttl, vec![]),
+        ),
+    ]
+    .into_iter()
+    .collect()
+}

@@ -1,4 +1,5 @@
-//! `issuer serve`: the EST listener (HTTPS) and the admin socket, with one shutdown.
+//! `issuer serve`: the EST listener (HTTPS), the agent API (gRPC over TLS) and the admin
+//! socket, with one shutdown.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -78,6 +79,27 @@ pub async fn run(config: Config) -> Result<(), Error> {
         }
     });
 
+    let (stop_agent_api, agent_api_stopped) = tokio::sync::oneshot::channel::<()>();
+    let agent_api = if config.agent_api.enabled {
+        let listener = crate::agent_api::Listener::bind(&config, &authority).await?;
+        let agent_api_url = format!("https://{}", listener.local_addr()?);
+        let jwt = crate::agent_api::JwtKey::open_or_create(&state_dir.join("jwt-svid.key"))?;
+        let service = crate::agent_api::AgentService::new(
+            authority.clone(),
+            crate::agent_api::attestors(&config, &authority)?,
+            jwt,
+            &config.agent_api,
+        );
+        let url_file = state_dir.join("agent_api.url");
+        std::fs::write(&url_file, format!("{agent_api_url}\n")).map_err(Error::io(&url_file))?;
+        println!("agent API listening on {agent_api_url}");
+        Some(tokio::spawn(listener.serve(service, async move {
+            let _ = agent_api_stopped.await;
+        })))
+    } else {
+        None
+    };
+
     // Written last: scripts and tests wait for this file to know the issuer is ready.
     let url_file = state_dir.join("est.url");
     std::fs::write(&url_file, format!("{url}\n")).map_err(Error::io(&url_file))?;
@@ -125,6 +147,15 @@ pub async fn run(config: Config) -> Result<(), Error> {
         });
     }
     tracing::info!("shutting down");
+    let _ = stop_agent_api.send(());
+    if let Some(task) = agent_api {
+        // Open attestation streams get a moment to finish; then the process goes anyway.
+        match tokio::time::timeout(Duration::from_secs(5), task).await {
+            Ok(Ok(Err(e))) => tracing::error!(error = %e, "agent API stopped with an error"),
+            Ok(_) => {}
+            Err(_) => tracing::warn!("agent API connections still open at shutdown"),
+        }
+    }
     let _ = std::fs::remove_file(&admin_path);
     let flushed = authority.store.durability.commit().await;
     authority.store.durability.close().await;

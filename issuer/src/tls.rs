@@ -19,11 +19,9 @@ use est::client::HandshakeSignatures;
 
 use crate::Error;
 
-/// Builds the server configuration from a PEM chain (leaf first) and a PKCS#8 key file.
-pub fn server_config(
-    chain_pem: &Path,
-    key_path: &Path,
-) -> Result<Arc<rustls::ServerConfig>, Error> {
+type ServerIdentity = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>);
+
+fn server_identity(chain_pem: &Path, key_path: &Path) -> Result<ServerIdentity, Error> {
     let chain: Vec<CertificateDer<'static>> = crate::ca::read_pem_chain(chain_pem)?
         .into_iter()
         .map(CertificateDer::from)
@@ -31,15 +29,55 @@ pub fn server_config(
     // Opening through hsm checks the key file's permissions and format.
     let key = hsm::SoftKey::open(key_path)?;
     let pkcs8 = key.to_pkcs8_der()?;
+    Ok((
+        chain,
+        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(pkcs8.to_vec())),
+    ))
+}
+
+/// The agent API's TLS configuration: the EST server certificate, HTTP/2 only, and client
+/// certificates optional but, when sent, verified against the plant root (`root_der`) —
+/// whether one is a current node SVID is judged per call against the inventory.
+pub fn agent_api_config(
+    chain_pem: &Path,
+    key_path: &Path,
+    root_der: &[u8],
+) -> Result<Arc<rustls::ServerConfig>, Error> {
+    let (chain, key) = server_identity(chain_pem, key_path)?;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from(root_der.to_vec()))
+        .map_err(|e| Error::Tls(format!("the root certificate: {e}")))?;
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .allow_unauthenticated()
+    .build()
+    .map_err(|e| Error::Tls(e.to_string()))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| Error::Tls(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .map_err(|e| Error::Tls(format!("{}: {e}", chain_pem.display())))?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Builds the server configuration from a PEM chain (leaf first) and a PKCS#8 key file.
+pub fn server_config(
+    chain_pem: &Path,
+    key_path: &Path,
+) -> Result<Arc<rustls::ServerConfig>, Error> {
+    let (chain, key) = server_identity(chain_pem, key_path)?;
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| Error::Tls(e.to_string()))?
         .with_client_cert_verifier(Arc::new(InventoryJudgedClientCert(provider)))
-        .with_single_cert(
-            chain,
-            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(pkcs8.to_vec())),
-        )
+        .with_single_cert(chain, key)
         .map_err(|e| Error::Tls(format!("{}: {e}", chain_pem.display())))?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))

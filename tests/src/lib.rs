@@ -587,61 +587,134 @@ pub fn x509_field(cert: &Path, field: &str) -> Result<String> {
     )
 }
 
-// ---------------------------------------------------------------------------------------------
-// Agent daemon (`agent run`) and the issuer's agent API.
+// --- The agent API (issuer side): URL, join tokens, entries, and a gRPC client over TLS. ---
 
-/// The issuer's agent API URL (`https://127.0.0.1:PORT`), written by `issuer serve`.
-pub fn agent_api_url(issuer: &Issuer) -> Result<String> {
-    let path = issuer.dir.path().join("state/agent_api.url");
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("reading {} (is the agent API enabled?)", path.display()))?;
-    Ok(text.trim().to_owned())
-}
-
-/// A one-time join token and its id: `(token, node SPIFFE ID it will give)`.
-pub fn join_token(issuer: &Issuer) -> Result<(String, String)> {
-    let out = run_ok(
-        issuer
-            .cli()
-            .args(["token", "create", "--kind", "join", "--format", "json"]),
-    )?;
-    let tokens: Vec<serde_json::Value> = serde_json::from_str(&out)
-        .with_context(|| format!("token create --format json printed {out}"))?;
-    let first = tokens.first().context("no token printed")?;
-    let token = first["token"]
-        .as_str()
-        .context("no token field")?
-        .to_owned();
-    let id = first["id"].as_str().context("no id field")?;
-    Ok((
-        token,
-        format!("spiffe://plant.example/agent/join_token/{id}"),
-    ))
-}
-
-/// `issuer entry create`; returns the entry id.
-pub fn create_entry(
-    issuer: &Issuer,
-    spiffe_id: &str,
-    parent: &str,
-    selectors: &[&str],
-    extra: &[&str],
-) -> Result<String> {
-    let mut command = issuer.cli();
-    command.args([
-        "entry",
-        "create",
-        "--spiffe-id",
-        spiffe_id,
-        "--parent",
-        parent,
-    ]);
-    for selector in selectors {
-        command.args(["--selector", selector]);
+impl Issuer {
+    /// The agent API's URL, `https://127.0.0.1:PORT` (written before est.url).
+    pub fn agent_api_url(&self) -> Result<String> {
+        Ok(
+            std::fs::read_to_string(self.dir.path().join("state/agent_api.url"))?
+                .trim()
+                .to_owned(),
+        )
     }
-    command.args(extra);
-    Ok(run_ok(&mut command)?.trim().to_owned())
+
+    /// One join token (`issuer token create --kind join`).
+    pub fn join_token(&self) -> Result<String> {
+        Ok(run_ok(
+            self.cli()
+                .args(["token", "create", "--kind", "join", "--format", "plain"]),
+        )?
+        .trim()
+        .to_owned())
+    }
+
+    /// `issuer entry create`; returns the entry id. `extra`: `--ttl`, `--dns`, `--hint`, …
+    pub fn create_entry(
+        &self,
+        spiffe_id: &str,
+        parent: &str,
+        selectors: &[&str],
+        extra: &[&str],
+    ) -> Result<String> {
+        let mut command = self.cli();
+        command.args([
+            "entry",
+            "create",
+            "--spiffe-id",
+            spiffe_id,
+            "--parent",
+            parent,
+        ]);
+        for s in selectors {
+            command.args(["--selector", s]);
+        }
+        command.args(extra);
+        Ok(run_ok(&mut command)?.trim().to_owned())
+    }
 }
+
+/// A gRPC channel to the issuer's agent API over real TLS (rustls, ALPN h2), trusting the
+/// issuer's root; with `client`, (certificate chain DER leaf first, PKCS#8 key DER) as the
+/// TLS client certificate.
+pub async fn agent_api_channel(
+    issuer: &Issuer,
+    client: Option<(Vec<Vec<u8>>, Vec<u8>)>,
+) -> Result<tonic::transport::Channel> {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+    let url = issuer.agent_api_url()?;
+    let addr = url
+        .strip_prefix("https://")
+        .context("agent_api.url is not https")?
+        .to_owned();
+    let mut roots = rustls::RootCertStore::empty();
+    let root_pem = std::fs::read_to_string(issuer.root_pem())?;
+    for der in pem_blocks(&root_pem, "CERTIFICATE") {
+        roots.add(CertificateDer::from(der))?;
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots);
+    let mut config = match client {
+        Some((chain, key)) => builder.with_client_auth_cert(
+            chain.into_iter().map(CertificateDer::from).collect(),
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key)),
+        )?,
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_with_connector(tower::service_fn(move |_: http::Uri| {
+            let (connector, addr) = (connector.clone(), addr.clone());
+            async move {
+                let tcp = tokio::net::TcpStream::connect(&addr).await?;
+                let name = ServerName::try_from("127.0.0.1")
+                    .map_err(|e| std::io::Error::other(e.to_string()))?
+                    .to_owned();
+                let tls = connector.connect(name, tcp).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+            }
+        }))
+        .await?;
+    Ok(channel)
+}
+
+/// The DER contents of every PEM block labelled `label` in `pem`.
+pub fn pem_blocks(pem: &str, label: &str) -> Vec<Vec<u8>> {
+    use base64::Engine;
+    let begin = format!("-----BEGIN {label}-----");
+    let end = format!("-----END {label}-----");
+    pem.split(&begin)
+        .skip(1)
+        .filter_map(|rest| rest.split(&end).next())
+        .filter_map(|body| {
+            let text: String = body.chars().filter(|c| !c.is_whitespace()).collect();
+            base64::engine::general_purpose::STANDARD.decode(text).ok()
+        })
+        .collect()
+}
+
+/// DER certificates as one PEM file at `path` (for openssl and pkilint).
+pub fn write_pem(path: &Path, ders: &[Vec<u8>]) -> Result<()> {
+    use base64::Engine;
+    let mut out = String::new();
+    for der in ders {
+        out.push_str("-----BEGIN CERTIFICATE-----\n");
+        let text = base64::engine::general_purpose::STANDARD.encode(der);
+        for chunk in text.as_bytes().chunks(64) {
+            out.push_str(&String::from_utf8_lossy(chunk));
+            out.push('\n');
+        }
+        out.push_str("-----END CERTIFICATE-----\n");
+    }
+    std::fs::write(path, out)?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The agent daemon (`agent run`) and the Workload API.
 
 /// A running `agent run` with its agent.toml, state directory and Workload API socket in a
 /// temp folder.
@@ -679,7 +752,7 @@ impl Agent {
         let socket = dir.path().join("sock/workload.sock");
         let config = format!(
             "server = \"{server}\"\ntrust_bundle = \"{bundle}\"\ntrust_domain = \"plant.example\"\nstate_dir = \"state\"\nsocket = \"{socket}\"\nsync_interval = \"1s\"\n\n[attestation]\n{attestation}",
-            server = agent_api_url(issuer)?,
+            server = issuer.agent_api_url()?,
             bundle = issuer.root_pem().display(),
             socket = socket.display(),
         );

@@ -1,10 +1,13 @@
 //! The issuer's embedded store (sled in the state folder), one small table per aggregate:
-//! certificates (with an expiry index), tokens, and the audit log. Writes are made durable by
+//! certificates (with an expiry index), tokens, registration entries, attested nodes and the
+//! audit log. Writes are made durable by
 //! [`Durability::commit`] before a response leaves.
 
 mod audit;
 mod certificates;
 mod durability;
+mod entries;
+mod nodes;
 mod tokens;
 
 pub use audit::{AuditEvent, AuditLog, AuditRecord, Verification};
@@ -12,7 +15,9 @@ pub use certificates::{
     CertificateRecord, CertificateStore, InventoryPage, InventoryQuery, Revocation, Status,
 };
 pub use durability::Durability;
-pub use tokens::{hash as tokens_hash, Consumed, TokenRecord, TokenStore};
+pub use entries::{EntryRecord, EntryStore};
+pub use nodes::{NodeRecord, NodeStore};
+pub use tokens::{hash as tokens_hash, Consumed, TokenKind, TokenRecord, TokenStore};
 
 use std::path::Path;
 
@@ -27,6 +32,10 @@ pub struct Store {
     pub tokens: TokenStore,
     /// The hash-chained audit log.
     pub audit: AuditLog,
+    /// Registration entries, indexed by parent node.
+    pub entries: EntryStore,
+    /// Attested nodes.
+    pub nodes: NodeStore,
     /// The group-commit barrier.
     pub durability: Durability,
 }
@@ -49,11 +58,15 @@ impl Store {
         let certificates = CertificateStore::open(&db)?;
         let tokens = TokenStore::open(&db)?;
         let audit = AuditLog::open(&db)?;
+        let entries = EntryStore::open(&db)?;
+        let nodes = NodeStore::open(&db)?;
         let durability = Durability::start(db, dir)?;
         Ok(Self {
             certificates,
             tokens,
             audit,
+            entries,
+            nodes,
             durability,
         })
     }
@@ -223,6 +236,7 @@ mod tests {
             .tokens
             .insert(&TokenRecord {
                 id: "abcd".into(),
+                kind: TokenKind::Enrollment,
                 hash: hex::encode(tokens_hash(secret)),
                 label: "device".into(),
                 subject: None,
@@ -257,5 +271,126 @@ mod tests {
             store.tokens.consume("other", 10),
             Ok(Consumed::Unknown)
         ));
+    }
+
+    fn entry(id: &str, parent: &str, selectors: &[&str]) -> EntryRecord {
+        EntryRecord {
+            id: id.into(),
+            spiffe_id: "spiffe://plant.test/historian".into(),
+            parent_id: parent.into(),
+            selectors: selectors.iter().map(|s| (*s).to_owned()).collect(),
+            x509_svid_ttl_secs: 0,
+            jwt_svid_ttl_secs: 0,
+            dns_names: vec![],
+            hint: String::new(),
+            revision: 1,
+            created_at: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn entries_list_by_parent_refuse_duplicates_and_delete_with_their_indexes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let a = "spiffe://plant.test/agent/join_token/a";
+        // A parent that is a prefix of another must not see the other's entries.
+        let ab = "spiffe://plant.test/agent/join_token/ab";
+        assert_eq!(
+            store
+                .entries
+                .insert(&entry("1", a, &["unix:uid:1"]))
+                .expect("1"),
+            None
+        );
+        assert_eq!(
+            store
+                .entries
+                .insert(&entry("2", ab, &["unix:uid:1"]))
+                .expect("2"),
+            None
+        );
+        assert_eq!(
+            store
+                .entries
+                .insert(&entry("3", a, &["unix:uid:1"]))
+                .expect("3"),
+            Some("1".to_owned()),
+            "same SPIFFE ID, parent and selectors"
+        );
+        assert_eq!(
+            store
+                .entries
+                .insert(&entry("4", a, &["unix:uid:2"]))
+                .expect("4"),
+            None
+        );
+        let ids = |parent| {
+            store
+                .entries
+                .list(parent)
+                .expect("list")
+                .into_iter()
+                .map(|e| e.id)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(ids(Some(a)), ["1", "4"]);
+        assert_eq!(ids(Some(ab)), ["2"]);
+        assert_eq!(ids(None), ["1", "2", "4"]);
+        assert_eq!(
+            store.entries.delete("1").expect("delete").map(|e| e.id),
+            Some("1".into())
+        );
+        assert_eq!(store.entries.delete("1").expect("again"), None);
+        assert_eq!(ids(Some(a)), ["4"]);
+        // The identity index went with it: the same entry may be created again.
+        assert_eq!(
+            store
+                .entries
+                .insert(&entry("5", a, &["unix:uid:1"]))
+                .expect("5"),
+            None
+        );
+    }
+
+    #[tokio::test]
+    async fn nodes_are_replaced_on_reattestation_and_updated_atomically() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let id = "spiffe://plant.test/agent/x509pop/gw-1";
+        let node = NodeRecord {
+            spiffe_id: id.into(),
+            method: "x509pop".into(),
+            attested_at: 1,
+            svid_serial: "01".into(),
+            svid_not_after: 100,
+            evicted: false,
+            can_reattest: true,
+        };
+        store.nodes.put(&node).expect("put");
+        let before = store
+            .nodes
+            .update(id, |n| n.evicted = true)
+            .expect("update")
+            .expect("known");
+        assert!(!before.evicted);
+        assert!(store.nodes.get(id).expect("get").expect("known").evicted);
+        assert_eq!(
+            store
+                .nodes
+                .update("spiffe://plant.test/agent/x/y", |_| {})
+                .expect("u"),
+            None
+        );
+        store
+            .nodes
+            .put(&NodeRecord {
+                svid_serial: "02".into(),
+                ..node
+            })
+            .expect("reattest");
+        let now = store.nodes.get(id).expect("get").expect("known");
+        assert!(!now.evicted);
+        assert_eq!(now.svid_serial, "02");
+        assert_eq!(store.nodes.list().expect("list").len(), 1);
     }
 }

@@ -7,11 +7,27 @@ use subtle::ConstantTimeEq;
 
 use crate::Error;
 
+/// What a token may be used for: one kind never stands in for the other, so a leaked join
+/// token cannot enroll a device over EST and an enrollment token cannot attest an agent.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenKind {
+    /// EST enrollment of one device certificate (the default; records written before kinds
+    /// existed are enrollment tokens).
+    #[default]
+    Enrollment,
+    /// One agent's node attestation (`join_token`).
+    Join,
+}
+
 /// A token as stored: everything but the secret.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct TokenRecord {
     /// Short public id (first 8 hex digits of the hash), for logs and audit.
     pub id: String,
+    /// What it may be used for.
+    #[serde(default)]
+    pub kind: TokenKind,
     /// SHA-256 of the secret, hex.
     pub hash: String,
     /// The label (profile) it may enroll under.

@@ -1,0 +1,221 @@
+//! The agent API (`plant.agent.v1`, gRPC over TLS; DESIGN §5): agents attest here, then sync
+//! their entries and mint SVIDs with their node SVID as TLS client certificate.
+//!
+//! A listener of its own, with the EST server certificate. Client certificates are optional
+//! at the handshake (an agent attests before it has one) but, when sent, must chain to the
+//! plant root; who the caller is, and whether its node SVID is still the current one, is
+//! decided per call against the node table and the inventory ([`peer`]).
+
+mod jwt;
+mod peer;
+mod service;
+
+pub use jwt::JwtKey;
+pub(crate) use service::to_status;
+pub use service::{AgentService, MAX_BATCH};
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use rustls::pki_types::CertificateDer;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+
+use crate::attestation::NodeAttestor;
+use crate::authority::Authority;
+use crate::config::Config;
+use crate::Error;
+
+/// Longest a client may take to finish the TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The attestors this issuer runs, from its configuration.
+pub fn attestors(
+    config: &Config,
+    authority: &Authority,
+) -> Result<Vec<Box<dyn NodeAttestor>>, Error> {
+    let clock = authority.clock.clone();
+    #[allow(unused_mut)]
+    let mut attestors: Vec<Box<dyn NodeAttestor>> = vec![
+        Box::new(crate::attestation::join_token::JoinTokenAttestor::new(
+            authority.store.tokens.clone(),
+            clock.clone(),
+        )),
+        Box::new(crate::attestation::x509pop::X509PopAttestor::new(
+            authority.store.certificates.clone(),
+            clock,
+        )),
+    ];
+    if let Some(tpm) = &config.attestation.tpm {
+        // The TPM attestor (crate::attestation::tpm) is added here from `[attestation.tpm]`:
+        // attestors.push(Box::new(tpm::TpmAttestor::new(ek_ca_paths, …)?));
+        let _ek_ca: Vec<_> = tpm.ek_ca.iter().map(|p| config.resolve(p)).collect();
+        return Err(Error::Config(
+            "[attestation.tpm] is configured but this issuer has no TPM attestor yet".into(),
+        ));
+    }
+    Ok(attestors)
+}
+
+/// The peer's certificate chain (leaf first), as the TLS handshake saw it; empty without a
+/// client certificate.
+#[derive(Debug, Clone, Default)]
+pub struct PeerCertificates(pub Arc<Vec<CertificateDer<'static>>>);
+
+/// One accepted TLS connection, holding its slot of the connection limit.
+struct Connection {
+    tls: tokio_rustls::server::TlsStream<TcpStream>,
+    peer: PeerCertificates,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl tonic::transport::server::Connected for Connection {
+    type ConnectInfo = PeerCertificates;
+    fn connect_info(&self) -> PeerCertificates {
+        self.peer.clone()
+    }
+}
+
+impl AsyncRead for Connection {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tls).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Connection {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.tls).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tls).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tls).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.tls).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.tls.is_write_vectored()
+    }
+}
+
+/// A bound agent API listener, ready to serve.
+#[derive(Debug)]
+pub struct Listener {
+    tcp: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    max_connections: usize,
+}
+
+impl Listener {
+    /// Binds `config.agent_api.listen` with the EST server certificate.
+    pub async fn bind(config: &Config, authority: &Authority) -> Result<Self, Error> {
+        let tls = crate::tls::agent_api_config(
+            &config.resolve(&config.est.tls_certificate),
+            &config.resolve(&config.est.tls_key),
+            authority.ca.root_der(),
+        )?;
+        let listen = config.agent_api.listen;
+        let tcp = TcpListener::bind(listen).await.map_err(|e| {
+            Error::Config(format!("cannot listen on {listen} for the agent API: {e}"))
+        })?;
+        Ok(Self {
+            tcp,
+            tls,
+            max_connections: config.agent_api.max_connections,
+        })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> Result<SocketAddr, Error> {
+        self.tcp
+            .local_addr()
+            .map_err(Error::io("agent API listener"))
+    }
+
+    /// Serves `service` until `shutdown` completes.
+    pub async fn serve(
+        self,
+        service: AgentService,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), Error> {
+        let (sender, receiver) = mpsc::channel::<Result<Connection, std::io::Error>>(64);
+        let acceptor = tokio_rustls::TlsAcceptor::from(self.tls);
+        let slots = Arc::new(Semaphore::new(self.max_connections));
+        let tcp = self.tcp;
+        let accepting = tokio::spawn(async move {
+            loop {
+                let Ok(permit) = slots.clone().acquire_owned().await else {
+                    return;
+                };
+                let (stream, peer) = match tcp.accept().await {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        tracing::warn!(error = %e, "agent API accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let (acceptor, sender) = (acceptor.clone(), sender.clone());
+                // Handshakes run apart from the accept loop so a slow client holds only its
+                // own slot, for at most HANDSHAKE_TIMEOUT.
+                tokio::spawn(async move {
+                    let _ = stream.set_nodelay(true);
+                    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream))
+                        .await
+                    {
+                        Ok(Ok(tls)) => tls,
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "agent API TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "agent API TLS handshake timed out");
+                            return;
+                        }
+                    };
+                    let chain = tls
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
+                        .unwrap_or_default();
+                    let _ = sender
+                        .send(Ok(Connection {
+                            tls,
+                            peer: PeerCertificates(Arc::new(chain)),
+                            _permit: permit,
+                        }))
+                        .await;
+                });
+            }
+        });
+        let incoming = tokio_stream::wrappers::ReceiverStream::new(receiver);
+        let result = tonic::transport::Server::builder()
+            .add_service(proto::agent::agent_server::AgentServer::new(service))
+            .serve_with_incoming_shutdown(incoming, shutdown)
+            .await
+            .map_err(|e| Error::Tls(format!("agent API: {e}")));
+        accepting.abort();
+        result
+    }
+}

@@ -1,0 +1,171 @@
+//! Registration entries: which SPIFFE ID a workload with which selectors may hold, under
+//! which node (its parent). Indexed by parent, because an agent syncs exactly its own.
+
+use serde::{Deserialize, Serialize};
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+use sled::Transactional;
+
+use crate::Error;
+
+/// One registration entry as stored.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct EntryRecord {
+    /// Random id (32 hex digits), what operators delete by.
+    pub id: String,
+    /// The SPIFFE ID a matching workload gets.
+    pub spiffe_id: String,
+    /// The node SPIFFE ID (`spiffe://<td>/agent/…`) whose agent serves it.
+    pub parent_id: String,
+    /// `type:value` selectors, sorted; all must match a workload.
+    pub selectors: Vec<String>,
+    /// X509-SVID lifetime in seconds; 0: the issuer's default.
+    pub x509_svid_ttl_secs: u32,
+    /// JWT-SVID lifetime in seconds; 0: the issuer's default.
+    pub jwt_svid_ttl_secs: u32,
+    /// dNSName SANs the X509-SVID carries besides its SPIFFE ID.
+    pub dns_names: Vec<String>,
+    /// Workload API hint.
+    pub hint: String,
+    /// Bumped on every change.
+    pub revision: u64,
+    /// Unix seconds.
+    pub created_at: i64,
+}
+
+impl EntryRecord {
+    /// What makes two entries the same: SPIFFE ID, parent and selector set.
+    fn identity_key(&self) -> [u8; 32] {
+        use sha2::Digest;
+        let mut selectors = self.selectors.clone();
+        selectors.sort();
+        let mut digest = sha2::Sha256::new();
+        for part in [&self.spiffe_id, &self.parent_id]
+            .into_iter()
+            .chain(selectors.iter())
+        {
+            digest.update((part.len() as u64).to_be_bytes());
+            digest.update(part.as_bytes());
+        }
+        digest.finalize().into()
+    }
+}
+
+/// The entry table with its parent and identity indexes.
+#[derive(Debug, Clone)]
+pub struct EntryStore {
+    by_id: sled::Tree,
+    /// `parent_id || 0x00 || id` → empty.
+    by_parent: sled::Tree,
+    /// SHA-256 of (spiffe_id, parent_id, selectors) → id: refuses duplicates atomically.
+    by_identity: sled::Tree,
+}
+
+fn parent_key(parent_id: &str, id: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(parent_id.len() + 1 + id.len());
+    key.extend_from_slice(parent_id.as_bytes());
+    key.push(0);
+    key.extend_from_slice(id.as_bytes());
+    key
+}
+
+impl EntryStore {
+    pub(super) fn open(db: &sled::Db) -> Result<Self, Error> {
+        Ok(Self {
+            by_id: db.open_tree("entries")?,
+            by_parent: db.open_tree("entries_by_parent")?,
+            by_identity: db.open_tree("entries_by_identity")?,
+        })
+    }
+
+    /// Stores a new entry. `Ok(Some(existing_id))` and nothing written when an entry with the
+    /// same SPIFFE ID, parent and selectors exists.
+    pub fn insert(&self, record: &EntryRecord) -> Result<Option<String>, Error> {
+        let value = encode(record)?;
+        let identity = record.identity_key();
+        let parent = parent_key(&record.parent_id, &record.id);
+        let outcome = (&self.by_id, &self.by_parent, &self.by_identity).transaction(
+            |(by_id, by_parent, by_identity)| {
+                if let Some(existing) = by_identity.get(identity)? {
+                    return Err(ConflictableTransactionError::Abort(
+                        String::from_utf8_lossy(&existing).into_owned(),
+                    ));
+                }
+                by_id.insert(record.id.as_bytes(), value.as_slice())?;
+                by_parent.insert(parent.as_slice(), &[][..])?;
+                by_identity.insert(&identity[..], record.id.as_bytes())?;
+                Ok(())
+            },
+        );
+        match outcome {
+            Ok(()) => Ok(None),
+            Err(TransactionError::Abort(existing)) => Ok(Some(existing)),
+            Err(TransactionError::Storage(e)) => Err(e.into()),
+        }
+    }
+
+    /// The entry `id`.
+    pub fn get(&self, id: &str) -> Result<Option<EntryRecord>, Error> {
+        self.by_id
+            .get(id.as_bytes())?
+            .map(|b| decode(&b))
+            .transpose()
+    }
+
+    /// Every entry, or those of one parent; ordered by id (by parent, then id).
+    pub fn list(&self, parent_id: Option<&str>) -> Result<Vec<EntryRecord>, Error> {
+        let mut out = Vec::new();
+        match parent_id {
+            None => {
+                for item in self.by_id.iter() {
+                    let (_, bytes) = item?;
+                    out.push(decode(&bytes)?);
+                }
+            }
+            Some(parent) => {
+                let mut prefix = parent.as_bytes().to_vec();
+                prefix.push(0);
+                for item in self.by_parent.scan_prefix(&prefix) {
+                    let (key, _) = item?;
+                    let id = &key[prefix.len()..];
+                    // The index is written with the record in one transaction; a missing
+                    // record would be a concurrent delete between the two reads.
+                    if let Some(bytes) = self.by_id.get(id)? {
+                        out.push(decode(&bytes)?);
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Deletes entry `id` with its index rows; returns it, or `None` if there was none.
+    pub fn delete(&self, id: &str) -> Result<Option<EntryRecord>, Error> {
+        let outcome = (&self.by_id, &self.by_parent, &self.by_identity).transaction(
+            |(by_id, by_parent, by_identity)| {
+                let Some(bytes) = by_id.remove(id.as_bytes())? else {
+                    return Ok(None);
+                };
+                let record: EntryRecord = serde_json::from_slice(&bytes)
+                    .map_err(|e| ConflictableTransactionError::Abort(e.to_string()))?;
+                by_parent.remove(parent_key(&record.parent_id, &record.id))?;
+                by_identity.remove(&record.identity_key()[..])?;
+                Ok(Some(record))
+            },
+        );
+        match outcome {
+            Ok(found) => Ok(found),
+            Err(TransactionError::Abort(why)) => {
+                Err(Error::Store(format!("entry record {id}: {why}")))
+            }
+            Err(TransactionError::Storage(e)) => Err(e.into()),
+        }
+    }
+}
+
+fn encode(record: &EntryRecord) -> Result<Vec<u8>, Error> {
+    serde_json::to_vec(record).map_err(|e| Error::Store(e.to_string()))
+}
+
+fn decode(bytes: &[u8]) -> Result<EntryRecord, Error> {
+    serde_json::from_slice(bytes).map_err(|e| Error::Store(format!("entry record: {e}")))
+}

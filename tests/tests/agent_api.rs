@@ -1,0 +1,358 @@
+//! The issuer's agent API end to end: a real `issuer serve`, a tonic client over real TLS
+//! (rustls), node attestation with a join token, entry sync, SVID minting, JWT-SVIDs checked
+//! against the published JWKS, and eviction.
+
+use anyhow::{bail, ensure, Context, Result};
+use base64::Engine;
+use plant_tests::{agent_api_channel, openssl, verify_against, write_pem, Issuer};
+use proto::agent::agent_client::AgentClient;
+use proto::agent::{
+    attest_request, attest_response, evidence, AttestRequest, Evidence, JoinTokenEvidence,
+    MintJwtSvidRequest, MintX509SvidsRequest, NodeSvid, SyncEntriesRequest, X509SvidRequest,
+};
+
+const TD: &str = "plant.example";
+
+/// A fresh P-256 key and a CSR for it (DER); only the key is used by the issuer.
+fn key_and_csr() -> Result<(rcgen::KeyPair, Vec<u8>)> {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let csr = rcgen::CertificateParams::new(Vec::<String>::new())?
+        .serialize_request(&key)?
+        .der()
+        .to_vec();
+    Ok((key, csr))
+}
+
+/// A node: its SVID chain and key, for mTLS.
+struct Node {
+    svid: NodeSvid,
+    key: rcgen::KeyPair,
+}
+
+impl Node {
+    fn tls_identity(&self) -> (Vec<Vec<u8>>, Vec<u8>) {
+        (self.svid.chain.clone(), self.key.serialize_der())
+    }
+}
+
+async fn attest_with_token(issuer: &Issuer, token: &str) -> Result<Result<Node, tonic::Status>> {
+    let mut client = AgentClient::new(agent_api_channel(issuer, None).await?);
+    let (key, csr) = key_and_csr()?;
+    let evidence = AttestRequest {
+        step: Some(attest_request::Step::Evidence(Evidence {
+            csr,
+            method: Some(evidence::Method::JoinToken(JoinTokenEvidence {
+                token: token.to_owned(),
+            })),
+        })),
+    };
+    let mut responses = match client.attest(tokio_stream::iter([evidence])).await {
+        Ok(r) => r.into_inner(),
+        Err(status) => return Ok(Err(status)),
+    };
+    match responses.message().await {
+        Ok(Some(response)) => match response.step {
+            Some(attest_response::Step::NodeSvid(svid)) => Ok(Ok(Node { svid, key })),
+            other => bail!("a join token gets the node SVID at once, not {other:?}"),
+        },
+        Ok(None) => bail!("the attestation stream ended without an answer"),
+        Err(status) => Ok(Err(status)),
+    }
+}
+
+fn uri_sans(der: &[u8], dir: &std::path::Path, name: &str) -> Result<String> {
+    let pem = dir.join(format!("{name}.pem"));
+    write_pem(&pem, &[der.to_vec()])?;
+    openssl(&[
+        "x509",
+        "-in",
+        &pem.to_string_lossy(),
+        "-noout",
+        "-ext",
+        "subjectAltName,basicConstraints,keyUsage,extendedKeyUsage",
+    ])
+}
+
+fn verify_svid_chain(
+    issuer: &Issuer,
+    chain: &[Vec<u8>],
+    dir: &std::path::Path,
+    name: &str,
+) -> Result<()> {
+    let leaf = dir.join(format!("{name}-leaf.pem"));
+    let rest = dir.join(format!("{name}-chain.pem"));
+    write_pem(&leaf, &chain[..1])?;
+    ensure!(chain.len() > 1, "the chain holds the intermediates");
+    write_pem(&rest, &chain[1..])?;
+    verify_against(issuer, &leaf, &rest)
+}
+
+/// Checks an ES256 JWT's signature with the JWKS key named by its `kid`; returns the claims.
+fn verify_jwt(token: &str, jwks: &[u8]) -> Result<serde_json::Value> {
+    use p256::ecdsa::signature::Verifier;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let parts: Vec<&str> = token.split('.').collect();
+    ensure!(parts.len() == 3, "a JWS compact token has three parts");
+    let header: serde_json::Value = serde_json::from_slice(&b64.decode(parts[0])?)?;
+    ensure!(
+        header["alg"] == "ES256" && header["typ"] == "JWT",
+        "{header}"
+    );
+    let jwks: serde_json::Value = serde_json::from_slice(jwks)?;
+    let jwk = jwks["keys"]
+        .as_array()
+        .context("keys")?
+        .iter()
+        .find(|k| k["kid"] == header["kid"])
+        .context("no JWKS key with the token's kid")?;
+    ensure!(jwk["use"] == "jwt-svid" && jwk["crv"] == "P-256", "{jwk}");
+    let mut point = vec![4u8];
+    for c in ["x", "y"] {
+        point.extend(b64.decode(jwk[c].as_str().context("coordinate")?)?);
+    }
+    let key = p256::ecdsa::VerifyingKey::from_sec1_bytes(&point)?;
+    let signature = p256::ecdsa::Signature::from_slice(&b64.decode(parts[2])?)?;
+    key.verify(format!("{}.{}", parts[0], parts[1]).as_bytes(), &signature)
+        .context("the JWT signature does not verify with the JWKS key")?;
+    Ok(serde_json::from_slice(&b64.decode(parts[1])?)?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn join_token_nodes_sync_and_mint_only_their_own_entries_until_evicted() -> Result<()> {
+    let issuer = Issuer::start()?;
+    let dir = tempfile::tempdir()?;
+
+    // Attest two nodes; a join token works once.
+    let token_a = issuer.join_token()?;
+    let node_a = attest_with_token(&issuer, &token_a)
+        .await?
+        .map_err(|s| anyhow::anyhow!("{s:?}"))?;
+    let reused = attest_with_token(&issuer, &token_a)
+        .await?
+        .err()
+        .context("a reused join token attested")?;
+    assert_eq!(reused.code(), tonic::Code::PermissionDenied, "{reused:?}");
+    assert!(
+        reused.message().contains("already used"),
+        "{}",
+        reused.message()
+    );
+    let node_b = attest_with_token(&issuer, &issuer.join_token()?)
+        .await?
+        .map_err(|s| anyhow::anyhow!("{s:?}"))?;
+
+    let a_id = node_a.svid.spiffe_id.clone();
+    let b_id = node_b.svid.spiffe_id.clone();
+    assert!(
+        a_id.starts_with(&format!("spiffe://{TD}/agent/join_token/")),
+        "{a_id}"
+    );
+    assert!(
+        !a_id.contains(&token_a),
+        "the node id is not the token secret"
+    );
+    assert_ne!(a_id, b_id);
+    verify_svid_chain(&issuer, &node_a.svid.chain, dir.path(), "node-a")?;
+    let text = uri_sans(&node_a.svid.chain[0], dir.path(), "node-a")?;
+    assert!(text.contains(&format!("URI:{a_id}")), "{text}");
+    assert!(text.contains("CA:FALSE"), "{text}");
+
+    // An EST enrollment token is not a join token.
+    let est_token = issuer.token("device", Some("plc-1"))?;
+    let refused = attest_with_token(&issuer, &est_token)
+        .await?
+        .err()
+        .context("an EST token attested")?;
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+
+    // Entries: one per node.
+    let entry_a = issuer.create_entry(
+        &format!("spiffe://{TD}/historian"),
+        &a_id,
+        &["unix:uid:1000"],
+        &["--dns", "historian.plant.example", "--ttl", "10m"],
+    )?;
+    let entry_b = issuer.create_entry(
+        &format!("spiffe://{TD}/hmi"),
+        &b_id,
+        &["unix:uid:1001"],
+        &[],
+    )?;
+    let duplicate = plant_tests::run(issuer.cli().args([
+        "entry",
+        "create",
+        "--spiffe-id",
+        &format!("spiffe://{TD}/historian"),
+        "--parent",
+        &a_id,
+        "--selector",
+        "unix:uid:1000",
+    ]))?;
+    assert!(!duplicate.status.success(), "a duplicate entry was created");
+    let foreign = plant_tests::run(issuer.cli().args([
+        "entry",
+        "create",
+        "--spiffe-id",
+        "spiffe://other.example/x",
+        "--parent",
+        &a_id,
+        "--selector",
+        "unix:uid:1000",
+    ]))?;
+    assert!(
+        String::from_utf8_lossy(&foreign.stderr).contains("trust domain"),
+        "{foreign:?}"
+    );
+
+    // Node A, authenticated by its node SVID, sees only its own entry and the bundles.
+    let mut client_a =
+        AgentClient::new(agent_api_channel(&issuer, Some(node_a.tls_identity())).await?);
+    let synced = client_a
+        .sync_entries(SyncEntriesRequest {})
+        .await?
+        .into_inner();
+    let ids: Vec<&str> = synced.entries.iter().map(|e| e.id.as_str()).collect();
+    assert_eq!(ids, [entry_a.as_str()]);
+    assert_eq!(synced.entries[0].selectors, ["unix:uid:1000"]);
+    assert_eq!(synced.x509_bundle, node_a.svid.bundle);
+    let root_pem = std::fs::read_to_string(issuer.root_pem())?;
+    assert_eq!(
+        synced.x509_bundle,
+        plant_tests::pem_blocks(&root_pem, "CERTIFICATE")
+    );
+
+    // Its own entry mints; node B's entry is refused, by name.
+    let (_workload_key, csr) = key_and_csr()?;
+    let minted = client_a
+        .mint_x509_svids(MintX509SvidsRequest {
+            requests: vec![X509SvidRequest {
+                entry_id: entry_a.clone(),
+                csr: csr.clone(),
+            }],
+        })
+        .await?
+        .into_inner();
+    assert_eq!(minted.svids.len(), 1);
+    let svid = &minted.svids[0];
+    assert_eq!(svid.spiffe_id, format!("spiffe://{TD}/historian"));
+    verify_svid_chain(&issuer, &svid.chain, dir.path(), "workload")?;
+    let text = uri_sans(&svid.chain[0], dir.path(), "workload")?;
+    assert!(
+        text.contains(&format!("URI:spiffe://{TD}/historian")),
+        "{text}"
+    );
+    assert!(text.contains("DNS:historian.plant.example"), "{text}");
+    assert!(
+        text.contains("TLS Web Server Authentication, TLS Web Client Authentication"),
+        "{text}"
+    );
+    assert_eq!(
+        text.matches("URI:").count(),
+        1,
+        "exactly one URI SAN: {text}"
+    );
+    let denied = client_a
+        .mint_x509_svids(MintX509SvidsRequest {
+            requests: vec![X509SvidRequest {
+                entry_id: entry_b.clone(),
+                csr,
+            }],
+        })
+        .await
+        .err()
+        .context("node A minted node B's entry")?;
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied);
+    assert!(denied.message().contains(&entry_b), "{}", denied.message());
+
+    // A JWT-SVID verifies with the JWKS from the sync.
+    let jwt = client_a
+        .mint_jwt_svid(MintJwtSvidRequest {
+            entry_id: entry_a.clone(),
+            audience: vec!["db".into()],
+        })
+        .await?
+        .into_inner();
+    let claims = verify_jwt(&jwt.token, &synced.jwt_bundle)?;
+    assert_eq!(claims["sub"], format!("spiffe://{TD}/historian"));
+    assert_eq!(claims["aud"], "db");
+    assert_eq!(claims["exp"], jwt.expires_at);
+    let no_audience = client_a
+        .mint_jwt_svid(MintJwtSvidRequest {
+            entry_id: entry_a.clone(),
+            audience: vec![],
+        })
+        .await
+        .err()
+        .context("a JWT-SVID without audience")?;
+    assert_eq!(no_audience.code(), tonic::Code::InvalidArgument);
+
+    // Without a client certificate only Attest is open.
+    let mut anonymous = AgentClient::new(agent_api_channel(&issuer, None).await?);
+    let refused = anonymous
+        .sync_entries(SyncEntriesRequest {})
+        .await
+        .err()
+        .context("anonymous sync")?;
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+
+    // Evicted: refused, and listed as evicted; node B is untouched.
+    plant_tests::run_ok(issuer.cli().args(["agent", "evict", &a_id]))?;
+    let mut client_a =
+        AgentClient::new(agent_api_channel(&issuer, Some(node_a.tls_identity())).await?);
+    let evicted = client_a
+        .sync_entries(SyncEntriesRequest {})
+        .await
+        .err()
+        .context("evicted node synced")?;
+    assert_eq!(evicted.code(), tonic::Code::PermissionDenied, "{evicted:?}");
+    let agents: Vec<serde_json::Value> = serde_json::from_str(&plant_tests::run_ok(
+        issuer.cli().args(["agent", "list", "--format", "json"]),
+    )?)?;
+    let evicted_flag = |id: &str| {
+        agents
+            .iter()
+            .find(|a| a["spiffe_id"] == id)
+            .map(|a| a["evicted"].clone())
+    };
+    assert_eq!(evicted_flag(&a_id), Some(serde_json::Value::Bool(true)));
+    assert_eq!(evicted_flag(&b_id), Some(serde_json::Value::Bool(false)));
+    let revoked = issuer.inventory(&["--status", "revoked"])?;
+    assert_eq!(
+        revoked.len(),
+        1,
+        "the evicted node's SVID is revoked: {revoked:?}"
+    );
+    let mut client_b =
+        AgentClient::new(agent_api_channel(&issuer, Some(node_b.tls_identity())).await?);
+    let synced_b = client_b
+        .sync_entries(SyncEntriesRequest {})
+        .await?
+        .into_inner();
+    assert_eq!(synced_b.entries.len(), 1);
+
+    // Entries are listed and deleted by id.
+    let listed: Vec<serde_json::Value> = serde_json::from_str(&plant_tests::run_ok(
+        issuer
+            .cli()
+            .args(["entry", "list", "--format", "json", "--parent", &b_id]),
+    )?)?;
+    assert_eq!(listed.len(), 1);
+    plant_tests::run_ok(issuer.cli().args(["entry", "delete", &entry_b]))?;
+    let synced_b = client_b
+        .sync_entries(SyncEntriesRequest {})
+        .await?
+        .into_inner();
+    assert!(synced_b.entries.is_empty());
+
+    let audit = plant_tests::run_ok(issuer.cli().args(["audit", "tail", "-n", "100"]))?;
+    for kind in [
+        "agent.attested",
+        "agent.attestation_refused",
+        "entry.created",
+        "entry.deleted",
+        "agent.evicted",
+    ] {
+        assert!(audit.contains(kind), "no {kind} in the audit log:\n{audit}");
+    }
+    Ok(())
+}
