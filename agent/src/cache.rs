@@ -21,7 +21,7 @@ use crate::issuer_client::{IssuerClient, IssuerEndpoint, NodeIdentity};
 use crate::jwt::JwtKeys;
 use crate::node::NodeAttestation;
 use crate::pem_files::{self, Overwrite};
-use crate::rotation::{is_valid, jitter, retry_delay, rotation_time};
+use crate::rotation::{is_valid, jitter, lifetime_start, retry_delay, rotation_time};
 use crate::status::{self, Status};
 use crate::svid::{certificate_validity, ensure_certifies, spiffe_id_of, KeyPair, X509Svid};
 use crate::Error;
@@ -266,7 +266,9 @@ impl Manager {
             chain,
             bundle,
         };
-        NodeIdentity::from_node_svid(svid, key).map(Some)
+        let mut identity = NodeIdentity::from_node_svid(svid, key)?;
+        identity.received_at = identity.not_before;
+        Ok(Some(identity))
     }
 
     fn persist_node(&self, identity: &NodeIdentity) -> Result<(), Error> {
@@ -291,7 +293,13 @@ impl Manager {
     /// Makes `identity` the node's: a client presenting it, the renewal time, the bundle.
     fn adopt(&mut self, identity: NodeIdentity) -> Result<(), Error> {
         let client = self.endpoint.client(Some(&identity))?;
-        let rotate_at = rotation_time(identity.not_before, identity.not_after, jitter());
+        // received_at: when it was loaded or arrived; for a persisted SVID "now" would push
+        // renewal late, so a reloaded one counts from its notBefore.
+        let rotate_at = rotation_time(
+            lifetime_start(identity.not_before, identity.received_at),
+            identity.not_after,
+            jitter(),
+        );
         if !identity.bundle.is_empty() && !self.snapshot.synced {
             self.snapshot.bundle = identity.bundle.clone();
         }
@@ -673,7 +681,11 @@ fn check_minted(entry: &Entry, key: &KeyPair, chain: Vec<Vec<u8>>) -> Result<Min
         key: zeroize::Zeroizing::new(Vec::new()),
         not_before,
         not_after,
-        rotate_at: rotation_time(not_before, not_after, jitter()),
+        rotate_at: rotation_time(
+            lifetime_start(not_before, SystemTime::now()),
+            not_after,
+            jitter(),
+        ),
         entry_revision: entry.revision,
     }))
 }

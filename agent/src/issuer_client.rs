@@ -46,6 +46,8 @@ pub struct NodeIdentity {
     pub not_before: SystemTime,
     /// The leaf's validity.
     pub not_after: SystemTime,
+    /// When the agent got it from the issuer (its notBefore when loaded from disk).
+    pub received_at: SystemTime,
 }
 
 impl std::fmt::Debug for NodeIdentity {
@@ -75,6 +77,7 @@ impl NodeIdentity {
             key,
             not_before,
             not_after,
+            received_at: SystemTime::now(),
         })
     }
 }

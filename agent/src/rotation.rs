@@ -27,6 +27,14 @@ pub fn rotation_time(not_before: SystemTime, not_after: SystemTime, jitter: f64)
     not_before + scale(lifetime, 0.5 + ROTATION_JITTER * clamp_unit(jitter))
 }
 
+/// Where a credential's lifetime starts for scheduling: its notBefore, or when the agent
+/// received it if that is later. The issuer back-dates notBefore by 60 s for drifting PLC
+/// clocks (DESIGN §3), so for a 20 s SVID half life counted from notBefore would lie before
+/// the SVID even arrived and the agent would re-mint it without pause.
+pub fn lifetime_start(not_before: SystemTime, received_at: SystemTime) -> SystemTime {
+    not_before.max(received_at)
+}
+
 /// Whether something valid until `not_after` may still be handed out at `now`. At the very
 /// second it expires it may not: a client would receive a dead credential.
 pub fn is_valid(not_after: SystemTime, now: SystemTime) -> bool {
@@ -98,6 +106,18 @@ mod tests {
         }
         let nan = rotation_time(at(0), at(100), f64::NAN);
         assert_eq!(nan, at(50));
+    }
+
+    #[test]
+    fn a_back_dated_certificate_rotates_at_half_of_what_is_left() {
+        // Issued at 1000 with notBefore back-dated to 940 and a 20 s TTL.
+        let start = lifetime_start(at(940), at(1000));
+        assert_eq!(start, at(1000));
+        assert_eq!(rotation_time(start, at(1020), 0.0), at(1010));
+        // Without the correction it would be due 20 s before it arrived.
+        assert_eq!(rotation_time(at(940), at(1020), 0.0), at(980));
+        // A notBefore in the future (clock skew the other way) is kept.
+        assert_eq!(lifetime_start(at(1005), at(1000)), at(1005));
     }
 
     #[test]
