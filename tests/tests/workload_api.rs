@@ -138,6 +138,20 @@ async fn x509_source_gets_a_chaining_svid_with_its_key_and_sees_it_rotate() -> R
         agent.log()
     );
     assert!(!agent.socket.exists(), "socket removed on shutdown");
+
+    // A restart needs no new join token (the one in agent.toml is spent): the node SVID and
+    // its key were kept in the state directory.
+    let node = agent.node_id()?;
+    std::fs::remove_file(agent.dir.path().join("state/status.json"))?;
+    agent.run()?;
+    assert_eq!(agent.node_id()?, node);
+    agent.wait_for_svid(HISTORIAN)?;
+    ensure!(
+        agent.stop()?,
+        "agent did not exit cleanly:
+{}",
+        agent.log()
+    );
     Ok(())
 }
 
@@ -197,5 +211,102 @@ async fn missing_header_is_invalid_and_an_unknown_uid_is_denied() -> Result<()> 
     // And as this test's own user, who has one.
     let out = run_ok(Command::new(probe).arg(&agent.socket))?;
     assert_eq!(out.trim(), format!("ok {HISTORIAN}"));
+    Ok(())
+}
+
+/// Waits until status.json reports an error (e.g. a failed rotation while the issuer is down).
+fn wait_for_error(agent: &Agent) -> Result<String> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(45);
+    loop {
+        let text = std::fs::read_to_string(agent.dir.path().join("state/status.json"))?;
+        let status: serde_json::Value = serde_json::from_str(&text)?;
+        if let Some(error) = status["last_error"].as_str() {
+            return Ok(error.to_owned());
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "no error reported with the issuer down:\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn x509pop_agent_keeps_serving_through_an_issuer_outage() -> Result<()> {
+    let mut issuer = Issuer::start()?;
+    // A gateway enrolled over EST, as at commissioning, by the real `agent enroll`.
+    let device = tempfile::tempdir()?;
+    let token = issuer.token("plc", Some("gw-1"))?;
+    let fingerprint = issuer.fingerprint()?;
+    run_ok(
+        Command::new(plant_tests::bin("agent"))
+            .args(["enroll", "--server", &issuer.url, "--ca-fingerprint"])
+            .arg(&fingerprint)
+            .args([
+                "--token",
+                &token,
+                "--subject",
+                "gw-1",
+                "--label",
+                "plc",
+                "--out",
+            ])
+            .arg(device.path()),
+    )?;
+    let attestation = format!(
+        "method = \"x509pop\"\ncertificate = \"{}\"\n",
+        device.path().join("cert.pem").display()
+    );
+    let mut agent = Agent::start(&issuer, &attestation, &[])?;
+    assert_eq!(
+        agent.node_id()?,
+        "spiffe://plant.example/agent/x509pop/gw-1"
+    );
+    issuer.create_entry(
+        HISTORIAN,
+        "spiffe://plant.example/agent/x509pop/gw-1",
+        &[&format!("unix:uid:{}", own_uid()?)],
+        &["--ttl", "20s"],
+    )?;
+    agent.wait_for_svid(HISTORIAN)?;
+    let endpoint = format!("unix://{}", agent.socket.display());
+    let source = X509Source::builder().endpoint(&endpoint).build().await?;
+    let first = leaf_serial(source.svid()?.as_ref())?;
+    let mut updates = source.updated();
+
+    // The issuer goes away; the agent's next sync or rotation fails…
+    let api = issuer.agent_api_url()?;
+    issuer.kill()?;
+    let error = wait_for_error(&agent)?;
+    assert!(!error.is_empty());
+    // …and it keeps serving the SVID it holds, to running and new clients alike.
+    assert_eq!(leaf_serial(source.svid()?.as_ref())?, first);
+    let probe = env!("CARGO_BIN_EXE_workload_probe");
+    let out = run_ok(Command::new(probe).arg(&agent.socket))?;
+    assert_eq!(out.trim(), format!("ok {HISTORIAN}"), "{}", agent.log());
+
+    // The issuer comes back on the same address; the agent's retries get a new SVID.
+    let port = api.rsplit(':').next().context("port")?;
+    let toml = std::fs::read_to_string(issuer.config())?;
+    let (head, tail) = toml.split_once("[agent_api]").context("[agent_api]")?;
+    let tail = tail.replacen(
+        "listen = \"127.0.0.1:0\"",
+        &format!("listen = \"127.0.0.1:{port}\""),
+        1,
+    );
+    std::fs::write(issuer.config(), format!("{head}[agent_api]{tail}"))?;
+    issuer.serve()?;
+    ensure!(issuer.agent_api_url()? == api, "the issuer moved");
+    tokio::time::timeout(Duration::from_secs(45), updates.changed())
+        .await
+        .with_context(|| format!("no new SVID after the issuer returned:\n{}", agent.log()))??;
+    assert_ne!(leaf_serial(source.svid()?.as_ref())?, first);
+    source.shutdown().await;
+    ensure!(
+        agent.stop()?,
+        "agent did not exit cleanly:\n{}",
+        agent.log()
+    );
     Ok(())
 }
