@@ -322,8 +322,11 @@ impl Manager {
             .as_ref()
             .is_some_and(|n| !is_valid(n.identity.not_after, now));
         if lapsed {
-            tracing::warn!("the node SVID expired (was the issuer unreachable?)");
+            tracing::warn!("the node SVID expired (was the issuer unreachable?); attesting again");
             self.node = None;
+            // Attestation is a new kind of attempt: its backoff starts from the beginning,
+            // so the node is back soon after the issuer is.
+            self.node_failures = 0;
             self.issuer.send_replace(None);
         }
         match &self.node {

@@ -310,3 +310,111 @@ async fn x509pop_agent_keeps_serving_through_an_issuer_outage() -> Result<()> {
     );
     Ok(())
 }
+
+/// The node's `expires_at` and the last error in status.json.
+fn node_status(agent: &Agent) -> Result<(Option<String>, Option<String>)> {
+    let text = std::fs::read_to_string(agent.dir.path().join("state/status.json"))?;
+    let status: serde_json::Value = serde_json::from_str(&text)?;
+    Ok((
+        status["node"]["expires_at"].as_str().map(str::to_owned),
+        status["last_error"].as_str().map(str::to_owned),
+    ))
+}
+
+/// Polls `check` on status.json until it holds (up to 50 s).
+fn wait_status(
+    agent: &Agent,
+    what: &str,
+    check: impl Fn(&(Option<String>, Option<String>)) -> bool,
+) -> Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(50);
+    loop {
+        if node_status(agent).is_ok_and(|s| check(&s)) {
+            return Ok(());
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "{what}: not seen in status.json:\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn x509pop_node_renews_and_attests_again_after_its_svid_lapsed() -> Result<()> {
+    // 15 s node SVIDs: renewed at about 7.5 s, lapsed 15 s after an outage begins.
+    let mut issuer = Issuer::start_with(|toml| {
+        let text = std::fs::read_to_string(toml)?;
+        let text = text.replacen("node_svid_ttl = \"1h\"", "node_svid_ttl = \"15s\"", 1);
+        std::fs::write(toml, text)?;
+        Ok(())
+    })?;
+    let device = tempfile::tempdir()?;
+    let token = issuer.token("plc", Some("gw-2"))?;
+    let fingerprint = issuer.fingerprint()?;
+    run_ok(
+        Command::new(plant_tests::bin("agent"))
+            .args(["enroll", "--server", &issuer.url, "--ca-fingerprint"])
+            .arg(&fingerprint)
+            .args([
+                "--token",
+                &token,
+                "--subject",
+                "gw-2",
+                "--label",
+                "plc",
+                "--out",
+            ])
+            .arg(device.path()),
+    )?;
+    let attestation = format!(
+        "method = \"x509pop\"\ncertificate = \"{}\"\n",
+        device.path().join("cert.pem").display()
+    );
+    let mut agent = Agent::start(&issuer, &attestation, &[])?;
+    assert_eq!(
+        agent.node_id()?,
+        "spiffe://plant.example/agent/x509pop/gw-2"
+    );
+    let (first, _) = node_status(&agent)?;
+
+    // Renewal over mTLS with the current node SVID.
+    wait_status(&agent, "node SVID renewed", |(expires, _)| {
+        expires != &first
+    })?;
+    let (renewed, _) = node_status(&agent)?;
+
+    // The issuer goes away long enough for the node SVID to lapse; the agent then tries to
+    // attest again by itself, and succeeds once the issuer is back on the same address.
+    let api = issuer.agent_api_url()?;
+    issuer.kill()?;
+    wait_status(
+        &agent,
+        "attestation retried after the lapse",
+        |(_, error)| error.as_deref().is_some_and(|e| e.contains("attesting")),
+    )?;
+    let port = api.rsplit(':').next().context("port")?;
+    let toml = std::fs::read_to_string(issuer.config())?;
+    let (head, tail) = toml.split_once("[agent_api]").context("[agent_api]")?;
+    let tail = tail.replacen(
+        "listen = \"127.0.0.1:0\"",
+        &format!("listen = \"127.0.0.1:{port}\""),
+        1,
+    );
+    std::fs::write(issuer.config(), format!("{head}[agent_api]{tail}"))?;
+    issuer.serve()?;
+    wait_status(&agent, "attested again", |(expires, error)| {
+        expires.is_some() && expires != &renewed && error.is_none()
+    })?;
+    assert_eq!(
+        agent.node_id()?,
+        "spiffe://plant.example/agent/x509pop/gw-2"
+    );
+    ensure!(
+        agent.stop()?,
+        "agent did not exit cleanly:\n{}",
+        agent.log()
+    );
+    Ok(())
+}
