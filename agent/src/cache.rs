@@ -437,19 +437,26 @@ impl Manager {
                 let delay = retry_delay(self.sync_failures, jitter()).min(self.sync_interval);
                 self.sync_failures = self.sync_failures.saturating_add(1);
                 self.next_sync = now + delay;
-                if matches!(
+                let refused = matches!(
                     &e,
                     Error::Issuer {
                         code: tonic::Code::PermissionDenied | tonic::Code::Unauthenticated,
                         ..
                     }
-                ) && self.can_reattest
-                {
+                );
+                if refused && self.can_reattest {
                     // The issuer no longer takes this node SVID (evicted): attest again.
                     self.node = None;
                     self.issuer.send_replace(None);
                 }
-                self.last_error = Some(e.to_string());
+                self.last_error = Some(if refused && !self.can_reattest {
+                    format!(
+                        "{e}; if this node was evicted, a {} node needs a new token from `issuer token create --kind join` in agent.toml and a restart (after removing {} in the state directory)",
+                        self.method, NODE_CHAIN_FILE
+                    )
+                } else {
+                    e.to_string()
+                });
             }
         }
     }

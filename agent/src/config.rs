@@ -315,6 +315,10 @@ fn attestation(
                 ("certificate", raw.certificate.is_some()),
                 ("key", raw.key.is_some()),
             ])?;
+            if let Some(tcti) = &raw.tcti {
+                tcti.parse::<hsm::Tcti>()
+                    .map_err(|e| bad("attestation.tcti", e.to_string()))?;
+            }
             Ok(AttestationConfig::Tpm { tcti: raw.tcti })
         }
         other => Err(bad(
@@ -446,6 +450,13 @@ join_token = "tok"
                 "attestation.tcti",
             ),
             (GOOD.replace("unix:///run", "tcp://run"), "socket"),
+            (
+                GOOD.replace(
+                    "method = \"join_token\"\njoin_token = \"tok\"",
+                    "method = \"tpm\"\ntcti = \"carrier-pigeon\"",
+                ),
+                "attestation.tcti",
+            ),
             (GOOD.replace("state_dir", "statedir"), "(syntax)"),
         ];
         for (text, key) in cases {
