@@ -194,9 +194,10 @@ impl Status {
     }
 }
 
-/// `YYYY-MM-DDTHH:MM:SSZ`.
+/// `YYYY-MM-DDTHH:MM:SSZ` (whole seconds: certificates carry no finer time).
 pub fn rfc3339(at: SystemTime) -> String {
     let at = time::OffsetDateTime::from(at);
+    let at = at.replace_nanosecond(0).unwrap_or(at);
     at.format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_else(|_| at.unix_timestamp().to_string())
 }
