@@ -771,6 +771,11 @@ impl Agent {
         self.dir.path().join("agent.toml")
     }
 
+    /// The running daemon's pid.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Starts (or restarts) `agent run` and waits until its socket is there.
     pub fn run(&mut self) -> Result<()> {
         let log = std::fs::OpenOptions::new()
