@@ -314,9 +314,6 @@ impl Manager {
     }
 
     async fn ensure_node(&mut self, now: SystemTime) -> Result<(), Error> {
-        if now < self.next_node_attempt {
-            return Ok(());
-        }
         let lapsed = self
             .node
             .as_ref()
@@ -327,7 +324,11 @@ impl Manager {
             // Attestation is a new kind of attempt: its backoff starts from the beginning,
             // so the node is back soon after the issuer is.
             self.node_failures = 0;
+            self.next_node_attempt = now;
             self.issuer.send_replace(None);
+        }
+        if now < self.next_node_attempt {
+            return Ok(());
         }
         match &self.node {
             Some(node) if now < node.rotate_at => Ok(()),
@@ -513,6 +514,7 @@ impl Manager {
     async fn mint(&mut self, now: SystemTime) {
         let due = self.due(now);
         if due.is_empty() {
+            self.next_mint = self.next_rotation().unwrap_or(now + self.sync_interval);
             return;
         }
         let Some(node) = &self.node else { return };
@@ -567,26 +569,27 @@ impl Manager {
         });
     }
 
+    /// The earliest moment something can be done: only times the next pass would act on
+    /// count, so a wait on a retry never turns into a busy loop.
     fn next_wake(&self, now: SystemTime) -> SystemTime {
         let mut wake = now + self.sync_interval;
-        let mut consider = |t: SystemTime| {
-            if t < wake {
-                wake = t;
+        let mut consider = |t: SystemTime| wake = wake.min(t);
+        match &self.node {
+            Some(node) => {
+                consider(self.next_sync);
+                consider(node.rotate_at.max(self.next_node_attempt));
+                consider(node.identity.not_after.max(self.next_node_attempt));
+                if !self.snapshot.entries.is_empty() {
+                    consider(self.next_mint);
+                }
             }
-        };
-        consider(self.next_sync);
-        if let Some(node) = &self.node {
-            consider(node.rotate_at.max(self.next_node_attempt));
-            consider(node.identity.not_after);
-        } else {
-            consider(self.next_node_attempt);
+            None => consider(self.next_node_attempt),
         }
-        if !self.snapshot.entries.is_empty() {
-            consider(self.next_mint);
-        }
+        // Wake when an SVID expires, to stop serving it.
         for svid in self.snapshot.svids.values() {
-            consider(svid.rotate_at.max(self.next_mint));
-            consider(svid.not_after);
+            if svid.not_after > now {
+                consider(svid.not_after);
+            }
         }
         wake
     }
@@ -707,4 +710,107 @@ pub fn node_files(state_dir: &Path) -> [PathBuf; 3] {
         state_dir.join(NODE_KEY_FILE),
         state_dir.join(NODE_BUNDLE_FILE),
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::node::JoinTokenAttestation;
+
+    fn manager(state_dir: &Path) -> Manager {
+        let ca = rcgen::CertificateParams::default()
+            .self_signed(&rcgen::KeyPair::generate().expect("key"))
+            .expect("ca");
+        // Port 1 on loopback: nothing listens, the connection is refused at once.
+        let endpoint =
+            IssuerEndpoint::new("https://127.0.0.1:1", &[ca.der().to_vec()]).expect("endpoint");
+        let (manager, _published) = Manager::new(
+            TrustDomain::new("plant.example").expect("td"),
+            state_dir.to_owned(),
+            Duration::from_secs(5),
+            endpoint,
+            Box::new(JoinTokenAttestation::new(zeroize::Zeroizing::new(
+                "token".into(),
+            ))),
+        );
+        manager
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_issuer_is_retried_with_growing_backoff_not_in_a_loop() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut manager = manager(dir.path());
+        let now = SystemTime::now();
+        let first = manager.step(now).await.expect("unavailable is not fatal");
+        assert!(first >= now + Duration::from_millis(400), "{first:?}");
+        let later = first + Duration::from_millis(1);
+        let second = manager.step(later).await.expect("still not fatal");
+        assert!(second >= later + Duration::from_millis(800), "{second:?}");
+        assert!(manager
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("attesting")));
+        // Nothing to serve and no node: no status change published beyond the error.
+        assert!(manager.node.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_persisted_node_identity_is_loaded_and_an_expired_one_is_not() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca_key = rcgen::KeyPair::generate().expect("ca key");
+        let mut ca_params = rcgen::CertificateParams::default();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key).expect("ca");
+        let issuer = rcgen::Issuer::from_ca_cert_der(ca.der(), &ca_key).expect("issuer");
+        let write_node = |lifetime_ok: bool| {
+            let key = KeyPair::generate().expect("key");
+            let mut params = rcgen::CertificateParams::default();
+            params.subject_alt_names = vec![rcgen::SanType::URI(
+                "spiffe://plant.example/agent/join_token/abc"
+                    .try_into()
+                    .expect("uri"),
+            )];
+            let now = time::OffsetDateTime::now_utc();
+            params.not_before = now - time::Duration::hours(2);
+            params.not_after = if lifetime_ok {
+                now + time::Duration::hours(1)
+            } else {
+                now - time::Duration::hours(1)
+            };
+            let public = rcgen::KeyPair::from_pem(&key.pkcs8_pem()).expect("rcgen key");
+            let cert = params.signed_by(&public, &issuer).expect("cert");
+            let identity = NodeIdentity::from_node_svid(
+                proto::agent::NodeSvid {
+                    spiffe_id: "spiffe://plant.example/agent/join_token/abc".into(),
+                    chain: vec![cert.der().to_vec()],
+                    bundle: vec![ca.der().to_vec()],
+                },
+                key,
+            )
+            .expect("identity");
+            manager(dir.path())
+                .persist_node(&identity)
+                .expect("persist");
+        };
+        write_node(true);
+        let mut loaded = manager(dir.path());
+        loaded.load_persisted_node();
+        let node = loaded.node.as_ref().expect("loaded");
+        assert_eq!(
+            node.identity.spiffe_id.as_str(),
+            "spiffe://plant.example/agent/join_token/abc"
+        );
+        let mode = std::fs::metadata(dir.path().join(NODE_KEY_FILE))
+            .expect("key file")
+            .permissions();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o600
+        );
+
+        write_node(false);
+        let mut expired = manager(dir.path());
+        expired.load_persisted_node();
+        assert!(expired.node.is_none());
+    }
 }
