@@ -50,6 +50,22 @@ pub fn leaf(der: &[u8], grant: &Grant, ca_not_after: i64) -> Result<(), Error> {
                 let san = SubjectAltName::from_der(value)
                     .map_err(|e| Error::ProfileCheck(e.to_string()))?;
                 san_count = san.0.len();
+                let uris: Vec<&str> = san
+                    .0
+                    .iter()
+                    .filter_map(|n| match n {
+                        x509_cert::ext::pkix::name::GeneralName::UniformResourceIdentifier(u) => {
+                            Some(u.as_str())
+                        }
+                        _ => None,
+                    })
+                    .collect();
+                // An SVID carries exactly one URI SAN, its SPIFFE ID (DESIGN §5); other
+                // certificates carry none.
+                let expected: Vec<&str> = grant.spiffe_id.iter().map(|id| id.as_str()).collect();
+                if uris != expected {
+                    return fail(format!("URI SANs {uris:?}, grant has {expected:?}"));
+                }
             }
             _ => {}
         }

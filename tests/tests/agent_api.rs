@@ -157,6 +157,26 @@ async fn join_token_nodes_sync_and_mint_only_their_own_entries_until_evicted() -
     assert!(text.contains(&format!("URI:{a_id}")), "{text}");
     assert!(text.contains("CA:FALSE"), "{text}");
 
+    // Malformed evidence is the agent's error, not a refusal.
+    let mut client = AgentClient::new(agent_api_channel(&issuer, None).await?);
+    let no_csr = AttestRequest {
+        step: Some(attest_request::Step::Evidence(Evidence {
+            csr: b"not a CSR".to_vec(),
+            method: Some(evidence::Method::JoinToken(JoinTokenEvidence {
+                token: issuer.join_token()?,
+            })),
+        })),
+    };
+    let bad = client
+        .attest(tokio_stream::iter([no_csr]))
+        .await?
+        .into_inner()
+        .message()
+        .await
+        .err()
+        .context("a bad CSR attested")?;
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument, "{bad:?}");
+
     // An EST enrollment token is not a join token.
     let est_token = issuer.token("device", Some("plc-1"))?;
     let refused = attest_with_token(&issuer, &est_token)
@@ -353,6 +373,284 @@ async fn join_token_nodes_sync_and_mint_only_their_own_entries_until_evicted() -
         "agent.evicted",
     ] {
         assert!(audit.contains(kind), "no {kind} in the audit log:\n{audit}");
+    }
+    Ok(())
+}
+
+/// Attests with x509pop: the device certificate (DER) and its key (PKCS#8 PEM) from EST
+/// enrollment sign the issuer's nonce || SHA-256(csr).
+async fn attest_x509pop(
+    issuer: &Issuer,
+    device_der: &[u8],
+    device_key_pem: &str,
+) -> Result<Result<Node, tonic::Status>> {
+    use p256::ecdsa::signature::Signer;
+    use p256::pkcs8::DecodePrivateKey;
+    use proto::agent::{
+        challenge, challenge_response, ChallengeResponse, X509PopChallengeResponse, X509PopEvidence,
+    };
+    use sha2::Digest;
+    let mut client = AgentClient::new(agent_api_channel(issuer, None).await?);
+    let (key, csr) = key_and_csr()?;
+    let (sender, receiver) = tokio::sync::mpsc::channel(2);
+    sender
+        .send(AttestRequest {
+            step: Some(attest_request::Step::Evidence(Evidence {
+                csr: csr.clone(),
+                method: Some(evidence::Method::X509pop(X509PopEvidence {
+                    chain: vec![device_der.to_vec()],
+                })),
+            })),
+        })
+        .await?;
+    let mut responses = match client
+        .attest(tokio_stream::wrappers::ReceiverStream::new(receiver))
+        .await
+    {
+        Ok(r) => r.into_inner(),
+        Err(status) => return Ok(Err(status)),
+    };
+    let challenge = match responses.message().await {
+        Ok(Some(r)) => match r.step {
+            Some(attest_response::Step::Challenge(c)) => c,
+            other => bail!("x509pop is challenged first, not {other:?}"),
+        },
+        Ok(None) => bail!("the stream ended"),
+        Err(status) => return Ok(Err(status)),
+    };
+    let Some(challenge::Method::X509pop(c)) = challenge.method else {
+        bail!("not an x509pop challenge");
+    };
+    let mut message = c.nonce.clone();
+    message.extend_from_slice(&sha2::Sha256::digest(&csr));
+    let device_key = p256::ecdsa::SigningKey::from_pkcs8_pem(device_key_pem)?;
+    let signature: p256::ecdsa::Signature = device_key.sign(&message);
+    sender
+        .send(AttestRequest {
+            step: Some(attest_request::Step::ChallengeResponse(ChallengeResponse {
+                method: Some(challenge_response::Method::X509pop(
+                    X509PopChallengeResponse {
+                        signature: signature.to_der().as_bytes().to_vec(),
+                    },
+                )),
+            })),
+        })
+        .await?;
+    match responses.message().await {
+        Ok(Some(r)) => match r.step {
+            Some(attest_response::Step::NodeSvid(svid)) => Ok(Ok(Node { svid, key })),
+            other => bail!("expected the node SVID, got {other:?}"),
+        },
+        Ok(None) => bail!("the stream ended"),
+        Err(status) => Ok(Err(status)),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_enrolled_device_attests_by_x509pop_again_after_eviction_but_not_once_revoked(
+) -> Result<()> {
+    let issuer = Issuer::start()?;
+    let dir = tempfile::tempdir()?;
+    let (cert_pem, key_pem) =
+        plant_tests::enroll_with_token(&issuer, dir.path(), "gw-1", "device")?;
+    let device = plant_tests::pem_blocks(&std::fs::read_to_string(&cert_pem)?, "CERTIFICATE")
+        .into_iter()
+        .next()
+        .context("enrolled certificate")?;
+    let key = std::fs::read_to_string(&key_pem)?;
+
+    let first = attest_x509pop(&issuer, &device, &key)
+        .await?
+        .map_err(|s| anyhow::anyhow!("{s:?}"))?;
+    let node_id = format!("spiffe://{TD}/agent/x509pop/gw-1");
+    assert_eq!(first.svid.spiffe_id, node_id);
+    verify_svid_chain(&issuer, &first.svid.chain, dir.path(), "x509pop-node")?;
+
+    // Attesting again replaces the node SVID: the old one no longer authenticates.
+    let second = attest_x509pop(&issuer, &device, &key)
+        .await?
+        .map_err(|s| anyhow::anyhow!("{s:?}"))?;
+    let mut old = AgentClient::new(agent_api_channel(&issuer, Some(first.tls_identity())).await?);
+    let stale = old
+        .sync_entries(SyncEntriesRequest {})
+        .await
+        .err()
+        .context("a replaced node SVID still authenticates")?;
+    assert_eq!(stale.code(), tonic::Code::Unauthenticated, "{stale:?}");
+    let mut current =
+        AgentClient::new(agent_api_channel(&issuer, Some(second.tls_identity())).await?);
+    current.sync_entries(SyncEntriesRequest {}).await?;
+
+    // Renewal gives a new node SVID for a new key, which then authenticates.
+    let (renewed_key, csr) = key_and_csr()?;
+    let renewed = current
+        .renew_node_svid(proto::agent::RenewNodeSvidRequest { csr })
+        .await?
+        .into_inner();
+    assert_eq!(renewed.spiffe_id, node_id);
+    let renewed = Node {
+        svid: renewed,
+        key: renewed_key,
+    };
+    let mut client =
+        AgentClient::new(agent_api_channel(&issuer, Some(renewed.tls_identity())).await?);
+    client.sync_entries(SyncEntriesRequest {}).await?;
+
+    // A batch comes back in request order; an oversized batch is refused before any work.
+    let entries: Vec<String> = ["opcua", "historian"]
+        .iter()
+        .map(|name| {
+            issuer.create_entry(
+                &format!("spiffe://{TD}/{name}"),
+                &node_id,
+                &["unix:uid:1000"],
+                &[],
+            )
+        })
+        .collect::<Result<_>>()?;
+    let requests: Vec<X509SvidRequest> = entries
+        .iter()
+        .map(|id| {
+            Ok(X509SvidRequest {
+                entry_id: id.clone(),
+                csr: key_and_csr()?.1,
+            })
+        })
+        .collect::<Result<_>>()?;
+    let minted = client
+        .mint_x509_svids(MintX509SvidsRequest {
+            requests: requests.clone(),
+        })
+        .await?
+        .into_inner();
+    let got: Vec<(&str, &str)> = minted
+        .svids
+        .iter()
+        .map(|s| (s.entry_id.as_str(), s.spiffe_id.as_str()))
+        .collect();
+    let opcua = format!("spiffe://{TD}/opcua");
+    let historian = format!("spiffe://{TD}/historian");
+    assert_eq!(
+        got,
+        [
+            (entries[0].as_str(), opcua.as_str()),
+            (entries[1].as_str(), historian.as_str())
+        ]
+    );
+    let oversized = client
+        .mint_x509_svids(MintX509SvidsRequest {
+            requests: vec![requests[0].clone(); 1001],
+        })
+        .await
+        .err()
+        .context("an oversized batch was minted")?;
+    assert_eq!(oversized.code(), tonic::Code::InvalidArgument);
+    assert!(
+        oversized.message().contains("at most 1000"),
+        "{}",
+        oversized.message()
+    );
+
+    // Evicted, an x509pop node may attest again (as in SPIRE).
+    plant_tests::run_ok(issuer.cli().args(["agent", "evict", &node_id]))?;
+    let refused = client
+        .sync_entries(SyncEntriesRequest {})
+        .await
+        .err()
+        .context("evicted")?;
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+    let back = attest_x509pop(&issuer, &device, &key)
+        .await?
+        .map_err(|s| anyhow::anyhow!("{s:?}"))?;
+    let mut client = AgentClient::new(agent_api_channel(&issuer, Some(back.tls_identity())).await?);
+    client.sync_entries(SyncEntriesRequest {}).await?;
+
+    // A revoked device certificate attests no more.
+    issuer.revoke(&cert_pem)?;
+    let refused = attest_x509pop(&issuer, &device, &key)
+        .await?
+        .err()
+        .context("a revoked device certificate attested")?;
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+    assert!(
+        refused.message().contains("revoked"),
+        "{}",
+        refused.message()
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_and_workload_svids_chain_through_the_signing_key_and_pass_pkilint() -> Result<()> {
+    let pkilint = std::env::var("PLANT_PKILINT").context(
+        "PLANT_PKILINT must point at pkilint's lint_pkix_cert (scripts/test sets it up)",
+    )?;
+    let issuer = Issuer::start_with(plant_tests::enable_short_lived_keys)?;
+    let dir = tempfile::tempdir()?;
+    let node = attest_with_token(&issuer, &issuer.join_token()?)
+        .await?
+        .map_err(|s| anyhow::anyhow!("{s:?}"))?;
+    let entry = issuer.create_entry(
+        &format!("spiffe://{TD}/historian"),
+        &node.svid.spiffe_id,
+        &["unix:uid:1000"],
+        &["--dns", "historian.plant.example"],
+    )?;
+    let mut client = AgentClient::new(agent_api_channel(&issuer, Some(node.tls_identity())).await?);
+    let (_key, csr) = key_and_csr()?;
+    let minted = client
+        .mint_x509_svids(MintX509SvidsRequest {
+            requests: vec![X509SvidRequest {
+                entry_id: entry,
+                csr,
+            }],
+        })
+        .await?
+        .into_inner();
+    // Signed by a short-lived key: the chain is the leaf, that key's certificate and the
+    // issuing CA, and nothing else (no other published signing key, no root).
+    for (name, chain) in [
+        ("node", &node.svid.chain),
+        ("workload", &minted.svids[0].chain),
+    ] {
+        assert_eq!(chain.len(), 3, "{name} chain");
+        verify_svid_chain(&issuer, chain, dir.path(), name)?;
+    }
+    for (name, der) in [
+        ("node-svid", &node.svid.chain[0]),
+        ("workload-svid", &minted.svids[0].chain[0]),
+    ] {
+        let pem = dir.path().join(format!("{name}.pem"));
+        write_pem(&pem, std::slice::from_ref(der))?;
+        let out = plant_tests::run(
+            std::process::Command::new(&pkilint)
+                .args(["lint", "-s", "WARNING", "-f", "JSON"])
+                .arg(&pem),
+        )?;
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .with_context(|| format!("pkilint output: {}", String::from_utf8_lossy(&out.stderr)))?;
+        let findings: Vec<String> = report["results"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|r| {
+                r["finding_descriptions"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+            })
+            // pkilint checks URIs with python-validators' `url`, which knows only schemes
+            // like http and ftp and so calls every spiffe:// URI invalid; SPIFFE IDs are
+            // checked against SPIFFE-ID.md by the issuer's own SpiffeId type instead.
+            .filter(|f| {
+                !(f["code"] == "pkix.invalid_uri_syntax"
+                    && f["message"]
+                        .as_str()
+                        .is_some_and(|m| m.contains("\"spiffe://")))
+            })
+            .map(|f| format!("{} {} {}", f["severity"], f["code"], f["message"]))
+            .collect();
+        assert!(findings.is_empty(), "{name}: {findings:?}");
     }
     Ok(())
 }
