@@ -188,6 +188,14 @@ async fn jwt_source_gets_a_jwt_svid_that_validates() -> Result<()> {
         .validate_jwt_token("other", jwt.token())
         .await
         .is_err());
+    // The agent caches a JWT-SVID per identity and audience until half its life: asking
+    // again at once gives the same token, another audience a new one.
+    let again = client.fetch_jwt_token(["scada"], None).await?;
+    let other = client.fetch_jwt_token(["historian-ui"], None).await?;
+    assert_eq!(client.fetch_jwt_token(["scada"], None).await?, again);
+    assert_ne!(other, again);
+    let other = client.validate_jwt_token("historian-ui", &other).await?;
+    assert_eq!(other.spiffe_id().to_string(), HISTORIAN);
     source.shutdown().await;
     Ok(())
 }
