@@ -57,6 +57,34 @@ pub enum Error {
     /// Node attestation could not produce evidence or answer the issuer's challenge.
     #[error("node attestation: {0}")]
     Attestation(String),
+    /// `agent.toml` is wrong; `key` names the setting to fix.
+    #[error("{}: {key}: {message}", path.display())]
+    Config {
+        /// The config file.
+        path: PathBuf,
+        /// The key, e.g. `attestation.method`.
+        key: String,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// A call to the issuer's agent API failed; `step` says which.
+    #[error("{step}: {message}")]
+    Issuer {
+        /// What the agent was doing, e.g. "attesting the node".
+        step: String,
+        /// The gRPC status code (Unavailable when the issuer could not be reached).
+        code: tonic::Code,
+        /// The issuer's message or the transport error.
+        message: String,
+    },
+    /// The Workload API socket could not be set up.
+    #[error("workload API socket {}: {reason}", path.display())]
+    Socket {
+        /// The socket path.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
 }
 
 impl Error {
@@ -65,7 +93,7 @@ impl Error {
     pub fn is_usage(&self) -> bool {
         matches!(
             self,
-            Self::Usage(_) | Self::BatchFile { .. } | Self::WouldOverwrite(_)
+            Self::Usage(_) | Self::BatchFile { .. } | Self::WouldOverwrite(_) | Self::Config { .. }
         )
     }
 
@@ -77,6 +105,42 @@ impl Error {
     pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Self {
         let path = path.into();
         move |source| Self::Io { path, source }
+    }
+
+    pub(crate) fn issuer(step: impl Into<String>) -> impl FnOnce(tonic::Status) -> Self {
+        let step = step.into();
+        move |status| {
+            // A transport failure says only "transport error"; the cause (refused
+            // connection, certificate not trusted) is in the source chain.
+            let mut message = status.message().to_owned();
+            let mut source = std::error::Error::source(&status);
+            while let Some(cause) = source {
+                message.push_str(": ");
+                message.push_str(&cause.to_string());
+                source = cause.source();
+            }
+            Self::Issuer {
+                step,
+                code: status.code(),
+                message,
+            }
+        }
+    }
+
+    /// True when the issuer could not be reached (or answered too late), so trying again later
+    /// can succeed without anyone doing anything.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(
+            self,
+            Self::Issuer {
+                code: tonic::Code::Unavailable
+                    | tonic::Code::DeadlineExceeded
+                    | tonic::Code::Unknown
+                    | tonic::Code::ResourceExhausted
+                    | tonic::Code::Aborted,
+                ..
+            }
+        )
     }
 
     pub(crate) fn certificate(what: impl Into<String>, reason: impl ToString) -> Self {

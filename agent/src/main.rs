@@ -1,4 +1,5 @@
-//! `agent`: enroll devices with the plant's CA and renew their certificates.
+//! `agent`: enroll devices with the plant's CA and renew their certificates; run the agent
+//! daemon (node attestation, SPIFFE Workload API) and report its status.
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -8,10 +9,12 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
 use agent::batch::{self, BatchOptions};
+use agent::config::AgentConfig;
 use agent::credentials::{AuthScheme, EnrollmentToken, Pkcs12Password, TOKEN_ENV};
 use agent::enrollment::{self, Device, EnrollOptions, KeyOrigin};
 use agent::pem_files::Overwrite;
 use agent::reenrollment::{self, CurrentKey, ReenrollOptions};
+use agent::status::Status;
 use est::Label;
 
 /// EX_USAGE from sysexits.h: the command line or a file it names is wrong.
@@ -21,7 +24,7 @@ const EXIT_USAGE: u8 = 64;
 #[command(
     name = "agent",
     version,
-    about = "Plant PKI agent: enroll devices with the plant's CA over EST and renew their certificates"
+    about = "Plant PKI agent: enroll devices with the plant's CA over EST, renew their certificates, and serve SPIFFE SVIDs to local workloads"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -34,6 +37,21 @@ enum Command {
     Enroll(EnrollArgs),
     /// Renew a certificate, authenticating with the current certificate and key.
     Reenroll(ReenrollArgs),
+    /// Run the agent daemon: attest the node, keep workload SVIDs fresh, serve the Workload API.
+    Run(DaemonArgs),
+    /// Show the running agent's node identity, entries and SVIDs (from <state_dir>/status.json).
+    Status(DaemonArgs),
+}
+
+#[derive(Debug, Args)]
+struct DaemonArgs {
+    /// The agent's configuration file
+    #[arg(
+        long,
+        value_name = "FILE",
+        default_value = "/etc/plant-agent/agent.toml"
+    )]
+    config: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -150,11 +168,19 @@ fn main() -> ExitCode {
             };
         }
     };
+    // The daemon says what it does; the commissioning commands only what went wrong.
+    let default_filter = if matches!(cli.command, Command::Run(_)) {
+        "info"
+    } else {
+        "warn"
+    };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        // Colour codes only for people; a journal or log file gets plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .init();
     let runtime = match runtime() {
@@ -218,6 +244,48 @@ async fn run(cli: Cli) -> Result<ExitCode, agent::Error> {
             println!("renewed\n{renewed}");
             Ok(ExitCode::SUCCESS)
         }
+        Command::Run(args) => {
+            let config = AgentConfig::load(&args.config)?;
+            agent::daemon::run(config, shutdown_signal()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status(args) => {
+            let config = AgentConfig::load(&args.config)?;
+            let status = Status::read(&config.state_dir)?;
+            print!("{}", status.render());
+            Ok(if status.daemon_running() {
+                ExitCode::SUCCESS
+            } else {
+                // As systemctl status: 3 = not running.
+                ExitCode::from(3)
+            })
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT. If the handlers can't be installed the daemon still runs;
+/// it then stops only when killed.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let terminate = async {
+        match signal(SignalKind::terminate()) {
+            Ok(mut stream) => {
+                stream.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "no SIGTERM handler");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    let interrupt = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        () = terminate => {}
+        () = interrupt => {}
     }
 }
 

@@ -712,3 +712,237 @@ pub fn write_pem(path: &Path, ders: &[Vec<u8>]) -> Result<()> {
     std::fs::write(path, out)?;
     Ok(())
 }
+
+// ---------------------------------------------------------------------------------------------
+// The agent daemon (`agent run`) and the Workload API.
+
+/// A running `agent run` with its agent.toml, state directory and Workload API socket in a
+/// temp folder.
+#[derive(Debug)]
+pub struct Agent {
+    /// agent.toml, state/, sock/workload.sock, agent.log.
+    pub dir: tempfile::TempDir,
+    /// The Workload API socket.
+    pub socket: PathBuf,
+    child: Option<Child>,
+}
+
+impl Agent {
+    /// An agent of `issuer` attesting with a join token.
+    pub fn start_with_join_token(issuer: &Issuer, token: &str) -> Result<Self> {
+        Self::start(
+            issuer,
+            "method = \"join_token\"\njoin_token_file = \"join.token\"\n",
+            &[("join.token", token)],
+        )
+    }
+
+    /// An agent of `issuer` with `attestation` as the body of its `[attestation]` table and
+    /// `files` written beside agent.toml first.
+    pub fn start(issuer: &Issuer, attestation: &str, files: &[(&str, &str)]) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        // Workloads of other users must reach the socket's directory.
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )?;
+        for (name, text) in files {
+            std::fs::write(dir.path().join(name), text)?;
+        }
+        let socket = dir.path().join("sock/workload.sock");
+        let config = format!(
+            "server = \"{server}\"\ntrust_bundle = \"{bundle}\"\ntrust_domain = \"plant.example\"\nstate_dir = \"state\"\nsocket = \"{socket}\"\nsync_interval = \"1s\"\n\n[attestation]\n{attestation}",
+            server = issuer.agent_api_url()?,
+            bundle = issuer.root_pem().display(),
+            socket = socket.display(),
+        );
+        std::fs::write(dir.path().join("agent.toml"), config)?;
+        let mut agent = Self {
+            dir,
+            socket,
+            child: None,
+        };
+        agent.run()?;
+        Ok(agent)
+    }
+
+    /// agent.toml.
+    pub fn config(&self) -> PathBuf {
+        self.dir.path().join("agent.toml")
+    }
+
+    /// The running daemon's pid.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Starts (or restarts) `agent run` and waits until its socket is there.
+    pub fn run(&mut self) -> Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("agent.log"))?;
+        let child = Command::new(bin("agent"))
+            .args(["run", "--config"])
+            .arg(self.config())
+            .env("RUST_LOG", "info")
+            .env_remove("SPIFFE_ENDPOINT_SOCKET")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting agent run")?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.socket.exists() {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                bail!("agent run exited with {status}:\n{}", self.log());
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "agent did not bind its socket within 30 s:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    /// Waits until the agent has attested and returns its node SPIFFE ID (from status.json).
+    pub fn node_id(&mut self) -> Result<String> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(text) = std::fs::read_to_string(self.dir.path().join("state/status.json")) {
+                let status: serde_json::Value = serde_json::from_str(&text)?;
+                if let Some(id) = status["node"]["spiffe_id"].as_str() {
+                    return Ok(id.to_owned());
+                }
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                bail!("agent run exited with {status}:\n{}", self.log());
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "agent did not attest within 30 s:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits until status.json shows an X509-SVID for `spiffe_id` and returns its
+    /// `expires_at`.
+    pub fn wait_for_svid(&mut self, spiffe_id: &str) -> Result<String> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(text) = std::fs::read_to_string(self.dir.path().join("state/status.json")) {
+                let status: serde_json::Value = serde_json::from_str(&text)?;
+                let entries = status["entries"].as_array().cloned().unwrap_or_default();
+                if let Some(expires) = entries
+                    .iter()
+                    .filter(|e| e["spiffe_id"] == spiffe_id)
+                    .find_map(|e| e["svid"]["expires_at"].as_str())
+                {
+                    return Ok(expires.to_owned());
+                }
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                bail!("agent run exited with {status}:\n{}", self.log());
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "agent holds no SVID for {spiffe_id} after 30 s:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `agent status` output.
+    pub fn status(&self) -> Result<String> {
+        run_ok(
+            Command::new(bin("agent"))
+                .args(["status", "--config"])
+                .arg(self.config()),
+        )
+    }
+
+    /// SIGTERM, then waits for a clean exit; returns whether it exited successfully.
+    pub fn stop(&mut self) -> Result<bool> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(true);
+        };
+        run_ok(Command::new("kill").args(["-TERM", &child.id().to_string()]))?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status.success());
+            }
+            if Instant::now() > deadline {
+                child.kill()?;
+                child.wait()?;
+                bail!("agent did not stop within 20 s of SIGTERM:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The agent's stderr so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A raw tonic Workload API client on `socket`, for what the `spiffe` crate won't do (e.g.
+/// leave out the security header).
+pub async fn workload_client(
+    socket: &Path,
+) -> Result<
+    proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient<tonic::transport::Channel>,
+> {
+    let socket = socket.to_owned();
+    let channel = tonic::transport::Endpoint::try_from("http://localhost")?
+        .connect_with_connector(tower::service_fn(move |_: http::Uri| {
+            let socket = socket.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(socket).await?,
+                ))
+            }
+        }))
+        .await
+        .context("connecting to the Workload API socket")?;
+    Ok(proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(channel))
+}
+
+/// A FetchX509SVID request, with or without the security header.
+pub fn x509_request(with_header: bool) -> tonic::Request<proto::workload::X509svidRequest> {
+    let mut request = tonic::Request::new(proto::workload::X509svidRequest {});
+    if with_header {
+        request.metadata_mut().insert(
+            proto::workload::SECURITY_HEADER,
+            tonic::metadata::MetadataValue::from_static("true"),
+        );
+    }
+    request
+}

@@ -23,3 +23,29 @@ pub trait NodeAttestation: Send + std::fmt::Debug {
     /// Whether this method can attest again after a success (false for a join token).
     fn can_reattest(&self) -> bool;
 }
+
+pub mod join_token;
+pub mod x509pop;
+
+pub use join_token::JoinTokenAttestation;
+pub use x509pop::X509PopAttestation;
+
+/// The attestation `config` names. `tpm` is built by `agent::node::tpm` (wired here by the
+/// integrator: `tpm::TpmAttestation::open(tcti)`).
+pub fn from_config(
+    config: &crate::config::AttestationConfig,
+) -> Result<Box<dyn NodeAttestation>, Error> {
+    use crate::config::AttestationConfig;
+    match config {
+        AttestationConfig::JoinToken { token } => {
+            Ok(Box::new(JoinTokenAttestation::new(token.clone())))
+        }
+        AttestationConfig::X509Pop { certificate, key } => Ok(Box::new(X509PopAttestation::open(
+            certificate,
+            key.open()?,
+        )?)),
+        AttestationConfig::Tpm { .. } => Err(Error::Usage(
+            "attestation method \"tpm\" is not built into this agent yet".into(),
+        )),
+    }
+}

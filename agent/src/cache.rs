@@ -1,0 +1,816 @@
+//! The SVID cache and the loop that keeps it fresh: node identity (attest, renew at half
+//! life, re-attest after a lapse), entry sync every `sync_interval`, X509-SVID minting in
+//! batches with rotation at half life ± 10 % and jittered backoff on failure.
+//!
+//! State is published as `watch` of `Arc<Snapshot>` (as linkerd publishes its credentials):
+//! Workload API streams clone the `Arc` and never hold a lock while they send, and every
+//! publication wakes them to push the new state. An SVID is dropped from the snapshot the
+//! moment it expires, so nothing expired is ever served, while valid ones keep being served
+//! through an issuer outage.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use proto::TrustDomain;
+use tokio::sync::watch;
+
+use crate::entry::Entry;
+use crate::issuer_client::{IssuerClient, IssuerEndpoint, NodeIdentity};
+use crate::jwt::JwtKeys;
+use crate::node::NodeAttestation;
+use crate::pem_files::{self, Overwrite};
+use crate::rotation::{is_valid, jitter, lifetime_start, retry_delay, rotation_time};
+use crate::status::{self, Status};
+use crate::svid::{certificate_validity, ensure_certifies, spiffe_id_of, KeyPair, X509Svid};
+use crate::Error;
+
+/// CSRs per MintX509Svids call.
+const MINT_BATCH: usize = 100;
+
+const NODE_CHAIN_FILE: &str = "node-svid.pem";
+const NODE_KEY_FILE: &str = "node-key.pem";
+const NODE_BUNDLE_FILE: &str = "node-bundle.pem";
+const KEY_MODE: u32 = 0o600;
+const PUBLIC_MODE: u32 = 0o644;
+
+/// What the agent holds now; every Workload API answer is computed from one of these.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// The trust domain of every identity served.
+    pub trust_domain: TrustDomain,
+    /// Whether entries were synced at least once (before that nobody is refused: the agent
+    /// does not know yet).
+    pub synced: bool,
+    /// DER root certificates.
+    pub bundle: Vec<Vec<u8>>,
+    /// DER CRLs.
+    pub crl: Vec<Vec<u8>>,
+    /// The trust domain's JWKS document.
+    pub jwt_bundle: Vec<u8>,
+    /// `jwt_bundle`, parsed.
+    pub jwt_keys: JwtKeys,
+    /// This node's entries.
+    pub entries: Vec<Arc<Entry>>,
+    /// Valid X509-SVIDs by entry id.
+    pub svids: BTreeMap<String, Arc<X509Svid>>,
+}
+
+impl Snapshot {
+    /// An empty snapshot, before the first sync.
+    pub fn empty(trust_domain: TrustDomain) -> Self {
+        Self {
+            trust_domain,
+            synced: false,
+            bundle: Vec::new(),
+            crl: Vec::new(),
+            jwt_bundle: Vec::new(),
+            jwt_keys: JwtKeys::default(),
+            entries: Vec::new(),
+            svids: BTreeMap::new(),
+        }
+    }
+
+    /// The bundle as the Workload API carries it: concatenated DER.
+    pub fn bundle_der(&self) -> Vec<u8> {
+        self.bundle.concat()
+    }
+}
+
+/// The node identity plus when it is renewed.
+struct Node {
+    identity: NodeIdentity,
+    rotate_at: SystemTime,
+    client: IssuerClient,
+}
+
+/// See [`Manager::fingerprint`].
+#[derive(Debug, PartialEq, Eq)]
+struct Fingerprint {
+    synced: bool,
+    bundle: Vec<Vec<u8>>,
+    crl: Vec<Vec<u8>>,
+    jwt_bundle: Vec<u8>,
+    entries: Vec<(String, u64)>,
+    svids: Vec<(String, SystemTime)>,
+    node: Option<SystemTime>,
+}
+
+/// Keeps the cache fresh; see the module doc.
+pub struct Manager {
+    trust_domain: TrustDomain,
+    state_dir: PathBuf,
+    sync_interval: Duration,
+    endpoint: IssuerEndpoint,
+    attestation: Arc<Mutex<Box<dyn NodeAttestation>>>,
+    method: &'static str,
+    can_reattest: bool,
+    node: Option<Node>,
+    /// Whether this node ever held an identity (this run or a persisted one).
+    had_identity: bool,
+    node_failures: u32,
+    next_node_attempt: SystemTime,
+    next_sync: SystemTime,
+    sync_failures: u32,
+    mint_failures: u32,
+    next_mint: SystemTime,
+    snapshot: Snapshot,
+    last_error: Option<String>,
+    state: watch::Sender<Arc<Snapshot>>,
+    issuer: watch::Sender<Option<IssuerClient>>,
+}
+
+impl std::fmt::Debug for Manager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Manager")
+            .field("method", &self.method)
+            .field("entries", &self.snapshot.entries.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The channels a [`Manager`] publishes on, for the Workload API.
+#[derive(Debug, Clone)]
+pub struct Published {
+    /// The current snapshot.
+    pub state: watch::Receiver<Arc<Snapshot>>,
+    /// A client authenticated as the node, once there is one (for JWT-SVID minting).
+    pub issuer: watch::Receiver<Option<IssuerClient>>,
+}
+
+impl Manager {
+    /// A manager for a node attesting with `attestation`, keeping its files in `state_dir`.
+    pub fn new(
+        trust_domain: TrustDomain,
+        state_dir: PathBuf,
+        sync_interval: Duration,
+        endpoint: IssuerEndpoint,
+        attestation: Box<dyn NodeAttestation>,
+    ) -> (Self, Published) {
+        let snapshot = Snapshot::empty(trust_domain.clone());
+        let (state, state_rx) = watch::channel(Arc::new(snapshot.clone()));
+        let (issuer, issuer_rx) = watch::channel(None);
+        let now = SystemTime::now();
+        let manager = Self {
+            trust_domain,
+            state_dir,
+            sync_interval,
+            endpoint,
+            method: attestation.method(),
+            can_reattest: attestation.can_reattest(),
+            attestation: Arc::new(Mutex::new(attestation)),
+            node: None,
+            had_identity: false,
+            node_failures: 0,
+            next_node_attempt: now,
+            next_sync: now,
+            sync_failures: 0,
+            mint_failures: 0,
+            next_mint: now,
+            snapshot,
+            last_error: None,
+            state,
+            issuer,
+        };
+        (
+            manager,
+            Published {
+                state: state_rx,
+                issuer: issuer_rx,
+            },
+        )
+    }
+
+    /// Runs until `shutdown` resolves. Fails only when the node can never get an identity
+    /// (its attestation was refused and it had none).
+    pub async fn run(
+        mut self,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Result<(), Error> {
+        self.load_persisted_node();
+        tokio::pin!(shutdown);
+        loop {
+            let wake = self.step(SystemTime::now()).await?;
+            let delay = wake
+                .duration_since(SystemTime::now())
+                .unwrap_or(Duration::ZERO)
+                .max(Duration::from_millis(50));
+            tokio::select! {
+                () = &mut shutdown => return Ok(()),
+                () = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    /// One pass: node identity, sync, minting, expiry; publishes and returns when to wake.
+    async fn step(&mut self, now: SystemTime) -> Result<SystemTime, Error> {
+        let before = self.fingerprint();
+        let error_before = self.last_error.clone();
+        self.ensure_node(now).await?;
+        if self.node.is_some() && now >= self.next_sync {
+            self.sync(now).await;
+        }
+        if self.node.is_some() && now >= self.next_mint {
+            self.mint(now).await;
+        }
+        self.drop_expired(SystemTime::now());
+        if self.fingerprint() != before || self.last_error != error_before {
+            self.publish();
+        }
+        Ok(self.next_wake(SystemTime::now()))
+    }
+
+    fn load_persisted_node(&mut self) {
+        match self.read_persisted_node() {
+            Ok(Some(identity)) if is_valid(identity.not_after, SystemTime::now()) => {
+                tracing::info!(spiffe_id = %identity.spiffe_id, "node identity loaded from the state directory");
+                self.had_identity = true;
+                if let Err(e) = self.adopt(identity) {
+                    tracing::warn!(error = %e, "persisted node identity not usable; attesting again");
+                }
+            }
+            Ok(Some(identity)) => {
+                tracing::warn!(spiffe_id = %identity.spiffe_id, "persisted node SVID has expired; attesting again");
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "persisted node identity not readable; attesting again")
+            }
+        }
+    }
+
+    fn read_persisted_node(&self) -> Result<Option<NodeIdentity>, Error> {
+        let chain_path = self.state_dir.join(NODE_CHAIN_FILE);
+        let key_path = self.state_dir.join(NODE_KEY_FILE);
+        if !chain_path.exists() || !key_path.exists() {
+            return Ok(None);
+        }
+        let chain = pem_files::read_certificates(&chain_path)?;
+        let key_pem = zeroize::Zeroizing::new(
+            std::fs::read_to_string(&key_path).map_err(Error::io(&key_path))?,
+        );
+        let key = KeyPair::from_pkcs8_pem(&key_pem)?;
+        let bundle_path = self.state_dir.join(NODE_BUNDLE_FILE);
+        let bundle = if bundle_path.exists() {
+            pem_files::read_certificates(&bundle_path)?
+        } else {
+            Vec::new()
+        };
+        let leaf = chain
+            .first()
+            .ok_or_else(|| Error::certificate(chain_path.display().to_string(), "empty"))?;
+        let spiffe_id = spiffe_id_of("persisted node SVID", leaf)?;
+        let svid = proto::agent::NodeSvid {
+            spiffe_id: spiffe_id.to_string(),
+            chain,
+            bundle,
+        };
+        let mut identity = NodeIdentity::from_node_svid(svid, key)?;
+        identity.received_at = identity.not_before;
+        Ok(Some(identity))
+    }
+
+    fn persist_node(&self, identity: &NodeIdentity) -> Result<(), Error> {
+        std::fs::create_dir_all(&self.state_dir).map_err(Error::io(&self.state_dir))?;
+        let write = |name: &str, bytes: &[u8], mode: u32| {
+            pem_files::write_atomically(&self.state_dir.join(name), bytes, mode, Overwrite::Allow)
+        };
+        // Key first: a chain without its key is useless, a key without its chain harmless.
+        write(NODE_KEY_FILE, identity.key.pkcs8_pem().as_bytes(), KEY_MODE)?;
+        write(
+            NODE_CHAIN_FILE,
+            pem_files::encode_certificates(identity.chain.iter().map(Vec::as_slice))?.as_bytes(),
+            PUBLIC_MODE,
+        )?;
+        write(
+            NODE_BUNDLE_FILE,
+            pem_files::encode_certificates(identity.bundle.iter().map(Vec::as_slice))?.as_bytes(),
+            PUBLIC_MODE,
+        )
+    }
+
+    /// Makes `identity` the node's: a client presenting it, the renewal time, the bundle.
+    fn adopt(&mut self, identity: NodeIdentity) -> Result<(), Error> {
+        let client = self.endpoint.client(Some(&identity))?;
+        // received_at: when it was loaded or arrived; for a persisted SVID "now" would push
+        // renewal late, so a reloaded one counts from its notBefore.
+        let rotate_at = rotation_time(
+            lifetime_start(identity.not_before, identity.received_at),
+            identity.not_after,
+            jitter(),
+        );
+        if !identity.bundle.is_empty() && !self.snapshot.synced {
+            self.snapshot.bundle = identity.bundle.clone();
+        }
+        self.issuer.send_replace(Some(client.clone()));
+        self.node = Some(Node {
+            identity,
+            rotate_at,
+            client,
+        });
+        self.had_identity = true;
+        Ok(())
+    }
+
+    async fn ensure_node(&mut self, now: SystemTime) -> Result<(), Error> {
+        let lapsed = self
+            .node
+            .as_ref()
+            .is_some_and(|n| !is_valid(n.identity.not_after, now));
+        if lapsed {
+            tracing::warn!("the node SVID expired (was the issuer unreachable?); attesting again");
+            self.node = None;
+            // Attestation is a new kind of attempt: its backoff starts from the beginning,
+            // so the node is back soon after the issuer is.
+            self.node_failures = 0;
+            self.next_node_attempt = now;
+            self.issuer.send_replace(None);
+        }
+        if now < self.next_node_attempt {
+            return Ok(());
+        }
+        match &self.node {
+            Some(node) if now < node.rotate_at => Ok(()),
+            Some(node) => {
+                let client = node.client.clone();
+                match client.renew().await {
+                    Ok(identity) => {
+                        tracing::info!(spiffe_id = %identity.spiffe_id, "node SVID renewed");
+                        self.take_identity(identity);
+                        Ok(())
+                    }
+                    Err(e) if e.is_unavailable() => {
+                        self.node_failed(now, &e);
+                        Ok(())
+                    }
+                    Err(e) => {
+                        // Refused (e.g. the node was evicted): only a new attestation helps.
+                        self.node_failed(now, &e);
+                        if self.can_reattest {
+                            self.node = None;
+                            self.issuer.send_replace(None);
+                        }
+                        Ok(())
+                    }
+                }
+            }
+            None if self.had_identity && !self.can_reattest => {
+                let message = format!(
+                    "the node SVID has lapsed and a {} node can't attest again by itself: put a new token from `issuer token create --kind join` in agent.toml and restart the agent",
+                    self.method
+                );
+                if self.last_error.as_deref() != Some(message.as_str()) {
+                    tracing::error!("{message}");
+                }
+                self.last_error = Some(message);
+                // Nothing to retry; look again in a while in case the state changes.
+                self.next_node_attempt = now + self.sync_interval.max(Duration::from_secs(30));
+                Ok(())
+            }
+            None => self.attest(now).await,
+        }
+    }
+
+    async fn attest(&mut self, now: SystemTime) -> Result<(), Error> {
+        let client = self.endpoint.client(None)?;
+        match client.attest(&self.attestation).await {
+            Ok(identity) => {
+                tracing::info!(spiffe_id = %identity.spiffe_id, method = self.method, "node attested");
+                self.take_identity(identity);
+                // A new identity may be a new node: sync at once.
+                self.next_sync = now;
+                self.next_mint = now;
+                Ok(())
+            }
+            Err(e) if e.is_unavailable() => {
+                self.node_failed(now, &e);
+                Ok(())
+            }
+            Err(e) if !self.had_identity => Err(match e {
+                Error::Issuer { step, code, message } if !self.can_reattest => Error::Issuer {
+                    step,
+                    code,
+                    message: format!(
+                        "{message}; a join token works once: create a new one with `issuer token create --kind join` and put it in agent.toml"
+                    ),
+                },
+                other => other,
+            }),
+            Err(e) => {
+                self.node_failed(now, &e);
+                Ok(())
+            }
+        }
+    }
+
+    fn take_identity(&mut self, identity: NodeIdentity) {
+        if let Err(e) = self.persist_node(&identity) {
+            // Serving goes on; only a restart would need to attest again.
+            tracing::warn!(error = %e, "could not save the node identity");
+        }
+        match self.adopt(identity) {
+            Ok(()) => {
+                self.node_failures = 0;
+                self.last_error = None;
+            }
+            Err(e) => self.node_failed(SystemTime::now(), &e),
+        }
+    }
+
+    fn node_failed(&mut self, now: SystemTime, error: &Error) {
+        tracing::warn!(error = %error, attempt = self.node_failures, "node identity");
+        self.next_node_attempt = now + retry_delay(self.node_failures, jitter());
+        self.node_failures = self.node_failures.saturating_add(1);
+        self.last_error = Some(error.to_string());
+    }
+
+    async fn sync(&mut self, now: SystemTime) {
+        let Some(node) = &self.node else { return };
+        match node.client.sync().await {
+            Ok(response) => {
+                self.sync_failures = 0;
+                self.next_sync = now + self.sync_interval;
+                self.apply_sync(response);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "entry sync failed; serving what is cached");
+                let delay = retry_delay(self.sync_failures, jitter()).min(self.sync_interval);
+                self.sync_failures = self.sync_failures.saturating_add(1);
+                self.next_sync = now + delay;
+                let refused = matches!(
+                    &e,
+                    Error::Issuer {
+                        code: tonic::Code::PermissionDenied | tonic::Code::Unauthenticated,
+                        ..
+                    }
+                );
+                if refused && self.can_reattest {
+                    // The issuer no longer takes this node SVID (evicted): attest again.
+                    self.node = None;
+                    self.issuer.send_replace(None);
+                }
+                self.last_error = Some(if refused && !self.can_reattest {
+                    format!(
+                        "{e}; if this node was evicted, a {} node needs a new token from `issuer token create --kind join` in agent.toml and a restart (after removing {} in the state directory)",
+                        self.method, NODE_CHAIN_FILE
+                    )
+                } else {
+                    e.to_string()
+                });
+            }
+        }
+    }
+
+    fn apply_sync(&mut self, response: proto::agent::SyncEntriesResponse) {
+        let mut entries = Vec::with_capacity(response.entries.len());
+        for wire in response.entries {
+            match Entry::from_wire(wire) {
+                Ok(entry) => entries.push(Arc::new(entry)),
+                Err(e) => tracing::warn!(error = %e, "entry skipped"),
+            }
+        }
+        entries.sort_by(|a, b| a.id.cmp(&b.id));
+        self.snapshot
+            .svids
+            .retain(|id, _| entries.iter().any(|e| &e.id == id));
+        if !response.x509_bundle.is_empty() {
+            self.snapshot.bundle = response.x509_bundle;
+        }
+        self.snapshot.crl = response.crl;
+        if self.snapshot.jwt_bundle != response.jwt_bundle {
+            match JwtKeys::from_jwks(&response.jwt_bundle) {
+                Ok(keys) => {
+                    self.snapshot.jwt_keys = keys;
+                    self.snapshot.jwt_bundle = response.jwt_bundle;
+                }
+                Err(e) => tracing::warn!(error = %e, "JWT bundle from the issuer not usable"),
+            }
+        }
+        if self.snapshot.entries != entries {
+            // A new or changed entry is minted for now, not at the next retry.
+            self.next_mint = SystemTime::now();
+        }
+        self.snapshot.entries = entries;
+        self.snapshot.synced = true;
+        if self.last_error.is_some() && self.node_failures == 0 {
+            self.last_error = None;
+        }
+    }
+
+    /// Entries with no SVID, an SVID due for rotation, or one minted for an older revision.
+    fn due(&self, now: SystemTime) -> Vec<Arc<Entry>> {
+        self.snapshot
+            .entries
+            .iter()
+            .filter(|entry| match self.snapshot.svids.get(&entry.id) {
+                None => true,
+                Some(svid) => now >= svid.rotate_at || svid.entry_revision != entry.revision,
+            })
+            .cloned()
+            .collect()
+    }
+
+    async fn mint(&mut self, now: SystemTime) {
+        let due = self.due(now);
+        if due.is_empty() {
+            self.next_mint = self.next_rotation().unwrap_or(now + self.sync_interval);
+            return;
+        }
+        let Some(node) = &self.node else { return };
+        let client = node.client.clone();
+        let mut failed = None;
+        for batch in due.chunks(MINT_BATCH) {
+            match mint_batch(&client, batch).await {
+                Ok(svids) => {
+                    for (entry_id, svid) in svids {
+                        tracing::info!(spiffe_id = %svid.spiffe_id, rotate_at = %status::rfc3339(svid.rotate_at), "X509-SVID minted");
+                        self.snapshot.svids.insert(entry_id, Arc::new(svid));
+                    }
+                }
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        // Entries the issuer did not answer for count as a failure too, so they are retried
+        // with backoff rather than in a tight loop.
+        let missing = self.due(SystemTime::now()).len();
+        match (failed, missing) {
+            (None, 0) => {
+                self.mint_failures = 0;
+                self.next_mint = self.next_rotation().unwrap_or(now + self.sync_interval);
+            }
+            (error, _) => {
+                let text = error.map_or_else(
+                    || format!("the issuer minted no SVID for {missing} entries"),
+                    |e| e.to_string(),
+                );
+                tracing::warn!(error = %text, attempt = self.mint_failures, "X509-SVID minting failed; retrying with backoff");
+                self.next_mint = now + retry_delay(self.mint_failures, jitter());
+                self.mint_failures = self.mint_failures.saturating_add(1);
+                self.last_error = Some(text);
+            }
+        }
+    }
+
+    fn next_rotation(&self) -> Option<SystemTime> {
+        self.snapshot.svids.values().map(|s| s.rotate_at).min()
+    }
+
+    fn drop_expired(&mut self, now: SystemTime) {
+        self.snapshot.svids.retain(|_, svid| {
+            let keep = is_valid(svid.not_after, now);
+            if !keep {
+                tracing::warn!(spiffe_id = %svid.spiffe_id, "X509-SVID expired before it could be rotated; no longer served");
+            }
+            keep
+        });
+    }
+
+    /// The earliest moment something can be done: only times the next pass would act on
+    /// count, so a wait on a retry never turns into a busy loop.
+    fn next_wake(&self, now: SystemTime) -> SystemTime {
+        let mut wake = now + self.sync_interval;
+        let mut consider = |t: SystemTime| wake = wake.min(t);
+        match &self.node {
+            Some(node) => {
+                consider(self.next_sync);
+                consider(node.rotate_at.max(self.next_node_attempt));
+                consider(node.identity.not_after.max(self.next_node_attempt));
+                if !self.snapshot.entries.is_empty() {
+                    consider(self.next_mint);
+                }
+            }
+            None => consider(self.next_node_attempt),
+        }
+        // Wake when an SVID expires, to stop serving it.
+        for svid in self.snapshot.svids.values() {
+            if svid.not_after > now {
+                consider(svid.not_after);
+            }
+        }
+        wake
+    }
+
+    /// What Workload API clients and `agent status` see, in short: it changes when anything
+    /// they get changes.
+    fn fingerprint(&self) -> Fingerprint {
+        Fingerprint {
+            synced: self.snapshot.synced,
+            bundle: self.snapshot.bundle.clone(),
+            crl: self.snapshot.crl.clone(),
+            jwt_bundle: self.snapshot.jwt_bundle.clone(),
+            entries: self
+                .snapshot
+                .entries
+                .iter()
+                .map(|e| (e.id.clone(), e.revision))
+                .collect(),
+            svids: self
+                .snapshot
+                .svids
+                .iter()
+                .map(|(id, s)| (id.clone(), s.not_after))
+                .collect(),
+            node: self.node.as_ref().map(|n| n.identity.not_after),
+        }
+    }
+
+    fn publish(&mut self) {
+        self.state.send_replace(Arc::new(self.snapshot.clone()));
+        let node = self.node.as_ref().map(|n| status::NodeStatus {
+            spiffe_id: n.identity.spiffe_id.to_string(),
+            expires_at: status::rfc3339(n.identity.not_after),
+            renews_at: status::rfc3339(n.rotate_at),
+        });
+        let status = Status::new(
+            self.trust_domain.to_string(),
+            self.method,
+            node,
+            &self.snapshot,
+            self.last_error.clone(),
+        );
+        if let Err(e) = status.write(&self.state_dir) {
+            tracing::warn!(error = %e, "could not write status.json");
+        }
+    }
+}
+
+async fn mint_batch(
+    client: &IssuerClient,
+    batch: &[Arc<Entry>],
+) -> Result<Vec<(String, X509Svid)>, Error> {
+    let mut keys = BTreeMap::new();
+    let mut requests = Vec::with_capacity(batch.len());
+    for entry in batch {
+        let key = KeyPair::generate()?;
+        requests.push((entry.id.clone(), key.csr(Some(&entry.spiffe_id))?));
+        keys.insert(entry.id.clone(), (Arc::clone(entry), key));
+    }
+    let minted = client.mint_x509(requests).await?;
+    let mut svids = Vec::with_capacity(minted.len());
+    for svid in minted {
+        let Some((entry, key)) = keys.remove(&svid.entry_id) else {
+            tracing::warn!(entry_id = %svid.entry_id, "the issuer answered for an entry not asked for; ignored");
+            continue;
+        };
+        match check_minted(&entry, &key, svid.chain) {
+            Ok(svid) => svids.push((entry.id.clone(), svid.with_key(key))),
+            Err(e) => tracing::warn!(error = %e, entry_id = %entry.id, "minted X509-SVID refused"),
+        }
+    }
+    Ok(svids)
+}
+
+/// An X509-SVID before its key is attached.
+struct Minted(X509Svid);
+
+impl Minted {
+    fn with_key(mut self, key: KeyPair) -> X509Svid {
+        self.0.key = key.pkcs8_der();
+        self.0
+    }
+}
+
+fn check_minted(entry: &Entry, key: &KeyPair, chain: Vec<Vec<u8>>) -> Result<Minted, Error> {
+    let what = format!("X509-SVID for {}", entry.spiffe_id);
+    let leaf = chain
+        .first()
+        .ok_or_else(|| Error::certificate(&what, "empty chain"))?;
+    ensure_certifies(&what, leaf, key)?;
+    let spiffe_id = spiffe_id_of(&what, leaf)?;
+    if spiffe_id != entry.spiffe_id {
+        return Err(Error::certificate(
+            &what,
+            format!("names {spiffe_id} instead"),
+        ));
+    }
+    let (not_before, not_after) = certificate_validity(&what, leaf)?;
+    Ok(Minted(X509Svid {
+        spiffe_id,
+        chain,
+        key: zeroize::Zeroizing::new(Vec::new()),
+        not_before,
+        not_after,
+        rotate_at: rotation_time(
+            lifetime_start(not_before, SystemTime::now()),
+            not_after,
+            jitter(),
+        ),
+        entry_revision: entry.revision,
+    }))
+}
+
+/// The state directory's node files, for `agent status`.
+pub fn node_files(state_dir: &Path) -> [PathBuf; 3] {
+    [
+        state_dir.join(NODE_CHAIN_FILE),
+        state_dir.join(NODE_KEY_FILE),
+        state_dir.join(NODE_BUNDLE_FILE),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::node::JoinTokenAttestation;
+
+    fn manager(state_dir: &Path) -> Manager {
+        let ca = rcgen::CertificateParams::default()
+            .self_signed(&rcgen::KeyPair::generate().expect("key"))
+            .expect("ca");
+        // Port 1 on loopback: nothing listens, the connection is refused at once.
+        let endpoint =
+            IssuerEndpoint::new("https://127.0.0.1:1", &[ca.der().to_vec()]).expect("endpoint");
+        let (manager, _published) = Manager::new(
+            TrustDomain::new("plant.example").expect("td"),
+            state_dir.to_owned(),
+            Duration::from_secs(5),
+            endpoint,
+            Box::new(JoinTokenAttestation::new(zeroize::Zeroizing::new(
+                "token".into(),
+            ))),
+        );
+        manager
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_issuer_is_retried_with_growing_backoff_not_in_a_loop() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut manager = manager(dir.path());
+        let now = SystemTime::now();
+        let first = manager.step(now).await.expect("unavailable is not fatal");
+        assert!(first >= now + Duration::from_millis(400), "{first:?}");
+        let later = first + Duration::from_millis(1);
+        let second = manager.step(later).await.expect("still not fatal");
+        assert!(second >= later + Duration::from_millis(800), "{second:?}");
+        assert!(manager
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("attesting")));
+        // Nothing to serve and no node: no status change published beyond the error.
+        assert!(manager.node.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_persisted_node_identity_is_loaded_and_an_expired_one_is_not() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca_key = rcgen::KeyPair::generate().expect("ca key");
+        let mut ca_params = rcgen::CertificateParams::default();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key).expect("ca");
+        let issuer = rcgen::Issuer::from_ca_cert_der(ca.der(), &ca_key).expect("issuer");
+        let write_node = |lifetime_ok: bool| {
+            let key = KeyPair::generate().expect("key");
+            let mut params = rcgen::CertificateParams::default();
+            params.subject_alt_names = vec![rcgen::SanType::URI(
+                "spiffe://plant.example/agent/join_token/abc"
+                    .try_into()
+                    .expect("uri"),
+            )];
+            let now = time::OffsetDateTime::now_utc();
+            params.not_before = now - time::Duration::hours(2);
+            params.not_after = if lifetime_ok {
+                now + time::Duration::hours(1)
+            } else {
+                now - time::Duration::hours(1)
+            };
+            let public = rcgen::KeyPair::from_pem(&key.pkcs8_pem()).expect("rcgen key");
+            let cert = params.signed_by(&public, &issuer).expect("cert");
+            let identity = NodeIdentity::from_node_svid(
+                proto::agent::NodeSvid {
+                    spiffe_id: "spiffe://plant.example/agent/join_token/abc".into(),
+                    chain: vec![cert.der().to_vec()],
+                    bundle: vec![ca.der().to_vec()],
+                },
+                key,
+            )
+            .expect("identity");
+            manager(dir.path())
+                .persist_node(&identity)
+                .expect("persist");
+        };
+        write_node(true);
+        let mut loaded = manager(dir.path());
+        loaded.load_persisted_node();
+        let node = loaded.node.as_ref().expect("loaded");
+        assert_eq!(
+            node.identity.spiffe_id.as_str(),
+            "spiffe://plant.example/agent/join_token/abc"
+        );
+        let mode = std::fs::metadata(dir.path().join(NODE_KEY_FILE))
+            .expect("key file")
+            .permissions();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o600
+        );
+
+        write_node(false);
+        let mut expired = manager(dir.path());
+        expired.load_persisted_node();
+        assert!(expired.node.is_none());
+    }
+}

@@ -1,0 +1,95 @@
+//! `agent run`: the daemon. Binds the Workload API socket, then keeps the node identity and
+//! the SVID cache fresh ([`crate::cache`]) until SIGTERM or SIGINT, and removes the socket on
+//! the way out.
+
+use std::os::unix::fs::PermissionsExt;
+
+use tokio::sync::watch;
+
+use crate::cache::Manager;
+use crate::config::AgentConfig;
+use crate::issuer_client::IssuerEndpoint;
+use crate::workload_api::{self, WorkloadApi};
+use crate::{node, pem_files, Error};
+
+/// How long shutdown waits for open Workload API calls to finish.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Runs the agent until `shutdown` resolves. Fails at start-up on a bad trust bundle, an
+/// unusable attestation or socket, and later only if the node's first attestation is
+/// refused (a spent join token, a revoked device certificate).
+pub async fn run(
+    config: AgentConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
+    let anchors =
+        pem_files::read_certificates(&config.trust_bundle).map_err(|e| Error::Config {
+            path: config.path.clone(),
+            key: "trust_bundle".into(),
+            message: e.to_string(),
+        })?;
+    if anchors.is_empty() {
+        return Err(Error::Config {
+            path: config.path.clone(),
+            key: "trust_bundle".into(),
+            message: format!(
+                "{} holds no CA certificate; give the plant root CA (ca.pem)",
+                config.trust_bundle.display()
+            ),
+        });
+    }
+    let endpoint = IssuerEndpoint::new(&config.server, &anchors)?;
+    let attestation = node::from_config(&config.attestation)?;
+    std::fs::create_dir_all(&config.state_dir).map_err(Error::io(&config.state_dir))?;
+    // The node key lives here: only the agent's user may look inside.
+    std::fs::set_permissions(&config.state_dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(Error::io(&config.state_dir))?;
+
+    let (manager, published) = Manager::new(
+        config.trust_domain.clone(),
+        config.state_dir.clone(),
+        config.sync_interval,
+        endpoint,
+        attestation,
+    );
+    let listener = workload_api::bind(&config.socket).await?;
+    tracing::info!(socket = %config.socket.display(), server = %config.server, method = config.attestation.method(), "agent started");
+
+    let (stop, stopped) = watch::channel(false);
+    let until_stopped = |mut stopped: watch::Receiver<bool>| async move {
+        let _ = stopped.wait_for(|stop| *stop).await;
+    };
+    let server = tokio::spawn(workload_api::serve(
+        listener,
+        config.socket.clone(),
+        WorkloadApi::new(published),
+        until_stopped(stopped.clone()),
+    ));
+    let signal = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            tracing::info!("shutting down");
+            let _ = stop.send(true);
+        })
+    };
+    let outcome = manager.run(until_stopped(stopped)).await;
+    let _ = stop.send(true);
+    signal.abort();
+    // Streams end when the manager (their watch sender) is gone, which lets the graceful
+    // shutdown finish; a client that still holds a call open is not waited for long.
+    let served = match tokio::time::timeout(SHUTDOWN_GRACE, server).await {
+        Ok(joined) => joined.map_err(|e| Error::Socket {
+            path: config.socket.clone(),
+            reason: format!("the server task failed: {e}"),
+        })?,
+        Err(_) => {
+            tracing::warn!(
+                "Workload API connections still open after {SHUTDOWN_GRACE:?}; closing them"
+            );
+            let _ = std::fs::remove_file(&config.socket);
+            Ok(())
+        }
+    };
+    outcome.and(served)
+}

@@ -1,0 +1,465 @@
+//! Workload attestation: which process is on the other end of a Workload API connection,
+//! from the kernel's word only (DESIGN §5 "Registration entries and workload attestation").
+//!
+//! At accept the agent takes the peer's credentials from SO_PEERCRED, notes the time since
+//! boot, and opens `/proc/<pid>` as a directory, keeping the descriptor. Every later read goes
+//! through that descriptor: once the process that connected is gone, the reads fail, even if
+//! its pid was handed to a new process meanwhile (procfs ties the directory to the task, not
+//! the number). Two more checks close the gaps around that (SPIRE's peer tracker does the
+//! same):
+//! - a process whose start time is after the accept time is not the one that connected;
+//! - after the selectors are computed, the start time and uid are read again through the held
+//!   descriptor; any change or failure refuses the caller.
+//!
+//! Selectors: `unix:uid`, `unix:gid`, `unix:user`, `unix:group` (names from /etc/passwd and
+//! /etc/group), `unix:path` (/proc/<pid>/exe) and `unix:sha256` (of the executable, read
+//! through /proc/<pid>/exe so a replaced file on disk does not matter; cached by device,
+//! inode, mtime and size).
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::{AsFd, OwnedFd};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use proto::Selector;
+use rustix::fs::{Mode, OFlags};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::UnixStream;
+
+/// At most this many executable digests are kept; the cache starts over when full.
+const HASH_CACHE_ENTRIES: usize = 1024;
+
+/// Why a caller could not be attested. The workload is told only "permission denied"; the
+/// agent logs this.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Refusal {
+    /// The kernel gave no pid for the peer (e.g. a socket passed across pid namespaces).
+    #[error("the kernel gave no process id for the caller")]
+    NoPid,
+    /// /proc/<pid> could not be opened at accept: the process was already gone.
+    #[error("process {0} was gone when its connection was accepted")]
+    GoneAtAccept(i32),
+    /// A read through the held /proc/<pid> descriptor failed: the process exited.
+    #[error("process {pid} exited: {reason}")]
+    Exited {
+        /// The pid.
+        pid: i32,
+        /// What the read said.
+        reason: String,
+    },
+    /// The process started after the connection was accepted: its pid was reused.
+    #[error("process {0} started after the connection was accepted (pid reused)")]
+    StartedAfterAccept(i32),
+    /// The start time or uid changed while the selectors were computed.
+    #[error("process {0} changed while it was attested")]
+    Changed(i32),
+    /// /proc/<pid>/stat did not parse.
+    #[error("process {0}: unreadable /proc stat")]
+    Stat(i32),
+}
+
+/// The process at the other end of one Workload API connection.
+#[derive(Debug)]
+pub struct Peer {
+    pid: Option<i32>,
+    uid: u32,
+    gid: u32,
+    /// Clock ticks since boot at accept.
+    accepted_at: u64,
+    /// `/proc/<pid>`, opened at accept; `Err` if that already failed.
+    proc_dir: Result<OwnedFd, Refusal>,
+}
+
+impl Peer {
+    /// The peer of a freshly accepted connection.
+    pub fn accepted(stream: &UnixStream) -> Self {
+        let accepted_at = boot_ticks();
+        match stream.peer_cred() {
+            Ok(cred) => Self::new(cred.pid(), cred.uid(), cred.gid(), accepted_at),
+            Err(_) => Self {
+                pid: None,
+                uid: u32::MAX,
+                gid: u32::MAX,
+                accepted_at,
+                proc_dir: Err(Refusal::NoPid),
+            },
+        }
+    }
+
+    /// A peer with the kernel's credentials, accepted at `accepted_at` (ticks since boot).
+    pub fn new(pid: Option<i32>, uid: u32, gid: u32, accepted_at: u64) -> Self {
+        let proc_dir = match pid {
+            Some(pid) if pid > 0 => rustix::fs::open(
+                format!("/proc/{pid}"),
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(|_| Refusal::GoneAtAccept(pid)),
+            _ => Err(Refusal::NoPid),
+        };
+        Self {
+            pid,
+            uid,
+            gid,
+            accepted_at,
+            proc_dir,
+        }
+    }
+
+    /// The pid, for logs.
+    pub fn pid(&self) -> Option<i32> {
+        self.pid
+    }
+
+    /// The uid, for logs.
+    pub fn uid(&self) -> u32 {
+        self.uid
+    }
+
+    /// The selectors of the process that connected, or why it can't be attested. Blocks on
+    /// /proc reads and, the first time an executable is seen, on hashing it.
+    pub fn selectors(&self, hashes: &ExecutableHashes) -> Result<Vec<Selector>, Refusal> {
+        let dir = self.proc_dir.as_ref().map_err(Clone::clone)?;
+        let pid = self.pid.ok_or(Refusal::NoPid)?;
+        let before = ProcessStamp::read(dir, pid)?;
+        if before.start_ticks > self.accepted_at {
+            return Err(Refusal::StartedAfterAccept(pid));
+        }
+        if before.euid != self.uid {
+            return Err(Refusal::Changed(pid));
+        }
+        let mut selectors = vec![
+            Selector::unix("uid", self.uid),
+            Selector::unix("gid", self.gid),
+        ];
+        if let Some(user) = name_of("/etc/passwd", self.uid) {
+            selectors.push(Selector::unix("user", user));
+        }
+        if let Some(group) = name_of("/etc/group", self.gid) {
+            selectors.push(Selector::unix("group", group));
+        }
+        // A kernel thread or a process whose exe we may not read has no path: it simply
+        // matches no entry that needs one.
+        if let Ok(path) = rustix::fs::readlinkat(dir, "exe", Vec::new()) {
+            selectors.push(Selector::unix("path", path.to_string_lossy()));
+        }
+        if let Some(digest) = hashes.digest(dir) {
+            selectors.push(Selector::unix("sha256", digest));
+        }
+        let after = ProcessStamp::read(dir, pid)?;
+        if after != before {
+            return Err(Refusal::Changed(pid));
+        }
+        Ok(selectors)
+    }
+}
+
+/// What identifies a process across two reads: its start time and effective uid.
+#[derive(Debug, PartialEq, Eq)]
+struct ProcessStamp {
+    start_ticks: u64,
+    euid: u32,
+}
+
+impl ProcessStamp {
+    fn read(dir: &OwnedFd, pid: i32) -> Result<Self, Refusal> {
+        let exited = |e: std::io::Error| Refusal::Exited {
+            pid,
+            reason: e.to_string(),
+        };
+        let stat = read_at(dir, "stat").map_err(exited)?;
+        let start_ticks = start_time(&stat).ok_or(Refusal::Stat(pid))?;
+        let status = read_at(dir, "status").map_err(exited)?;
+        let euid = status
+            .lines()
+            .find_map(|line| line.strip_prefix("Uid:"))
+            .and_then(|ids| ids.split_whitespace().nth(1))
+            .and_then(|id| id.parse().ok())
+            .ok_or(Refusal::Stat(pid))?;
+        Ok(Self { start_ticks, euid })
+    }
+}
+
+fn read_at(dir: &OwnedFd, name: &str) -> std::io::Result<String> {
+    let fd = rustix::fs::openat(dir, name, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())?;
+    let mut text = String::new();
+    File::from(fd).read_to_string(&mut text)?;
+    Ok(text)
+}
+
+/// Field 22 of /proc/<pid>/stat (proc(5)): start time in clock ticks since boot. The command
+/// name (field 2) may hold spaces and parentheses, so fields are counted after the last `)`.
+fn start_time(stat: &str) -> Option<u64> {
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    // Field 3 is the first after the name, so field 22 is the 20th.
+    after_name.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Now, in clock ticks since boot (CLOCK_BOOTTIME, the clock /proc start times count in).
+pub fn boot_ticks() -> u64 {
+    let now = rustix::time::clock_gettime(rustix::time::ClockId::Boottime);
+    let hz = rustix::param::clock_ticks_per_second();
+    let seconds = u64::try_from(now.tv_sec).unwrap_or(0);
+    let nanos = u64::try_from(now.tv_nsec).unwrap_or(0);
+    seconds.saturating_mul(hz) + nanos.saturating_mul(hz) / 1_000_000_000
+}
+
+/// The name for `id` in a passwd(5)/group(5) style file (`name:x:id:…`).
+fn name_of(file: &str, id: u32) -> Option<String> {
+    let text = std::fs::read_to_string(file).ok()?;
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .find_map(|line| {
+            let mut fields = line.split(':');
+            let name = fields.next()?;
+            let entry_id: u32 = fields.nth(1)?.parse().ok()?;
+            (entry_id == id && !name.is_empty()).then(|| name.to_owned())
+        })
+}
+
+/// SHA-256 digests of executables, keyed by what changes when the file does.
+#[derive(Debug, Default)]
+pub struct ExecutableHashes {
+    digests: Mutex<HashMap<FileStamp, String>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct FileStamp {
+    device: u64,
+    inode: u64,
+    mtime: (i64, i64),
+    size: i64,
+}
+
+impl ExecutableHashes {
+    /// The hex SHA-256 of the executable of the process whose /proc directory is `dir`.
+    fn digest(&self, dir: &OwnedFd) -> Option<String> {
+        let fd =
+            rustix::fs::openat(dir, "exe", OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty()).ok()?;
+        let stat = rustix::fs::fstat(fd.as_fd()).ok()?;
+        let stamp = FileStamp {
+            device: stat.st_dev,
+            inode: stat.st_ino,
+            mtime: (stat.st_mtime, i64::from(stat.st_mtime_nsec as i32)),
+            size: stat.st_size,
+        };
+        if let Some(digest) = self.lock().get(&stamp) {
+            return Some(digest.clone());
+        }
+        let mut file = File::from(fd);
+        let mut hasher = Sha256::new();
+        let mut buffer = vec![0u8; 64 * 1024];
+        loop {
+            let n = file.read(&mut buffer).ok()?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buffer[..n]);
+        }
+        let digest = hex::encode(hasher.finalize());
+        let mut digests = self.lock();
+        if digests.len() >= HASH_CACHE_ENTRIES {
+            digests.clear();
+        }
+        digests.insert(stamp, digest.clone());
+        Some(digest)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<FileStamp, String>> {
+        // A panic while holding the lock leaves a consistent map (insert or clear).
+        self.digests
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// A Workload API connection with its attested peer, for tonic's `serve_with_incoming`: the
+/// peer is recorded at accept and reaches handlers as a request extension
+/// (`Arc<Peer>`).
+#[derive(Debug)]
+pub struct PeerStream {
+    inner: UnixStream,
+    peer: Arc<Peer>,
+}
+
+impl PeerStream {
+    /// Records the peer of a freshly accepted connection.
+    pub fn accepted(inner: UnixStream) -> Self {
+        let peer = Arc::new(Peer::accepted(&inner));
+        Self { inner, peer }
+    }
+}
+
+impl tonic::transport::server::Connected for PeerStream {
+    type ConnectInfo = Arc<Peer>;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        Arc::clone(&self.peer)
+    }
+}
+
+impl AsyncRead for PeerStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for PeerStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn own_uid_gid() -> (u32, u32) {
+        let status = std::fs::read_to_string("/proc/self/status").expect("status");
+        let field = |name: &str| -> u32 {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|ids| ids.split_whitespace().nth(1))
+                .and_then(|id| id.parse().ok())
+                .expect(name)
+        };
+        (field("Uid:"), field("Gid:"))
+    }
+
+    #[tokio::test]
+    async fn own_process_is_attested_over_a_real_socket() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("s.sock");
+        let listener = tokio::net::UnixListener::bind(&path).expect("bind");
+        let _client = UnixStream::connect(&path).await.expect("connect");
+        let (server_side, _) = listener.accept().await.expect("accept");
+        let stream = PeerStream::accepted(server_side);
+        let peer = tonic::transport::server::Connected::connect_info(&stream);
+        assert_eq!(peer.pid(), Some(std::process::id() as i32));
+        let hashes = ExecutableHashes::default();
+        let selectors = peer.selectors(&hashes).expect("attested");
+        let text: Vec<String> = selectors.iter().map(ToString::to_string).collect();
+        let (uid, gid) = own_uid_gid();
+        assert!(text.contains(&format!("unix:uid:{uid}")), "{text:?}");
+        assert!(text.contains(&format!("unix:gid:{gid}")), "{text:?}");
+        let exe = std::env::current_exe().expect("exe");
+        assert!(
+            text.contains(&format!("unix:path:{}", exe.display())),
+            "{text:?}"
+        );
+        let own_digest = hex::encode(Sha256::digest(std::fs::read(&exe).expect("read exe")));
+        assert!(
+            text.contains(&format!("unix:sha256:{own_digest}")),
+            "{text:?}"
+        );
+        if let Some(user) = name_of("/etc/passwd", uid) {
+            assert!(text.contains(&format!("unix:user:{user}")), "{text:?}");
+        }
+        // Every selector the agent produces parses as an entry selector would.
+        for selector in &text {
+            Selector::new(selector).expect(selector);
+        }
+        // The second time the digest comes from the cache, and is the same.
+        assert_eq!(peer.selectors(&hashes).expect("again"), selectors);
+    }
+
+    #[test]
+    fn a_process_that_exited_is_refused_even_with_its_directory_held() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("spawn sleep");
+        let (uid, gid) = own_uid_gid();
+        let peer = Peer::new(Some(child.id() as i32), uid, gid, boot_ticks());
+        assert!(peer.selectors(&ExecutableHashes::default()).is_ok());
+        child.kill().expect("kill");
+        child.wait().expect("reap");
+        let refusal = peer
+            .selectors(&ExecutableHashes::default())
+            .expect_err("gone");
+        assert!(matches!(refusal, Refusal::Exited { .. }), "{refusal}");
+        // And a pid that no longer exists can't even be opened.
+        let late = Peer::new(Some(child.id() as i32), uid, gid, boot_ticks());
+        assert!(late.selectors(&ExecutableHashes::default()).is_err());
+    }
+
+    #[test]
+    fn a_process_younger_than_the_connection_is_refused() {
+        let (uid, gid) = own_uid_gid();
+        // Accepted "at boot": this process started after that, so it can't have connected.
+        let peer = Peer::new(Some(std::process::id() as i32), uid, gid, 0);
+        assert_eq!(
+            peer.selectors(&ExecutableHashes::default()),
+            Err(Refusal::StartedAfterAccept(std::process::id() as i32))
+        );
+    }
+
+    #[test]
+    fn a_uid_other_than_the_kernels_is_refused() {
+        let (uid, gid) = own_uid_gid();
+        let peer = Peer::new(
+            Some(std::process::id() as i32),
+            uid.wrapping_add(1),
+            gid,
+            boot_ticks(),
+        );
+        assert!(peer.selectors(&ExecutableHashes::default()).is_err());
+    }
+
+    #[test]
+    fn start_time_is_field_22_even_with_parentheses_in_the_name() {
+        let stat = "42 (a) b) c) S 1 42 42 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 10";
+        assert_eq!(start_time(stat), Some(987654));
+        assert_eq!(start_time("42 (x) S 1"), None);
+        assert_eq!(start_time("garbage"), None);
+    }
+
+    #[test]
+    fn names_come_from_passwd_style_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("passwd");
+        std::fs::write(
+            &file,
+            "# comment\nroot:x:0:0:root:/root:/bin/sh\nhistorian:x:1000:1000::/home/h:/bin/sh\n",
+        )
+        .expect("write");
+        let file = file.to_string_lossy().into_owned();
+        assert_eq!(name_of(&file, 1000).as_deref(), Some("historian"));
+        assert_eq!(name_of(&file, 0).as_deref(), Some("root"));
+        assert_eq!(name_of(&file, 7), None);
+    }
+}

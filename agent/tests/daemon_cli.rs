@@ -1,0 +1,60 @@
+//! `agent run` and `agent status` from the command line: a bad config exits 64 naming the key
+//! to fix, before anything is started.
+
+use std::process::Command;
+
+fn agent() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_agent"))
+}
+
+const CONFIG: &str = r#"server = "https://127.0.0.1:1"
+trust_bundle = "ca.pem"
+trust_domain = "plant.example"
+state_dir = "state"
+socket = "workload.sock"
+[attestation]
+method = "join_token"
+join_token = "t"
+"#;
+
+#[test]
+fn a_bad_config_exits_64_and_names_the_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cases = [
+        (
+            CONFIG.replace("join_token\"", "psk\""),
+            "attestation.method",
+        ),
+        (CONFIG.replace("https://", "http://"), "server"),
+        (CONFIG.replace("plant.example", "Plant!"), "trust_domain"),
+        (CONFIG.to_owned(), "trust_bundle"), // ca.pem does not exist
+    ];
+    for (text, key) in cases {
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, text).expect("write");
+        let out = agent()
+            .args(["run", "--config"])
+            .arg(&path)
+            .output()
+            .expect("run agent");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{key}: {stderr}");
+        assert!(stderr.contains(key), "{key}: {stderr}");
+        assert!(!dir.path().join("workload.sock").exists(), "{key}");
+    }
+}
+
+#[test]
+fn status_without_a_daemon_says_how_to_start_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("agent.toml");
+    std::fs::write(&path, CONFIG).expect("write");
+    let out = agent()
+        .args(["status", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run agent");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(stderr.contains("agent run"), "{stderr}");
+}
