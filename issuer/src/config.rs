@@ -32,6 +32,11 @@ pub struct Config {
     pub crl: Option<crate::crl::CrlConfig>,
     /// Certificate profiles; each name is also an EST label.
     pub profiles: BTreeMap<String, Profile>,
+    // --- node attestation (tpm-attest branch; the integrator merges the other methods) ---
+    /// Node attestation methods; absent means agents cannot attest.
+    #[serde(default)]
+    pub attestation: Option<AttestationConfig>,
+    // --- end node attestation ---
     #[serde(skip)]
     base_dir: PathBuf,
 }
@@ -113,6 +118,28 @@ impl Default for TokenConfig {
         }
     }
 }
+
+// --- node attestation (tpm-attest branch) ---
+/// `[attestation]`: which node attestation methods the agent API accepts.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttestationConfig {
+    /// `[attestation.tpm]`: TPM 2.0 credential activation; absent means refused.
+    #[serde(default)]
+    pub tpm: Option<TpmAttestationConfig>,
+}
+
+/// `[attestation.tpm]`: whose TPMs may attest.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TpmAttestationConfig {
+    /// PEM files (relative to this file's folder) with the TPM manufacturers' CA
+    /// certificates that sign EK certificates, e.g. `ek_ca = ["ek-ca/infineon.pem"]`. Each
+    /// certificate in them is trusted as an EK certificate issuer on its own, so list the
+    /// intermediates that sign EK certificates: a TPM's NV holds only its EK certificate.
+    pub ek_ca: Vec<PathBuf>,
+}
+// --- end node attestation ---
 
 impl Config {
     /// Reads and validates `path`.

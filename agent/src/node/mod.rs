@@ -5,6 +5,8 @@
 //! The calls may block (a TPM command takes tens of milliseconds on a real chip); the caller
 //! runs them on a blocking thread.
 
+pub mod tpm;
+
 use proto::agent::{Challenge, ChallengeResponse, Evidence};
 
 use crate::Error;

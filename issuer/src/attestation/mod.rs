@@ -5,6 +5,8 @@
 //! An attestor only decides *who* the node is ([`AttestedNode`]); the agent API turns that
 //! into a node SVID `spiffe://<td>/agent/<method>/<id>` through the one issuance pipeline.
 
+pub mod tpm;
+
 use proto::agent::{Challenge, ChallengeResponse, Evidence};
 
 /// What an attestor concluded about a node.
