@@ -238,6 +238,26 @@ fn malformed_evidence_is_refused_without_a_panic() {
             "unexpected refusal {refused:?}"
         );
     }
+    // Every single-byte change to either public area: refused or (where the byte does not
+    // matter, e.g. inside the AK's auth policy) accepted, but never a panic.
+    for field in [1, 2] {
+        let original = if field == 1 {
+            &good.ek_public
+        } else {
+            &good.ak_public
+        };
+        for at in 0..original.len() {
+            let mut mutated = original.clone();
+            mutated[at] ^= 0xa5;
+            let mut evidence = good.clone();
+            if field == 1 {
+                evidence.ek_public = mutated;
+            } else {
+                evidence.ak_public = mutated;
+            }
+            let _ = attestor.begin(&with_tpm_evidence(evidence));
+        }
+    }
     let no_method = Evidence {
         csr: CSR.to_vec(),
         method: None,

@@ -103,6 +103,9 @@ impl CredentialActivation {
                     }
                     error
                 })?;
+            // Some TPMs pad the NV index after the certificate; send the certificate alone.
+            let length = der_length(&ek_certificate).unwrap_or(ek_certificate.len());
+            let ek_certificate = ek_certificate[..length].to_vec();
             let ek = endorsement_key(context, device)?;
             let result = (|| {
                 let (ek_public, _, _) = context
@@ -285,9 +288,39 @@ fn sized(bytes: &[u8]) -> Option<Vec<u8>> {
     (usize::from(u16::from_be_bytes(*size)) == rest.len()).then(|| rest.to_vec())
 }
 
+/// The length of the DER TLV at the start of `bytes` (definite lengths up to 3 bytes),
+/// if it fits.
+fn der_length(bytes: &[u8]) -> Option<usize> {
+    let (&first, rest) = bytes.get(1..).and_then(|rest| rest.split_first())?;
+    let (header, length) = match first {
+        0..=0x7f => (2, usize::from(first)),
+        0x81..=0x83 => {
+            let count = usize::from(first & 0x7f);
+            let digits = rest.get(..count)?;
+            let length = digits
+                .iter()
+                .fold(0usize, |acc, byte| (acc << 8) | usize::from(*byte));
+            (2 + count, length)
+        }
+        _ => return None,
+    };
+    let total = header + length;
+    (total <= bytes.len()).then_some(total)
+}
+
 #[cfg(test)]
 mod tests {
-    use super::sized;
+    use super::{der_length, sized};
+
+    #[test]
+    fn padding_after_a_der_certificate_is_measured_off() {
+        assert_eq!(der_length(&[0x30, 0x02, 1, 2, 0, 0, 0]), Some(4));
+        assert_eq!(der_length(&[0x30, 0x82, 0x00, 0x01, 9, 0xff]), Some(5));
+        assert_eq!(der_length(&[0x30, 0x82, 0x01, 0x00, 9]), None);
+        assert_eq!(der_length(&[0x30, 0x80, 0, 0]), None);
+        assert_eq!(der_length(&[0x30]), None);
+        assert_eq!(der_length(&[]), None);
+    }
 
     #[test]
     fn tpm2b_contents_need_an_exact_size_prefix() {

@@ -113,11 +113,13 @@ impl NodeAttestor for TpmAttestor {
                 "the evidence is not TPM evidence",
             ));
         };
-        let ek_certificate =
-            EndorsementCertificate::verify(&tpm.ek_certificate, &self.manufacturer_cas)?;
+        // Decode everything first, then judge: undecodable input is `malformed` whatever
+        // else is wrong with it.
+        let ek_certificate = EndorsementCertificate::decode(&tpm.ek_certificate)?;
         let ek_public = PublicArea::decode(&tpm.ek_public, "EK")?;
-        check_ek(&ek_certificate, &ek_public)?;
         let ak_public = PublicArea::decode(&tpm.ak_public, "AK")?;
+        ek_certificate.verify(&self.manufacturer_cas)?;
+        check_ek(&ek_certificate, &ek_public)?;
         check_ak(&ak_public)?;
 
         let mut secret = Zeroizing::new([0u8; 32]);

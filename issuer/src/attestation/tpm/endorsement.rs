@@ -91,9 +91,10 @@ impl ManufacturerCa {
     }
 }
 
-/// An EK certificate whose signature chains to a configured manufacturer CA.
+/// A decoded RSA EK certificate; [`EndorsementCertificate::verify`] says who signed it.
 #[derive(Debug)]
 pub(super) struct EndorsementCertificate {
+    certificate: Certificate,
     /// Its SubjectPublicKeyInfo, DER: the EK public key.
     pub(super) spki: Vec<u8>,
     /// The RSA modulus, without leading zeros.
@@ -114,33 +115,16 @@ struct RsaPublicKey<'a> {
 }
 
 impl EndorsementCertificate {
-    /// Decodes `der` and checks that a CA in `cas` signed it; refuses other EK types than
-    /// RSA (`ek_unsupported`).
-    pub(super) fn verify(der: &[u8], cas: &[ManufacturerCa]) -> Result<Self, Refusal> {
+    /// Decodes an EK certificate (DER) and its RSA key, without judging who signed it:
+    /// `malformed` for bytes that are no certificate, `ek_unsupported` for other key types.
+    pub(super) fn decode(der: &[u8]) -> Result<Self, Refusal> {
         let certificate = Certificate::from_der(der).map_err(|e| {
             Refusal::new(
                 "malformed",
                 format!("the EK certificate is not an X.509 certificate: {e}"),
             )
         })?;
-        let tbs = &certificate.tbs_certificate;
-        let issuer = tbs.issuer.to_der().unwrap_or_default();
-        let trusted = cas
-            .iter()
-            .filter(|ca| ca.subject == issuer)
-            .any(|ca| ca.signed(&certificate));
-        if !trusted {
-            return Err(Refusal::new(
-                "ek_untrusted",
-                format!(
-                    "the EK certificate was issued by \"{}\", which is not a configured TPM \
-                     manufacturer CA (or its signature does not verify); add that CA's \
-                     certificate to [attestation.tpm] ek_ca if this manufacturer is trusted",
-                    tbs.issuer
-                ),
-            ));
-        }
-        let spki = &tbs.subject_public_key_info;
+        let spki = &certificate.tbs_certificate.subject_public_key_info;
         if spki.algorithm.oid != rfc5912::RSA_ENCRYPTION {
             return Err(Refusal::new(
                 "ek_unsupported",
@@ -165,13 +149,38 @@ impl EndorsementCertificate {
         let exponent = exponent
             .iter()
             .fold(0u32, |acc, byte| (acc << 8) | u32::from(*byte));
+        let modulus = key.modulus.as_bytes().to_vec();
+        let spki = spki
+            .to_der()
+            .map_err(|_| malformed("does not encode again"))?;
         Ok(Self {
-            spki: spki
-                .to_der()
-                .map_err(|_| malformed("does not encode again"))?,
-            modulus: key.modulus.as_bytes().to_vec(),
+            certificate,
+            spki,
+            modulus,
             exponent,
         })
+    }
+
+    /// Checks that a CA in `cas` signed this certificate (`ek_untrusted` names its issuer).
+    pub(super) fn verify(&self, cas: &[ManufacturerCa]) -> Result<(), Refusal> {
+        let tbs = &self.certificate.tbs_certificate;
+        let issuer = tbs.issuer.to_der().unwrap_or_default();
+        let trusted = cas
+            .iter()
+            .filter(|ca| ca.subject == issuer)
+            .any(|ca| ca.signed(&self.certificate));
+        if trusted {
+            return Ok(());
+        }
+        Err(Refusal::new(
+            "ek_untrusted",
+            format!(
+                "the EK certificate was issued by \"{}\", which is not a configured TPM \
+                 manufacturer CA (or its signature does not verify); add that CA's \
+                 certificate to [attestation.tpm] ek_ca if this manufacturer is trusted",
+                tbs.issuer
+            ),
+        ))
     }
 }
 
