@@ -279,6 +279,73 @@ mod tests {
         ));
     }
 
+    fn certificate(name: &str, ca: bool) -> String {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        if ca {
+            params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        }
+        params.self_signed(&key).expect("certificate").pem()
+    }
+
+    /// An `issuer init` configuration with `[attestation.tpm] ek_ca = ["ek-ca/vendor.pem"]`
+    /// holding `pem`.
+    fn config_with_ek_ca(dir: &std::path::Path, pem: &str) -> Config {
+        let options = crate::init::InitOptions {
+            dir: dir.to_owned(),
+            trust_domain: "plant.example".into(),
+            organization: "Plant".into(),
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            crl_listen: "127.0.0.1:0".parse().expect("addr"),
+            ca_key: "soft:path=ca/issuing.key".into(),
+            dns: vec![],
+            ips: vec![],
+        };
+        let mut text = crate::init::template(&options);
+        text.push_str("\n[attestation.tpm]\nek_ca = [\"ek-ca/vendor.pem\"]\n");
+        std::fs::create_dir_all(dir.join("ek-ca")).expect("mkdir");
+        std::fs::write(dir.join("ek-ca/vendor.pem"), pem).expect("write PEM");
+        let path = dir.join("issuer.toml");
+        std::fs::write(&path, text).expect("write config");
+        Config::load(&path).expect("config parses")
+    }
+
+    #[test]
+    fn from_config_trusts_every_certificate_in_each_ek_ca_file_relative_to_the_config() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pem = certificate("Vendor Root", true) + &certificate("Vendor EK CA", true);
+        let config = config_with_ek_ca(dir.path(), &pem);
+        let tpm = config
+            .attestation
+            .as_ref()
+            .and_then(|a| a.tpm.as_ref())
+            .expect("[attestation.tpm]");
+        let attestor = TpmAttestor::from_config(tpm, &config).expect("attestor");
+        assert_eq!(
+            attestor.manufacturer_cas(),
+            vec!["CN=Vendor Root".to_owned(), "CN=Vendor EK CA".to_owned()]
+        );
+    }
+
+    #[test]
+    fn a_configured_ek_ca_that_is_not_a_ca_is_a_config_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = config_with_ek_ca(dir.path(), &certificate("Some Leaf", false));
+        let tpm = config
+            .attestation
+            .as_ref()
+            .and_then(|a| a.tpm.as_ref())
+            .expect("[attestation.tpm]");
+        let error = TpmAttestor::from_config(tpm, &config).expect_err("refused");
+        assert!(
+            matches!(&error, Error::Config(m) if m.contains("Some Leaf") && m.contains("not a CA")),
+            "{error}"
+        );
+    }
+
     #[test]
     fn garbage_ca_certificates_are_config_errors() {
         assert!(matches!(
