@@ -97,6 +97,24 @@ fn a_real_tpm_activates_the_issuers_software_credential_and_is_attested() {
     let (sent, pending) = challenge(attestor.begin(&again).expect("evidence accepted"));
     let answer = agent.answer(&sent, CSR).expect("ActivateCredential");
     assert_eq!(pending.verify(&answer).expect("answer accepted"), node);
+
+    // Nothing left loaded: swtpm keeps transient objects and sessions after the connection
+    // closes (no resource manager), so a leak would show here.
+    drop(agent);
+    for capability in ["handles-transient", "handles-loaded-session"] {
+        let out = std::process::Command::new("tpm2_getcap")
+            .arg(capability)
+            .env("TPM2TOOLS_TCTI", tpm.tcti_string())
+            .env("TSS2_LOG", "all+NONE")
+            .output()
+            .expect("tpm2_getcap (apt package tpm2-tools)");
+        assert!(out.status.success(), "tpm2_getcap {capability} failed");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).trim().is_empty(),
+            "{capability} left behind: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
 }
 
 #[test]
@@ -263,4 +281,27 @@ fn malformed_evidence_is_refused_without_a_panic() {
         method: None,
     };
     assert_eq!(refusal(attestor.begin(&no_method)).reason, "malformed");
+}
+
+#[test]
+fn attestation_shares_the_tpm_with_a_key_the_process_holds_open() {
+    use hsm::Signer;
+    // swtpm serves one connection at a time: attestation must go through the same owner
+    // thread as the node's TPM key, or it would wait forever behind the key's connection.
+    let tpm = Swtpm::start_manufactured();
+    let key = hsm::TpmKey::create(&hsm::TpmKeyRef {
+        object: hsm::TpmObject::Blob(tpm.dir().join("node.tpmkey")),
+        tcti: Some(tpm.tcti()),
+    })
+    .expect("a TPM key");
+    key.sign(b"before").expect("sign");
+
+    let attestor = attestor_for(&tpm);
+    let mut agent = agent_for(&tpm);
+    let evidence = agent.evidence(CSR).expect("evidence");
+    let (sent, pending) = challenge(attestor.begin(&evidence).expect("accepted"));
+    let answer = agent.answer(&sent, CSR).expect("ActivateCredential");
+    pending.verify(&answer).expect("attested");
+
+    key.sign(b"after").expect("the key still signs");
 }
