@@ -3,7 +3,7 @@
 //!
 //! 1. The agent sends its TPM's RSA 2048 EK certificate, the EK's public area and the
 //!    public area of an attestation key (AK) it created under the EK.
-//! 2. [`TpmAttestor::begin`] checks that a configured manufacturer CA signed the EK
+//! 2. `TpmAttestor::begin` checks that a configured manufacturer CA signed the EK
 //!    certificate (`ek_untrusted`), that the EK public area carries the certificate's key
 //!    (`ek_mismatch`), and that the AK is a restricted signing key that cannot leave its
 //!    TPM: restricted, fixedTPM, fixedParent, sensitiveDataOrigin, sign, not decrypt
@@ -16,7 +16,8 @@
 //! The node's id is the hex SHA-256 of the EK certificate's SubjectPublicKeyInfo (DER):
 //! the same for as long as the TPM's endorsement seed lives, whatever AK it presents, and
 //! computable by operators with `openssl x509 -pubkey -noout | openssl pkey -pubin -outform
-//! der | sha256sum`. Anything undecodable is refused as `malformed`, never a panic.
+//! der | sha256sum`. Anything undecodable is refused as `malformed`, never a panic; an EK
+//! other than the default RSA 2048 one (AES-128-CFB, nameAlg SHA-256) as `ek_unsupported`.
 
 mod credential;
 mod endorsement;
@@ -133,7 +134,7 @@ impl NodeAttestor for TpmAttestor {
             credential::make_credential(&ek_certificate.spki, ak_public.name(), secret.as_ref())
                 .map_err(|e| {
                     Refusal::new(
-                        "ek_mismatch",
+                        "ek_unsupported",
                         format!("no credential can be made for this EK: {}", e.0),
                     )
                 })?;
