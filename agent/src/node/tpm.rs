@@ -80,3 +80,32 @@ impl NodeAttestation for TpmAttestation {
         true
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::agent::X509PopChallenge;
+
+    #[test]
+    fn an_unusable_tcti_is_refused_at_open() {
+        assert!(TpmAttestation::open("carrier-pigeon:loft=3").is_err());
+    }
+
+    #[test]
+    fn a_challenge_for_another_method_is_refused_before_the_tpm_is_asked() {
+        // Opening does not connect, so no TPM needs to listen on this port.
+        let mut tpm = TpmAttestation::open("swtpm:host=127.0.0.1,port=9").expect("open");
+        let x509pop = Challenge {
+            method: Some(challenge::Method::X509pop(X509PopChallenge {
+                nonce: vec![1],
+            })),
+        };
+        let error = tpm.answer(&x509pop, b"csr").expect_err("refused");
+        assert!(matches!(error, Error::Attestation(_)), "{error}");
+        let empty = Challenge { method: None };
+        assert!(matches!(
+            tpm.answer(&empty, b"csr"),
+            Err(Error::Attestation(_))
+        ));
+    }
+}
