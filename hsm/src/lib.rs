@@ -24,6 +24,9 @@
 //! CKA_SENSITIVE and not CKA_EXTRACTABLE. A TPM blob file is a `TSS2 PRIVATE KEY` PEM
 //! ([`tpm::KeyBlob`]) whose private part only the TPM that made it can load.
 //!
+//! [`tpm::CredentialActivation`] is the TPM's half of node attestation (EK certificate, an
+//! attestation key, TPM2_ActivateCredential); it runs on the same owner thread as the keys.
+//!
 //! Each TPM is served by one owner thread per process, with a bounded queue and per-key
 //! deadlines ([`TpmOptions`]): overload answers [`Error::Busy`], a silent or unreachable TPM
 //! [`Error::Unavailable`], both at once or within the deadline, and keys reconnect by

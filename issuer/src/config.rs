@@ -169,7 +169,10 @@ pub struct AttestationConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TpmAttestationConfig {
-    /// PEM files of the TPM manufacturers' EK CAs an EK certificate must chain to.
+    /// PEM files (relative to this file's folder) with the TPM manufacturers' CA
+    /// certificates that sign EK certificates, e.g. `ek_ca = ["ek-ca/infineon.pem"]`. Each
+    /// certificate in them is trusted as an EK certificate issuer on its own, so list the
+    /// intermediates that sign EK certificates: a TPM's NV holds only its EK certificate.
     pub ek_ca: Vec<PathBuf>,
 }
 

@@ -136,7 +136,7 @@ fn pem(label: &str, der: &[u8]) -> String {
     out + &format!("-----END {label}-----\n")
 }
 
-fn template(options: &InitOptions) -> String {
+pub(crate) fn template(options: &InitOptions) -> String {
     let mut out = format!(
         r#"# Plant PKI issuer configuration, written by `issuer init`.
 # Relative paths are relative to this file's folder.

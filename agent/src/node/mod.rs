@@ -5,6 +5,8 @@
 //! The calls may block (a TPM command takes tens of milliseconds on a real chip); the caller
 //! runs them on a blocking thread.
 
+pub mod tpm;
+
 use proto::agent::{Challenge, ChallengeResponse, Evidence};
 
 use crate::Error;
@@ -30,8 +32,8 @@ pub mod x509pop;
 pub use join_token::JoinTokenAttestation;
 pub use x509pop::X509PopAttestation;
 
-/// The attestation `config` names. `tpm` is built by `agent::node::tpm` (wired here by the
-/// integrator: `tpm::TpmAttestation::open(tcti)`).
+/// The attestation `config` names. Without `tcti`, the TPM is `PLANT_TPM_TCTI`'s, else the
+/// kernel's resource manager (the same default as a `tpm:` key reference).
 pub fn from_config(
     config: &crate::config::AttestationConfig,
 ) -> Result<Box<dyn NodeAttestation>, Error> {
@@ -44,8 +46,12 @@ pub fn from_config(
             certificate,
             key.open()?,
         )?)),
-        AttestationConfig::Tpm { .. } => Err(Error::Usage(
-            "attestation method \"tpm\" is not built into this agent yet".into(),
-        )),
+        AttestationConfig::Tpm { tcti } => {
+            let tcti = match tcti {
+                Some(tcti) => tcti.clone(),
+                None => hsm::Tcti::from_env()?.to_string(),
+            };
+            Ok(Box::new(tpm::TpmAttestation::open(&tcti)?))
+        }
     }
 }

@@ -38,7 +38,7 @@ pub(super) fn device_name(tcti: &Tcti) -> String {
 
 /// A failure of the TPM stack, classified for messages and for the owner thread's
 /// reconnect decision.
-fn classify(device: &str, action: &str, err: tss_esapi::Error) -> Error {
+pub(super) fn classify(device: &str, action: &str, err: tss_esapi::Error) -> Error {
     let rc = match err {
         tss_esapi::Error::Tss2Error(rc) => rc,
         tss_esapi::Error::WrapperError(kind) => {
@@ -284,7 +284,7 @@ pub(super) fn public_key_of(public: &Public) -> Option<PublicKey> {
     PublicKey::from_uncompressed_point(&point)
 }
 
-fn flush(context: &mut Context, handle: KeyHandle) {
+pub(super) fn flush(context: &mut Context, handle: KeyHandle) {
     // Best effort: a transient object left behind is flushed when the context drops.
     let _ = context.flush_context(handle.into());
 }

@@ -18,9 +18,11 @@
 //! sensitiveDataOrigin under the owner hierarchy's storage primary, and either made
 //! persistent at a handle or kept as a blob whose private area only that TPM can decrypt.
 
+mod attestation;
 mod blob;
 mod device;
 
+pub use attestation::{CredentialActivation, EndorsementEvidence};
 pub use blob::KeyBlob;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -93,7 +95,17 @@ enum Job {
     },
     /// A `TpmKey` for `object` was dropped.
     Release { object: TpmObject },
+    /// Commands other than a key's (credential activation), run with the connection. The
+    /// work sends its own answer and says whether the connection broke.
+    Session {
+        work: SessionWork,
+        deadline: Instant,
+    },
 }
+
+/// Work for [`Job::Session`]: given the connection (or why there is none) and the TPM's
+/// name, returns true when the connection must be dropped.
+type SessionWork = Box<dyn FnOnce(Result<&mut Context, Error>, &str) -> bool + Send>;
 
 /// When the owner thread started the TPM command it is waiting on, if any: a caller that
 /// sees one outstanding for longer than its deadline fails at once instead of queueing
@@ -363,6 +375,25 @@ impl Tpm {
         }
     }
 
+    /// Runs `work` on the owner thread with the connection, up to `allowed`. `work` must
+    /// leave no objects or sessions loaded and the sessions as it found them (password).
+    fn session<T: Send + 'static>(
+        &self,
+        allowed: Duration,
+        work: impl FnOnce(&mut Context, &str) -> Result<T, Error> + Send + 'static,
+    ) -> Result<T, Error> {
+        let (reply, answer) = mpsc::sync_channel(1);
+        let deadline = Instant::now() + allowed;
+        let work: SessionWork = Box::new(move |context, name| {
+            let result = context.and_then(|context| work(context, name));
+            let broken = matches!(&result, Err(e) if e.is_transient());
+            let _ = reply.send(result);
+            broken
+        });
+        self.submit(Job::Session { work, deadline }, allowed)?;
+        self.answer(&answer, deadline, allowed)
+    }
+
     /// Waits for the owner thread's answer until `deadline`.
     fn answer<T>(
         &self,
@@ -475,6 +506,20 @@ impl Owner {
                     }
                 }
                 Job::Release { object } => self.release(&object),
+                Job::Session { work, deadline } => {
+                    if Instant::now() < deadline {
+                        let activity = Arc::clone(&self.activity);
+                        let name = self.name.clone();
+                        let broken = {
+                            let context = self.context();
+                            let _busy = activity.begin();
+                            work(context, &name)
+                        };
+                        if broken {
+                            self.disconnect();
+                        }
+                    }
+                }
             }
         }
         self.disconnect();

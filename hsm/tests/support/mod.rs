@@ -3,7 +3,7 @@
 #![allow(dead_code)] // each test binary uses part of it
 
 use std::net::{TcpListener, TcpStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -37,6 +37,121 @@ impl Swtpm {
             }
         }
         panic!("swtpm did not start: {last_error}");
+    }
+
+    /// Starts a TPM as it leaves a manufacturer: `swtpm_setup --create-ek-cert
+    /// --create-platform-cert` derives its EKs and stores their certificates in NV (the RSA
+    /// 2048 one at 0x01c00002), signed by a local CA of its own made by `swtpm_localca`: a
+    /// root `swtpm-localca-rootca` and an intermediate `swtpm-localca` that signs the EK
+    /// certificates. All of it (configuration, CA keys, TPM state) lives in this TPM's temp
+    /// folder, never in /etc or /var. Each call makes a new CA: two such TPMs come from two
+    /// different "manufacturers".
+    pub fn start_manufactured() -> Self {
+        let mut tpm = Self {
+            child: None,
+            state: tempfile::tempdir().expect("swtpm state dir"),
+            port: 0,
+        };
+        tpm.manufacture();
+        let mut last_error = String::new();
+        for _ in 0..10 {
+            tpm.port = free_port_pair();
+            match tpm.spawn() {
+                Ok(()) => return tpm,
+                Err(e) => last_error = e,
+            }
+        }
+        panic!("swtpm did not start: {last_error}");
+    }
+
+    /// The manufacturer CA an issuer must trust for this TPM's EK certificate (PEM): the
+    /// local CA's intermediate, which signed it. Only for [`Swtpm::start_manufactured`].
+    pub fn ek_ca_certificate(&self) -> PathBuf {
+        let path = self.ek_ca_dir().join("issuercert.pem");
+        assert!(
+            path.exists(),
+            "not a manufactured swtpm (start_manufactured)"
+        );
+        path
+    }
+
+    /// The local CA's root, which signed [`Swtpm::ek_ca_certificate`] (PEM).
+    pub fn ek_root_certificate(&self) -> PathBuf {
+        let path = self.ek_ca_dir().join("swtpm-localca-rootca-cert.pem");
+        assert!(
+            path.exists(),
+            "not a manufactured swtpm (start_manufactured)"
+        );
+        path
+    }
+
+    fn ek_ca_dir(&self) -> PathBuf {
+        self.state.path().join("ek-ca")
+    }
+
+    /// Runs `swtpm_setup` on this TPM's state with its own `swtpm_localca` configuration.
+    fn manufacture(&self) {
+        let dir = self.state.path();
+        let ca = self.ek_ca_dir();
+        let state = dir.join("tpm");
+        std::fs::create_dir_all(&ca).expect("EK CA dir");
+        std::fs::create_dir_all(&state).expect("swtpm state dir");
+        let localca_conf = dir.join("swtpm-localca.conf");
+        let localca_options = dir.join("swtpm-localca.options");
+        let setup_conf = dir.join("swtpm_setup.conf");
+        let write = |path: &Path, text: String| std::fs::write(path, text).expect("write config");
+        write(
+            &localca_conf,
+            format!(
+                "statedir = {ca}\nsigningkey = {ca}/signkey.pem\nissuercert = {ca}/issuercert.pem\n\
+                 certserial = {ca}/certserial\n",
+                ca = ca.display()
+            ),
+        );
+        write(
+            &localca_options,
+            "--platform-manufacturer Plant\n--platform-version 2.1\n--platform-model swtpm\n"
+                .into(),
+        );
+        write(
+            &setup_conf,
+            format!(
+                "create_certs_tool = swtpm_localca\ncreate_certs_tool_config = {}\n\
+                 create_certs_tool_options = {}\nactive_pcr_banks = sha256\n",
+                localca_conf.display(),
+                localca_options.display()
+            ),
+        );
+        let log = dir.join("swtpm_setup.log");
+        let output = Command::new("swtpm_setup")
+            .arg("--tpm2")
+            .arg("--tpmstate")
+            .arg(&state)
+            .args(["--create-ek-cert", "--create-platform-cert"])
+            .arg("--config")
+            .arg(&setup_conf)
+            .arg("--logfile")
+            .arg(&log)
+            // swtpm_localca would otherwise look for a user configuration in $HOME.
+            .env("XDG_CONFIG_HOME", dir)
+            .stdin(Stdio::null())
+            .output();
+        let output = match output {
+            Ok(output) => output,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
+                "swtpm_setup is not installed; run scripts/setup (apt package swtpm-tools) \
+                 — the TPM attestation tests need a real EK certificate and never skip"
+            ),
+            Err(e) => panic!("running swtpm_setup: {e}"),
+        };
+        assert!(
+            output.status.success(),
+            "swtpm_setup failed ({}): {}{}\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr),
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
     }
 
     /// How the backend reaches this TPM.

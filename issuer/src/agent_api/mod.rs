@@ -40,7 +40,6 @@ pub fn attestors(
     authority: &Authority,
 ) -> Result<Vec<Box<dyn NodeAttestor>>, Error> {
     let clock = authority.clock.clone();
-    #[allow(unused_mut)]
     let mut attestors: Vec<Box<dyn NodeAttestor>> = vec![
         Box::new(crate::attestation::join_token::JoinTokenAttestor::new(
             authority.store.tokens.clone(),
@@ -52,12 +51,9 @@ pub fn attestors(
         )),
     ];
     if let Some(tpm) = &config.attestation.tpm {
-        // The TPM attestor (crate::attestation::tpm) is added here from `[attestation.tpm]`:
-        // attestors.push(Box::new(tpm::TpmAttestor::new(ek_ca_paths, …)?));
-        let _ek_ca: Vec<_> = tpm.ek_ca.iter().map(|p| config.resolve(p)).collect();
-        return Err(Error::Config(
-            "[attestation.tpm] is configured but this issuer has no TPM attestor yet".into(),
-        ));
+        attestors.push(Box::new(crate::attestation::tpm::TpmAttestor::from_config(
+            tpm, config,
+        )?));
     }
     Ok(attestors)
 }

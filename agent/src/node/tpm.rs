@@ -1,0 +1,111 @@
+//! TPM 2.0 node attestation by credential activation (DESIGN §5 "Node identity"): the
+//! evidence is the TPM's RSA 2048 EK certificate, its EK public area and a fresh attestation
+//! key's public area; the issuer answers with a credential only this TPM can activate, and
+//! the secret inside it is the answer.
+//!
+//! The TPM work (EK derivation, AK creation, ActivateCredential with the EK's policy) is
+//! [`hsm::tpm::CredentialActivation`]'s, on the TPM's owner thread, so it shares the
+//! connection with any TPM-held key of this process.
+
+use std::time::Duration;
+
+use proto::agent::{
+    challenge, challenge_response, evidence, Challenge, ChallengeResponse, Evidence,
+    TpmChallengeResponse, TpmEvidence,
+};
+
+use super::NodeAttestation;
+use crate::Error;
+
+/// How long one TPM call may take: deriving the RSA 2048 EK is a prime search, which a
+/// discrete TPM may spend seconds on.
+const TPM_DEADLINE: Duration = Duration::from_secs(30);
+
+/// TPM credential activation, the agent's side of the `tpm` method.
+#[derive(Debug)]
+pub struct TpmAttestation {
+    activation: hsm::tpm::CredentialActivation,
+}
+
+impl TpmAttestation {
+    /// Reaches the TPM at `tcti` (as in key references: `device:/dev/tpmrm0`,
+    /// `swtpm:host=127.0.0.1,port=2321`, `tabrmd`). Nothing is sent to it until
+    /// [`NodeAttestation::evidence`].
+    pub fn open(tcti: &str) -> Result<Self, Error> {
+        let tcti: hsm::Tcti = tcti.parse()?;
+        let options = hsm::TpmOptions {
+            deadline: TPM_DEADLINE,
+            ..hsm::TpmOptions::default()
+        };
+        Ok(Self {
+            activation: hsm::tpm::CredentialActivation::open(&tcti, options)?,
+        })
+    }
+}
+
+impl NodeAttestation for TpmAttestation {
+    fn method(&self) -> &'static str {
+        "tpm"
+    }
+
+    fn evidence(&mut self, csr: &[u8]) -> Result<Evidence, Error> {
+        let endorsement = self.activation.evidence()?;
+        Ok(Evidence {
+            csr: csr.to_vec(),
+            method: Some(evidence::Method::Tpm(TpmEvidence {
+                ek_certificate: endorsement.ek_certificate,
+                ek_public: endorsement.ek_public,
+                ak_public: endorsement.ak_public,
+            })),
+        })
+    }
+
+    fn answer(&mut self, challenge: &Challenge, _csr: &[u8]) -> Result<ChallengeResponse, Error> {
+        let Some(challenge::Method::Tpm(challenge)) = &challenge.method else {
+            return Err(Error::Attestation(
+                "the issuer sent a challenge for another method than tpm".into(),
+            ));
+        };
+        let secret = self
+            .activation
+            .activate(&challenge.credential_blob, &challenge.encrypted_secret)?;
+        Ok(ChallengeResponse {
+            method: Some(challenge_response::Method::Tpm(TpmChallengeResponse {
+                secret: secret.to_vec(),
+            })),
+        })
+    }
+
+    fn can_reattest(&self) -> bool {
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::agent::X509PopChallenge;
+
+    #[test]
+    fn an_unusable_tcti_is_refused_at_open() {
+        assert!(TpmAttestation::open("carrier-pigeon:loft=3").is_err());
+    }
+
+    #[test]
+    fn a_challenge_for_another_method_is_refused_before_the_tpm_is_asked() {
+        // Opening does not connect, so no TPM needs to listen on this port.
+        let mut tpm = TpmAttestation::open("swtpm:host=127.0.0.1,port=9").expect("open");
+        let x509pop = Challenge {
+            method: Some(challenge::Method::X509pop(X509PopChallenge {
+                nonce: vec![1],
+            })),
+        };
+        let error = tpm.answer(&x509pop, b"csr").expect_err("refused");
+        assert!(matches!(error, Error::Attestation(_)), "{error}");
+        let empty = Challenge { method: None };
+        assert!(matches!(
+            tpm.answer(&empty, b"csr"),
+            Err(Error::Attestation(_))
+        ));
+    }
+}

@@ -1,0 +1,350 @@
+//! `tpm`: node attestation by TPM 2.0 credential activation (DESIGN §5 "Node identity";
+//! TPM 2.0 Part 1 §24; TCG EK Credential Profile).
+//!
+//! 1. The agent sends its TPM's RSA 2048 EK certificate, the EK's public area and the
+//!    public area of an attestation key (AK) it created under the EK.
+//! 2. `TpmAttestor::begin` checks that a configured manufacturer CA signed the EK
+//!    certificate (`ek_untrusted`), that the EK public area carries the certificate's key
+//!    (`ek_mismatch`), and that the AK is a restricted signing key that cannot leave its
+//!    TPM: restricted, fixedTPM, fixedParent, sensitiveDataOrigin, sign, not decrypt
+//!    (`ak_attributes`). Then it makes a credential in software for the EK and the AK's
+//!    name around a fresh random 32-byte secret, the single-use nonce.
+//! 3. Only that TPM, with that AK loaded, recovers the secret (TPM2_ActivateCredential).
+//!    [`PendingAttestation::verify`] compares the answer in constant time, once
+//!    (`wrong_answer`); the agent API forgets it after [`super::CHALLENGE_LIFETIME`].
+//!
+//! The node's id is the hex SHA-256 of the EK certificate's SubjectPublicKeyInfo (DER):
+//! the same for as long as the TPM's endorsement seed lives, whatever AK it presents, and
+//! computable by operators with `openssl x509 -pubkey -noout | openssl pkey -pubin -outform
+//! der | sha256sum`. Anything undecodable is refused as `malformed`, never a panic; an EK
+//! other than the default RSA 2048 one (AES-128-CFB, nameAlg SHA-256) as `ek_unsupported`.
+
+mod credential;
+mod endorsement;
+mod public_area;
+
+use aws_lc_rs::digest;
+use proto::agent::{
+    challenge, challenge_response, evidence, Challenge, ChallengeResponse, Evidence, TpmChallenge,
+};
+use subtle::ConstantTimeEq;
+use tss_esapi::structures::SymmetricDefinitionObject;
+use zeroize::Zeroizing;
+
+use self::endorsement::{EndorsementCertificate, ManufacturerCa};
+use self::public_area::PublicArea;
+use super::{AttestedNode, NodeAttestor, PendingAttestation, Refusal, Step};
+use crate::config::{Config, TpmAttestationConfig};
+use crate::Error;
+
+/// The method name, in node SPIFFE IDs `spiffe://<td>/agent/tpm/<id>` and in the config.
+const METHOD: &str = "tpm";
+
+/// The issuer's side of TPM credential activation.
+#[derive(Debug)]
+pub struct TpmAttestor {
+    manufacturer_cas: Vec<ManufacturerCa>,
+}
+
+impl TpmAttestor {
+    /// An attestor trusting EK certificates signed by any of `manufacturer_cas` (DER
+    /// certificates, each a CA). Refuses an empty list: no TPM could ever attest.
+    pub fn new(manufacturer_cas: Vec<Vec<u8>>) -> Result<Self, Error> {
+        if manufacturer_cas.is_empty() {
+            return Err(Error::Config(
+                "[attestation.tpm] ek_ca lists no manufacturer CA certificate".into(),
+            ));
+        }
+        let manufacturer_cas = manufacturer_cas
+            .iter()
+            .map(|der| {
+                ManufacturerCa::new(der)
+                    .map_err(|e| Error::Config(format!("[attestation.tpm] ek_ca: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self { manufacturer_cas })
+    }
+
+    /// The attestor for `[attestation.tpm]`: every certificate in each `ek_ca` PEM file
+    /// (paths relative to the config file's folder).
+    pub fn from_config(tpm: &TpmAttestationConfig, config: &Config) -> Result<Self, Error> {
+        let mut cas = Vec::new();
+        for path in &tpm.ek_ca {
+            let path = config.resolve(path);
+            let pem = std::fs::read(&path).map_err(Error::io(&path))?;
+            let certificates = x509_cert::Certificate::load_pem_chain(&pem).map_err(|e| {
+                Error::Config(format!(
+                    "[attestation.tpm] ek_ca {}: not PEM certificates: {e}",
+                    path.display()
+                ))
+            })?;
+            if certificates.is_empty() {
+                return Err(Error::Config(format!(
+                    "[attestation.tpm] ek_ca {}: no certificate in it",
+                    path.display()
+                )));
+            }
+            for certificate in certificates {
+                cas.push(der::Encode::to_der(&certificate).map_err(|e| {
+                    Error::Config(format!("[attestation.tpm] ek_ca {}: {e}", path.display()))
+                })?);
+            }
+        }
+        Self::new(cas)
+    }
+
+    /// The configured manufacturer CAs' subjects, for `issuer status` and logs.
+    pub fn manufacturer_cas(&self) -> Vec<String> {
+        self.manufacturer_cas
+            .iter()
+            .map(ManufacturerCa::subject)
+            .collect()
+    }
+}
+
+impl NodeAttestor for TpmAttestor {
+    fn method(&self) -> &'static str {
+        METHOD
+    }
+
+    fn begin(&self, evidence: &Evidence) -> Result<Step, Refusal> {
+        let Some(evidence::Method::Tpm(tpm)) = &evidence.method else {
+            return Err(Refusal::new(
+                "malformed",
+                "the evidence is not TPM evidence",
+            ));
+        };
+        // Decode everything first, then judge: undecodable input is `malformed` whatever
+        // else is wrong with it.
+        let ek_certificate = EndorsementCertificate::decode(&tpm.ek_certificate)?;
+        let ek_public = PublicArea::decode(&tpm.ek_public, "EK")?;
+        let ak_public = PublicArea::decode(&tpm.ak_public, "AK")?;
+        ek_certificate.verify(&self.manufacturer_cas)?;
+        check_ek(&ek_certificate, &ek_public)?;
+        check_ak(&ak_public)?;
+
+        let mut secret = Zeroizing::new([0u8; 32]);
+        aws_lc_rs::rand::fill(secret.as_mut()).map_err(|_| {
+            Refusal::new(
+                "internal",
+                "the issuer could not make a challenge; try again",
+            )
+        })?;
+        let sealed =
+            credential::make_credential(&ek_certificate.spki, ak_public.name(), secret.as_ref())
+                .map_err(|e| {
+                    Refusal::new(
+                        "ek_unsupported",
+                        format!("no credential can be made for this EK: {}", e.0),
+                    )
+                })?;
+        let node = AttestedNode {
+            method: METHOD,
+            id: hex::encode(digest::digest(&digest::SHA256, &ek_certificate.spki)),
+            can_reattest: true,
+        };
+        Ok(Step::Challenge {
+            challenge: Challenge {
+                method: Some(challenge::Method::Tpm(TpmChallenge {
+                    credential_blob: sealed.credential_blob,
+                    encrypted_secret: sealed.encrypted_secret,
+                })),
+            },
+            pending: Box::new(PendingTpm { secret, node }),
+        })
+    }
+}
+
+/// The EK public area must carry the certificate's key, and be the default EK's kind: an
+/// RSA restricted decryption key with AES-128-CFB (the seed's symmetric key is made for
+/// that algorithm).
+fn check_ek(certificate: &EndorsementCertificate, public: &PublicArea) -> Result<(), Refusal> {
+    let mismatch = |what: &str| {
+        Refusal::new(
+            "ek_mismatch",
+            format!("the EK public area {what} the EK certificate's key"),
+        )
+    };
+    let rsa = public.rsa().ok_or_else(|| mismatch("is not RSA, unlike"))?;
+    let modulus = strip_leading_zeros(rsa.modulus);
+    if modulus != certificate.modulus.as_slice() || rsa.exponent != certificate.exponent {
+        return Err(mismatch("does not hold"));
+    }
+    let attributes = public.attributes();
+    if !(attributes.restricted() && attributes.decrypt() && !attributes.sign_encrypt()) {
+        return Err(Refusal::new(
+            "ek_mismatch",
+            "the EK public area is not a restricted decryption key, as an EK is",
+        ));
+    }
+    if rsa.symmetric != SymmetricDefinitionObject::AES_128_CFB {
+        return Err(Refusal::new(
+            "ek_unsupported",
+            "the EK's symmetric algorithm is not AES-128-CFB (the TCG default RSA 2048 EK)",
+        ));
+    }
+    Ok(())
+}
+
+/// The AK must be a restricted signing key that cannot leave its TPM: a credential for a
+/// key without them would prove nothing about the TPM that answers.
+fn check_ak(ak: &PublicArea) -> Result<(), Refusal> {
+    let attributes = ak.attributes();
+    let required = [
+        ("restricted", attributes.restricted()),
+        ("fixedTPM", attributes.fixed_tpm()),
+        ("fixedParent", attributes.fixed_parent()),
+        ("sensitiveDataOrigin", attributes.sensitive_data_origin()),
+        ("sign", attributes.sign_encrypt()),
+    ];
+    let missing: Vec<&str> = required
+        .iter()
+        .filter(|(_, set)| !set)
+        .map(|(name, _)| *name)
+        .collect();
+    if !missing.is_empty() {
+        return Err(Refusal::new(
+            "ak_attributes",
+            format!(
+                "the attestation key lacks {}; it must be a restricted signing key created \
+                 in the TPM (restricted, fixedTPM, fixedParent, sensitiveDataOrigin, sign)",
+                missing.join(", ")
+            ),
+        ));
+    }
+    if attributes.decrypt() {
+        return Err(Refusal::new(
+            "ak_attributes",
+            "the attestation key also decrypts; it must be a signing key only",
+        ));
+    }
+    Ok(())
+}
+
+fn strip_leading_zeros(bytes: &[u8]) -> &[u8] {
+    let start = bytes.iter().position(|b| *b != 0).unwrap_or(bytes.len());
+    &bytes[start..]
+}
+
+/// A credential sent, waiting for the secret inside it.
+struct PendingTpm {
+    secret: Zeroizing<[u8; 32]>,
+    node: AttestedNode,
+}
+
+impl std::fmt::Debug for PendingTpm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingTpm")
+            .field("node", &self.node)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PendingAttestation for PendingTpm {
+    fn verify(self: Box<Self>, response: &ChallengeResponse) -> Result<AttestedNode, Refusal> {
+        let Some(challenge_response::Method::Tpm(answer)) = &response.method else {
+            return Err(Refusal::new(
+                "malformed",
+                "the answer is not a TPM challenge response",
+            ));
+        };
+        // Lengths are public (always 32 here); the bytes are compared in constant time.
+        let matches = answer.secret.len() == self.secret.len()
+            && bool::from(answer.secret.as_slice().ct_eq(self.secret.as_ref()));
+        if !matches {
+            return Err(Refusal::new(
+                "wrong_answer",
+                "the TPM's answer does not match the credential sent; the EK and AK must \
+                 be in the same TPM, and each challenge is answered once",
+            ));
+        }
+        Ok(self.node)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn leading_zeros_are_stripped_for_modulus_comparison() {
+        assert_eq!(strip_leading_zeros(&[0, 0, 1, 0]), &[1, 0]);
+        assert_eq!(strip_leading_zeros(&[0, 0]), &[] as &[u8]);
+    }
+
+    #[test]
+    fn an_empty_manufacturer_list_is_a_config_error() {
+        assert!(matches!(
+            TpmAttestor::new(Vec::new()),
+            Err(Error::Config(_))
+        ));
+    }
+
+    fn certificate(name: &str, ca: bool) -> String {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        if ca {
+            params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        }
+        params.self_signed(&key).expect("certificate").pem()
+    }
+
+    /// An `issuer init` configuration with `[attestation.tpm] ek_ca = ["ek-ca/vendor.pem"]`
+    /// holding `pem`.
+    fn config_with_ek_ca(dir: &std::path::Path, pem: &str) -> Config {
+        let options = crate::init::InitOptions {
+            dir: dir.to_owned(),
+            trust_domain: "plant.example".into(),
+            organization: "Plant".into(),
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            crl_listen: "127.0.0.1:0".parse().expect("addr"),
+            agent_api_listen: "127.0.0.1:0".parse().expect("addr"),
+            ca_key: "soft:path=ca/issuing.key".into(),
+            dns: vec![],
+            ips: vec![],
+        };
+        let mut text = crate::init::template(&options);
+        text.push_str("\n[attestation.tpm]\nek_ca = [\"ek-ca/vendor.pem\"]\n");
+        std::fs::create_dir_all(dir.join("ek-ca")).expect("mkdir");
+        std::fs::write(dir.join("ek-ca/vendor.pem"), pem).expect("write PEM");
+        let path = dir.join("issuer.toml");
+        std::fs::write(&path, text).expect("write config");
+        Config::load(&path).expect("config parses")
+    }
+
+    #[test]
+    fn from_config_trusts_every_certificate_in_each_ek_ca_file_relative_to_the_config() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pem = certificate("Vendor Root", true) + &certificate("Vendor EK CA", true);
+        let config = config_with_ek_ca(dir.path(), &pem);
+        let tpm = config.attestation.tpm.as_ref().expect("[attestation.tpm]");
+        let attestor = TpmAttestor::from_config(tpm, &config).expect("attestor");
+        assert_eq!(
+            attestor.manufacturer_cas(),
+            vec!["CN=Vendor Root".to_owned(), "CN=Vendor EK CA".to_owned()]
+        );
+    }
+
+    #[test]
+    fn a_configured_ek_ca_that_is_not_a_ca_is_a_config_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = config_with_ek_ca(dir.path(), &certificate("Some Leaf", false));
+        let tpm = config.attestation.tpm.as_ref().expect("[attestation.tpm]");
+        let error = TpmAttestor::from_config(tpm, &config).expect_err("refused");
+        assert!(
+            matches!(&error, Error::Config(m) if m.contains("Some Leaf") && m.contains("not a CA")),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn garbage_ca_certificates_are_config_errors() {
+        assert!(matches!(
+            TpmAttestor::new(vec![vec![0x30, 0x03, 1, 2, 3]]),
+            Err(Error::Config(_))
+        ));
+    }
+}
