@@ -22,6 +22,7 @@
 //! The `agent` binary parses arguments and calls [`enrollment::enroll`],
 //! [`batch::enroll_batch`] or [`reenrollment::reenroll`].
 
+pub mod authority;
 pub mod batch;
 pub mod cache;
 pub mod certificate;

@@ -30,6 +30,8 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::UnixStream;
 
+use crate::authority::AuthorityRewriter;
+
 /// At most this many executable digests are kept; the cache starts over when full.
 const HASH_CACHE_ENTRIES: usize = 1024;
 
@@ -280,18 +282,30 @@ impl ExecutableHashes {
 
 /// A Workload API connection with its attested peer, for tonic's `serve_with_incoming`: the
 /// peer is recorded at accept and reaches handlers as a request extension
-/// (`Arc<Peer>`).
+/// (`Arc<Peer>`). What the client sends passes through an [`AuthorityRewriter`], so gRPC
+/// clients that name the socket path as `:authority` are served (see [`crate::authority`]).
 #[derive(Debug)]
 pub struct PeerStream {
     inner: UnixStream,
     peer: Arc<Peer>,
+    rewriter: AuthorityRewriter,
+    /// Rewritten client bytes not yet handed to the server.
+    rewritten: Vec<u8>,
+    /// How much of `rewritten` has been handed over.
+    handed: usize,
 }
 
 impl PeerStream {
     /// Records the peer of a freshly accepted connection.
     pub fn accepted(inner: UnixStream) -> Self {
         let peer = Arc::new(Peer::accepted(&inner));
-        Self { inner, peer }
+        Self {
+            inner,
+            peer,
+            rewriter: AuthorityRewriter::new(),
+            rewritten: Vec::new(),
+            handed: 0,
+        }
     }
 }
 
@@ -309,7 +323,29 @@ impl AsyncRead for PeerStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+        let this = self.get_mut();
+        loop {
+            if this.handed < this.rewritten.len() {
+                let n = buf.remaining().min(this.rewritten.len() - this.handed);
+                buf.put_slice(&this.rewritten[this.handed..this.handed + n]);
+                this.handed += n;
+                if this.handed == this.rewritten.len() {
+                    this.rewritten.clear();
+                    this.handed = 0;
+                }
+                return Poll::Ready(Ok(()));
+            }
+            let mut raw = [0u8; 8192];
+            let mut raw = ReadBuf::new(&mut raw);
+            std::task::ready!(Pin::new(&mut this.inner).poll_read(cx, &mut raw))?;
+            if raw.filled().is_empty() {
+                return Poll::Ready(Ok(())); // end of stream
+            }
+            this.rewriter
+                .feed(raw.filled(), &mut this.rewritten)
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+            // Only part of a frame so far: read on.
+        }
     }
 }
 

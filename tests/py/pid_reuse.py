@@ -1,6 +1,6 @@
 """Tries to get a workload's SVID by PID reuse, the attack the agent's peer guard stops.
 
-  pid_reuse.py VICTIM_EXE
+  pid_reuse.py [--control] VICTIM_EXE
 
 1. A child process connects to the agent's socket (SPIFFE_ENDPOINT_SOCKET), hands the
    connected socket to this process over SCM_RIGHTS, and exits. The kernel's SO_PEERCRED on
@@ -11,16 +11,21 @@
    through a local relay. An agent that trusted /proc/<pid> at request time would now see the
    victim and hand its SVID to us.
 
+With --control the child stays alive and no pid is reused: the relayed connection then gets
+the child's own identity, which shows the relay works.
+
 Prints JSON: {"reused": bool, "pid": N, "svid": spiffe id or null, "error": text or null}.
 """
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 
 from spiffe import WorkloadApiClient
 
@@ -33,8 +38,9 @@ def endpoint_path():
     return address
 
 
-def connect_in_child():
-    """Returns (connected socket inherited from a child that exited, the child's pid)."""
+def connect_in_child(stay):
+    """Returns (connected socket inherited from a child, the child's pid). The child exits
+    at once unless `stay`, then it lives until killed."""
     parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     pid = os.fork()
     if pid == 0:
@@ -42,10 +48,13 @@ def connect_in_child():
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         conn.connect(endpoint_path())
         socket.send_fds(child_end, [b"x"], [conn.fileno()])
+        if stay:
+            time.sleep(60)
         os._exit(0)
     child_end.close()
     _, fds, _, _ = socket.recv_fds(parent_end, 1, 1)
-    os.waitpid(pid, 0)
+    if not stay:
+        os.waitpid(pid, 0)
     return socket.socket(fileno=fds[0]), pid
 
 
@@ -85,9 +94,10 @@ def relay(listener, upstream):
 
 
 def main():
-    victim_exe = sys.argv[1]
-    inherited, pid = connect_in_child()
-    victim = spawn_with_pid(pid, victim_exe)
+    control = sys.argv[1] == "--control"
+    victim_exe = sys.argv[-1]
+    inherited, pid = connect_in_child(stay=control)
+    victim = None if control else spawn_with_pid(pid, victim_exe)
     result = {"reused": victim is not None, "pid": pid, "svid": None, "error": None}
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -105,6 +115,9 @@ def main():
         if victim is not None:
             victim.kill()
             victim.wait()
+        if control:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
     print(json.dumps(result))
 
 

@@ -47,7 +47,8 @@ def x509(out_dir):
     print(json.dumps({
         "spiffe_id": str(svid.spiffe_id),
         "serial": format(svid.leaf.serial_number, "x"),
-        "key_matches_leaf": public_der(svid.private_key) == public_der(svid.leaf.public_key()),
+        "key_matches_leaf": public_der(svid.private_key.public_key())
+        == public_der(svid.leaf.public_key()),
         "chain_length": len(svid.cert_chain),
         "bundle_size": len(bundle.x509_authorities),
     }))
