@@ -246,6 +246,11 @@ fn a_tpm_node_attests_again_by_itself_after_its_svid_lapsed_in_an_outage() -> Re
         expires.is_some() && expires != &first && error.is_none()
     })?;
     assert_eq!(agent.node_id()?, node, "the same TPM, the same node");
+    assert!(
+        agent.log().contains("node SVID expired"),
+        "the node SVID lapsed during the outage:\n{}",
+        agent.log()
+    );
     let audit = run_ok(issuer.cli().args(["audit", "tail", "-n", "100"]))?;
     ensure!(
         audit.matches(&node).count() >= 2,
