@@ -165,8 +165,8 @@ fn an_issuer_trusting_another_manufacturer_refuses_the_tpm_agent() -> Result<()>
         "the agent gives up with a failure: {error}"
     );
     assert!(
-        error.contains("ek_untrusted") || error.contains("swtpm-localca"),
-        "the agent says why (the EK's issuer is not trusted): {error}"
+        error.contains("CN=swtpm-localca") && error.contains("[attestation.tpm] ek_ca"),
+        "the agent names the EK certificate's issuer and what to configure: {error}"
     );
 
     let audit = run_ok(issuer.cli().args(["audit", "tail", "-n", "100"]))?;
