@@ -1,0 +1,265 @@
+//! The TPM journey with the real processes: a swtpm "manufactured" with an EK certificate
+//! from a local CA (`swtpm_setup --create-ek-cert`), a real `agent run` attesting with
+//! `method = "tpm"` to a real `issuer serve` that trusts that CA under `[attestation.tpm]`,
+//! and a workload getting its X509-SVID from the agent with the `spiffe` crate.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use plant_tests::swtpm::Swtpm;
+use plant_tests::{openssl, run_ok, Agent, Issuer};
+use sha2::Digest;
+use spiffe::X509Source;
+
+const HISTORIAN: &str = "spiffe://plant.example/historian";
+
+fn own_uid() -> Result<u32> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|ids| ids.split_whitespace().nth(1))
+        .and_then(|id| id.parse().ok())
+        .context("no Uid line")
+}
+
+/// An issuer whose `[attestation.tpm]` trusts the EK CA in `ek_ca` (PEM), with `edit`
+/// applied to issuer.toml's text first.
+fn issuer_trusting(ek_ca: &Path, edit: impl FnOnce(String) -> String) -> Result<Issuer> {
+    Issuer::start_with(|toml| {
+        let text = edit(std::fs::read_to_string(toml)?);
+        let table = format!("\n[attestation.tpm]\nek_ca = [\"{}\"]\n", ek_ca.display());
+        std::fs::write(toml, text + &table)?;
+        Ok(())
+    })
+}
+
+/// The agent's `[attestation]` body for this TPM.
+fn tpm_attestation(tpm: &Swtpm) -> String {
+    format!("method = \"tpm\"\ntcti = \"{}\"\n", tpm.tcti_string())
+}
+
+/// The node SPIFFE ID the TPM's EK must give, computed without our code: tpm2-tools reads
+/// the RSA EK certificate from NV (0x01c00002), openssl takes out its public key, and the id
+/// is the hex SHA-256 of that SubjectPublicKeyInfo. Call it before an agent holds the TPM
+/// (swtpm serves one connection at a time).
+fn expected_node_id(tpm: &Swtpm) -> Result<String> {
+    let der = tpm.dir().join("ek.der");
+    run_ok(
+        Command::new("tpm2_nvread")
+            .args(["-C", "o", "0x01c00002", "-o"])
+            .arg(&der)
+            .env("TPM2TOOLS_TCTI", tpm.tcti_string())
+            .env("TSS2_LOG", "all+NONE"),
+    )
+    .context("tpm2_nvread (apt package tpm2-tools)")?;
+    let public = openssl(&[
+        "x509",
+        "-inform",
+        "DER",
+        "-in",
+        &der.to_string_lossy(),
+        "-noout",
+        "-pubkey",
+    ])?;
+    let spki = plant_tests::pem_blocks(&public, "PUBLIC KEY")
+        .pop()
+        .context("no public key")?;
+    Ok(format!(
+        "spiffe://plant.example/agent/tpm/{}",
+        hex::encode(sha2::Sha256::digest(&spki))
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tpm_agent_attests_and_serves_a_workload_svid_from_an_entry_under_its_node() -> Result<()>
+{
+    let tpm = Swtpm::start_manufactured();
+    let expected = expected_node_id(&tpm)?;
+    let issuer = issuer_trusting(&tpm.ek_ca_certificate(), |text| text)?;
+    let mut agent = Agent::start(&issuer, &tpm_attestation(&tpm), &[])?;
+    let node = agent.node_id()?;
+    assert_eq!(node, expected, "the node is named for its EK");
+
+    // The issuer knows the node by the same name.
+    let agents = run_ok(issuer.cli().args(["agent", "list"]))?;
+    assert!(agents.contains(&node), "issuer agent list:\n{agents}");
+
+    issuer.create_entry(
+        HISTORIAN,
+        &node,
+        &[&format!("unix:uid:{}", own_uid()?)],
+        &["--ttl", "1m"],
+    )?;
+    agent.wait_for_svid(HISTORIAN)?;
+    let endpoint = format!("unix://{}", agent.socket.display());
+    let source = X509Source::builder()
+        .endpoint(&endpoint)
+        .build()
+        .await
+        .with_context(|| format!("X509Source against the agent:\n{}", agent.log()))?;
+    let svid = source.svid()?;
+    assert_eq!(svid.spiffe_id().to_string(), HISTORIAN);
+
+    // The leaf chains to the bundle the agent serves, by openssl.
+    let td = spiffe::TrustDomain::new("plant.example")?;
+    let bundle = source
+        .try_bundle_for_trust_domain(&td)
+        .context("no bundle for plant.example")?;
+    let dir = tempfile::tempdir()?;
+    let roots: Vec<Vec<u8>> = bundle
+        .authorities()
+        .iter()
+        .map(|c| c.as_ref().to_vec())
+        .collect();
+    let chain: Vec<Vec<u8>> = svid
+        .cert_chain()
+        .iter()
+        .map(|c| c.as_ref().to_vec())
+        .collect();
+    let (bundle_pem, leaf_pem, chain_pem) = (
+        dir.path().join("bundle.pem"),
+        dir.path().join("leaf.pem"),
+        dir.path().join("chain.pem"),
+    );
+    plant_tests::write_pem(&bundle_pem, &roots)?;
+    plant_tests::write_pem(&leaf_pem, &chain[..1])?;
+    plant_tests::write_pem(&chain_pem, &chain)?;
+    let out = openssl(&[
+        "verify",
+        "-CAfile",
+        &bundle_pem.to_string_lossy(),
+        "-untrusted",
+        &chain_pem.to_string_lossy(),
+        &leaf_pem.to_string_lossy(),
+    ])?;
+    assert!(out.trim().ends_with("OK"), "openssl verify: {out}");
+
+    let status = agent.status()?;
+    assert!(
+        status.contains(&node) && status.contains(HISTORIAN),
+        "{status}"
+    );
+    source.shutdown().await;
+    ensure!(
+        agent.stop()?,
+        "agent did not exit cleanly:\n{}",
+        agent.log()
+    );
+    Ok(())
+}
+
+#[test]
+fn an_issuer_trusting_another_manufacturer_refuses_the_tpm_agent() -> Result<()> {
+    let tpm = Swtpm::start_manufactured();
+    let other_manufacturer = Swtpm::start_manufactured();
+    let issuer = issuer_trusting(&other_manufacturer.ek_ca_certificate(), |text| text)?;
+    let error = Agent::start(&issuer, &tpm_attestation(&tpm), &[])
+        .and_then(|mut agent| agent.node_id())
+        .expect_err("an EK from an untrusted manufacturer was attested");
+    let error = format!("{error:#}");
+    assert!(
+        error.contains("agent run exited with") && !error.contains("exit status: 0"),
+        "the agent gives up with a failure: {error}"
+    );
+    assert!(
+        error.contains("CN=swtpm-localca") && error.contains("[attestation.tpm] ek_ca"),
+        "the agent names the EK certificate's issuer and what to configure: {error}"
+    );
+
+    let audit = run_ok(issuer.cli().args(["audit", "tail", "-n", "100"]))?;
+    assert!(
+        audit.contains("agent.attestation_refused") && audit.contains("ek_untrusted"),
+        "no refusal in the audit log:\n{audit}"
+    );
+    let agents = run_ok(issuer.cli().args(["agent", "list"]))?;
+    assert!(
+        !agents.contains("/agent/tpm/"),
+        "issuer agent list:\n{agents}"
+    );
+    Ok(())
+}
+
+/// The node's `expires_at` and the last error in status.json.
+fn node_status(agent: &Agent) -> Result<(Option<String>, Option<String>)> {
+    let text = std::fs::read_to_string(agent.dir.path().join("state/status.json"))?;
+    let status: serde_json::Value = serde_json::from_str(&text)?;
+    Ok((
+        status["node"]["expires_at"].as_str().map(str::to_owned),
+        status["last_error"].as_str().map(str::to_owned),
+    ))
+}
+
+/// Polls `check` on status.json until it holds (up to 50 s).
+fn wait_status(
+    agent: &Agent,
+    what: &str,
+    check: impl Fn(&(Option<String>, Option<String>)) -> bool,
+) -> Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(50);
+    loop {
+        if node_status(agent).is_ok_and(|s| check(&s)) {
+            return Ok(());
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "{what}: not seen in status.json:\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_tpm_node_attests_again_by_itself_after_its_svid_lapsed_in_an_outage() -> Result<()> {
+    let tpm = Swtpm::start_manufactured();
+    // 10 s node SVIDs: lapsed 10 s at most after the outage begins.
+    let mut issuer = issuer_trusting(&tpm.ek_ca_certificate(), |text| {
+        text.replacen("node_svid_ttl = \"1h\"", "node_svid_ttl = \"10s\"", 1)
+    })?;
+    let mut agent = Agent::start(&issuer, &tpm_attestation(&tpm), &[])?;
+    let node = agent.node_id()?;
+    let (first, _) = node_status(&agent)?;
+
+    let api = issuer.agent_api_url()?;
+    issuer.kill()?;
+    wait_status(
+        &agent,
+        "attestation retried after the lapse",
+        |(_, error)| error.as_deref().is_some_and(|e| e.contains("attesting")),
+    )?;
+
+    // Back on the same address: the agent proves its TPM again, with no one's help.
+    let port = api.rsplit(':').next().context("port")?;
+    let toml = std::fs::read_to_string(issuer.config())?;
+    let (head, tail) = toml.split_once("[agent_api]").context("[agent_api]")?;
+    let tail = tail.replacen(
+        "listen = \"127.0.0.1:0\"",
+        &format!("listen = \"127.0.0.1:{port}\""),
+        1,
+    );
+    std::fs::write(issuer.config(), format!("{head}[agent_api]{tail}"))?;
+    issuer.serve()?;
+    wait_status(&agent, "attested again", |(expires, error)| {
+        expires.is_some() && expires != &first && error.is_none()
+    })?;
+    assert_eq!(agent.node_id()?, node, "the same TPM, the same node");
+    assert!(
+        agent.log().contains("node SVID expired"),
+        "the node SVID lapsed during the outage:\n{}",
+        agent.log()
+    );
+    let audit = run_ok(issuer.cli().args(["audit", "tail", "-n", "100"]))?;
+    ensure!(
+        audit.matches(&node).count() >= 2,
+        "two attestations of {node} in the audit log:\n{audit}"
+    );
+    ensure!(
+        agent.stop()?,
+        "agent did not exit cleanly:\n{}",
+        agent.log()
+    );
+    Ok(())
+}
