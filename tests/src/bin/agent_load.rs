@@ -67,10 +67,10 @@ enum Command {
         /// A new connection per call, or one kept connection per client.
         #[arg(long, value_enum, default_value_t = Mode::NewConnection)]
         mode: Mode,
-        /// Each client waits this long between its calls (0: back to back, the saturation
-        /// case).
+        /// Each client calls once every this many ms, the clients' schedules spread evenly
+        /// over the interval (0: back to back, the saturation case).
         #[arg(long, default_value_t = 0)]
-        pause_ms: u64,
+        interval_ms: u64,
     },
     /// MintX509Svids with the agent's node identity, as fast as the issuer answers.
     Mint {
@@ -143,14 +143,14 @@ fn main() -> Result<()> {
                 clients,
                 seconds,
                 mode,
-                pause_ms,
+                interval_ms,
             } => {
                 workload(
                     &socket,
                     clients.max(1),
                     Duration::from_secs_f64(seconds),
                     mode,
-                    Duration::from_millis(pause_ms),
+                    Duration::from_millis(interval_ms),
                 )
                 .await
             }
@@ -341,7 +341,7 @@ async fn workload(
     clients: usize,
     duration: Duration,
     mode: Mode,
-    pause: Duration,
+    interval: Duration,
 ) -> Result<()> {
     // One call first: the socket answers and this user has an entry with an SVID.
     let mut probe = plant_tests::workload_client(socket).await?;
@@ -353,12 +353,27 @@ async fn workload(
     let stop = Arc::new(AtomicBool::new(false));
     let start = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..clients {
+    for client in 0..clients {
         let (socket, stop) = (socket.to_owned(), Arc::clone(&stop));
+        // Paced clients start at evenly spread offsets: started together they would call
+        // in bursts of `clients` at once and measure the burst, not the rate.
+        let mut schedule = (!interval.is_zero()).then(|| {
+            let offset = interval.mul_f64(client as f64 / clients as f64);
+            let mut ticks =
+                tokio::time::interval_at(tokio::time::Instant::now() + offset, interval);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            ticks
+        });
         tasks.spawn(async move {
             let mut report = Report::default();
             let mut kept: Option<WorkloadClient> = None;
-            while !stop.load(Ordering::Relaxed) {
+            loop {
+                if let Some(ticks) = schedule.as_mut() {
+                    ticks.tick().await;
+                }
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
                 let began = Instant::now();
                 let client = match (mode, kept.as_mut()) {
                     (Mode::KeepAlive, Some(client)) => Ok(client.clone()),
@@ -387,9 +402,6 @@ async fn workload(
                         tokio::time::sleep(Duration::from_millis(10)).await;
                     }
                 }
-                if !pause.is_zero() {
-                    tokio::time::sleep(pause).await;
-                }
             }
             report
         });
@@ -411,9 +423,9 @@ async fn workload(
     );
     let rate = report.ok as f64 / elapsed;
     println!(
-        "agent_load: FetchX509SVID, {} ({clients} clients, pause {} ms) as {spiffe_id}",
+        "agent_load: FetchX509SVID, {} ({clients} clients, each every {} ms) as {spiffe_id}",
         mode.name(),
-        pause.as_millis()
+        interval.as_millis()
     );
     println!(
         "  {} calls in {elapsed:.2} s: {} ok, {} failed; {rate:.0} SVIDs/s",
@@ -428,10 +440,10 @@ async fn workload(
         println!("  failed, e.g.: {failure}");
     }
     println!(
-        "RESULT mode={} clients={clients} pause_ms={} requests={} ok={} failed={} seconds={elapsed:.3} \
+        "RESULT mode={} clients={clients} interval_ms={} requests={} ok={} failed={} seconds={elapsed:.3} \
          per_sec={rate:.0} p50_ms={p50:.2} p90_ms={p90:.2} p99_ms={p99:.2} max_ms={max:.2}",
         mode.name(),
-        pause.as_millis(),
+        interval.as_millis(),
         report.ok + report.failed,
         report.ok,
         report.failed,
