@@ -422,10 +422,14 @@ async fn workload(
         percentile_ms(l, 100.0),
     );
     let rate = report.ok as f64 / elapsed;
+    let pace = if interval.is_zero() {
+        "back to back".to_owned()
+    } else {
+        format!("each every {} ms", interval.as_millis())
+    };
     println!(
-        "agent_load: FetchX509SVID, {} ({clients} clients, each every {} ms) as {spiffe_id}",
+        "agent_load: FetchX509SVID, {} ({clients} clients, {pace}) as {spiffe_id}",
         mode.name(),
-        interval.as_millis()
     );
     println!(
         "  {} calls in {elapsed:.2} s: {} ok, {} failed; {rate:.0} SVIDs/s",
