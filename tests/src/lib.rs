@@ -898,6 +898,36 @@ impl Agent {
         }
     }
 
+    /// The node's `expires_at` and the last error in status.json.
+    pub fn node_status(&self) -> Result<(Option<String>, Option<String>)> {
+        let text = std::fs::read_to_string(self.dir.path().join("state/status.json"))?;
+        let status: serde_json::Value = serde_json::from_str(&text)?;
+        Ok((
+            status["node"]["expires_at"].as_str().map(str::to_owned),
+            status["last_error"].as_str().map(str::to_owned),
+        ))
+    }
+
+    /// Polls `check` on [`Agent::node_status`] until it holds (up to 50 s).
+    pub fn wait_status(
+        &self,
+        what: &str,
+        check: impl Fn(&(Option<String>, Option<String>)) -> bool,
+    ) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(50);
+        loop {
+            if self.node_status().is_ok_and(|s| check(&s)) {
+                return Ok(());
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "{what}: not seen in status.json:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// The agent's stderr so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
@@ -911,6 +941,42 @@ impl Drop for Agent {
             let _ = child.wait();
         }
     }
+}
+
+/// pkilint's findings at WARNING or above for the one certificate in the PEM file `cert`, as
+/// JSON objects with `severity`, `code` and `message`. pkilint is `PLANT_PKILINT`.
+pub fn pkilint_findings(cert: &Path) -> Result<Vec<serde_json::Value>> {
+    let pkilint = std::env::var("PLANT_PKILINT").context(
+        "PLANT_PKILINT must point at pkilint's lint_pkix_cert (scripts/test sets it up)",
+    )?;
+    let out = run(Command::new(&pkilint)
+        .args(["lint", "-s", "WARNING", "-f", "JSON"])
+        .arg(cert))?;
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("pkilint output: {}", String::from_utf8_lossy(&out.stderr)))?;
+    Ok(report["results"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|r| {
+            r["finding_descriptions"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .collect())
+}
+
+/// The effective uid of this process, which the kernel reports for its connections (tests
+/// create entries selecting it).
+pub fn own_uid() -> Result<u32> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|ids| ids.split_whitespace().nth(1))
+        .and_then(|id| id.parse().ok())
+        .context("no Uid line in /proc/self/status")
 }
 
 /// A raw tonic Workload API client on `socket`, for what the `spiffe` crate won't do (e.g.

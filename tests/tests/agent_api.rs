@@ -582,9 +582,6 @@ async fn an_enrolled_device_attests_by_x509pop_again_after_eviction_but_not_once
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_and_workload_svids_chain_through_the_signing_key_and_pass_pkilint() -> Result<()> {
-    let pkilint = std::env::var("PLANT_PKILINT").context(
-        "PLANT_PKILINT must point at pkilint's lint_pkix_cert (scripts/test sets it up)",
-    )?;
     let issuer = Issuer::start_with(plant_tests::enable_short_lived_keys)?;
     let dir = tempfile::tempdir()?;
     let node = attest_with_token(&issuer, &issuer.join_token()?)
@@ -622,23 +619,8 @@ async fn node_and_workload_svids_chain_through_the_signing_key_and_pass_pkilint(
     ] {
         let pem = dir.path().join(format!("{name}.pem"));
         write_pem(&pem, std::slice::from_ref(der))?;
-        let out = plant_tests::run(
-            std::process::Command::new(&pkilint)
-                .args(["lint", "-s", "WARNING", "-f", "JSON"])
-                .arg(&pem),
-        )?;
-        let report: serde_json::Value = serde_json::from_slice(&out.stdout)
-            .with_context(|| format!("pkilint output: {}", String::from_utf8_lossy(&out.stderr)))?;
-        let findings: Vec<String> = report["results"]
-            .as_array()
+        let findings: Vec<String> = plant_tests::pkilint_findings(&pem)?
             .into_iter()
-            .flatten()
-            .flat_map(|r| {
-                r["finding_descriptions"]
-                    .as_array()
-                    .cloned()
-                    .unwrap_or_default()
-            })
             // pkilint checks URIs with python-validators' `url`, which knows only schemes
             // like http and ftp and so calls every spiffe:// URI invalid; SPIFFE IDs are
             // checked against SPIFFE-ID.md by the issuer's own SpiffeId type instead.

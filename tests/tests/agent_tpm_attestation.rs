@@ -5,7 +5,6 @@
 
 use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use plant_tests::swtpm::Swtpm;
@@ -14,16 +13,6 @@ use sha2::Digest;
 use spiffe::X509Source;
 
 const HISTORIAN: &str = "spiffe://plant.example/historian";
-
-fn own_uid() -> Result<u32> {
-    let status = std::fs::read_to_string("/proc/self/status")?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .and_then(|ids| ids.split_whitespace().nth(1))
-        .and_then(|id| id.parse().ok())
-        .context("no Uid line")
-}
 
 /// An issuer whose `[attestation.tpm]` trusts the EK CA in `ek_ca` (PEM), with `edit`
 /// applied to issuer.toml's text first.
@@ -90,7 +79,7 @@ async fn a_tpm_agent_attests_and_serves_a_workload_svid_from_an_entry_under_its_
     issuer.create_entry(
         HISTORIAN,
         &node,
-        &[&format!("unix:uid:{}", own_uid()?)],
+        &[&format!("unix:uid:{}", plant_tests::own_uid()?)],
         &["--ttl", "1m"],
     )?;
     agent.wait_for_svid(HISTORIAN)?;
@@ -182,36 +171,6 @@ fn an_issuer_trusting_another_manufacturer_refuses_the_tpm_agent() -> Result<()>
     Ok(())
 }
 
-/// The node's `expires_at` and the last error in status.json.
-fn node_status(agent: &Agent) -> Result<(Option<String>, Option<String>)> {
-    let text = std::fs::read_to_string(agent.dir.path().join("state/status.json"))?;
-    let status: serde_json::Value = serde_json::from_str(&text)?;
-    Ok((
-        status["node"]["expires_at"].as_str().map(str::to_owned),
-        status["last_error"].as_str().map(str::to_owned),
-    ))
-}
-
-/// Polls `check` on status.json until it holds (up to 50 s).
-fn wait_status(
-    agent: &Agent,
-    what: &str,
-    check: impl Fn(&(Option<String>, Option<String>)) -> bool,
-) -> Result<()> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(50);
-    loop {
-        if node_status(agent).is_ok_and(|s| check(&s)) {
-            return Ok(());
-        }
-        ensure!(
-            std::time::Instant::now() < deadline,
-            "{what}: not seen in status.json:\n{}",
-            agent.log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 #[test]
 fn a_tpm_node_attests_again_by_itself_after_its_svid_lapsed_in_an_outage() -> Result<()> {
     let tpm = Swtpm::start_manufactured();
@@ -221,15 +180,13 @@ fn a_tpm_node_attests_again_by_itself_after_its_svid_lapsed_in_an_outage() -> Re
     })?;
     let mut agent = Agent::start(&issuer, &tpm_attestation(&tpm), &[])?;
     let node = agent.node_id()?;
-    let (first, _) = node_status(&agent)?;
+    let (first, _) = agent.node_status()?;
 
     let api = issuer.agent_api_url()?;
     issuer.kill()?;
-    wait_status(
-        &agent,
-        "attestation retried after the lapse",
-        |(_, error)| error.as_deref().is_some_and(|e| e.contains("attesting")),
-    )?;
+    agent.wait_status("attestation retried after the lapse", |(_, error)| {
+        error.as_deref().is_some_and(|e| e.contains("attesting"))
+    })?;
 
     // Back on the same address: the agent proves its TPM again, with no one's help.
     let port = api.rsplit(':').next().context("port")?;
@@ -242,7 +199,7 @@ fn a_tpm_node_attests_again_by_itself_after_its_svid_lapsed_in_an_outage() -> Re
     );
     std::fs::write(issuer.config(), format!("{head}[agent_api]{tail}"))?;
     issuer.serve()?;
-    wait_status(&agent, "attested again", |(expires, error)| {
+    agent.wait_status("attested again", |(expires, error)| {
         expires.is_some() && expires != &first && error.is_none()
     })?;
     assert_eq!(agent.node_id()?, node, "the same TPM, the same node");

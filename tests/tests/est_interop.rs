@@ -313,9 +313,6 @@ fn serverkeygen_returns_a_key_and_certificate_openssl_can_read() -> Result<()> {
 
 #[test]
 fn issued_certificates_of_every_profile_pass_pkilint() -> Result<()> {
-    let pkilint = std::env::var("PLANT_PKILINT").context(
-        "PLANT_PKILINT must point at pkilint's lint_pkix_cert (scripts/test sets it up)",
-    )?;
     // pkilint wants dotted DNS names (its validator rejects single labels like
     // `localhost`), so this issuer's listener certificate uses one. Leaves are signed by a
     // short-lived signing key, whose own certificate is linted too.
@@ -385,23 +382,8 @@ fn issued_certificates_of_every_profile_pass_pkilint() -> Result<()> {
             "-out",
             &leaf.to_string_lossy(),
         ])?;
-        let out = plant_tests::run(
-            std::process::Command::new(&pkilint)
-                .args(["lint", "-s", "WARNING", "-f", "JSON"])
-                .arg(&leaf),
-        )?;
-        let report: serde_json::Value = serde_json::from_slice(&out.stdout)
-            .with_context(|| format!("pkilint output: {}", String::from_utf8_lossy(&out.stderr)))?;
-        let findings: Vec<String> = report["results"]
-            .as_array()
+        let findings: Vec<String> = plant_tests::pkilint_findings(&leaf)?
             .into_iter()
-            .flatten()
-            .flat_map(|r| {
-                r["finding_descriptions"]
-                    .as_array()
-                    .cloned()
-                    .unwrap_or_default()
-            })
             .map(|f| format!("{} {}", f["severity"], f["code"]))
             .collect();
         let errors: Vec<&String> = findings

@@ -13,16 +13,6 @@ use spiffe::{JwtSource, JwtSvid, WorkloadApiClient, X509Source};
 
 const HISTORIAN: &str = "spiffe://plant.example/historian";
 
-fn own_uid() -> Result<u32> {
-    let status = std::fs::read_to_string("/proc/self/status")?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .and_then(|ids| ids.split_whitespace().nth(1))
-        .and_then(|id| id.parse().ok())
-        .context("no Uid line")
-}
-
 /// An attested agent with one entry, for this test process's uid, with a 20 s X509-SVID.
 fn agent_with_entry(issuer: &Issuer) -> Result<Agent> {
     let token = issuer.join_token()?;
@@ -35,7 +25,7 @@ fn agent_with_entry(issuer: &Issuer) -> Result<Agent> {
     issuer.create_entry(
         HISTORIAN,
         &node,
-        &[&format!("unix:uid:{}", own_uid()?)],
+        &[&format!("unix:uid:{}", plant_tests::own_uid()?)],
         &["--ttl", "20s"],
     )?;
     agent.wait_for_svid(HISTORIAN)?;
@@ -274,7 +264,7 @@ async fn x509pop_agent_keeps_serving_through_an_issuer_outage() -> Result<()> {
     issuer.create_entry(
         HISTORIAN,
         "spiffe://plant.example/agent/x509pop/gw-1",
-        &[&format!("unix:uid:{}", own_uid()?)],
+        &[&format!("unix:uid:{}", plant_tests::own_uid()?)],
         &["--ttl", "20s"],
     )?;
     agent.wait_for_svid(HISTORIAN)?;
@@ -319,36 +309,6 @@ async fn x509pop_agent_keeps_serving_through_an_issuer_outage() -> Result<()> {
     Ok(())
 }
 
-/// The node's `expires_at` and the last error in status.json.
-fn node_status(agent: &Agent) -> Result<(Option<String>, Option<String>)> {
-    let text = std::fs::read_to_string(agent.dir.path().join("state/status.json"))?;
-    let status: serde_json::Value = serde_json::from_str(&text)?;
-    Ok((
-        status["node"]["expires_at"].as_str().map(str::to_owned),
-        status["last_error"].as_str().map(str::to_owned),
-    ))
-}
-
-/// Polls `check` on status.json until it holds (up to 50 s).
-fn wait_status(
-    agent: &Agent,
-    what: &str,
-    check: impl Fn(&(Option<String>, Option<String>)) -> bool,
-) -> Result<()> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(50);
-    loop {
-        if node_status(agent).is_ok_and(|s| check(&s)) {
-            return Ok(());
-        }
-        ensure!(
-            std::time::Instant::now() < deadline,
-            "{what}: not seen in status.json:\n{}",
-            agent.log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn x509pop_node_renews_and_attests_again_after_its_svid_lapsed() -> Result<()> {
     // 15 s node SVIDs: renewed at about 7.5 s, lapsed 15 s after an outage begins.
@@ -385,23 +345,19 @@ async fn x509pop_node_renews_and_attests_again_after_its_svid_lapsed() -> Result
         agent.node_id()?,
         "spiffe://plant.example/agent/x509pop/gw-2"
     );
-    let (first, _) = node_status(&agent)?;
+    let (first, _) = agent.node_status()?;
 
     // Renewal over mTLS with the current node SVID.
-    wait_status(&agent, "node SVID renewed", |(expires, _)| {
-        expires != &first
-    })?;
-    let (renewed, _) = node_status(&agent)?;
+    agent.wait_status("node SVID renewed", |(expires, _)| expires != &first)?;
+    let (renewed, _) = agent.node_status()?;
 
     // The issuer goes away long enough for the node SVID to lapse; the agent then tries to
     // attest again by itself, and succeeds once the issuer is back on the same address.
     let api = issuer.agent_api_url()?;
     issuer.kill()?;
-    wait_status(
-        &agent,
-        "attestation retried after the lapse",
-        |(_, error)| error.as_deref().is_some_and(|e| e.contains("attesting")),
-    )?;
+    agent.wait_status("attestation retried after the lapse", |(_, error)| {
+        error.as_deref().is_some_and(|e| e.contains("attesting"))
+    })?;
     let port = api.rsplit(':').next().context("port")?;
     let toml = std::fs::read_to_string(issuer.config())?;
     let (head, tail) = toml.split_once("[agent_api]").context("[agent_api]")?;
@@ -412,7 +368,7 @@ async fn x509pop_node_renews_and_attests_again_after_its_svid_lapsed() -> Result
     );
     std::fs::write(issuer.config(), format!("{head}[agent_api]{tail}"))?;
     issuer.serve()?;
-    wait_status(&agent, "attested again", |(expires, error)| {
+    agent.wait_status("attested again", |(expires, error)| {
         expires.is_some() && expires != &renewed && error.is_none()
     })?;
     assert_eq!(

@@ -31,16 +31,6 @@ fn py_spiffe(agent: &Agent, name: &str, args: &[&str]) -> Result<serde_json::Val
     serde_json::from_str(out.trim()).with_context(|| format!("{name} printed {out}"))
 }
 
-fn own_uid() -> Result<u32> {
-    let status = std::fs::read_to_string("/proc/self/status")?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .and_then(|ids| ids.split_whitespace().nth(1))
-        .and_then(|id| id.parse().ok())
-        .context("no Uid line")
-}
-
 /// The executable the kernel reports for a process running `program` (symlinks resolved
 /// as /proc/<pid>/exe resolves them), which is what `unix:path` selects.
 fn executable_of(program: &Path, args: &[&str]) -> Result<String> {
@@ -60,7 +50,7 @@ fn py_spiffe_fetches_a_chaining_svid_validates_a_jwt_and_sees_a_rotation() -> Re
     issuer.create_entry(
         HISTORIAN,
         &node,
-        &[&format!("unix:uid:{}", own_uid()?)],
+        &[&format!("unix:uid:{}", plant_tests::own_uid()?)],
         &["--ttl", "20s"],
     )?;
     agent.wait_for_svid(HISTORIAN)?;
@@ -113,7 +103,7 @@ fn a_connection_whose_pid_went_to_another_program_gets_nothing() -> Result<()> {
     let token = issuer.join_token()?;
     let mut agent = Agent::start_with_join_token(&issuer, &token)?;
     let node = agent.node_id()?;
-    let uid = own_uid()?;
+    let uid = plant_tests::own_uid()?;
     let python = python()?;
     let python_exe = executable_of(&python, &["-c", "import time; time.sleep(30)"])?;
     let sleep_exe = executable_of(Path::new("sleep"), &["30"])?;
