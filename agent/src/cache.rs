@@ -19,6 +19,7 @@ use tokio::sync::watch;
 use crate::entry::Entry;
 use crate::issuer_client::{IssuerClient, IssuerEndpoint, NodeIdentity};
 use crate::jwt::JwtKeys;
+use crate::metrics::{Outcome, METRICS};
 use crate::node::NodeAttestation;
 use crate::pem_files::{self, Overwrite};
 use crate::rotation::{is_valid, jitter, lifetime_start, retry_delay, rotation_time};
@@ -374,8 +375,18 @@ impl Manager {
 
     async fn attest(&mut self, now: SystemTime) -> Result<(), Error> {
         let client = self.endpoint.client(None)?;
-        match client.attest(&self.attestation).await {
+        let attested = client.attest(&self.attestation).await;
+        if let Err(e) = &attested {
+            let refused = matches!(e, Error::Issuer { .. }) && !e.is_unavailable();
+            METRICS.attestation(if refused {
+                Outcome::Refused
+            } else {
+                Outcome::Error
+            });
+        }
+        match attested {
             Ok(identity) => {
+                METRICS.attestation(Outcome::Ok);
                 tracing::info!(spiffe_id = %identity.spiffe_id, method = self.method, "node attested");
                 self.take_identity(identity);
                 // A new identity may be a new node: sync at once.
@@ -525,7 +536,8 @@ impl Manager {
                 Ok(svids) => {
                     for (entry_id, svid) in svids {
                         tracing::info!(spiffe_id = %svid.spiffe_id, rotate_at = %status::rfc3339(svid.rotate_at), "X509-SVID minted");
-                        self.snapshot.svids.insert(entry_id, Arc::new(svid));
+                        let replaced = self.snapshot.svids.insert(entry_id, Arc::new(svid));
+                        METRICS.x509_minted(replaced.is_some());
                     }
                 }
                 Err(e) => {
@@ -619,6 +631,11 @@ impl Manager {
     }
 
     fn publish(&mut self) {
+        METRICS.cache(
+            self.snapshot.svids.len(),
+            self.snapshot.entries.len(),
+            self.node.as_ref().map(|n| n.identity.not_after),
+        );
         self.state.send_replace(Arc::new(self.snapshot.clone()));
         let node = self.node.as_ref().map(|n| status::NodeStatus {
             spiffe_id: n.identity.spiffe_id.to_string(),

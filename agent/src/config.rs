@@ -7,6 +7,7 @@
 //! state_dir = "/var/lib/plant-agent"  # node SVID + key (0600), status.json
 //! socket = "/run/plant-agent/workload.sock"  # else SPIFFE_ENDPOINT_SOCKET, else this default
 //! sync_interval = "5s"
+//! metrics_listen = "127.0.0.1:9091"  # Prometheus GET /metrics, plain HTTP; absent: none
 //!
 //! [attestation]
 //! method = "join_token"               # or "x509pop", "tpm"
@@ -55,6 +56,8 @@ pub struct AgentConfig {
     pub socket: PathBuf,
     /// How often entries are synced with the issuer.
     pub sync_interval: Duration,
+    /// Where Prometheus `/metrics` is served (plain HTTP); `None` = not at all.
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// How the node proves its identity.
     pub attestation: AttestationConfig,
 }
@@ -137,6 +140,7 @@ struct RawConfig {
     state_dir: PathBuf,
     socket: Option<String>,
     sync_interval: Option<String>,
+    metrics_listen: Option<String>,
     attestation: RawAttestation,
 }
 
@@ -214,6 +218,15 @@ impl AgentConfig {
             Some(text) => parse_duration(text).map_err(|e| bad("sync_interval", e))?,
             None => DEFAULT_SYNC_INTERVAL,
         };
+        let metrics_listen = match raw.metrics_listen.as_deref() {
+            Some(text) => Some(text.trim().parse().map_err(|e| {
+                bad(
+                    "metrics_listen",
+                    format!("{text:?} is not an address and port like 127.0.0.1:9091: {e}"),
+                )
+            })?),
+            None => None,
+        };
         let attestation = attestation(raw.attestation, &base, &bad)?;
         Ok(Self {
             path: path.to_owned(),
@@ -223,6 +236,7 @@ impl AgentConfig {
             state_dir: resolve(&raw.state_dir),
             socket,
             sync_interval,
+            metrics_listen,
             attestation,
         })
     }

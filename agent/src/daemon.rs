@@ -10,7 +10,7 @@ use crate::cache::Manager;
 use crate::config::AgentConfig;
 use crate::issuer_client::IssuerEndpoint;
 use crate::workload_api::{self, WorkloadApi};
-use crate::{node, pem_files, Error};
+use crate::{metrics, node, pem_files, Error};
 
 /// How long shutdown waits for open Workload API calls to finish.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
@@ -52,6 +52,11 @@ pub async fn run(
         endpoint,
         attestation,
     );
+    // Metrics first: once the socket is there, so is metrics.url.
+    let metrics_listener = match config.metrics_listen {
+        Some(address) => Some(metrics::bind(address, &config.state_dir).await?),
+        None => None,
+    };
     let listener = workload_api::bind(&config.socket).await?;
     tracing::info!(socket = %config.socket.display(), server = %config.server, method = config.attestation.method(), "agent started");
 
@@ -65,6 +70,8 @@ pub async fn run(
         WorkloadApi::new(published),
         until_stopped(stopped.clone()),
     ));
+    let metrics_server = metrics_listener
+        .map(|listener| tokio::spawn(metrics::serve(listener, until_stopped(stopped.clone()))));
     let signal = {
         let stop = stop.clone();
         tokio::spawn(async move {
@@ -76,6 +83,9 @@ pub async fn run(
     let outcome = manager.run(until_stopped(stopped)).await;
     let _ = stop.send(true);
     signal.abort();
+    if let Some(task) = metrics_server {
+        task.abort();
+    }
     // Streams end when the manager (their watch sender) is gone, which lets the graceful
     // shutdown finish; a client that still holds a call open is not waited for long.
     let served = match tokio::time::timeout(SHUTDOWN_GRACE, server).await {

@@ -23,6 +23,7 @@ use tokio_stream::StreamExt;
 use tonic::transport::{Channel, Endpoint};
 use zeroize::Zeroizing;
 
+use crate::metrics::METRICS;
 use crate::node::NodeAttestation;
 use crate::svid::{certificate_validity, KeyPair};
 use crate::Error;
@@ -224,7 +225,7 @@ impl IssuerClient {
         let mut responses = client
             .attest(tokio_stream::wrappers::ReceiverStream::new(receiver))
             .await
-            .map_err(Error::issuer(step))?
+            .map_err(counted(Error::issuer(step)))?
             .into_inner();
         loop {
             let response = responses
@@ -235,7 +236,7 @@ impl IssuerClient {
                     code: tonic::Code::Unavailable,
                     message: "the issuer ended attestation without an answer".into(),
                 })?
-                .map_err(Error::issuer(step))?;
+                .map_err(counted(Error::issuer(step)))?;
             match response.step {
                 Some(attest_response::Step::NodeSvid(svid)) => {
                     return NodeIdentity::from_node_svid(svid, key);
@@ -272,7 +273,7 @@ impl IssuerClient {
             .clone()
             .renew_node_svid(RenewNodeSvidRequest { csr })
             .await
-            .map_err(Error::issuer("renewing the node SVID"))?
+            .map_err(counted(Error::issuer("renewing the node SVID")))?
             .into_inner();
         NodeIdentity::from_node_svid(svid, key)
     }
@@ -284,7 +285,7 @@ impl IssuerClient {
             .clone()
             .sync_entries(SyncEntriesRequest {})
             .await
-            .map_err(Error::issuer("syncing registration entries"))?
+            .map_err(counted(Error::issuer("syncing registration entries")))?
             .into_inner())
     }
 
@@ -302,7 +303,7 @@ impl IssuerClient {
             .clone()
             .mint_x509_svids(MintX509SvidsRequest { requests })
             .await
-            .map_err(Error::issuer("minting X509-SVIDs"))?
+            .map_err(counted(Error::issuer("minting X509-SVIDs")))?
             .into_inner()
             .svids)
     }
@@ -320,8 +321,17 @@ impl IssuerClient {
                 entry_id: entry_id.to_owned(),
                 audience: audience.to_vec(),
             })
-            .await?
+            .await
+            .inspect_err(|_| METRICS.issuer_error())?
             .into_inner())
+    }
+}
+
+/// Counts a failed issuer call, then maps its status.
+fn counted(map: impl FnOnce(tonic::Status) -> Error) -> impl FnOnce(tonic::Status) -> Error {
+    move |status| {
+        METRICS.issuer_error();
+        map(status)
     }
 }
 

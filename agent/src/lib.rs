@@ -9,6 +9,7 @@
 //! - [`cache`]: entry sync, X509-SVID minting and [`rotation`] at half life ± 10 %.
 //! - [`workload_api`]: the SPIFFE Workload API on a Unix socket; callers attested by [`peer`].
 //! - [`status`]: `<state_dir>/status.json` and `agent status`.
+//! - [`metrics`]: Prometheus `/metrics` on `metrics_listen`.
 //!
 //! Commissioning:
 //! - [`enrollment`]: one device, with a local key, a TPM or PKCS#11 key (`key.ref`), or a
@@ -36,6 +37,7 @@ pub mod entry;
 mod error;
 pub mod issuer_client;
 pub mod jwt;
+pub mod metrics;
 pub mod node;
 pub mod peer;
 pub mod pem_files;

@@ -32,6 +32,7 @@ use crate::cache::{Published, Snapshot};
 use crate::entry::Entry;
 use crate::issuer_client::IssuerClient;
 use crate::jwt::claims_struct;
+use crate::metrics::METRICS;
 use crate::peer::{ExecutableHashes, Peer, PeerStream};
 use crate::rotation::is_valid;
 use crate::Error;
@@ -112,6 +113,7 @@ impl WorkloadApi {
         match attested {
             (_, Ok(selectors)) => Ok(selectors),
             (peer, Err(refusal)) => {
+                METRICS.workload_refusal();
                 tracing::warn!(pid = ?peer.pid(), uid = peer.uid(), reason = %refusal, "workload attestation refused");
                 Err(Status::permission_denied("no identity issued"))
             }
@@ -198,6 +200,7 @@ impl WorkloadApi {
                 _ => Status::unavailable("the issuer could not mint a JWT-SVID; try again"),
             }
         })?;
+        METRICS.jwt_minted();
         let expires_at = SystemTime::UNIX_EPOCH
             + Duration::from_secs(u64::try_from(minted.expires_at).unwrap_or(0));
         if !is_valid(expires_at, now) {
@@ -237,6 +240,15 @@ fn identities(snapshot: &Snapshot, selectors: &[Selector]) -> Vec<Arc<Entry>> {
         .filter(|entry| entry.matches(selectors))
         .cloned()
         .collect()
+}
+
+/// Counts a request by method and answer.
+fn counted<T>(method: usize, result: Result<T, Status>) -> Result<T, Status> {
+    let code = result
+        .as_ref()
+        .map_or_else(Status::code, |_| tonic::Code::Ok);
+    METRICS.request(method, code);
+    result
 }
 
 fn denied() -> Status {
@@ -309,132 +321,152 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         request: Request<X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
-        let selectors = self.caller(&request).await?;
-        let state = self.synced().await?;
-        if identities(&state.borrow(), &selectors).is_empty() {
-            return Err(denied());
+        let result = async move {
+            let selectors = self.caller(&request).await?;
+            let state = self.synced().await?;
+            if identities(&state.borrow(), &selectors).is_empty() {
+                return Err(denied());
+            }
+            Ok(Response::new(self.stream(state, move |snapshot| {
+                x509_response(snapshot, &selectors)
+            })))
         }
-        Ok(Response::new(self.stream(state, move |snapshot| {
-            x509_response(snapshot, &selectors)
-        })))
+        .await;
+        counted(0, result)
     }
 
     async fn fetch_x509_bundles(
         &self,
         request: Request<X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
-        let selectors = self.caller(&request).await?;
-        let state = self.synced().await?;
-        if identities(&state.borrow(), &selectors).is_empty() {
-            return Err(denied());
-        }
-        Ok(Response::new(self.stream(state, move |snapshot| {
-            if identities(snapshot, &selectors).is_empty() {
+        let result = async move {
+            let selectors = self.caller(&request).await?;
+            let state = self.synced().await?;
+            if identities(&state.borrow(), &selectors).is_empty() {
                 return Err(denied());
             }
-            if snapshot.bundle.is_empty() {
-                return Ok(None);
-            }
-            Ok(Some(X509BundlesResponse {
-                crl: snapshot.crl.clone(),
-                bundles: HashMap::from([(
-                    snapshot.trust_domain.id_string(),
-                    snapshot.bundle_der(),
-                )]),
-            }))
-        })))
+            Ok(Response::new(self.stream(state, move |snapshot| {
+                if identities(snapshot, &selectors).is_empty() {
+                    return Err(denied());
+                }
+                if snapshot.bundle.is_empty() {
+                    return Ok(None);
+                }
+                Ok(Some(X509BundlesResponse {
+                    crl: snapshot.crl.clone(),
+                    bundles: HashMap::from([(
+                        snapshot.trust_domain.id_string(),
+                        snapshot.bundle_der(),
+                    )]),
+                }))
+            })))
+        }
+        .await;
+        counted(1, result)
     }
 
     async fn fetch_jwtsvid(
         &self,
         request: Request<JwtsvidRequest>,
     ) -> Result<Response<JwtsvidResponse>, Status> {
-        let selectors = self.caller(&request).await?;
-        let request = request.into_inner();
-        if request.audience.is_empty() || request.audience.iter().any(String::is_empty) {
-            return Err(Status::invalid_argument("audience must be specified"));
+        let result = async move {
+            let selectors = self.caller(&request).await?;
+            let request = request.into_inner();
+            if request.audience.is_empty() || request.audience.iter().any(String::is_empty) {
+                return Err(Status::invalid_argument("audience must be specified"));
+            }
+            let wanted = if request.spiffe_id.is_empty() {
+                None
+            } else {
+                Some(
+                    SpiffeId::new(&request.spiffe_id)
+                        .map_err(|e| Status::invalid_argument(format!("spiffe_id: {e}")))?,
+                )
+            };
+            let state = self.synced().await?;
+            let entries: Vec<Arc<Entry>> = identities(&state.borrow(), &selectors)
+                .into_iter()
+                .filter(|entry| wanted.as_ref().is_none_or(|id| &entry.spiffe_id == id))
+                .collect();
+            if entries.is_empty() {
+                return Err(denied());
+            }
+            let mut svids = Vec::with_capacity(entries.len());
+            for entry in &entries {
+                svids.push(Jwtsvid {
+                    spiffe_id: entry.spiffe_id.to_string(),
+                    svid: self.jwt_svid(entry, &request.audience).await?,
+                    hint: entry.hint.clone(),
+                });
+            }
+            Ok(Response::new(JwtsvidResponse { svids }))
         }
-        let wanted = if request.spiffe_id.is_empty() {
-            None
-        } else {
-            Some(
-                SpiffeId::new(&request.spiffe_id)
-                    .map_err(|e| Status::invalid_argument(format!("spiffe_id: {e}")))?,
-            )
-        };
-        let state = self.synced().await?;
-        let entries: Vec<Arc<Entry>> = identities(&state.borrow(), &selectors)
-            .into_iter()
-            .filter(|entry| wanted.as_ref().is_none_or(|id| &entry.spiffe_id == id))
-            .collect();
-        if entries.is_empty() {
-            return Err(denied());
-        }
-        let mut svids = Vec::with_capacity(entries.len());
-        for entry in &entries {
-            svids.push(Jwtsvid {
-                spiffe_id: entry.spiffe_id.to_string(),
-                svid: self.jwt_svid(entry, &request.audience).await?,
-                hint: entry.hint.clone(),
-            });
-        }
-        Ok(Response::new(JwtsvidResponse { svids }))
+        .await;
+        counted(2, result)
     }
 
     async fn fetch_jwt_bundles(
         &self,
         request: Request<JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
-        let selectors = self.caller(&request).await?;
-        let state = self.synced().await?;
-        if identities(&state.borrow(), &selectors).is_empty() {
-            return Err(denied());
-        }
-        Ok(Response::new(self.stream(state, move |snapshot| {
-            if identities(snapshot, &selectors).is_empty() {
+        let result = async move {
+            let selectors = self.caller(&request).await?;
+            let state = self.synced().await?;
+            if identities(&state.borrow(), &selectors).is_empty() {
                 return Err(denied());
             }
-            if snapshot.jwt_bundle.is_empty() {
-                return Ok(None);
-            }
-            Ok(Some(JwtBundlesResponse {
-                bundles: HashMap::from([(
-                    snapshot.trust_domain.id_string(),
-                    snapshot.jwt_bundle.clone(),
-                )]),
-            }))
-        })))
+            Ok(Response::new(self.stream(state, move |snapshot| {
+                if identities(snapshot, &selectors).is_empty() {
+                    return Err(denied());
+                }
+                if snapshot.jwt_bundle.is_empty() {
+                    return Ok(None);
+                }
+                Ok(Some(JwtBundlesResponse {
+                    bundles: HashMap::from([(
+                        snapshot.trust_domain.id_string(),
+                        snapshot.jwt_bundle.clone(),
+                    )]),
+                }))
+            })))
+        }
+        .await;
+        counted(3, result)
     }
 
     async fn validate_jwtsvid(
         &self,
         request: Request<ValidateJwtsvidRequest>,
     ) -> Result<Response<ValidateJwtsvidResponse>, Status> {
-        // Validation hands out nothing secret, so any attested local process may ask (as
-        // SPIRE), but it must still be a Workload API call from a process we can see.
-        let _selectors = self.caller(&request).await?;
-        let request = request.into_inner();
-        if request.audience.is_empty() {
-            return Err(Status::invalid_argument("audience must be specified"));
+        let result = async move {
+            // Validation hands out nothing secret, so any attested local process may ask (as
+            // SPIRE), but it must still be a Workload API call from a process we can see.
+            let _selectors = self.caller(&request).await?;
+            let request = request.into_inner();
+            if request.audience.is_empty() {
+                return Err(Status::invalid_argument("audience must be specified"));
+            }
+            if request.svid.is_empty() {
+                return Err(Status::invalid_argument("svid must be specified"));
+            }
+            let state = self.synced().await?;
+            let snapshot = Arc::clone(&state.borrow());
+            let (spiffe_id, claims) = snapshot
+                .jwt_keys
+                .validate(
+                    &request.svid,
+                    &request.audience,
+                    &snapshot.trust_domain,
+                    SystemTime::now(),
+                )
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            Ok(Response::new(ValidateJwtsvidResponse {
+                spiffe_id: spiffe_id.to_string(),
+                claims: Some(claims_struct(claims)),
+            }))
         }
-        if request.svid.is_empty() {
-            return Err(Status::invalid_argument("svid must be specified"));
-        }
-        let state = self.synced().await?;
-        let snapshot = Arc::clone(&state.borrow());
-        let (spiffe_id, claims) = snapshot
-            .jwt_keys
-            .validate(
-                &request.svid,
-                &request.audience,
-                &snapshot.trust_domain,
-                SystemTime::now(),
-            )
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        Ok(Response::new(ValidateJwtsvidResponse {
-            spiffe_id: spiffe_id.to_string(),
-            claims: Some(claims_struct(claims)),
-        }))
+        .await;
+        counted(4, result)
     }
 }
 

@@ -716,6 +716,12 @@ pub fn write_pem(path: &Path, ders: &[Vec<u8>]) -> Result<()> {
 // ---------------------------------------------------------------------------------------------
 // The agent daemon (`agent run`) and the Workload API.
 
+/// The value of the sample `series` (name and labels, as written) in a metrics text.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
 /// A running `agent run` with its agent.toml, state directory and Workload API socket in a
 /// temp folder.
 #[derive(Debug)]
@@ -751,7 +757,7 @@ impl Agent {
         }
         let socket = dir.path().join("sock/workload.sock");
         let config = format!(
-            "server = \"{server}\"\ntrust_bundle = \"{bundle}\"\ntrust_domain = \"plant.example\"\nstate_dir = \"state\"\nsocket = \"{socket}\"\nsync_interval = \"1s\"\n\n[attestation]\n{attestation}",
+            "server = \"{server}\"\ntrust_bundle = \"{bundle}\"\ntrust_domain = \"plant.example\"\nstate_dir = \"state\"\nsocket = \"{socket}\"\nsync_interval = \"1s\"\nmetrics_listen = \"127.0.0.1:0\"\n\n[attestation]\n{attestation}",
             server = issuer.agent_api_url()?,
             bundle = issuer.root_pem().display(),
             socket = socket.display(),
@@ -809,6 +815,12 @@ impl Agent {
             std::thread::sleep(Duration::from_millis(20));
         }
         Ok(())
+    }
+
+    /// The agent's `/metrics` text (its address from `state/metrics.url`), by curl.
+    pub fn metrics(&self) -> Result<String> {
+        let url = std::fs::read_to_string(self.dir.path().join("state/metrics.url"))?;
+        run_ok(Command::new("curl").args(["-sSf", "--max-time", "10", url.trim()]))
     }
 
     /// Waits until the agent has attested and returns its node SPIFFE ID (from status.json).

@@ -116,6 +116,32 @@ async fn x509_source_gets_a_chaining_svid_with_its_key_and_sees_it_rotate() -> R
         "{minted} SVIDs minted for {HISTORIAN}"
     );
 
+    // /metrics counts the rotation and shows the cache and the node SVID's expiry.
+    let text = agent.metrics()?;
+    let value = |series: &str| {
+        plant_tests::metric(&text, series).with_context(|| format!("{series} missing:\n{text}"))
+    };
+    assert!(value("plant_agent_svid_rotations_total")? >= 1.0, "{text}");
+    assert!(
+        value("plant_agent_svids_minted_total{kind=\"x509\"}")? >= 2.0,
+        "{text}"
+    );
+    assert_eq!(value("plant_agent_svids")?, 1.0, "{text}");
+    assert_eq!(value("plant_agent_entries")?, 1.0, "{text}");
+    assert_eq!(
+        value("plant_agent_node_attestations_total{outcome=\"ok\"}")?,
+        1.0,
+        "{text}"
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs_f64();
+    let expiry = value("plant_agent_node_svid_expiry_timestamp_seconds")?;
+    assert!(
+        expiry > now && expiry < now + 400.0 * 86_400.0,
+        "node expiry {expiry} vs now {now}"
+    );
+
     // `agent status` shows the node, the entry and its schedule.
     let status = agent.status()?;
     assert!(status.contains(HISTORIAN), "{status}");
@@ -209,6 +235,18 @@ async fn missing_header_is_invalid_and_an_unknown_uid_is_denied() -> Result<()> 
     // And as this test's own user, who has one.
     let out = run_ok(Command::new(probe).arg(&agent.socket))?;
     assert_eq!(out.trim(), format!("ok {HISTORIAN}"));
+
+    // /metrics counts each answer by method and gRPC code.
+    let text = agent.metrics()?;
+    let requests = |code: &str| {
+        plant_tests::metric(
+            &text,
+            &format!("plant_agent_workload_api_requests_total{{method=\"FetchX509SVID\",code=\"{code}\"}}"),
+        )
+    };
+    assert_eq!(requests("InvalidArgument"), Some(1.0), "{text}");
+    assert_eq!(requests("PermissionDenied"), Some(1.0), "{text}");
+    assert_eq!(requests("OK"), Some(1.0), "{text}");
     Ok(())
 }
 
