@@ -317,4 +317,39 @@ mod tests {
             assert!(text.lines().any(|l| l == line), "{line} missing from\n{text}");
         }
     }
+
+    async fn get(address: &str, path: &str) -> String {
+        let mut stream = TcpStream::connect(address).await.expect("connect");
+        let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.expect("write");
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).await.expect("read");
+        answer
+    }
+
+    #[tokio::test]
+    async fn get_metrics_is_the_exposition_and_other_paths_are_not_found() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let listener = bind("127.0.0.1:0".parse().expect("address"), dir.path())
+            .await
+            .expect("bind");
+        let url = std::fs::read_to_string(dir.path().join(URL_FILE)).expect("metrics.url");
+        let address = url
+            .trim()
+            .strip_prefix("http://")
+            .and_then(|u| u.strip_suffix("/metrics"))
+            .expect("url")
+            .to_owned();
+        let server = tokio::spawn(serve(listener, std::future::pending()));
+        let answer = get(&address, "/metrics").await;
+        assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+        assert!(
+            answer.contains("Content-Type: text/plain; version=0.0.4"),
+            "{answer}"
+        );
+        assert!(answer.contains("# TYPE plant_agent_svid_rotations_total counter"));
+        let answer = get(&address, "/").await;
+        assert!(answer.starts_with("HTTP/1.1 404 Not Found\r\n"), "{answer}");
+        server.abort();
+    }
 }
