@@ -432,6 +432,24 @@ join_token = "tok"
     }
 
     #[test]
+    fn metrics_listen_is_optional_and_must_be_an_address_and_port() {
+        assert_eq!(parse(GOOD).expect("valid").metrics_listen, None);
+        let with = |value: &str| {
+            parse(&GOOD.replace(
+                "[attestation]",
+                &format!("metrics_listen = \"{value}\"\n[attestation]"),
+            ))
+        };
+        let config = with("127.0.0.1:9091").expect("valid");
+        assert_eq!(
+            config.metrics_listen,
+            Some("127.0.0.1:9091".parse().expect("address"))
+        );
+        let error = with("localhost").expect_err("no port").to_string();
+        assert!(error.contains("metrics_listen"), "{error}");
+    }
+
+    #[test]
     fn socket_comes_from_the_environment_when_the_file_has_none() {
         let text = GOOD.replace("socket = \"unix:///run/x/workload.sock\"\n", "");
         let config = AgentConfig::parse(
