@@ -17,7 +17,18 @@ use crate::Error;
 /// The file in the state directory that holds `http://<bound address>/metrics`.
 pub const URL_FILE: &str = "metrics.url";
 
-/// The Workload API methods, as in the exposition.
+/// Index of FetchX509SVID in [`METHODS`].
+pub const FETCH_X509_SVID: usize = 0;
+/// Index of FetchX509Bundles in [`METHODS`].
+pub const FETCH_X509_BUNDLES: usize = 1;
+/// Index of FetchJWTSVID in [`METHODS`].
+pub const FETCH_JWT_SVID: usize = 2;
+/// Index of FetchJWTBundles in [`METHODS`].
+pub const FETCH_JWT_BUNDLES: usize = 3;
+/// Index of ValidateJWTSVID in [`METHODS`].
+pub const VALIDATE_JWT_SVID: usize = 4;
+
+/// The Workload API methods, in the order of the indices above.
 pub const METHODS: [&str; 5] = [
     "FetchX509SVID",
     "FetchX509Bundles",

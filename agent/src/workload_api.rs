@@ -32,7 +32,7 @@ use crate::cache::{Published, Snapshot};
 use crate::entry::Entry;
 use crate::issuer_client::IssuerClient;
 use crate::jwt::claims_struct;
-use crate::metrics::METRICS;
+use crate::metrics::{self, METRICS};
 use crate::peer::{ExecutableHashes, Peer, PeerStream};
 use crate::rotation::is_valid;
 use crate::Error;
@@ -121,6 +121,20 @@ impl WorkloadApi {
     }
 
     /// The snapshot after the first sync (callers that come during start-up wait for it).
+    /// The caller's selectors and the synced state, for a caller some entry matches;
+    /// PermissionDenied otherwise. The streams start with this.
+    async fn entitled_caller<T>(
+        &self,
+        request: &Request<T>,
+    ) -> Result<(Vec<Selector>, watch::Receiver<Arc<Snapshot>>), Status> {
+        let selectors = self.caller(request).await?;
+        let state = self.synced().await?;
+        if identities(&state.borrow(), &selectors).is_empty() {
+            return Err(denied());
+        }
+        Ok((selectors, state))
+    }
+
     async fn synced(&self) -> Result<watch::Receiver<Arc<Snapshot>>, Status> {
         let mut state = self.published.state.clone();
         state
@@ -322,17 +336,13 @@ impl SpiffeWorkloadApi for WorkloadApi {
         request: Request<X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
         let result = async move {
-            let selectors = self.caller(&request).await?;
-            let state = self.synced().await?;
-            if identities(&state.borrow(), &selectors).is_empty() {
-                return Err(denied());
-            }
+            let (selectors, state) = self.entitled_caller(&request).await?;
             Ok(Response::new(self.stream(state, move |snapshot| {
                 x509_response(snapshot, &selectors)
             })))
         }
         .await;
-        counted(0, result)
+        counted(metrics::FETCH_X509_SVID, result)
     }
 
     async fn fetch_x509_bundles(
@@ -340,11 +350,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         request: Request<X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
         let result = async move {
-            let selectors = self.caller(&request).await?;
-            let state = self.synced().await?;
-            if identities(&state.borrow(), &selectors).is_empty() {
-                return Err(denied());
-            }
+            let (selectors, state) = self.entitled_caller(&request).await?;
             Ok(Response::new(self.stream(state, move |snapshot| {
                 if identities(snapshot, &selectors).is_empty() {
                     return Err(denied());
@@ -362,7 +368,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
             })))
         }
         .await;
-        counted(1, result)
+        counted(metrics::FETCH_X509_BUNDLES, result)
     }
 
     async fn fetch_jwtsvid(
@@ -402,7 +408,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
             Ok(Response::new(JwtsvidResponse { svids }))
         }
         .await;
-        counted(2, result)
+        counted(metrics::FETCH_JWT_SVID, result)
     }
 
     async fn fetch_jwt_bundles(
@@ -410,11 +416,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         request: Request<JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
         let result = async move {
-            let selectors = self.caller(&request).await?;
-            let state = self.synced().await?;
-            if identities(&state.borrow(), &selectors).is_empty() {
-                return Err(denied());
-            }
+            let (selectors, state) = self.entitled_caller(&request).await?;
             Ok(Response::new(self.stream(state, move |snapshot| {
                 if identities(snapshot, &selectors).is_empty() {
                     return Err(denied());
@@ -431,7 +433,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
             })))
         }
         .await;
-        counted(3, result)
+        counted(metrics::FETCH_JWT_BUNDLES, result)
     }
 
     async fn validate_jwtsvid(
@@ -466,7 +468,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
             }))
         }
         .await;
-        counted(4, result)
+        counted(metrics::VALIDATE_JWT_SVID, result)
     }
 }
 
