@@ -14,6 +14,29 @@ mod spiffe_id;
 pub use selector::{Selector, SelectorError};
 pub use spiffe_id::{SpiffeId, SpiffeIdError, TrustDomain};
 
+/// Longest legacy device name (it appears in selectors, owners and log lines).
+pub const MAX_DEVICE_NAME: usize = 64;
+
+/// Checks a legacy device name (`press-7`): 1 to 64 letters, digits, `.`, `-` or `_`, so it
+/// reads the same in agent.toml, a selector, the inventory and a log line.
+pub fn check_device_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > MAX_DEVICE_NAME {
+        return Err(format!(
+            "a device name is 1 to {MAX_DEVICE_NAME} characters, not {}",
+            name.len()
+        ));
+    }
+    match name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_')))
+    {
+        Some(c) => Err(format!(
+            "a device name takes letters, digits, '.', '-' and '_', not {c:?}"
+        )),
+        None => Ok(()),
+    }
+}
+
 /// The SPIFFE Workload API (no package).
 #[allow(
     missing_docs,

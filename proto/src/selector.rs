@@ -1,5 +1,10 @@
 //! Workload selectors (`unix:uid:1000`): facts the agent learns from the kernel about the
 //! process calling the Workload API, and what registration entries require.
+//!
+//! One type is not about processes: `legacy:device:<name>` marks an entry that gives a
+//! legacy device declared in the gateway agent's configuration (a PLC behind its inbound
+//! proxy, an old HMI behind its outbound one) its identity. No process ever shows that
+//! selector, so such an identity is never served over the Workload API.
 
 use std::fmt;
 use std::str::FromStr;
@@ -18,7 +23,7 @@ pub enum SelectorError {
     #[error("a selector has the form type:key:value, e.g. unix:uid:1000")]
     Form,
     /// A selector type this system does not produce.
-    #[error("unknown selector type {0:?}: use unix:… or systemd:unit:…")]
+    #[error("unknown selector type {0:?}: use unix:…, systemd:unit:… or legacy:device:…")]
     UnknownType(String),
     /// A key of the `unix` type this system does not produce.
     #[error("unknown unix selector {0:?}: use unix:uid, unix:gid, unix:user, unix:group, unix:path or unix:sha256")]
@@ -32,6 +37,9 @@ pub enum SelectorError {
     /// `unix:path` takes an absolute path.
     #[error("unix:path takes an absolute path")]
     RelativePath,
+    /// `legacy:device:` takes a device name.
+    #[error("a legacy device selector has the form legacy:device:<name>, the name as in the gateway's agent.toml (letters, digits, '.', '-', '_')")]
+    LegacyDevice,
     /// Empty, too long, or with control characters.
     #[error("a selector value must be 1 to 4096 printable characters")]
     Value,
@@ -59,12 +67,35 @@ impl Selector {
                     return Err(SelectorError::Form);
                 }
             }
+            "legacy" => {
+                if value
+                    .strip_prefix("device:")
+                    .is_none_or(|name| crate::check_device_name(name).is_err())
+                {
+                    return Err(SelectorError::LegacyDevice);
+                }
+            }
             other => return Err(SelectorError::UnknownType(other.to_owned())),
         }
         Ok(Self {
             kind: kind.to_owned(),
             value: value.to_owned(),
         })
+    }
+
+    /// The `legacy:device:<name>` selector of a legacy device the agent proxies for.
+    pub fn legacy_device(name: &str) -> Self {
+        Self {
+            kind: "legacy".to_owned(),
+            value: format!("device:{name}"),
+        }
+    }
+
+    /// The device name, if this is a `legacy:device:<name>` selector.
+    pub fn legacy_device_name(&self) -> Option<&str> {
+        (self.kind == "legacy")
+            .then(|| self.value.strip_prefix("device:"))
+            .flatten()
     }
 
     /// A `unix:<key>:<value>` selector the agent observed. Not validated: the kernel said so.
@@ -133,6 +164,7 @@ mod tests {
             "unix:path:/usr/bin/opcua-agg",
             "unix:sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
             "systemd:unit:historian.service",
+            "legacy:device:press-7",
         ] {
             let selector = Selector::new(text).expect(text);
             assert_eq!(selector.to_string(), text);
@@ -141,6 +173,10 @@ mod tests {
             Selector::new("unix:uid:1000").expect("valid"),
             Selector::unix("uid", 1000)
         );
+        let press = Selector::new("legacy:device:press-7").expect("valid");
+        assert_eq!(press, Selector::legacy_device("press-7"));
+        assert_eq!(press.legacy_device_name(), Some("press-7"));
+        assert_eq!(Selector::unix("uid", 1).legacy_device_name(), None);
     }
 
     #[test]
@@ -154,6 +190,9 @@ mod tests {
             ("unix:path:bin/x", SelectorError::RelativePath),
             ("unix:", SelectorError::Value),
             ("unix:user:a\nb", SelectorError::Value),
+            ("legacy:plc:press-7", SelectorError::LegacyDevice),
+            ("legacy:device:press 7", SelectorError::LegacyDevice),
+            ("legacy:device:", SelectorError::LegacyDevice),
         ];
         for (text, expected) in cases {
             assert_eq!(Selector::new(text), Err(expected), "{text}");
