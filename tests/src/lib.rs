@@ -746,6 +746,17 @@ impl Agent {
     /// An agent of `issuer` with `attestation` as the body of its `[attestation]` table and
     /// `files` written beside agent.toml first.
     pub fn start(issuer: &Issuer, attestation: &str, files: &[(&str, &str)]) -> Result<Self> {
+        Self::start_with_config(issuer, attestation, files, "")
+    }
+
+    /// Like [`Agent::start`], with `extra` appended to agent.toml (e.g. `[[proxy.inbound]]`
+    /// tables; use `listen = "127.0.0.1:0"` and [`Agent::proxy_address`]).
+    pub fn start_with_config(
+        issuer: &Issuer,
+        attestation: &str,
+        files: &[(&str, &str)],
+        extra: &str,
+    ) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         // Workloads of other users must reach the socket's directory.
         std::fs::set_permissions(
@@ -757,7 +768,7 @@ impl Agent {
         }
         let socket = dir.path().join("sock/workload.sock");
         let config = format!(
-            "server = \"{server}\"\ntrust_bundle = \"{bundle}\"\ntrust_domain = \"plant.example\"\nstate_dir = \"state\"\nsocket = \"{socket}\"\nsync_interval = \"1s\"\nmetrics_listen = \"127.0.0.1:0\"\n\n[attestation]\n{attestation}",
+            "server = \"{server}\"\ntrust_bundle = \"{bundle}\"\ntrust_domain = \"plant.example\"\nstate_dir = \"state\"\nsocket = \"{socket}\"\nsync_interval = \"1s\"\nmetrics_listen = \"127.0.0.1:0\"\n\n[attestation]\n{attestation}\n{extra}",
             server = issuer.agent_api_url()?,
             bundle = issuer.root_pem().display(),
             socket = socket.display(),
@@ -815,6 +826,29 @@ impl Agent {
             std::thread::sleep(Duration::from_millis(20));
         }
         Ok(())
+    }
+
+    /// The address a proxy of legacy device `device` listens on (from `state/proxies.json`,
+    /// written once every proxy listener is bound).
+    pub fn proxy_address(&self, device: &str) -> Result<std::net::SocketAddr> {
+        let path = self.dir.path().join("state/proxies.json");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(text) = std::fs::read_to_string(&path) {
+                let proxies: serde_json::Value = serde_json::from_str(&text)?;
+                let listen = proxies[device]["listen"]
+                    .as_str()
+                    .with_context(|| format!("no proxy for {device} in {text}"))?;
+                return Ok(listen.parse()?);
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "{} did not appear within 30 s:\n{}",
+                path.display(),
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// The agent's `/metrics` text (its address from `state/metrics.url`), by curl.
