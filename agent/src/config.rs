@@ -60,6 +60,8 @@ pub struct AgentConfig {
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// How the node proves its identity.
     pub attestation: AttestationConfig,
+    /// Legacy devices this agent proxies for.
+    pub proxy: crate::proxy::config::ProxyConfig,
 }
 
 /// The `[attestation]` table: one node attestation method and what it needs.
@@ -142,6 +144,8 @@ struct RawConfig {
     sync_interval: Option<String>,
     metrics_listen: Option<String>,
     attestation: RawAttestation,
+    #[serde(default)]
+    proxy: crate::proxy::config::RawProxy,
 }
 
 #[derive(Deserialize)]
@@ -228,6 +232,7 @@ impl AgentConfig {
             None => None,
         };
         let attestation = attestation(raw.attestation, &base, &bad)?;
+        let proxy = crate::proxy::config::parse(raw.proxy, &bad)?;
         Ok(Self {
             path: path.to_owned(),
             server,
@@ -238,6 +243,7 @@ impl AgentConfig {
             sync_interval,
             metrics_listen,
             attestation,
+            proxy,
         })
     }
 }

@@ -9,8 +9,9 @@ use tokio::sync::watch;
 use crate::cache::Manager;
 use crate::config::AgentConfig;
 use crate::issuer_client::IssuerEndpoint;
+use crate::proxy_audit::ProxyAudit;
 use crate::workload_api::{self, WorkloadApi};
-use crate::{metrics, node, pem_files, Error};
+use crate::{metrics, node, pem_files, proxy, Error};
 
 /// How long shutdown waits for open Workload API calls to finish.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
@@ -57,6 +58,12 @@ pub async fn run(
         Some(address) => Some(metrics::bind(address, &config.state_dir).await?),
         None => None,
     };
+    // Proxies before the socket too: once the socket is there, so is proxies.json.
+    let proxies = if config.proxy.is_empty() {
+        None
+    } else {
+        Some(proxy::bind(&config.proxy, &config.state_dir).await?)
+    };
     let listener = workload_api::bind(&config.socket).await?;
     tracing::info!(socket = %config.socket.display(), server = %config.server, method = config.attestation.method(), "agent started");
 
@@ -64,6 +71,10 @@ pub async fn run(
     let until_stopped = |mut stopped: watch::Receiver<bool>| async move {
         let _ = stopped.wait_for(|stop| *stop).await;
     };
+    let proxy_task = proxies.map(|bound| {
+        let audit = ProxyAudit::spawn(published.issuer.clone());
+        tokio::spawn(proxy::serve(bound, published.state.clone(), audit))
+    });
     let server = tokio::spawn(workload_api::serve(
         listener,
         config.socket.clone(),
@@ -84,6 +95,10 @@ pub async fn run(
     let _ = stop.send(true);
     signal.abort();
     if let Some(task) = metrics_server {
+        task.abort();
+    }
+    // Aborting drops every proxy session; each logs its end.
+    if let Some(task) = proxy_task {
         task.abort();
     }
     // Streams end when the manager (their watch sender) is gone, which lets the graceful

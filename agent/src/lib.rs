@@ -10,6 +10,9 @@
 //! - [`workload_api`]: the SPIFFE Workload API on a Unix socket; callers attested by [`peer`].
 //! - [`status`]: `<state_dir>/status.json` and `agent status`.
 //! - [`metrics`]: Prometheus `/metrics` on `metrics_listen`.
+//! - [`proxy`]: the legacy PLC proxy, inbound (mTLS in front of a PLC) and outbound (a legacy
+//!   client's plain TCP out as mTLS); refused Modbus requests reach the issuer's audit log
+//!   through [`proxy_audit`].
 //!
 //! Commissioning:
 //! - [`enrollment`]: one device, with a local key, a TPM or PKCS#11 key (`key.ref`), or a
@@ -42,6 +45,8 @@ pub mod node;
 pub mod peer;
 pub mod pem_files;
 pub mod pkcs12;
+pub mod proxy;
+pub mod proxy_audit;
 pub mod reenrollment;
 pub mod rotation;
 pub mod socket_address;

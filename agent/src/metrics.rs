@@ -214,6 +214,7 @@ impl Metrics {
             "plant_agent_workload_attestation_refusals_total {}",
             get(&self.refusals)
         );
+        crate::proxy::metrics::render(&mut out);
         out
     }
 }

@@ -1,0 +1,210 @@
+//! The inbound proxy: peers connect with mTLS, the agent answers with the PLC's SVID, lets in
+//! only allowed and unrevoked SPIFFE IDs, and forwards to the PLC on the cell network.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use proto::SpiffeId;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+
+use super::config::{Inbound, Protocol};
+use super::identity::Revoked;
+use super::metrics::ProxyMetrics;
+use super::modbus::Frame;
+use super::relay::{self, End, Traffic};
+use super::session::{self, Session};
+use super::upstream::Upstream;
+use crate::proxy_audit::{ProxyAudit, RefusedRequest};
+use crate::svid::spiffe_id_of;
+
+/// A TLS handshake that has not finished in this time is dropped (a peer that stalls must
+/// not hold a session slot).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the inbound proxy presents and checks, as of the last cache change.
+#[derive(Debug, Clone)]
+pub struct InboundTls {
+    /// The acceptor's configuration: the PLC's SVID, the bundle, the verifier.
+    pub config: Arc<rustls::ServerConfig>,
+    /// The CRL's serials, also checked against open sessions.
+    pub revoked: Arc<Revoked>,
+}
+
+/// `Err` says why the proxy cannot accept yet (no entry, no SVID).
+pub type Identity = Result<InboundTls, String>;
+
+/// Accepts until the task is dropped.
+pub async fn serve(
+    listener: TcpListener,
+    proxy: Arc<Inbound>,
+    identity: watch::Receiver<Identity>,
+    audit: ProxyAudit,
+    metrics: Arc<ProxyMetrics>,
+) {
+    let upstream = Arc::new(Upstream::new(proxy.upstream.clone(), proxy.connect_timeout));
+    let slots = Arc::new(Semaphore::new(proxy.max_sessions));
+    let mut sessions = JoinSet::new();
+    loop {
+        let (stream, from) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // Out of file descriptors and the like: wait instead of spinning.
+                tracing::warn!(device = proxy.device, error = %e, "accepting a connection failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        while sessions.try_join_next().is_some() {}
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            metrics.session_refused("max_sessions");
+            tracing::warn!(device = proxy.device, %from, max_sessions = proxy.max_sessions, "connection closed: the device has its maximum of open sessions");
+            continue;
+        };
+        let tls = match &*identity.borrow() {
+            Ok(tls) => tls.clone(),
+            Err(reason) => {
+                metrics.session_refused("no_identity");
+                tracing::warn!(device = proxy.device, %from, "connection closed: no identity to present yet: {reason}");
+                continue;
+            }
+        };
+        let context = Context {
+            proxy: Arc::clone(&proxy),
+            upstream: Arc::clone(&upstream),
+            identity: identity.clone(),
+            audit: audit.clone(),
+            metrics: Arc::clone(&metrics),
+        };
+        sessions.spawn(async move {
+            context.session(stream, from, tls).await;
+            drop(slot);
+        });
+    }
+}
+
+struct Context {
+    proxy: Arc<Inbound>,
+    upstream: Arc<Upstream>,
+    identity: watch::Receiver<Identity>,
+    audit: ProxyAudit,
+    metrics: Arc<ProxyMetrics>,
+}
+
+impl Context {
+    async fn session(self, stream: TcpStream, from: SocketAddr, tls: InboundTls) {
+        let device = &self.proxy.device;
+        let _ = stream.set_nodelay(true);
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls.config);
+        let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => {
+                let reason = session::handshake_refusal(&e);
+                self.metrics.session_refused(reason);
+                tracing::warn!(device, %from, reason, "peer refused at the TLS handshake: {e}");
+                return;
+            }
+            Err(_) => {
+                self.metrics.session_refused("handshake_timeout");
+                tracing::warn!(device, %from, "peer refused: no TLS handshake within {HANDSHAKE_TIMEOUT:?}");
+                return;
+            }
+        };
+        let Some(peer_certificate) = stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .map(|c| c.to_vec())
+        else {
+            return;
+        };
+        // The verifier has checked both already; this cannot fail for a peer it let in.
+        let Ok(peer) = spiffe_id_of("peer certificate", &peer_certificate) else {
+            return;
+        };
+        let Some(access) = self.proxy.allow.access(&peer) else {
+            return;
+        };
+        let mut session =
+            Session::start(device, "inbound", &peer, Some(access), from, &self.metrics);
+        let plc = match self.upstream.connect().await {
+            Ok(plc) => plc,
+            Err(e) => {
+                self.metrics.upstream_failure();
+                session.end(
+                    &format!("PLC {} unreachable: {e}", self.upstream.address()),
+                    &Traffic::default(),
+                );
+                // Dropping the stream closes the peer's connection at once: it learns the PLC
+                // is not there instead of waiting for answers that never come.
+                return;
+            }
+        };
+        let traffic = Traffic::default();
+        let on_refused = |frame: &Frame| self.refused(&peer, frame);
+        let relayed = async {
+            match self.proxy.protocol {
+                Protocol::Tcp => relay::bytes(stream, plc, &traffic).await,
+                Protocol::Modbus => relay::modbus(stream, plc, access, &traffic, &on_refused).await,
+            }
+        };
+        let end = tokio::select! {
+            end = relayed => {
+                if matches!(end, End::Malformed { .. }) {
+                    self.metrics.malformed();
+                }
+                end.to_string()
+            }
+            () = revoked(self.identity.clone(), &peer_certificate) => {
+                "the peer's certificate was revoked".to_owned()
+            }
+        };
+        session.end(&end, &traffic);
+    }
+
+    fn refused(&self, peer: &SpiffeId, frame: &Frame) {
+        self.metrics.modbus_refused();
+        tracing::warn!(
+            device = self.proxy.device,
+            %peer,
+            function_code = frame.function,
+            transaction_id = frame.transaction_id,
+            unit_id = frame.unit_id,
+            "Modbus request refused: function code {} is not allowed for this peer; answered with exception 01 (illegal function)",
+            frame.function
+        );
+        self.audit.refused(RefusedRequest {
+            device: self.proxy.device.clone(),
+            peer: peer.clone(),
+            function_code: frame.function,
+            transaction_id: frame.transaction_id,
+            unit_id: frame.unit_id,
+        });
+    }
+}
+
+/// Resolves once `certificate` is on the CRL of the current identity.
+async fn revoked(mut identity: watch::Receiver<Identity>, certificate: &[u8]) {
+    loop {
+        if let Ok(tls) = &*identity.borrow_and_update() {
+            if tls.revoked.contains(certificate) {
+                return;
+            }
+        }
+        if identity.changed().await.is_err() {
+            // The proxy is shutting down; its task ends the session.
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context")
+            .field("device", &self.proxy.device)
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,236 @@
+//! The legacy PLC proxy (DESIGN §5): the gateway agent holds an identity on behalf of each
+//! legacy device declared in agent.toml and terminates mTLS for it.
+//!
+//! - [`config`]: the `[[proxy.inbound]]` / `[[proxy.outbound]]` tables.
+//! - [`identity`]: the rustls configurations built from the cache (the device's SVID, the
+//!   trust bundle, the allow list, the CRL), republished on every change so rotation
+//!   reaches new handshakes without touching open sessions.
+//! - `inbound` / `outbound`: the listeners; [`relay`] moves the bytes ([`modbus`] checks
+//!   function codes); [`upstream`] rate-limits reconnects to a PLC that is down;
+//!   `session` logs each session; [`metrics`] counts them.
+
+pub mod config;
+pub mod identity;
+mod inbound;
+pub mod metrics;
+pub mod modbus;
+mod outbound;
+pub mod relay;
+mod session;
+pub mod upstream;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::cache::Snapshot;
+use crate::proxy_audit::ProxyAudit;
+use crate::Error;
+use config::{Inbound, Outbound, ProxyConfig};
+use identity::Revoked;
+use metrics::ProxyMetrics;
+
+/// Where the bound listen addresses are written (for port 0, and for operators).
+pub const ADDRESSES_FILE: &str = "proxies.json";
+
+/// Every proxy's listener, bound.
+#[derive(Debug)]
+pub struct Bound {
+    inbound: Vec<(Arc<Inbound>, TcpListener)>,
+    outbound: Vec<(Arc<Outbound>, TcpListener)>,
+}
+
+/// Binds every proxy's listen address (failing at start-up with the device named if one is
+/// taken) and writes `<state_dir>/proxies.json`.
+pub async fn bind(config: &ProxyConfig, state_dir: &Path) -> Result<Bound, Error> {
+    let listen = |device: &str, address: SocketAddr| {
+        let device = device.to_owned();
+        async move {
+            TcpListener::bind(address).await.map_err(|e| Error::Socket {
+                path: state_dir.join(ADDRESSES_FILE),
+                reason: format!("the proxy for {device} cannot listen on {address}: {e}"),
+            })
+        }
+    };
+    let mut bound = Bound {
+        inbound: Vec::new(),
+        outbound: Vec::new(),
+    };
+    let mut addresses = BTreeMap::new();
+    for proxy in &config.inbound {
+        let listener = listen(&proxy.device, proxy.listen).await?;
+        addresses.insert(proxy.device.clone(), entry("inbound", &listener));
+        bound.inbound.push((Arc::new(proxy.clone()), listener));
+    }
+    for proxy in &config.outbound {
+        let listener = listen(&proxy.device, proxy.listen).await?;
+        addresses.insert(proxy.device.clone(), entry("outbound", &listener));
+        bound.outbound.push((Arc::new(proxy.clone()), listener));
+    }
+    let path = state_dir.join(ADDRESSES_FILE);
+    let text = serde_json::to_string_pretty(&addresses).unwrap_or_default();
+    crate::pem_files::write_atomically(
+        &path,
+        text.as_bytes(),
+        0o644,
+        crate::pem_files::Overwrite::Allow,
+    )?;
+    Ok(bound)
+}
+
+fn entry(mode: &str, listener: &TcpListener) -> serde_json::Value {
+    let listen = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    serde_json::json!({ "mode": mode, "listen": listen })
+}
+
+/// Runs every proxy until the future is dropped: one task per listener, one that follows the
+/// cache and republishes the TLS configurations.
+pub async fn serve(bound: Bound, state: watch::Receiver<Arc<Snapshot>>, audit: ProxyAudit) {
+    let mut tasks = JoinSet::new();
+    let mut inbound = Vec::new();
+    for (proxy, listener) in bound.inbound {
+        let (identity, watched) = watch::channel(Err("starting".to_owned()));
+        let metrics = ProxyMetrics::register(&proxy.device, "inbound");
+        tracing::info!(device = proxy.device, spiffe_id = %proxy.spiffe_id, listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), upstream = proxy.upstream, "inbound proxy listening");
+        tasks.spawn(inbound::serve(
+            listener,
+            Arc::clone(&proxy),
+            watched,
+            audit.clone(),
+            metrics,
+        ));
+        inbound.push((proxy, identity));
+    }
+    let mut outbound = Vec::new();
+    for (proxy, listener) in bound.outbound {
+        let (identity, watched) = watch::channel(Err("starting".to_owned()));
+        let metrics = ProxyMetrics::register(&proxy.device, "outbound");
+        tracing::info!(device = proxy.device, spiffe_id = %proxy.spiffe_id, listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), gateway = proxy.gateway, "outbound proxy listening");
+        tasks.spawn(outbound::serve(
+            listener,
+            Arc::clone(&proxy),
+            watched,
+            metrics,
+        ));
+        outbound.push((proxy, identity));
+    }
+    tasks.spawn(follow(state, inbound, outbound));
+    while tasks.join_next().await.is_some() {}
+}
+
+/// What a published configuration was built from, to rebuild only on a change.
+#[derive(PartialEq)]
+struct Basis {
+    svid: Option<usize>,
+    bundle: Vec<Vec<u8>>,
+    crl: Vec<Vec<u8>>,
+    problem: Option<String>,
+}
+
+async fn follow(
+    mut state: watch::Receiver<Arc<Snapshot>>,
+    inbound: Vec<(Arc<Inbound>, watch::Sender<inbound::Identity>)>,
+    outbound: Vec<(Arc<Outbound>, watch::Sender<outbound::Identity>)>,
+) {
+    let mut bases: BTreeMap<String, Basis> = BTreeMap::new();
+    loop {
+        let snapshot = Arc::clone(&state.borrow_and_update());
+        let revoked = Arc::new(Revoked::from_crls(&snapshot.crl));
+        for (proxy, sender) in &inbound {
+            let svid = identity::device_svid(&snapshot, &proxy.device, &proxy.spiffe_id);
+            if !changed(&mut bases, &proxy.device, &snapshot, &svid) {
+                continue;
+            }
+            let built = svid.and_then(|svid| {
+                identity::server_config(
+                    &svid,
+                    &snapshot.bundle,
+                    proxy.allow.clone(),
+                    Arc::clone(&revoked),
+                )
+                .map(|config| (svid, config))
+            });
+            let _previous = sender.send_replace(announce(
+                &proxy.device,
+                &snapshot,
+                built.map(|(svid, config)| {
+                    (
+                        svid,
+                        inbound::InboundTls {
+                            config,
+                            revoked: Arc::clone(&revoked),
+                        },
+                    )
+                }),
+            ));
+        }
+        for (proxy, sender) in &outbound {
+            let svid = identity::device_svid(&snapshot, &proxy.device, &proxy.spiffe_id);
+            if !changed(&mut bases, &proxy.device, &snapshot, &svid) {
+                continue;
+            }
+            let built = svid.and_then(|svid| {
+                identity::client_config(
+                    &svid,
+                    &snapshot.bundle,
+                    proxy.server_spiffe_id.clone(),
+                    Arc::clone(&revoked),
+                )
+                .map(|config| (svid, config))
+            });
+            let _previous = sender.send_replace(announce(&proxy.device, &snapshot, built));
+        }
+        if state.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+fn changed(
+    bases: &mut BTreeMap<String, Basis>,
+    device: &str,
+    snapshot: &Snapshot,
+    svid: &Result<Arc<crate::svid::X509Svid>, String>,
+) -> bool {
+    let basis = Basis {
+        svid: svid.as_ref().ok().map(|s| Arc::as_ptr(s) as usize),
+        bundle: snapshot.bundle.clone(),
+        crl: snapshot.crl.clone(),
+        problem: svid.as_ref().err().cloned(),
+    };
+    if bases.get(device) == Some(&basis) {
+        return false;
+    }
+    bases.insert(device.to_owned(), basis);
+    true
+}
+
+/// Logs what the proxy now presents (or why nothing) and passes the result on.
+fn announce<T>(
+    device: &str,
+    snapshot: &Snapshot,
+    built: Result<(Arc<crate::svid::X509Svid>, T), String>,
+) -> Result<T, String> {
+    match built {
+        Ok((svid, value)) => {
+            let not_after = time::OffsetDateTime::from(svid.not_after);
+            tracing::info!(device, spiffe_id = %svid.spiffe_id, %not_after, "proxy identity ready for new sessions");
+            Ok(value)
+        }
+        Err(problem) => {
+            // Before the first sync the agent does not know yet: no alarm for that.
+            if snapshot.synced {
+                tracing::warn!(device, "proxy has no identity: {problem}");
+            }
+            Err(problem)
+        }
+    }
+}
