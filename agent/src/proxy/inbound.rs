@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use proto::SpiffeId;
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
@@ -138,8 +139,10 @@ impl Context {
                     &format!("PLC {} unreachable: {e}", self.upstream.address()),
                     &Traffic::default(),
                 );
-                // Dropping the stream closes the peer's connection at once: it learns the PLC
-                // is not there instead of waiting for answers that never come.
+                // Closed at once: the peer learns the PLC is not there instead of waiting
+                // for answers that never come.
+                let mut stream = stream;
+                let _ = tokio::time::timeout(HANDSHAKE_TIMEOUT, stream.shutdown()).await;
                 return;
             }
         };
