@@ -550,3 +550,53 @@ fn two_hundred_concurrent_sessions_through_both_proxies() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn a_revoked_peer_is_cut_off_mid_session_and_refused_at_the_next_handshake() -> Result<()> {
+    let plant = plant("1h")?;
+    let hmi = plant.outbound("hmi-1")?;
+    let mut open = connect(hmi)?;
+    open.write_all(&read_holding(1, 0, 1))?;
+    read_frame(&mut open)?.context("served before the revocation")?;
+
+    let inventory = plant.issuer.inventory(&[])?;
+    let serial = inventory
+        .iter()
+        .find(|c| c["status"] == "valid" && c["sans"].to_string().contains(HMI))
+        .and_then(|c| c["serial"].as_str())
+        .with_context(|| format!("no valid certificate for {HMI} in {inventory:?}"))?
+        .to_owned();
+    plant_tests::run_ok(
+        plant
+            .issuer
+            .cli()
+            .args(["revoke", &serial, "--reason", "keyCompromise"]),
+    )?;
+
+    // The gateway learns the CRL at its next sync and ends the open session.
+    plant
+        .gateway
+        .wait_for_log("the peer's certificate was revoked", 1)?;
+    assert_eq!(read_frame(&mut open)?, None, "the open session is closed");
+    let results = scada(hmi, serde_json::json!([["read_holding", 0, 1]]))?;
+    assert_eq!(results[0]["result"], "closed", "{}", results[0]);
+    plant
+        .gateway
+        .wait_for_log("refused at the TLS handshake", 1)?;
+    let metrics = plant.gateway.metrics()?;
+    assert_eq!(
+        metric(
+            &metrics,
+            "plant_agent_proxy_connections_refused_total{device=\"press-7\",mode=\"inbound\",reason=\"revoked\"}"
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+    // The read-only viewer, not revoked, is still served.
+    let results = scada(
+        plant.outbound("viewer-1")?,
+        serde_json::json!([["read_holding", 4, 1]]),
+    )?;
+    assert_eq!(values(&results[0]), [4], "{}", results[0]);
+    Ok(())
+}
