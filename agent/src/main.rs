@@ -253,6 +253,10 @@ async fn run(cli: Cli) -> Result<ExitCode, agent::Error> {
             let config = AgentConfig::load(&args.config)?;
             let status = Status::read(&config.state_dir)?;
             print!("{}", status.render());
+            print!(
+                "{}",
+                agent::proxy::describe(&config.proxy, &config.state_dir)
+            );
             Ok(if status.daemon_running() {
                 ExitCode::SUCCESS
             } else {

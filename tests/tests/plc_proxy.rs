@@ -323,6 +323,15 @@ fn scada_reads_and_writes_reach_the_plc_and_a_read_only_write_is_refused_in_sess
         "{metrics}"
     );
 
+    // `agent status` lists the proxy with the address it is bound to.
+    let status = plant.gateway.status()?;
+    let line = status
+        .lines()
+        .find(|l| l.contains("press-7") && l.contains("inbound"))
+        .with_context(|| format!("no proxy line in {status}"))?;
+    let bound = plant.gateway.proxy_address("press-7")?.to_string();
+    assert!(line.contains(&bound) && line.contains(PRESS), "{line}");
+
     // The inventory shows the PLC's certificate, its gateway and the clients' ones.
     let inventory = plant.issuer.inventory(&[])?;
     let press = inventory

@@ -83,6 +83,52 @@ pub async fn bind(config: &ProxyConfig, state_dir: &Path) -> Result<Bound, Error
     Ok(bound)
 }
 
+/// The `proxies:` part of `agent status`: each proxy, where it listens (as bound, from
+/// proxies.json) and where it forwards.
+pub fn describe(config: &ProxyConfig, state_dir: &Path) -> String {
+    use std::fmt::Write as _;
+    if config.is_empty() {
+        return String::new();
+    }
+    let bound: serde_json::Value = std::fs::read_to_string(state_dir.join(ADDRESSES_FILE))
+        .ok()
+        .and_then(|text| serde_json::from_str(&text).ok())
+        .unwrap_or_default();
+    let listen = |device: &str, configured: SocketAddr| {
+        bound[device]["listen"]
+            .as_str()
+            .map_or_else(|| configured.to_string(), str::to_owned)
+    };
+    let mut text = String::from("proxies:\n");
+    for p in &config.inbound {
+        let protocol = match p.protocol {
+            config::Protocol::Modbus => "modbus",
+            config::Protocol::Tcp => "tcp",
+        };
+        let _ = writeln!(
+            text,
+            "  {:<12} inbound   mTLS {} -> {protocol} {}  as {} ({} allow rules)",
+            p.device,
+            listen(&p.device, p.listen),
+            p.upstream,
+            p.spiffe_id,
+            p.allow.0.len()
+        );
+    }
+    for p in &config.outbound {
+        let _ = writeln!(
+            text,
+            "  {:<12} outbound  tcp {} -> mTLS {} ({})  as {}",
+            p.device,
+            listen(&p.device, p.listen),
+            p.gateway,
+            p.server_spiffe_id,
+            p.spiffe_id
+        );
+    }
+    text
+}
+
 fn entry(mode: &str, listener: &TcpListener) -> serde_json::Value {
     let listen = listener
         .local_addr()
