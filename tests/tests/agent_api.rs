@@ -636,3 +636,57 @@ async fn node_and_workload_svids_chain_through_the_signing_key_and_pass_pkilint(
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_legacy_device_svid_is_owned_by_the_device_behind_its_gateway() -> Result<()> {
+    let issuer = Issuer::start()?;
+    let gateway = attest_with_token(&issuer, &issuer.join_token()?)
+        .await?
+        .map_err(|s| anyhow::anyhow!("{s:?}"))?;
+    let gateway_id = gateway.svid.spiffe_id.clone();
+    let press = issuer.create_entry(
+        &format!("spiffe://{TD}/plc/press-7"),
+        &gateway_id,
+        &["legacy:device:press-7"],
+        &[],
+    )?;
+    let historian = issuer.create_entry(
+        &format!("spiffe://{TD}/historian"),
+        &gateway_id,
+        &["unix:uid:1000"],
+        &[],
+    )?;
+    let mut client =
+        AgentClient::new(agent_api_channel(&issuer, Some(gateway.tls_identity())).await?);
+    let requests = [&press, &historian]
+        .into_iter()
+        .map(|entry_id| {
+            let (_key, csr) = key_and_csr()?;
+            Ok(X509SvidRequest {
+                entry_id: entry_id.clone(),
+                csr,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let minted = client
+        .mint_x509_svids(MintX509SvidsRequest { requests })
+        .await?
+        .into_inner();
+    assert_eq!(minted.svids.len(), 2);
+
+    // The inventory names the PLC and the gateway holding its identity; other workload
+    // SVIDs keep their entry as owner.
+    let owner_of = |subject: &str| -> Result<String> {
+        let rows = issuer.inventory(&["--subject", subject])?;
+        ensure!(rows.len() == 1, "one {subject} certificate: {rows:?}");
+        Ok(rows[0]["owner"].as_str().context("owner")?.to_owned())
+    };
+    assert_eq!(
+        owner_of("plc/press-7")?,
+        format!("legacy:press-7@{gateway_id}")
+    );
+    assert_eq!(owner_of("historian")?, format!("entry:{historian}"));
+    let by_owner = issuer.inventory(&["--owner", &format!("legacy:press-7@{gateway_id}")])?;
+    assert_eq!(by_owner.len(), 1, "{by_owner:?}");
+    Ok(())
+}

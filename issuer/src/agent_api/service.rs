@@ -387,12 +387,13 @@ impl Agent for AgentService {
             let spiffe_id = SpiffeId::new(&entry.spiffe_id).map_err(|e| {
                 Status::internal(format!("entry {}: stored SPIFFE ID: {e}", entry.id))
             })?;
-            work.push((entry, csr, spiffe_id));
+            let owner = svid_owner(&entry, &caller.spiffe_id);
+            work.push((entry, csr, spiffe_id, owner));
         }
         // Signed concurrently: each issuance waits for its durable commit, and concurrent
         // ones share a flush (group commit), so a batch costs a few fsyncs, not one each.
         let mut tasks = tokio::task::JoinSet::new();
-        for (index, (entry, csr, spiffe_id)) in work.into_iter().enumerate() {
+        for (index, (entry, csr, spiffe_id, owner)) in work.into_iter().enumerate() {
             let this = self.clone();
             tasks.spawn(async move {
                 let lifetime = match entry.x509_svid_ttl_secs {
@@ -406,7 +407,7 @@ impl Agent for AgentService {
                         &csr,
                         entry.dns_names.clone(),
                         Some(lifetime),
-                        format!("entry:{}", entry.id),
+                        owner,
                         None,
                     )
                     .await;
@@ -504,6 +505,21 @@ fn serial_and_not_after(der: &[u8]) -> Result<(Serial, i64), Error> {
         serial,
         tbs.validity.not_after.to_unix_duration().as_secs() as i64,
     ))
+}
+
+/// The inventory owner of a workload SVID: `legacy:<device>@<gateway node>` for a legacy
+/// device's identity, so `issuer inventory` tells which PLC a certificate is for and which
+/// gateway holds it; `entry:<id>` otherwise.
+fn svid_owner(entry: &EntryRecord, node: &SpiffeId) -> String {
+    let device = entry.selectors.iter().find_map(|text| {
+        proto::Selector::new(text)
+            .ok()
+            .and_then(|s| s.legacy_device_name().map(str::to_owned))
+    });
+    match device {
+        Some(name) => format!("legacy:{name}@{node}"),
+        None => format!("entry:{}", entry.id),
+    }
 }
 
 fn wire_entry(e: EntryRecord) -> RegistrationEntry {
