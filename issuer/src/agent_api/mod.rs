@@ -8,6 +8,7 @@
 
 mod jwt;
 mod peer;
+mod proxy_events;
 mod service;
 
 pub use jwt::JwtKey;

@@ -9,7 +9,8 @@ use proto::agent::agent_server::Agent;
 use proto::agent::{
     attest_request, attest_response, evidence, AttestRequest, AttestResponse, Evidence,
     MintJwtSvidRequest, MintJwtSvidResponse, MintX509SvidsRequest, MintX509SvidsResponse, NodeSvid,
-    RegistrationEntry, RenewNodeSvidRequest, SyncEntriesRequest, SyncEntriesResponse, X509Svid,
+    RegistrationEntry, RenewNodeSvidRequest, ReportProxyEventsRequest, ReportProxyEventsResponse,
+    SyncEntriesRequest, SyncEntriesResponse, X509Svid,
 };
 use proto::SpiffeId;
 use tokio_stream::wrappers::ReceiverStream;
@@ -17,6 +18,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::jwt::JwtKey;
 use super::peer::{caller, Caller};
+use super::proxy_events;
 use crate::attestation::{AttestedNode, NodeAttestor, Refusal, Step, CHALLENGE_LIFETIME};
 use crate::authority::Authority;
 use crate::grant::Grant;
@@ -461,6 +463,41 @@ impl Agent for AgentService {
             token,
             expires_at,
         }))
+    }
+
+    async fn report_proxy_events(
+        &self,
+        request: Request<ReportProxyEventsRequest>,
+    ) -> Result<Response<ReportProxyEventsResponse>, Status> {
+        let caller = caller(&self.authority, &request)?;
+        let events = &request.get_ref().events;
+        if events.len() > proxy_events::MAX_EVENTS {
+            return Err(Status::invalid_argument(format!(
+                "{} proxy events in one call; at most {}, split the batch",
+                events.len(),
+                proxy_events::MAX_EVENTS
+            )));
+        }
+        // Every event is checked before any is recorded: a bad one refuses the whole call,
+        // naming it, so the agent never has to work out which of a batch went in.
+        let mut records = Vec::with_capacity(events.len());
+        for (index, event) in events.iter().enumerate() {
+            let record = proxy_events::audit_record(event)
+                .map_err(|why| Status::invalid_argument(format!("proxy event {index}: {why}")))?;
+            records.push(record);
+        }
+        for (kind, mut detail) in records {
+            detail["node"] = caller.spiffe_id.as_str().into();
+            self.authority.audit(kind, detail).map_err(to_status)?;
+        }
+        // On disk before the agent forgets them.
+        self.authority
+            .store
+            .durability
+            .commit()
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(ReportProxyEventsResponse {}))
     }
 }
 
