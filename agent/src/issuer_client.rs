@@ -14,8 +14,8 @@ use std::time::{Duration, SystemTime};
 use proto::agent::agent_client::AgentClient;
 use proto::agent::{
     attest_request, attest_response, AttestRequest, MintJwtSvidRequest, MintJwtSvidResponse,
-    MintX509SvidsRequest, NodeSvid, RenewNodeSvidRequest, SyncEntriesRequest, SyncEntriesResponse,
-    X509Svid, X509SvidRequest,
+    MintX509SvidsRequest, NodeSvid, ProxyEvent, RenewNodeSvidRequest, ReportProxyEventsRequest,
+    SyncEntriesRequest, SyncEntriesResponse, X509Svid, X509SvidRequest,
 };
 use proto::SpiffeId;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
@@ -324,6 +324,17 @@ impl IssuerClient {
             .await
             .inspect_err(|_| METRICS.issuer_error())?
             .into_inner())
+    }
+
+    /// Hands refused-request events of the node's PLC proxy to the issuer's audit log;
+    /// `Ok` once they are on its disk.
+    pub async fn report_proxy_events(&self, events: Vec<ProxyEvent>) -> Result<(), Error> {
+        self.inner
+            .clone()
+            .report_proxy_events(ReportProxyEventsRequest { events })
+            .await
+            .map_err(counted(Error::issuer("reporting proxy audit events")))?;
+        Ok(())
     }
 }
 

@@ -8,7 +8,8 @@ use plant_tests::{agent_api_channel, openssl, verify_against, write_pem, Issuer}
 use proto::agent::agent_client::AgentClient;
 use proto::agent::{
     attest_request, attest_response, evidence, AttestRequest, Evidence, JoinTokenEvidence,
-    MintJwtSvidRequest, MintX509SvidsRequest, NodeSvid, SyncEntriesRequest, X509SvidRequest,
+    MintJwtSvidRequest, MintX509SvidsRequest, NodeSvid, ProxyEvent, ReportProxyEventsRequest,
+    SyncEntriesRequest, X509SvidRequest,
 };
 
 const TD: &str = "plant.example";
@@ -688,5 +689,142 @@ async fn a_legacy_device_svid_is_owned_by_the_device_behind_its_gateway() -> Res
     assert_eq!(owner_of("historian")?, format!("entry:{historian}"));
     let by_owner = issuer.inventory(&["--owner", &format!("legacy:press-7@{gateway_id}")])?;
     assert_eq!(by_owner.len(), 1, "{by_owner:?}");
+    Ok(())
+}
+
+/// Audit records of `kind` (the `issuer audit tail` lines that name it).
+fn audit_lines(issuer: &Issuer, kind: &str) -> Result<Vec<String>> {
+    let tail = plant_tests::run_ok(issuer.cli().args(["audit", "tail", "-n", "200"]))?;
+    Ok(tail
+        .lines()
+        .filter(|l| l.contains(&format!(" {kind} ")))
+        .map(str::to_owned)
+        .collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_modbus_requests_reported_by_a_node_land_in_the_issuer_audit_log() -> Result<()> {
+    use agent::proxy_audit::{ProxyAudit, RefusedRequest};
+    let issuer = Issuer::start()?;
+    let node = attest_with_token(&issuer, &issuer.join_token()?)
+        .await?
+        .map_err(|s| anyhow::anyhow!("{s:?}"))?;
+    let node_id = node.svid.spiffe_id.clone();
+
+    // The agent's reporter, over the agent's own issuer client with the node SVID.
+    let key = agent::svid::KeyPair::from_pkcs8_pem(&node.key.serialize_pem())?;
+    let identity = agent::issuer_client::NodeIdentity::from_node_svid(node.svid.clone(), key)?;
+    let root_pem = std::fs::read_to_string(issuer.root_pem())?;
+    let endpoint = agent::issuer_client::IssuerEndpoint::new(
+        &issuer.agent_api_url()?,
+        &plant_tests::pem_blocks(&root_pem, "CERTIFICATE"),
+    )?;
+    let (_published, issuer_client) =
+        tokio::sync::watch::channel(Some(endpoint.client(Some(&identity))?));
+    let audit = ProxyAudit::spawn(issuer_client);
+    let peer = proto::SpiffeId::new(&format!("spiffe://{TD}/historian"))?;
+    for transaction_id in [0x0101, 0x0102, 0x0103] {
+        audit.refused(RefusedRequest {
+            device: "press-7".into(),
+            peer: peer.clone(),
+            function_code: 6,
+            transaction_id,
+            unit_id: 17,
+        });
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let refused = loop {
+        let lines = audit_lines(&issuer, "proxy.request_refused")?;
+        if lines.len() >= 3 || std::time::Instant::now() > deadline {
+            break lines;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    assert_eq!(refused.len(), 3, "{refused:?}");
+    for (line, transaction_id) in refused.iter().zip([0x0101, 0x0102, 0x0103]) {
+        for expected in [
+            format!("\"node\":\"{node_id}\""),
+            "\"device\":\"press-7\"".to_owned(),
+            format!("\"peer\":\"{peer}\""),
+            "\"function_code\":6".to_owned(),
+            format!("\"transaction_id\":{transaction_id}"),
+            "\"unit_id\":17".to_owned(),
+        ] {
+            assert!(line.contains(&expected), "{expected} not in {line}");
+        }
+    }
+
+    // A drop summary, sent as the agent would after its queue overflowed.
+    let mut client = AgentClient::new(agent_api_channel(&issuer, Some(node.tls_identity())).await?);
+    let refused_event = |device: &str| ProxyEvent {
+        device: device.to_owned(),
+        peer_spiffe_id: peer.to_string(),
+        kind: "modbus.request_refused".into(),
+        function_code: 16,
+        transaction_id: 9,
+        unit_id: 1,
+        at: 1_700_000_000,
+        count: 1,
+    };
+    client
+        .report_proxy_events(ReportProxyEventsRequest {
+            events: vec![ProxyEvent {
+                kind: "proxy.events_dropped".into(),
+                count: 7,
+                at: 1_700_000_000,
+                ..ProxyEvent::default()
+            }],
+        })
+        .await?;
+    let dropped = audit_lines(&issuer, "proxy.events_dropped")?;
+    assert_eq!(dropped.len(), 1, "{dropped:?}");
+    assert!(dropped[0].contains("\"count\":7"), "{}", dropped[0]);
+
+    // Bad batches are refused whole, saying why, and record nothing.
+    let too_many = client
+        .report_proxy_events(ReportProxyEventsRequest {
+            events: vec![refused_event("press-7"); 1001],
+        })
+        .await
+        .err()
+        .context("1001 events were accepted")?;
+    assert_eq!(
+        too_many.code(),
+        tonic::Code::InvalidArgument,
+        "{too_many:?}"
+    );
+    assert!(
+        too_many.message().contains("at most 1000"),
+        "{}",
+        too_many.message()
+    );
+    let bad_device = client
+        .report_proxy_events(ReportProxyEventsRequest {
+            events: vec![refused_event("press-7"), refused_event("press 7; rm")],
+        })
+        .await
+        .err()
+        .context("a bad device name was accepted")?;
+    assert_eq!(bad_device.code(), tonic::Code::InvalidArgument);
+    assert!(
+        bad_device.message().contains("proxy event 1: device"),
+        "{}",
+        bad_device.message()
+    );
+    assert_eq!(audit_lines(&issuer, "proxy.request_refused")?.len(), 3);
+
+    // Only a node reports.
+    let mut anonymous = AgentClient::new(agent_api_channel(&issuer, None).await?);
+    let anonymous = anonymous
+        .report_proxy_events(ReportProxyEventsRequest {
+            events: vec![refused_event("press-7")],
+        })
+        .await
+        .err()
+        .context("an anonymous report was accepted")?;
+    assert_eq!(anonymous.code(), tonic::Code::Unauthenticated);
+
+    let verified = plant_tests::run_ok(issuer.cli().args(["audit", "verify"]))?;
+    assert!(verified.contains("audit log intact"), "{verified}");
     Ok(())
 }
