@@ -719,8 +719,8 @@ async fn refused_modbus_requests_reported_by_a_node_land_in_the_issuer_audit_log
         &issuer.agent_api_url()?,
         &plant_tests::pem_blocks(&root_pem, "CERTIFICATE"),
     )?;
-    let (_published, issuer_client) =
-        tokio::sync::watch::channel(Some(endpoint.client(Some(&identity))?));
+    // Refusals before the node has a client are kept until it has one.
+    let (publish, issuer_client) = tokio::sync::watch::channel(None);
     let audit = ProxyAudit::spawn(issuer_client);
     let peer = proto::SpiffeId::new(&format!("spiffe://{TD}/historian"))?;
     for transaction_id in [0x0101, 0x0102, 0x0103] {
@@ -732,6 +732,7 @@ async fn refused_modbus_requests_reported_by_a_node_land_in_the_issuer_audit_log
             unit_id: 17,
         });
     }
+    publish.send(Some(endpoint.client(Some(&identity))?))?;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     let refused = loop {
         let lines = audit_lines(&issuer, "proxy.request_refused")?;
