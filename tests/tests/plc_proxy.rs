@@ -75,6 +75,7 @@ struct Plant {
     issuer: Issuer,
     plc: Plc,
     gateway: Agent,
+    gateway_node: String,
     client: Agent,
 }
 
@@ -141,6 +142,7 @@ allow = [
         issuer,
         plc,
         gateway,
+        gateway_node,
         client,
     };
     plant.gateway.wait_for_log("proxy identity ready", 1)?;
@@ -339,6 +341,38 @@ fn scada_reads_and_writes_reach_the_plc_and_a_read_only_write_is_refused_in_sess
         .find(|c| c.to_string().contains(PRESS))
         .with_context(|| format!("no certificate for {PRESS} in {inventory:?}"))?;
     assert_eq!(press["status"], "valid", "{press}");
+    assert_eq!(
+        press["owner"],
+        format!("legacy:press-7@{}", plant.gateway_node),
+        "{press}"
+    );
+
+    // Each refusal is an audit record on the issuer, reported by the gateway's agent.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let tail = plant_tests::run_ok(plant.issuer.cli().args(["audit", "tail", "-n", "50"]))?;
+        let refused: Vec<&str> = tail
+            .lines()
+            .filter(|l| l.contains("proxy.request_refused") && l.contains(VIEWER))
+            .collect();
+        if refused.len() == 2 {
+            assert!(
+                refused.iter().any(|l| l.contains("\"function_code\":6")),
+                "{tail}"
+            );
+            assert!(
+                refused.iter().any(|l| l.contains("\"function_code\":8")),
+                "{tail}"
+            );
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "no 2 refusals in the audit log:\n{tail}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    plant_tests::run_ok(plant.issuer.cli().args(["audit", "verify"]))?;
     Ok(())
 }
 
