@@ -80,8 +80,9 @@ fn main() -> Result<()> {
     println!("PLC (in process, FC 3 and FC 16) at {plc}");
 
     // Each setup's address; what it needs (issuer, agents, stunnel) lives until the end.
-    // (key as in --setups and RESULT lines, name in the table, address the client uses)
-    let mut setups: Vec<(&str, &str, SocketAddr)> = Vec::new();
+    // (key as in --setups and RESULT lines, name in the table, address the client uses,
+    // the processes doing the wrapping, whose CPU time is measured)
+    let mut setups: Vec<(&str, &str, SocketAddr, Vec<u32>)> = Vec::new();
     let mut keep = Vec::<Box<dyn std::any::Any>>::new();
     let needs_issuer = args.setups.iter().any(|s| s != "direct");
     let issuer = if needs_issuer {
@@ -96,13 +97,19 @@ fn main() -> Result<()> {
         .build()?;
     for setup in &args.setups {
         match setup.as_str() {
-            "direct" => setups.push(("direct", "direct TCP", plc)),
+            "direct" => setups.push(("direct", "direct TCP", plc, Vec::new())),
             "proxies" => {
                 let issuer = issuer.as_ref().context("no issuer")?;
                 let (address, agents) = proxies::start(issuer, plc)?;
                 runtime.block_on(wait_until_answering(address, "the proxies"))?;
                 println!("proxies: outbound {address} → inbound → PLC");
-                setups.push(("proxies", "our proxies (A out → B in)", address));
+                let pids = [agents.0.pid(), agents.1.pid()].into_iter().flatten();
+                setups.push((
+                    "proxies",
+                    "our proxies (A out → B in)",
+                    address,
+                    pids.collect(),
+                ));
                 keep.push(Box::new(agents));
             }
             "stunnel" => {
@@ -110,7 +117,8 @@ fn main() -> Result<()> {
                 let (address, tunnels) = stunnel::start(issuer, &args.stunnel, plc)?;
                 runtime.block_on(wait_until_answering(address, "stunnel"))?;
                 println!("stunnel: client {address} → server → PLC");
-                setups.push(("stunnel", "stunnel (client → server)", address));
+                let pids = vec![tunnels.1.pid(), tunnels.2.pid()];
+                setups.push(("stunnel", "stunnel (client → server)", address, pids));
                 keep.push(Box::new(tunnels));
             }
             _ => {}
@@ -118,7 +126,7 @@ fn main() -> Result<()> {
     }
 
     let mut results = Vec::new();
-    for (key, name, address) in &setups {
+    for (key, name, address, _) in &setups {
         let latency = runtime
             .block_on(measure_latency(*address, args.warmup, args.requests))
             .with_context(|| format!("latency through {name}"))?;
@@ -129,7 +137,9 @@ fn main() -> Result<()> {
         results.push((*key, *name, latency));
     }
     let mut rates = Vec::new();
-    for (_, name, address) in &setups {
+    let clock_ticks = clock_ticks_per_second();
+    for (_, name, address, pids) in &setups {
+        let cpu_before = cpu_seconds(pids, clock_ticks);
         let rate = runtime
             .block_on(measure_throughput(
                 *address,
@@ -138,6 +148,7 @@ fn main() -> Result<()> {
                 Duration::from_secs_f64(args.seconds),
             ))
             .with_context(|| format!("throughput through {name}"))?;
+        let rate = rate.with_cpu(pids, cpu_before.zip(cpu_seconds(pids, clock_ticks)));
         println!(
             "{name}: {:.0} requests/s, {:.1} MB/s",
             rate.requests_per_sec, rate.megabytes_per_sec
@@ -415,8 +426,51 @@ fn percentile_us(sorted_ns: &[u64], percent: f64) -> f64 {
 
 #[derive(Debug, Clone, Copy)]
 struct Throughput {
+    requests: u64,
+    seconds: f64,
     requests_per_sec: f64,
     megabytes_per_sec: f64,
+    /// CPU seconds the wrapping processes used per wall second, and per request in µs.
+    cpu: Option<(f64, f64)>,
+}
+
+impl Throughput {
+    /// With the CPU time `pids` used over the run, from (before, after) in seconds.
+    fn with_cpu(self, pids: &[u32], cpu: Option<(f64, f64)>) -> Self {
+        let cpu = cpu.filter(|_| !pids.is_empty()).map(|(before, after)| {
+            let used = after - before;
+            (
+                used / self.seconds,
+                used * 1e6 / (self.requests.max(1) as f64),
+            )
+        });
+        Self { cpu, ..self }
+    }
+}
+
+/// Clock ticks per second of /proc/PID/stat's times (`getconf CLK_TCK`; 100 on Linux).
+fn clock_ticks_per_second() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|out| String::from_utf8_lossy(&out.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// User + system CPU seconds `pids` have used so far (all threads), or `None` if one of them
+/// can't be read (it exited).
+fn cpu_seconds(pids: &[u32], ticks_per_second: f64) -> Option<f64> {
+    let mut ticks = 0.0;
+    for pid in pids {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // The fields after the ")" closing the command name: utime and stime are the 12th and
+        // 13th (fields 14 and 15 of the whole line).
+        let rest = stat.rsplit_once(')')?.1;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        ticks += fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    }
+    Some(ticks / ticks_per_second)
 }
 
 /// `connections` connections, each sending `pipeline` requests at once (FC 3 reads of 125
@@ -470,8 +524,11 @@ async fn measure_throughput(
     }
     let seconds = started.elapsed().as_secs_f64();
     Ok(Throughput {
+        requests,
+        seconds,
         requests_per_sec: requests as f64 / seconds,
         megabytes_per_sec: bytes as f64 / seconds / 1e6,
+        cpu: None,
     })
 }
 
@@ -517,6 +574,12 @@ mod stunnel {
 
     /// A stunnel process, stopped when dropped.
     pub struct Tunnel(Child);
+
+    impl Tunnel {
+        pub fn pid(&self) -> u32 {
+            self.0.id()
+        }
+    }
 
     impl Drop for Tunnel {
         fn drop(&mut self) {
@@ -651,15 +714,27 @@ fn report(args: &Args, latencies: &[(&str, &str, Latency)], rates: &[Throughput]
     );
     println!();
     println!(
-        "{:<28} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>8}",
-        "setup", "p50 µs", "p99 µs", "max µs", "+p50 µs", "+p99 µs", "requests/s", "MB/s"
+        "{:<28} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>8} {:>6} {:>9}",
+        "setup",
+        "p50 µs",
+        "p99 µs",
+        "max µs",
+        "+p50 µs",
+        "+p99 µs",
+        "requests/s",
+        "MB/s",
+        "cores",
+        "CPU µs/rq"
     );
     for ((_, name, latency), rate) in latencies.iter().zip(rates) {
         let added = |value: f64, base: Option<f64>| {
             base.map_or("-".to_owned(), |b| format!("{:+.1}", value - b))
         };
+        let (cores, per_request) = rate.cpu.map_or(("-".to_owned(), "-".to_owned()), |(c, r)| {
+            (format!("{c:.2}"), format!("{r:.1}"))
+        });
         println!(
-            "{:<28} {:>9.1} {:>9.1} {:>9.1} {:>9} {:>9} {:>10.0} {:>8.1}",
+            "{:<28} {:>9.1} {:>9.1} {:>9.1} {:>9} {:>9} {:>10.0} {:>8.1} {:>6} {:>9}",
             name,
             latency.p50_us,
             latency.p99_us,
@@ -667,9 +742,13 @@ fn report(args: &Args, latencies: &[(&str, &str, Latency)], rates: &[Throughput]
             added(latency.p50_us, direct.map(|d| d.p50_us)),
             added(latency.p99_us, direct.map(|d| d.p99_us)),
             rate.requests_per_sec,
-            rate.megabytes_per_sec
+            rate.megabytes_per_sec,
+            cores,
+            per_request
         );
     }
+    println!("cores, CPU µs/rq: CPU time of the wrapping processes (both agents, or both stunnels) during the");
+    println!("  throughput run, per wall second and per request; the PLC and this client are not counted");
     println!();
     let proxies = latencies
         .iter()
@@ -692,13 +771,15 @@ fn report(args: &Args, latencies: &[(&str, &str, Latency)], rates: &[Throughput]
     }
     for ((key, _, latency), rate) in latencies.iter().zip(rates) {
         println!(
-            "RESULT setup={} p50_us={:.1} p99_us={:.1} max_us={:.1} requests_per_sec={:.0} mb_per_sec={:.1}",
+            "RESULT setup={} p50_us={:.1} p99_us={:.1} max_us={:.1} requests_per_sec={:.0} mb_per_sec={:.1} cores={} cpu_us_per_request={}",
             key,
             latency.p50_us,
             latency.p99_us,
             latency.max_us,
             rate.requests_per_sec,
-            rate.megabytes_per_sec
+            rate.megabytes_per_sec,
+            rate.cpu.map_or("?".to_owned(), |(c, _)| format!("{c:.2}")),
+            rate.cpu.map_or("?".to_owned(), |(_, r)| format!("{r:.1}"))
         );
     }
 }
