@@ -9,7 +9,9 @@
 //!   (gateway agent B, identity press-7, Modbus policy read-write for hmi-1) → PLC;
 //! - stunnel: client → stunnel client mode (client certificate, verifyChain) → mTLS →
 //!   stunnel server mode (requires and verifies the client certificate) → PLC, with P-256
-//!   certificates from the same issuer (EST enrollment), the proxies' key type.
+//!   certificates from the same issuer (EST enrollment), the proxies' key type;
+//! - inbound: one hop of ours, client → stunnel client mode (with an X509-SVID that agent
+//!   A's Workload API serves this process) → mTLS → inbound proxy (agent B) → PLC.
 //!
 //! The PLC is a minimal Modbus/TCP server in this process (FC 3 reads, FC 16 writes), on its
 //! own thread, so that it adds next to nothing: a Python PLC would dominate the figures.
@@ -26,6 +28,8 @@ use tokio::net::{TcpListener, TcpStream};
 
 const PLC_ID: &str = "spiffe://plant.example/plc/press-7";
 const HMI_ID: &str = "spiffe://plant.example/scada/hmi-1";
+/// The workload identity of setup "inbound" (its stunnel client), let in by the inbound proxy.
+const BENCH_ID: &str = "spiffe://plant.example/scada/bench";
 /// The largest FC 3 read and FC 16 write (Modbus Application Protocol v1.1b3 §6.3, §6.12):
 /// the read's answer and the write's request are 259-byte frames, a PDU of 252 bytes.
 const MAX_READ: u16 = 125;
@@ -54,8 +58,12 @@ struct Args {
     /// Seconds of the throughput run, per setup.
     #[arg(long, default_value_t = 5.0)]
     seconds: f64,
-    /// Which setups to measure, comma separated: direct, proxies, stunnel.
-    #[arg(long, default_value = "direct,proxies,stunnel", value_delimiter = ',')]
+    /// Which setups to measure, comma separated: direct, proxies, stunnel, inbound.
+    #[arg(
+        long,
+        default_value = "direct,proxies,stunnel,inbound",
+        value_delimiter = ','
+    )]
     setups: Vec<String>,
     /// The stunnel program (Debian: stunnel4).
     #[arg(long, default_value = "stunnel4")]
@@ -66,8 +74,8 @@ fn main() -> Result<()> {
     let args = Args::parse();
     for setup in &args.setups {
         ensure!(
-            matches!(setup.as_str(), "direct" | "proxies" | "stunnel"),
-            "unknown setup {setup:?} (direct, proxies, stunnel)"
+            matches!(setup.as_str(), "direct" | "proxies" | "stunnel" | "inbound"),
+            "unknown setup {setup:?} (direct, proxies, stunnel, inbound)"
         );
     }
     ensure!(args.requests > 0, "--requests must be at least 1");
@@ -95,22 +103,39 @@ fn main() -> Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    // Both agents, once started (setups "proxies" and "inbound" share them).
+    let mut agents: Option<proxies::Proxies> = None;
     for setup in &args.setups {
+        if matches!(setup.as_str(), "proxies" | "inbound") && agents.is_none() {
+            let issuer = issuer.as_ref().context("no issuer")?;
+            agents = Some(proxies::start(issuer, plc)?);
+        }
         match setup.as_str() {
             "direct" => setups.push(("direct", "direct TCP", plc, Vec::new())),
             "proxies" => {
-                let issuer = issuer.as_ref().context("no issuer")?;
-                let (address, agents) = proxies::start(issuer, plc)?;
+                let agents = agents.as_ref().context("no agents")?;
+                let address = agents.outbound;
                 runtime.block_on(wait_until_answering(address, "the proxies"))?;
                 println!("proxies: outbound {address} → inbound → PLC");
-                let pids = [agents.0.pid(), agents.1.pid()].into_iter().flatten();
                 setups.push((
                     "proxies",
                     "our proxies (A out → B in)",
                     address,
-                    pids.collect(),
+                    agents.pids(),
                 ));
-                keep.push(Box::new(agents));
+            }
+            "inbound" => {
+                let issuer = issuer.as_ref().context("no issuer")?;
+                let agents = agents.as_ref().context("no agents")?;
+                let svid = runtime.block_on(proxies::workload_svid(&agents.client.socket))?;
+                let (address, tunnel) =
+                    stunnel::start_client(issuer, &args.stunnel, &svid, agents.inbound)?;
+                runtime.block_on(wait_until_answering(address, "stunnel → inbound proxy"))?;
+                println!("inbound: stunnel client {address} → inbound → PLC");
+                let pids = [agents.gateway.pid(), Some(tunnel.1.pid())];
+                let pids = pids.into_iter().flatten().collect();
+                setups.push(("inbound", "stunnel → our inbound (B)", address, pids));
+                keep.push(Box::new(tunnel));
             }
             "stunnel" => {
                 let issuer = issuer.as_ref().context("no issuer")?;
@@ -157,6 +182,7 @@ fn main() -> Result<()> {
     }
     report(&args, &results, &rates);
     drop(keep);
+    drop(agents);
     drop(issuer);
     Ok(())
 }
@@ -540,11 +566,30 @@ mod proxies {
 
     const JOIN_TOKEN: &str = "method = \"join_token\"\njoin_token_file = \"join.token\"\n";
 
+    /// Both agents and their proxies' addresses.
+    pub struct Proxies {
+        /// Agent A's outbound proxy (hmi-1).
+        pub outbound: SocketAddr,
+        /// Agent B's inbound proxy (press-7).
+        pub inbound: SocketAddr,
+        pub gateway: Agent,
+        pub client: Agent,
+    }
+
+    impl Proxies {
+        pub fn pids(&self) -> Vec<u32> {
+            [self.gateway.pid(), self.client.pid()]
+                .into_iter()
+                .flatten()
+                .collect()
+        }
+    }
+
     /// Gateway agent B (inbound proxy for press-7 in front of the PLC) and agent A (outbound
-    /// proxy for hmi-1 to B); returns A's listen address and both agents.
-    pub fn start(issuer: &Issuer, plc: SocketAddr) -> Result<(SocketAddr, (Agent, Agent))> {
+    /// proxy for hmi-1 to B, and a workload entry for this process's uid as `BENCH_ID`).
+    pub fn start(issuer: &Issuer, plc: SocketAddr) -> Result<Proxies> {
         let inbound = format!(
-            "[[proxy.inbound]]\ndevice = \"press-7\"\nspiffe_id = \"{PLC_ID}\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{plc}\"\nprotocol = \"modbus\"\nallow = [{{ spiffe_id = \"{HMI_ID}\", access = \"read-write\" }}]\n"
+            "[[proxy.inbound]]\ndevice = \"press-7\"\nspiffe_id = \"{PLC_ID}\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{plc}\"\nprotocol = \"modbus\"\nallow = [\n  {{ spiffe_id = \"{HMI_ID}\", access = \"read-write\" }},\n  {{ spiffe_id = \"{BENCH_ID}\", access = \"read-write\" }},\n]\n"
         );
         let token = issuer.join_token()?;
         let mut gateway =
@@ -563,8 +608,70 @@ mod proxies {
                 .context("starting the client agent (outbound proxy)")?;
         let client_node = client.node_id()?;
         issuer.create_entry(HMI_ID, &client_node, &["legacy:device:hmi-1"], &[])?;
-        let outbound_address = client.proxy_address("hmi-1")?;
-        Ok((outbound_address, (gateway, client)))
+        let uid = format!("unix:uid:{}", plant_tests::own_uid()?);
+        issuer.create_entry(BENCH_ID, &client_node, &[&uid], &[])?;
+        let outbound = client.proxy_address("hmi-1")?;
+        Ok(Proxies {
+            outbound,
+            inbound: inbound_address,
+            gateway,
+            client,
+        })
+    }
+
+    /// An X509-SVID for `BENCH_ID` from the Workload API at `socket`: (chain DER, leaf
+    /// first; PKCS#8 key DER). Waits up to 60 s for the entry to reach the agent.
+    pub async fn workload_svid(socket: &Path) -> Result<(Vec<Vec<u8>>, Vec<u8>)> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let attempt = async {
+                let mut client = plant_tests::workload_client(socket).await?;
+                let mut stream = client
+                    .fetch_x509svid(plant_tests::x509_request(true))
+                    .await?
+                    .into_inner();
+                let message = stream.message().await?.context("no message")?;
+                let svid = message
+                    .svids
+                    .into_iter()
+                    .find(|svid| svid.spiffe_id == BENCH_ID)
+                    .context("no SVID for the bench yet")?;
+                anyhow::Ok((split_der(&svid.x509_svid)?, svid.x509_svid_key))
+            };
+            match attempt.await {
+                Ok(svid) => return Ok(svid),
+                Err(error) if Instant::now() > deadline => {
+                    bail!("no X509-SVID for {BENCH_ID} within 60 s: {error:#}")
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    }
+
+    /// Concatenated DER certificates (the Workload API's `x509_svid`) one by one.
+    pub fn split_der(mut bytes: &[u8]) -> Result<Vec<Vec<u8>>> {
+        let mut certificates = Vec::new();
+        while !bytes.is_empty() {
+            ensure!(bytes.len() >= 2 && bytes[0] == 0x30, "not a DER SEQUENCE");
+            // Definite lengths only (DER): short form, or 0x8N and N big-endian length bytes.
+            let (header, length) = match bytes[1] {
+                short @ 0..=0x7f => (2, usize::from(short)),
+                long @ 0x81..=0x84 => {
+                    let count = usize::from(long & 0x7f);
+                    let digits = bytes.get(2..2 + count).context("truncated DER length")?;
+                    let length = digits
+                        .iter()
+                        .fold(0usize, |acc, digit| (acc << 8) | usize::from(*digit));
+                    (2 + count, length)
+                }
+                _ => bail!("unsupported DER length"),
+            };
+            let end = header + length;
+            ensure!(bytes.len() >= end, "truncated DER certificate");
+            certificates.push(bytes[..end].to_vec());
+            bytes = &bytes[end..];
+        }
+        Ok(certificates)
     }
 }
 
@@ -625,6 +732,40 @@ mod stunnel {
         ))
     }
 
+    /// A client-mode stunnel to `inbound` (our inbound proxy) presenting `svid` (chain DER,
+    /// PKCS#8 key DER) and verifying the proxy's chain up to the plant root.
+    pub fn start_client(
+        issuer: &Issuer,
+        program: &Path,
+        svid: &(Vec<Vec<u8>>, Vec<u8>),
+        inbound: SocketAddr,
+    ) -> Result<(SocketAddr, (tempfile::TempDir, Tunnel))> {
+        use base64::Engine;
+        let dir = tempfile::tempdir()?;
+        let chain = dir.path().join("bench-svid.pem");
+        plant_tests::write_pem(&chain, &svid.0)?;
+        let key = dir.path().join("bench-svid.key");
+        let text = base64::engine::general_purpose::STANDARD.encode(&svid.1);
+        let mut pem = String::from("-----BEGIN PRIVATE KEY-----\n");
+        for line in text.as_bytes().chunks(64) {
+            pem.push_str(&String::from_utf8_lossy(line));
+            pem.push('\n');
+        }
+        pem.push_str("-----END PRIVATE KEY-----\n");
+        std::fs::write(&key, pem)?;
+        let port = free_port()?;
+        let file = write_config(
+            dir.path(),
+            "stunnel-svid",
+            &chain,
+            &key,
+            &issuer.root_pem(),
+            &format!("client = yes\n[plc]\naccept = 127.0.0.1:{port}\nconnect = {inbound}\n"),
+        )?;
+        let tunnel = spawn(program, &file, dir.path(), "svid-client")?;
+        Ok((SocketAddr::from(([127, 0, 0, 1], port)), (dir, tunnel)))
+    }
+
     /// Enrolls `name` over EST and writes its stunnel configuration; `service` is the
     /// mode-specific part. Both sides verify the peer's chain up to the plant root.
     fn config(
@@ -644,6 +785,19 @@ mod stunnel {
             text.push_str(&std::fs::read_to_string(issuer.issuing_pem())?);
         }
         std::fs::write(&chain, text)?;
+        write_config(dir, name, &chain, &key, root, service)
+    }
+
+    /// `dir/name.conf`: foreground, warnings only, `chain` and `key` presented, the peer's
+    /// chain verified up to `root`, then `service`.
+    fn write_config(
+        dir: &Path,
+        name: &str,
+        chain: &Path,
+        key: &Path,
+        root: &Path,
+        service: &str,
+    ) -> Result<PathBuf> {
         let file = dir.join(format!("{name}.conf"));
         std::fs::write(
             &file,
@@ -747,8 +901,8 @@ fn report(args: &Args, latencies: &[(&str, &str, Latency)], rates: &[Throughput]
             per_request
         );
     }
-    println!("cores, CPU µs/rq: CPU time of the wrapping processes (both agents, or both stunnels) during the");
-    println!("  throughput run, per wall second and per request; the PLC and this client are not counted");
+    println!("cores, CPU µs/rq: CPU time of the wrapping processes (both agents, both stunnels, or agent B and");
+    println!("  the stunnel client) in the throughput run, per wall second and per request; PLC and client not counted");
     println!();
     let proxies = latencies
         .iter()
@@ -833,6 +987,18 @@ mod tests {
             259
         );
         assert_eq!(write_request(1, 0, MAX_WRITE).len(), 259);
+    }
+
+    #[test]
+    fn concatenated_der_certificates_split_at_their_lengths() -> Result<()> {
+        let short = vec![0x30, 0x03, 1, 2, 3];
+        let mut long = vec![0x30, 0x81, 0x80];
+        long.extend([7u8; 0x80]);
+        let joined = [short.clone(), long.clone()].concat();
+        assert_eq!(proxies::split_der(&joined)?, vec![short, long]);
+        assert!(proxies::split_der(&joined[..joined.len() - 1]).is_err());
+        assert!(proxies::split_der(&[0x04, 0x00]).is_err());
+        Ok(())
     }
 
     #[test]
