@@ -535,10 +535,15 @@ fn plc_down_closes_clients_promptly_and_back_up_serves_them_again() -> Result<()
     assert_eq!(summary["closed"], 20, "{summary}");
     let log = plant.gateway.log();
     assert!(log.contains("unreachable"), "{log}");
+    // Each client connection that got past the handshake is a session; pymodbus may retry
+    // a closed one, so count sessions rather than clients. Most must have been closed
+    // without a connect to the PLC (back-off 0.5 s doubling, one probe at a time).
     let tried = log.matches("connecting to 127.0.0.1").count();
+    let sessions = log.matches("session opened").count();
+    assert!(log.contains("not trying again"), "{log}");
     assert!(
-        (1..10).contains(&tried),
-        "{tried} attempts for 20 clients:\n{log}"
+        tried >= 1 && tried * 2 <= sessions,
+        "{tried} connect attempts for {sessions} sessions:\n{log}"
     );
 
     plant.plc = Plc::start(port)?;

@@ -8,11 +8,11 @@ use std::time::Duration;
 use proto::SpiffeId;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
-use tokio::task::JoinSet;
+use tokio::sync::watch;
 
 use super::config::{Inbound, Protocol};
 use super::identity::Revoked;
+use super::listener;
 use super::metrics::ProxyMetrics;
 use super::modbus::Frame;
 use super::relay::{self, End, Traffic};
@@ -46,44 +46,25 @@ pub async fn serve(
     metrics: Arc<ProxyMetrics>,
 ) {
     let upstream = Arc::new(Upstream::new(proxy.upstream.clone(), proxy.connect_timeout));
-    let slots = Arc::new(Semaphore::new(proxy.max_sessions));
-    let mut sessions = JoinSet::new();
-    loop {
-        let (stream, from) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                // Out of file descriptors and the like: wait instead of spinning.
-                tracing::warn!(device = proxy.device, error = %e, "accepting a connection failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        while sessions.try_join_next().is_some() {}
-        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-            metrics.session_refused("max_sessions");
-            tracing::warn!(device = proxy.device, %from, max_sessions = proxy.max_sessions, "connection closed: the device has its maximum of open sessions");
-            continue;
-        };
-        let tls = match &*identity.borrow() {
-            Ok(tls) => tls.clone(),
-            Err(reason) => {
-                metrics.session_refused("no_identity");
-                tracing::warn!(device = proxy.device, %from, "connection closed: no identity to present yet: {reason}");
-                continue;
-            }
-        };
-        let context = Context {
-            proxy: Arc::clone(&proxy),
-            upstream: Arc::clone(&upstream),
-            identity: identity.clone(),
-            audit: audit.clone(),
-            metrics: Arc::clone(&metrics),
-        };
-        sessions.spawn(async move {
-            context.session(stream, from, tls).await;
-            drop(slot);
-        });
-    }
+    let watched = identity.clone();
+    listener::accept(
+        listener,
+        &proxy.device,
+        proxy.max_sessions,
+        identity,
+        &metrics,
+        |stream, from, tls| {
+            let context = Context {
+                proxy: Arc::clone(&proxy),
+                upstream: Arc::clone(&upstream),
+                identity: watched.clone(),
+                audit: audit.clone(),
+                metrics: Arc::clone(&metrics),
+            };
+            context.session(stream, from, tls)
+        },
+    )
+    .await;
 }
 
 struct Context {

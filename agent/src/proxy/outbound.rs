@@ -8,10 +8,10 @@ use std::time::Duration;
 
 use rustls::pki_types::ServerName;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
-use tokio::task::JoinSet;
+use tokio::sync::watch;
 
 use super::config::Outbound;
+use super::listener;
 use super::metrics::ProxyMetrics;
 use super::relay::{self, Traffic};
 use super::session::{self, Session};
@@ -41,49 +41,32 @@ pub async fn serve(
     // Only for SNI: the gateway is verified by its SPIFFE ID, not a host name.
     let server_name = ServerName::try_from(host)
         .unwrap_or_else(|_| ServerName::try_from("gateway.invalid").expect("a valid DNS name"));
-    let slots = Arc::new(Semaphore::new(proxy.max_sessions));
-    let mut sessions = JoinSet::new();
-    loop {
-        let (stream, from) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                tracing::warn!(device = proxy.device, error = %e, "accepting a connection failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
+    listener::accept(
+        listener,
+        &proxy.device,
+        proxy.max_sessions,
+        identity,
+        &metrics,
+        |stream, from, config| {
+            let proxy = Arc::clone(&proxy);
+            let gateway = Arc::clone(&gateway);
+            let metrics = Arc::clone(&metrics);
+            let server_name = server_name.clone();
+            async move {
+                session(
+                    stream,
+                    from,
+                    &proxy,
+                    &gateway,
+                    config,
+                    server_name,
+                    &metrics,
+                )
+                .await;
             }
-        };
-        while sessions.try_join_next().is_some() {}
-        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-            metrics.session_refused("max_sessions");
-            tracing::warn!(device = proxy.device, %from, max_sessions = proxy.max_sessions, "connection closed: the device has its maximum of open sessions");
-            continue;
-        };
-        let config = match &*identity.borrow() {
-            Ok(config) => Arc::clone(config),
-            Err(reason) => {
-                metrics.session_refused("no_identity");
-                tracing::warn!(device = proxy.device, %from, "connection closed: no identity to present yet: {reason}");
-                continue;
-            }
-        };
-        let proxy = Arc::clone(&proxy);
-        let gateway = Arc::clone(&gateway);
-        let metrics = Arc::clone(&metrics);
-        let server_name = server_name.clone();
-        sessions.spawn(async move {
-            session(
-                stream,
-                from,
-                &proxy,
-                &gateway,
-                config,
-                server_name,
-                &metrics,
-            )
-            .await;
-            drop(slot);
-        });
-    }
+        },
+    )
+    .await;
 }
 
 async fn session(
