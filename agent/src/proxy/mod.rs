@@ -31,6 +31,7 @@ use tokio::task::JoinSet;
 
 use crate::cache::Snapshot;
 use crate::proxy_audit::ProxyAudit;
+use crate::svid::X509Svid;
 use crate::Error;
 use config::{Inbound, Outbound, ProxyConfig};
 use identity::Revoked;
@@ -173,13 +174,51 @@ pub async fn serve(bound: Bound, state: watch::Receiver<Arc<Snapshot>>, audit: P
     while tasks.join_next().await.is_some() {}
 }
 
-/// What a published configuration was built from, to rebuild only on a change.
-#[derive(PartialEq)]
-struct Basis {
-    svid: Option<usize>,
-    bundle: Vec<Vec<u8>>,
+/// What the published configurations were built from, to rebuild only what changed: the
+/// cache republishes on every SVID of every workload, most of which concern no proxy.
+#[derive(Default)]
+struct Built {
+    /// The bundle of the last build (`None` before the first); every proxy depends on it.
+    bundle: Option<Vec<Vec<u8>>>,
+    /// The CRLs of the last build.
     crl: Vec<Vec<u8>>,
-    problem: Option<String>,
+    /// The CRLs, parsed once per change.
+    revoked: Arc<Revoked>,
+    /// Per device, the SVID presented (held, so `ptr_eq` cannot be fooled by a reused
+    /// address) or why there is none.
+    presented: BTreeMap<String, Result<Arc<X509Svid>, String>>,
+}
+
+impl Built {
+    /// Takes the snapshot's trust; whether it differs from the last build's.
+    fn trust(&mut self, snapshot: &Snapshot) -> bool {
+        let same = self.bundle.as_ref() == Some(&snapshot.bundle) && self.crl == snapshot.crl;
+        if !same {
+            self.revoked = Arc::new(Revoked::from_crls(&snapshot.crl));
+            self.bundle = Some(snapshot.bundle.clone());
+            self.crl = snapshot.crl.clone();
+        }
+        !same
+    }
+
+    /// Whether `device` must be rebuilt for `svid` (always when the trust changed).
+    fn device(
+        &mut self,
+        device: &str,
+        svid: &Result<Arc<X509Svid>, String>,
+        trust_changed: bool,
+    ) -> bool {
+        let same = match (self.presented.get(device), svid) {
+            (Some(Ok(before)), Ok(now)) => Arc::ptr_eq(before, now),
+            (Some(Err(before)), Err(now)) => before == now,
+            _ => false,
+        };
+        if same && !trust_changed {
+            return false;
+        }
+        self.presented.insert(device.to_owned(), svid.clone());
+        true
+    }
 }
 
 async fn follow(
@@ -187,16 +226,17 @@ async fn follow(
     inbound: Vec<(Arc<Inbound>, watch::Sender<inbound::Identity>)>,
     outbound: Vec<(Arc<Outbound>, watch::Sender<outbound::Identity>)>,
 ) {
-    let mut bases: BTreeMap<String, Basis> = BTreeMap::new();
+    let mut built = Built::default();
     loop {
         let snapshot = Arc::clone(&state.borrow_and_update());
-        let revoked = Arc::new(Revoked::from_crls(&snapshot.crl));
+        let trust_changed = built.trust(&snapshot);
+        let revoked = Arc::clone(&built.revoked);
         for (proxy, sender) in &inbound {
             let svid = identity::device_svid(&snapshot, &proxy.device, &proxy.spiffe_id);
-            if !changed(&mut bases, &proxy.device, &snapshot, &svid) {
+            if !built.device(&proxy.device, &svid, trust_changed) {
                 continue;
             }
-            let built = svid.and_then(|svid| {
+            let made = svid.and_then(|svid| {
                 identity::server_config(
                     &svid,
                     &snapshot.bundle,
@@ -208,7 +248,7 @@ async fn follow(
             let _previous = sender.send_replace(announce(
                 &proxy.device,
                 &snapshot,
-                built.map(|(svid, config)| {
+                made.map(|(svid, config)| {
                     (
                         svid,
                         inbound::InboundTls {
@@ -221,10 +261,10 @@ async fn follow(
         }
         for (proxy, sender) in &outbound {
             let svid = identity::device_svid(&snapshot, &proxy.device, &proxy.spiffe_id);
-            if !changed(&mut bases, &proxy.device, &snapshot, &svid) {
+            if !built.device(&proxy.device, &svid, trust_changed) {
                 continue;
             }
-            let built = svid.and_then(|svid| {
+            let made = svid.and_then(|svid| {
                 identity::client_config(
                     &svid,
                     &snapshot.bundle,
@@ -233,7 +273,7 @@ async fn follow(
                 )
                 .map(|config| (svid, config))
             });
-            let _previous = sender.send_replace(announce(&proxy.device, &snapshot, built));
+            let _previous = sender.send_replace(announce(&proxy.device, &snapshot, made));
         }
         if state.changed().await.is_err() {
             return;
@@ -241,30 +281,11 @@ async fn follow(
     }
 }
 
-fn changed(
-    bases: &mut BTreeMap<String, Basis>,
-    device: &str,
-    snapshot: &Snapshot,
-    svid: &Result<Arc<crate::svid::X509Svid>, String>,
-) -> bool {
-    let basis = Basis {
-        svid: svid.as_ref().ok().map(|s| Arc::as_ptr(s) as usize),
-        bundle: snapshot.bundle.clone(),
-        crl: snapshot.crl.clone(),
-        problem: svid.as_ref().err().cloned(),
-    };
-    if bases.get(device) == Some(&basis) {
-        return false;
-    }
-    bases.insert(device.to_owned(), basis);
-    true
-}
-
 /// Logs what the proxy now presents (or why nothing) and passes the result on.
 fn announce<T>(
     device: &str,
     snapshot: &Snapshot,
-    built: Result<(Arc<crate::svid::X509Svid>, T), String>,
+    built: Result<(Arc<X509Svid>, T), String>,
 ) -> Result<T, String> {
     match built {
         Ok((svid, value)) => {
