@@ -22,7 +22,10 @@ use crate::jwt::JwtKeys;
 use crate::metrics::{Outcome, METRICS};
 use crate::node::NodeAttestation;
 use crate::pem_files::{self, Overwrite};
-use crate::rotation::{is_valid, jitter, lifetime_start, retry_delay, rotation_time};
+use crate::rotation::{
+    arrived_expired, clock_ahead_message, is_valid, jitter, lifetime_start, retry_delay,
+    rotation_time,
+};
 use crate::status::{self, Status};
 use crate::svid::{certificate_validity, ensure_certifies, spiffe_id_of, KeyPair, X509Svid};
 use crate::Error;
@@ -98,6 +101,11 @@ struct Fingerprint {
     node: Option<SystemTime>,
 }
 
+/// A pass that finds the wall clock earlier than the previous pass by more than this saw
+/// the clock step back (passes are at most a sync interval apart, and never go back by
+/// themselves).
+const CLOCK_STEP_TOLERANCE: Duration = Duration::from_secs(2);
+
 /// Keeps the cache fresh; see the module doc.
 pub struct Manager {
     trust_domain: TrustDomain,
@@ -116,6 +124,8 @@ pub struct Manager {
     sync_failures: u32,
     mint_failures: u32,
     next_mint: SystemTime,
+    /// The wall-clock time of the previous pass, to notice the clock stepping back.
+    last_pass: SystemTime,
     snapshot: Snapshot,
     last_error: Option<String>,
     state: watch::Sender<Arc<Snapshot>>,
@@ -169,6 +179,7 @@ impl Manager {
             sync_failures: 0,
             mint_failures: 0,
             next_mint: now,
+            last_pass: now,
             snapshot,
             last_error: None,
             state,
@@ -206,6 +217,7 @@ impl Manager {
 
     /// One pass: node identity, sync, minting, expiry; publishes and returns when to wake.
     async fn step(&mut self, now: SystemTime) -> Result<SystemTime, Error> {
+        self.notice_clock_step_back(now);
         let before = self.fingerprint();
         let error_before = self.last_error.clone();
         self.ensure_node(now).await?;
@@ -220,6 +232,28 @@ impl Manager {
             self.publish();
         }
         Ok(self.next_wake(SystemTime::now()))
+    }
+
+    /// Retry and sync times are wall-clock instants; after the clock steps back (an NTP
+    /// correction of a clock that ran ahead, an operator setting it) they would lie hours
+    /// away and the agent would sit idle that long. Bring them to now; backoff counts stay,
+    /// so a clock that keeps jumping still can't make the agent loop. Rotation times are
+    /// left alone: they follow the certificates, which the same clock judges.
+    fn notice_clock_step_back(&mut self, now: SystemTime) {
+        let last = std::mem::replace(&mut self.last_pass, now);
+        let Ok(back) = last.duration_since(now) else {
+            return;
+        };
+        if back < CLOCK_STEP_TOLERANCE {
+            return;
+        }
+        tracing::warn!(
+            seconds = back.as_secs(),
+            "the clock stepped back; retrying the issuer now instead of at the old times"
+        );
+        self.next_node_attempt = self.next_node_attempt.min(now);
+        self.next_sync = self.next_sync.min(now);
+        self.next_mint = self.next_mint.min(now);
     }
 
     fn load_persisted_node(&mut self) {
@@ -320,13 +354,34 @@ impl Manager {
             .as_ref()
             .is_some_and(|n| !is_valid(n.identity.not_after, now));
         if lapsed {
-            tracing::warn!("the node SVID expired (was the issuer unreachable?); attesting again");
+            let dead_on_arrival = self
+                .node
+                .as_ref()
+                .and_then(|n| arrived_expired(n.identity.not_after, n.identity.received_at));
             self.node = None;
-            // Attestation is a new kind of attempt: its backoff starts from the beginning,
-            // so the node is back soon after the issuer is.
-            self.node_failures = 0;
-            self.next_node_attempt = now;
             self.issuer.send_replace(None);
+            match dead_on_arrival {
+                // The clock here is wrong, not the SVID: attesting again at once would only
+                // fetch another dead one, in a loop. Back off (doubling to 30 s) instead.
+                Some(skew) => {
+                    let message = clock_ahead_message("node SVID", skew);
+                    if self.last_error.as_deref() != Some(message.as_str()) {
+                        tracing::error!("{message}");
+                    }
+                    self.next_node_attempt = now + retry_delay(self.node_failures, jitter());
+                    self.node_failures = self.node_failures.saturating_add(1);
+                    self.last_error = Some(message);
+                }
+                None => {
+                    tracing::warn!(
+                        "the node SVID expired (was the issuer unreachable?); attesting again"
+                    );
+                    // Attestation is a new kind of attempt: its backoff starts from the
+                    // beginning, so the node is back soon after the issuer is.
+                    self.node_failures = 0;
+                    self.next_node_attempt = now;
+                }
+            }
         }
         if now < self.next_node_attempt {
             return Ok(());
@@ -420,7 +475,11 @@ impl Manager {
             // Serving goes on; only a restart would need to attest again.
             tracing::warn!(error = %e, "could not save the node identity");
         }
+        let dead_on_arrival = arrived_expired(identity.not_after, identity.received_at);
         match self.adopt(identity) {
+            // Kept as the node's (the issuer, whose clock decides, may still take it) but
+            // its failure count stands, so the lapse it causes next pass backs off.
+            Ok(()) if dead_on_arrival.is_some() => {}
             Ok(()) => {
                 self.node_failures = 0;
                 self.last_error = None;
@@ -555,10 +614,17 @@ impl Manager {
                 self.next_mint = self.next_rotation().unwrap_or(now + self.sync_interval);
             }
             (error, _) => {
-                let text = error.map_or_else(
-                    || format!("the issuer minted no SVID for {missing} entries"),
-                    |e| e.to_string(),
-                );
+                let dead_on_arrival = self
+                    .snapshot
+                    .svids
+                    .values()
+                    .filter_map(|svid| arrived_expired(svid.not_after, SystemTime::now()))
+                    .max();
+                let text = match (error, dead_on_arrival) {
+                    (Some(e), _) => e.to_string(),
+                    (None, Some(skew)) => clock_ahead_message("X509-SVID", skew),
+                    (None, None) => format!("the issuer minted no SVID for {missing} entries"),
+                };
                 tracing::warn!(error = %text, attempt = self.mint_failures, "X509-SVID minting failed; retrying with backoff");
                 self.next_mint = now + retry_delay(self.mint_failures, jitter());
                 self.mint_failures = self.mint_failures.saturating_add(1);

@@ -11,7 +11,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use der::pem::LineEnding;
-use der::{Decode, Encode};
+use der::{Decode, DecodePem, Encode};
 use hsm::KeyRef;
 use x509_cert::Certificate;
 
@@ -216,8 +216,12 @@ pub fn read_certificates(path: &Path) -> Result<Vec<Vec<u8>>, Error> {
     let text = bytes.trim_ascii();
     let certs = if text.is_empty() {
         Vec::new()
-    } else if text.starts_with(b"-----") {
-        Certificate::load_pem_chain(text).map_err(|e| Error::certificate(&what, e))?
+    } else if contains(text, PEM_BEGIN) {
+        // RFC 7468 §5.2 lets text surround the blocks (`openssl pkcs7 -print_certs` writes
+        // subject= and issuer= lines before each): take each block and skip the rest.
+        pem_blocks(text)
+            .map(|block| Certificate::from_pem(block).map_err(|e| Error::certificate(&what, e)))
+            .collect::<Result<Vec<_>, _>>()?
     } else {
         // Some tools hand out a bare DER file; take that too.
         vec![Certificate::from_der(&bytes).map_err(|e| Error::certificate(&what, e))?]
@@ -228,9 +232,57 @@ pub fn read_certificates(path: &Path) -> Result<Vec<Vec<u8>>, Error> {
         .collect()
 }
 
+const PEM_BEGIN: &[u8] = b"-----BEGIN CERTIFICATE-----";
+const PEM_END: &[u8] = b"-----END CERTIFICATE-----";
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    find(haystack, needle).is_some()
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Each `BEGIN CERTIFICATE`…`END CERTIFICATE` block in `text`, with its delimiters; an
+/// unterminated last block is passed on whole so the parser names the problem.
+fn pem_blocks(mut text: &[u8]) -> impl Iterator<Item = &[u8]> {
+    std::iter::from_fn(move || {
+        let start = find(text, PEM_BEGIN)?;
+        let rest = &text[start..];
+        let end = find(rest, PEM_END).map_or(rest.len(), |e| e + PEM_END.len());
+        text = &rest[end..];
+        Some(&rest[..end])
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn certificates_are_read_past_explanatory_text_around_pem_blocks() {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = rcgen::CertificateParams::new(vec!["a.example".into()])
+            .expect("params")
+            .self_signed(&key)
+            .expect("cert");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("cert.pem");
+        let text = format!(
+            "subject=CN=a\nissuer=CN=a\n{}\nsubject=CN=a\n{}trailing words\n",
+            cert.pem(),
+            cert.pem()
+        );
+        fs::write(&path, text).expect("write");
+        let read = read_certificates(&path).expect("read");
+        assert_eq!(read, vec![cert.der().to_vec(), cert.der().to_vec()]);
+        // A cut-off block is an error that names the file, not a silent skip.
+        fs::write(&path, &cert.pem()[..200]).expect("write");
+        let e = read_certificates(&path)
+            .expect_err("cut-off block")
+            .to_string();
+        assert!(e.contains("cert.pem"), "{e}");
+    }
 
     #[test]
     fn key_file_is_owner_only_and_not_overwritten_without_force() {

@@ -28,9 +28,10 @@ pub fn rotation_time(not_before: SystemTime, not_after: SystemTime, jitter: f64)
 }
 
 /// Where a credential's lifetime starts for scheduling: its notBefore, or when the agent
-/// received it if that is later. The issuer back-dates notBefore by 60 s for drifting PLC
-/// clocks (DESIGN §3), so for a 20 s SVID half life counted from notBefore would lie before
-/// the SVID even arrived and the agent would re-mint it without pause.
+/// received it if that is later. The issuer back-dates notBefore (`[issuance] backdate`, 5 min
+/// by default) for drifting PLC clocks (DESIGN §3), so for a 20 s SVID half life counted from
+/// notBefore would lie before the SVID even arrived and the agent would re-mint it without
+/// pause.
 pub fn lifetime_start(not_before: SystemTime, received_at: SystemTime) -> SystemTime {
     not_before.max(received_at)
 }
@@ -39,6 +40,25 @@ pub fn lifetime_start(not_before: SystemTime, received_at: SystemTime) -> System
 /// second it expires it may not: a client would receive a dead credential.
 pub fn is_valid(not_after: SystemTime, now: SystemTime) -> bool {
     now < not_after
+}
+
+/// A credential the issuer has just made but that this machine's clock already calls
+/// expired: the local clock is ahead of the issuer's by more than the credential's whole
+/// lifetime (a clock jump, an RTC reset). Fetching another would only fetch another dead
+/// one, so callers back off instead of looping, and say how far off the clock is.
+pub fn arrived_expired(not_after: SystemTime, received_at: SystemTime) -> Option<Duration> {
+    received_at.duration_since(not_after).ok()
+}
+
+/// What an operator reads when [`arrived_expired`] says so: the measured lower bound of the
+/// skew and what to fix.
+pub fn clock_ahead_message(what: &str, behind_by: Duration) -> String {
+    format!(
+        "the issuer just issued a {what} that this machine's clock already calls expired: the \
+         clock here is at least {} s ahead of the issuer's; fix this machine's time source \
+         (NTP/PTP). Retrying with backoff until the clocks agree",
+        behind_by.as_secs().max(1)
+    )
 }
 
 /// How long to wait before retry number `attempt` (0 = the first retry) after a failure:
@@ -127,6 +147,18 @@ mod tests {
             let rotate = rotation_time(at(0), at(3600), jitter);
             assert!(rotate < at(3600) && rotate > at(0), "{jitter}");
         }
+    }
+
+    #[test]
+    fn a_credential_already_expired_on_arrival_measures_the_clock_skew() {
+        assert_eq!(arrived_expired(at(1060), at(1000)), None);
+        assert_eq!(
+            arrived_expired(at(1060), at(8260)),
+            Some(Duration::from_secs(7200))
+        );
+        assert!(
+            clock_ahead_message("node SVID", Duration::from_secs(7200)).contains("7200 s ahead")
+        );
     }
 
     #[test]

@@ -46,7 +46,7 @@ impl IntoResponse for AdminError {
     fn into_response(self) -> Response {
         let status = match &self.0 {
             Error::Admin(_) | Error::Config(_) => StatusCode::BAD_REQUEST,
-            Error::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Store(_) | Error::StateUnwritable(_) => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         (status, format!("{}\n", self.0)).into_response()

@@ -26,9 +26,6 @@ use crate::store::{
 };
 use crate::Error;
 
-/// notBefore is set this far back so PLCs with drifting clocks accept new certificates.
-const BACKDATE: time::Duration = time::Duration::seconds(60);
-
 /// The CA service state, built once in `serve` and shared by the EST and admin routes.
 #[derive(Debug)]
 pub struct Authority {
@@ -50,6 +47,11 @@ pub struct Authority {
     pub(crate) root_key: String,
     /// The dashboard's expiry timeline, recounted at most every 30 s.
     pub(crate) timeline_cache: crate::dashboard::TimelineCache,
+    /// notBefore is set this far back so devices whose clocks lag the issuer's accept new
+    /// certificates (`[issuance] backdate`).
+    pub(crate) backdate: time::Duration,
+    /// Checked before any request writes: a full or read-only disk answers 503.
+    pub(crate) state_volume: crate::state_volume::StateVolume,
 }
 
 /// An operator's request for tokens.
@@ -221,6 +223,12 @@ impl Authority {
                 .map(|_| config.state_dir().join("crl.der")),
             metrics: crate::metrics::Metrics::default(),
             timeline_cache: Default::default(),
+            backdate: time::Duration::try_from(config.issuance.backdate)
+                .map_err(|e| Error::Config(format!("issuance.backdate: {e}")))?,
+            state_volume: crate::state_volume::StateVolume::new(
+                &config.state_dir(),
+                config.issuance.min_free_mb.saturating_mul(1024 * 1024),
+            ),
             root_key: {
                 // `init` writes the root key beside the root certificate; operators are told
                 // to move it offline, and status says whether they did.
@@ -274,14 +282,10 @@ impl Authority {
         let profile = profiles
             .get(&grant.label)
             .ok_or_else(|| Error::Config(format!("no profile {:?}", grant.label)))?;
+        // Nothing is written (not even the token spent) unless it can also be recorded.
+        self.state_volume.check()?;
         let now = self.now();
-        if now >= self.ca.not_after() {
-            return Err(Error::OutsideCaValidity(format!(
-                "the issuing CA expired at {}; no certificate can be issued \
-                 (check the issuer's clock, or install a new issuing CA)",
-                self.ca.not_after()
-            )));
-        }
+        self.check_clock_within_ca(now)?;
         let signer = self
             .ca
             .leaf_signer(sign_with.unwrap_or(profile.sign_with), now)?;
@@ -297,7 +301,9 @@ impl Authority {
         let mut token_spent = false;
         let (der, record) = loop {
             let serial = Serial::random();
-            let mut params = leaf_params(grant, profile, serial, now - BACKDATE, not_after);
+            // Back-dated for lagging clocks, but never before the issuing CA's own start.
+            let not_before = (now - self.backdate).max(self.ca.not_before());
+            let mut params = leaf_params(grant, profile, serial, not_before, not_after);
             if let Some(url) = self.crl.url() {
                 params.crl_distribution_points = vec![rcgen::CrlDistributionPoint {
                     uris: vec![url.to_owned()],
@@ -350,6 +356,38 @@ impl Authority {
         Ok(der)
     }
 
+    /// Whether anything could be issued now: the state folder takes writes and the clock is
+    /// inside the issuing CA's validity. Checked before authentication, and again in the
+    /// pipeline itself.
+    pub(crate) fn ready_to_issue(&self) -> Result<(), Error> {
+        self.state_volume.check()?;
+        self.check_clock_within_ca(self.now())
+    }
+
+    /// A clock outside the issuing CA's validity is a wrong clock (a gateway whose RTC
+    /// battery died boots in 2000; a VM restored from an old snapshot): refuse to issue
+    /// rather than sign certificates no verifier will accept.
+    pub(crate) fn check_clock_within_ca(&self, now: OffsetDateTime) -> Result<(), Error> {
+        let (ca_from, ca_until) = (self.ca.not_before(), self.ca.not_after());
+        if now >= ca_until {
+            return Err(Error::OutsideCaValidity(format!(
+                "the issuer's clock reads {}, after the issuing CA expired ({}); nothing can be \
+                 issued: check the issuer's clock, or install a new issuing CA",
+                crate::clock::rfc3339(now),
+                crate::clock::rfc3339(ca_until)
+            )));
+        }
+        if now < ca_from {
+            return Err(Error::OutsideCaValidity(format!(
+                "the issuer's clock reads {}, before the issuing CA's validity starts ({}); \
+                 nothing can be issued until the clock is set right",
+                crate::clock::rfc3339(now),
+                crate::clock::rfc3339(ca_from)
+            )));
+        }
+        Ok(())
+    }
+
     fn spend_token(&self, token: &[u8; 32], now: i64) -> Result<(), Error> {
         use crate::store::Consumed;
         let refused = |m: &str| Error::Est(est::Error::refused(est::Refusal::Unauthorized, m));
@@ -378,6 +416,7 @@ impl Authority {
 
     /// Creates one-time tokens; their secrets exist only in the answer.
     pub async fn create_tokens(&self, request: &TokenRequest) -> Result<Vec<CreatedToken>, Error> {
+        self.state_volume.check()?;
         let bad = |why: String| Error::Admin(why);
         if request.kind == TokenKind::Join
             && (request.label.is_some()
@@ -479,6 +518,7 @@ impl Authority {
     /// Revokes a certificate: it can no longer re-enroll. Recorded and audited before the
     /// answer.
     pub async fn revoke(&self, request: &RevokeRequest) -> Result<CertificateRecord, Error> {
+        self.state_volume.check()?;
         let serial = Serial::parse(&request.serial).ok_or_else(|| {
             Error::Admin(format!(
                 "{:?} is not a certificate serial (hex)",

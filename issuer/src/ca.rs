@@ -82,6 +82,7 @@ pub struct CertificateAuthority {
     root_der: Vec<u8>,
     issuing_der: Vec<u8>,
     issuing_name: DistinguishedName,
+    not_before: OffsetDateTime,
     not_after: OffsetDateTime,
     subject_key_id: Vec<u8>,
     signing_keys: Option<SigningKeys>,
@@ -191,13 +192,9 @@ impl CertificateAuthority {
                 issuing_pem.display()
             )));
         }
-        let not_after = to_offset(
-            issuing
-                .tbs_certificate
-                .validity
-                .not_after
-                .to_unix_duration(),
-        )?;
+        let validity = &issuing.tbs_certificate.validity;
+        let not_before = to_offset(validity.not_before.to_unix_duration())?;
+        let not_after = to_offset(validity.not_after.to_unix_duration())?;
         let subject_key_id = extension::<x509_cert::ext::pkix::SubjectKeyIdentifier>(
             &issuing,
             const_oid::db::rfc5280::ID_CE_SUBJECT_KEY_IDENTIFIER,
@@ -235,6 +232,7 @@ impl CertificateAuthority {
             root_der,
             issuing_der,
             issuing_name,
+            not_before,
             not_after,
             subject_key_id,
             signing_keys: signing_keys.map(|(config, longest)| SigningKeys::new(config, longest)),
@@ -361,6 +359,11 @@ impl CertificateAuthority {
     /// The issuing CA's notAfter; no certificate outlives it.
     pub fn not_after(&self) -> OffsetDateTime {
         self.not_after
+    }
+
+    /// The issuing CA's notBefore; a clock before it is wrong, not early.
+    pub fn not_before(&self) -> OffsetDateTime {
+        self.not_before
     }
 
     /// Where the issuing key lives.
@@ -521,7 +524,9 @@ fn ca_params(
         None => BasicConstraints::Unconstrained,
     });
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    params.not_before = now - time::Duration::seconds(60);
+    // An hour back: the CA may be made on one machine and serve from another whose clock
+    // lags by minutes; leaves are back-dated too, and never before their CA.
+    params.not_before = now - time::Duration::hours(1);
     params.not_after = now + lifetime;
     params.serial_number = Some(Serial::random().0.to_vec().into());
     params.use_authority_key_identifier_extension = path_len.is_some();

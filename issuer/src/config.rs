@@ -38,6 +38,9 @@ pub struct Config {
     /// Node attestation methods that need configuration.
     #[serde(default)]
     pub attestation: AttestationConfig,
+    /// Clock tolerance and the disk reserve every issuance checks.
+    #[serde(default)]
+    pub issuance: IssuanceConfig,
     #[serde(skip)]
     base_dir: PathBuf,
 }
@@ -176,6 +179,38 @@ pub struct TpmAttestationConfig {
     pub ek_ca: Vec<PathBuf>,
 }
 
+/// `[issuance]`: what every certificate-producing path shares.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IssuanceConfig {
+    /// notBefore is set this far before the issuer's clock, so a device or client whose
+    /// clock is behind the issuer's by up to this much accepts a new certificate at once
+    /// (and an issuer running this much ahead of its clients is covered the same way).
+    #[serde(with = "crate::duration::serde_text", default = "default_backdate")]
+    pub backdate: Duration,
+    /// Free space (MiB) kept in reserve on the state folder's disk: below it, requests that
+    /// would write are answered 503 instead of letting the store fail mid-write.
+    #[serde(default = "default_min_free_mb")]
+    pub min_free_mb: u64,
+}
+
+fn default_backdate() -> Duration {
+    Duration::from_secs(300)
+}
+
+fn default_min_free_mb() -> u64 {
+    64
+}
+
+impl Default for IssuanceConfig {
+    fn default() -> Self {
+        Self {
+            backdate: default_backdate(),
+            min_free_mb: default_min_free_mb(),
+        }
+    }
+}
+
 /// Token policy.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -272,6 +307,13 @@ impl Config {
         }
         if let Some(signing_key) = &self.ca.signing_key {
             signing_key.validate().map_err(Error::Config)?;
+        }
+        if self.issuance.backdate > Duration::from_secs(24 * 3600) {
+            return Err(Error::Config(
+                "issuance.backdate must be at most 24h: it is for clock drift, not for \
+                 certificates valid in the past"
+                    .into(),
+            ));
         }
         Ok(())
     }

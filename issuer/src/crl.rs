@@ -86,6 +86,9 @@ impl Authority {
     /// Builds, signs and publishes a new CRL (also written to `state_dir/crl.der`).
     pub fn publish_crl(&self) -> Result<(), Error> {
         let now = self.now();
+        // A CRL dated outside the CA's validity is one no verifier takes; the last good one
+        // stays published.
+        self.check_clock_within_ca(now)?;
         let revocations = self.store.certificates.revocations(now.unix_timestamp())?;
         let number = self.store.certificates.next_crl_number()?;
         let next_update = (now + self.crl_validity).min(self.ca.not_after());

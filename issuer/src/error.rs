@@ -32,6 +32,10 @@ pub enum Error {
     /// The clock is outside the issuing CA's validity: nothing can be issued.
     #[error("{0}")]
     OutsideCaValidity(String),
+    /// The state folder's disk is full or read-only: nothing can be recorded, so nothing is
+    /// issued; requests are answered 503 and the next one checks again.
+    #[error("{0}")]
+    StateUnwritable(String),
     /// A certificate about to leave broke its profile; it is withheld.
     #[error("issued certificate failed its profile check: {0}")]
     ProfileCheck(String),

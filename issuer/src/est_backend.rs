@@ -34,6 +34,10 @@ impl Backend for Authority {
 
     async fn enroll(&self, request: EnrollRequest) -> Result<Vec<u8>, EstError> {
         let issued = async {
+            // A full disk or a wrong clock refuses before the token is even looked at: a
+            // token checked against a clock 60 years off reads "expired", which sends the
+            // engineer after the wrong fault.
+            self.ready_to_issue().map_err(to_est)?;
             let grant = match request.operation {
                 Operation::SimpleReenroll => self.authorize_renewal(&request)?,
                 Operation::SimpleEnroll | Operation::ServerKeygen => {
@@ -69,6 +73,7 @@ impl Authority {
                 format!("label {label} does not offer serverkeygen; generate the key on the device and use simpleenroll"),
             ));
         }
+        self.ready_to_issue().map_err(to_est)?;
         let grant = self.authorize_token(request)?;
         let key = hsm::SoftKey::generate().map_err(|e| to_est(e.into()))?;
         let certificate = self
@@ -89,6 +94,11 @@ impl Authority {
     /// encoding, size, media type) are counted in the metrics, not audited: they carry no
     /// identity to record. The token appears by its public id only, never its secret.
     fn audit_refusal(&self, request: &EnrollRequest, refusal: EstError) -> EstError {
+        if let Err(why) = self.state_volume.probe() {
+            // Recording the refusal would be the very write the disk can't take.
+            tracing::warn!(?why, %refusal, "enrollment refused; not audited while the state folder is unwritable");
+            return refusal;
+        }
         let token_id = match &request.credentials {
             Credentials::Basic { password, .. } => Some(password.0.as_str()),
             Credentials::Bearer(token) => Some(token.0.as_str()),
@@ -354,7 +364,7 @@ pub(crate) fn to_est(error: Error) -> EstError {
                 "the issuer cannot sign or record certificates right now; retry later",
             )
         }
-        Error::OutsideCaValidity(message) => {
+        Error::OutsideCaValidity(message) | Error::StateUnwritable(message) => {
             tracing::error!(%message, "issuance refused");
             EstError::refused(
                 Refusal::Unavailable {

@@ -197,6 +197,14 @@ jwt_svid_ttl = "5m"
 default_ttl = "24h"
 max_ttl = "30d"
 
+[issuance]
+# notBefore of every certificate is set this far before the issuer's clock, so devices whose
+# clocks lag the issuer's (or an issuer running ahead) by up to this much accept it at once.
+backdate = "5m"
+# Free space kept on the state folder's disk. Below it (or on a read-only filesystem) requests
+# that would write are answered 503 and nothing is recorded; issuance resumes by itself.
+min_free_mb = 64
+
 # Profiles: each name is an EST label (/.well-known/est/<label>/...).
 # key_usage: digitalSignature, keyAgreement. extended_key_usage: serverAuth, clientAuth.
 # san: which subjectAltName kinds tokens may grant (dns, ip).

@@ -27,6 +27,7 @@ pub mod registration;
 pub mod serial;
 pub mod serve;
 pub mod signing_key;
+pub mod state_volume;
 pub mod store;
 pub mod tls;
 

@@ -29,10 +29,19 @@ pub async fn run(config: Config) -> Result<(), Error> {
     std::fs::set_permissions(&state_dir, std::fs::Permissions::from_mode(0o700))
         .map_err(Error::io(&state_dir))?;
     let authority = Arc::new(Authority::open(&config, Arc::new(SystemClock))?);
+    // A wrong clock (outside the issuing CA's validity) does not stop the issuer: it serves
+    // cacerts and the API, and refuses every issuance with the reason, so operators see
+    // what to fix from any client and from the log.
+    let clock_wrong = authority.check_clock_within_ca(authority.now()).err();
+    if let Some(e) = &clock_wrong {
+        tracing::error!(error = %e, "nothing will be issued until the clock is right");
+    }
     if authority.ca.signing_keys().is_some() {
         // The first short-lived key is certified before anything is served: its private
         // half never outlives this process, so every start makes a new one.
-        authority.certify_signing_key_if_due().await?;
+        if clock_wrong.is_none() {
+            authority.certify_signing_key_if_due().await?;
+        }
         tokio::spawn(authority.clone().keep_signing_key_fresh());
     }
     let tls = crate::tls::server_config(
@@ -56,7 +65,9 @@ pub async fn run(config: Config) -> Result<(), Error> {
             .clone()
             .unwrap_or_else(|| format!("http://{crl_addr}{}", crate::crl::PATH));
         authority.crl.set_url(crl_url.clone());
-        authority.publish_crl()?;
+        if clock_wrong.is_none() {
+            authority.publish_crl()?;
+        }
         let crl_url_file = state_dir.join("crl.url");
         std::fs::write(&crl_url_file, format!("{crl_url}\n")).map_err(Error::io(&crl_url_file))?;
         let router = crate::crl::router(authority.clone());

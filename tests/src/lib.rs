@@ -52,6 +52,8 @@ pub struct Issuer {
     /// `https://127.0.0.1:PORT`.
     pub url: String,
     child: Option<Child>,
+    /// Extra environment for `issuer serve` (e.g. libfaketime's), kept across restarts.
+    env: Vec<(String, String)>,
 }
 
 impl Issuer {
@@ -91,6 +93,7 @@ impl Issuer {
             dir,
             url: String::new(),
             child: None,
+            env: Vec::new(),
         };
         issuer.serve()?;
         Ok(issuer)
@@ -105,6 +108,7 @@ impl Issuer {
             .append(true)
             .open(self.dir.path().join("issuer.log"))?;
         let child = Command::new(bin("issuer"))
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .args(["serve", "--config"])
             .arg(self.config())
             .stdout(Stdio::null())
@@ -134,6 +138,17 @@ impl Issuer {
         }
         // The admin socket is bound before the URL file is written.
         Ok(())
+    }
+
+    /// Restarts `issuer serve` with `env` added (kept for later restarts), e.g. libfaketime's
+    /// variables for clock-fault tests.
+    pub fn serve_with_env(&mut self, env: &[(&str, &str)]) -> Result<()> {
+        self.kill()?;
+        self.env = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        self.serve()
     }
 
     /// SIGKILL, as a power cut or OOM kill would.
@@ -731,6 +746,8 @@ pub struct Agent {
     /// The Workload API socket.
     pub socket: PathBuf,
     child: Option<Child>,
+    /// Extra environment for `agent run` (e.g. libfaketime's), kept across restarts.
+    env: Vec<(String, String)>,
 }
 
 impl Agent {
@@ -778,6 +795,7 @@ impl Agent {
             dir,
             socket,
             child: None,
+            env: Vec::new(),
         };
         agent.run()?;
         Ok(agent)
@@ -804,6 +822,7 @@ impl Agent {
             .arg(self.config())
             .env("RUST_LOG", "info")
             .env_remove("SPIFFE_ENDPOINT_SOCKET")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -826,6 +845,17 @@ impl Agent {
             std::thread::sleep(Duration::from_millis(20));
         }
         Ok(())
+    }
+
+    /// Stops the agent and runs it again with `env` added (kept for later restarts), e.g.
+    /// libfaketime's variables for clock-fault tests.
+    pub fn restart_with_env(&mut self, env: &[(&str, &str)]) -> Result<()> {
+        self.stop()?;
+        self.env = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        self.run()
     }
 
     /// The address a proxy of legacy device `device` listens on (from `state/proxies.json`,

@@ -592,7 +592,10 @@ pub(crate) fn to_status(error: Error) -> Status {
             _ => Status::permission_denied(e.to_string()),
         },
         Error::Key(e) if e.is_transient() => Status::unavailable(format!("{e}; retry shortly")),
-        Error::Store(_) | Error::SigningKey(_) | Error::OutsideCaValidity(_) => {
+        Error::Store(_)
+        | Error::SigningKey(_)
+        | Error::OutsideCaValidity(_)
+        | Error::StateUnwritable(_) => {
             tracing::error!(%error, "agent API request failed");
             Status::unavailable(error.to_string())
         }

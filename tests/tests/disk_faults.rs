@@ -1,0 +1,212 @@
+//! Disk faults during issuance (issue 7): the issuer's state folder sits on a small tmpfs
+//! mounted by the test (root, as CI runs), which the test fills up and then remounts
+//! read-only. Requests are answered 503 with a message that says what is wrong, nothing is
+//! spent or recorded for them, and issuance resumes by itself, without a restart, once space
+//! is back or the folder is writable again.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{ensure, Context, Result};
+use plant_tests::{curl, enroll_with_curl, openssl_csr, own_uid, run, run_ok, Issuer};
+
+/// A tmpfs mounted over a folder for the test; lazily unmounted when dropped, so a still
+/// running issuer doesn't keep it busy.
+struct Tmpfs {
+    path: PathBuf,
+}
+
+impl Tmpfs {
+    fn mount(path: &Path, size: &str) -> Result<Self> {
+        std::fs::create_dir_all(path)?;
+        run_ok(
+            Command::new("mount")
+                .args([
+                    "-t",
+                    "tmpfs",
+                    "-o",
+                    &format!("size={size},mode=0700"),
+                    "tmpfs",
+                ])
+                .arg(path),
+        )
+        .context("mounting a tmpfs for the state folder")?;
+        Ok(Self {
+            path: path.to_owned(),
+        })
+    }
+
+    /// Bytes free to an unprivileged writer, as `df` says.
+    fn available(&self) -> Result<u64> {
+        let out = run_ok(
+            Command::new("df")
+                .args(["-B1", "--output=avail"])
+                .arg(&self.path),
+        )?;
+        out.lines()
+            .last()
+            .and_then(|l| l.trim().parse().ok())
+            .context("df output")
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        // Twice: the read-only bind mount, if a step left it, then the tmpfs.
+        for _ in 0..2 {
+            let _ = run(Command::new("umount").arg("-l").arg(&self.path));
+        }
+    }
+}
+
+/// An enrollment by curl with a token, returning the answer whatever its status.
+fn enroll(issuer: &Issuer, dir: &Path, name: &str, token: &str) -> Result<plant_tests::CurlAnswer> {
+    let (_key, csr) = openssl_csr(dir, name, name, &[])?;
+    let body = format!("@{}", csr.display());
+    let auth = format!("Authorization: Bearer {token}");
+    curl(
+        issuer,
+        &[
+            "-H",
+            "Content-Type: application/pkcs10",
+            "-H",
+            &auth,
+            "--data-binary",
+            &body,
+            "/.well-known/est/device/simpleenroll",
+        ],
+    )
+}
+
+#[test]
+fn a_full_or_read_only_state_disk_answers_503_and_issuance_resumes_by_itself() -> Result<()> {
+    ensure!(
+        own_uid()? == 0,
+        "this test mounts a tmpfs for the issuer's state folder and must run as root (as CI does)"
+    );
+    let mut tmpfs = None;
+    let issuer = Issuer::start_with(|toml| {
+        let state = toml.parent().context("issuer folder")?.join("state");
+        tmpfs = Some(Tmpfs::mount(&state, "48m")?);
+        let text = std::fs::read_to_string(toml)?;
+        ensure!(
+            text.contains("min_free_mb = 64"),
+            "issuer.toml has no min_free_mb"
+        );
+        std::fs::write(toml, text.replace("min_free_mb = 64", "min_free_mb = 8"))?;
+        Ok(())
+    })?;
+    let tmpfs = tmpfs.context("tmpfs")?;
+    let dir = tempfile::tempdir()?;
+    let tokens: Vec<String> = run_ok(issuer.cli().args([
+        "token", "create", "--label", "device", "--count", "3", "--format", "plain",
+    ]))?
+    .lines()
+    .map(str::to_owned)
+    .collect();
+    ensure!(tokens.len() == 3, "tokens: {tokens:?}");
+    let auth = |token: &str| format!("Authorization: Bearer {token}");
+    enroll_with_curl(
+        &issuer,
+        dir.path(),
+        "before",
+        "device",
+        &["-H", &auth(&tokens[0])],
+    )?;
+    let rows_before = issuer.inventory(&[])?.len();
+
+    // Disk full: leave 2 MiB, under the 8 MiB reserve.
+    let filler = tmpfs.path.join("filler");
+    let fill = tmpfs.available()?.saturating_sub(2 << 20);
+    run_ok(
+        Command::new("fallocate")
+            .args(["-l", &fill.to_string()])
+            .arg(&filler),
+    )?;
+    let answer = enroll(&issuer, dir.path(), "while-full", &tokens[1])?;
+    ensure!(
+        answer.status == 503,
+        "disk full: {} {}",
+        answer.status,
+        answer.text()
+    );
+    ensure!(
+        answer.text().contains("is full") && answer.text().contains("resumes by itself"),
+        "the refusal should say the disk is full: {}",
+        answer.text()
+    );
+    ensure!(answer.header("Retry-After").is_some(), "no Retry-After");
+    // Operators get the same answer from the admin socket instead of a half-made token.
+    let create = run(issuer.cli().args(["token", "create", "--label", "device"]))?;
+    ensure!(
+        !create.status.success(),
+        "a token was created on a full disk"
+    );
+    ensure!(
+        String::from_utf8_lossy(&create.stderr).contains("is full"),
+        "token create on a full disk: {}",
+        String::from_utf8_lossy(&create.stderr)
+    );
+    ensure!(
+        issuer.inventory(&[])?.len() == rows_before,
+        "a refused request left a record"
+    );
+
+    // Space back: the same token works (it was not spent), with no restart.
+    std::fs::remove_file(&filler)?;
+    enroll_with_curl(
+        &issuer,
+        dir.path(),
+        "after-full",
+        "device",
+        &["-H", &auth(&tokens[1])],
+    )
+    .context("enrolling once space is back")?;
+
+    // Read-only: the folder is remounted read-only under the running issuer.
+    run_ok(
+        Command::new("mount")
+            .arg("--bind")
+            .arg(&tmpfs.path)
+            .arg(&tmpfs.path),
+    )?;
+    run_ok(
+        Command::new("mount")
+            .args(["-o", "remount,bind,ro"])
+            .arg(&tmpfs.path),
+    )?;
+    let answer = enroll(&issuer, dir.path(), "while-ro", &tokens[2])?;
+    ensure!(
+        answer.status == 503,
+        "read-only: {} {}",
+        answer.status,
+        answer.text()
+    );
+    ensure!(
+        answer.text().contains("read-only"),
+        "the refusal should say the folder is read-only: {}",
+        answer.text()
+    );
+    run_ok(Command::new("umount").arg(&tmpfs.path))?;
+    enroll_with_curl(
+        &issuer,
+        dir.path(),
+        "after-ro",
+        "device",
+        &["-H", &auth(&tokens[2])],
+    )
+    .context("enrolling once the folder is writable again")?;
+
+    let rows = issuer.inventory(&[])?;
+    ensure!(
+        rows.len() == rows_before + 2,
+        "{} inventory rows, expected {}",
+        rows.len(),
+        rows_before + 2
+    );
+    let verified = run_ok(issuer.cli().args(["audit", "verify"]))?;
+    ensure!(verified.contains("audit log intact"), "{verified}");
+    drop(issuer);
+    drop(tmpfs);
+    Ok(())
+}
