@@ -130,12 +130,19 @@ pub async fn run(config: Config) -> Result<(), Error> {
 
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let slots = Arc::new(Semaphore::new(config.est.max_connections));
-    let shutdown = shutdown_signal();
+    let durability = authority.store.durability.clone();
+    let shutdown = async {
+        tokio::select! {
+            () = shutdown_signal() => None,
+            error = durability.broken() => Some(error),
+        }
+    };
     tokio::pin!(shutdown);
+    let store_broken;
     loop {
         let permit = tokio::select! {
             permit = slots.clone().acquire_owned() => permit.map_err(|e| Error::Tls(e.to_string()))?,
-            () = &mut shutdown => break,
+            broken = &mut shutdown => { store_broken = broken; break },
         };
         let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -147,7 +154,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
                     continue;
                 }
             },
-            () = &mut shutdown => break,
+            broken = &mut shutdown => { store_broken = broken; break },
         };
         let acceptor = acceptor.clone();
         let router = est_router.clone();
@@ -168,6 +175,17 @@ pub async fn run(config: Config) -> Result<(), Error> {
         }
     }
     let _ = std::fs::remove_file(&admin_path);
+    if let Some(error) = store_broken {
+        // Requests in flight were answered 503; nothing unrecorded was handed out.
+        let message = format!(
+            "writing the store failed ({error}); the issuer stops so that it restarts on what \
+             is on disk (run it under a supervisor such as systemd with Restart=on-failure); \
+             free space or fix the disk under {} first",
+            state_dir.display()
+        );
+        tracing::error!("{message}");
+        return Err(Error::Store(message));
+    }
     let flushed = authority.store.durability.commit().await;
     authority.store.durability.close().await;
     flushed

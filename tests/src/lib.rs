@@ -151,6 +151,24 @@ impl Issuer {
         self.serve()
     }
 
+    /// Waits up to `within` for `issuer serve` to exit by itself; its status.
+    pub fn wait_for_exit(&mut self, within: Duration) -> Result<std::process::ExitStatus> {
+        let child = self.child.as_mut().context("the issuer is not running")?;
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                self.child = None;
+                return Ok(status);
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "the issuer still runs after {within:?}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// SIGKILL, as a power cut or OOM kill would.
     pub fn kill(&mut self) -> Result<()> {
         if let Some(mut child) = self.child.take() {
@@ -1087,4 +1105,36 @@ pub fn x509_request(with_header: bool) -> tonic::Request<proto::workload::X509sv
         );
     }
     request
+}
+
+/// A P-256 CSR (DER) with common name `name`, made in-process (for load and fault tests that
+/// enroll thousands of times through `est::client`).
+pub fn p256_csr(name: &str) -> Result<Vec<u8>> {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, name);
+    Ok(params.serialize_request(&key)?.der().to_vec())
+}
+
+/// A certificate's serial as the inventory writes it: 16 bytes, hex.
+pub fn inventory_serial(der: &[u8]) -> Result<String> {
+    use der::Decode;
+    let cert = x509_cert::Certificate::from_der(der)?;
+    let bytes = cert.tbs_certificate.serial_number.as_bytes();
+    let mut padded = vec![0u8; 16usize.saturating_sub(bytes.len())];
+    padded.extend_from_slice(bytes);
+    Ok(hex::encode(padded))
+}
+
+/// The issuer's root certificate, DER, for `est::client::EstClient`.
+pub fn root_der(issuer: &Issuer) -> Result<Vec<u8>> {
+    let pem = std::fs::read(issuer.root_pem())?;
+    let root = x509_cert::Certificate::load_pem_chain(&pem)?
+        .into_iter()
+        .next()
+        .context("no certificate in root.crt")?;
+    Ok(der::Encode::to_der(&root)?)
 }

@@ -7,35 +7,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use der::Decode;
 use est::client::{Auth, EstClient};
 use est::server::Secret;
-use plant_tests::{run_ok, Issuer};
+use plant_tests::{inventory_serial as serial_of, p256_csr as csr, root_der, run_ok, Issuer};
 use rand::Rng;
 
 /// Restarts survived in a row (issue 7: "50 times in a row").
 const KILLS: usize = 50;
 /// Concurrent enrolling clients.
 const CLIENTS: usize = 8;
-
-fn csr(name: &str) -> Result<Vec<u8>> {
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-    let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
-    params.distinguished_name = rcgen::DistinguishedName::new();
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, name);
-    Ok(params.serialize_request(&key)?.der().to_vec())
-}
-
-fn serial_of(der: &[u8]) -> Result<String> {
-    let cert = x509_cert::Certificate::from_der(der)?;
-    let bytes = cert.tbs_certificate.serial_number.as_bytes();
-    // The inventory writes serials as 16 bytes, hex.
-    let mut padded = vec![0u8; 16usize.saturating_sub(bytes.len())];
-    padded.extend_from_slice(bytes);
-    Ok(hex::encode(padded))
-}
 
 /// What the clients saw: each certificate received, with the token that bought it.
 #[derive(Default)]
@@ -47,11 +27,7 @@ struct Received {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_kill_9_restarts_under_load_lose_no_certificate_and_no_token() -> Result<()> {
     let mut issuer = Issuer::start()?;
-    let root = std::fs::read(issuer.root_pem())?;
-    let root_der = x509_cert::Certificate::load_pem_chain(&root)?
-        .first()
-        .map(der::Encode::to_der)
-        .context("root")??;
+    let root_der = root_der(&issuer)?;
     let tokens = run_ok(issuer.cli().args([
         "token", "create", "--label", "device", "--count", "8000", "--format", "plain",
     ]))?;

@@ -8,7 +8,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{ensure, Context, Result};
-use plant_tests::{curl, enroll_with_curl, openssl_csr, own_uid, run, run_ok, Issuer};
+use est::client::{Auth, EstClient};
+use est::server::Secret;
+use plant_tests::{
+    curl, enroll_with_curl, inventory_serial, openssl_csr, own_uid, p256_csr, root_der, run,
+    run_ok, Issuer,
+};
 
 /// A tmpfs mounted over a folder for the test; lazily unmounted when dropped, so a still
 /// running issuer doesn't keep it busy.
@@ -206,6 +211,106 @@ fn a_full_or_read_only_state_disk_answers_503_and_issuance_resumes_by_itself() -
     );
     let verified = run_ok(issuer.cli().args(["audit", "verify"]))?;
     ensure!(verified.contains("audit log intact"), "{verified}");
+    drop(issuer);
+    drop(tmpfs);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_failure_past_the_reserve_answers_503_and_stops_the_issuer_to_restart_on_disk_state(
+) -> Result<()> {
+    ensure!(
+        own_uid()? == 0,
+        "this test mounts a tmpfs for the issuer's state folder and must run as root (as CI does)"
+    );
+    let mut tmpfs = None;
+    // No reserve: the disk fills up to the last byte, as when another program fills it
+    // between two requests, and the store's own write fails.
+    let mut issuer = Issuer::start_with(|toml| {
+        let state = toml.parent().context("issuer folder")?.join("state");
+        tmpfs = Some(Tmpfs::mount(&state, "48m")?);
+        let text = std::fs::read_to_string(toml)?;
+        std::fs::write(toml, text.replace("min_free_mb = 64", "min_free_mb = 0"))?;
+        Ok(())
+    })?;
+    let tmpfs = tmpfs.context("tmpfs")?;
+    let tokens = run_ok(issuer.cli().args([
+        "token", "create", "--label", "device", "--count", "5000", "--format", "plain",
+    ]))?;
+    let root = root_der(&issuer)?;
+    let client = EstClient::new(&issuer.url, std::slice::from_ref(&root), None)?;
+    let csr = p256_csr("disk-filler")?;
+
+    let filler = tmpfs.path.join("filler");
+    run_ok(
+        Command::new("fallocate")
+            .args(["-l", &tmpfs.available()?.to_string()])
+            .arg(&filler),
+    )?;
+    // The store writes into space it already holds until that runs out; enroll until the
+    // first refusal.
+    let mut received = Vec::new();
+    let mut refusal = None;
+    for token in tokens.lines() {
+        match client
+            .simple_enroll(&csr, &Auth::Bearer(Secret(token.to_owned())))
+            .await
+        {
+            Ok(der) => received.push(inventory_serial(&der)?),
+            Err(e) => {
+                refusal = Some(e);
+                break;
+            }
+        }
+    }
+    match refusal {
+        Some(est::Error::Server { status: 503, .. }) => {}
+        other => anyhow::bail!(
+            "after {} enrollments on a full disk: {other:?}",
+            received.len()
+        ),
+    }
+    let status = issuer.wait_for_exit(std::time::Duration::from_secs(20))?;
+    ensure!(!status.success(), "the issuer exited with {status}");
+    ensure!(
+        issuer.log().contains("restarts on what is on disk"),
+        "the issuer should say why it stopped:\n{}",
+        issuer.log()
+    );
+
+    // Space back, restarted (as systemd's Restart=on-failure would): every certificate a
+    // client received is in the inventory, the audit chain is whole, and it issues again.
+    std::fs::remove_file(&filler)?;
+    issuer.serve()?;
+    let inventory: std::collections::HashSet<String> = issuer
+        .inventory(&[])?
+        .iter()
+        .filter_map(|r| r["serial"].as_str().map(str::to_owned))
+        .collect();
+    for serial in &received {
+        ensure!(
+            inventory.contains(serial),
+            "{serial} was handed out but is not recorded"
+        );
+    }
+    let verified = run_ok(issuer.cli().args(["audit", "verify"]))?;
+    ensure!(verified.contains("audit log intact"), "{verified}");
+    let dir = tempfile::tempdir()?;
+    let token = issuer.token("device", Some("after-restart"))?;
+    let auth = format!("Authorization: Bearer {token}");
+    enroll_with_curl(
+        &issuer,
+        dir.path(),
+        "after-restart",
+        "device",
+        &["-H", &auth],
+    )?;
+    eprintln!(
+        "disk filled under the store after {} enrollments: 503, the issuer stopped, restarted \
+         with all {} in the inventory",
+        received.len(),
+        received.len()
+    );
     drop(issuer);
     drop(tmpfs);
     Ok(())

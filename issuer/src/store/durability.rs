@@ -22,6 +22,11 @@ struct Flushed {
     /// The newest failed batch: tickets in (durable, failed_upto] got this error.
     failed_upto: u64,
     error: Option<String>,
+    /// A flush failed: sled keeps that error and fails every later write, and after a
+    /// failed fsync the kernel may have dropped the dirty pages, so nothing written since
+    /// the last good flush can be trusted (PostgreSQL's "fsyncgate" lesson). Only a restart
+    /// on what is on disk recovers.
+    broken: bool,
 }
 
 /// Hands out tickets for writes and resolves them once a flush covers them.
@@ -104,6 +109,7 @@ impl Durability {
                             tracing::error!(error = %e, "store flush failed");
                             s.failed_upto = target;
                             s.error = Some(e);
+                            s.broken = true;
                         }
                     });
                     if flusher.state.borrow().failed_upto == target {
@@ -128,6 +134,21 @@ impl Durability {
         let task = self.owner.flusher.lock().ok().and_then(|mut t| t.take());
         if let Some(task) = task {
             let _ = task.await;
+        }
+    }
+
+    /// Resolves once a flush has failed, with the error: the store can't be written again
+    /// by this process (see [`Flushed::broken`]).
+    pub async fn broken(&self) -> String {
+        let mut rx = self.inner.state.subscribe();
+        let error = rx
+            .wait_for(|s| s.broken)
+            .await
+            .map(|state| state.error.clone().unwrap_or_default());
+        match error {
+            Ok(error) => error,
+            // The flusher is gone (shutdown): never "broken" from here on.
+            Err(_) => std::future::pending().await,
         }
     }
 
