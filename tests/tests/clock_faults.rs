@@ -11,8 +11,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{ensure, Context, Result};
 use plant_tests::{
-    curl, enroll_with_curl, enroll_with_token, openssl_csr, own_uid, run_ok, verify_chain, Agent,
-    Issuer,
+    enroll_bearer, enroll_with_curl, enroll_with_token, openssl_csr, own_uid, run_ok, verify_chain,
+    Agent, Issuer,
 };
 
 /// libfaketime's preload library from Debian's `faketime` package.
@@ -86,21 +86,7 @@ fn an_issuer_clock_outside_the_ca_validity_refuses_to_issue_and_spends_nothing()
     let token = issuer.token("device", Some("wrongclock"))?;
     let auth = format!("Authorization: Bearer {token}");
     let (_key, csr) = openssl_csr(dir.path(), "wrongclock", "wrongclock", &[])?;
-    let body = format!("@{}", csr.display());
-    let enroll = |issuer: &Issuer| {
-        curl(
-            issuer,
-            &[
-                "-H",
-                "Content-Type: application/pkcs10",
-                "-H",
-                &auth,
-                "--data-binary",
-                &body,
-                "/.well-known/est/device/simpleenroll",
-            ],
-        )
-    };
+    let enroll = |issuer: &Issuer| enroll_bearer(issuer, &csr, "device", &token);
     // Far past the issuing CA's notAfter, and before its notBefore (a dead RTC battery).
     for (offset, says) in [
         ("+60y", "after the issuing CA expired"),

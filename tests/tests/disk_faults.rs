@@ -11,8 +11,8 @@ use anyhow::{ensure, Context, Result};
 use est::client::{Auth, EstClient};
 use est::server::Secret;
 use plant_tests::{
-    curl, enroll_with_curl, inventory_serial, openssl_csr, own_uid, p256_csr, root_der, run,
-    run_ok, Issuer,
+    enroll_bearer, enroll_with_curl, inventory_serial, openssl_csr, own_uid, p256_csr, root_der,
+    run, run_ok, tokens, Issuer,
 };
 
 /// A tmpfs mounted over a folder for the test; lazily unmounted when dropped, so a still
@@ -67,20 +67,7 @@ impl Drop for Tmpfs {
 /// An enrollment by curl with a token, returning the answer whatever its status.
 fn enroll(issuer: &Issuer, dir: &Path, name: &str, token: &str) -> Result<plant_tests::CurlAnswer> {
     let (_key, csr) = openssl_csr(dir, name, name, &[])?;
-    let body = format!("@{}", csr.display());
-    let auth = format!("Authorization: Bearer {token}");
-    curl(
-        issuer,
-        &[
-            "-H",
-            "Content-Type: application/pkcs10",
-            "-H",
-            &auth,
-            "--data-binary",
-            &body,
-            "/.well-known/est/device/simpleenroll",
-        ],
-    )
+    enroll_bearer(issuer, &csr, "device", token)
 }
 
 #[test]
@@ -103,13 +90,7 @@ fn a_full_or_read_only_state_disk_answers_503_and_issuance_resumes_by_itself() -
     })?;
     let tmpfs = tmpfs.context("tmpfs")?;
     let dir = tempfile::tempdir()?;
-    let tokens: Vec<String> = run_ok(issuer.cli().args([
-        "token", "create", "--label", "device", "--count", "3", "--format", "plain",
-    ]))?
-    .lines()
-    .map(str::to_owned)
-    .collect();
-    ensure!(tokens.len() == 3, "tokens: {tokens:?}");
+    let tokens = tokens(&issuer, "device", 3)?;
     let auth = |token: &str| format!("Authorization: Bearer {token}");
     enroll_with_curl(
         &issuer,
