@@ -50,6 +50,8 @@ pub struct Authority {
     pub(crate) root_key: String,
     /// The dashboard's expiry timeline, recounted at most every 30 s.
     pub(crate) timeline_cache: crate::dashboard::TimelineCache,
+    /// Per-source lockout after repeated failed token authentications.
+    pub(crate) lockouts: crate::lockout::Lockouts,
 }
 
 /// An operator's request for tokens.
@@ -221,6 +223,7 @@ impl Authority {
                 .map(|_| config.state_dir().join("crl.der")),
             metrics: crate::metrics::Metrics::default(),
             timeline_cache: Default::default(),
+            lockouts: crate::lockout::Lockouts::new(config.tokens.lockout),
             root_key: {
                 // `init` writes the root key beside the root certificate; operators are told
                 // to move it offline, and status says whether they did.

@@ -32,6 +32,21 @@ impl Backend for Authority {
         est::csr_attrs::p256_policy(false)
     }
 
+    fn admit_token_attempt(&self, address: Option<std::net::SocketAddr>) -> Result<(), EstError> {
+        self.token_attempt_allowed(address.map(|a| a.ip()))
+            .map_err(|locked| {
+                EstError::refused(
+                    Refusal::TooManyRequests {
+                        retry_after: locked.retry_after,
+                    },
+                    format!(
+                        "too many failed token attempts from your address; retry in {} s",
+                        locked.retry_after
+                    ),
+                )
+            })
+    }
+
     async fn enroll(&self, request: EnrollRequest) -> Result<Vec<u8>, EstError> {
         let issued = async {
             let grant = match request.operation {
@@ -135,6 +150,8 @@ impl Authority {
                 ))
             }
         };
+        // The lookup is by the secret's SHA-256, and the stored hash is compared in constant
+        // time (`store::tokens`): no timing depends on how much of a guess is right.
         let record = self
             .store
             .tokens
@@ -145,9 +162,12 @@ impl Authority {
                     "unknown token; check it was copied completely, or ask the PKI operator for a new one"
                         .into(),
                 )
-            })?;
-        let now = self.now().unix_timestamp();
-        check_usable(&record, now)?;
+            })
+            .and_then(|record| {
+                check_usable(&record, self.now().unix_timestamp())?;
+                Ok(record)
+            })
+            .inspect_err(|_| self.token_failed(request.client_address.map(|a| a.ip())))?;
         let (label, _) = self
             .profile(request.label.as_ref().map(Label::as_str))
             .ok_or_else(|| EstError::refused(Refusal::NotFound, "unknown label"))?;

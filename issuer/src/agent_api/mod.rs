@@ -25,15 +25,20 @@ use std::time::Duration;
 use rustls::pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::mpsc;
 
 use crate::attestation::NodeAttestor;
 use crate::authority::Authority;
 use crate::config::Config;
+use crate::connections::{Connections, Phase, Slot};
 use crate::Error;
 
-/// Longest a client may take to finish the TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often an established connection is pinged, and how long the answer may take: an
+/// agent that vanished without closing its connection frees its slot.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest request header list (HTTP/2 SETTINGS_MAX_HEADER_LIST_SIZE); gRPC metadata is small.
+const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
 
 /// The attestors this issuer runs, from its configuration.
 pub fn attestors(
@@ -64,16 +69,26 @@ pub fn attestors(
 #[derive(Debug, Clone, Default)]
 pub struct PeerCertificates(pub Arc<Vec<CertificateDer<'static>>>);
 
+/// Who is at the other end of a connection, as the transport saw it; in every request's
+/// extensions.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    /// The TLS client certificate chain.
+    pub certificates: PeerCertificates,
+    /// The TCP peer address.
+    pub address: SocketAddr,
+}
+
 /// One accepted TLS connection, holding its slot of the connection limit.
 struct Connection {
     tls: tokio_rustls::server::TlsStream<TcpStream>,
-    peer: PeerCertificates,
-    _permit: OwnedSemaphorePermit,
+    peer: Peer,
+    _slot: Slot,
 }
 
 impl tonic::transport::server::Connected for Connection {
-    type ConnectInfo = PeerCertificates;
-    fn connect_info(&self) -> PeerCertificates {
+    type ConnectInfo = Peer;
+    fn connect_info(&self) -> Peer {
         self.peer.clone()
     }
 }
@@ -119,7 +134,8 @@ impl AsyncWrite for Connection {
 pub struct Listener {
     tcp: TcpListener,
     tls: Arc<rustls::ServerConfig>,
-    max_connections: usize,
+    connections: Connections,
+    handshake_timeout: Duration,
 }
 
 impl Listener {
@@ -137,7 +153,12 @@ impl Listener {
         Ok(Self {
             tcp,
             tls,
-            max_connections: config.agent_api.max_connections,
+            connections: Connections::new(
+                "agent_api",
+                config.agent_api.max_connections,
+                authority.metrics.connections_shed("agent_api"),
+            ),
+            handshake_timeout: config.agent_api.handshake_timeout,
         })
     }
 
@@ -156,14 +177,14 @@ impl Listener {
     ) -> Result<(), Error> {
         let (sender, receiver) = mpsc::channel::<Result<Connection, std::io::Error>>(64);
         let acceptor = tokio_rustls::TlsAcceptor::from(self.tls);
-        let slots = Arc::new(Semaphore::new(self.max_connections));
+        let (connections, handshake_timeout) = (self.connections, self.handshake_timeout);
         let tcp = self.tcp;
+        // Established agent connections are long-lived (entry sync streams) and never shed;
+        // at the limit, the oldest connection still in its handshake is (see `connections`).
         let accepting = tokio::spawn(async move {
             loop {
-                let Ok(permit) = slots.clone().acquire_owned().await else {
-                    return;
-                };
-                let (stream, peer) = match tcp.accept().await {
+                let slot = connections.admit().await;
+                let (stream, address) = match tcp.accept().await {
                     Ok(accepted) => accepted,
                     Err(e) => {
                         // EMFILE and friends: back off instead of spinning.
@@ -174,22 +195,29 @@ impl Listener {
                 };
                 let (acceptor, sender) = (acceptor.clone(), sender.clone());
                 // Handshakes run apart from the accept loop so a slow client holds only its
-                // own slot, for at most HANDSHAKE_TIMEOUT.
+                // own slot, for at most the handshake timeout or until it is shed.
                 tokio::spawn(async move {
                     let _ = stream.set_nodelay(true);
-                    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream))
-                        .await
-                    {
-                        Ok(Ok(tls)) => tls,
-                        Ok(Err(e)) => {
-                            tracing::debug!(%peer, error = %e, "agent API TLS handshake failed");
-                            return;
-                        }
-                        Err(_) => {
-                            tracing::debug!(%peer, "agent API TLS handshake timed out");
+                    let handshake =
+                        tokio::time::timeout(handshake_timeout, acceptor.accept(stream));
+                    let tls = tokio::select! {
+                        done = handshake => match done {
+                            Ok(Ok(tls)) => tls,
+                            Ok(Err(e)) => {
+                                tracing::debug!(peer = %address, error = %e, "agent API TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => {
+                                tracing::debug!(peer = %address, "agent API TLS handshake timed out");
+                                return;
+                            }
+                        },
+                        () = slot.shed() => {
+                            tracing::debug!(peer = %address, "agent API TLS handshake shed at the connection limit");
                             return;
                         }
                     };
+                    slot.set_phase(Phase::Busy);
                     let chain = tls
                         .get_ref()
                         .1
@@ -199,8 +227,11 @@ impl Listener {
                     let _ = sender
                         .send(Ok(Connection {
                             tls,
-                            peer: PeerCertificates(Arc::new(chain)),
-                            _permit: permit,
+                            peer: Peer {
+                                certificates: PeerCertificates(Arc::new(chain)),
+                                address,
+                            },
+                            _slot: slot,
                         }))
                         .await;
                 });
@@ -208,6 +239,9 @@ impl Listener {
         });
         let incoming = tokio_stream::wrappers::ReceiverStream::new(receiver);
         let result = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+            .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+            .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
             .add_service(proto::agent::agent_server::AgentServer::new(service))
             .serve_with_incoming_shutdown(incoming, shutdown)
             .await
