@@ -151,23 +151,23 @@ impl Authority {
             }
         };
         // The lookup is by the secret's SHA-256, and the stored hash is compared in constant
-        // time (`store::tokens`): no timing depends on how much of a guess is right.
+        // time (`store::tokens`): no timing depends on how much of a guess is right. Only a
+        // secret that matches no token counts toward the source's lockout: a used or expired
+        // one is real (a device retrying after a lost answer), not a guess.
         let record = self
             .store
             .tokens
             .find(secret)
             .map_err(to_est)?
             .ok_or_else(|| {
+                self.token_failed(request.client_address.map(|a| a.ip()));
                 unauthorized(
                     "unknown token; check it was copied completely, or ask the PKI operator for a new one"
                         .into(),
                 )
-            })
-            .and_then(|record| {
-                check_usable(&record, self.now().unix_timestamp())?;
-                Ok(record)
-            })
-            .inspect_err(|_| self.token_failed(request.client_address.map(|a| a.ip())))?;
+            })?;
+        let now = self.now().unix_timestamp();
+        check_usable(&record, now)?;
         let (label, _) = self
             .profile(request.label.as_ref().map(Label::as_str))
             .ok_or_else(|| EstError::refused(Refusal::NotFound, "unknown label"))?;

@@ -212,10 +212,11 @@ default_ttl = "24h"
 max_ttl = "30d"
 
 [tokens.lockout]
-# A source address (IPv6: its /64) with max_failures failed token authentications (EST or
-# join token) within `window` is refused for `lockout`: 429 with Retry-After (gRPC:
-# RESOURCE_EXHAUSTED), before its token is looked up; a success does not end it early. Each
-# lockout is one token.guessing audit record. At most max_sources addresses are tracked.
+# A source address (IPv6: its /64) presenting max_failures unknown tokens (EST or join
+# token; used or expired ones do not count) within `window` is refused for `lockout`: 429
+# with Retry-After (gRPC: RESOURCE_EXHAUSTED), before its token is looked up; a success does
+# not end it early. Each lockout is one token.guessing audit record. At most max_sources
+# addresses are tracked; the oldest is forgotten to make room.
 max_failures = 10
 window = "1m"
 lockout = "5m"

@@ -1,10 +1,12 @@
-//! Token-guessing lockout: failed token authentications (EST Basic/Bearer, join tokens at
-//! Attest) are counted per source address; a source with too many in one window is refused
-//! (HTTP 429 + Retry-After, gRPC RESOURCE_EXHAUSTED) before its token is even looked up,
-//! until the lockout ends. A success does not lift a lockout early: a guesser that stumbles
-//! on a real token must not reset its own counter.
+//! Token-guessing lockout: token authentications (EST Basic/Bearer, join tokens at Attest)
+//! with a secret that matches no token are counted per source address. A used or expired
+//! token is real, not a guess (a device retrying after a lost answer presents one), and is
+//! not counted. A source with too many in one window is refused (HTTP 429 + Retry-After,
+//! gRPC RESOURCE_EXHAUSTED) before its token is even looked up, until the lockout ends. A
+//! success does not lift a lockout early: a guesser that stumbles on a real token must not
+//! reset its own counter.
 //!
-//! Guessing a token is hopeless anyway (128 random bits, looked up by SHA-256 and compared
+//! Guessing a token is hopeless anyway (256 random bits, looked up by SHA-256 and compared
 //! in constant time, see `store::tokens`); the lockout keeps a guesser from loading the
 //! store and from filling the audit log. Each lockout writes one `token.guessing` audit
 //! record (source, failures) — not one record per attempt — and the attempts refused during

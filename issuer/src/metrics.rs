@@ -117,7 +117,7 @@ impl Metrics {
             .unwrap_or_default()
     }
 
-    /// Records one failed token authentication (EST or join token).
+    /// Records one token secret that matched no token (EST or join token).
     pub fn token_failure(&self) {
         self.token_failures.fetch_add(1, Ordering::Relaxed);
     }
@@ -207,7 +207,7 @@ impl Metrics {
         }
         let _ = writeln!(
             out,
-            "# HELP plant_token_failures_total Failed token authentications (unknown, used or expired; EST and join tokens).\n# TYPE plant_token_failures_total counter\nplant_token_failures_total {}",
+            "# HELP plant_token_failures_total Token authentications with a secret that matches no token (EST and join tokens).\n# TYPE plant_token_failures_total counter\nplant_token_failures_total {}",
             self.token_failures.load(Ordering::Relaxed)
         );
         let _ = writeln!(

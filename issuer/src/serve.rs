@@ -332,7 +332,7 @@ fn raise_open_file_limit() {
     };
     if below_hard {
         limit.current = limit.maximum;
-        if let Err(e) = setrlimit(Resource::Nofile, limit.clone()) {
+        if let Err(e) = setrlimit(Resource::Nofile, limit) {
             tracing::warn!(error = %e, "could not raise the open file limit");
         }
     }

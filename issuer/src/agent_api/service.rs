@@ -143,7 +143,8 @@ impl AgentService {
     }
 
     /// Audits and counts a refusal; the agent gets PermissionDenied with its message. A join
-    /// token that does not authenticate counts toward the source's lockout.
+    /// token matching no token counts toward the source's lockout (a used or expired one is
+    /// real, not a guess).
     fn refused(
         &self,
         method: &'static str,
@@ -151,10 +152,7 @@ impl AgentService {
         refusal: &Refusal,
     ) -> Status {
         tracing::info!(method, reason = refusal.reason, "node attestation refused");
-        if matches!(
-            refusal.reason,
-            "join_token_unknown" | "join_token_used" | "join_token_expired"
-        ) {
+        if refusal.reason == "join_token_unknown" {
             self.authority.token_failed(source);
         }
         self.authority.metrics.attestation(method, refusal.reason);
