@@ -86,8 +86,8 @@ pub struct EstConfig {
     /// Largest request body accepted.
     #[serde(default = "default_max_body")]
     pub max_body_bytes: usize,
-    /// Most connections held at once. At the limit a new connection sheds the oldest one
-    /// still in its TLS handshake, else the oldest idle between requests; only when every
+    /// Most connections held at once. At the limit a new connection sheds the one that has
+    /// waited longest, in its TLS handshake or idle between requests; only when every
     /// connection is busy with a request does it wait (see `connections`).
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
@@ -142,9 +142,9 @@ pub struct AgentApiConfig {
     /// Lifetime of JWT-SVIDs whose entry sets none (SPIRE's default, 5 min).
     #[serde(with = "crate::duration::serde_text", default = "default_jwt_ttl")]
     pub jwt_svid_ttl: Duration,
-    /// Most connections held at once. At the limit a new connection sheds the oldest one
-    /// still in its TLS handshake; established agent connections are never shed, so when
-    /// all are established the new one waits.
+    /// Most connections held at once. At the limit a new connection sheds the one that has
+    /// waited longest, in its TLS handshake or with no RPC in progress; only when every
+    /// connection has one open does it wait.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
     /// Longest a client may take for its TLS handshake.

@@ -4,20 +4,22 @@
 //! A plain semaphore of `max_connections` lets a few thousand connections that never finish
 //! their TLS handshake, trickle their headers, or sit idle on keep-alive hold every slot
 //! while a real device waits in the kernel's backlog (slowloris). So each connection is in a
-//! table with its phase, and a new connection arriving at the limit sheds, in this order:
-//!
-//! 1. the oldest connection still in its TLS handshake,
-//! 2. the oldest connection idle between requests (or still sending a request's headers).
+//! table with its phase and since when it is in it, and a new connection arriving at the
+//! limit sheds the connection that has been waiting longest: in its TLS handshake, or idle
+//! between requests (which includes still sending a request's headers). A real client's
+//! handshake takes milliseconds, so it is the youngest, and the last to go; a slowloris
+//! connection or a forgotten keep-alive is the oldest, and the first.
 //!
 //! A connection busy with a request is never shed; when every connection is busy, the new
-//! one waits for a slot (each request is bounded by `request_timeout`). To keep a real
-//! client out, an attacker must now open `max_connections` connections within the few
-//! milliseconds that client needs for its handshake and request, and each shed connection
-//! cost the attacker a TCP handshake. The timeouts still bound every phase on their own.
+//! one waits for a slot (each request is bounded: body timeout, signing deadline). To keep a
+//! real client out, an attacker must open `max_connections` connections within the few
+//! milliseconds that client needs, and each shed connection cost the attacker a TCP
+//! handshake. The timeouts still bound every phase on their own.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use tokio::sync::Notify;
 
@@ -35,6 +37,8 @@ pub enum Phase {
 #[derive(Debug)]
 struct Entry {
     phase: Phase,
+    /// When the connection entered `phase`.
+    since: Instant,
     shed: Arc<Notify>,
 }
 
@@ -71,8 +75,8 @@ impl Connections {
         }))
     }
 
-    /// A slot for a new connection, shedding an older one at the limit (see the module
-    /// docs); waits only while every connection is busy with a request.
+    /// A slot for a connection just accepted, shedding the one waiting longest at the limit
+    /// (see the module docs); waits only while every connection is busy with a request.
     pub async fn admit(&self) -> Slot {
         loop {
             let released = self.0.released.notified();
@@ -88,20 +92,18 @@ impl Connections {
     fn try_admit(&self) -> Option<Slot> {
         let mut table = self.0.table.lock().ok()?;
         if table.entries.len() >= self.0.limit {
-            let victim = [Phase::Handshake, Phase::Idle]
-                .into_iter()
-                .find_map(|phase| {
-                    table
-                        .entries
-                        .iter()
-                        .find(|(_, e)| e.phase == phase)
-                        .map(|(id, _)| *id)
-                })?;
+            let victim = table
+                .entries
+                .iter()
+                .filter(|(_, e)| e.phase != Phase::Busy)
+                .min_by_key(|(_, e)| e.since)
+                .map(|(id, _)| *id)?;
             if let Some(entry) = table.entries.remove(&victim) {
                 tracing::debug!(
                     listener = self.0.listener,
                     phase = ?entry.phase,
-                    "connection limit reached: shedding the oldest connection that is not busy"
+                    waited_ms = entry.since.elapsed().as_millis() as u64,
+                "connection limit reached: shedding the connection waiting longest"
                 );
                 self.0.shed_total.fetch_add(1, Ordering::Relaxed);
                 entry.shed.notify_one();
@@ -114,6 +116,7 @@ impl Connections {
             id,
             Entry {
                 phase: Phase::Handshake,
+                since: Instant::now(),
                 shed: shed.clone(),
             },
         );
@@ -121,6 +124,7 @@ impl Connections {
             id,
             shed,
             phase: AtomicU8::new(Phase::Handshake as u8),
+            in_flight: Mutex::new(0),
             shared: self.0.clone(),
         })
     }
@@ -143,6 +147,8 @@ pub struct Slot {
     shed: Arc<Notify>,
     /// The phase, also kept here: a shed connection is no longer in the table.
     phase: AtomicU8,
+    /// Requests in progress, for protocols that multiplex them (HTTP/2).
+    in_flight: Mutex<usize>,
     shared: Arc<Shared>,
 }
 
@@ -152,7 +158,10 @@ impl Slot {
         self.phase.store(phase as u8, Ordering::Relaxed);
         if let Ok(mut table) = self.shared.table.lock() {
             if let Some(entry) = table.entries.get_mut(&self.id) {
-                entry.phase = phase;
+                if entry.phase != phase {
+                    entry.phase = phase;
+                    entry.since = Instant::now();
+                }
             }
         }
     }
@@ -160,6 +169,16 @@ impl Slot {
     /// Whether a request is being served.
     pub fn is_busy(&self) -> bool {
         self.phase.load(Ordering::Relaxed) == Phase::Busy as u8
+    }
+
+    /// Marks one request in progress until the returned guard drops (HTTP/2: many at once);
+    /// the connection is busy while any is.
+    pub fn begin_request(self: &Arc<Self>) -> InFlight {
+        if let Ok(mut n) = self.in_flight.lock() {
+            *n += 1;
+            self.set_phase(Phase::Busy);
+        }
+        InFlight(self.clone())
     }
 
     /// Completes when a newer connection shed this one: close it.
@@ -182,6 +201,21 @@ impl Drop for Slot {
     }
 }
 
+/// One request in progress on a connection.
+#[derive(Debug)]
+pub struct InFlight(Arc<Slot>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Ok(mut n) = self.0.in_flight.lock() {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.0.set_phase(Phase::Idle);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -199,21 +233,23 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn sheds_the_oldest_handshake_before_any_idle_connection() {
+    async fn sheds_the_connection_waiting_longest_never_a_busy_one() {
         let (connections, shed_total) = table(3);
+        let busy = admit_soon(&connections).await.expect("slot");
+        busy.set_phase(Phase::Busy);
+        let slow_handshake = admit_soon(&connections).await.expect("slot");
+        tokio::time::sleep(Duration::from_millis(5)).await;
         let idle = admit_soon(&connections).await.expect("slot");
         idle.set_phase(Phase::Idle);
-        let old_handshake = admit_soon(&connections).await.expect("slot");
-        let new_handshake = admit_soon(&connections).await.expect("slot");
         let _fourth = admit_soon(&connections).await.expect("sheds one");
         assert_eq!(shed_total.load(Ordering::Relaxed), 1);
         assert!(
-            tokio::time::timeout(Duration::from_millis(50), old_handshake.shed())
+            tokio::time::timeout(Duration::from_millis(50), slow_handshake.shed())
                 .await
                 .is_ok(),
-            "the oldest handshake is shed"
+            "the handshake waiting longest is shed"
         );
-        for survivor in [&idle, &new_handshake] {
+        for survivor in [&busy, &idle] {
             assert!(
                 tokio::time::timeout(Duration::from_millis(50), survivor.shed())
                     .await
@@ -221,6 +257,24 @@ mod tests {
             );
         }
         assert_eq!(connections.len(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_fresh_handshake_outlasts_a_connection_idle_for_longer() {
+        let (connections, _) = table(2);
+        let idle = admit_soon(&connections).await.expect("slot");
+        idle.set_phase(Phase::Idle);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let handshake = admit_soon(&connections).await.expect("slot");
+        let _third = admit_soon(&connections).await.expect("sheds one");
+        assert!(tokio::time::timeout(Duration::from_millis(50), idle.shed())
+            .await
+            .is_ok());
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), handshake.shed())
+                .await
+                .is_err()
+        );
     }
 
     #[tokio::test]
@@ -236,6 +290,21 @@ mod tests {
                 .await
                 .is_ok()
         );
+    }
+
+    #[tokio::test]
+    async fn a_multiplexed_connection_is_busy_while_any_request_is() {
+        let (connections, _) = table(1);
+        let slot = Arc::new(admit_soon(&connections).await.expect("slot"));
+        slot.set_phase(Phase::Idle);
+        let first = slot.begin_request();
+        let second = slot.begin_request();
+        drop(first);
+        assert!(slot.is_busy());
+        assert!(admit_soon(&connections).await.is_none(), "busy: not shed");
+        drop(second);
+        assert!(!slot.is_busy());
+        assert!(admit_soon(&connections).await.is_some(), "idle: shed");
     }
 
     #[tokio::test]

@@ -171,8 +171,8 @@ tls_key = "tls/server.key"
 # Largest request body; a P-256 CSR is under 1 KiB.
 max_body_bytes = 65536
 # Connections held at once (also the CRL listener's limit). At the limit a new connection
-# sheds the oldest one still in its TLS handshake, else the oldest one idle between requests,
-# so slow or idle clients cannot keep a device out; connections busy with a request are never
+# sheds the one that has waited longest, in its TLS handshake or idle between requests, so
+# slow or idle clients cannot keep a device out; connections busy with a request are never
 # shed (a new one waits for them). The issuer raises its open-file limit to the hard limit.
 max_connections = 4096
 # Longest a client may take for the TLS handshake; for a request's headers (this also closes
@@ -201,8 +201,8 @@ listen = "{agent_api_listen}"
 node_svid_ttl = "1h"
 x509_svid_ttl = "1h"
 jwt_svid_ttl = "5m"
-# Connections held at once; at the limit the oldest one still in its TLS handshake is shed.
-# Established agent connections are never shed (they are pinged, so dead ones go).
+# Connections held at once; at the limit the one that has waited longest, in its TLS
+# handshake or with no RPC in progress, is shed (its agent reconnects on its next call).
 max_connections = 4096
 handshake_timeout = "10s"
 

@@ -80,7 +80,6 @@ pub async fn run(config: Config) -> Result<(), Error> {
         );
         tokio::spawn(async move {
             loop {
-                let slot = connections.admit().await;
                 let (tcp, peer) = match listener.accept().await {
                     Ok(accepted) => accepted,
                     Err(e) => {
@@ -89,6 +88,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
                         continue;
                     }
                 };
+                let slot = connections.admit().await;
                 slot.set_phase(Phase::Idle);
                 let slot = Arc::new(slot);
                 let router = router.clone();
@@ -174,10 +174,6 @@ pub async fn run(config: Config) -> Result<(), Error> {
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
     loop {
-        let slot = tokio::select! {
-            slot = connections.admit() => slot,
-            () = &mut shutdown => break,
-        };
         let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
@@ -188,6 +184,10 @@ pub async fn run(config: Config) -> Result<(), Error> {
                     continue;
                 }
             },
+            () = &mut shutdown => break,
+        };
+        let slot = tokio::select! {
+            slot = connections.admit() => slot,
             () = &mut shutdown => break,
         };
         let acceptor = acceptor.clone();

@@ -220,6 +220,75 @@ async fn thousands_of_idle_connections_do_not_keep_a_device_out() -> Result<()> 
     Ok(())
 }
 
+/// Attests with a join token; the gRPC status code of a refusal, `None` on success.
+async fn attest(issuer: &Issuer, token: String) -> Result<Option<tonic::Code>> {
+    use proto::agent::agent_client::AgentClient;
+    use proto::agent::{attest_request, evidence, AttestRequest, Evidence, JoinTokenEvidence};
+    let mut client = AgentClient::new(plant_tests::agent_api_channel(issuer, None).await?);
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let csr = rcgen::CertificateParams::new(Vec::<String>::new())?
+        .serialize_request(&key)?
+        .der()
+        .to_vec();
+    let evidence = AttestRequest {
+        step: Some(attest_request::Step::Evidence(Evidence {
+            csr,
+            method: Some(evidence::Method::JoinToken(JoinTokenEvidence { token })),
+        })),
+    };
+    let status = match client.attest(tokio_stream::iter([evidence])).await {
+        Ok(response) => response.into_inner().message().await.err(),
+        Err(status) => Some(status),
+    };
+    Ok(status.map(|s| s.code()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_agent_api_connections_do_not_keep_an_agent_out() -> Result<()> {
+    raise_open_file_limit();
+    const MAX_CONNECTIONS: usize = 50;
+    let issuer = Issuer::start_with(|toml| {
+        let text = std::fs::read_to_string(toml)?.replace(
+            "max_connections = 4096",
+            &format!("max_connections = {MAX_CONNECTIONS}"),
+        );
+        std::fs::write(toml, text)?;
+        Ok(())
+    })?;
+    let addr = agent_api_addr(&issuer)?;
+    let config = client_config(&issuer, None, b"h2")?;
+    // Silent TCP connections, then TLS connections that never send a frame: more of each
+    // than the limit.
+    let crowd = async {
+        let mut idle = Vec::new();
+        for _ in 0..300 {
+            idle.push(TcpStream::connect(addr).await?);
+        }
+        let mut established = Vec::new();
+        for _ in 0..100 {
+            established.push(tls_connect(addr, config.clone()).await?);
+        }
+        anyhow::Ok((idle, established))
+    };
+    let (idle, established) = tokio::time::timeout(HANG_GUARD, crowd)
+        .await
+        .context("the agent API stopped accepting connections")??;
+    let join = issuer.join_token()?;
+    let attested = tokio::time::timeout(HANG_GUARD, attest(&issuer, join))
+        .await
+        .context("a legitimate attestation hung")??;
+    ensure!(attested.is_none(), "attestation refused: {attested:?}");
+    let metrics = metrics(&issuer)?;
+    let shed = metric(
+        &metrics,
+        "plant_connections_shed_total{listener=\"agent_api\"}",
+    )
+    .unwrap_or(0.0);
+    ensure!(shed >= 1.0, "no connection was shed:\n{metrics}");
+    drop((idle, established));
+    Ok(())
+}
+
 fn metrics(issuer: &Issuer) -> Result<String> {
     let url = issuer.crl_url()?.replace("/crl/issuing.crl", "/metrics");
     plant_tests::run_ok(std::process::Command::new("curl").args(["-sS", "-f", &url]))
@@ -238,34 +307,10 @@ fn oversized_headers_are_answered_431() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn guessed_tokens_lock_the_source_out_with_one_audit_record() -> Result<()> {
-    use proto::agent::agent_client::AgentClient;
-    use proto::agent::{attest_request, evidence, AttestRequest, Evidence, JoinTokenEvidence};
     let issuer = Issuer::start()?;
     let dir = tempfile::tempdir()?;
     let (_, csr) = openssl_csr(dir.path(), "guess", "guess", &[])?;
     let body = format!("@{}", csr.display());
-    let attest = |token: String| {
-        let issuer = &issuer;
-        async move {
-            let mut client = AgentClient::new(plant_tests::agent_api_channel(issuer, None).await?);
-            let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-            let csr = rcgen::CertificateParams::new(Vec::<String>::new())?
-                .serialize_request(&key)?
-                .der()
-                .to_vec();
-            let evidence = AttestRequest {
-                step: Some(attest_request::Step::Evidence(Evidence {
-                    csr,
-                    method: Some(evidence::Method::JoinToken(JoinTokenEvidence { token })),
-                })),
-            };
-            let status = match client.attest(tokio_stream::iter([evidence])).await {
-                Ok(response) => response.into_inner().message().await.err(),
-                Err(status) => Some(status),
-            };
-            anyhow::Ok(status.map(|s| s.code()))
-        }
-    };
     let enroll = |token: &str| {
         let auth = format!("Authorization: Bearer {token}");
         curl(
@@ -284,7 +329,7 @@ async fn guessed_tokens_lock_the_source_out_with_one_audit_record() -> Result<()
 
     // Failures count per source across EST and Attest: 4 join tokens, then EST guesses.
     for n in 0..4 {
-        let code = attest(format!("guessed-join-token-{n}")).await?;
+        let code = attest(&issuer, format!("guessed-join-token-{n}")).await?;
         ensure!(code == Some(tonic::Code::PermissionDenied), "{code:?}");
     }
     let mut statuses = Vec::new();
@@ -307,7 +352,7 @@ async fn guessed_tokens_lock_the_source_out_with_one_audit_record() -> Result<()
     let real = issuer.token("device", Some("guess"))?;
     ensure!(enroll(&real)?.status == 429);
     let join = issuer.join_token()?;
-    let code = attest(join).await?;
+    let code = attest(&issuer, join).await?;
     ensure!(code == Some(tonic::Code::ResourceExhausted), "{code:?}");
 
     let audit = plant_tests::run_ok(issuer.cli().args(["audit", "tail", "-n", "100"]))?;
@@ -317,9 +362,18 @@ async fn guessed_tokens_lock_the_source_out_with_one_audit_record() -> Result<()
         .collect();
     ensure!(guessing.len() == 1, "one record per lockout:\n{audit}");
     ensure!(
-        guessing[0].contains("127.0.0.1") && guessing[0].contains("10"),
+        guessing[0].contains("\"source\":\"127.0.0.1\"") && guessing[0].contains("\"failures\":10"),
         "{}",
         guessing[0]
+    );
+    // Below the threshold each refusal is still audited; once locked, none is.
+    let refused = audit
+        .lines()
+        .filter(|l| l.contains("enrollment.refused"))
+        .count();
+    ensure!(
+        refused == 6,
+        "{refused} refused enrollments audited:\n{audit}"
     );
     let verified = plant_tests::run_ok(issuer.cli().args(["audit", "verify"]))?;
     ensure!(verified.contains("audit log intact"), "{verified}");

@@ -77,13 +77,28 @@ pub struct Peer {
     pub certificates: PeerCertificates,
     /// The TCP peer address.
     pub address: SocketAddr,
+    /// The connection's slot of the connection limit, to mark requests in progress.
+    slot: Arc<Slot>,
 }
 
-/// One accepted TLS connection, holding its slot of the connection limit.
+/// One accepted TLS connection, holding its slot of the connection limit. When a newer
+/// connection sheds it while no request is in progress, reading fails and the HTTP/2
+/// connection ends.
 struct Connection {
     tls: tokio_rustls::server::TlsStream<TcpStream>,
     peer: Peer,
-    _slot: Slot,
+    shed: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+}
+
+impl Connection {
+    fn new(tls: tokio_rustls::server::TlsStream<TcpStream>, peer: Peer) -> Self {
+        let slot = peer.slot.clone();
+        Self {
+            tls,
+            peer,
+            shed: Some(Box::pin(async move { slot.shed().await })),
+        }
+    }
 }
 
 impl tonic::transport::server::Connected for Connection {
@@ -99,6 +114,17 @@ impl AsyncRead for Connection {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
+        if let Some(shed) = self.shed.as_mut() {
+            if shed.as_mut().poll(cx).is_ready() {
+                self.shed = None;
+                if !self.peer.slot.is_busy() {
+                    return Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::ConnectionAborted,
+                        "shed at the connection limit",
+                    )));
+                }
+            }
+        }
         Pin::new(&mut self.tls).poll_read(cx, buf)
     }
 }
@@ -179,11 +205,11 @@ impl Listener {
         let acceptor = tokio_rustls::TlsAcceptor::from(self.tls);
         let (connections, handshake_timeout) = (self.connections, self.handshake_timeout);
         let tcp = self.tcp;
-        // Established agent connections are long-lived (entry sync streams) and never shed;
-        // at the limit, the oldest connection still in its handshake is (see `connections`).
+        // At the limit the connection waiting longest (in its handshake, or with no RPC in
+        // progress) is shed (see `connections`; an agent whose idle connection was shed
+        // reconnects on its next call). A connection with an RPC or stream open never is.
         let accepting = tokio::spawn(async move {
             loop {
-                let slot = connections.admit().await;
                 let (stream, address) = match tcp.accept().await {
                     Ok(accepted) => accepted,
                     Err(e) => {
@@ -193,6 +219,7 @@ impl Listener {
                         continue;
                     }
                 };
+                let slot = connections.admit().await;
                 let (acceptor, sender) = (acceptor.clone(), sender.clone());
                 // Handshakes run apart from the accept loop so a slow client holds only its
                 // own slot, for at most the handshake timeout or until it is shed.
@@ -217,23 +244,19 @@ impl Listener {
                             return;
                         }
                     };
-                    slot.set_phase(Phase::Busy);
+                    slot.set_phase(Phase::Idle);
                     let chain = tls
                         .get_ref()
                         .1
                         .peer_certificates()
                         .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
                         .unwrap_or_default();
-                    let _ = sender
-                        .send(Ok(Connection {
-                            tls,
-                            peer: Peer {
-                                certificates: PeerCertificates(Arc::new(chain)),
-                                address,
-                            },
-                            _slot: slot,
-                        }))
-                        .await;
+                    let peer = Peer {
+                        certificates: PeerCertificates(Arc::new(chain)),
+                        address,
+                        slot: Arc::new(slot),
+                    };
+                    let _ = sender.send(Ok(Connection::new(tls, peer))).await;
                 });
             }
         });
@@ -242,11 +265,60 @@ impl Listener {
             .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
             .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
             .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
-            .add_service(proto::agent::agent_server::AgentServer::new(service))
+            .add_service(RequestTracking(
+                proto::agent::agent_server::AgentServer::new(service),
+            ))
             .serve_with_incoming_shutdown(incoming, shutdown)
             .await
             .map_err(|e| Error::Tls(format!("agent API: {e}")));
         accepting.abort();
         result
+    }
+}
+
+/// Marks each RPC in progress on its connection's slot, from the request until the response
+/// body (a stream, for `Attest` and sync) ends, so only connections without one are shed.
+#[derive(Debug, Clone)]
+struct RequestTracking<S>(S);
+
+impl<S: tonic::server::NamedService> tonic::server::NamedService for RequestTracking<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S> tower::Service<http::Request<tonic::body::Body>> for RequestTracking<S>
+where
+    S: tower::Service<
+            http::Request<tonic::body::Body>,
+            Response = http::Response<tonic::body::Body>,
+            Error = std::convert::Infallible,
+        > + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<axum::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future =
+        Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send + 'static>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        let in_flight = request
+            .extensions()
+            .get::<Peer>()
+            .map(|peer| peer.slot.begin_request());
+        let response = self.0.call(request);
+        Box::pin(async move {
+            let response = response.await?;
+            Ok(response.map(|body| {
+                use http_body_util::BodyExt;
+                axum::body::Body::new(body.map_frame(move |frame| {
+                    let _held_until_the_body_ends = &in_flight;
+                    frame
+                }))
+            }))
+        })
     }
 }
