@@ -16,12 +16,13 @@ use tokio::net::TcpStream;
 /// How long a test waits for something that should happen promptly before calling it a hang.
 const HANG_GUARD: Duration = Duration::from_secs(30);
 
-/// An issuer whose handshake and header timeouts are 1 s, with `max_connections`.
+/// An issuer whose handshake, header and body timeouts are 1 s, with `max_connections`.
 fn issuer_with_short_timeouts(max_connections: usize) -> Result<Issuer> {
     Issuer::start_with(|toml| {
         let text = std::fs::read_to_string(toml)?
             .replace("handshake_timeout = \"10s\"", "handshake_timeout = \"1s\"")
             .replace("header_timeout = \"10s\"", "header_timeout = \"1s\"")
+            .replace("body_timeout = \"10s\"", "body_timeout = \"1s\"")
             .replace(
                 "max_connections = 4096",
                 &format!("max_connections = {max_connections}"),
@@ -140,7 +141,7 @@ async fn enroll_device(issuer: &Arc<Issuer>, name: &'static str) -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn slow_handshakes_and_slow_headers_are_cut_while_a_device_enrolls() -> Result<()> {
+async fn slow_handshakes_headers_and_bodies_are_cut_while_a_device_enrolls() -> Result<()> {
     let issuer = Arc::new(issuer_with_short_timeouts(4096)?);
     let addr = est_addr(&issuer)?;
 
@@ -159,10 +160,26 @@ async fn slow_handshakes_and_slow_headers_are_cut_while_a_device_enrolls() -> Re
         .await
     });
 
+    let config = client_config(&issuer, None, b"http/1.1")?;
+    let slow_body = tokio::spawn(async move {
+        let mut tls = tls_connect(addr, config).await?;
+        tls.write_all(
+            b"POST /.well-known/est/simpleenroll HTTP/1.1\r\nHost: x\r\n\
+              Authorization: Bearer not-a-token\r\nContent-Type: application/pkcs10\r\n\
+              Content-Length: 1000\r\n\r\n",
+        )
+        .await?;
+        trickle_until_closed(&mut tls, b"MIIB").await
+    });
+
     enroll_device(&issuer, "beside-slowloris").await?;
     let handshake_cut = slow_handshake.await??;
     let headers_cut = slow_headers.await??;
-    eprintln!("slow handshake cut after {handshake_cut:?}, slow headers after {headers_cut:?}");
+    let body_cut = slow_body.await??;
+    eprintln!(
+        "slow handshake cut after {handshake_cut:?}, slow headers after {headers_cut:?}, \
+         slow body after {body_cut:?}"
+    );
     Ok(())
 }
 
