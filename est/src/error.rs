@@ -15,12 +15,20 @@ pub enum Refusal {
     NotFound,
     /// 405: the operation exists but takes the other method.
     MethodNotAllowed,
+    /// 408: the request body did not arrive in time.
+    RequestTimeout,
     /// 413: the body is larger than any CSR.
     PayloadTooLarge,
     /// 415: the Content-Type is not the one the operation takes.
     UnsupportedMediaType,
     /// 501: an operation this server does not offer (fullcmc).
     NotImplemented,
+    /// 429 + `Retry-After` (RFC 6585 §4): this client failed authentication too often and
+    /// is locked out for a while.
+    TooManyRequests {
+        /// Seconds the client should wait.
+        retry_after: u32,
+    },
     /// 503 + `Retry-After`: overloaded or the key/store is unavailable.
     Unavailable {
         /// Seconds the client should wait.

@@ -35,6 +35,11 @@ impl TlsClientCertificate {
     }
 }
 
+/// The client's address as the TCP layer saw it. The accept loop puts it in the request
+/// extensions; the backend uses it to lock out sources that guess tokens.
+#[derive(Clone, Copy, Debug)]
+pub struct ClientAddress(pub std::net::SocketAddr);
+
 /// A secret from the client, redacted in `Debug`.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(pub String);
@@ -94,6 +99,8 @@ pub struct EnrollRequest {
     pub credentials: Credentials,
     /// The TLS client certificate chain, if one was presented.
     pub client_certificate: Option<TlsClientCertificate>,
+    /// Where the request came from, if the server knows.
+    pub client_address: Option<std::net::SocketAddr>,
     /// The request.
     pub csr: VerifiedCsr,
 }
@@ -120,6 +127,12 @@ pub trait Backend: Send + Sync + 'static {
     fn ca_certificates(&self, label: Option<&Label>) -> Vec<Vec<u8>>;
     /// What `csrattrs` answers; empty means 204.
     fn csr_attributes(&self, label: Option<&Label>) -> Vec<AttrOrOid>;
+    /// Whether a client at `address` may present a token now; called before the body is
+    /// read, so a locked-out source costs no CSR parsing and no token lookup.
+    fn admit_token_attempt(&self, address: Option<std::net::SocketAddr>) -> Result<(), Error> {
+        let _ = address;
+        Ok(())
+    }
     /// Authenticates, authorizes and issues; returns the certificate DER.
     fn enroll(&self, request: EnrollRequest)
         -> impl Future<Output = Result<Vec<u8>, Error>> + Send;
@@ -135,12 +148,15 @@ pub trait Backend: Send + Sync + 'static {
 pub struct ServerOptions {
     /// Largest request body accepted; a P-256 CSR in base64 is under 1 KiB.
     pub max_body_bytes: usize,
+    /// Longest a client may take to send the body once its headers are in (slowloris).
+    pub body_timeout: std::time::Duration,
 }
 
 impl Default for ServerOptions {
     fn default() -> Self {
         Self {
             max_body_bytes: 64 * 1024,
+            body_timeout: std::time::Duration::from_secs(10),
         }
     }
 }
@@ -286,7 +302,11 @@ async fn handle_post<B: Backend>(
     };
     let (parts, body_stream) = request.into_parts();
     let client_certificate = parts.extensions.get::<TlsClientCertificate>().cloned();
+    let client_address = parts.extensions.get::<ClientAddress>().map(|a| a.0);
     let credentials = credentials(&parts.headers)?;
+    if credentials != Credentials::None && operation != Operation::SimpleReenroll {
+        shared.backend.admit_token_attempt(client_address)?;
+    }
     if credentials == Credentials::None && client_certificate.is_none() {
         let message = match operation {
             Operation::SimpleReenroll => {
@@ -300,7 +320,20 @@ async fn handle_post<B: Backend>(
         return Err(Error::refused(Refusal::Unauthorized, message));
     }
     check_content_type(&parts.headers)?;
-    let bytes = read_body(&parts.headers, body_stream, shared.options.max_body_bytes).await?;
+    let bytes = tokio::time::timeout(
+        shared.options.body_timeout,
+        read_body(&parts.headers, body_stream, shared.options.max_body_bytes),
+    )
+    .await
+    .map_err(|_| {
+        Error::refused(
+            Refusal::RequestTimeout,
+            format!(
+                "the request body did not arrive within {} s",
+                shared.options.body_timeout.as_secs()
+            ),
+        )
+    })??;
     let der = body::decode(&bytes)?;
     let csr = VerifiedCsr::from_der(&der)?;
     let enroll = EnrollRequest {
@@ -308,6 +341,7 @@ async fn handle_post<B: Backend>(
         label,
         credentials,
         client_certificate,
+        client_address,
         csr,
     };
     match operation {
@@ -500,9 +534,13 @@ pub fn error_response(err: &Error) -> Response {
         Refusal::Forbidden => (StatusCode::FORBIDDEN, None),
         Refusal::NotFound => (StatusCode::NOT_FOUND, None),
         Refusal::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, None),
+        Refusal::RequestTimeout => (StatusCode::REQUEST_TIMEOUT, None),
         Refusal::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, None),
         Refusal::UnsupportedMediaType => (StatusCode::UNSUPPORTED_MEDIA_TYPE, None),
         Refusal::NotImplemented => (StatusCode::NOT_IMPLEMENTED, None),
+        Refusal::TooManyRequests { retry_after } => {
+            (StatusCode::TOO_MANY_REQUESTS, Some(retry_after))
+        }
         Refusal::Unavailable { retry_after } => {
             (StatusCode::SERVICE_UNAVAILABLE, Some(retry_after))
         }

@@ -52,6 +52,8 @@ pub struct Authority {
     pub(crate) backdate: time::Duration,
     /// Checked before any request writes: a full or read-only disk answers 503.
     pub(crate) state_volume: crate::state_volume::StateVolume,
+    /// Per-source lockout after repeated failed token authentications.
+    pub(crate) lockouts: crate::lockout::Lockouts,
 }
 
 /// An operator's request for tokens.
@@ -229,6 +231,7 @@ impl Authority {
                 &config.state_dir(),
                 config.issuance.min_free_mb.saturating_mul(1024 * 1024),
             ),
+            lockouts: crate::lockout::Lockouts::new(config.tokens.lockout),
             root_key: {
                 // `init` writes the root key beside the root certificate; operators are told
                 // to move it offline, and status says whether they did.

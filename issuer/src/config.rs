@@ -89,9 +89,33 @@ pub struct EstConfig {
     /// Largest request body accepted.
     #[serde(default = "default_max_body")]
     pub max_body_bytes: usize,
-    /// Most TLS connections served at once; more wait in the kernel's backlog.
+    /// Most connections held at once. At the limit a new connection sheds the one that has
+    /// waited longest, in its TLS handshake or idle between requests; only when every
+    /// connection is busy with a request does it wait (see `connections`).
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Longest a client may take for its TLS handshake.
+    #[serde(with = "crate::duration::serde_text", default = "default_ten_seconds")]
+    pub handshake_timeout: Duration,
+    /// Longest a client may take to send a request's headers, counted from when the server
+    /// starts waiting for them: this also bounds a keep-alive connection left idle.
+    #[serde(with = "crate::duration::serde_text", default = "default_ten_seconds")]
+    pub header_timeout: Duration,
+    /// Longest a client may take to upload a request body once its headers are in; past it
+    /// the client gets 408.
+    #[serde(with = "crate::duration::serde_text", default = "default_ten_seconds")]
+    pub body_timeout: Duration,
+    /// Largest request head (request line and headers); larger is answered 431.
+    #[serde(default = "default_max_header_bytes")]
+    pub max_header_bytes: usize,
+}
+
+fn default_ten_seconds() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_max_header_bytes() -> usize {
+    16 * 1024
 }
 
 fn default_max_body() -> usize {
@@ -121,9 +145,14 @@ pub struct AgentApiConfig {
     /// Lifetime of JWT-SVIDs whose entry sets none (SPIRE's default, 5 min).
     #[serde(with = "crate::duration::serde_text", default = "default_jwt_ttl")]
     pub jwt_svid_ttl: Duration,
-    /// Most TLS connections served at once.
+    /// Most connections held at once. At the limit a new connection sheds the one that has
+    /// waited longest, in its TLS handshake or with no RPC in progress; only when every
+    /// connection has one open does it wait.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Longest a client may take for its TLS handshake.
+    #[serde(with = "crate::duration::serde_text", default = "default_ten_seconds")]
+    pub handshake_timeout: Duration,
 }
 
 /// The agent API's port unless configured: next to EST's 8443.
@@ -154,6 +183,7 @@ impl Default for AgentApiConfig {
             x509_svid_ttl: default_hour(),
             jwt_svid_ttl: default_jwt_ttl(),
             max_connections: default_max_connections(),
+            handshake_timeout: default_ten_seconds(),
         }
     }
 }
@@ -221,6 +251,10 @@ pub struct TokenConfig {
     /// Longest lifetime an operator may give a token.
     #[serde(with = "crate::duration::serde_text")]
     pub max_ttl: Duration,
+    /// `[tokens.lockout]`: sources that fail token authentication too often are refused
+    /// for a while (see `lockout`).
+    #[serde(default)]
+    pub lockout: crate::lockout::LockoutPolicy,
 }
 
 impl Default for TokenConfig {
@@ -228,6 +262,7 @@ impl Default for TokenConfig {
         Self {
             default_ttl: Duration::from_secs(24 * 3600),
             max_ttl: Duration::from_secs(30 * 86_400),
+            lockout: Default::default(),
         }
     }
 }
@@ -299,6 +334,30 @@ impl Config {
                     "agent_api.{name} must be between 1s and 136 years"
                 )));
             }
+        }
+        self.tokens.lockout.validate().map_err(Error::Config)?;
+        if self.est.max_connections == 0 {
+            return Err(Error::Config(
+                "est.max_connections must be at least 1".into(),
+            ));
+        }
+        for (name, timeout) in [
+            ("est.handshake_timeout", self.est.handshake_timeout),
+            ("est.header_timeout", self.est.header_timeout),
+            ("est.body_timeout", self.est.body_timeout),
+            (
+                "agent_api.handshake_timeout",
+                self.agent_api.handshake_timeout,
+            ),
+        ] {
+            if timeout.is_zero() {
+                return Err(Error::Config(format!("{name} must be longer than 0s")));
+            }
+        }
+        if self.est.max_header_bytes < 1024 {
+            return Err(Error::Config(
+                "est.max_header_bytes must be at least 1024".into(),
+            ));
         }
         if self.agent_api.max_connections == 0 {
             return Err(Error::Config(

@@ -32,6 +32,21 @@ impl Backend for Authority {
         est::csr_attrs::p256_policy(false)
     }
 
+    fn admit_token_attempt(&self, address: Option<std::net::SocketAddr>) -> Result<(), EstError> {
+        self.token_attempt_allowed(address.map(|a| a.ip()))
+            .map_err(|locked| {
+                EstError::refused(
+                    Refusal::TooManyRequests {
+                        retry_after: locked.retry_after,
+                    },
+                    format!(
+                        "too many failed token attempts from your address; retry in {} s",
+                        locked.retry_after
+                    ),
+                )
+            })
+    }
+
     async fn enroll(&self, request: EnrollRequest) -> Result<Vec<u8>, EstError> {
         let issued = async {
             // A full disk or a wrong clock refuses before the token is even looked at: a
@@ -145,12 +160,17 @@ impl Authority {
                 ))
             }
         };
+        // The lookup is by the secret's SHA-256, and the stored hash is compared in constant
+        // time (`store::tokens`): no timing depends on how much of a guess is right. Only a
+        // secret that matches no token counts toward the source's lockout: a used or expired
+        // one is real (a device retrying after a lost answer), not a guess.
         let record = self
             .store
             .tokens
             .find(secret)
             .map_err(to_est)?
             .ok_or_else(|| {
+                self.token_failed(request.client_address.map(|a| a.ip()));
                 unauthorized(
                     "unknown token; check it was copied completely, or ask the PKI operator for a new one"
                         .into(),

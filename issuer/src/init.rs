@@ -170,8 +170,18 @@ tls_certificate = "tls/server.crt"
 tls_key = "tls/server.key"
 # Largest request body; a P-256 CSR is under 1 KiB.
 max_body_bytes = 65536
-# TLS connections served at once.
+# Connections held at once (also the CRL listener's limit). At the limit a new connection
+# sheds the one that has waited longest, in its TLS handshake or idle between requests, so
+# slow or idle clients cannot keep a device out; connections busy with a request are never
+# shed (a new one waits for them). The issuer raises its open-file limit to the hard limit.
 max_connections = 4096
+# Longest a client may take for the TLS handshake; for a request's headers (this also closes
+# keep-alive connections idle that long); and for a request body once its headers are in.
+handshake_timeout = "10s"
+header_timeout = "10s"
+body_timeout = "10s"
+# Largest request line + headers; larger is answered 431.
+max_header_bytes = 16384
 
 [crl]
 # Plain-HTTP listener for the CRL. Certificates carry http://<listen>/crl/issuing.crl as their
@@ -191,11 +201,26 @@ listen = "{agent_api_listen}"
 node_svid_ttl = "1h"
 x509_svid_ttl = "1h"
 jwt_svid_ttl = "5m"
+# Connections held at once; at the limit the one that has waited longest, in its TLS
+# handshake or with no RPC in progress, is shed (its agent reconnects on its next call).
+max_connections = 4096
+handshake_timeout = "10s"
 
 [tokens]
 # Lifetime of `issuer token create` tokens without --ttl, and the longest allowed.
 default_ttl = "24h"
 max_ttl = "30d"
+
+[tokens.lockout]
+# A source address (IPv6: its /64) presenting max_failures unknown tokens (EST or join
+# token; used or expired ones do not count) within `window` is refused for `lockout`: 429
+# with Retry-After (gRPC: RESOURCE_EXHAUSTED), before its token is looked up; a success does
+# not end it early. Each lockout is one token.guessing audit record. At most max_sources
+# addresses are tracked; the oldest is forgotten to make room.
+max_failures = 10
+window = "1m"
+lockout = "5m"
+max_sources = 65536
 
 [issuance]
 # notBefore of every certificate is set this far before the issuer's clock, so devices whose

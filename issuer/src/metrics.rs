@@ -35,6 +35,9 @@ pub struct Metrics {
     est_responses: Mutex<BTreeMap<u16, Arc<AtomicU64>>>,
     refusals: Mutex<BTreeMap<&'static str, Arc<AtomicU64>>>,
     attestations: Mutex<BTreeMap<(&'static str, &'static str), Arc<AtomicU64>>>,
+    connections_shed: Mutex<BTreeMap<&'static str, Arc<AtomicU64>>>,
+    token_failures: AtomicU64,
+    token_lockouts: AtomicU64,
     inventory: Mutex<InventoryGauges>,
     /// Set when the inventory changed since the gauges were computed.
     inventory_dirty: std::sync::atomic::AtomicBool,
@@ -106,6 +109,24 @@ impl Metrics {
         counter.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// The counter of connections `listener` shed at its connection limit.
+    pub fn connections_shed(&self, listener: &'static str) -> Arc<AtomicU64> {
+        self.connections_shed
+            .lock()
+            .map(|mut map| map.entry(listener).or_default().clone())
+            .unwrap_or_default()
+    }
+
+    /// Records one token secret that matched no token (EST or join token).
+    pub fn token_failure(&self) {
+        self.token_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Records one source locked out for guessing tokens.
+    pub fn token_lockout(&self) {
+        self.token_lockouts.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// The exposition text.
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -174,6 +195,26 @@ impl Metrics {
                 );
             }
         }
+        out.push_str("# HELP plant_connections_shed_total Connections closed at a listener's connection limit to admit a newer one.\n# TYPE plant_connections_shed_total counter\n");
+        if let Ok(map) = self.connections_shed.lock() {
+            for (listener, n) in map.iter() {
+                let _ = writeln!(
+                    out,
+                    "plant_connections_shed_total{{listener=\"{listener}\"}} {}",
+                    n.load(Ordering::Relaxed)
+                );
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP plant_token_failures_total Token authentications with a secret that matches no token (EST and join tokens).\n# TYPE plant_token_failures_total counter\nplant_token_failures_total {}",
+            self.token_failures.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP plant_token_lockouts_total Sources locked out for too many failed token authentications.\n# TYPE plant_token_lockouts_total counter\nplant_token_lockouts_total {}",
+            self.token_lockouts.load(Ordering::Relaxed)
+        );
         out
     }
 }

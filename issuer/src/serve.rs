@@ -7,23 +7,35 @@ use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use est::server::TlsClientCertificate;
+use est::server::{ClientAddress, TlsClientCertificate};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::Semaphore;
 use tower::ServiceExt;
 
 use crate::authority::Authority;
 use crate::clock::SystemClock;
 use crate::config::Config;
+use crate::connections::{Connections, Phase, Slot};
 use crate::Error;
 
-/// Longest a client may take to finish the TLS handshake or send its headers.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The bounds every HTTP/1 connection is served under (`[est]` settings; the CRL listener
+/// shares them).
+#[derive(Debug, Clone, Copy)]
+struct HttpLimits {
+    handshake_timeout: Duration,
+    header_timeout: Duration,
+    max_header_bytes: usize,
+}
 
 /// Runs until SIGINT/SIGTERM.
 pub async fn run(config: Config) -> Result<(), Error> {
+    raise_open_file_limit();
+    let limits = HttpLimits {
+        handshake_timeout: config.est.handshake_timeout,
+        header_timeout: config.est.header_timeout,
+        max_header_bytes: config.est.max_header_bytes,
+    };
     let state_dir = config.state_dir();
     std::fs::create_dir_all(&state_dir).map_err(Error::io(&state_dir))?;
     std::fs::set_permissions(&state_dir, std::fs::Permissions::from_mode(0o700))
@@ -71,9 +83,44 @@ pub async fn run(config: Config) -> Result<(), Error> {
         let crl_url_file = state_dir.join("crl.url");
         std::fs::write(&crl_url_file, format!("{crl_url}\n")).map_err(Error::io(&crl_url_file))?;
         let router = crate::crl::router(authority.clone());
+        // Plain HTTP under the same bounds as EST (axum::serve has no timeouts at all).
+        let connections = Connections::new(
+            "crl",
+            config.est.max_connections,
+            authority.metrics.connections_shed("crl"),
+        );
         tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, router).await {
-                tracing::error!(error = %e, "CRL listener stopped");
+            loop {
+                let (tcp, peer) = match listener.accept().await {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "CRL accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let slot = connections.admit().await;
+                slot.set_phase(Phase::Idle);
+                let slot = Arc::new(slot);
+                let router = router.clone();
+                tokio::spawn(async move {
+                    let service = {
+                        let slot = slot.clone();
+                        hyper::service::service_fn(move |request: http::Request<Incoming>| {
+                            let (router, slot) = (router.clone(), slot.clone());
+                            async move {
+                                slot.set_phase(Phase::Busy);
+                                let response = router
+                                    .oneshot(request.map(axum::body::Body::new))
+                                    .await
+                                    .unwrap_or_else(|e| match e {});
+                                slot.set_phase(Phase::Idle);
+                                Ok::<_, Infallible>(response)
+                            }
+                        })
+                    };
+                    serve_http1(tcp, service, slot, limits, peer).await;
+                });
             }
         });
         tokio::spawn(authority.clone().keep_crl_fresh());
@@ -119,6 +166,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
         authority.clone(),
         est::server::ServerOptions {
             max_body_bytes: config.est.max_body_bytes,
+            body_timeout: config.est.body_timeout,
         },
     )
     .merge(crate::operator_api::router(authority.clone()));
@@ -129,7 +177,11 @@ pub async fn run(config: Config) -> Result<(), Error> {
     println!("root CA fingerprint (SHA-256) {}", status.root_fingerprint);
 
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    let slots = Arc::new(Semaphore::new(config.est.max_connections));
+    let connections = Connections::new(
+        "est",
+        config.est.max_connections,
+        authority.metrics.connections_shed("est"),
+    );
     let durability = authority.store.durability.clone();
     let shutdown = async {
         tokio::select! {
@@ -140,10 +192,6 @@ pub async fn run(config: Config) -> Result<(), Error> {
     tokio::pin!(shutdown);
     let store_broken;
     loop {
-        let permit = tokio::select! {
-            permit = slots.clone().acquire_owned() => permit.map_err(|e| Error::Tls(e.to_string()))?,
-            broken = &mut shutdown => { store_broken = broken; break },
-        };
         let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
@@ -156,13 +204,16 @@ pub async fn run(config: Config) -> Result<(), Error> {
             },
             broken = &mut shutdown => { store_broken = broken; break },
         };
+        let slot = tokio::select! {
+            slot = connections.admit() => slot,
+            broken = &mut shutdown => { store_broken = broken; break },
+        };
         let acceptor = acceptor.clone();
         let router = est_router.clone();
         let authority = authority.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            serve_connection(acceptor, router, authority, tcp, peer).await;
-        });
+        tokio::spawn(serve_connection(
+            acceptor, router, authority, tcp, peer, slot, limits,
+        ));
     }
     tracing::info!("shutting down");
     let _ = stop_agent_api.send(());
@@ -197,47 +248,130 @@ async fn serve_connection(
     authority: Arc<Authority>,
     tcp: tokio::net::TcpStream,
     peer: SocketAddr,
+    slot: Slot,
+    limits: HttpLimits,
 ) {
     let _ = tcp.set_nodelay(true);
-    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => {
-            tracing::debug!(%peer, error = %e, "TLS handshake failed");
-            return;
-        }
-        Err(_) => {
-            tracing::debug!(%peer, "TLS handshake timed out");
+    let handshake = tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp));
+    let tls = tokio::select! {
+        done = handshake => match done {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(%peer, "TLS handshake timed out");
+                return;
+            }
+        },
+        () = slot.shed() => {
+            tracing::debug!(%peer, "TLS handshake shed at the connection limit");
             return;
         }
     };
+    slot.set_phase(Phase::Idle);
+    let slot = Arc::new(slot);
     let client_certificate =
         tls.get_ref().1.peer_certificates().map(|chain| {
             TlsClientCertificate(Arc::new(chain.iter().map(|c| c.to_vec()).collect()))
         });
-    let service = hyper::service::service_fn(move |request: http::Request<Incoming>| {
-        let mut request = request.map(axum::body::Body::new);
-        if let Some(cert) = &client_certificate {
-            request.extensions_mut().insert(cert.clone());
-        }
-        let router = router.clone();
-        let authority = authority.clone();
-        async move {
-            let response = router.oneshot(request).await.unwrap_or_else(|e| match e {});
-            authority.count_est_response(response.status().as_u16());
-            Ok::<_, Infallible>(response)
-        }
-    });
+    let service = {
+        let slot = slot.clone();
+        hyper::service::service_fn(move |request: http::Request<Incoming>| {
+            let mut request = request.map(axum::body::Body::new);
+            if let Some(cert) = &client_certificate {
+                request.extensions_mut().insert(cert.clone());
+            }
+            request.extensions_mut().insert(ClientAddress(peer));
+            let router = router.clone();
+            let authority = authority.clone();
+            let slot = slot.clone();
+            async move {
+                slot.set_phase(Phase::Busy);
+                let response = router.oneshot(request).await.unwrap_or_else(|e| match e {});
+                authority.count_est_response(response.status().as_u16());
+                slot.set_phase(Phase::Idle);
+                Ok::<_, Infallible>(response)
+            }
+        })
+    };
+    serve_http1(
+        crate::header_case::HeaderCase(tls),
+        service,
+        slot,
+        limits,
+        peer,
+    )
+    .await;
+}
+
+/// Serves HTTP/1.1 on one connection until the client leaves, a bound is hit, or a newer
+/// connection sheds this one while it is not busy with a request.
+async fn serve_http1<I, S>(io: I, service: S, slot: Arc<Slot>, limits: HttpLimits, peer: SocketAddr)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<
+            http::Request<Incoming>,
+            Response = axum::response::Response,
+            Error = Infallible,
+        > + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
     // Title-case header names and a Content-Length on every response: Cisco libest compares
-    // header names case-sensitively and refuses chunked responses (DESIGN §4).
-    let result = hyper::server::conn::http1::Builder::new()
+    // header names case-sensitively and refuses chunked responses (DESIGN §4). hyper's
+    // header timer runs whenever it waits for a request head, so it bounds a client that
+    // trickles its headers and a keep-alive connection left idle alike; a head larger than
+    // `max_header_bytes` is answered 431.
+    let connection = hyper::server::conn::http1::Builder::new()
         .title_case_headers(true)
         .timer(TokioTimer::new())
-        .header_read_timeout(HANDSHAKE_TIMEOUT)
-        .serve_connection(TokioIo::new(crate::header_case::HeaderCase(tls)), service)
-        .await;
+        .header_read_timeout(limits.header_timeout)
+        .max_header_size(limits.max_header_bytes)
+        .serve_connection(TokioIo::new(io), service);
+    tokio::pin!(connection);
+    let result = tokio::select! {
+        result = connection.as_mut() => result,
+        () = slot.shed() => {
+            if !slot.is_busy() {
+                tracing::debug!(%peer, "idle connection shed at the connection limit");
+                return;
+            }
+            // It turned busy as it was picked: finish that request, then close.
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
     if let Err(e) = result {
         tracing::debug!(%peer, error = %e, "connection ended with an error");
     }
+}
+
+/// Raises the soft limit of open files to the hard limit: every connection is a descriptor,
+/// and the default soft limit (often 1024) would make a few thousand clients hit EMFILE long
+/// before `max_connections`.
+fn raise_open_file_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut limit = getrlimit(Resource::Nofile);
+    let below_hard = match (limit.current, limit.maximum) {
+        (Some(soft), Some(hard)) => soft < hard,
+        (Some(_), None) => true,
+        (None, _) => false,
+    };
+    if below_hard {
+        limit.current = limit.maximum;
+        if let Err(e) = setrlimit(Resource::Nofile, limit) {
+            tracing::warn!(error = %e, "could not raise the open file limit");
+        }
+    }
+    let limit = getrlimit(Resource::Nofile);
+    tracing::info!(
+        open_files = limit
+            .current
+            .map_or_else(|| "unlimited".into(), |n| n.to_string()),
+        "open file limit"
+    );
 }
 
 fn bind_admin_socket(path: &std::path::Path) -> Result<UnixListener, Error> {

@@ -56,6 +56,7 @@ pub fn agent_api_config(
     .allow_unauthenticated()
     .build()
     .map_err(|e| Error::Tls(e.to_string()))?;
+    let verifier = Arc::new(ChainLengthLimit(verifier));
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| Error::Tls(e.to_string()))?
@@ -76,11 +77,82 @@ pub fn server_config(
     let mut config = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| Error::Tls(e.to_string()))?
-        .with_client_cert_verifier(Arc::new(InventoryJudgedClientCert(provider)))
+        .with_client_cert_verifier(Arc::new(ChainLengthLimit(Arc::new(
+            InventoryJudgedClientCert(provider),
+        ))))
         .with_single_cert(chain, key)
         .map_err(|e| Error::Tls(format!("{}: {e}", chain_pem.display())))?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
+}
+
+/// Most certificates a client may present (leaf included). Ours are the leaf, maybe a
+/// short-lived signing key's certificate, and the issuing CA; webpki follows at most six
+/// intermediates anyway. A longer chain (a hundred certificates, or a cycle of CAs signing
+/// each other) is refused before any parsing or path building, with a log line naming it.
+const MAX_CLIENT_CHAIN: usize = 8;
+
+/// Refuses overlong client chains, then asks `V`.
+#[derive(Debug)]
+struct ChainLengthLimit<V>(V);
+
+impl<V: ClientCertVerifier + ?Sized> ClientCertVerifier for ChainLengthLimit<Arc<V>>
+where
+    Arc<V>: std::fmt::Debug + Send + Sync,
+{
+    fn offer_client_auth(&self) -> bool {
+        self.0.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.0.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.0.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let presented = intermediates.len() + 1;
+        if presented > MAX_CLIENT_CHAIN {
+            tracing::warn!(
+                presented,
+                most = MAX_CLIENT_CHAIN,
+                "refused a TLS client presenting an overlong certificate chain"
+            );
+            return Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            ));
+        }
+        self.0.verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
 }
 
 #[derive(Debug)]

@@ -169,6 +169,11 @@ impl Issuer {
         }
     }
 
+    /// The `issuer serve` process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// SIGKILL, as a power cut or OOM kill would.
     pub fn kill(&mut self) -> Result<()> {
         if let Some(mut child) = self.child.take() {

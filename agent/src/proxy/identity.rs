@@ -219,6 +219,26 @@ impl fmt::Display for Refusal {
 
 impl std::error::Error for Refusal {}
 
+/// Most certificates a peer may present (leaf included). An SVID chain is the leaf, maybe a
+/// short-lived signing key's certificate, and the issuing CA; webpki follows at most six
+/// intermediates anyway. A longer (or cyclic) chain is refused before any path building.
+const MAX_PEER_CHAIN: usize = 8;
+
+fn check_chain_length(intermediates: &[CertificateDer<'_>]) -> Result<(), rustls::Error> {
+    let presented = intermediates.len() + 1;
+    if presented > MAX_PEER_CHAIN {
+        tracing::warn!(
+            presented,
+            most = MAX_PEER_CHAIN,
+            "refused a TLS peer presenting an overlong certificate chain"
+        );
+        return Err(refuse(format!(
+            "the peer presented {presented} certificates; at most {MAX_PEER_CHAIN} are accepted"
+        )));
+    }
+    Ok(())
+}
+
 /// webpki's chain check, then the SPIFFE ID against the allow list, then the CRL: all at the
 /// handshake, so a refused peer never gets a byte to the PLC.
 #[derive(Debug)]
@@ -239,6 +259,7 @@ impl ClientCertVerifier for PeerVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
+        check_chain_length(intermediates)?;
         self.inner
             .verify_client_cert(end_entity, intermediates, now)?;
         let peer = spiffe_id_of("peer certificate", end_entity)
@@ -296,6 +317,7 @@ impl ServerCertVerifier for GatewayVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
+        check_chain_length(intermediates)?;
         let parsed = ParsedCertificate::try_from(end_entity)?;
         rustls::client::verify_server_cert_signed_by_trust_anchor(
             &parsed,
@@ -338,5 +360,19 @@ impl ServerCertVerifier for GatewayVerifier {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overlong_peer_chains_are_refused_before_path_building() {
+        let cert = CertificateDer::from(vec![0x30, 0x00]);
+        let intermediates = vec![cert; MAX_PEER_CHAIN];
+        assert!(check_chain_length(&intermediates[..MAX_PEER_CHAIN - 1]).is_ok());
+        let refused = check_chain_length(&intermediates).expect_err("one too many");
+        assert!(refused.to_string().contains("at most 8"), "{refused}");
     }
 }

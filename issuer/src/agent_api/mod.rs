@@ -25,15 +25,20 @@ use std::time::Duration;
 use rustls::pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::mpsc;
 
 use crate::attestation::NodeAttestor;
 use crate::authority::Authority;
 use crate::config::Config;
+use crate::connections::{Connections, Phase, Slot};
 use crate::Error;
 
-/// Longest a client may take to finish the TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often an established connection is pinged, and how long the answer may take: an
+/// agent that vanished without closing its connection frees its slot.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest request header list (HTTP/2 SETTINGS_MAX_HEADER_LIST_SIZE); gRPC metadata is small.
+const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
 
 /// The attestors this issuer runs, from its configuration.
 pub fn attestors(
@@ -64,16 +69,41 @@ pub fn attestors(
 #[derive(Debug, Clone, Default)]
 pub struct PeerCertificates(pub Arc<Vec<CertificateDer<'static>>>);
 
-/// One accepted TLS connection, holding its slot of the connection limit.
+/// Who is at the other end of a connection, as the transport saw it; in every request's
+/// extensions.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    /// The TLS client certificate chain.
+    pub certificates: PeerCertificates,
+    /// The TCP peer address.
+    pub address: SocketAddr,
+    /// The connection's slot of the connection limit, to mark requests in progress.
+    slot: Arc<Slot>,
+}
+
+/// One accepted TLS connection, holding its slot of the connection limit. When a newer
+/// connection sheds it while no request is in progress, reading fails and the HTTP/2
+/// connection ends.
 struct Connection {
     tls: tokio_rustls::server::TlsStream<TcpStream>,
-    peer: PeerCertificates,
-    _permit: OwnedSemaphorePermit,
+    peer: Peer,
+    shed: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+}
+
+impl Connection {
+    fn new(tls: tokio_rustls::server::TlsStream<TcpStream>, peer: Peer) -> Self {
+        let slot = peer.slot.clone();
+        Self {
+            tls,
+            peer,
+            shed: Some(Box::pin(async move { slot.shed().await })),
+        }
+    }
 }
 
 impl tonic::transport::server::Connected for Connection {
-    type ConnectInfo = PeerCertificates;
-    fn connect_info(&self) -> PeerCertificates {
+    type ConnectInfo = Peer;
+    fn connect_info(&self) -> Peer {
         self.peer.clone()
     }
 }
@@ -84,6 +114,17 @@ impl AsyncRead for Connection {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
+        if let Some(shed) = self.shed.as_mut() {
+            if shed.as_mut().poll(cx).is_ready() {
+                self.shed = None;
+                if !self.peer.slot.is_busy() {
+                    return Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::ConnectionAborted,
+                        "shed at the connection limit",
+                    )));
+                }
+            }
+        }
         Pin::new(&mut self.tls).poll_read(cx, buf)
     }
 }
@@ -119,7 +160,8 @@ impl AsyncWrite for Connection {
 pub struct Listener {
     tcp: TcpListener,
     tls: Arc<rustls::ServerConfig>,
-    max_connections: usize,
+    connections: Connections,
+    handshake_timeout: Duration,
 }
 
 impl Listener {
@@ -137,7 +179,12 @@ impl Listener {
         Ok(Self {
             tcp,
             tls,
-            max_connections: config.agent_api.max_connections,
+            connections: Connections::new(
+                "agent_api",
+                config.agent_api.max_connections,
+                authority.metrics.connections_shed("agent_api"),
+            ),
+            handshake_timeout: config.agent_api.handshake_timeout,
         })
     }
 
@@ -156,14 +203,14 @@ impl Listener {
     ) -> Result<(), Error> {
         let (sender, receiver) = mpsc::channel::<Result<Connection, std::io::Error>>(64);
         let acceptor = tokio_rustls::TlsAcceptor::from(self.tls);
-        let slots = Arc::new(Semaphore::new(self.max_connections));
+        let (connections, handshake_timeout) = (self.connections, self.handshake_timeout);
         let tcp = self.tcp;
+        // At the limit the connection waiting longest (in its handshake, or with no RPC in
+        // progress) is shed (see `connections`; an agent whose idle connection was shed
+        // reconnects on its next call). A connection with an RPC or stream open never is.
         let accepting = tokio::spawn(async move {
             loop {
-                let Ok(permit) = slots.clone().acquire_owned().await else {
-                    return;
-                };
-                let (stream, peer) = match tcp.accept().await {
+                let (stream, address) = match tcp.accept().await {
                     Ok(accepted) => accepted,
                     Err(e) => {
                         // EMFILE and friends: back off instead of spinning.
@@ -172,47 +219,106 @@ impl Listener {
                         continue;
                     }
                 };
+                let slot = connections.admit().await;
                 let (acceptor, sender) = (acceptor.clone(), sender.clone());
                 // Handshakes run apart from the accept loop so a slow client holds only its
-                // own slot, for at most HANDSHAKE_TIMEOUT.
+                // own slot, for at most the handshake timeout or until it is shed.
                 tokio::spawn(async move {
                     let _ = stream.set_nodelay(true);
-                    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream))
-                        .await
-                    {
-                        Ok(Ok(tls)) => tls,
-                        Ok(Err(e)) => {
-                            tracing::debug!(%peer, error = %e, "agent API TLS handshake failed");
-                            return;
-                        }
-                        Err(_) => {
-                            tracing::debug!(%peer, "agent API TLS handshake timed out");
+                    let handshake =
+                        tokio::time::timeout(handshake_timeout, acceptor.accept(stream));
+                    let tls = tokio::select! {
+                        done = handshake => match done {
+                            Ok(Ok(tls)) => tls,
+                            Ok(Err(e)) => {
+                                tracing::debug!(peer = %address, error = %e, "agent API TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => {
+                                tracing::debug!(peer = %address, "agent API TLS handshake timed out");
+                                return;
+                            }
+                        },
+                        () = slot.shed() => {
+                            tracing::debug!(peer = %address, "agent API TLS handshake shed at the connection limit");
                             return;
                         }
                     };
+                    slot.set_phase(Phase::Idle);
                     let chain = tls
                         .get_ref()
                         .1
                         .peer_certificates()
                         .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
                         .unwrap_or_default();
-                    let _ = sender
-                        .send(Ok(Connection {
-                            tls,
-                            peer: PeerCertificates(Arc::new(chain)),
-                            _permit: permit,
-                        }))
-                        .await;
+                    let peer = Peer {
+                        certificates: PeerCertificates(Arc::new(chain)),
+                        address,
+                        slot: Arc::new(slot),
+                    };
+                    let _ = sender.send(Ok(Connection::new(tls, peer))).await;
                 });
             }
         });
         let incoming = tokio_stream::wrappers::ReceiverStream::new(receiver);
         let result = tonic::transport::Server::builder()
-            .add_service(proto::agent::agent_server::AgentServer::new(service))
+            .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+            .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+            .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
+            .add_service(RequestTracking(
+                proto::agent::agent_server::AgentServer::new(service),
+            ))
             .serve_with_incoming_shutdown(incoming, shutdown)
             .await
             .map_err(|e| Error::Tls(format!("agent API: {e}")));
         accepting.abort();
         result
+    }
+}
+
+/// Marks each RPC in progress on its connection's slot, from the request until the response
+/// body (a stream, for `Attest` and sync) ends, so only connections without one are shed.
+#[derive(Debug, Clone)]
+struct RequestTracking<S>(S);
+
+impl<S: tonic::server::NamedService> tonic::server::NamedService for RequestTracking<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S> tower::Service<http::Request<tonic::body::Body>> for RequestTracking<S>
+where
+    S: tower::Service<
+            http::Request<tonic::body::Body>,
+            Response = http::Response<tonic::body::Body>,
+            Error = std::convert::Infallible,
+        > + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<axum::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future =
+        Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send + 'static>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        let in_flight = request
+            .extensions()
+            .get::<Peer>()
+            .map(|peer| peer.slot.begin_request());
+        let response = self.0.call(request);
+        Box::pin(async move {
+            let response = response.await?;
+            Ok(response.map(|body| {
+                use http_body_util::BodyExt;
+                axum::body::Body::new(body.map_frame(move |frame| {
+                    let _held_until_the_body_ends = &in_flight;
+                    frame
+                }))
+            }))
+        })
     }
 }

@@ -8,7 +8,7 @@ use proto::SpiffeId;
 use x509_cert::ext::pkix::name::GeneralName;
 use x509_cert::ext::pkix::SubjectAltName;
 
-use super::PeerCertificates;
+use super::Peer;
 use crate::authority::Authority;
 use crate::store::{NodeRecord, Status};
 
@@ -33,8 +33,8 @@ pub fn caller<T>(
     };
     let leaf = request
         .extensions()
-        .get::<PeerCertificates>()
-        .and_then(|p| p.0.first().cloned())
+        .get::<Peer>()
+        .and_then(|p| p.certificates.0.first().cloned())
         .ok_or_else(|| unauthenticated("no client certificate"))?;
     let spiffe_id =
         uri_san(&leaf).ok_or_else(|| unauthenticated("the client certificate has no SPIFFE ID"))?;

@@ -64,6 +64,7 @@ impl AgentService {
         &self,
         mut requests: Streaming<AttestRequest>,
         responses: &tokio::sync::mpsc::Sender<Result<AttestResponse, Status>>,
+        source: Option<std::net::IpAddr>,
     ) -> Result<NodeSvid, Status> {
         let first = requests
             .message()
@@ -75,6 +76,16 @@ impl AgentService {
             ));
         };
         let method = method_of(&evidence)?;
+        if method == crate::attestation::join_token::METHOD {
+            // A source locked out for guessing tokens is refused before the lookup.
+            if let Err(locked) = self.authority.token_attempt_allowed(source) {
+                self.authority.metrics.attestation(method, "locked_out");
+                return Err(Status::resource_exhausted(format!(
+                    "too many failed token attempts from your address; retry in {} s",
+                    locked.retry_after
+                )));
+            }
+        }
         let csr = parse_csr(&evidence.csr)?;
         let attestor = self
             .attestors
@@ -99,6 +110,7 @@ impl AgentService {
                     .map_err(|_| {
                         self.refused(
                             method,
+                            source,
                             &Refusal::new(
                                 "challenge_expired",
                                 format!(
@@ -118,9 +130,9 @@ impl AgentService {
                 };
                 pending
                     .verify(&answer)
-                    .map_err(|refusal| self.refused(method, &refusal))?
+                    .map_err(|refusal| self.refused(method, source, &refusal))?
             }
-            Err(refusal) => return Err(self.refused(method, &refusal)),
+            Err(refusal) => return Err(self.refused(method, source, &refusal)),
         };
         let svid = self
             .issue_node_svid(&attested, &csr, &evidence)
@@ -130,9 +142,19 @@ impl AgentService {
         Ok(svid)
     }
 
-    /// Audits and counts a refusal; the agent gets PermissionDenied with its message.
-    fn refused(&self, method: &'static str, refusal: &Refusal) -> Status {
+    /// Audits and counts a refusal; the agent gets PermissionDenied with its message. A join
+    /// token matching no token counts toward the source's lockout (a used or expired one is
+    /// real, not a guess).
+    fn refused(
+        &self,
+        method: &'static str,
+        source: Option<std::net::IpAddr>,
+        refusal: &Refusal,
+    ) -> Status {
         tracing::info!(method, reason = refusal.reason, "node attestation refused");
+        if refusal.reason == "join_token_unknown" {
+            self.authority.token_failed(source);
+        }
         self.authority.metrics.attestation(method, refusal.reason);
         let audited = self.authority.audit(
             "agent.attestation_refused",
@@ -292,9 +314,13 @@ impl Agent for AgentService {
     ) -> Result<Response<Self::AttestStream>, Status> {
         let (sender, receiver) = tokio::sync::mpsc::channel(2);
         let this = self.clone();
+        let source = request
+            .extensions()
+            .get::<super::Peer>()
+            .map(|p| p.address.ip());
         let requests = request.into_inner();
         tokio::spawn(async move {
-            let outcome = this.attest_stream(requests, &sender).await;
+            let outcome = this.attest_stream(requests, &sender, source).await;
             if outcome.is_err() {
                 // A refusal's audit record is on disk before the agent hears of it.
                 if let Err(e) = this.authority.store.durability.commit().await {
