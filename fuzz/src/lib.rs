@@ -166,8 +166,14 @@ pub fn selector(data: &[u8]) {
         ..Default::default()
     };
     if let Ok(entry) = agent::entry::Entry::from_wire(wire) {
-        assert!(entry.matches(&entry.selectors), "an entry refuses its own selectors");
-        assert!(!entry.matches(&[]), "an entry matches a workload with no selectors");
+        assert!(
+            entry.matches(&entry.selectors),
+            "an entry refuses its own selectors"
+        );
+        assert!(
+            !entry.matches(&[]),
+            "an entry matches a workload with no selectors"
+        );
     }
 }
 
@@ -329,7 +335,10 @@ fn attest_tpm(ek_certificate: Vec<u8>, ek_public: Vec<u8>, ak_public: Vec<u8>) {
                 secret: vec![0; 32],
             })),
         };
-        assert!(pending.verify(&answer).is_err(), "a guessed secret was accepted");
+        assert!(
+            pending.verify(&answer).is_err(),
+            "a guessed secret was accepted"
+        );
     }
 }
 
@@ -441,9 +450,8 @@ pub fn jwt_bundle(data: &[u8]) {
     };
     let (key, _) = jwt_signer();
     let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"ES256","kid":"k1"}"#);
-    let payload = URL_SAFE_NO_PAD.encode(
-        br#"{"sub":"spiffe://plant.example/historian","aud":"scada","exp":1000300}"#,
-    );
+    let payload = URL_SAFE_NO_PAD
+        .encode(br#"{"sub":"spiffe://plant.example/historian","aud":"scada","exp":1000300}"#);
     let signed = format!("{header}.{payload}");
     let signature: p256::ecdsa::Signature = key.sign(signed.as_bytes());
     validate_jwt(
@@ -459,7 +467,10 @@ pub fn crl(data: &[u8]) {
     let revoked = agent::proxy::identity::Revoked::from_crls(&[data.to_vec()]);
     let _ = revoked.len();
     if agent::certificate::CertificateFacts::from_der("fuzz", data).is_err() {
-        assert!(revoked.contains(data), "an unreadable certificate was let in");
+        assert!(
+            revoked.contains(data),
+            "an unreadable certificate was let in"
+        );
     }
 }
 
@@ -473,9 +484,19 @@ pub fn issuer_config(data: &[u8]) {
     else {
         return;
     };
-    assert!(config.trust_domain().is_ok(), "validated, yet no trust domain");
-    assert!(config.issuing_key().is_ok(), "validated, yet no issuing key");
-    let _ = (config.signing_keys(), config.key_options(), config.state_dir());
+    assert!(
+        config.trust_domain().is_ok(),
+        "validated, yet no trust domain"
+    );
+    assert!(
+        config.issuing_key().is_ok(),
+        "validated, yet no issuing key"
+    );
+    let _ = (
+        config.signing_keys(),
+        config.key_options(),
+        config.state_dir(),
+    );
     let _ = config.admin_socket();
 }
 

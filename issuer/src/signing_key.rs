@@ -69,7 +69,8 @@ impl SigningKeyConfig {
         }
         // checked: `overlap * 2` of a config's "500000000000y" overflows Duration (a panic).
         let twice = self.overlap.checked_mul(2);
-        if self.overlap < Duration::from_secs(1) || twice.is_none_or(|twice| twice > self.lifetime) {
+        if self.overlap < Duration::from_secs(1) || twice.is_none_or(|twice| twice > self.lifetime)
+        {
             return Err(format!(
                 "ca.signing_key.overlap must be between 1s and half the lifetime ({})",
                 crate::duration::format(self.lifetime / 2)

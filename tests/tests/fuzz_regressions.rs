@@ -35,7 +35,12 @@ fn folders(dir: &Path) -> Vec<String> {
     entries
         .map(|entry| entry.expect("directory entry").path())
         .filter(|path| path.is_dir())
-        .map(|path| path.file_name().expect("name").to_string_lossy().into_owned())
+        .map(|path| {
+            path.file_name()
+                .expect("name")
+                .to_string_lossy()
+                .into_owned()
+        })
         .collect()
 }
 
@@ -80,7 +85,10 @@ fn every_fuzz_target_has_a_body_a_binary_and_seeds() {
     binaries.sort_unstable();
     let mut names: Vec<&str> = bodies::TARGETS.iter().map(|(name, _)| *name).collect();
     names.sort_unstable();
-    assert_eq!(binaries, names, "fuzz/Cargo.toml [[bin]]s and TARGETS differ");
+    assert_eq!(
+        binaries, names,
+        "fuzz/Cargo.toml [[bin]]s and TARGETS differ"
+    );
     for name in &names {
         let source = std::fs::read_to_string(fuzz.join(format!("fuzz_targets/{name}.rs")))
             .expect("the target's source");
