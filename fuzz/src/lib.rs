@@ -21,8 +21,11 @@ use proto::agent::{
     TpmChallengeResponse, TpmEvidence,
 };
 
+/// A target body: the input, and a panic for a bug.
+pub type Body = fn(&[u8]);
+
 /// Every target by name, as in `fuzz/Cargo.toml` and the folders of `fuzz/seeds/`.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Body)] = &[
     ("agent_config", agent_config),
     ("certs_only", certs_only),
     ("crl", crl),

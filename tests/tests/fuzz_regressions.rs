@@ -6,7 +6,6 @@
 use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 
-#[allow(dead_code, clippy::unwrap_used)]
 #[path = "../../fuzz/src/lib.rs"]
 mod bodies;
 
@@ -79,7 +78,7 @@ fn every_fuzz_target_has_a_body_a_binary_and_seeds() {
         .skip(1)
         .filter_map(|table| {
             let line = table.lines().find(|l| l.trim_start().starts_with("name"))?;
-            Some(line.split('"').nth(1)?)
+            line.split('"').nth(1)
         })
         .collect();
     binaries.sort_unstable();
