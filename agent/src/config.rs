@@ -367,7 +367,10 @@ fn device_key(text: &str, base: &Path) -> Result<DeviceKey, String> {
     Ok(DeviceKey::Pem(path))
 }
 
-/// `"500ms"`, `"5s"`, `"2m"`, `"1h"`: a positive duration.
+/// Longest interval or timeout accepted: a year.
+const MAX_DURATION: Duration = Duration::from_secs(365 * 86_400);
+
+/// `"500ms"`, `"5s"`, `"2m"`, `"1h"`: a positive duration, at most a year.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let digits = text
@@ -390,6 +393,12 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     };
     if duration.is_zero() {
         return Err("must be more than zero".into());
+    }
+    // The agent adds these to `Instant::now()`, which panics past its range.
+    if duration > MAX_DURATION {
+        return Err(format!(
+            "{text:?} is too long; the longest is 8760h (a year)"
+        ));
     }
     Ok(duration)
 }
@@ -529,6 +538,12 @@ join_token = "tok"
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert!(parse_duration("0s").is_err());
+        assert_eq!(
+            parse_duration("8760h"),
+            Ok(Duration::from_secs(365 * 86_400))
+        );
+        assert!(parse_duration("8761h").is_err());
+        assert!(parse_duration("18446744073709551615s").is_err());
         assert!(parse_duration("5").is_err());
         assert!(parse_duration("s").is_err());
     }

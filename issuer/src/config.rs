@@ -276,8 +276,14 @@ impl Config {
                 path.display()
             ))
         })?;
+        Self::parse(path, &text)
+    }
+
+    /// Parses and validates the text of a config file at `path` (relative paths in it are
+    /// resolved against `path`'s folder); touches no file.
+    pub fn parse(path: &Path, text: &str) -> Result<Self, Error> {
         let mut config: Config =
-            toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+            toml::from_str(text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
         config.base_dir = path
             .parent()
             .map(Path::to_path_buf)

@@ -2,7 +2,12 @@
 
 use std::time::Duration;
 
-/// Parses `<number><unit>` with unit s, m, h, d or y.
+/// Longest duration accepted: 1000 years. Certificate lifetimes and token TTLs are added to
+/// the current time, which `time` cannot carry past the year 9999 (it panics), nor
+/// `i64` seconds past 292 billion years.
+pub const MAX: Duration = Duration::from_secs(1000 * 365 * 86_400);
+
+/// Parses `<number><unit>` with unit s, m, h, d or y, at most [`MAX`].
 pub fn parse(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let split = text
@@ -26,7 +31,8 @@ pub fn parse(text: &str) -> Result<Duration, String> {
     };
     n.checked_mul(seconds)
         .map(Duration::from_secs)
-        .ok_or_else(|| format!("{text:?} is too long"))
+        .filter(|duration| *duration <= MAX)
+        .ok_or_else(|| format!("{text:?} is too long; the longest is 1000y"))
 }
 
 /// The shortest exact rendering, for config files and messages.
@@ -69,6 +75,7 @@ mod tests {
             ("8h", 28_800),
             ("30d", 2_592_000),
             ("1y", 31_536_000),
+            ("1000y", 31_536_000_000),
         ] {
             assert_eq!(parse(text), Ok(Duration::from_secs(secs)), "{text}");
             assert_eq!(
@@ -80,7 +87,16 @@ mod tests {
 
     #[test]
     fn refuses_missing_or_unknown_units_and_overflow() {
-        for bad in ["", "30", "d", "3w", "-1d", "99999999999999999999y", "1.5h"] {
+        for bad in [
+            "",
+            "30",
+            "d",
+            "3w",
+            "-1d",
+            "99999999999999999999y",
+            "1.5h",
+            "1001y",
+        ] {
             assert!(parse(bad).is_err(), "{bad}");
         }
     }

@@ -67,7 +67,10 @@ impl SigningKeyConfig {
         if self.lifetime < Duration::from_secs(2) {
             return Err("ca.signing_key.lifetime must be at least 2s".into());
         }
-        if self.overlap < Duration::from_secs(1) || self.overlap * 2 > self.lifetime {
+        // checked: `overlap * 2` of a config's "500000000000y" overflows Duration (a panic).
+        let twice = self.overlap.checked_mul(2);
+        if self.overlap < Duration::from_secs(1) || twice.is_none_or(|twice| twice > self.lifetime)
+        {
             return Err(format!(
                 "ca.signing_key.overlap must be between 1s and half the lifetime ({})",
                 crate::duration::format(self.lifetime / 2)
