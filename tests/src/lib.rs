@@ -15,6 +15,8 @@ use anyhow::{bail, ensure, Context, Result};
 #[path = "../../hsm/tests/support/mod.rs"]
 pub mod swtpm;
 
+pub mod soak;
+
 /// Where `issuer` and `agent` are.
 pub fn bin(name: &str) -> PathBuf {
     let dir = std::env::var_os("PLANT_BIN_DIR")
@@ -134,6 +136,11 @@ impl Issuer {
         }
         // The admin socket is bound before the URL file is written.
         Ok(())
+    }
+
+    /// The running `issuer serve`'s pid.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// SIGKILL, as a power cut or OOM kill would.
