@@ -83,6 +83,9 @@ pub struct Plan {
     pub python: PathBuf,
     /// Seconds between two reads of the proxy poller.
     pub poll_interval: f64,
+    /// Where to copy the issuer's, the agents' and the workloads' logs at the end (the run's
+    /// own folders are temporary); None: nowhere.
+    pub keep_logs: Option<PathBuf>,
 }
 
 impl Plan {
@@ -373,8 +376,9 @@ fn judge(receipts: &[Receipt], ttl: Duration, end_ms: u64) -> Schedule {
                 ));
             } else if lateness > slack_ms {
                 schedule.problems.push(format!(
-                    "SVID {} came {lateness} ms after the latest rotation point (slack {slack_ms} ms)",
-                    receipt.serial
+                    "SVID {} came {lateness} ms after the latest rotation point (slack {slack_ms} ms), at Unix time {:.3}",
+                    receipt.serial,
+                    received as f64 / 1000.0
                 ));
             }
             if received + early_ms < earliest {
@@ -1168,6 +1172,16 @@ pub fn run(plan: &Plan) -> Result<Report> {
                 .failures
                 .push(format!("{name}: {panics} panics in its log"));
         }
+    }
+    if let Some(dir) = &plan.keep_logs {
+        std::fs::create_dir_all(dir)?;
+        std::fs::write(dir.join("issuer.log"), issuer.log())?;
+        std::fs::write(dir.join("agent-1.log"), agent_1.log())?;
+        std::fs::write(dir.join("agent-2.log"), agent_2.log())?;
+        std::fs::copy(
+            issuer.dir.path().join("workloads.log"),
+            dir.join("workloads.log"),
+        )?;
     }
     for (name, agent) in [("agent-1", &mut agent_1), ("agent-2", &mut agent_2)] {
         if !agent.stop()? {

@@ -24,6 +24,7 @@ fn a_short_soak_keeps_every_svid_fresh_on_schedule_and_memory_and_descriptors_fl
         workload_exe: PathBuf::from(env!("CARGO_BIN_EXE_soak")),
         python: PathBuf::from(python),
         poll_interval: 0.05,
+        keep_logs: None,
     };
     let report = soak::run(&plan)?;
     println!("{report}");

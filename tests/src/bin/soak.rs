@@ -47,6 +47,9 @@ enum Command {
         /// Seconds between two reads of the PLC poller.
         #[arg(long, default_value_t = 0.05)]
         poll_interval: f64,
+        /// Copy the issuer's, agents' and workloads' logs here at the end.
+        #[arg(long)]
+        keep_logs: Option<PathBuf>,
         /// The Python with pymodbus (default: $PLANT_PYTHON).
         #[arg(long, env = "PLANT_PYTHON")]
         python: PathBuf,
@@ -73,6 +76,7 @@ fn main() -> Result<()> {
             sample,
             progress,
             poll_interval,
+            keep_logs,
             python,
         } => {
             anyhow::ensure!(
@@ -92,6 +96,7 @@ fn main() -> Result<()> {
                 workload_exe: std::env::current_exe().context("the soak binary's path")?,
                 python,
                 poll_interval,
+                keep_logs,
             };
             let report = soak::run(&plan)?;
             println!("{report}");
