@@ -15,6 +15,8 @@ use anyhow::{bail, ensure, Context, Result};
 #[path = "../../hsm/tests/support/mod.rs"]
 pub mod swtpm;
 
+pub mod soak;
+
 /// Where `issuer` and `agent` are.
 pub fn bin(name: &str) -> PathBuf {
     let dir = std::env::var_os("PLANT_BIN_DIR")
