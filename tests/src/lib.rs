@@ -674,19 +674,14 @@ impl Issuer {
     }
 }
 
-/// A gRPC channel to the issuer's agent API over real TLS (rustls, ALPN h2), trusting the
-/// issuer's root; with `client`, (certificate chain DER leaf first, PKCS#8 key DER) as the
-/// TLS client certificate.
-pub async fn agent_api_channel(
+/// A rustls client configuration trusting the issuer's root, offering ALPN `alpn`; with
+/// `identity`, (certificate chain DER leaf first, PKCS#8 key DER) as the client certificate.
+pub fn tls_client_config(
     issuer: &Issuer,
-    client: Option<(Vec<Vec<u8>>, Vec<u8>)>,
-) -> Result<tonic::transport::Channel> {
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
-    let url = issuer.agent_api_url()?;
-    let addr = url
-        .strip_prefix("https://")
-        .context("agent_api.url is not https")?
-        .to_owned();
+    identity: Option<(Vec<Vec<u8>>, Vec<u8>)>,
+    alpn: &[u8],
+) -> Result<std::sync::Arc<rustls::ClientConfig>> {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
     let mut roots = rustls::RootCertStore::empty();
     let root_pem = std::fs::read_to_string(issuer.root_pem())?;
     for der in pem_blocks(&root_pem, "CERTIFICATE") {
@@ -696,15 +691,31 @@ pub async fn agent_api_channel(
     let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots);
-    let mut config = match client {
+    let mut config = match identity {
         Some((chain, key)) => builder.with_client_auth_cert(
             chain.into_iter().map(CertificateDer::from).collect(),
             PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key)),
         )?,
         None => builder.with_no_client_auth(),
     };
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    config.alpn_protocols = vec![alpn.to_vec()];
+    Ok(std::sync::Arc::new(config))
+}
+
+/// A gRPC channel to the issuer's agent API over real TLS (rustls, ALPN h2), trusting the
+/// issuer's root; with `client`, (certificate chain DER leaf first, PKCS#8 key DER) as the
+/// TLS client certificate.
+pub async fn agent_api_channel(
+    issuer: &Issuer,
+    client: Option<(Vec<Vec<u8>>, Vec<u8>)>,
+) -> Result<tonic::transport::Channel> {
+    use rustls::pki_types::ServerName;
+    let url = issuer.agent_api_url()?;
+    let addr = url
+        .strip_prefix("https://")
+        .context("agent_api.url is not https")?
+        .to_owned();
+    let connector = tokio_rustls::TlsConnector::from(tls_client_config(issuer, client, b"h2")?);
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
         .connect_with_connector(tower::service_fn(move |_: http::Uri| {
             let (connector, addr) = (connector.clone(), addr.clone());

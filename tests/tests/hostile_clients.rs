@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use plant_tests::{curl, enroll_with_token, metric, openssl_csr, Issuer};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -54,32 +54,6 @@ fn raise_open_file_limit() {
     let mut limit = getrlimit(Resource::Nofile);
     limit.current = limit.maximum;
     let _ = setrlimit(Resource::Nofile, limit);
-}
-
-/// A TLS client trusting the issuer's root, with `identity` (chain, PKCS#8 key) if given.
-fn client_config(
-    issuer: &Issuer,
-    identity: Option<(Vec<Vec<u8>>, Vec<u8>)>,
-    alpn: &[u8],
-) -> Result<Arc<rustls::ClientConfig>> {
-    let mut roots = rustls::RootCertStore::empty();
-    for der in plant_tests::pem_blocks(&std::fs::read_to_string(issuer.root_pem())?, "CERTIFICATE")
-    {
-        roots.add(CertificateDer::from(der))?;
-    }
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots);
-    let mut config = match identity {
-        Some((chain, key)) => builder.with_client_auth_cert(
-            chain.into_iter().map(CertificateDer::from).collect(),
-            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key)),
-        )?,
-        None => builder.with_no_client_auth(),
-    };
-    config.alpn_protocols = vec![alpn.to_vec()];
-    Ok(Arc::new(config))
 }
 
 async fn tls_connect(
@@ -150,7 +124,7 @@ async fn slow_handshakes_headers_and_bodies_are_cut_while_a_device_enrolls() -> 
         let mut tcp = TcpStream::connect(addr).await?;
         trickle_until_closed(&mut tcp, &[0x16, 0x03, 0x01, 0x02, 0x00, 0x01]).await
     });
-    let config = client_config(&issuer, None, b"http/1.1")?;
+    let config = plant_tests::tls_client_config(&issuer, None, b"http/1.1")?;
     let slow_headers = tokio::spawn(async move {
         let mut tls = tls_connect(addr, config).await?;
         trickle_until_closed(
@@ -160,7 +134,7 @@ async fn slow_handshakes_headers_and_bodies_are_cut_while_a_device_enrolls() -> 
         .await
     });
 
-    let config = client_config(&issuer, None, b"http/1.1")?;
+    let config = plant_tests::tls_client_config(&issuer, None, b"http/1.1")?;
     let slow_body = tokio::spawn(async move {
         let mut tls = tls_connect(addr, config).await?;
         tls.write_all(
@@ -198,7 +172,7 @@ async fn thousands_of_idle_connections_do_not_keep_a_device_out() -> Result<()> 
     })?);
     let addr = est_addr(&issuer)?;
 
-    let config = client_config(&issuer, None, b"http/1.1")?;
+    let config = plant_tests::tls_client_config(&issuer, None, b"http/1.1")?;
     let crowd = async {
         let mut idle = Vec::new();
         for _ in 0..2000 {
@@ -273,7 +247,7 @@ async fn idle_agent_api_connections_do_not_keep_an_agent_out() -> Result<()> {
         Ok(())
     })?;
     let addr = agent_api_addr(&issuer)?;
-    let config = client_config(&issuer, None, b"h2")?;
+    let config = plant_tests::tls_client_config(&issuer, None, b"h2")?;
     // Silent TCP connections, then TLS connections that never send a frame: more of each
     // than the limit.
     let crowd = async {
@@ -506,7 +480,7 @@ async fn overlong_and_cyclic_client_chains_are_refused_at_the_handshake() -> Res
     ensure!(
         served(
             est,
-            client_config(&issuer, Some(short), b"http/1.1")?,
+            plant_tests::tls_client_config(&issuer, Some(short), b"http/1.1")?,
             HTTP1_REQUEST
         )
         .await?,
@@ -520,7 +494,7 @@ async fn overlong_and_cyclic_client_chains_are_refused_at_the_handshake() -> Res
         ensure!(
             !served(
                 est,
-                client_config(&issuer, Some(chain), b"http/1.1")?,
+                plant_tests::tls_client_config(&issuer, Some(chain), b"http/1.1")?,
                 HTTP1_REQUEST
             )
             .await?,
@@ -532,7 +506,7 @@ async fn overlong_and_cyclic_client_chains_are_refused_at_the_handshake() -> Res
     ensure!(
         served(
             agent_api,
-            client_config(&issuer, None, b"h2")?,
+            plant_tests::tls_client_config(&issuer, None, b"h2")?,
             HTTP2_PREFACE
         )
         .await?,
@@ -546,7 +520,7 @@ async fn overlong_and_cyclic_client_chains_are_refused_at_the_handshake() -> Res
         ensure!(
             !served(
                 agent_api,
-                client_config(&issuer, Some(chain), b"h2")?,
+                plant_tests::tls_client_config(&issuer, Some(chain), b"h2")?,
                 HTTP2_PREFACE
             )
             .await?,
