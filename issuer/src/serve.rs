@@ -103,24 +103,11 @@ pub async fn run(config: Config) -> Result<(), Error> {
                 slot.set_phase(Phase::Idle);
                 let slot = Arc::new(slot);
                 let router = router.clone();
-                tokio::spawn(async move {
-                    let service = {
-                        let slot = slot.clone();
-                        hyper::service::service_fn(move |request: http::Request<Incoming>| {
-                            let (router, slot) = (router.clone(), slot.clone());
-                            async move {
-                                slot.set_phase(Phase::Busy);
-                                let response = router
-                                    .oneshot(request.map(axum::body::Body::new))
-                                    .await
-                                    .unwrap_or_else(|e| match e {});
-                                slot.set_phase(Phase::Idle);
-                                Ok::<_, Infallible>(response)
-                            }
-                        })
-                    };
-                    serve_http1(tcp, service, slot, limits, peer).await;
-                });
+                let service =
+                    hyper::service::service_fn(move |request: http::Request<Incoming>| {
+                        router.clone().oneshot(request.map(axum::body::Body::new))
+                    });
+                tokio::spawn(serve_http1(tcp, service, slot, limits, peer));
             }
         });
         tokio::spawn(authority.clone().keep_crl_fresh());
@@ -276,26 +263,20 @@ async fn serve_connection(
         tls.get_ref().1.peer_certificates().map(|chain| {
             TlsClientCertificate(Arc::new(chain.iter().map(|c| c.to_vec()).collect()))
         });
-    let service = {
-        let slot = slot.clone();
-        hyper::service::service_fn(move |request: http::Request<Incoming>| {
-            let mut request = request.map(axum::body::Body::new);
-            if let Some(cert) = &client_certificate {
-                request.extensions_mut().insert(cert.clone());
-            }
-            request.extensions_mut().insert(ClientAddress(peer));
-            let router = router.clone();
-            let authority = authority.clone();
-            let slot = slot.clone();
-            async move {
-                slot.set_phase(Phase::Busy);
-                let response = router.oneshot(request).await.unwrap_or_else(|e| match e {});
-                authority.count_est_response(response.status().as_u16());
-                slot.set_phase(Phase::Idle);
-                Ok::<_, Infallible>(response)
-            }
-        })
-    };
+    let service = hyper::service::service_fn(move |request: http::Request<Incoming>| {
+        let mut request = request.map(axum::body::Body::new);
+        if let Some(cert) = &client_certificate {
+            request.extensions_mut().insert(cert.clone());
+        }
+        request.extensions_mut().insert(ClientAddress(peer));
+        let router = router.clone();
+        let authority = authority.clone();
+        async move {
+            let response = router.oneshot(request).await.unwrap_or_else(|e| match e {});
+            authority.count_est_response(response.status().as_u16());
+            Ok::<_, Infallible>(response)
+        }
+    });
     serve_http1(
         crate::header_case::HeaderCase(tls),
         service,
@@ -324,6 +305,20 @@ where
     // header timer runs whenever it waits for a request head, so it bounds a client that
     // trickles its headers and a keep-alive connection left idle alike; a head larger than
     // `max_header_bytes` is answered 431.
+    // Each request marks the connection busy until its response is ready, so only
+    // connections between requests can be shed.
+    let service = {
+        let slot = slot.clone();
+        hyper::service::service_fn(move |request: http::Request<Incoming>| {
+            let in_flight = slot.begin_request();
+            let response = hyper::service::Service::call(&service, request);
+            async move {
+                let response = response.await;
+                drop(in_flight);
+                response
+            }
+        })
+    };
     let connection = hyper::server::conn::http1::Builder::new()
         .title_case_headers(true)
         .timer(TokioTimer::new())

@@ -1098,16 +1098,7 @@ pub async fn workload_client(
 ) -> Result<
     proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient<tonic::transport::Channel>,
 > {
-    let socket = socket.to_owned();
-    let channel = tonic::transport::Endpoint::try_from("http://localhost")?
-        .connect_with_connector(tower::service_fn(move |_: http::Uri| {
-            let socket = socket.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(socket).await?,
-                ))
-            }
-        }))
+    let channel = unix_channel(socket)
         .await
         .context("connecting to the Workload API socket")?;
     Ok(proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(channel))
@@ -1155,4 +1146,47 @@ pub fn root_der(issuer: &Issuer) -> Result<Vec<u8>> {
         .next()
         .context("no certificate in root.crt")?;
     Ok(der::Encode::to_der(&root)?)
+}
+
+/// A gRPC channel over the Unix socket at `socket` (Workload API, issuer admin socket).
+pub async fn unix_channel(socket: &Path) -> Result<tonic::transport::Channel> {
+    let socket = socket.to_owned();
+    Ok(tonic::transport::Endpoint::try_from("http://localhost")?
+        .connect_with_connector(tower::service_fn(move |_: http::Uri| {
+            let socket = socket.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(socket).await?,
+                ))
+            }
+        }))
+        .await?)
+}
+
+/// `tests/py/modbus_plc.py` (a pymodbus PLC) run by `python` on `port` (0: a free one);
+/// returns the process and the port it listens on.
+pub fn spawn_modbus_plc(python: &Path, port: u16) -> Result<(Child, u16)> {
+    use std::io::BufRead;
+    let mut child = Command::new(python)
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("py/modbus_plc.py"))
+        .arg(port.to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting modbus_plc.py")?;
+    let stdout = child.stdout.take().context("PLC stdout")?;
+    let mut line = String::new();
+    std::io::BufReader::new(stdout).read_line(&mut line)?;
+    let port = line
+        .trim()
+        .strip_prefix("listening ")
+        .and_then(|p| p.parse().ok());
+    match port {
+        Some(port) => Ok((child, port)),
+        None => {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("modbus_plc.py printed {line:?}")
+        }
+    }
 }

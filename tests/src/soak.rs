@@ -427,23 +427,8 @@ fn script(name: &str) -> PathBuf {
 
 /// modbus_plc.py on a free port; returns it and the port.
 fn start_plc(python: &Path) -> Result<(Owned, u16)> {
-    let mut child = Command::new(python)
-        .arg(script("modbus_plc.py"))
-        .arg("0")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting modbus_plc.py")?;
-    let stdout = child.stdout.take().context("PLC stdout")?;
-    let plc = Owned(child);
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line)?;
-    let port = line
-        .trim()
-        .strip_prefix("listening ")
-        .and_then(|p| p.parse().ok())
-        .with_context(|| format!("modbus_plc.py printed {line:?}"))?;
-    Ok((plc, port))
+    let (child, port) = crate::spawn_modbus_plc(python, 0)?;
+    Ok((Owned(child), port))
 }
 
 /// The poller's totals (its last JSON line).
@@ -765,15 +750,7 @@ fn create_entries(issuer: &Issuer, entries: Vec<proto::admin::CreateEntryRequest
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let channel = tonic::transport::Endpoint::from_static("http://issuer-admin")
-            .connect_with_connector(tower::service_fn(move |_: http::Uri| {
-                let socket = socket.clone();
-                async move {
-                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                        tokio::net::UnixStream::connect(socket).await?,
-                    ))
-                }
-            }))
+        let channel = crate::unix_channel(&socket)
             .await
             .context("connecting to the issuer's admin socket")?;
         let mut client = proto::admin::entries_client::EntriesClient::new(channel);

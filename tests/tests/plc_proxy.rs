@@ -7,10 +7,10 @@
 //!                 ══mTLS══▶ gateway agent (inbound press-7) ──tcp──▶ modbus_plc.py
 //! ```
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
@@ -39,21 +39,7 @@ struct Plc {
 
 impl Plc {
     fn start(port: u16) -> Result<Self> {
-        let mut child = Command::new(python()?)
-            .arg(script("modbus_plc.py"))
-            .arg(port.to_string())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting modbus_plc.py")?;
-        let stdout = child.stdout.take().context("PLC stdout")?;
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line)?;
-        let port = line
-            .trim()
-            .strip_prefix("listening ")
-            .and_then(|p| p.parse().ok())
-            .with_context(|| format!("modbus_plc.py printed {line:?}"))?;
+        let (child, port) = plant_tests::spawn_modbus_plc(&python()?, port)?;
         Ok(Self { child, port })
     }
 
