@@ -1,8 +1,14 @@
 //! Every certificate the issuer has signed, keyed by serial, with an index keyed by
 //! `not_after || serial` so "what expires in the next 30 days" is a range scan.
+//!
+//! The index entry's value is the certificate's stored status (one byte), so questions that
+//! filter only on time and status (the metrics gauges every few seconds, the CLI's
+//! `--status`) are answered from the index alone. Reading every record instead pulled the
+//! whole inventory through sled's page cache on each refresh: the issuer's memory grew with
+//! every certificate it had ever issued.
 
 use serde::{Deserialize, Serialize};
-use sled::transaction::TransactionError;
+use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
 
 use crate::serial::Serial;
@@ -20,6 +26,39 @@ pub enum Status {
     Revoked,
     /// Renewed by a re-enrollment; still valid until notAfter.
     Superseded,
+}
+
+impl Status {
+    /// This stored status as of `now` for a certificate expiring at `not_after`.
+    fn at(self, not_after: i64, now: i64) -> Status {
+        if self == Status::Valid && not_after <= now {
+            Status::Expired
+        } else {
+            self
+        }
+    }
+
+    /// The byte the expiry index holds for this status.
+    fn index_byte(self) -> u8 {
+        match self {
+            Status::Valid => 0,
+            Status::Expired => 1,
+            Status::Revoked => 2,
+            Status::Superseded => 3,
+        }
+    }
+
+    /// The status an expiry index value holds; None for an entry written before the index
+    /// carried it (or anything unexpected): the record then decides.
+    fn from_index(value: &[u8]) -> Option<Status> {
+        match value {
+            [0] => Some(Status::Valid),
+            [1] => Some(Status::Expired),
+            [2] => Some(Status::Revoked),
+            [3] => Some(Status::Superseded),
+            _ => None,
+        }
+    }
 }
 
 impl std::str::FromStr for Status {
@@ -67,11 +106,7 @@ pub struct CertificateRecord {
 impl CertificateRecord {
     /// Status as of `now`: a valid certificate past notAfter reads as expired.
     pub fn status_at(&self, now: i64) -> Status {
-        if self.status == Status::Valid && self.not_after <= now {
-            Status::Expired
-        } else {
-            self.status
-        }
+        self.status.at(self.not_after, now)
     }
 
     /// The certificate DER.
@@ -149,7 +184,7 @@ pub struct CertificateStore {
     meta: sled::Tree,
 }
 
-fn expiry_key(not_after: i64, serial: &Serial) -> [u8; 24] {
+pub(super) fn expiry_key(not_after: i64, serial: &Serial) -> [u8; 24] {
     let mut key = [0u8; 24];
     key[..8].copy_from_slice(&(not_after.max(0) as u64).to_be_bytes());
     key[8..].copy_from_slice(&serial.0);
@@ -158,12 +193,37 @@ fn expiry_key(not_after: i64, serial: &Serial) -> [u8; 24] {
 
 impl CertificateStore {
     pub(super) fn open(db: &sled::Db) -> Result<Self, Error> {
-        Ok(Self {
+        let store = Self {
             by_serial: db.open_tree("certificates")?,
             by_expiry: db.open_tree("certificates_by_expiry")?,
             revocations: db.open_tree("revocations")?,
             meta: db.open_tree("meta")?,
-        })
+        };
+        store.put_status_in_index()?;
+        Ok(store)
+    }
+
+    /// Stores written before the expiry index carried the status have empty index values;
+    /// fill them in once so status counts need no record reads there either. Queries stay
+    /// correct without it (an empty value sends them to the record), so an interrupted run
+    /// only leaves work for the next start.
+    fn put_status_in_index(&self) -> Result<(), Error> {
+        const DONE: &str = "expiry_index_has_status";
+        if self.meta.contains_key(DONE)? {
+            return Ok(());
+        }
+        for entry in self.by_expiry.iter() {
+            let (key, value) = entry?;
+            if Status::from_index(&value).is_some() {
+                continue;
+            }
+            if let Some(bytes) = self.by_serial.get(&key[8..])? {
+                let status = decode(&bytes)?.status;
+                self.by_expiry.insert(key, &[status.index_byte()][..])?;
+            }
+        }
+        self.meta.insert(DONE, &[1u8][..])?;
+        Ok(())
     }
 
     /// Marks a certificate revoked and adds it to the revocation list, in one transaction.
@@ -174,8 +234,8 @@ impl CertificateStore {
         revoked_at: i64,
         reason_code: u8,
     ) -> Result<Option<CertificateRecord>, Error> {
-        let outcome =
-            (&self.by_serial, &self.revocations).transaction(|(by_serial, revocations)| {
+        let outcome = (&self.by_serial, &self.by_expiry, &self.revocations).transaction(
+            |(by_serial, by_expiry, revocations)| {
                 let Some(bytes) = by_serial.get(serial.0)? else {
                     return Ok(None);
                 };
@@ -194,9 +254,14 @@ impl CertificateStore {
                 let entry_bytes = serde_json::to_vec(&entry)
                     .map_err(|_| sled::transaction::ConflictableTransactionError::Abort(()))?;
                 by_serial.insert(&serial.0, record_bytes)?;
+                by_expiry.insert(
+                    &expiry_key(record.not_after, serial),
+                    &[Status::Revoked.index_byte()][..],
+                )?;
                 revocations.insert(&serial.0, entry_bytes)?;
                 Ok(Some(before))
-            });
+            },
+        );
         match outcome {
             Ok(found) => Ok(found),
             Err(TransactionError::Abort(())) => Err(Error::Store(format!(
@@ -243,7 +308,7 @@ impl CertificateStore {
                 return sled::transaction::abort(());
             }
             by_serial.insert(&serial.0, value.as_slice())?;
-            by_expiry.insert(&key, &[][..])?;
+            by_expiry.insert(&key, &[record.status.index_byte()][..])?;
             Ok(())
         });
         match outcome {
@@ -263,19 +328,24 @@ impl CertificateStore {
 
     /// Changes a certificate's status (revocation, renewal).
     pub fn set_status(&self, serial: &Serial, status: Status) -> Result<bool, Error> {
-        loop {
-            let Some(current) = self.by_serial.get(serial.0)? else {
+        let outcome = (&self.by_serial, &self.by_expiry).transaction(|(by_serial, by_expiry)| {
+            let Some(current) = by_serial.get(serial.0)? else {
                 return Ok(false);
             };
-            let mut record = decode(&current)?;
+            let mut record = decode(&current).map_err(ConflictableTransactionError::Abort)?;
             record.status = status;
-            if self
-                .by_serial
-                .compare_and_swap(serial.0, Some(current), Some(encode(&record)?))?
-                .is_ok()
-            {
-                return Ok(true);
-            }
+            let bytes = encode(&record).map_err(ConflictableTransactionError::Abort)?;
+            by_serial.insert(&serial.0, bytes)?;
+            by_expiry.insert(
+                &expiry_key(record.not_after, serial),
+                &[status.index_byte()][..],
+            )?;
+            Ok(true)
+        });
+        match outcome {
+            Ok(changed) => Ok(changed),
+            Err(TransactionError::Abort(e)) => Err(e),
+            Err(TransactionError::Storage(e)) => Err(e.into()),
         }
     }
 
@@ -301,8 +371,9 @@ impl CertificateStore {
             }
             None => None,
         };
+        // Time and status come from the index; only the other filters and the rows of the
+        // page need the record.
         let needs_record = query.label.is_some()
-            || query.status.is_some()
             || query.owner.is_some()
             || query.subject.is_some()
             || query.spiffe_prefix.is_some();
@@ -312,11 +383,22 @@ impl CertificateStore {
         let mut total = 0usize;
         let mut past_cursor_matches = 0usize;
         for entry in self.by_expiry.range(low.to_vec()..high.to_vec()) {
-            let (key, _) = entry?;
+            let (key, value) = entry?;
+            // Every key is notAfter (8 bytes) || serial (16); skip anything else.
+            let Some(not_after) = key.get(..8).and_then(|b| <[u8; 8]>::try_from(b).ok()) else {
+                continue;
+            };
+            let not_after = i64::try_from(u64::from_be_bytes(not_after)).unwrap_or(i64::MAX);
+            let indexed = Status::from_index(&value).map(|s| s.at(not_after, now));
+            if let (Some(wanted), Some(status)) = (query.status, indexed) {
+                if wanted != status {
+                    continue;
+                }
+            }
             let past_cursor = cursor.as_deref().is_none_or(|c| key.as_ref() > c);
             let wanted_row = past_cursor && certificates.len() < limit;
-            // Counting without filters needs only the index; rows and filters need the record.
-            let record = if needs_record || wanted_row {
+            let status_unknown = query.status.is_some() && indexed.is_none();
+            let record = if needs_record || wanted_row || status_unknown {
                 let Some(bytes) = self.by_serial.get(&key[8..])? else {
                     continue;
                 };
@@ -365,6 +447,14 @@ impl CertificateStore {
             next,
             total: (!query.skip_total).then_some(total),
         })
+    }
+
+    /// Whether every expiry index entry carries its status (tests of the migration).
+    #[cfg(test)]
+    pub(super) fn index_has_status(&self) -> bool {
+        self.by_expiry
+            .iter()
+            .all(|entry| entry.is_ok_and(|(_, value)| Status::from_index(&value).is_some()))
     }
 
     /// Number of certificate records.

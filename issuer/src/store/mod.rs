@@ -40,14 +40,24 @@ pub struct Store {
     pub durability: Durability,
 }
 
+/// The page cache (MiB) when the configuration names none (`[store] cache_mb`).
+pub const DEFAULT_CACHE_MB: u64 = 32;
+
 impl Store {
-    /// Opens (or creates) the store under `dir`. Must run inside a tokio runtime.
+    /// Opens (or creates) the store under `dir` with the default cache. Must run inside a
+    /// tokio runtime.
     pub fn open(dir: &Path) -> Result<Self, Error> {
+        Self::open_with_cache(dir, DEFAULT_CACHE_MB)
+    }
+
+    /// Opens (or creates) the store under `dir` with a page cache of `cache_mb` MiB.
+    pub fn open_with_cache(dir: &Path, cache_mb: u64) -> Result<Self, Error> {
         std::fs::create_dir_all(dir).map_err(Error::io(dir))?;
         let db = sled::Config::new()
             .path(dir)
             // sled's own periodic flush would race our barrier for no gain.
             .flush_every_ms(None)
+            .cache_capacity(cache_mb.saturating_mul(1024 * 1024))
             .open()
             .map_err(|e| {
                 Error::Store(format!(
@@ -155,6 +165,123 @@ mod tests {
             .certificates
             .iter()
             .all(|r| r.not_after > now && r.not_after <= now + 10 * 86_400));
+    }
+
+    /// For each status: how many certificates the status filter finds (answered from the
+    /// expiry index), and how many of all rows read that way from their records.
+    fn status_counts(store: &Store, now: i64) -> Vec<(Status, usize, usize)> {
+        let all = store
+            .certificates
+            .query(
+                &InventoryQuery {
+                    limit: Some(10_000),
+                    ..Default::default()
+                },
+                now,
+            )
+            .expect("all rows");
+        [
+            Status::Valid,
+            Status::Expired,
+            Status::Revoked,
+            Status::Superseded,
+        ]
+        .into_iter()
+        .map(|status| {
+            let filtered = store
+                .certificates
+                .query(
+                    &InventoryQuery {
+                        status: Some(status),
+                        limit: Some(1),
+                        ..Default::default()
+                    },
+                    now,
+                )
+                .expect("by status");
+            let read = all
+                .certificates
+                .iter()
+                .filter(|r| r.status == status)
+                .count();
+            (status, filtered.total.expect("counted"), read)
+        })
+        .collect()
+    }
+
+    #[tokio::test]
+    async fn status_counts_from_the_index_follow_revocations_and_renewals() {
+        let (_dir, store) = filled_store(120);
+        let now = 1_000_000 + 30 * 86_400;
+        let rows = store
+            .certificates
+            .query(
+                &InventoryQuery {
+                    limit: Some(10_000),
+                    ..Default::default()
+                },
+                0,
+            )
+            .expect("rows");
+        let serials: Vec<Serial> = rows
+            .certificates
+            .iter()
+            .map(|r| Serial::parse(&r.serial).expect("serial"))
+            .collect();
+        // Revoke and supersede some already expired and some still valid.
+        for serial in serials.iter().step_by(7) {
+            store.certificates.revoke(serial, 5, 1).expect("revoke");
+        }
+        for serial in serials.iter().skip(3).step_by(11) {
+            assert!(store
+                .certificates
+                .set_status(serial, Status::Superseded)
+                .expect("supersede"));
+        }
+        let counts = status_counts(&store, now);
+        for (status, filtered, read) in &counts {
+            assert_eq!(filtered, read, "{status:?}: {counts:?}");
+        }
+        assert!(counts.iter().all(|(_, n, _)| *n > 0), "{counts:?}");
+        assert_eq!(counts.iter().map(|(_, n, _)| n).sum::<usize>(), 120);
+    }
+
+    #[tokio::test]
+    async fn a_store_from_before_the_status_index_is_filled_in_on_open() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let serials: Vec<Serial> = (0..40).map(|_| Serial::random()).collect();
+        {
+            // The layout older issuers wrote: index entries with empty values.
+            let db = sled::Config::new().path(dir.path()).open().expect("sled");
+            let by_serial = db.open_tree("certificates").expect("tree");
+            let by_expiry = db.open_tree("certificates_by_expiry").expect("tree");
+            for (i, serial) in serials.iter().enumerate() {
+                let not_after = 2_000 + i as i64;
+                let mut rec = record(serial, "plc", not_after);
+                if i % 4 == 0 {
+                    rec.status = Status::Revoked;
+                }
+                by_serial
+                    .insert(serial.0, serde_json::to_vec(&rec).expect("json"))
+                    .expect("insert");
+                by_expiry
+                    .insert(certificates::expiry_key(not_after, serial), &[][..])
+                    .expect("insert");
+            }
+            db.flush().expect("flush");
+        }
+        let store = Store::open(dir.path()).expect("open");
+        let counts = status_counts(&store, 2_020);
+        assert_eq!(
+            counts,
+            vec![
+                (Status::Valid, 15, 15),
+                (Status::Expired, 15, 15),
+                (Status::Revoked, 10, 10),
+                (Status::Superseded, 0, 0),
+            ]
+        );
+        assert!(store.certificates.index_has_status(), "migrated on open");
     }
 
     #[tokio::test]
