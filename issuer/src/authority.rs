@@ -203,7 +203,8 @@ impl Authority {
             config.key_options(),
             config.signing_keys(),
         )?;
-        let store = Store::open(&config.state_dir().join("store"))?;
+        let store =
+            Store::open_with_cache(&config.state_dir().join("store"), config.store.cache_mb)?;
         Ok(Self {
             ca,
             store,

@@ -41,6 +41,9 @@ pub struct Config {
     /// Clock tolerance and the disk reserve every issuance checks.
     #[serde(default)]
     pub issuance: IssuanceConfig,
+    /// The embedded store's memory.
+    #[serde(default)]
+    pub store: StoreConfig,
     #[serde(skip)]
     base_dir: PathBuf,
 }
@@ -241,6 +244,29 @@ impl Default for IssuanceConfig {
     }
 }
 
+/// `[store]`: the embedded store under `<state_dir>/store`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// The store's page cache (MiB). It fills with what is written and read until it reaches
+    /// this size and stays there; sled's own default (1 GiB) would let the issuer's memory
+    /// grow with every certificate it issues for a long time.
+    #[serde(default = "default_cache_mb")]
+    pub cache_mb: u64,
+}
+
+fn default_cache_mb() -> u64 {
+    crate::store::DEFAULT_CACHE_MB
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            cache_mb: default_cache_mb(),
+        }
+    }
+}
+
 /// Token policy.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -305,6 +331,12 @@ impl Config {
             )));
         }
         self.trust_domain()?;
+        if !(1..=1 << 20).contains(&self.store.cache_mb) {
+            return Err(Error::Config(format!(
+                "[store] cache_mb = {} must be between 1 and 1048576 (MiB)",
+                self.store.cache_mb
+            )));
+        }
         if !self.profiles.contains_key(&self.default_profile) {
             return Err(Error::Config(format!(
                 "default_profile {:?} is not one of the [profiles.*] tables",

@@ -230,6 +230,11 @@ backdate = "5m"
 # that would write are answered 503 and nothing is recorded; issuance resumes by itself.
 min_free_mb = 64
 
+[store]
+# The embedded store's page cache (MiB): the issuer's memory grows by up to this much as
+# certificates are issued and the inventory is read, then stays there.
+cache_mb = 32
+
 # Profiles: each name is an EST label (/.well-known/est/<label>/...).
 # key_usage: digitalSignature, keyAgreement. extended_key_usage: serverAuth, clientAuth.
 # san: which subjectAltName kinds tokens may grant (dns, ip).
@@ -300,9 +305,8 @@ fn profile_toml(name: &str, p: &Profile) -> String {
 mod tests {
     use super::*;
 
-    #[test]
-    fn template_parses_back_to_the_default_profiles() {
-        let options = InitOptions {
+    fn options() -> InitOptions {
+        InitOptions {
             dir: PathBuf::from("/nonexistent"),
             trust_domain: "plant.example".into(),
             organization: "Plant".into(),
@@ -312,11 +316,17 @@ mod tests {
             ca_key: "soft:path=ca/issuing.key".into(),
             dns: vec![],
             ips: vec![],
-        };
+        }
+    }
+
+    #[test]
+    fn template_parses_back_to_the_default_profiles() {
+        let options = options();
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("issuer.toml");
         std::fs::write(&path, template(&options)).expect("write");
         let config = Config::load(&path).expect("parses");
+        assert_eq!(config.store.cache_mb, crate::store::DEFAULT_CACHE_MB);
         for (name, profile) in profile::defaults() {
             let loaded = &config.profiles[name];
             assert_eq!(loaded.lifetime, profile.lifetime, "{name}");
@@ -327,5 +337,14 @@ mod tests {
             assert_eq!(loaded.server_keygen, profile.server_keygen, "{name}");
             assert_eq!(loaded.operator, profile.operator, "{name}");
         }
+    }
+
+    #[test]
+    fn a_store_cache_of_nothing_is_refused_with_the_setting_named() {
+        let text = template(&options()).replace("cache_mb = 32", "cache_mb = 0");
+        let err = Config::parse(Path::new("/etc/plant/issuer.toml"), &text)
+            .expect_err("cache_mb = 0")
+            .to_string();
+        assert!(err.contains("[store] cache_mb = 0"), "{err}");
     }
 }

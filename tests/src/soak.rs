@@ -62,6 +62,12 @@ const FD_SLACK: u64 = 8;
 /// burst of minting does not decide the verdict.
 const WINDOW: usize = 3;
 
+/// The issuer's store cache (MiB) a soak runs with. The cache legitimately grows with what
+/// is written until it reaches its size (`[store] cache_mb`, 32 MiB by default); at a soak's
+/// pace that takes longer than a short run, and growth from filling it would look like a
+/// leak. A small cache is full before the warm-up ends, so growth after it is not the cache.
+pub const ISSUER_CACHE_MB: u64 = 2;
+
 /// What to run and for how long.
 #[derive(Debug, Clone)]
 pub struct Plan {
@@ -86,6 +92,8 @@ pub struct Plan {
     /// Where to copy the issuer's, the agents' and the workloads' logs at the end (the run's
     /// own folders are temporary); None: nowhere.
     pub keep_logs: Option<PathBuf>,
+    /// The issuer's `[store] cache_mb` for the run.
+    pub issuer_cache_mb: u64,
 }
 
 impl Plan {
@@ -825,7 +833,21 @@ pub fn run(plan: &Plan) -> Result<Report> {
         }
     };
 
-    let issuer = Issuer::start()?;
+    let issuer = Issuer::start_with(|toml| {
+        let text = std::fs::read_to_string(toml)?;
+        ensure!(
+            text.lines().any(|l| l.starts_with("cache_mb = ")),
+            "issuer.toml has no [store] cache_mb line"
+        );
+        let edited: Vec<String> = text
+            .lines()
+            .map(|line| match line.starts_with("cache_mb = ") {
+                true => format!("cache_mb = {}", plan.issuer_cache_mb),
+                false => line.to_owned(),
+            })
+            .collect();
+        Ok(std::fs::write(toml, edited.join("\n") + "\n")?)
+    })?;
     let (plc, plc_port) = start_plc(&plan.python)?;
     let mut agent_1 = join_token_agent(
         &issuer,

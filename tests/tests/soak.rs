@@ -25,6 +25,7 @@ fn a_short_soak_keeps_every_svid_fresh_on_schedule_and_memory_and_descriptors_fl
         python: PathBuf::from(python),
         poll_interval: 0.05,
         keep_logs: None,
+        issuer_cache_mb: soak::ISSUER_CACHE_MB,
     };
     let report = soak::run(&plan)?;
     println!("{report}");

@@ -50,6 +50,10 @@ enum Command {
         /// Copy the issuer's, agents' and workloads' logs here at the end.
         #[arg(long)]
         keep_logs: Option<PathBuf>,
+        /// The issuer's store cache (`[store] cache_mb`) for the run; small, so it is full
+        /// before the warm-up ends and memory growth after it means a leak.
+        #[arg(long, default_value_t = soak::ISSUER_CACHE_MB)]
+        issuer_cache_mb: u64,
         /// The Python with pymodbus (default: $PLANT_PYTHON).
         #[arg(long, env = "PLANT_PYTHON")]
         python: PathBuf,
@@ -77,6 +81,7 @@ fn main() -> Result<()> {
             progress,
             poll_interval,
             keep_logs,
+            issuer_cache_mb,
             python,
         } => {
             anyhow::ensure!(
@@ -97,6 +102,7 @@ fn main() -> Result<()> {
                 python,
                 poll_interval,
                 keep_logs,
+                issuer_cache_mb,
             };
             let report = soak::run(&plan)?;
             println!("{report}");
