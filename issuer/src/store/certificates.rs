@@ -212,17 +212,27 @@ impl CertificateStore {
         if self.meta.contains_key(DONE)? {
             return Ok(());
         }
+        let mut filled = 0usize;
         for entry in self.by_expiry.iter() {
             let (key, value) = entry?;
             if Status::from_index(&value).is_some() {
                 continue;
             }
-            if let Some(bytes) = self.by_serial.get(&key[8..])? {
-                let status = decode(&bytes)?.status;
-                self.by_expiry.insert(key, &[status.index_byte()][..])?;
+            let Some(serial) = key.get(8..) else {
+                continue;
+            };
+            // A record that does not decode keeps its empty value: queries that reach it
+            // report it as they always did, and the issuer still starts.
+            if let Some(Ok(record)) = self.by_serial.get(serial)?.map(|b| decode(&b)) {
+                self.by_expiry
+                    .insert(key, &[record.status.index_byte()][..])?;
+                filled += 1;
             }
         }
         self.meta.insert(DONE, &[1u8][..])?;
+        if filled > 0 {
+            tracing::info!(filled, "expiry index now carries each certificate's status");
+        }
         Ok(())
     }
 
