@@ -841,9 +841,12 @@ pub fn run(plan: &Plan) -> Result<Report> {
         );
         let edited: Vec<String> = text
             .lines()
-            .map(|line| match line.starts_with("cache_mb = ") {
-                true => format!("cache_mb = {}", plan.issuer_cache_mb),
-                false => line.to_owned(),
+            .map(|line| {
+                if line.starts_with("cache_mb = ") {
+                    format!("cache_mb = {}", plan.issuer_cache_mb)
+                } else {
+                    line.to_owned()
+                }
             })
             .collect();
         Ok(std::fs::write(toml, edited.join("\n") + "\n")?)

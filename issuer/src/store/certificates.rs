@@ -250,7 +250,7 @@ impl CertificateStore {
                     return Ok(None);
                 };
                 let mut record: CertificateRecord = serde_json::from_slice(&bytes)
-                    .map_err(|_| sled::transaction::ConflictableTransactionError::Abort(()))?;
+                    .map_err(|_| ConflictableTransactionError::Abort(()))?;
                 let before = record.clone();
                 record.status = Status::Revoked;
                 let entry = Revocation {
@@ -260,9 +260,9 @@ impl CertificateStore {
                     not_after: record.not_after,
                 };
                 let record_bytes = serde_json::to_vec(&record)
-                    .map_err(|_| sled::transaction::ConflictableTransactionError::Abort(()))?;
+                    .map_err(|_| ConflictableTransactionError::Abort(()))?;
                 let entry_bytes = serde_json::to_vec(&entry)
-                    .map_err(|_| sled::transaction::ConflictableTransactionError::Abort(()))?;
+                    .map_err(|_| ConflictableTransactionError::Abort(()))?;
                 by_serial.insert(&serial.0, record_bytes)?;
                 by_expiry.insert(
                     &expiry_key(record.not_after, serial),
