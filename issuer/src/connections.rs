@@ -19,9 +19,9 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 
 /// Where a connection is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,6 +56,9 @@ struct Shared {
     table: Mutex<Table>,
     released: Notify,
     shed_total: Arc<AtomicU64>,
+    /// Set once the listener stops: every connection finishes the request it is serving,
+    /// writes the answer, and closes.
+    closing: watch::Sender<bool>,
 }
 
 /// The connections of one listener.
@@ -72,7 +75,29 @@ impl Connections {
             table: Mutex::new(Table::default()),
             released: Notify::new(),
             shed_total,
+            closing: watch::channel(false).0,
         }))
+    }
+
+    /// Tells every connection to close once the request it is serving has been answered,
+    /// and waits until all are gone or `deadline` has passed; returns how many were left.
+    /// A process that stops (for a broken store, say) must not cut off answers it already
+    /// made: a client then sees its 503 + Retry-After instead of a dropped connection.
+    pub async fn close(&self, deadline: Duration) -> usize {
+        self.0.closing.send_replace(true);
+        let drained = async {
+            loop {
+                let released = self.0.released.notified();
+                tokio::pin!(released);
+                released.as_mut().enable();
+                if self.is_empty() {
+                    return;
+                }
+                released.await;
+            }
+        };
+        let _ = tokio::time::timeout(deadline, drained).await;
+        self.len()
     }
 
     /// A slot for a connection just accepted, shedding the one waiting longest at the limit
@@ -184,6 +209,14 @@ impl Slot {
     /// Completes when a newer connection shed this one: close it.
     pub async fn shed(&self) {
         self.shed.notified().await;
+    }
+
+    /// Completes when the listener stops ([`Connections::close`]): finish the request in
+    /// progress, answer it, and close.
+    pub async fn closing(&self) {
+        let mut closing = self.shared.closing.subscribe();
+        // The sender lives as long as `shared`, which this slot holds.
+        let _ = closing.wait_for(|closing| *closing).await;
     }
 }
 

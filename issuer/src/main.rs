@@ -27,8 +27,10 @@ fn main() -> ExitCode {
     // Shut the runtime down before `main` returns and libc's exit handlers run. A task may
     // still hold a CA key; dropping the runtime drops every task and joins its workers, so
     // the last TPM key goes here and the hsm crate joins the TPM's owner thread before
-    // libcrypto's `OPENSSL_cleanup` runs at exit (see `hsm::tpm`'s `Drop for Tpm`).
-    drop(runtime);
+    // libcrypto's `OPENSSL_cleanup` runs at exit (see `hsm::tpm`'s `Drop for Tpm`). Blocking
+    // threads get a bound: a store flush stuck on a hung disk must not keep a stopping
+    // issuer alive.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(10));
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -28,7 +28,11 @@ struct HttpLimits {
     max_header_bytes: usize,
 }
 
-/// Runs until SIGINT/SIGTERM.
+/// How long a stopping issuer waits for requests in progress to be answered and written
+/// (each is bounded on its own: body timeout, signing deadline).
+const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
+
+/// Runs until SIGINT/SIGTERM, or until the store fails for good.
 pub async fn run(config: Config) -> Result<(), Error> {
     raise_open_file_limit();
     let limits = HttpLimits {
@@ -203,6 +207,10 @@ pub async fn run(config: Config) -> Result<(), Error> {
         ));
     }
     tracing::info!("shutting down");
+    let left = connections.close(DRAIN_DEADLINE).await;
+    if left > 0 {
+        tracing::warn!(connections = left, "EST connections still open at shutdown");
+    }
     let _ = stop_agent_api.send(());
     if let Some(task) = agent_api {
         // Open attestation streams get a moment to finish; then the process goes anyway.
@@ -256,6 +264,7 @@ async fn serve_connection(
             tracing::debug!(%peer, "TLS handshake shed at the connection limit");
             return;
         }
+        () = slot.closing() => return,
     };
     slot.set_phase(Phase::Idle);
     let slot = Arc::new(slot);
@@ -334,6 +343,12 @@ where
                 return;
             }
             // It turned busy as it was picked: finish that request, then close.
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+        () = slot.closing() => {
+            // The issuer stops: the request in progress (if any) is answered and written
+            // before the connection closes; an idle one closes at once.
             connection.as_mut().graceful_shutdown();
             connection.await
         }

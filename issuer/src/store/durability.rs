@@ -5,15 +5,29 @@
 //! `fdatasync` the log file ourselves. One flusher covers every write made before it started:
 //! requests that arrive while a flush runs share the next one, so the barrier's cost
 //! (~0.2 ms) is paid per batch, not per certificate (DESIGN §3 "Durability").
+//!
+//! A store error that sled keeps for good (an I/O error writing its log, corruption) can
+//! surface on any write, not only on our flush: sled remembers the first such error and
+//! fails every later operation with it. So while idle the flusher asks sled every
+//! [`HEALTH_PROBE`] whether it holds such an error (a flush with nothing new to write costs an
+//! atomic load; with a failed write behind it, it returns the kept error), and reports the
+//! store broken either way, which stops the issuer so that it restarts on what is on disk.
 
 use std::fs::File;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::{watch, Notify};
 
 use crate::Error;
+
+/// How often an idle flusher checks whether sled holds an error from a failed write.
+pub const HEALTH_PROBE: Duration = Duration::from_millis(500);
+
+/// A flush that takes longer than this is taken as a failed disk.
+const FLUSH_DEADLINE: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone, Default)]
 struct Flushed {
@@ -22,11 +36,42 @@ struct Flushed {
     /// The newest failed batch: tickets in (durable, failed_upto] got this error.
     failed_upto: u64,
     error: Option<String>,
-    /// A flush failed: sled keeps that error and fails every later write, and after a
+    /// A flush failed, or the idle probe found an error sled kept from a failed write: sled
+    /// fails every later write with it, and after a
     /// failed fsync the kernel may have dropped the dirty pages, so nothing written since
     /// the last good flush can be trusted (PostgreSQL's "fsyncgate" lesson). Only a restart
     /// on what is on disk recovers.
     broken: bool,
+}
+
+/// Flushes sled's log (then `fdatasync`s it, given `log`) on a blocking thread, bounded by
+/// `deadline` ([`FLUSH_DEADLINE`]): sled waits without a timeout for a log buffer whose write failed
+/// inside it, and a flush that never returns would hang every request behind it.
+async fn flush(db: &sled::Db, log: Option<&Arc<File>>, deadline: Duration) -> Result<(), String> {
+    let (db, log) = (db.clone(), log.cloned());
+    let flushed = tokio::task::spawn_blocking(move || {
+        db.flush().map_err(|e| e.to_string())?;
+        match log {
+            Some(log) => log.sync_data().map_err(|e| e.to_string()),
+            None => Ok(()),
+        }
+    });
+    match tokio::time::timeout(deadline, flushed).await {
+        Ok(joined) => joined.unwrap_or_else(|e| Err(e.to_string())),
+        Err(_) => Err(format!(
+            "a flush of the store did not finish within {} s (is the disk hung?)",
+            deadline.as_secs()
+        )),
+    }
+}
+
+impl Flushed {
+    /// Tickets up to `upto` failed with `error`, and the store is broken for good.
+    fn fail(&mut self, upto: u64, error: String) {
+        self.failed_upto = self.failed_upto.max(upto);
+        self.error = Some(error);
+        self.broken = true;
+    }
 }
 
 /// Hands out tickets for writes and resolves them once a flush covers them.
@@ -68,6 +113,15 @@ impl Drop for Owner {
 impl Durability {
     /// Starts the flusher for `db`, whose log file lives in `dir`.
     pub fn start(db: sled::Db, dir: &Path) -> Result<Self, Error> {
+        Self::start_with_deadline(db, dir, FLUSH_DEADLINE)
+    }
+
+    /// [`Durability::start`] with a deadline other than [`FLUSH_DEADLINE`] (tests).
+    pub(crate) fn start_with_deadline(
+        db: sled::Db,
+        dir: &Path,
+        flush_deadline: Duration,
+    ) -> Result<Self, Error> {
         let log_path = dir.join("db");
         let log = File::open(&log_path).map_err(Error::io(&log_path))?;
         // Make the store's files themselves durable once (their directory entries).
@@ -85,34 +139,37 @@ impl Durability {
         let flusher = inner.clone();
         let task = tokio::spawn(async move {
             loop {
-                flusher.kick.notified().await;
+                let kicked = tokio::time::timeout(HEALTH_PROBE, flusher.kick.notified()).await;
                 if flusher.closed.load(Ordering::Acquire) {
-                    let db = db.clone();
-                    let _ = tokio::task::spawn_blocking(move || db.flush()).await;
+                    let _ = flush(&db, None, flush_deadline).await;
                     return;
+                }
+                if kicked.is_err() {
+                    // Idle: nothing of ours waits, but a write may have failed inside sled.
+                    if flusher.state.borrow().broken {
+                        continue;
+                    }
+                    if let Err(e) = flush(&db, None, flush_deadline).await {
+                        tracing::error!(error = %e, "the store holds a write error");
+                        let written = flusher.written.load(Ordering::Acquire);
+                        flusher.state.send_modify(|s| s.fail(written, e));
+                    }
+                    continue;
                 }
                 loop {
                     let target = flusher.written.load(Ordering::Acquire);
                     if target <= flusher.state.borrow().durable {
                         break;
                     }
-                    let (db, log) = (db.clone(), log.clone());
-                    let outcome = tokio::task::spawn_blocking(move || {
-                        db.flush().map_err(|e| e.to_string())?;
-                        log.sync_data().map_err(|e| e.to_string())
-                    })
-                    .await
-                    .unwrap_or_else(|e| Err(e.to_string()));
+                    let outcome = flush(&db, Some(&log), flush_deadline).await;
                     flusher.state.send_modify(|s| match outcome {
                         Ok(()) => s.durable = target,
                         Err(e) => {
                             tracing::error!(error = %e, "store flush failed");
-                            s.failed_upto = target;
-                            s.error = Some(e);
-                            s.broken = true;
+                            s.fail(target, e);
                         }
                     });
-                    if flusher.state.borrow().failed_upto == target {
+                    if flusher.state.borrow().failed_upto >= target {
                         // Don't spin on a failing disk; the next write kicks again.
                         break;
                     }

@@ -313,6 +313,103 @@ mod tests {
         }
     }
 
+    /// A tmpfs mounted over a folder, lazily unmounted when dropped.
+    struct Tmpfs(std::path::PathBuf);
+
+    impl Tmpfs {
+        fn mount(path: &Path, size: &str) -> Self {
+            assert!(
+                rustix::process::geteuid().is_root(),
+                "this test mounts a tmpfs and must run as root (as CI does)"
+            );
+            let status = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+                .arg(path)
+                .status()
+                .expect("mount");
+            assert!(status.success(), "mount -t tmpfs failed");
+            Self(path.to_owned())
+        }
+    }
+
+    impl Drop for Tmpfs {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_write_error_sled_keeps_breaks_the_store_without_any_flush_of_ours_failing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let _tmpfs = Tmpfs::mount(dir.path(), "8m");
+        let store = Store::open_with_cache(dir.path(), 1).expect("open");
+        // Fill the disk through sled alone, with records of a certificate's size: no commit,
+        // so our flusher never flushes.
+        let value = vec![0x5a_u8; 2 * 1024];
+        let failed = (0u32..200_000).find_map(|i| {
+            store
+                .audit
+                .tree()
+                .insert(i.to_be_bytes(), value.as_slice())
+                .err()
+        });
+        let failed = failed.expect("8 MiB of tmpfs took 400 MiB of writes");
+        eprintln!("the disk filled: {failed}");
+        // sled keeps the error; the store must report itself broken so the issuer stops and
+        // restarts on what is on disk (a bound against a hang, not a timing assertion).
+        let broken = tokio::time::timeout(
+            std::time::Duration::from_secs(60),
+            store.durability.broken(),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("the store was not reported broken after {failed}"));
+        assert!(!broken.is_empty(), "no error message");
+        // Every later commit fails instead of claiming durability.
+        assert!(store.durability.commit().await.is_err());
+    }
+
+    #[test]
+    fn a_flush_stuck_on_a_failed_write_breaks_the_store_instead_of_hanging_commits() {
+        let runtime = tokio::runtime::Runtime::new().expect("runtime");
+        runtime.block_on(async {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let _tmpfs = Tmpfs::mount(dir.path(), "8m");
+            let db = sled::Config::new()
+                .path(dir.path())
+                .flush_every_ms(None)
+                .open()
+                .expect("sled");
+            let durability = Durability::start_with_deadline(
+                db.clone(),
+                dir.path(),
+                std::time::Duration::from_secs(2),
+            )
+            .expect("durability");
+            // Values this large go to sled's blob files; a blob write that fails on a full
+            // disk leaves a log buffer that sled's flush then waits for without end.
+            let tree = db.open_tree("fill").expect("tree");
+            let value = vec![0x5a_u8; 256 * 1024];
+            let failed = (0u32..1_000)
+                .find_map(|i| tree.insert(i.to_be_bytes(), value.as_slice()).err())
+                .expect("8 MiB of tmpfs took 250 MiB of writes");
+            let committed =
+                tokio::time::timeout(std::time::Duration::from_secs(60), durability.commit())
+                    .await
+                    .unwrap_or_else(|_| panic!("a commit hung after {failed}"));
+            let refused = committed.expect_err("a commit claimed durability on a full disk");
+            assert!(
+                refused.to_string().contains("writing to disk failed"),
+                "{refused}"
+            );
+            assert!(!durability.broken().await.is_empty());
+        });
+        // sled's flush thread stays stuck; don't wait for it.
+        runtime.shutdown_timeout(std::time::Duration::from_millis(100));
+    }
+
     #[tokio::test]
     async fn audit_records_chain_by_hash_and_survive_reopen() {
         let dir = tempfile::tempdir().expect("tempdir");
