@@ -81,12 +81,39 @@ need_apt() {
     rm -f "$out"
 }
 
+# workspace_rust_version — the minimum Rust the workspace builds with: `rust-version` in
+# the top-level Cargo.toml, the one place that says it (the scripts read it, never copy it).
+workspace_rust_version() {
+    local version
+    version=$(sed -n 's/^rust-version *= *"\([0-9.]*\)".*/\1/p' "$(repo_root)/Cargo.toml" | head -n 1)
+    [[ -n $version ]] || die "no rust-version = \"…\" line in $(repo_root)/Cargo.toml"
+    echo "$version"
+}
+
+# rust_install_advice — the exact commands, one per indented line, that give this machine a
+# new enough stable Rust. Debian 13 and Ubuntu 24.04 package rustup; Debian 12 does not, so
+# there the advice is rustup's own installer.
+rust_install_advice() {
+    if command -v rustup >/dev/null 2>&1; then
+        printf '    rustup update stable\n    rustup default stable'
+        return 0
+    fi
+    # `apt-cache show` succeeds for a name it merely knows of; madison lists real versions.
+    if [[ -n $(apt-cache madison rustup 2>/dev/null) ]]; then
+        printf '    apt-get install rustup\n'
+    else
+        printf "    curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y\n"
+    fi
+    printf '    . "$HOME/.cargo/env"\n    rustup default stable'
+}
+
 # ensure_cargo — make cargo reachable (rustup's ~/.cargo/bin may be off PATH in a
-# non-login shell) and check the toolchain has what the scripts use.
+# non-login shell) and check that rustc is at least the workspace's rust-version; when
+# either is missing, stop with the commands that fix it.
 ensure_cargo() {
-    local bin
+    local bin minimum rustc_version
     if ! command -v cargo >/dev/null 2>&1; then
-        for bin in "${CARGO_HOME:-${HOME:-/root}/.cargo}/bin" /root/.cargo/bin; do
+        for bin in "${CARGO_HOME:-${HOME:-/root}/.cargo}/bin" "${HOME:-/root}/.cargo/bin"; do
             if [[ -x $bin/cargo ]]; then
                 export PATH="$bin:$PATH"
                 log "cargo: added $bin to PATH"
@@ -94,8 +121,21 @@ ensure_cargo() {
             fi
         done
     fi
-    command -v cargo >/dev/null 2>&1 || die "cargo not found. Install a Rust toolchain \
-(rustup, https://rustup.rs, stable >= 1.85), make sure ~/.cargo/bin is on PATH, and rerun."
+    minimum=$(workspace_rust_version)
+    if ! command -v cargo >/dev/null 2>&1 || ! command -v rustc >/dev/null 2>&1; then
+        die "cargo and rustc not found: this workspace needs Rust >= $minimum (rust-version in \
+Cargo.toml). Install it with:
+$(rust_install_advice)
+and run this script again."
+    fi
+    rustc_version=$(rustc --version 2>/dev/null | awk '{print $2}')
+    if [[ -z $rustc_version ]] ||
+        ! printf '%s\n%s\n' "$minimum" "${rustc_version%%-*}" | sort -V -C; then
+        die "rustc ${rustc_version:-(version unknown)} is older than $minimum, the rust-version in \
+Cargo.toml. Get a newer one with:
+$(rust_install_advice)
+and run this script again."
+    fi
 }
 
 # python_venv [REQUIREMENTS_FILE] — a virtualenv at target/pyenv built with the
