@@ -127,7 +127,7 @@ impl Authority {
             .and_then(|der| x509_cert::Certificate::from_der(der).ok())
             .and_then(|c| Serial::from_bytes(c.tbs_certificate.serial_number.as_bytes()))
             .map(|s| s.to_string());
-        let status = est::server::error_response(&refusal).status().as_u16();
+        let status = est::server::refusal_status(refusal.refusal()).0.as_u16();
         let recorded = self.audit(
             "enrollment.refused",
             serde_json::json!({
