@@ -195,7 +195,10 @@ impl Authority {
             (Some(bound), Some(asked)) if bound != asked => {
                 return Err(EstError::refused(
                     Refusal::Forbidden,
-                    format!("this token is bound to subject {bound:?}; the CSR asks for {asked:?}"),
+                    format!(
+                        "this token is bound to subject {bound:?}; the CSR asks for {asked:?}: \
+                         make the CSR with CN={bound}, or ask the PKI operator for a token for {asked}"
+                    ),
                 ))
             }
             (Some(bound), _) => bound.clone(),
