@@ -525,7 +525,7 @@ impl Authority {
         self.state_volume.check()?;
         let serial = Serial::parse(&request.serial).ok_or_else(|| {
             Error::Admin(format!(
-                "{:?} is not a certificate serial (hex)",
+                "{:?} is not a certificate serial; give it in hex, as `issuer inventory` shows it",
                 request.serial
             ))
         })?;
@@ -533,17 +533,17 @@ impl Authority {
             .store
             .certificates
             .get(&serial)?
-            .ok_or_else(|| Error::Admin(format!("no certificate with serial {serial}")))?;
+            .ok_or_else(|| unknown_serial(serial))?;
         if existing.status == Status::Revoked {
             return Err(Error::Admin(format!(
-                "certificate {serial} is already revoked"
+                "certificate {serial} is already revoked; nothing to do"
             )));
         }
         let record = self
             .store
             .certificates
             .revoke(&serial, self.now().unix_timestamp(), request.reason.code())?
-            .ok_or_else(|| Error::Admin(format!("no certificate with serial {serial}")))?;
+            .ok_or_else(|| unknown_serial(serial))?;
         self.audit(
             "certificate.revoked",
             serde_json::json!({
@@ -695,6 +695,14 @@ impl Authority {
             }
         }
     }
+}
+
+/// A revocation of a serial this issuer never issued: likely a typo or another CA's.
+fn unknown_serial(serial: Serial) -> Error {
+    Error::Admin(format!(
+        "this issuer has no certificate with serial {serial}; check it against `issuer inventory` \
+         (a certificate from another CA must be revoked there)"
+    ))
 }
 
 /// 256 random bits, base64url: the one-time token an engineer types or pastes.
