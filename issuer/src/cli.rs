@@ -91,8 +91,9 @@ enum Command {
         /// Only certificates whose SPIFFE ID (URI SAN) starts with this prefix.
         #[arg(long)]
         spiffe_prefix: Option<String>,
-        /// For cron and monitoring: list what expires within this long (with the other
-        /// filters) and exit 1 if anything does.
+        /// For cron and monitoring: list the valid certificates that expire within this long
+        /// (with the other filters) and exit 1 if any do. Superseded and revoked
+        /// certificates never count.
         #[arg(long, value_parser = parse_duration)]
         fail_if_expiring_within: Option<std::time::Duration>,
         /// Output format.
@@ -367,6 +368,20 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
             format,
             limit,
         } => {
+            // The alarm is about certificates devices still use: a superseded certificate has
+            // a renewed successor and a revoked one is dead, so neither keeps it ringing
+            // (the metrics gauges count the same way).
+            let status = match (fail_if_expiring_within, status) {
+                (Some(_), None | Some(Status::Valid)) => Some(Status::Valid),
+                (Some(_), Some(other)) => {
+                    return Err(Error::Config(format!(
+                        "--fail-if-expiring-within counts only valid certificates; drop \
+                         --status {}, or list those with --expiring-within instead",
+                        status_text(other)
+                    )))
+                }
+                (None, status) => status,
+            };
             let client = admin(&config.config)?;
             let mut query = InventoryQuery {
                 expiring_within_secs: fail_if_expiring_within
@@ -745,12 +760,7 @@ fn query_string(query: &InventoryQuery) -> String {
         }
     }
     if let Some(s) = query.status {
-        if let Some(text) = serde_json::to_value(s)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_owned))
-        {
-            parts.push(format!("status={text}"));
-        }
+        parts.push(format!("status={}", status_text(s)));
     }
     if let Some(a) = &query.after {
         parts.push(format!("after={a}"));
@@ -759,6 +769,14 @@ fn query_string(query: &InventoryQuery) -> String {
         parts.push(format!("limit={l}"));
     }
     parts.join("&")
+}
+
+/// A status as the inventory writes it (`valid`, `superseded`, …).
+fn status_text(status: Status) -> String {
+    serde_json::to_value(status)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
 }
 
 fn url_escape(text: &str) -> String {
