@@ -332,6 +332,12 @@ fn check_usable(record: &TokenRecord, now: i64) -> Result<(), EstError> {
                 .into(),
         ));
     }
+    if let Some(at) = record.revoked_at {
+        return Err(unauthorized(format!(
+            "this token was revoked by the PKI operator at {}; ask them for a new one",
+            rfc3339(at)
+        )));
+    }
     if record.used_at.is_some() {
         return Err(unauthorized(
             "this token was already used; tokens are single use, ask the PKI operator for a new one"

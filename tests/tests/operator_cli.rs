@@ -1,10 +1,12 @@
 //! The operator's command line against a running issuer: the monitoring alarm, admin errors,
-//! where the configuration is looked for, and the issuer's own log.
+//! where the configuration is looked for, the issuer's own log, and listing and revoking tokens.
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{ensure, Result};
-use plant_tests::{certs_from_pkcs7, curl, enroll_with_token, openssl, run, Issuer};
+use anyhow::{ensure, Context, Result};
+use plant_tests::{
+    certs_from_pkcs7, curl, enroll_with_curl, enroll_with_token, openssl, run, run_ok, Issuer,
+};
 
 /// Renews `cert` with `simplereenroll` (same key and subject), as a device would; returns the
 /// new certificate's PEM.
@@ -217,5 +219,118 @@ fn a_missing_configuration_names_the_path_and_suggests_config_first() -> Result<
             "{command:?}: `issuer init` comes first: {stderr}"
         );
     }
+    Ok(())
+}
+
+/// `issuer token list --format json` as values.
+fn token_list(issuer: &Issuer) -> Result<Vec<serde_json::Value>> {
+    Ok(serde_json::from_str(&run_ok(
+        issuer.cli().args(["token", "list", "--format", "json"]),
+    )?)?)
+}
+
+/// The listed token bound to `subject`.
+fn listed<'a>(rows: &'a [serde_json::Value], subject: &str) -> Result<&'a serde_json::Value> {
+    rows.iter()
+        .find(|r| r["subject"] == subject)
+        .with_context(|| format!("no token for {subject} in {rows:?}"))
+}
+
+#[test]
+fn tokens_are_listed_without_secrets_and_a_revoked_one_no_longer_enrolls() -> Result<()> {
+    let issuer = Issuer::start()?;
+    let dir = tempfile::tempdir()?;
+    let kept = issuer.token("device", Some("dev-1"))?;
+    let revoked = issuer.token("device", Some("dev-2"))?;
+
+    // Both listed, in both formats, with what they grant and no secret.
+    let rows = token_list(&issuer)?;
+    ensure!(rows.len() == 2, "{rows:?}");
+    for subject in ["dev-1", "dev-2"] {
+        let row = listed(&rows, subject)?;
+        ensure!(
+            row["kind"] == "enrollment" && row["label"] == "device" && row["state"] == "unused",
+            "{row}"
+        );
+        ensure!(row["expires_at"].as_i64().is_some(), "{row}");
+    }
+    let json = serde_json::to_string(&rows)?;
+    let table = run_ok(issuer.cli().args(["token", "list"]))?;
+    ensure!(
+        table.starts_with("ID") && table.contains("dev-1") && table.contains("unused"),
+        "{table}"
+    );
+    for secret in [&kept, &revoked] {
+        ensure!(
+            !json.contains(secret.as_str()) && !table.contains(secret.as_str()),
+            "a token secret is listed"
+        );
+    }
+
+    // Revoke one by its id: enrolling with it is refused, and it says why.
+    let id = listed(&rows, "dev-2")?["id"]
+        .as_str()
+        .context("id")?
+        .to_owned();
+    let said = run_ok(issuer.cli().args(["token", "revoke", &id]))?;
+    ensure!(said.contains(&format!("revoked token {id}")), "{said}");
+    let (_, csr) = plant_tests::openssl_csr(dir.path(), "dev-2", "dev-2", &[])?;
+    let body = format!("@{}", csr.display());
+    let auth = format!("Authorization: Bearer {revoked}");
+    let answer = curl(
+        &issuer,
+        &[
+            "-H",
+            "Content-Type: application/pkcs10",
+            "-H",
+            &auth,
+            "--data-binary",
+            &body,
+            "/.well-known/est/device/simpleenroll",
+        ],
+    )?;
+    ensure!(answer.status == 401, "{} {}", answer.status, answer.text());
+    ensure!(
+        answer.text().contains("revoked by the PKI operator"),
+        "{}",
+        answer.text()
+    );
+    // The other still enrolls.
+    let auth = format!("Authorization: Bearer {kept}");
+    enroll_with_curl(&issuer, dir.path(), "dev-1", "device", &["-H", &auth])?;
+    let rows = token_list(&issuer)?;
+    ensure!(listed(&rows, "dev-2")?["state"] == "revoked", "{rows:?}");
+    ensure!(listed(&rows, "dev-1")?["state"] == "spent", "{rows:?}");
+
+    // Clear errors and a non-zero exit for what can't be revoked.
+    let kept_id = listed(&rows, "dev-1")?["id"]
+        .as_str()
+        .context("id")?
+        .to_owned();
+    for (id, needle) in [
+        (
+            "0badc0de",
+            "no token with id \"0badc0de\"; `issuer token list` shows the ids",
+        ),
+        (id.as_str(), "is already revoked"),
+        (
+            kept_id.as_str(),
+            "revoke the certificate it enrolled instead",
+        ),
+    ] {
+        let out = run(issuer.cli().args(["token", "revoke", id]))?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        ensure!(out.status.code() == Some(1), "{id}: {out:?}");
+        ensure!(stderr.contains(needle), "{id}: {stderr}");
+    }
+
+    // The revocation is audited, by the token's public id.
+    let audit = run_ok(issuer.cli().args(["audit", "tail", "-n", "50"]))?;
+    ensure!(
+        audit
+            .lines()
+            .any(|l| l.contains("token.revoked") && l.contains(&id)),
+        "{audit}"
+    );
     Ok(())
 }
