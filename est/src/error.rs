@@ -1,7 +1,7 @@
 use std::fmt;
 
 /// What the server answers, mapped to an HTTP status in exactly one place
-/// (`server::error_response`).
+/// (`server::refusal_status`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Refusal {

@@ -528,25 +528,7 @@ const CONTENT_TRANSFER_ENCODING: header::HeaderName =
 /// The one place an [`Error`] becomes an HTTP response.
 pub fn error_response(err: &Error) -> Response {
     let refusal = err.refusal();
-    let (status, retry_after) = match refusal {
-        Refusal::BadRequest => (StatusCode::BAD_REQUEST, None),
-        Refusal::Unauthorized => (StatusCode::UNAUTHORIZED, None),
-        Refusal::Forbidden => (StatusCode::FORBIDDEN, None),
-        Refusal::NotFound => (StatusCode::NOT_FOUND, None),
-        Refusal::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, None),
-        Refusal::RequestTimeout => (StatusCode::REQUEST_TIMEOUT, None),
-        Refusal::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, None),
-        Refusal::UnsupportedMediaType => (StatusCode::UNSUPPORTED_MEDIA_TYPE, None),
-        Refusal::NotImplemented => (StatusCode::NOT_IMPLEMENTED, None),
-        Refusal::TooManyRequests { retry_after } => {
-            (StatusCode::TOO_MANY_REQUESTS, Some(retry_after))
-        }
-        Refusal::Unavailable { retry_after } => {
-            (StatusCode::SERVICE_UNAVAILABLE, Some(retry_after))
-        }
-        Refusal::Pending { retry_after } => (StatusCode::ACCEPTED, Some(retry_after)),
-        Refusal::Internal => (StatusCode::INTERNAL_SERVER_ERROR, None),
-    };
+    let (status, retry_after) = refusal_status(refusal);
     let message = if refusal == Refusal::Internal {
         tracing::error!(error = %err, "EST request failed");
         "internal error; the issuer's log has the details".to_owned()
@@ -566,6 +548,31 @@ pub fn error_response(err: &Error) -> Response {
         );
     }
     response
+}
+
+/// The HTTP status a refusal is answered with, and the `Retry-After` seconds if any. Pure: a
+/// backend that records the status (audit, metrics) asks here, so only [`error_response`],
+/// called once per answer, logs the refusal.
+pub fn refusal_status(refusal: Refusal) -> (StatusCode, Option<u32>) {
+    match refusal {
+        Refusal::BadRequest => (StatusCode::BAD_REQUEST, None),
+        Refusal::Unauthorized => (StatusCode::UNAUTHORIZED, None),
+        Refusal::Forbidden => (StatusCode::FORBIDDEN, None),
+        Refusal::NotFound => (StatusCode::NOT_FOUND, None),
+        Refusal::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, None),
+        Refusal::RequestTimeout => (StatusCode::REQUEST_TIMEOUT, None),
+        Refusal::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, None),
+        Refusal::UnsupportedMediaType => (StatusCode::UNSUPPORTED_MEDIA_TYPE, None),
+        Refusal::NotImplemented => (StatusCode::NOT_IMPLEMENTED, None),
+        Refusal::TooManyRequests { retry_after } => {
+            (StatusCode::TOO_MANY_REQUESTS, Some(retry_after))
+        }
+        Refusal::Unavailable { retry_after } => {
+            (StatusCode::SERVICE_UNAVAILABLE, Some(retry_after))
+        }
+        Refusal::Pending { retry_after } => (StatusCode::ACCEPTED, Some(retry_after)),
+        Refusal::Internal => (StatusCode::INTERNAL_SERVER_ERROR, None),
+    }
 }
 
 impl IntoResponse for Error {

@@ -127,7 +127,8 @@ impl AdminClient {
         path: &str,
         body: &B,
     ) -> Result<T, Error> {
-        let bytes = serde_json::to_vec(body).map_err(|e| Error::Admin(e.to_string()))?;
+        let bytes = serde_json::to_vec(body)
+            .map_err(|e| Error::Admin(format!("cannot encode the admin request: {e}")))?;
         self.send(http::Method::POST, path, Some(bytes)).await
     }
 
@@ -147,7 +148,7 @@ impl AdminClient {
             })?;
         let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
-            .map_err(|e| Error::Admin(e.to_string()))?;
+            .map_err(|e| self.no_answer(&e))?;
         tokio::spawn(connection);
         let mut request = http::Request::builder()
             .method(method)
@@ -160,23 +161,38 @@ impl AdminClient {
             .body(http_body_util::Full::new(bytes::Bytes::from(
                 body.unwrap_or_default(),
             )))
-            .map_err(|e| Error::Admin(e.to_string()))?;
+            .map_err(|e| Error::Admin(format!("cannot build the admin request: {e}")))?;
         let response = sender
             .send_request(request)
             .await
-            .map_err(|e| Error::Admin(e.to_string()))?;
+            .map_err(|e| self.no_answer(&e))?;
         let status = response.status();
         let bytes = response
             .into_body()
             .collect()
             .await
-            .map_err(|e| Error::Admin(e.to_string()))?
+            .map_err(|e| self.no_answer(&e))?
             .to_bytes();
         if !status.is_success() {
             return Err(Error::Admin(
                 String::from_utf8_lossy(&bytes).trim().to_owned(),
             ));
         }
-        serde_json::from_slice(&bytes).map_err(|e| Error::Admin(format!("bad answer: {e}")))
+        serde_json::from_slice(&bytes).map_err(|e| {
+            Error::Admin(format!(
+                "the issuer's admin socket {} answered something this command does not \
+                 understand ({e}); is the running issuer the same version as this `issuer`?",
+                self.socket.display()
+            ))
+        })
+    }
+
+    /// The socket took the connection but no answer came back whole.
+    fn no_answer(&self, e: &dyn std::fmt::Display) -> Error {
+        Error::Admin(format!(
+            "the issuer's admin socket {} did not answer ({e}); check the issuer's log, and \
+             that `issuer serve` is still running",
+            self.socket.display()
+        ))
     }
 }

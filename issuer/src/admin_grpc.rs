@@ -1,5 +1,6 @@
-//! `plant.admin.v1` Entries and Agents: gRPC on the admin socket, beside the JSON routes
-//! (HTTP/2 prior knowledge selects gRPC, HTTP/1 the JSON API), and the CLI's client for them.
+//! `plant.admin.v1` Entries, Agents and Tokens: gRPC on the admin socket, beside the JSON
+//! routes (HTTP/2 prior knowledge selects gRPC, HTTP/1 the JSON API), and the CLI's client for
+//! them.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -9,23 +10,27 @@ use proto::admin::agents_client::AgentsClient;
 use proto::admin::agents_server::{Agents, AgentsServer};
 use proto::admin::entries_client::EntriesClient;
 use proto::admin::entries_server::{Entries, EntriesServer};
+use proto::admin::tokens_client::TokensClient;
+use proto::admin::tokens_server::{Tokens, TokensServer};
 use proto::admin::{
     AttestedAgent, CreateEntryRequest, DeleteEntryRequest, DeleteEntryResponse, Entry,
     EvictAgentRequest, EvictAgentResponse, ListAgentsRequest, ListAgentsResponse,
-    ListEntriesRequest, ListEntriesResponse,
+    ListEntriesRequest, ListEntriesResponse, ListTokensRequest, ListTokensResponse,
+    RevokeTokenRequest, RevokeTokenResponse, Token,
 };
 use tonic::{Request, Response, Status};
 
 use crate::agent_api::to_status;
 use crate::authority::Authority;
 use crate::registration::NewEntry;
-use crate::store::{EntryRecord, NodeRecord};
+use crate::store::{EntryRecord, NodeRecord, TokenKind, TokenRecord, TokenState};
 use crate::Error;
 
 /// The admin gRPC services as an axum router to merge with the JSON routes.
 pub fn router(authority: Arc<Authority>) -> axum::Router {
     tonic::service::Routes::new(EntriesServer::new(AdminGrpc(authority.clone())))
-        .add_service(AgentsServer::new(AdminGrpc(authority)))
+        .add_service(AgentsServer::new(AdminGrpc(authority.clone())))
+        .add_service(TokensServer::new(AdminGrpc(authority)))
         .into_axum_router()
 }
 
@@ -103,6 +108,66 @@ impl Agents for AdminGrpc {
     }
 }
 
+#[tonic::async_trait]
+impl Tokens for AdminGrpc {
+    async fn list(
+        &self,
+        _request: Request<ListTokensRequest>,
+    ) -> Result<Response<ListTokensResponse>, Status> {
+        let tokens = self.0.list_tokens().map_err(to_status)?;
+        Ok(Response::new(ListTokensResponse {
+            tokens: tokens
+                .into_iter()
+                .map(|(t, state)| wire_token(t, state))
+                .collect(),
+        }))
+    }
+
+    async fn revoke(
+        &self,
+        request: Request<RevokeTokenRequest>,
+    ) -> Result<Response<RevokeTokenResponse>, Status> {
+        let revoked = self
+            .0
+            .revoke_token(&request.into_inner().id)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(RevokeTokenResponse {
+            revoked: revoked
+                .into_iter()
+                .map(|t| wire_token(t, TokenState::Revoked))
+                .collect(),
+        }))
+    }
+}
+
+fn wire_token(t: TokenRecord, state: TokenState) -> Token {
+    use proto::admin::TokenState as Wire;
+    Token {
+        id: t.id,
+        kind: match t.kind {
+            TokenKind::Enrollment => "enrollment",
+            TokenKind::Join => "join",
+        }
+        .to_owned(),
+        label: t.label,
+        subject: t.subject.unwrap_or_default(),
+        dns_names: t.dns,
+        ip_addresses: t.ips.iter().map(ToString::to_string).collect(),
+        created_at: t.created_at,
+        expires_at: t.expires_at,
+        state: match state {
+            TokenState::Unused => Wire::Unused,
+            TokenState::Spent => Wire::Spent,
+            TokenState::Expired => Wire::Expired,
+            TokenState::Revoked => Wire::Revoked,
+        }
+        .into(),
+        used_at: t.used_at.unwrap_or_default(),
+        revoked_at: t.revoked_at.unwrap_or_default(),
+    }
+}
+
 fn wire_entry(e: EntryRecord) -> Entry {
     Entry {
         id: e.id,
@@ -160,6 +225,11 @@ pub async fn entries(socket: &Path) -> Result<EntriesClient<tonic::transport::Ch
 /// The Agents client over the admin socket.
 pub async fn agents(socket: &Path) -> Result<AgentsClient<tonic::transport::Channel>, Error> {
     Ok(AgentsClient::new(channel(socket).await?))
+}
+
+/// The Tokens client over the admin socket.
+pub async fn tokens(socket: &Path) -> Result<TokensClient<tonic::transport::Channel>, Error> {
+    Ok(TokensClient::new(channel(socket).await?))
 }
 
 /// A gRPC error from the admin socket as the CLI reports it.

@@ -22,7 +22,7 @@ use crate::profile::{Profile, SanKind};
 use crate::serial::Serial;
 use crate::store::{
     AuditEvent, CertificateRecord, InventoryPage, InventoryQuery, Status, Store, TokenKind,
-    TokenRecord,
+    TokenRecord, TokenState,
 };
 use crate::Error;
 
@@ -403,6 +403,9 @@ impl Authority {
             Consumed::Expired(_) => Err(refused(
                 "this token expired; ask the PKI operator for a new one",
             )),
+            Consumed::Revoked(_) => Err(refused(
+                "this token was revoked by the PKI operator; ask them for a new one",
+            )),
             Consumed::Unknown => Err(refused("unknown token")),
         }
     }
@@ -497,6 +500,7 @@ impl Authority {
                 created_at: now,
                 expires_at,
                 used_at: None,
+                revoked_at: None,
             };
             self.store.tokens.insert(&record)?;
             self.audit(
@@ -519,13 +523,89 @@ impl Authority {
         Ok(created)
     }
 
+    /// Every token with its state now, oldest first; secrets are never stored, so never
+    /// listed.
+    pub fn list_tokens(&self) -> Result<Vec<(TokenRecord, TokenState)>, Error> {
+        let now = self.now().unix_timestamp();
+        Ok(self
+            .store
+            .tokens
+            .list()?
+            .into_iter()
+            .map(|t| {
+                let state = t.state(now);
+                (t, state)
+            })
+            .collect())
+    }
+
+    /// Revokes the unused token(s) with public id `id`: they can no longer enroll or join.
+    /// Recorded and audited before the answer. A spent token is not revoked (what it
+    /// enrolled is revoked or evicted instead); the error says how.
+    pub async fn revoke_token(&self, id: &str) -> Result<Vec<TokenRecord>, Error> {
+        use crate::store::TokenRevocation;
+        self.state_volume.check()?;
+        let id = id.trim().to_ascii_lowercase();
+        let found = self.store.tokens.revoke(&id, self.now().unix_timestamp())?;
+        let mut revoked = Vec::new();
+        let mut refusal = None;
+        for outcome in found {
+            match outcome {
+                TokenRevocation::Revoked(record) => revoked.push(record),
+                TokenRevocation::AlreadyRevoked(_) => {
+                    refusal = Some(format!("token {id} is already revoked; nothing to do"))
+                }
+                TokenRevocation::AlreadyUsed(record) => {
+                    let used = record
+                        .used_at
+                        .map(crate::est_backend::rfc3339)
+                        .unwrap_or_default();
+                    refusal = Some(match record.kind {
+                        TokenKind::Enrollment => format!(
+                            "token {id} was already used ({used}); revoking it now changes \
+                             nothing: revoke the certificate it enrolled instead (`issuer \
+                             inventory --owner token:{id}` shows its serial, then `issuer \
+                             revoke <serial>`)"
+                        ),
+                        TokenKind::Join => format!(
+                            "token {id} was already used ({used}); revoking it now changes \
+                             nothing: evict the agent it joined instead (`issuer agent evict \
+                             spiffe://{}/agent/join_token/{id}`)",
+                            self.trust_domain
+                        ),
+                    })
+                }
+            }
+        }
+        if revoked.is_empty() {
+            return Err(match refusal {
+                Some(message) => Error::Admin(message),
+                None => Error::NotFound(format!(
+                    "no token with id {id:?}; `issuer token list` shows the ids (a token's \
+                     secret is not its id)"
+                )),
+            });
+        }
+        for record in &revoked {
+            self.audit(
+                "token.revoked",
+                serde_json::json!({
+                    "token_id": record.id, "kind": record.kind, "label": record.label,
+                    "subject": record.subject,
+                }),
+            )?;
+        }
+        self.store.durability.commit().await?;
+        Ok(revoked)
+    }
+
     /// Revokes a certificate: it can no longer re-enroll. Recorded and audited before the
     /// answer.
     pub async fn revoke(&self, request: &RevokeRequest) -> Result<CertificateRecord, Error> {
         self.state_volume.check()?;
         let serial = Serial::parse(&request.serial).ok_or_else(|| {
             Error::Admin(format!(
-                "{:?} is not a certificate serial (hex)",
+                "{:?} is not a certificate serial; give it in hex, as `issuer inventory` shows it",
                 request.serial
             ))
         })?;
@@ -533,17 +613,17 @@ impl Authority {
             .store
             .certificates
             .get(&serial)?
-            .ok_or_else(|| Error::Admin(format!("no certificate with serial {serial}")))?;
+            .ok_or_else(|| unknown_serial(serial))?;
         if existing.status == Status::Revoked {
             return Err(Error::Admin(format!(
-                "certificate {serial} is already revoked"
+                "certificate {serial} is already revoked; nothing to do"
             )));
         }
         let record = self
             .store
             .certificates
             .revoke(&serial, self.now().unix_timestamp(), request.reason.code())?
-            .ok_or_else(|| Error::Admin(format!("no certificate with serial {serial}")))?;
+            .ok_or_else(|| unknown_serial(serial))?;
         self.audit(
             "certificate.revoked",
             serde_json::json!({
@@ -695,6 +775,14 @@ impl Authority {
             }
         }
     }
+}
+
+/// A revocation of a serial this issuer never issued: likely a typo or another CA's.
+fn unknown_serial(serial: Serial) -> Error {
+    Error::Admin(format!(
+        "this issuer has no certificate with serial {serial}; check it against `issuer inventory` \
+         (a certificate from another CA must be revoked there)"
+    ))
 }
 
 /// 256 random bits, base64url: the one-time token an engineer types or pastes.

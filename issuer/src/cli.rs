@@ -64,7 +64,7 @@ enum Command {
     },
     /// Serve EST over HTTPS and the admin socket.
     Serve(ConfigArg),
-    /// Manage one-time enrollment tokens.
+    /// Create, list and revoke one-time enrollment and join tokens.
     Token {
         #[command(subcommand)]
         command: TokenCommand,
@@ -91,8 +91,9 @@ enum Command {
         /// Only certificates whose SPIFFE ID (URI SAN) starts with this prefix.
         #[arg(long)]
         spiffe_prefix: Option<String>,
-        /// For cron and monitoring: list what expires within this long (with the other
-        /// filters) and exit 1 if anything does.
+        /// For cron and monitoring: list the valid certificates that expire within this long
+        /// (with the other filters) and exit 1 if any do. Superseded and revoked
+        /// certificates never count.
         #[arg(long, value_parser = parse_duration)]
         fail_if_expiring_within: Option<std::time::Duration>,
         /// Output format.
@@ -240,6 +241,22 @@ enum TokenCommand {
         #[arg(long, value_enum, default_value_t = TokenFormat::Text)]
         format: TokenFormat,
     },
+    /// List tokens: id, kind, label, bound subject, expiry and state (unused, spent, expired,
+    /// revoked). Secrets are never shown: the issuer does not keep them.
+    List {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = ListFormat::Table)]
+        format: ListFormat,
+    },
+    /// Revoke an unused token by its id: it can no longer enroll a device or join an agent.
+    Revoke {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The token's id (from `token create` or `token list`), not its secret.
+        id: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -327,34 +344,7 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
             Ok(())
         }
         Command::Serve(arg) => crate::serve::run(Config::load(&arg.config)?).await,
-        Command::Token {
-            command:
-                TokenCommand::Create {
-                    config,
-                    kind,
-                    label,
-                    subject,
-                    ttl,
-                    dns,
-                    ips,
-                    count,
-                    format,
-                },
-        } => {
-            let request = TokenRequest {
-                kind,
-                label,
-                subject,
-                ttl_secs: ttl.map(|t| t.as_secs()),
-                dns,
-                ips,
-                count: Some(count),
-            };
-            let tokens: Vec<CreatedToken> =
-                admin(&config.config)?.post("/v1/tokens", &request).await?;
-            print_tokens(&tokens, format);
-            Ok(())
-        }
+        Command::Token { command } => run_token(command).await,
         Command::Inventory {
             config,
             expiring_within,
@@ -367,6 +357,20 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
             format,
             limit,
         } => {
+            // The alarm is about certificates devices still use: a superseded certificate has
+            // a renewed successor and a revoked one is dead, so neither keeps it ringing
+            // (the metrics gauges count the same way).
+            let status = match (fail_if_expiring_within, status) {
+                (Some(_), None | Some(Status::Valid)) => Some(Status::Valid),
+                (Some(_), Some(other)) => {
+                    return Err(Error::Config(format!(
+                        "--fail-if-expiring-within counts only valid certificates; drop \
+                         --status {}, or list those with --expiring-within instead",
+                        status_text(other)
+                    )))
+                }
+                (None, status) => status,
+            };
             let client = admin(&config.config)?;
             let mut query = InventoryQuery {
                 expiring_within_secs: fail_if_expiring_within
@@ -522,6 +526,125 @@ fn ttl_secs(ttl: Option<std::time::Duration>, flag: &str) -> Result<u32, Error> 
         Some(t) if t.as_secs() == 0 => Err(Error::Admin(format!("{flag} must be at least 1s"))),
         Some(t) => u32::try_from(t.as_secs())
             .map_err(|_| Error::Admin(format!("{flag} is longer than 136 years"))),
+    }
+}
+
+async fn run_token(command: TokenCommand) -> Result<(), Error> {
+    use crate::admin_grpc::{from_status, tokens};
+    use proto::admin::{ListTokensRequest, RevokeTokenRequest, TokenState};
+    match command {
+        TokenCommand::Create {
+            config,
+            kind,
+            label,
+            subject,
+            ttl,
+            dns,
+            ips,
+            count,
+            format,
+        } => {
+            let request = TokenRequest {
+                kind,
+                label,
+                subject,
+                ttl_secs: ttl.map(|t| t.as_secs()),
+                dns,
+                ips,
+                count: Some(count),
+            };
+            let tokens: Vec<CreatedToken> =
+                admin(&config.config)?.post("/v1/tokens", &request).await?;
+            print_tokens(&tokens, format);
+            Ok(())
+        }
+        TokenCommand::List { config, format } => {
+            let socket = Config::load(&config.config)?.admin_socket();
+            let list = tokens(&socket)
+                .await?
+                .list(ListTokensRequest {})
+                .await
+                .map_err(from_status)?
+                .into_inner();
+            let state = |t: &proto::admin::Token| match t.state() {
+                TokenState::Unused => "unused",
+                TokenState::Spent => "spent",
+                TokenState::Expired => "expired",
+                TokenState::Revoked => "revoked",
+                TokenState::Unspecified => "unknown",
+            };
+            match format {
+                ListFormat::Json => {
+                    let rows: Vec<serde_json::Value> = list
+                        .tokens
+                        .iter()
+                        .map(|t| {
+                            serde_json::json!({
+                                "id": t.id, "kind": t.kind, "label": t.label,
+                                "subject": (!t.subject.is_empty()).then_some(&t.subject),
+                                "dns_names": t.dns_names, "ip_addresses": t.ip_addresses,
+                                "created_at": t.created_at, "expires_at": t.expires_at,
+                                "state": state(t),
+                                "used_at": (t.used_at != 0).then_some(t.used_at),
+                                "revoked_at": (t.revoked_at != 0).then_some(t.revoked_at),
+                            })
+                        })
+                        .collect();
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&rows).unwrap_or_default()
+                    );
+                }
+                ListFormat::Table => {
+                    let dash = |s: &str| if s.is_empty() { "-" } else { s }.to_owned();
+                    print!(
+                        "{}",
+                        table(
+                            &["ID", "KIND", "LABEL", "SUBJECT", "EXPIRES", "STATE"],
+                            list.tokens
+                                .iter()
+                                .map(|t| {
+                                    vec![
+                                        t.id.clone(),
+                                        t.kind.clone(),
+                                        dash(&t.label),
+                                        dash(&t.subject),
+                                        crate::est_backend::rfc3339(t.expires_at),
+                                        state(t).to_owned(),
+                                    ]
+                                })
+                                .collect(),
+                        )
+                    );
+                }
+            }
+            Ok(())
+        }
+        TokenCommand::Revoke { config, id } => {
+            let socket = Config::load(&config.config)?.admin_socket();
+            let revoked = tokens(&socket)
+                .await?
+                .revoke(RevokeTokenRequest { id })
+                .await
+                .map_err(from_status)?
+                .into_inner()
+                .revoked;
+            for t in &revoked {
+                let bound = if t.subject.is_empty() {
+                    String::new()
+                } else {
+                    format!(", subject {}", t.subject)
+                };
+                match t.kind.as_str() {
+                    "join" => println!("revoked join token {}; it can no longer join", t.id),
+                    _ => println!(
+                        "revoked token {} (label {}{bound}); it can no longer enroll",
+                        t.id, t.label
+                    ),
+                }
+            }
+            Ok(())
+        }
     }
 }
 
@@ -745,12 +868,7 @@ fn query_string(query: &InventoryQuery) -> String {
         }
     }
     if let Some(s) = query.status {
-        if let Some(text) = serde_json::to_value(s)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_owned))
-        {
-            parts.push(format!("status={text}"));
-        }
+        parts.push(format!("status={}", status_text(s)));
     }
     if let Some(a) = &query.after {
         parts.push(format!("after={a}"));
@@ -759,6 +877,14 @@ fn query_string(query: &InventoryQuery) -> String {
         parts.push(format!("limit={l}"));
     }
     parts.join("&")
+}
+
+/// A status as the inventory writes it (`valid`, `superseded`, …).
+fn status_text(status: Status) -> String {
+    serde_json::to_value(status)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
 }
 
 fn url_escape(text: &str) -> String {

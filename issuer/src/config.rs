@@ -297,10 +297,23 @@ impl Config {
     /// Reads and validates `path`.
     pub fn load(path: &Path) -> Result<Self, Error> {
         let text = std::fs::read_to_string(path).map_err(|e| {
-            Error::Config(format!(
-                "cannot read {}: {e}; create one with `issuer init --dir DIR`",
-                path.display()
-            ))
+            // Most often the issuer exists and this command was started elsewhere: point at
+            // the existing configuration before suggesting a new CA.
+            let looked_at = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
+            if e.kind() == std::io::ErrorKind::NotFound {
+                Error::Config(format!(
+                    "no issuer configuration at {}; point to the existing one with \
+                     `--config <path>` (or PLANT_ISSUER_CONFIG), or create a new CA with \
+                     `issuer init --dir DIR`",
+                    looked_at.display()
+                ))
+            } else {
+                Error::Config(format!(
+                    "cannot read the issuer configuration {}: {e}; check that this user may \
+                     read it, or point to another with `--config <path>`",
+                    looked_at.display()
+                ))
+            }
         })?;
         Self::parse(path, &text)
     }

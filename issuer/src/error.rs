@@ -42,8 +42,10 @@ pub enum Error {
     /// TLS set-up failed.
     #[error("TLS: {0}")]
     Tls(String),
-    /// The admin socket could not be reached or answered an error.
-    #[error("admin: {0}")]
+    /// An admin request that can't be done, or an admin socket that can't be reached. The
+    /// text is the whole message, said once: the server's refusal travels to the CLI as it
+    /// is, so no side adds a prefix.
+    #[error("{0}")]
     Admin(String),
     /// `inventory --fail-if-expiring-within` found certificates in the window (exit 1).
     #[error("{0}")]

@@ -127,7 +127,7 @@ impl Authority {
             .and_then(|der| x509_cert::Certificate::from_der(der).ok())
             .and_then(|c| Serial::from_bytes(c.tbs_certificate.serial_number.as_bytes()))
             .map(|s| s.to_string());
-        let status = est::server::error_response(&refusal).status().as_u16();
+        let status = est::server::refusal_status(refusal.refusal()).0.as_u16();
         let recorded = self.audit(
             "enrollment.refused",
             serde_json::json!({
@@ -195,7 +195,10 @@ impl Authority {
             (Some(bound), Some(asked)) if bound != asked => {
                 return Err(EstError::refused(
                     Refusal::Forbidden,
-                    format!("this token is bound to subject {bound:?}; the CSR asks for {asked:?}"),
+                    format!(
+                        "this token is bound to subject {bound:?}; the CSR asks for {asked:?}: \
+                         make the CSR with CN={bound}, or ask the PKI operator for a token for {asked}"
+                    ),
                 ))
             }
             (Some(bound), _) => bound.clone(),
@@ -328,6 +331,12 @@ fn check_usable(record: &TokenRecord, now: i64) -> Result<(), EstError> {
              ask the PKI operator for an enrollment token"
                 .into(),
         ));
+    }
+    if let Some(at) = record.revoked_at {
+        return Err(unauthorized(format!(
+            "this token was revoked by the PKI operator at {}; ask them for a new one",
+            rfc3339(at)
+        )));
     }
     if record.used_at.is_some() {
         return Err(unauthorized(

@@ -46,8 +46,8 @@ impl Grant {
             .collect()
     }
 
-    /// Refuses a CSR that asks for more than the grant: a CA certificate, certificate
-    /// signing, or names the grant does not hold.
+    /// Refuses a CSR that asks for more than the grant: a CA certificate or certificate
+    /// signing (400, a CSR this CA never accepts), or names the grant does not hold (403).
     pub fn check_request(&self, csr: &VerifiedCsr) -> Result<(), EstError> {
         let requested = csr.requested();
         if requested.ca || requested.cert_sign {
@@ -63,12 +63,17 @@ impl Grant {
                 RequestedName::Ip(ip) => self.ips.contains(ip),
                 _ => false,
             };
+            // A well-formed CSR asking for a name it may not have is a policy refusal (403,
+            // DESIGN §4), not a malformed request: the client should not fix its encoding
+            // but its request, or its token.
             if !allowed {
                 return Err(EstError::refused(
-                    Refusal::BadRequest,
+                    Refusal::Forbidden,
                     format!(
                         "the CSR asks for subjectAltName {}, which this enrollment does not grant \
-                         (granted: {}); the certificate's names come from the token",
+                         (granted: {}); the certificate's names come from the token (or the \
+                         certificate being renewed): leave the name out of the CSR, or ask the \
+                         PKI operator for a token that grants it",
                         describe(name),
                         if self.san_strings().is_empty() {
                             "none".to_owned()

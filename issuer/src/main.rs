@@ -14,6 +14,8 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,tss_esapi=warn")),
         )
         .with_writer(std::io::stderr)
+        // Colour codes only for people; a journal or log file gets plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = issuer::cli::Cli::parse();
     let runtime = match tokio::runtime::Runtime::new() {

@@ -74,6 +74,10 @@ impl NodeAttestor for JoinTokenAttestor {
                 "this join token was already used; join tokens work once, ask the PKI \
                  operator for a new one",
             )),
+            Consumed::Revoked(_) => Err(Refusal::new(
+                "join_token_revoked",
+                "this join token was revoked by the PKI operator; ask them for a new one",
+            )),
             Consumed::Expired(_) => Err(Refusal::new(
                 "join_token_expired",
                 "this join token expired; ask the PKI operator for a new one",
@@ -130,6 +134,7 @@ mod tests {
             created_at: 0,
             expires_at,
             used_at: None,
+            revoked_at: None,
         };
         store.tokens.insert(&record).expect("insert");
         record.id
@@ -169,5 +174,22 @@ mod tests {
             kept.used_at, None,
             "a refused EST token stays usable for EST"
         );
+    }
+
+    #[tokio::test]
+    async fn a_revoked_join_token_attests_no_node() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let id = add(&store, "join-secret", TokenKind::Join, 100);
+        let revoked = store.tokens.revoke(&id, 5).expect("revoke");
+        assert!(
+            matches!(revoked.as_slice(), [crate::store::TokenRevocation::Revoked(r)] if r.revoked_at == Some(5)),
+            "{revoked:?}"
+        );
+        let attestor = JoinTokenAttestor::new(store.tokens.clone(), Arc::new(FixedClock(10)));
+        let refused = attestor
+            .begin(&evidence("join-secret"))
+            .expect_err("revoked");
+        assert_eq!(refused.reason, "join_token_revoked");
     }
 }

@@ -17,7 +17,9 @@ pub use certificates::{
 pub use durability::Durability;
 pub use entries::{EntryRecord, EntryStore};
 pub use nodes::{NodeRecord, NodeStore};
-pub use tokens::{hash as tokens_hash, Consumed, TokenKind, TokenRecord, TokenStore};
+pub use tokens::{
+    hash as tokens_hash, Consumed, TokenKind, TokenRecord, TokenRevocation, TokenState, TokenStore,
+};
 
 use std::path::Path;
 
@@ -469,6 +471,7 @@ mod tests {
                 created_at: 0,
                 expires_at: 100,
                 used_at: None,
+                revoked_at: None,
             })
             .expect("insert");
         let winners: usize = std::thread::scope(|scope| {

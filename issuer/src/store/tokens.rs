@@ -46,6 +46,49 @@ pub struct TokenRecord {
     pub expires_at: i64,
     /// Unix seconds of its one use.
     pub used_at: Option<i64>,
+    /// Unix seconds an operator revoked it; unusable from then on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_at: Option<i64>,
+}
+
+/// Where a token is in its life, as `issuer token list` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenState {
+    /// Can still be used once.
+    Unused,
+    /// Used (its one use is done).
+    Spent,
+    /// Past its expiry, never used.
+    Expired,
+    /// Revoked by an operator before it was used.
+    Revoked,
+}
+
+impl TokenRecord {
+    /// The token's state as of `now` (unix seconds). A revoked token was never used (only an
+    /// unused one can be revoked), and a revocation outranks the expiry it may also be past.
+    pub fn state(&self, now: i64) -> TokenState {
+        if self.revoked_at.is_some() {
+            TokenState::Revoked
+        } else if self.used_at.is_some() {
+            TokenState::Spent
+        } else if now >= self.expires_at {
+            TokenState::Expired
+        } else {
+            TokenState::Unused
+        }
+    }
+}
+
+/// What revoking one token found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenRevocation {
+    /// Now revoked; the record as it is now.
+    Revoked(TokenRecord),
+    /// Already used: revoking would not undo what it enrolled or joined.
+    AlreadyUsed(TokenRecord),
+    /// Revoked before.
+    AlreadyRevoked(TokenRecord),
 }
 
 /// Why a token can't be used.
@@ -57,6 +100,8 @@ pub enum Consumed {
     Unknown,
     /// Already used (possibly by a concurrent request a moment ago).
     AlreadyUsed(TokenRecord),
+    /// Revoked by an operator.
+    Revoked(TokenRecord),
     /// Past its expiry.
     Expired(TokenRecord),
 }
@@ -119,6 +164,9 @@ impl TokenStore {
                 return Ok(Consumed::Unknown);
             };
             let record = decode(&current)?;
+            if record.revoked_at.is_some() {
+                return Ok(Consumed::Revoked(record));
+            }
             if record.used_at.is_some() {
                 return Ok(Consumed::AlreadyUsed(record));
             }
@@ -140,10 +188,164 @@ impl TokenStore {
     }
 }
 
+impl TokenStore {
+    /// Every token, secrets never included (only their hashes are stored), oldest first.
+    pub fn list(&self) -> Result<Vec<TokenRecord>, Error> {
+        let mut records = self
+            .tree
+            .iter()
+            .values()
+            .map(|value| decode(&value?))
+            .collect::<Result<Vec<_>, Error>>()?;
+        records.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        Ok(records)
+    }
+
+    /// Revokes the unused tokens with public id `id`, each by a compare-and-swap so a
+    /// concurrent use either wins (the token reads as used) or finds it revoked. An id is a
+    /// prefix of the hash the tokens are keyed by; an enrollment token's 32-bit id may be
+    /// shared by more than one token, and then each is revoked. No match: an empty list.
+    pub fn revoke(&self, id: &str, now: i64) -> Result<Vec<TokenRevocation>, Error> {
+        let Ok(prefix) = hex::decode(id) else {
+            return Ok(Vec::new());
+        };
+        let mut found = Vec::new();
+        for entry in self.tree.scan_prefix(&prefix) {
+            let (key, _) = entry?;
+            loop {
+                let Some(current) = self.tree.get(&key)? else {
+                    break;
+                };
+                let record = decode(&current)?;
+                if record.id != id {
+                    break;
+                }
+                if record.revoked_at.is_some() {
+                    found.push(TokenRevocation::AlreadyRevoked(record));
+                    break;
+                }
+                if record.used_at.is_some() {
+                    found.push(TokenRevocation::AlreadyUsed(record));
+                    break;
+                }
+                let revoked = TokenRecord {
+                    revoked_at: Some(now),
+                    ..record
+                };
+                if self
+                    .tree
+                    .compare_and_swap(&key, Some(current), Some(encode(&revoked)?))?
+                    .is_ok()
+                {
+                    found.push(TokenRevocation::Revoked(revoked));
+                    break;
+                }
+            }
+        }
+        Ok(found)
+    }
+}
+
 fn encode(record: &TokenRecord) -> Result<Vec<u8>, Error> {
     serde_json::to_vec(record).map_err(|e| Error::Store(e.to_string()))
 }
 
 fn decode(bytes: &[u8]) -> Result<TokenRecord, Error> {
     serde_json::from_slice(bytes).map_err(|e| Error::Store(format!("token record: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(hash: &str, id_len: usize, kind: TokenKind) -> TokenRecord {
+        TokenRecord {
+            id: hash[..id_len].to_owned(),
+            kind,
+            hash: hash.to_owned(),
+            label: "device".into(),
+            subject: None,
+            dns: vec![],
+            ips: vec![],
+            created_at: 0,
+            expires_at: 100,
+            used_at: None,
+            revoked_at: None,
+        }
+    }
+
+    #[test]
+    fn state_puts_revoked_before_spent_and_expired() {
+        let fresh = record(&"ab".repeat(32), 8, TokenKind::Enrollment);
+        let cases = [
+            (fresh.clone(), 10, TokenState::Unused),
+            (fresh.clone(), 100, TokenState::Expired),
+            (
+                TokenRecord {
+                    used_at: Some(5),
+                    ..fresh.clone()
+                },
+                200,
+                TokenState::Spent,
+            ),
+            (
+                TokenRecord {
+                    revoked_at: Some(5),
+                    ..fresh
+                },
+                200,
+                TokenState::Revoked,
+            ),
+        ];
+        for (record, now, state) in cases {
+            assert_eq!(record.state(now), state, "{record:?} at {now}");
+        }
+    }
+
+    #[tokio::test]
+    async fn revoking_an_id_touches_only_unused_tokens_with_exactly_that_id() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = crate::store::Store::open(dir.path()).expect("open");
+        let tokens = &store.tokens;
+        // An enrollment token and a join token whose longer id starts with the same 8 digits.
+        let enrollment = record(
+            &format!("3fa9c2d1{}", "00".repeat(28)),
+            8,
+            TokenKind::Enrollment,
+        );
+        let join = record(&format!("3fa9c2d1{}", "11".repeat(28)), 32, TokenKind::Join);
+        tokens.insert(&enrollment).expect("insert");
+        tokens.insert(&join).expect("insert");
+        assert_eq!(tokens.list().expect("list").len(), 2);
+
+        let revoked = tokens.revoke("3fa9c2d1", 7).expect("revoke");
+        assert!(
+            matches!(revoked.as_slice(), [TokenRevocation::Revoked(r)] if r.id == "3fa9c2d1" && r.revoked_at == Some(7)),
+            "{revoked:?}"
+        );
+        assert!(matches!(
+            tokens.revoke("3fa9c2d1", 8).expect("again").as_slice(),
+            [TokenRevocation::AlreadyRevoked(_)]
+        ));
+        let digest: [u8; 32] = hex::decode(&enrollment.hash)
+            .expect("hex")
+            .try_into()
+            .expect("32 bytes");
+        assert!(matches!(
+            tokens.consume_hash(&digest, 9).expect("consume"),
+            Consumed::Revoked(_)
+        ));
+        assert_eq!(
+            tokens
+                .list()
+                .expect("list")
+                .iter()
+                .map(|t| t.state(9))
+                .collect::<Vec<_>>(),
+            vec![TokenState::Revoked, TokenState::Unused],
+            "the join token sharing the prefix is untouched"
+        );
+        assert!(tokens.revoke("not-hex", 9).expect("revoke").is_empty());
+        assert!(tokens.revoke("0badc0de", 9).expect("revoke").is_empty());
+    }
 }
