@@ -812,8 +812,8 @@ mod tests {
             state_dir.to_owned(),
             Duration::from_secs(5),
             endpoint,
-            Box::new(JoinTokenAttestation::new(zeroize::Zeroizing::new(
-                "token".into(),
+            Box::new(JoinTokenAttestation::new(crate::config::JoinToken::Inline(
+                zeroize::Zeroizing::new("token".into()),
             ))),
         );
         manager

@@ -54,6 +54,14 @@ pub enum Error {
     /// A PKCS#12 bundle could not be built.
     #[error("PKCS#12 bundle: {0}")]
     Pkcs12(String),
+    /// `agent.toml` could not be read.
+    #[error("{}: cannot read the agent config: {source} (give its path with --config)", path.display())]
+    ConfigFile {
+        /// The config file.
+        path: PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
     /// Node attestation could not produce evidence or answer the issuer's challenge.
     #[error("node attestation: {0}")]
     Attestation(String),
@@ -93,7 +101,11 @@ impl Error {
     pub fn is_usage(&self) -> bool {
         matches!(
             self,
-            Self::Usage(_) | Self::BatchFile { .. } | Self::WouldOverwrite(_) | Self::Config { .. }
+            Self::Usage(_)
+                | Self::BatchFile { .. }
+                | Self::WouldOverwrite(_)
+                | Self::Config { .. }
+                | Self::ConfigFile { .. }
         )
     }
 

@@ -1,0 +1,98 @@
+//! What `agent` tells the engineer when something is wrong or missing: its help, its config
+//! errors, refusals of a renewal, a `--server` that is the wrong port, and `agent status`
+//! before the daemon ever ran. Each message must name only things that exist.
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use plant_tests::{bin, run};
+
+fn agent() -> Command {
+    Command::new(bin("agent"))
+}
+
+/// An agent.toml in `dir` for a join-token node of an issuer at `server` (trusting a
+/// throwaway CA: these agents never get as far as a handshake).
+fn agent_toml(dir: &Path, server: &str, attestation: &str) -> Result<std::path::PathBuf> {
+    let ca = rcgen::CertificateParams::default().self_signed(&rcgen::KeyPair::generate()?)?;
+    std::fs::write(dir.join("ca.pem"), ca.pem())?;
+    let config = dir.join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "server = \"{server}\"\ntrust_bundle = \"ca.pem\"\ntrust_domain = \"plant.example\"\nstate_dir = \"state\"\nsocket = \"{socket}\"\n\n[attestation]\n{attestation}\n",
+            socket = dir.join("workload.sock").display(),
+        ),
+    )?;
+    Ok(config)
+}
+
+/// Runs `command` to its end, killing it after 60 s (a daemon that should have exited).
+fn run_to_exit(command: &mut Command) -> Result<Output> {
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {command:?}"))?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while child.try_wait()?.is_none() {
+        if Instant::now() > deadline {
+            child.kill()?;
+            let output = child.wait_with_output()?;
+            bail!(
+                "{command:?} still ran after 60 s:\n{}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(child.wait_with_output()?)
+}
+
+#[test]
+fn a_join_token_node_with_no_cached_identity_and_no_token_file_says_how_to_get_a_token(
+) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let config = agent_toml(
+        dir.path(),
+        // Nothing listens: the token is needed before the issuer is asked anything.
+        "https://127.0.0.1:1",
+        "method = \"join_token\"\njoin_token_file = \"join.token\"",
+    )?;
+    let output = run_to_exit(agent().args(["run", "--config"]).arg(&config))?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    ensure!(output.status.code() == Some(64), "{output:?}");
+    let expected = format!(
+        "{}: attestation.join_token_file: no cached node identity and join_token_file {} does not exist: create a token with `issuer token create --kind join`",
+        config.display(),
+        dir.path().join("join.token").display()
+    );
+    ensure!(stderr.contains(&expected), "{stderr}");
+    Ok(())
+}
+
+#[test]
+fn a_bad_agent_toml_exits_64_naming_the_file_and_the_key() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let config = agent_toml(
+        dir.path(),
+        "https://127.0.0.1:1",
+        "method = \"join_token\"\njoin_token = \"tok\"\ntokn_file = \"x\"",
+    )?;
+    for command in ["run", "status"] {
+        let output = run(agent().args([command, "--config"]).arg(&config))?;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        ensure!(output.status.code() == Some(64), "{command}: {output:?}");
+        ensure!(
+            stderr.contains(&format!(
+                "{}: attestation.tokn_file: unknown field `tokn_file`",
+                config.display()
+            )),
+            "{command}: {stderr}"
+        );
+        ensure!(stderr.contains("line 10"), "{command}: {stderr}");
+    }
+    Ok(())
+}
