@@ -79,7 +79,9 @@ struct EnrollArgs {
     /// Send the token as `Authorization: Bearer` instead of HTTP Basic
     #[arg(long)]
     bearer: bool,
-    /// EST label (certificate profile), e.g. plc, hmi, gateway; in a batch, the default
+    /// EST label: a certificate profile of the issuer's config, e.g. device, plc, server (those
+    /// of a default issuer) [default: the issuer's default_profile]; in a batch, the default
+    /// for rows without one
     #[arg(long, value_name = "LABEL")]
     label: Option<Label>,
     /// Directory for key.pem, cert.pem, chain.pem, ca.pem (a batch makes DIR/<subject>/)

@@ -2,12 +2,13 @@
 //! errors, refusals of a renewal, a `--server` that is the wrong port, and `agent status`
 //! before the daemon ever ran. Each message must name only things that exist.
 
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use plant_tests::{bin, run};
+use plant_tests::{bin, run, run_ok};
 
 fn agent() -> Command {
     Command::new(bin("agent"))
@@ -94,5 +95,54 @@ fn a_bad_agent_toml_exits_64_naming_the_file_and_the_key() -> Result<()> {
         );
         ensure!(stderr.contains("line 10"), "{command}: {stderr}");
     }
+    Ok(())
+}
+
+#[test]
+fn agent_enroll_help_names_only_labels_a_default_issuer_has() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    run_ok(Command::new(bin("issuer")).args([
+        "init",
+        "--dir",
+        &dir.path().to_string_lossy(),
+        "--trust-domain",
+        "plant.example",
+    ]))?;
+    let issuer = issuer::config::Config::load(&dir.path().join("issuer.toml"))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let labels: BTreeSet<&str> = issuer.profiles.keys().map(String::as_str).collect();
+
+    let help = run_ok(agent().args(["enroll", "--help"]))?;
+    // The --label paragraph: from `--label` to the next option.
+    let (_, label_help) = help
+        .split_once("--label <LABEL>")
+        .context("no --label in agent enroll --help")?;
+    let label_help = label_help
+        .split("\n  -")
+        .next()
+        .unwrap_or_default()
+        .replace('\n', " ");
+    let (_, examples) = label_help
+        .split_once("e.g. ")
+        .with_context(|| format!("no examples in {label_help:?}"))?;
+    let examples: Vec<&str> = examples
+        .split(['(', '[', ';'])
+        .next()
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|label| !label.is_empty())
+        .collect();
+    ensure!(!examples.is_empty(), "{label_help}");
+    for label in &examples {
+        ensure!(
+            labels.contains(label),
+            "agent enroll --help suggests label {label:?}, which a default issuer does not have ({labels:?}):\n{label_help}"
+        );
+    }
+    ensure!(
+        label_help.contains("default_profile") && labels.contains(issuer.default_profile.as_str()),
+        "{label_help}"
+    );
     Ok(())
 }
