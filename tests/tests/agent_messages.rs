@@ -8,10 +8,18 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use plant_tests::{bin, run, run_ok};
+use plant_tests::{bin, run, run_ok, Issuer};
 
 fn agent() -> Command {
     Command::new(bin("agent"))
+}
+
+/// The `--options` a text names.
+fn options_named(text: &str) -> BTreeSet<String> {
+    text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
+        .filter(|word| word.starts_with("--") && word.len() > 2)
+        .map(|word| word.trim_end_matches('-').to_owned())
+        .collect()
 }
 
 /// An agent.toml in `dir` for a join-token node of an issuer at `server` (trusting a
@@ -144,5 +152,65 @@ fn agent_enroll_help_names_only_labels_a_default_issuer_has() -> Result<()> {
         label_help.contains("default_profile") && labels.contains(issuer.default_profile.as_str()),
         "{label_help}"
     );
+    Ok(())
+}
+
+#[test]
+fn a_refused_reenroll_names_only_options_agent_reenroll_has() -> Result<()> {
+    let issuer = Issuer::start()?;
+    let dir = tempfile::tempdir()?;
+    let device = dir.path().join("plc-7");
+    let token = issuer.token("plc", Some("plc-7"))?;
+    run_ok(
+        agent()
+            .args([
+                "enroll",
+                "--server",
+                &issuer.url,
+                "--ca-fingerprint",
+                &issuer.fingerprint()?,
+                "--token",
+                &token,
+                "--subject",
+                "plc-7",
+                "--label",
+                "plc",
+                "--out",
+            ])
+            .arg(&device),
+    )?;
+    let help = run_ok(agent().args(["reenroll", "--help"]))?;
+    let options = options_named(&help);
+    ensure!(options.contains("--label"), "{help}");
+    let reenroll = |extra: &[&str]| -> Result<String> {
+        let output = run(agent()
+            .args(["reenroll", "--server", &issuer.url, "--cert"])
+            .arg(device.join("cert.pem"))
+            .arg("--ca")
+            .arg(device.join("ca.pem"))
+            .args(extra))?;
+        ensure!(!output.status.success(), "{output:?}");
+        Ok(String::from_utf8_lossy(&output.stderr).into_owned())
+    };
+
+    // Another label than the certificate's, then a revoked certificate: both 403.
+    let wrong_label = reenroll(&["--label", "server"])?;
+    ensure!(wrong_label.contains("403"), "{wrong_label}");
+    issuer.revoke(&device.join("cert.pem"))?;
+    let revoked = reenroll(&[])?;
+    ensure!(
+        revoked.contains("403") && revoked.contains("revoked"),
+        "{revoked}"
+    );
+    for message in [&wrong_label, &revoked] {
+        let named = options_named(message);
+        ensure!(!named.is_empty(), "no option suggested: {message}");
+        for option in named {
+            ensure!(
+                options.contains(&option),
+                "the refusal suggests {option}, which agent reenroll does not have:\n{message}"
+            );
+        }
+    }
     Ok(())
 }
