@@ -3,6 +3,7 @@
 //! before the daemon ever ran. Each message must name only things that exist.
 
 use std::collections::BTreeSet;
+use std::io::{Read, Write};
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -212,5 +213,67 @@ fn a_refused_reenroll_names_only_options_agent_reenroll_has() -> Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+/// A port that speaks plain TCP (here: answers like an HTTP server, as the issuer's CRL port
+/// would), for as long as the test runs.
+fn plain_tcp_listener() -> Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let port = listener.local_addr()?.port();
+    std::thread::spawn(move || {
+        for mut stream in listener.incoming().map_while(Result::ok) {
+            let mut hello = [0u8; 512];
+            let _ = stream.read(&mut hello);
+            let _ = stream.write_all(
+                b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            );
+        }
+    });
+    Ok(port)
+}
+
+#[test]
+fn a_server_that_is_not_tls_or_not_listening_is_named_as_such() -> Result<()> {
+    let out = tempfile::tempdir()?;
+    let enroll = |server: &str| -> Result<String> {
+        let output = run(agent()
+            .args([
+                "enroll",
+                "--server",
+                server,
+                "--ca-fingerprint",
+                &"ab".repeat(32),
+                "--token",
+                "tok",
+                "--subject",
+                "plc-7",
+                "--out",
+            ])
+            .arg(out.path().join("plc-7")))?;
+        ensure!(output.status.code() == Some(1), "{output:?}");
+        Ok(String::from_utf8_lossy(&output.stderr).into_owned())
+    };
+
+    let plain = format!("https://127.0.0.1:{}", plain_tcp_listener()?);
+    let message = enroll(&plain)?;
+    ensure!(
+        message.contains(&format!(
+            "{plain} did not answer TLS (is it the issuer's EST port? the issuer prints its EST URL at start)"
+        )),
+        "{message}"
+    );
+    ensure!(!message.contains("InvalidContentType"), "{message}");
+
+    // A port nothing listens on: bound, then let go.
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        format!("https://127.0.0.1:{}", listener.local_addr()?.port())
+    };
+    let message = enroll(&closed)?;
+    ensure!(
+        message.contains(&format!("cannot connect to {closed}: connection refused")),
+        "{message}"
+    );
     Ok(())
 }
