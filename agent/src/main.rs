@@ -20,6 +20,10 @@ use est::Label;
 /// EX_USAGE from sysexits.h: the command line or a file it names is wrong.
 const EXIT_USAGE: u8 = 64;
 
+/// `agent status` when the daemon is not running, as `systemctl status` and LSB init
+/// scripts' `status` ("program is not running").
+const EXIT_NOT_RUNNING: u8 = 3;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "agent",
@@ -253,7 +257,13 @@ async fn run(cli: Cli) -> Result<ExitCode, agent::Error> {
         }
         Command::Status(args) => {
             let config = AgentConfig::load(&args.config)?;
-            let status = Status::read(&config.state_dir)?;
+            let Some(status) = Status::read(&config.state_dir)? else {
+                print!(
+                    "{}",
+                    Status::render_never_ran(&config.state_dir, &args.config)
+                );
+                return Ok(ExitCode::from(EXIT_NOT_RUNNING));
+            };
             print!("{}", status.render());
             print!(
                 "{}",
@@ -262,8 +272,7 @@ async fn run(cli: Cli) -> Result<ExitCode, agent::Error> {
             Ok(if status.daemon_running() {
                 ExitCode::SUCCESS
             } else {
-                // As systemctl status: 3 = not running.
-                ExitCode::from(3)
+                ExitCode::from(EXIT_NOT_RUNNING)
             })
         }
     }

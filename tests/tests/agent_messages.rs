@@ -1,6 +1,6 @@
 //! What `agent` tells the engineer when something is wrong or missing: its help, its config
-//! errors, refusals of a renewal, a `--server` that is the wrong port, and `agent status`
-//! before the daemon ever ran. Each message must name only things that exist.
+//! errors, refusals of a renewal, and a `--server` that is the wrong port. Each message must
+//! name only things that exist.
 
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
