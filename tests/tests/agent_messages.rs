@@ -80,6 +80,8 @@ fn a_join_token_node_with_no_cached_identity_and_no_token_file_says_how_to_get_a
         dir.path().join("join.token").display()
     );
     ensure!(stderr.contains(&expected), "{stderr}");
+    // Said before anything was started.
+    ensure!(!dir.path().join("state").exists(), "{stderr}");
     Ok(())
 }
 
