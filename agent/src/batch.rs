@@ -383,7 +383,9 @@ async fn enroll_row(
 /// device it was.
 fn row_message(error: &Error) -> String {
     match error {
-        Error::Est { source, .. } => crate::error::explain(source),
+        Error::Est {
+            source, command, ..
+        } => crate::error::explain(source, *command),
         other => other.to_string(),
     }
 }

@@ -257,7 +257,7 @@ impl Manager {
     }
 
     fn load_persisted_node(&mut self) {
-        match self.read_persisted_node() {
+        match read_persisted_node(&self.state_dir) {
             Ok(Some(identity)) if is_valid(identity.not_after, SystemTime::now()) => {
                 tracing::info!(spiffe_id = %identity.spiffe_id, "node identity loaded from the state directory");
                 self.had_identity = true;
@@ -273,37 +273,6 @@ impl Manager {
                 tracing::warn!(error = %e, "persisted node identity not readable; attesting again")
             }
         }
-    }
-
-    fn read_persisted_node(&self) -> Result<Option<NodeIdentity>, Error> {
-        let chain_path = self.state_dir.join(NODE_CHAIN_FILE);
-        let key_path = self.state_dir.join(NODE_KEY_FILE);
-        if !chain_path.exists() || !key_path.exists() {
-            return Ok(None);
-        }
-        let chain = pem_files::read_certificates(&chain_path)?;
-        let key_pem = zeroize::Zeroizing::new(
-            std::fs::read_to_string(&key_path).map_err(Error::io(&key_path))?,
-        );
-        let key = KeyPair::from_pkcs8_pem(&key_pem)?;
-        let bundle_path = self.state_dir.join(NODE_BUNDLE_FILE);
-        let bundle = if bundle_path.exists() {
-            pem_files::read_certificates(&bundle_path)?
-        } else {
-            Vec::new()
-        };
-        let leaf = chain
-            .first()
-            .ok_or_else(|| Error::certificate(chain_path.display().to_string(), "empty"))?;
-        let spiffe_id = spiffe_id_of("persisted node SVID", leaf)?;
-        let svid = proto::agent::NodeSvid {
-            spiffe_id: spiffe_id.to_string(),
-            chain,
-            bundle,
-        };
-        let mut identity = NodeIdentity::from_node_svid(svid, key)?;
-        identity.received_at = identity.not_before;
-        Ok(Some(identity))
     }
 
     fn persist_node(&self, identity: &NodeIdentity) -> Result<(), Error> {
@@ -786,6 +755,42 @@ fn check_minted(entry: &Entry, key: &KeyPair, chain: Vec<Vec<u8>>) -> Result<Min
     }))
 }
 
+/// Whether `state_dir` holds a node identity the agent will use at start (readable and not
+/// expired), so it need not attest.
+pub fn holds_node_identity(state_dir: &Path) -> bool {
+    matches!(read_persisted_node(state_dir), Ok(Some(identity)) if is_valid(identity.not_after, SystemTime::now()))
+}
+
+fn read_persisted_node(state_dir: &Path) -> Result<Option<NodeIdentity>, Error> {
+    let chain_path = state_dir.join(NODE_CHAIN_FILE);
+    let key_path = state_dir.join(NODE_KEY_FILE);
+    if !chain_path.exists() || !key_path.exists() {
+        return Ok(None);
+    }
+    let chain = pem_files::read_certificates(&chain_path)?;
+    let key_pem =
+        zeroize::Zeroizing::new(std::fs::read_to_string(&key_path).map_err(Error::io(&key_path))?);
+    let key = KeyPair::from_pkcs8_pem(&key_pem)?;
+    let bundle_path = state_dir.join(NODE_BUNDLE_FILE);
+    let bundle = if bundle_path.exists() {
+        pem_files::read_certificates(&bundle_path)?
+    } else {
+        Vec::new()
+    };
+    let leaf = chain
+        .first()
+        .ok_or_else(|| Error::certificate(chain_path.display().to_string(), "empty"))?;
+    let spiffe_id = spiffe_id_of("persisted node SVID", leaf)?;
+    let svid = proto::agent::NodeSvid {
+        spiffe_id: spiffe_id.to_string(),
+        chain,
+        bundle,
+    };
+    let mut identity = NodeIdentity::from_node_svid(svid, key)?;
+    identity.received_at = identity.not_before;
+    Ok(Some(identity))
+}
+
 /// The state directory's node files, for `agent status`.
 pub fn node_files(state_dir: &Path) -> [PathBuf; 3] {
     [
@@ -812,8 +817,8 @@ mod tests {
             state_dir.to_owned(),
             Duration::from_secs(5),
             endpoint,
-            Box::new(JoinTokenAttestation::new(zeroize::Zeroizing::new(
-                "token".into(),
+            Box::new(JoinTokenAttestation::new(crate::config::JoinToken::Inline(
+                zeroize::Zeroizing::new("token".into()),
             ))),
         );
         manager

@@ -86,6 +86,7 @@ impl ResolvesClientCert for DeviceCertificate {
 /// reached through [`hsm::Signer`].
 #[derive(Debug, Clone)]
 pub(crate) struct ReenrollClient {
+    server: String,
     url: String,
     http: reqwest::Client,
 }
@@ -133,7 +134,11 @@ impl ReenrollClient {
             Some(label) => format!("{base}/.well-known/est/{label}/simplereenroll"),
             None => format!("{base}/.well-known/est/simplereenroll"),
         };
-        Ok(Self { url, http })
+        Ok(Self {
+            server: server.to_owned(),
+            url,
+            http,
+        })
     }
 
     /// `POST simplereenroll` (RFC 7030 §4.2.2): returns the issued certificate, DER.
@@ -146,7 +151,7 @@ impl ReenrollClient {
             .body(body::encode(csr_der))
             .send()
             .await
-            .map_err(|e| transport(error_chain(&e)))?;
+            .map_err(|e| est::client::request_error(&self.server, &e))?;
         let status = response.status();
         if !status.is_success() || status == reqwest::StatusCode::ACCEPTED {
             let retry_after = response
@@ -175,18 +180,6 @@ impl ReenrollClient {
 
 fn transport(e: impl fmt::Display) -> est::Error {
     est::Error::Transport(e.to_string())
-}
-
-/// reqwest's Display hides the cause (e.g. the TLS alert); show the whole chain.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 #[cfg(test)]

@@ -70,8 +70,8 @@ pub struct AgentConfig {
 pub enum AttestationConfig {
     /// A one-time token from `issuer token create --kind join`.
     JoinToken {
-        /// The token (from `join_token` or the first line of `join_token_file`).
-        token: Zeroizing<String>,
+        /// Where the token is (`join_token` or `join_token_file`).
+        token: JoinToken,
     },
     /// Proof of possession of a device certificate from EST enrollment.
     X509Pop {
@@ -110,6 +110,65 @@ impl AttestationConfig {
             Self::X509Pop { .. } => "x509pop",
             Self::Tpm { .. } => "tpm",
         }
+    }
+}
+
+/// Where a join token comes from. A token file is read only when the node attests, which is
+/// when it has no cached node identity: the token is spent after the first attestation, so
+/// a restart must work after its file is gone.
+#[derive(Clone)]
+pub enum JoinToken {
+    /// `join_token = "…"` (checked to be non-empty).
+    Inline(Zeroizing<String>),
+    /// `join_token_file = "…"`: its first line.
+    File {
+        /// The token file, resolved against the config's directory.
+        path: PathBuf,
+        /// agent.toml, for messages.
+        config: PathBuf,
+    },
+}
+
+impl std::fmt::Debug for JoinToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Inline(_) => f.write_str("Inline(<redacted>)"),
+            Self::File { path, .. } => f.debug_tuple("File").field(path).finish(),
+        }
+    }
+}
+
+impl JoinToken {
+    /// The token, for a node with no cached identity; a missing or empty file is a config
+    /// error that says how to get a token.
+    pub fn read(&self) -> Result<Zeroizing<String>, Error> {
+        let (path, config) = match self {
+            Self::Inline(token) => return Ok(token.clone()),
+            Self::File { path, config } => (path, config),
+        };
+        let bad = |message: String| Error::Config {
+            path: config.clone(),
+            key: "attestation.join_token_file".into(),
+            message,
+        };
+        let text = Zeroizing::new(std::fs::read_to_string(path).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                bad(format!(
+                    "no cached node identity and join_token_file {} does not exist: create a token with `issuer token create --kind join` on the issuer, write it to that file and start the agent again",
+                    path.display()
+                ))
+            } else {
+                bad(format!("{}: {e}", path.display()))
+            }
+        })?);
+        let token = Zeroizing::new(text.lines().next().unwrap_or_default().trim().to_owned());
+        if token.is_empty() {
+            return Err(bad(format!(
+                "{} is empty: write the token from `issuer token create --kind join` to it",
+                path.display()
+            )));
+        }
+        Ok(token)
     }
 }
 
@@ -170,10 +229,9 @@ impl std::fmt::Debug for RawAttestation {
 impl AgentConfig {
     /// Reads and validates `path`; the socket falls back to `SPIFFE_ENDPOINT_SOCKET`.
     pub fn load(path: &Path) -> Result<Self, Error> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::Config {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::ConfigFile {
             path: path.to_owned(),
-            key: "(file)".into(),
-            message: e.to_string(),
+            source,
         })?;
         Self::parse(path, &text, std::env::var(SOCKET_ENV).ok().as_deref())
     }
@@ -187,17 +245,17 @@ impl AgentConfig {
             message,
         };
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
-            // toml's message names the key and shows the line.
-            bad(
-                "(syntax)",
-                e.message().to_owned() + &span_line(text, e.span()),
-            )
+            let (key, message) = toml_error(text, &e);
+            bad(&key, message)
         })?;
         let base = match path.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
             _ => PathBuf::from("."),
         };
-        let base = std::path::absolute(&base).map_err(|e| bad("(file)", e.to_string()))?;
+        let base = std::path::absolute(&base).map_err(|source| Error::ConfigFile {
+            path: path.to_owned(),
+            source,
+        })?;
         let resolve = |p: &Path| base.join(p);
 
         let server = raw.server.trim().to_owned();
@@ -231,7 +289,7 @@ impl AgentConfig {
             })?),
             None => None,
         };
-        let attestation = attestation(raw.attestation, &base, &bad)?;
+        let attestation = attestation(raw.attestation, path, &base, &bad)?;
         let proxy = crate::proxy::config::parse(raw.proxy, &bad)?;
         Ok(Self {
             path: path.to_owned(),
@@ -250,6 +308,7 @@ impl AgentConfig {
 
 fn attestation(
     raw: RawAttestation,
+    config: &Path,
     base: &Path,
     bad: &dyn Fn(&str, String) -> Error,
 ) -> Result<AttestationConfig, Error> {
@@ -276,17 +335,18 @@ fn attestation(
                         "give join_token or join_token_file, not both".into(),
                     ))
                 }
-                (Some(token), None) => Zeroizing::new(token.trim().to_owned()),
-                (None, Some(file)) => {
-                    let file = base.join(file);
-                    let text = Zeroizing::new(std::fs::read_to_string(&file).map_err(|e| {
-                        bad(
-                            "attestation.join_token_file",
-                            format!("{}: {e}", file.display()),
-                        )
-                    })?);
-                    Zeroizing::new(text.lines().next().unwrap_or_default().trim().to_owned())
+                (Some(token), None) => {
+                    let token = Zeroizing::new(token.trim().to_owned());
+                    if token.is_empty() {
+                        return Err(bad("attestation.join_token", "the token is empty".into()));
+                    }
+                    JoinToken::Inline(token)
                 }
+                // Read when the node attests, not here (see `JoinToken`).
+                (None, Some(file)) => JoinToken::File {
+                    path: base.join(file),
+                    config: config.to_owned(),
+                },
                 (None, None) => {
                     return Err(bad(
                         "attestation.join_token",
@@ -294,9 +354,6 @@ fn attestation(
                     ))
                 }
             };
-            if token.is_empty() {
-                return Err(bad("attestation.join_token", "the token is empty".into()));
-            }
             Ok(AttestationConfig::JoinToken { token })
         }
         "x509pop" => {
@@ -403,16 +460,54 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(duration)
 }
 
-/// The line a toml error points at, so the message shows what is wrong where.
-fn span_line(text: &str, span: Option<std::ops::Range<usize>>) -> String {
-    let Some(span) = span else {
-        return String::new();
+/// The key a toml error is about (`attestation.method`) and the message with its line and
+/// column. serde's messages name a missing or unknown field but not its table, and a wrong
+/// type not even the field; the span says where, and the text around it which key and table.
+/// A plain syntax error has no key: it is named by its line.
+fn toml_error(text: &str, error: &toml::de::Error) -> (String, String) {
+    let message = error.message().trim_end().to_owned();
+    let named =
+        backticked(&message, "missing field `").or_else(|| backticked(&message, "unknown field `"));
+    let Some(span) = error.span() else {
+        return (named.unwrap_or_else(|| "(whole file)".into()), message);
     };
-    let line = text
-        .get(..span.start)
-        .map(|before| before.matches('\n').count() + 1)
-        .unwrap_or(0);
-    format!(" (line {line})")
+    let start = span.start.min(text.len());
+    let before = text.get(..start).unwrap_or_default();
+    let line = before.matches('\n').count() + 1;
+    let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    let at = format!("line {line}, column {column}");
+    let line_text = text.lines().nth(line - 1).unwrap_or_default().trim();
+    // The table the span is in: the last header at or before its line (a missing field is
+    // reported on the table's header itself).
+    let table = text
+        .lines()
+        .take(line)
+        .filter_map(table_header)
+        .last()
+        .unwrap_or_default();
+    let field = named.or_else(|| {
+        let (key, _) = line_text.split_once('=')?;
+        let key = key.trim().trim_matches('"');
+        (!key.is_empty() && table_header(line_text).is_none()).then(|| key.to_owned())
+    });
+    match field {
+        Some(field) if table.is_empty() => (field, format!("{message} ({at})")),
+        Some(field) => (format!("{table}.{field}"), format!("{message} ({at})")),
+        None => (at, message),
+    }
+}
+
+/// `attestation` for a `[attestation]` line, `proxy.inbound` for `[[proxy.inbound]]`.
+fn table_header(line: &str) -> Option<String> {
+    let line = line.trim();
+    let name = line.strip_prefix('[')?.split(']').next()?;
+    Some(name.trim_start_matches('[').trim().to_owned())
+}
+
+/// The name between `prefix` and the next backtick in `message`.
+fn backticked(message: &str, prefix: &str) -> Option<String> {
+    let rest = &message[message.find(prefix)? + prefix.len()..];
+    Some(rest[..rest.find('`')?].to_owned())
 }
 
 #[cfg(test)]
@@ -504,7 +599,7 @@ join_token = "tok"
                 ),
                 "attestation.tcti",
             ),
-            (GOOD.replace("state_dir", "statedir"), "(syntax)"),
+            (GOOD.replace("state_dir", "statedir"), "statedir"),
         ];
         for (text, key) in cases {
             let error = parse(&text).expect_err(key);
@@ -514,6 +609,95 @@ join_token = "tok"
             };
             assert_eq!(named, key, "{error}");
         }
+    }
+
+    #[test]
+    fn toml_errors_name_the_file_the_table_key_and_the_line() {
+        // (edit, key named, line named)
+        let cases = [
+            // An unknown key, at the top and in a table.
+            (
+                GOOD.replace("sync_interval", "sync_intervall"),
+                "sync_intervall",
+                "line 7",
+            ),
+            (
+                GOOD.replace("join_token = \"tok\"", "join_tokn = \"tok\""),
+                "attestation.join_tokn",
+                "line 10",
+            ),
+            // A wrong type.
+            (
+                GOOD.replace("sync_interval = \"2s\"", "sync_interval = 2"),
+                "sync_interval",
+                "line 7",
+            ),
+            (
+                GOOD.replace("method = \"join_token\"", "method = 5"),
+                "attestation.method",
+                "line 9",
+            ),
+            // A missing required key, at the top and in a table.
+            (
+                GOOD.replace("trust_domain = \"plant.example\"\n", ""),
+                "trust_domain",
+                "line ",
+            ),
+            (
+                GOOD.replace("method = \"join_token\"\n", ""),
+                "attestation.method",
+                "line ",
+            ),
+        ];
+        for (text, key, line) in cases {
+            let error = parse(&text).expect_err(key);
+            assert!(error.is_usage(), "{error}");
+            let Error::Config { key: named, .. } = &error else {
+                panic!("{error}");
+            };
+            assert_eq!(named, key, "{error}");
+            let message = error.to_string();
+            assert!(
+                message.starts_with(&format!("/etc/plant/agent.toml: {key}: ")),
+                "{message}"
+            );
+            assert!(message.contains(line), "{message}");
+        }
+        // A missing table is a missing key too.
+        let error =
+            parse(GOOD.split("[attestation]").next().expect("top")).expect_err("no attestation");
+        let Error::Config { key, .. } = &error else {
+            panic!("{error}");
+        };
+        assert_eq!(key, "attestation", "{error}");
+        // Broken syntax in a value names the key; elsewhere the line and column.
+        let error = parse(&GOOD.replace("\"2s\"", "\"2s")).expect_err("syntax");
+        assert!(
+            error
+                .to_string()
+                .starts_with("/etc/plant/agent.toml: sync_interval: "),
+            "{error}"
+        );
+        let error = parse(&GOOD.replace("[attestation]", "[attestation")).expect_err("syntax");
+        assert!(
+            error
+                .to_string()
+                .starts_with("/etc/plant/agent.toml: line 8, column "),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn a_join_token_file_is_not_read_when_the_config_is_loaded() {
+        let text = GOOD.replace("join_token = \"tok\"", "join_token_file = \"gone.token\"");
+        let config = parse(&text).expect("valid without the file");
+        let AttestationConfig::JoinToken {
+            token: JoinToken::File { path, .. },
+        } = config.attestation
+        else {
+            panic!("join token file");
+        };
+        assert_eq!(path, Path::new("/etc/plant/gone.token"));
     }
 
     #[test]

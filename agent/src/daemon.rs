@@ -6,8 +6,8 @@ use std::os::unix::fs::PermissionsExt;
 
 use tokio::sync::watch;
 
-use crate::cache::Manager;
-use crate::config::AgentConfig;
+use crate::cache::{self, Manager};
+use crate::config::{AgentConfig, AttestationConfig};
 use crate::issuer_client::IssuerEndpoint;
 use crate::proxy_audit::ProxyAudit;
 use crate::workload_api::{self, WorkloadApi};
@@ -38,6 +38,13 @@ pub async fn run(
                 config.trust_bundle.display()
             ),
         });
+    }
+    // A join-token node with no cached identity must attest, which it can't without its
+    // token: say so now, before anything is bound (the token is read again when attesting).
+    if let AttestationConfig::JoinToken { token } = &config.attestation {
+        if !cache::holds_node_identity(&config.state_dir) {
+            token.read()?;
+        }
     }
     let endpoint = IssuerEndpoint::new(&config.server, &anchors)?;
     let attestation = node::from_config(&config.attestation)?;

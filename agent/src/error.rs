@@ -19,10 +19,12 @@ pub enum Error {
         reason: String,
     },
     /// An EST exchange with the CA failed; `step` says which one.
-    #[error("{step}: {}", explain(source))]
+    #[error("{step}: {}", explain(source, *command))]
     Est {
         /// What the agent was doing, e.g. "enrolling plc-7".
         step: String,
+        /// The command that was talking to the CA, so the hint names only its options.
+        command: EstCommand,
         /// The EST client's error, which carries the server's text.
         source: est::Error,
     },
@@ -54,6 +56,14 @@ pub enum Error {
     /// A PKCS#12 bundle could not be built.
     #[error("PKCS#12 bundle: {0}")]
     Pkcs12(String),
+    /// `agent.toml` could not be read.
+    #[error("{}: cannot read the agent config: {source} (give its path with --config)", path.display())]
+    ConfigFile {
+        /// The config file.
+        path: PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
     /// Node attestation could not produce evidence or answer the issuer's challenge.
     #[error("node attestation: {0}")]
     Attestation(String),
@@ -93,13 +103,32 @@ impl Error {
     pub fn is_usage(&self) -> bool {
         matches!(
             self,
-            Self::Usage(_) | Self::BatchFile { .. } | Self::WouldOverwrite(_) | Self::Config { .. }
+            Self::Usage(_)
+                | Self::BatchFile { .. }
+                | Self::WouldOverwrite(_)
+                | Self::Config { .. }
+                | Self::ConfigFile { .. }
         )
     }
 
+    /// An EST failure of `agent enroll`.
     pub(crate) fn est(step: impl Into<String>) -> impl FnOnce(est::Error) -> Self {
         let step = step.into();
-        move |source| Self::Est { step, source }
+        move |source| Self::Est {
+            step,
+            command: EstCommand::Enroll,
+            source,
+        }
+    }
+
+    /// An EST failure of `agent reenroll`.
+    pub(crate) fn est_reenroll(step: impl Into<String>) -> impl FnOnce(est::Error) -> Self {
+        let step = step.into();
+        move |source| Self::Est {
+            step,
+            command: EstCommand::Reenroll,
+            source,
+        }
     }
 
     pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Self {
@@ -151,9 +180,21 @@ impl Error {
     }
 }
 
+/// The agent command that talked to the EST server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum EstCommand {
+    /// `agent enroll`, one device or a batch: authenticated by a one-time token.
+    Enroll,
+    /// `agent reenroll`: authenticated by the current certificate.
+    Reenroll,
+}
+
 /// The server's own words plus what the engineer can do about the status, so an answer like
-/// 401 does not leave them guessing whether to retry, re-type or call the PKI operator.
-pub(crate) fn explain(error: &est::Error) -> String {
+/// 401 does not leave them guessing whether to retry, re-type or call the PKI operator. The
+/// hint names only options `command` has.
+pub(crate) fn explain(error: &est::Error, command: EstCommand) -> String {
+    use EstCommand::{Enroll, Reenroll};
     match error {
         est::Error::Server {
             status,
@@ -163,15 +204,18 @@ pub(crate) fn explain(error: &est::Error) -> String {
             let wait = retry_after
                 .map(|s| format!(" (the server asks to wait {s} s)"))
                 .unwrap_or_default();
-            let hint = match status {
-                202 => format!("the request waits for an operator's approval; run the command again later{wait}"),
-                400 => "the CA rejected the request as malformed; check the subject and SAN values".into(),
-                401 => "ask the PKI operator for a new token (tokens are single use, expire, and are bound to a label and sometimes a subject)".into(),
-                403 => "the CA's policy refuses this request; check --subject, --dns/--ip and --label with the PKI operator".into(),
-                404 => "the CA does not serve this label; ask the PKI operator which --label to use".into(),
-                413 | 415 => "the server did not take the request format; check that --server is a Plant PKI EST server".into(),
-                501 => "the CA does not offer this operation".into(),
-                503 => format!("the CA is busy or its key is unavailable; try again shortly{wait}"),
+            let hint = match (status, command) {
+                (202, _) => format!("the request waits for an operator's approval; run the command again later{wait}"),
+                (400, _) => "the CA rejected the request as malformed; check the subject and SAN values".into(),
+                (401, Enroll) => "ask the PKI operator for a new token (tokens are single use, expire, and are bound to a label and sometimes a subject)".into(),
+                (401, Reenroll) => "the CA did not take the current certificate as authentication; check --cert, --key or --key-ref, and --chain".into(),
+                (403, Enroll) => "the CA's policy refuses this request; check --subject, --dns/--ip and --label with the PKI operator".into(),
+                // The subject and SANs come from the certificate; only the label is the engineer's.
+                (403, Reenroll) => "the CA refuses to renew this certificate (revoked, expired, not issued by this CA, or issued under another --label); a certificate that can't be renewed is replaced by enrolling the device again with a new token (`agent enroll`)".into(),
+                (404, _) => "the CA does not serve this label; ask the PKI operator which --label to use".into(),
+                (413 | 415, _) => "the server did not take the request format; check that --server is a Plant PKI EST server".into(),
+                (501, _) => "the CA does not offer this operation".into(),
+                (503, _) => format!("the CA is busy or its key is unavailable; try again shortly{wait}"),
                 _ => String::new(),
             };
             let mut text = format!("EST server answered {status}");
@@ -201,6 +245,7 @@ mod tests {
     fn server_refusal_keeps_the_server_text_and_says_what_to_do() {
         let err = Error::Est {
             step: "enrolling plc-7".into(),
+            command: EstCommand::Enroll,
             source: est::Error::Server {
                 status: 401,
                 message: "token already used".into(),

@@ -20,6 +20,10 @@ use est::Label;
 /// EX_USAGE from sysexits.h: the command line or a file it names is wrong.
 const EXIT_USAGE: u8 = 64;
 
+/// `agent status` when the daemon is not running, as `systemctl status` and LSB init
+/// scripts' `status` ("program is not running").
+const EXIT_NOT_RUNNING: u8 = 3;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "agent",
@@ -79,7 +83,9 @@ struct EnrollArgs {
     /// Send the token as `Authorization: Bearer` instead of HTTP Basic
     #[arg(long)]
     bearer: bool,
-    /// EST label (certificate profile), e.g. plc, hmi, gateway; in a batch, the default
+    /// EST label: a certificate profile of the issuer's config, e.g. device, plc, server (those
+    /// of a default issuer) [default: the issuer's default_profile]; in a batch, the default
+    /// for rows without one
     #[arg(long, value_name = "LABEL")]
     label: Option<Label>,
     /// Directory for key.pem, cert.pem, chain.pem, ca.pem (a batch makes DIR/<subject>/)
@@ -251,7 +257,13 @@ async fn run(cli: Cli) -> Result<ExitCode, agent::Error> {
         }
         Command::Status(args) => {
             let config = AgentConfig::load(&args.config)?;
-            let status = Status::read(&config.state_dir)?;
+            let Some(status) = Status::read(&config.state_dir)? else {
+                print!(
+                    "{}",
+                    Status::render_never_ran(&config.state_dir, &args.config)
+                );
+                return Ok(ExitCode::from(EXIT_NOT_RUNNING));
+            };
             print!("{}", status.render());
             print!(
                 "{}",
@@ -260,8 +272,7 @@ async fn run(cli: Cli) -> Result<ExitCode, agent::Error> {
             Ok(if status.daemon_running() {
                 ExitCode::SUCCESS
             } else {
-                // As systemctl status: 3 = not running.
-                ExitCode::from(3)
+                ExitCode::from(EXIT_NOT_RUNNING)
             })
         }
     }

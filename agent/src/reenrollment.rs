@@ -154,7 +154,7 @@ pub async fn reenroll(options: ReenrollOptions) -> Result<Enrollment, Error> {
         &presented,
         Arc::clone(&key.signer),
     )
-    .map_err(Error::est("setting up TLS to the EST server"))?;
+    .map_err(Error::est_reenroll("setting up TLS to the EST server"))?;
 
     let names = DeviceNames::of_certificate(&current)?;
     let new_key = if options.rekey {
@@ -185,7 +185,7 @@ pub async fn reenroll(options: ReenrollOptions) -> Result<Enrollment, Error> {
     let issued = client
         .simple_reenroll(&csr)
         .await
-        .map_err(Error::est(step.clone()))?;
+        .map_err(Error::est_reenroll(step.clone()))?;
     let leaf = CertificateFacts::from_der("renewed certificate", &issued)?;
     leaf.ensure_key("renewed certificate", signer.public_key())?;
     // The issuing CA may have rotated since the last enrollment (DESIGN §3: a short-lived
@@ -194,7 +194,9 @@ pub async fn reenroll(options: ReenrollOptions) -> Result<Enrollment, Error> {
         .client(options.label.as_ref(), None)?
         .cacerts()
         .await
-        .map_err(Error::est(format!("{step}: fetching the CA certificates")))?;
+        .map_err(Error::est_reenroll(format!(
+            "{step}: fetching the CA certificates"
+        )))?;
     let chain = issuing_chain(&leaf, &ca_certs, trust.anchors())?;
 
     let dir = CredentialDir::new(options.out.clone().unwrap_or(cert_dir));

@@ -110,25 +110,31 @@ impl Status {
         pem_files::write_atomically(&state_dir.join(STATUS_FILE), &json, 0o644, Overwrite::Allow)
     }
 
-    /// Reads `<state_dir>/status.json`.
-    pub fn read(state_dir: &Path) -> Result<Self, Error> {
+    /// Reads `<state_dir>/status.json`; `None` when there is none, because no agent has run
+    /// with this state directory yet.
+    pub fn read(state_dir: &Path) -> Result<Option<Self>, Error> {
         let path: PathBuf = state_dir.join(STATUS_FILE);
-        let text = std::fs::read(&path).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                Error::Usage(format!(
-                    "{} does not exist: the agent has not run with this state_dir yet (start it with `agent run --config …`)",
-                    path.display()
-                ))
-            } else {
-                Error::io(&path)(e)
-            }
-        })?;
-        serde_json::from_slice(&text).map_err(|e| {
+        let text = match std::fs::read(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io(&path)(e)),
+        };
+        serde_json::from_slice(&text).map(Some).map_err(|e| {
             Error::certificate(
                 path.display().to_string(),
                 format!("not a status file: {e}"),
             )
         })
+    }
+
+    /// What `agent status` prints when no agent has run with `state_dir` (it exits 3, not
+    /// running, as for a stopped one: a monitor asks "is it running", and it is not).
+    pub fn render_never_ran(state_dir: &Path, config: &Path) -> String {
+        format!(
+            "agent:        NOT RUNNING (no {} yet: no agent has run with this state_dir; start it with `agent run --config {}`)\n",
+            state_dir.join(STATUS_FILE).display(),
+            config.display()
+        )
     }
 
     /// Whether the process that wrote the file still runs. A pid can be reused, so this is
@@ -222,7 +228,10 @@ mod tests {
             None,
         );
         status.write(dir.path()).expect("write");
-        assert_eq!(Status::read(dir.path()).expect("read"), status);
+        assert_eq!(
+            Status::read(dir.path()).expect("read"),
+            Some(status.clone())
+        );
         // No process is named agent with a pid this large.
         status.pid = u32::MAX - 1;
         let text = status.render();
@@ -234,9 +243,14 @@ mod tests {
     }
 
     #[test]
-    fn a_missing_status_file_says_how_to_start_the_agent() {
+    fn a_missing_status_file_is_no_status_and_says_how_to_start_the_agent() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let error = Status::read(dir.path()).expect_err("missing");
-        assert!(error.to_string().contains("agent run"), "{error}");
+        assert_eq!(Status::read(dir.path()).expect("no file is no error"), None);
+        let text = Status::render_never_ran(dir.path(), Path::new("/etc/agent.toml"));
+        assert!(text.contains("NOT RUNNING"), "{text}");
+        assert!(
+            text.contains("agent run --config /etc/agent.toml"),
+            "{text}"
+        );
     }
 }

@@ -44,8 +44,10 @@ fn a_bad_config_exits_64_and_names_the_key() {
     }
 }
 
+/// No agent has run with this state_dir: not running (3, as `systemctl status`), not a
+/// usage error.
 #[test]
-fn status_without_a_daemon_says_how_to_start_one() {
+fn status_without_a_daemon_exits_3_and_says_how_to_start_one() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("agent.toml");
     std::fs::write(&path, CONFIG).expect("write");
@@ -54,7 +56,8 @@ fn status_without_a_daemon_says_how_to_start_one() {
         .arg(&path)
         .output()
         .expect("run agent");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(64), "{stderr}");
-    assert!(stderr.contains("agent run"), "{stderr}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert!(stdout.contains("NOT RUNNING"), "{stdout}");
+    assert!(stdout.contains("agent run --config"), "{stdout}");
 }

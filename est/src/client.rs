@@ -67,6 +67,60 @@ fn transport(e: impl std::fmt::Display) -> Error {
     Error::Transport(e.to_string())
 }
 
+/// A request to `server` that got no answer, as the engineer can act on it. The causes seen
+/// at a commissioning laptop are a wrong port (plain HTTP or another service, where rustls
+/// reports `InvalidContentType`), nothing listening, and a server that closes the connection
+/// (hyper reports "operation was canceled"); anything else keeps its whole cause chain,
+/// which reqwest's Display hides (e.g. the TLS alert).
+pub fn request_error(server: &str, error: &reqwest::Error) -> Error {
+    let unreachable = |reason: &str| Error::Unreachable {
+        server: server.to_owned(),
+        reason: reason.to_owned(),
+    };
+    let mut chain = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        chain.push_str(": ");
+        chain.push_str(&cause.to_string());
+        if cause
+            .downcast_ref::<hyper::Error>()
+            .is_some_and(|e| e.is_canceled() || e.is_incomplete_message())
+        {
+            return unreachable(CLOSED);
+        }
+        // io::Error's `source` skips the error it wraps, and the connector's io::Error wraps
+        // tokio-rustls's, which wraps rustls's: look inside each layer.
+        let mut layer = Some(cause);
+        while let Some(error) = layer {
+            if let Some(rustls::Error::InvalidMessage(_)) = error.downcast_ref::<rustls::Error>() {
+                return Error::NotTls {
+                    server: server.to_owned(),
+                };
+            }
+            let Some(io) = error.downcast_ref::<std::io::Error>() else {
+                break;
+            };
+            match io.kind() {
+                std::io::ErrorKind::ConnectionRefused => {
+                    return unreachable("connection refused (nothing listens there: check the host and port of --server, and that the issuer runs)")
+                }
+                std::io::ErrorKind::UnexpectedEof
+                | std::io::ErrorKind::ConnectionReset
+                | std::io::ErrorKind::ConnectionAborted => return unreachable(CLOSED),
+                _ => {}
+            }
+            layer = io
+                .get_ref()
+                .map(|inner| inner as &(dyn std::error::Error + 'static));
+        }
+        source = cause.source();
+    }
+    Error::Transport(chain)
+}
+
+/// A connection the server closed without answering.
+const CLOSED: &str = "the server closed the connection without answering (is it the issuer's EST port? the issuer prints its EST URL at start)";
+
 impl EstClient {
     /// A client that does not verify the server: for fetching `cacerts` before trust exists.
     pub fn bootstrap(server: &str) -> Result<Self, Error> {
@@ -210,17 +264,10 @@ impl EstClient {
     }
 
     async fn send(&self, request: reqwest::RequestBuilder) -> Result<reqwest::Response, Error> {
-        let response = request.send().await.map_err(|e| {
-            // reqwest's Display hides the cause (e.g. the TLS error); show the chain.
-            let mut text = e.to_string();
-            let mut source = std::error::Error::source(&e);
-            while let Some(s) = source {
-                text.push_str(": ");
-                text.push_str(&s.to_string());
-                source = s.source();
-            }
-            Error::Transport(text)
-        })?;
+        let response = request
+            .send()
+            .await
+            .map_err(|e| request_error(&self.base, &e))?;
         let status = response.status();
         if status.is_success() && status != reqwest::StatusCode::ACCEPTED {
             return Ok(response);
@@ -349,5 +396,54 @@ impl HandshakeSignatures<'_> {
     /// The signature schemes the provider verifies.
     pub fn schemes(&self) -> Vec<SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A port that answers each connection with `answer` and closes it.
+    fn listener(answer: &'static [u8]) -> String {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        std::thread::spawn(move || {
+            for mut stream in listener.incoming().map_while(Result::ok) {
+                use std::io::{Read, Write};
+                let mut hello = [0u8; 512];
+                let _ = stream.read(&mut hello);
+                let _ = stream.write_all(answer);
+            }
+        });
+        format!("https://127.0.0.1:{port}")
+    }
+
+    async fn cacerts_error(server: &str) -> String {
+        let client = EstClient::bootstrap(server).expect("client");
+        client.cacerts().await.expect_err("no CA there").to_string()
+    }
+
+    #[tokio::test]
+    async fn a_port_that_is_not_tls_closes_or_is_closed_is_named_as_such() {
+        let plain = listener(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n");
+        assert_eq!(
+            cacerts_error(&plain).await,
+            format!("{plain} did not answer TLS (is it the issuer's EST port? the issuer prints its EST URL at start)")
+        );
+        let closing = listener(b"");
+        let message = cacerts_error(&closing).await;
+        assert_eq!(message, format!("cannot connect to {closing}: {CLOSED}"));
+        let closed = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            format!(
+                "https://127.0.0.1:{}",
+                listener.local_addr().expect("addr").port()
+            )
+        };
+        let message = cacerts_error(&closed).await;
+        assert!(
+            message.starts_with(&format!("cannot connect to {closed}: connection refused")),
+            "{message}"
+        );
     }
 }

@@ -96,6 +96,22 @@ pub enum Error {
     /// Client side: connecting, TLS or HTTP failed.
     #[error("{0}")]
     Transport(String),
+    /// Client side: the server's port answered, but not with TLS (a plain HTTP port such as
+    /// the issuer's CRL port, or another service).
+    #[error("{server} did not answer TLS (is it the issuer's EST port? the issuer prints its EST URL at start)")]
+    NotTls {
+        /// The server URL.
+        server: String,
+    },
+    /// Client side: no connection (nothing listens there), or it was closed before the server
+    /// answered.
+    #[error("cannot connect to {server}: {reason}")]
+    Unreachable {
+        /// The server URL.
+        server: String,
+        /// What happened, e.g. "connection refused".
+        reason: String,
+    },
 }
 
 impl Error {

@@ -171,6 +171,58 @@ async fn x509_source_gets_a_chaining_svid_with_its_key_and_sees_it_rotate() -> R
     Ok(())
 }
 
+/// The join token is spent by the first attestation, and the node identity is then cached
+/// in the state directory: a restart must need neither the token nor its file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_token_agent_restarts_from_its_cached_identity_after_the_token_file_is_deleted(
+) -> Result<()> {
+    let issuer = Issuer::start()?;
+    let mut agent = agent_with_entry(&issuer)?;
+    let node = agent.node_id()?;
+    ensure!(
+        agent.stop()?,
+        "agent did not exit cleanly:\n{}",
+        agent.log()
+    );
+    std::fs::remove_file(agent.dir.path().join("join.token"))?;
+
+    // `agent status` reads the config, which names the deleted file: not running, exit 3.
+    let stopped = plant_tests::run(
+        Command::new(plant_tests::bin("agent"))
+            .args(["status", "--config"])
+            .arg(agent.config()),
+    )?;
+    let text = String::from_utf8_lossy(&stopped.stdout);
+    ensure!(stopped.status.code() == Some(3), "{stopped:?}");
+    ensure!(
+        text.contains("NOT RUNNING") && text.contains(&node),
+        "{text}"
+    );
+
+    std::fs::remove_file(agent.dir.path().join("state/status.json"))?;
+    agent.run()?;
+    assert_eq!(agent.node_id()?, node);
+    agent.wait_for_svid(HISTORIAN)?;
+    let client =
+        WorkloadApiClient::connect_to(&format!("unix://{}", agent.socket.display())).await?;
+    let svid = client
+        .fetch_x509_svid()
+        .await
+        .with_context(|| format!("FetchX509SVID after the restart:\n{}", agent.log()))?;
+    assert_eq!(svid.spiffe_id().to_string(), HISTORIAN);
+    let status = agent.status()?;
+    ensure!(
+        status.contains(&node) && status.contains(HISTORIAN),
+        "{status}"
+    );
+    ensure!(
+        agent.stop()?,
+        "agent did not exit cleanly:\n{}",
+        agent.log()
+    );
+    Ok(())
+}
+
 fn base64_lines(der: &[u8]) -> String {
     use base64::Engine;
     let text = base64::engine::general_purpose::STANDARD.encode(der);
