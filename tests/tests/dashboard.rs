@@ -243,7 +243,10 @@ fn the_dashboard_shows_days_left_true_date_ranges_a_y_axis_and_svid_labels_but_n
     let (operator, operator_key) = enroll("alice-ops", "operator")?;
     for (subject, label) in [
         ("plc-1", "plc"),
+        ("plc-2", "plc"),
+        ("plc-3", "plc"),
         ("gw-1", "device"),
+        ("gw-2", "device"),
         ("badge-1", "badge"),
         ("sensor-1", "sensor"),
     ] {
@@ -315,7 +318,10 @@ fn the_dashboard_shows_days_left_true_date_ranges_a_y_axis_and_svid_labels_but_n
     }
 
     // Days left: a column, red under 7 days, amber under 30, the rest plain, soonest first.
-    ensure!(dom.contains("<th>Days left</th>"), "no days-left column");
+    ensure!(
+        dom.contains(r#"<th class="days-left">Days left</th>"#),
+        "no days-left column"
+    );
     let badge = row(&dom, "badge-1")?;
     ensure!(
         badge.contains("expires-red") && texts(badge, "days-left") == ["2"],
@@ -419,5 +425,20 @@ fn the_dashboard_shows_days_left_true_date_ranges_a_y_axis_and_svid_labels_but_n
             && ticks.last().is_some_and(|top| *top >= max),
         "y-axis ticks {ticks:?} for a tallest bar of {max}"
     );
+
+    // What an operator sees with soon-expiring rows: a screenshot for a person to look at.
+    let shots = artifacts();
+    std::fs::create_dir_all(&shots)?;
+    let png = shots.join("dashboard-expiries.png");
+    let _ = std::fs::remove_file(&png);
+    chromium(
+        profile.path(),
+        &[
+            &format!("--screenshot={}", png.display()),
+            "--window-size=1280,1100",
+            &url,
+        ],
+    )?;
+    ensure!(png.exists(), "no screenshot at {}", png.display());
     Ok(())
 }

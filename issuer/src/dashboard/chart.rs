@@ -7,9 +7,9 @@ use std::fmt::Write as _;
 use super::escape;
 use super::timeline::{labels, Timeline};
 
-/// Label colours, in label order; chosen to stay apart for the common colour blindnesses.
+/// Label colours, in label order. No red or amber: on this page those mean "expires soon".
 pub(super) const COLOURS: [&str; 8] = [
-    "#2f6db5", "#e08a1e", "#3a9a5b", "#9b4dca", "#c23b3b", "#4aa3a3", "#7a6a00", "#6b6b6b",
+    "#2f6db5", "#3a9a5b", "#9b4dca", "#4aa3a3", "#7a6a00", "#c05299", "#1f3f73", "#6b6b6b",
 ];
 
 // The drawing's geometry, in SVG user units (the SVG scales to the page's width).

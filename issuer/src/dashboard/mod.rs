@@ -129,7 +129,7 @@ label {{ display: flex; flex-direction: column; font-size: 12px; color: #4a5868;
 table {{ border-collapse: collapse; width: 100%; }}
 th, td {{ text-align: left; padding: .3rem .5rem; border-bottom: 1px solid #e1e6ec; font-size: 13px; }}
 th {{ background: #f3f5f8; position: sticky; top: 0; }} td.serial {{ font-family: monospace; font-size: 12px; }}
-td.days-left {{ text-align: right; white-space: nowrap; font-variant-numeric: tabular-nums; }}
+.days-left {{ text-align: right; white-space: nowrap; font-variant-numeric: tabular-nums; }}
 tr.expires-red td {{ background: #fde8e7; }} tr.expires-red td.days-left {{ color: #b3261e; font-weight: 700; }}
 tr.expires-amber td {{ background: #fff3dc; }} tr.expires-amber td.days-left {{ color: #8a5300; font-weight: 700; }}
 tr.revoked td, tr.expired td, tr.superseded td {{ color: #7b8793; }}
@@ -150,7 +150,7 @@ tr.revoked td.status, tr.expired td.status, tr.expired td.days-left {{ color: #b
 "#,
         domain = escape(&authority.trust_domain),
         key = escape(&authority.ca.key_location()),
-        counted_at = escape(&timeline.counted_at),
+        counted_at = timeline.counted_at.replace('T', " ").replace('Z', " UTC"),
         minutes = REFRESH_SECS / 60,
         within_red = timeline.within_red,
         within_amber = timeline.within_amber,
@@ -185,7 +185,7 @@ tr.revoked td.status, tr.expired td.status, tr.expired td.days-left {{ color: #b
 <button type="submit">Filter</button> <a href="/ui">reset</a>
 </form>
 <p class="summary">{total} {which}certificates match{shown}, soonest expiry first. <span class="key red">under {RED_DAYS} days left</span> <span class="key amber">under {AMBER_DAYS} days left</span></p>
-<table id="inventory"><thead><tr><th>Serial</th><th>Subject</th><th>Names</th><th>Label</th><th>Owner</th><th>Not after</th><th>Days left</th><th>Status</th></tr></thead>
+<table id="inventory"><thead><tr><th>Serial</th><th>Subject</th><th>Names</th><th>Label</th><th>Owner</th><th>Not after</th><th class="days-left">Days left</th><th>Status</th></tr></thead>
 <tbody>
 "#,
         subject = escape(&filters.subject),

@@ -43,7 +43,7 @@ pub struct Timeline {
     pub(super) within_red: usize,
     /// Valid certificates expiring in under 30 days (the 7-day ones included).
     pub(super) within_amber: usize,
-    /// When this was counted (RFC 3339).
+    /// When this was counted (RFC 3339, whole seconds).
     pub(super) counted_at: String,
     /// The windows as dates, for the chart's labels.
     #[serde(skip)]
@@ -171,7 +171,7 @@ fn count(authority: &Authority) -> Result<Timeline, crate::Error> {
         counts,
         within_red,
         within_amber,
-        counted_at: crate::clock::rfc3339(now),
+        counted_at: crate::clock::rfc3339(now.replace_nanosecond(0).unwrap_or(now)),
         windows,
     })
 }
