@@ -153,6 +153,14 @@ impl Issuer {
         self.serve()
     }
 
+    /// Restarts `issuer serve` with its wall clock `offset` off this machine's (libfaketime
+    /// syntax: `+4m`, `-3y`), while curl, openssl and the test keep the machine's.
+    pub fn serve_shifted(&mut self, offset: &str) -> Result<()> {
+        let env = shifted_clock(offset)?;
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        self.serve_with_env(&env)
+    }
+
     /// Waits up to `within` for `issuer serve` to exit by itself; its status.
     pub fn wait_for_exit(&mut self, within: Duration) -> Result<std::process::ExitStatus> {
         let child = self.child.as_mut().context("the issuer is not running")?;
@@ -771,6 +779,26 @@ pub fn write_pem(path: &Path, ders: &[Vec<u8>]) -> Result<()> {
 pub fn metric(text: &str, series: &str) -> Option<f64> {
     text.lines()
         .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// libfaketime's preload library from Debian's `faketime` package.
+pub fn libfaketime() -> Result<String> {
+    let out = run_ok(Command::new("dpkg").args(["-L", "libfaketime"]))
+        .context("libfaketime is not installed (scripts/setup installs faketime)")?;
+    out.lines()
+        .find(|l| l.ends_with("/libfaketime.so.1"))
+        .map(str::to_owned)
+        .context("libfaketime.so.1 not found in the libfaketime package")
+}
+
+/// Environment that runs a process `offset` (libfaketime syntax: `+4m`, `-3y`) off this
+/// machine's clock; CLOCK_MONOTONIC stays real, as it does when a wall clock is wrong.
+pub fn shifted_clock(offset: &str) -> Result<Vec<(String, String)>> {
+    Ok(vec![
+        ("LD_PRELOAD".to_owned(), libfaketime()?),
+        ("FAKETIME".to_owned(), offset.to_owned()),
+        ("FAKETIME_DONT_FAKE_MONOTONIC".to_owned(), "1".to_owned()),
+    ])
 }
 
 /// A running `agent run` with its agent.toml, state directory and Workload API socket in a

@@ -11,35 +11,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{ensure, Context, Result};
 use plant_tests::{
-    enroll_bearer, enroll_with_curl, enroll_with_token, openssl_csr, own_uid, run_ok, verify_chain,
-    Agent, Issuer,
+    enroll_bearer, enroll_with_curl, enroll_with_token, libfaketime, openssl_csr, own_uid,
+    verify_chain, Agent, Issuer,
 };
-
-/// libfaketime's preload library from Debian's `faketime` package.
-fn libfaketime() -> Result<String> {
-    let out = run_ok(std::process::Command::new("dpkg").args(["-L", "libfaketime"]))
-        .context("libfaketime is not installed (scripts/setup installs faketime)")?;
-    out.lines()
-        .find(|l| l.ends_with("/libfaketime.so.1"))
-        .map(str::to_owned)
-        .context("libfaketime.so.1 not found in the libfaketime package")
-}
-
-/// Environment that runs a process `offset` (libfaketime syntax: `+4m`, `-3y`) off this
-/// machine's clock; CLOCK_MONOTONIC stays real, as it does when a wall clock is wrong.
-fn shifted_clock(offset: &str) -> Result<Vec<(String, String)>> {
-    Ok(vec![
-        ("LD_PRELOAD".to_owned(), libfaketime()?),
-        ("FAKETIME".to_owned(), offset.to_owned()),
-        ("FAKETIME_DONT_FAKE_MONOTONIC".to_owned(), "1".to_owned()),
-    ])
-}
-
-fn serve_shifted(issuer: &mut Issuer, offset: &str) -> Result<()> {
-    let env = shifted_clock(offset)?;
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    issuer.serve_with_env(&env)
-}
 
 fn unix_now() -> i64 {
     SystemTime::now()
@@ -60,7 +34,7 @@ fn an_issuer_minutes_ahead_or_behind_its_clients_issues_certificates_they_accept
     let mut issuer = Issuer::start()?;
     let dir = tempfile::tempdir()?;
     for (offset, seconds) in [("+4m", 240i64), ("-4m", -240)] {
-        serve_shifted(&mut issuer, offset)?;
+        issuer.serve_shifted(offset)?;
         let subject = format!("skew{}", if seconds > 0 { "ahead" } else { "behind" });
         let token = issuer.token("device", Some(&subject))?;
         let auth = format!("Authorization: Bearer {token}");
@@ -92,7 +66,7 @@ fn an_issuer_clock_outside_the_ca_validity_refuses_to_issue_and_spends_nothing()
         ("+60y", "after the issuing CA expired"),
         ("-3y", "before the issuing CA's validity starts"),
     ] {
-        serve_shifted(&mut issuer, offset)?;
+        issuer.serve_shifted(offset)?;
         let answer = enroll(&issuer)?;
         ensure!(
             answer.status == 503,
