@@ -117,7 +117,7 @@ impl Durability {
     }
 
     /// [`Durability::start`] with a deadline other than [`FLUSH_DEADLINE`] (tests).
-    pub(crate) fn start_with_deadline(
+    pub fn start_with_deadline(
         db: sled::Db,
         dir: &Path,
         flush_deadline: Duration,
