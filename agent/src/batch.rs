@@ -1,7 +1,8 @@
 //! Enrolling a whole cabinet from a CSV file.
 //!
 //! The file is checked completely before anything is enrolled, so a typo on line 40 does not
-//! leave 39 devices enrolled and the engineer unsure which. After that, a failed device never
+//! leave 39 devices enrolled and the engineer unsure which; every problem is listed at once,
+//! each with its line, so a long file is fixed in one pass. After that, a failed device never
 //! stops the others: each is reported with its line and the server's words, and the run
 //! ends with `DIR/enrollment-report.csv`.
 
@@ -20,7 +21,7 @@ use crate::credentials::{AuthScheme, EnrollmentToken};
 use crate::enrollment::{enroll_with_local_key, Device, Enrollment, LabelSession};
 use crate::pem_files::{self, CredentialDir, Overwrite};
 use crate::trust::CaTrust;
-use crate::Error;
+use crate::{BatchProblem, Error};
 
 /// The report written next to the device directories.
 pub const REPORT_FILE: &str = "enrollment-report.csv";
@@ -75,7 +76,8 @@ struct ColumnIndex {
 
 /// Parses and checks CSV text: a header row naming `subject` and `token` (and optionally
 /// `label`, `dns`, `ip`, whose several values are separated by `;`), then one device per
-/// row. `path` only names the file in errors.
+/// row. `path` only names the file in errors, which list every problem in line order (only
+/// the header's when the header is bad, since rows can't be read without it).
 pub fn parse_devices(
     mut csv_text: impl std::io::Read,
     path: &Path,
@@ -102,34 +104,42 @@ pub fn parse_devices(
         }
         1 + text[..at].iter().filter(|b| **b == b'\n').count() as u64
     };
-    let bad = |line: u64, reason: String| Error::BatchFile {
-        path: path.to_owned(),
-        line,
-        reason,
-    };
-    let csv_error = |e: csv::Error| {
+    let csv_problem = |e: &csv::Error| {
         let line = e.position().map(line_at).unwrap_or(1);
         let reason = match e.kind() {
             csv::ErrorKind::UnequalLengths {
                 expected_len, len, ..
             } => format!("{len} fields where the header row has {expected_len}"),
+            // A spreadsheet's "CSV" export often uses the Windows code page for "ü" or "°".
+            csv::ErrorKind::Utf8 { .. } => {
+                "the line is not UTF-8 text; save the file as \"CSV UTF-8\"".to_owned()
+            }
             _ => e.to_string(),
         };
-        bad(line, reason)
+        BatchProblem { line, reason }
     };
+    let refuse = |problems: Vec<BatchProblem>| Error::BatchFile {
+        path: path.to_owned(),
+        problems,
+    };
+    let header_problem = |reason: String| BatchProblem { line: 1, reason };
     let mut reader = csv::ReaderBuilder::new()
         .trim(csv::Trim::All)
         .comment(Some(b'#'))
         .from_reader(text.as_slice());
 
-    let headers = reader.headers().map_err(csv_error)?.clone();
+    // Without a sound header no row can be read, so its problems are all there is to say.
+    let headers = reader
+        .headers()
+        .map_err(|e| refuse(vec![csv_problem(&e)]))?
+        .clone();
     if headers.iter().all(str::is_empty) {
-        return Err(bad(
-            1,
-            format!("no header row; the first line must name the columns ({COLUMNS})"),
-        ));
+        return Err(refuse(vec![header_problem(format!(
+            "no header row; the first line must name the columns ({COLUMNS})"
+        ))]));
     }
     let mut columns = ColumnIndex::default();
+    let mut problems = Vec::new();
     for (i, name) in headers.iter().enumerate() {
         let slot = match name.to_ascii_lowercase().as_str() {
             "subject" => &mut columns.subject,
@@ -138,68 +148,122 @@ pub fn parse_devices(
             "dns" => &mut columns.dns,
             "ip" => &mut columns.ip,
             _ => {
-                return Err(bad(
-                    1,
-                    format!("unknown column {name:?}; the columns are {COLUMNS}"),
-                ))
+                problems.push(header_problem(format!(
+                    "unknown column {name:?}; the columns are {COLUMNS}"
+                )));
+                continue;
             }
         };
         if slot.replace(i).is_some() {
-            return Err(bad(1, format!("column {name:?} appears twice")));
+            problems.push(header_problem(format!("column {name:?} appears twice")));
         }
     }
-    let (Some(subject_col), Some(token_col)) = (columns.subject, columns.token) else {
-        return Err(bad(
-            1,
-            format!("the header row must name at least subject and token (columns: {COLUMNS})"),
-        ));
-    };
+    let missing: Vec<&str> = [("subject", columns.subject), ("token", columns.token)]
+        .into_iter()
+        .filter(|(_, col)| col.is_none())
+        .map(|(name, _)| name)
+        .collect();
+    if !missing.is_empty() {
+        problems.push(header_problem(format!(
+            "the header row must name at least subject and token; there is no {} column (columns: {COLUMNS})",
+            missing.join(" or ")
+        )));
+    }
+    if !problems.is_empty() {
+        return Err(refuse(problems));
+    }
 
+    // Every row is checked even after a bad one, so one run lists everything to fix.
     let mut rows = Vec::new();
+    let mut records = 0_usize;
     let mut seen: HashMap<String, u64> = HashMap::new();
     for record in reader.records() {
-        let record = record.map_err(csv_error)?;
-        let line = record.position().map(line_at).unwrap_or(0);
-        let field = |col: Option<usize>| col.and_then(|i| record.get(i)).unwrap_or("");
-        let subject = field(Some(subject_col));
-        if subject.is_empty() {
-            return Err(bad(line, "the subject is empty".into()));
-        }
-        crate::enrollment::check_subject(subject).map_err(|e| bad(line, e))?;
-        if let Some(first) = seen.insert(subject.to_owned(), line) {
-            return Err(bad(
-                line,
-                format!(
-                    "subject {subject:?} is also on line {first}; each device needs its own row"
-                ),
-            ));
-        }
-        let token = EnrollmentToken::new(field(Some(token_col)))
-            .map_err(|_| bad(line, format!("the token for {subject:?} is empty")))?;
-        let label = match field(columns.label) {
-            "" => default_label.cloned(),
-            text => Some(
-                text.parse::<Label>()
-                    .map_err(|e| bad(line, e.to_string()))?,
-            ),
+        records += 1;
+        let record = match record {
+            Ok(record) => record,
+            Err(e) => {
+                problems.push(csv_problem(&e));
+                continue;
+            }
         };
-        let dns_names: Vec<String> = split_values(field(columns.dns))
-            .map(str::to_owned)
-            .collect();
-        let ips = split_values(field(columns.ip))
-            .map(|text| {
-                text.parse()
-                    .map_err(|_| bad(line, format!("{text:?} in column ip is not an IP address")))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let device = Device::new(subject, label, dns_names, ips, token)
-            .map_err(|e| bad(line, e.to_string()))?;
-        rows.push(BatchRow { line, device });
+        let line = record.position().map(line_at).unwrap_or(0);
+        match check_row(&record, line, &columns, default_label, &mut seen) {
+            Ok(device) => rows.push(BatchRow { line, device }),
+            Err(reasons) => problems.extend(
+                reasons
+                    .into_iter()
+                    .map(|reason| BatchProblem { line, reason }),
+            ),
+        }
     }
-    if rows.is_empty() {
-        return Err(bad(1, "the file lists no devices".into()));
+    if records == 0 {
+        problems.push(header_problem("the file lists no devices".into()));
+    }
+    if !problems.is_empty() {
+        return Err(refuse(problems));
     }
     Ok(rows)
+}
+
+/// One row's device, or everything wrong with the row in column order. `columns` has passed
+/// the header check, so it names subject and token. `seen` holds the subjects of earlier rows
+/// with their first line, so a duplicate names the line to compare.
+fn check_row(
+    record: &csv::StringRecord,
+    line: u64,
+    columns: &ColumnIndex,
+    default_label: Option<&Label>,
+    seen: &mut HashMap<String, u64>,
+) -> Result<Device, Vec<String>> {
+    let field = |col: Option<usize>| col.and_then(|i| record.get(i)).unwrap_or("");
+    let mut reasons = Vec::new();
+    let subject = field(columns.subject);
+    let subject_ok = if subject.is_empty() {
+        reasons.push("the subject is empty".to_owned());
+        false
+    } else if let Err(reason) = crate::enrollment::check_subject(subject) {
+        reasons.push(reason);
+        false
+    } else if let Some(first) = seen.get(subject) {
+        reasons.push(format!(
+            "subject {subject:?} is also on line {first}; each device needs its own row"
+        ));
+        false
+    } else {
+        seen.insert(subject.to_owned(), line);
+        true
+    };
+    let token = EnrollmentToken::new(field(columns.token));
+    if token.is_err() {
+        reasons.push(if subject_ok {
+            format!("the token for {subject:?} is empty")
+        } else {
+            "the token is empty".to_owned()
+        });
+    }
+    let label = match field(columns.label) {
+        "" => Ok(default_label.cloned()),
+        text => text.parse::<Label>().map(Some).map_err(|e| e.to_string()),
+    };
+    if let Err(reason) = &label {
+        reasons.push(reason.clone());
+    }
+    let dns_names: Vec<String> = split_values(field(columns.dns))
+        .map(str::to_owned)
+        .collect();
+    let mut ips = Vec::new();
+    for text in split_values(field(columns.ip)) {
+        match text.parse() {
+            Ok(ip) => ips.push(ip),
+            Err(_) => reasons.push(format!("{text:?} in column ip is not an IP address")),
+        }
+    }
+    match (token, label) {
+        (Ok(token), Ok(label)) if reasons.is_empty() => {
+            Device::new(subject, label, dns_names, ips, token).map_err(|e| vec![e.to_string()])
+        }
+        _ => Err(reasons),
+    }
 }
 
 fn split_values(field: &str) -> impl Iterator<Item = &str> {
@@ -411,11 +475,20 @@ mod tests {
         parse_devices(text.as_bytes(), Path::new("devices.csv"), Some(&label))
     }
 
-    fn line_of(err: Error) -> (u64, String) {
+    fn problems_of(err: Error) -> Vec<(u64, String)> {
         match err {
-            Error::BatchFile { line, reason, .. } => (line, reason),
+            Error::BatchFile { problems, .. } => {
+                problems.into_iter().map(|p| (p.line, p.reason)).collect()
+            }
             other => panic!("expected a batch file error, got {other}"),
         }
+    }
+
+    /// The line and reason of a file with exactly one problem.
+    fn line_of(err: Error) -> (u64, String) {
+        let mut problems = problems_of(err);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        problems.remove(0)
     }
 
     #[test]
@@ -457,9 +530,14 @@ mod tests {
 
     #[test]
     fn bad_header_is_refused_on_line_1() {
-        let (line, reason) = line_of(parse("name,token\nplc-1,t\n").expect_err("bad"));
-        assert_eq!(line, 1);
-        assert!(reason.contains("unknown column \"name\""), "{reason}");
+        let problems = problems_of(parse("name,token\nplc-1,t\n").expect_err("bad"));
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert_eq!(problems[0].0, 1);
+        assert!(
+            problems[0].1.contains("unknown column \"name\""),
+            "{problems:?}"
+        );
+        assert!(problems[1].1.contains("no subject column"), "{problems:?}");
         let (line, reason) = line_of(parse("subject,label\nplc-1,plc\n").expect_err("bad"));
         assert_eq!(line, 1);
         assert!(reason.contains("subject and token"), "{reason}");
@@ -467,6 +545,87 @@ mod tests {
         assert_eq!(line, 1);
         let (line, _) = line_of(parse("").expect_err("empty"));
         assert_eq!(line, 1);
+    }
+
+    #[test]
+    fn every_header_problem_is_listed_and_rows_are_not_checked() {
+        let problems =
+            problems_of(parse("name,token,token,colour\n,\nplc-1,t,t,red\n").expect_err("bad"));
+        let lines: Vec<u64> = problems.iter().map(|(line, _)| *line).collect();
+        assert_eq!(lines, [1, 1, 1, 1], "{problems:?}");
+        assert!(
+            problems[0].1.contains("unknown column \"name\""),
+            "{problems:?}"
+        );
+        assert!(
+            problems[1].1.contains("\"token\" appears twice"),
+            "{problems:?}"
+        );
+        assert!(
+            problems[2].1.contains("unknown column \"colour\""),
+            "{problems:?}"
+        );
+        assert!(problems[3].1.contains("no subject column"), "{problems:?}");
+    }
+
+    #[test]
+    fn every_bad_row_is_listed_in_line_order() {
+        let err = parse(
+            "subject,token,label,ip\n\
+             plc-1,t1,,\n\
+             ,t2,,\n\
+             plc-3,,,\n\
+             # a comment line still counts\n\
+             plc-1,t4,,\n\
+             plc-5,t5,PLC!,\n\
+             plc-6,t6,,10.0.0.300;10.0.0.6;fd00::zz\n\
+             plc-7,t7\n\
+             ../etc,t8,,\n\
+             plc-1,,,\n\
+             plc-9,t9,,\n",
+        )
+        .expect_err("bad rows");
+        assert!(err.is_usage());
+        let problems = problems_of(err);
+        let expected: &[(u64, &str)] = &[
+            (3, "the subject is empty"),
+            (4, "the token for \"plc-3\" is empty"),
+            (6, "\"plc-1\" is also on line 2"),
+            (7, "label"),
+            (8, "\"10.0.0.300\" in column ip"),
+            (8, "\"fd00::zz\" in column ip"),
+            (9, "2 fields where the header row has 4"),
+            (10, "can't be used"),
+            (11, "\"plc-1\" is also on line 2"),
+            (11, "the token is empty"),
+        ];
+        assert_eq!(problems.len(), expected.len(), "{problems:?}");
+        for ((line, reason), (want_line, want)) in problems.iter().zip(expected) {
+            assert_eq!(line, want_line, "{problems:?}");
+            assert!(reason.contains(want), "line {line}: {reason}");
+        }
+    }
+
+    #[test]
+    fn long_list_of_problems_is_cut_with_a_count_of_the_rest() {
+        let mut text = String::from("subject,token\n");
+        for _ in 0..60 {
+            text.push_str(",t\n");
+        }
+        let err = parse(&text).expect_err("bad rows");
+        let message = err.to_string();
+        assert!(
+            message.starts_with(
+                "devices.csv: 60 problems, nothing enrolled:\n  line 2: the subject is empty\n"
+            ),
+            "{message}"
+        );
+        let listed = message.lines().filter(|l| l.starts_with("  line ")).count();
+        assert_eq!(listed, crate::error::BATCH_PROBLEMS_SHOWN, "{message}");
+        assert!(message.contains("\n  line 51: "), "{message}");
+        assert!(!message.contains("line 52"), "{message}");
+        assert!(message.ends_with("\n  … and 10 more"), "{message}");
+        assert_eq!(problems_of(err).len(), 60);
     }
 
     #[test]
@@ -512,12 +671,28 @@ mod tests {
     }
 
     #[test]
-    fn error_message_names_file_and_line() {
+    fn text_that_is_not_utf8_names_its_line_and_the_rest_is_still_checked() {
+        let text: &[u8] = b"subject,token\nplc-1,a\nplc-\xfc,b\n,c\n";
+        let err = parse_devices(text, Path::new("devices.csv"), None).expect_err("latin-1");
+        let problems = problems_of(err);
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert_eq!(problems[0].0, 3);
+        assert!(problems[0].1.contains("not UTF-8"), "{problems:?}");
+        assert_eq!(problems[1], (4, "the subject is empty".to_owned()));
+    }
+
+    #[test]
+    fn error_message_names_file_count_and_each_line() {
         let err = parse("subject,token\nplc-1,a\nplc-1,b\n").expect_err("dup");
         assert!(err.is_usage());
-        assert!(
-            err.to_string().starts_with("devices.csv, line 3: "),
-            "{err}"
+        assert_eq!(
+            err.to_string(),
+            "devices.csv: 1 problem, nothing enrolled:\n  line 3: subject \"plc-1\" is also on line 2; each device needs its own row"
+        );
+        let err = parse("subject,token\n,a\nplc-2,\n").expect_err("two");
+        assert_eq!(
+            err.to_string(),
+            "devices.csv: 2 problems, nothing enrolled:\n  line 2: the subject is empty\n  line 3: the token for \"plc-2\" is empty"
         );
     }
 

@@ -8,15 +8,14 @@ pub enum Error {
     /// Flags or their values can't work together; the text names the flag to fix.
     #[error("{0}")]
     Usage(String),
-    /// The batch CSV file is invalid; nothing was enrolled.
-    #[error("{}, line {line}: {reason}", path.display())]
+    /// The batch CSV file is invalid; nothing was enrolled. Every problem found is listed,
+    /// so an engineer with a long file fixes them all in one pass, not one per run.
+    #[error("{}", batch_file_message(path, problems))]
     BatchFile {
         /// The CSV file.
         path: PathBuf,
-        /// The line (1 is the header row).
-        line: u64,
-        /// What is wrong on it.
-        reason: String,
+        /// What is wrong, in line order; never empty.
+        problems: Vec<BatchProblem>,
     },
     /// An EST exchange with the CA failed; `step` says which one.
     #[error("{step}: {}", explain(source, *command))]
@@ -178,6 +177,38 @@ impl Error {
             reason: reason.to_string(),
         }
     }
+}
+
+/// One problem in a batch CSV file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchProblem {
+    /// The line as an editor counts it (1 is the header row).
+    pub line: u64,
+    /// What is wrong on it.
+    pub reason: String,
+}
+
+/// How many problems of a batch file are printed; a file with the wrong delimiter can fail
+/// on every line, and hundreds of lines of the same complaint bury the first one.
+pub(crate) const BATCH_PROBLEMS_SHOWN: usize = 50;
+
+fn batch_file_message(path: &std::path::Path, problems: &[BatchProblem]) -> String {
+    let count = match problems.len() {
+        1 => "1 problem".to_owned(),
+        n => format!("{n} problems"),
+    };
+    let mut text = format!("{}: {count}, nothing enrolled:", path.display());
+    for problem in problems.iter().take(BATCH_PROBLEMS_SHOWN) {
+        text.push_str(&format!("\n  line {}: {}", problem.line, problem.reason));
+    }
+    if let Some(more) = problems
+        .len()
+        .checked_sub(BATCH_PROBLEMS_SHOWN)
+        .filter(|n| *n > 0)
+    {
+        text.push_str(&format!("\n  … and {more} more"));
+    }
+    text
 }
 
 /// The agent command that talked to the EST server.

@@ -55,4 +55,4 @@ pub mod svid;
 pub mod trust;
 pub mod workload_api;
 
-pub use error::{Error, EstCommand};
+pub use error::{BatchProblem, Error, EstCommand};

@@ -603,6 +603,44 @@ fn usage_errors_exit_64_and_say_what_to_fix() {
     assert!(stderr.contains("--token-file"), "{stderr}");
 }
 
+#[test]
+fn batch_file_check_lists_every_problem_with_its_line_and_enrolls_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let csv = dir.path().join("devices.csv");
+    std::fs::write(
+        &csv,
+        "subject,token,ip\nplc-1,a,\n,b,\nplc-3,,\nplc-1,d,\nplc-5,e,10.0.0.300\nplc-6,f,\n",
+    )
+    .expect("csv");
+    let out_dir = dir.path().join("out");
+    // The server is never reached: the file is refused before the CA is asked anything.
+    let out = agent_binary(&[
+        "enroll",
+        "--batch",
+        csv.to_str().expect("utf8"),
+        "--server",
+        "https://127.0.0.1:9",
+        "--ca-fingerprint",
+        &"ab".repeat(32),
+        "--out",
+        out_dir.to_str().expect("utf8"),
+    ]);
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "{}: 4 problems, nothing enrolled:\n\
+             \x20 line 3: the subject is empty\n\
+             \x20 line 4: the token for \"plc-3\" is empty\n\
+             \x20 line 5: subject \"plc-1\" is also on line 2; each device needs its own row\n\
+             \x20 line 6: \"10.0.0.300\" in column ip is not an IP address\n",
+            csv.display()
+        )),
+        "{stderr}"
+    );
+    assert!(!out_dir.exists(), "nothing is written for a refused file");
+}
+
 #[tokio::test]
 async fn failed_batch_row_makes_the_binary_exit_1() {
     let server = Server::start().await;
