@@ -63,6 +63,14 @@ pub struct Profile {
     /// EST listener) as TLS client certificates.
     #[serde(default)]
     pub operator: bool,
+    /// How long after notAfter a certificate of this profile may still renew itself
+    /// (`simplereenroll`); default none: an expired certificate enrolls again with a token.
+    #[serde(
+        with = "crate::duration::serde_text",
+        default,
+        skip_serializing_if = "Duration::is_zero"
+    )]
+    pub renewal_grace: Duration,
 }
 
 impl Profile {
@@ -72,6 +80,14 @@ impl Profile {
         }
         if self.key_usage.is_empty() {
             return Err("key_usage must name at least one usage".into());
+        }
+        if self.renewal_grace > self.lifetime {
+            return Err(format!(
+                "renewal_grace ({}) is longer than the lifetime ({}): an expired certificate \
+                 that renews must have expired recently; lower renewal_grace",
+                crate::duration::format(self.renewal_grace),
+                crate::duration::format(self.lifetime)
+            ));
         }
         Ok(())
     }
@@ -118,6 +134,7 @@ pub fn defaults() -> Vec<(&'static str, Profile)> {
                 server_keygen: false,
                 sign_with: Default::default(),
                 operator: false,
+                renewal_grace: Duration::ZERO,
             },
         ),
         (
@@ -131,6 +148,7 @@ pub fn defaults() -> Vec<(&'static str, Profile)> {
                 server_keygen: true,
                 sign_with: Default::default(),
                 operator: false,
+                renewal_grace: Duration::ZERO,
             },
         ),
         (
@@ -144,6 +162,7 @@ pub fn defaults() -> Vec<(&'static str, Profile)> {
                 server_keygen: false,
                 sign_with: Default::default(),
                 operator: true,
+                renewal_grace: Duration::ZERO,
             },
         ),
         (
@@ -157,6 +176,7 @@ pub fn defaults() -> Vec<(&'static str, Profile)> {
                 server_keygen: false,
                 sign_with: Default::default(),
                 operator: false,
+                renewal_grace: Duration::ZERO,
             },
         ),
     ]
@@ -181,6 +201,7 @@ pub fn spiffe(
         server_keygen: false,
         sign_with: Default::default(),
         operator: false,
+        renewal_grace: Duration::ZERO,
     };
     [
         (
