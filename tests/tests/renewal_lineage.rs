@@ -189,50 +189,64 @@ fn a_lost_renewal_answer_is_repeated_within_the_window_and_never_reissued() -> R
     Ok(())
 }
 
-/// Two profiles of 10 days, one with a 5-day renewal grace. With the issuer's clock 12 days
-/// on: a superseded, expired certificate does not renew (before: it did); an expired current
-/// one does not either without a grace, and does within one. 16 days on, past the grace,
-/// nothing renews.
-#[test]
-fn expired_certificates_renew_only_within_a_configured_grace() -> Result<()> {
-    let mut issuer = Issuer::start_with(|config| {
+/// An issuer with an extra 10-day profile `name` (with `extra` lines).
+fn issuer_with_ten_day_profile(name: &str, extra: &str) -> Result<Issuer> {
+    Issuer::start_with(|config| {
         let mut text = std::fs::read_to_string(config)?;
-        for (name, grace) in [("brief", ""), ("lenient", "renewal_grace = \"5d\"\n")] {
-            text.push_str(&format!(
-                "\n[profiles.{name}]\nlifetime = \"10d\"\nkey_usage = [\"digitalSignature\"]\n\
-                 extended_key_usage = [\"clientAuth\"]\n{grace}"
-            ));
-        }
+        text.push_str(&format!(
+            "\n[profiles.{name}]\nlifetime = \"10d\"\nkey_usage = [\"digitalSignature\"]\n\
+             extended_key_usage = [\"clientAuth\"]\n{extra}"
+        ));
         std::fs::write(config, text)?;
         Ok(())
-    })?;
+    })
+}
+
+/// A 10-day certificate renewed, then the issuer's clock 12 days on: the superseded, expired
+/// certificate does not renew (before: it did, into a fresh certificate), nor does the
+/// expired current one.
+#[test]
+fn an_expired_superseded_certificate_does_not_renew() -> Result<()> {
+    let mut issuer = issuer_with_ten_day_profile("brief", "")?;
     let dir = tempfile::tempdir()?;
-    let (a, a_key) = enroll_with_token(&issuer, dir.path(), "dev-a", "brief")?;
+    let (a, key) = enroll_with_token(&issuer, dir.path(), "dev-a", "brief")?;
     let b = renewed(
-        &reenroll(&issuer, dir.path(), (&a, &a_key), "dev-a", "a-to-b")?,
+        &reenroll(&issuer, dir.path(), (&a, &key), "dev-a", "a-to-b")?,
         dir.path(),
         "b",
     )?;
-    let (g, g_key) = enroll_with_token(&issuer, dir.path(), "dev-g", "lenient")?;
-    let (h, h_key) = enroll_with_token(&issuer, dir.path(), "dev-h", "lenient")?;
-
     issuer.serve_shifted("+12d")?;
     refused(
-        &reenroll(&issuer, dir.path(), (&a, &a_key), "dev-a", "a-expired")?,
+        &reenroll(&issuer, dir.path(), (&a, &key), "dev-a", "a-expired")?,
         "renews no",
         "an expired superseded certificate",
     )?;
     refused(
-        &reenroll(&issuer, dir.path(), (&b, &a_key), "dev-a", "b-expired")?,
+        &reenroll(&issuer, dir.path(), (&b, &key), "dev-a", "b-expired")?,
         "expired",
-        "an expired certificate of a profile without grace",
+        "an expired certificate of a profile without renewal_grace",
     )?;
+    ensure!(
+        certificates_of(&issuer, "dev-a")? == 2,
+        "an expired certificate renewed"
+    );
+    Ok(())
+}
+
+/// A profile with `renewal_grace = "5d"`: 2 days after expiry its certificate renews, 6 days
+/// after, it does not.
+#[test]
+fn an_expired_certificate_renews_only_within_its_profiles_grace() -> Result<()> {
+    let mut issuer = issuer_with_ten_day_profile("lenient", "renewal_grace = \"5d\"\n")?;
+    let dir = tempfile::tempdir()?;
+    let (g, g_key) = enroll_with_token(&issuer, dir.path(), "dev-g", "lenient")?;
+    let (h, h_key) = enroll_with_token(&issuer, dir.path(), "dev-h", "lenient")?;
+    issuer.serve_shifted("+12d")?;
     renewed(
         &reenroll(&issuer, dir.path(), (&g, &g_key), "dev-g", "g-grace")?,
         dir.path(),
         "g2",
     )?;
-
     issuer.serve_shifted("+16d")?;
     refused(
         &reenroll(&issuer, dir.path(), (&h, &h_key), "dev-h", "h-late")?,
