@@ -21,8 +21,8 @@ use crate::grant::{valid_dns, valid_subject, Grant};
 use crate::profile::{Profile, SanKind};
 use crate::serial::Serial;
 use crate::store::{
-    AuditEvent, CertificateRecord, InventoryPage, InventoryQuery, Status, Store, TokenKind,
-    TokenRecord, TokenState,
+    AuditEvent, CertificateRecord, InventoryPage, InventoryQuery, LineageEnd, Renewal, Status,
+    Store, TokenKind, TokenRecord, TokenState,
 };
 use crate::Error;
 
@@ -54,6 +54,9 @@ pub struct Authority {
     pub(crate) state_volume: crate::state_volume::StateVolume,
     /// Per-source lockout after repeated failed token authentications.
     pub(crate) lockouts: crate::lockout::Lockouts,
+    /// How long after a renewal its predecessor may ask again and get the same successor
+    /// (`[est] renewal_retry_window`): a device that lost the answer.
+    pub(crate) renewal_retry_window: Duration,
 }
 
 /// An operator's request for tokens.
@@ -233,6 +236,7 @@ impl Authority {
                 config.issuance.min_free_mb.saturating_mul(1024 * 1024),
             ),
             lockouts: crate::lockout::Lockouts::new(config.tokens.lockout),
+            renewal_retry_window: config.est.renewal_retry_window,
             root_key: {
                 // `init` writes the root key beside the root certificate; operators are told
                 // to move it offline, and status says whether they did.
@@ -334,15 +338,28 @@ impl Authority {
                 self.spend_token(token, now.unix_timestamp())?;
                 token_spent = true;
             }
-            if self.store.certificates.record_new(&serial, &record)? {
+            // A renewal is recorded and its predecessor superseded in one transaction, and
+            // only while the predecessor is still current (not revoked, not renewed by a
+            // concurrent request, its lineage not ended): a revocation that won the race is
+            // never overwritten, and nothing of this renewal is kept.
+            let recorded = match grant.renews {
+                None => self.store.certificates.record_new(&serial, &record)?,
+                Some(old) => match self
+                    .store
+                    .certificates
+                    .record_renewal(&serial, &record, &old)?
+                {
+                    Renewal::Recorded => true,
+                    Renewal::SerialTaken => false,
+                    Renewal::PredecessorNotCurrent { status, ended } => {
+                        return Err(renewal_overtaken(old, status, ended))
+                    }
+                },
+            };
+            if recorded {
                 break (der, record);
             }
         };
-        if let Some(old) = grant.renews {
-            self.store
-                .certificates
-                .set_status(&old, Status::Superseded)?;
-        }
         self.audit(
             "certificate.issued",
             serde_json::json!({
@@ -775,6 +792,29 @@ impl Authority {
             }
         }
     }
+}
+
+/// A renewal whose predecessor stopped being current while it was signed: revoked (or its
+/// lineage ended by another revocation), or renewed by a concurrent request. 403: the
+/// certificate presented may not renew, and nothing was issued.
+fn renewal_overtaken(old: Serial, status: Option<Status>, ended: Option<LineageEnd>) -> Error {
+    let message = match (status, ended) {
+        (Some(Status::Revoked), _) => format!(
+            "certificate {old} was revoked while its renewal was being signed; nothing was \
+             issued: enroll the device again with a new token"
+        ),
+        (_, Some(end)) => format!(
+            "certificate {} of this lineage was revoked while the renewal of {old} was being \
+             signed; nothing was issued: enroll the device again with a new token",
+            end.revoked
+        ),
+        (Some(_), None) => format!(
+            "certificate {old} was renewed by another request at the same time; nothing more \
+             was issued: use the certificate that renewal returned"
+        ),
+        (None, None) => format!("certificate {old} is no longer in the inventory"),
+    };
+    Error::Est(est::Error::refused(est::Refusal::Forbidden, message))
 }
 
 /// A revocation of a serial this issuer never issued: likely a typo or another CA's.

@@ -111,7 +111,22 @@ pub struct EstConfig {
     /// Largest request head (request line and headers); larger is answered 431.
     #[serde(default = "default_max_header_bytes")]
     pub max_header_bytes: usize,
+    /// How long after a renewal the renewed certificate may `simplereenroll` again and get
+    /// the same successor back (a device that lost the answer); never a new certificate,
+    /// and only while that successor is valid. `0s` turns retries off.
+    #[serde(
+        with = "crate::duration::serde_text",
+        default = "default_renewal_retry_window"
+    )]
+    pub renewal_retry_window: Duration,
 }
+
+fn default_renewal_retry_window() -> Duration {
+    Duration::from_secs(5 * 60)
+}
+
+/// Longest `[est] renewal_retry_window`: a lost answer is retried within minutes.
+const MAX_RENEWAL_RETRY_WINDOW: Duration = Duration::from_secs(24 * 3600);
 
 fn default_ten_seconds() -> Duration {
     Duration::from_secs(10)
@@ -409,6 +424,13 @@ impl Config {
             return Err(Error::Config(
                 "est.max_header_bytes must be at least 1024".into(),
             ));
+        }
+        if self.est.renewal_retry_window > MAX_RENEWAL_RETRY_WINDOW {
+            return Err(Error::Config(format!(
+                "est.renewal_retry_window = {:?} is longer than 24h: it is for a device that \
+                 lost the answer to its renewal and asks again, within minutes",
+                crate::duration::format(self.est.renewal_retry_window)
+            )));
         }
         if self.agent_api.max_connections == 0 {
             return Err(Error::Config(

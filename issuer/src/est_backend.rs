@@ -54,7 +54,10 @@ impl Backend for Authority {
             // engineer after the wrong fault.
             self.ready_to_issue().map_err(to_est)?;
             let grant = match request.operation {
-                Operation::SimpleReenroll => self.authorize_renewal(&request)?,
+                Operation::SimpleReenroll => match self.authorize_renewal(&request)? {
+                    Reenrollment::Issue(grant) => grant,
+                    Reenrollment::Repeat(successor) => return Ok(successor),
+                },
                 Operation::SimpleEnroll | Operation::ServerKeygen => {
                     self.authorize_token(&request)?
                 }
@@ -233,10 +236,14 @@ impl Authority {
     }
 
     /// simplereenroll (RFC 7030 §4.2.2): the TLS client certificate must be one this CA
-    /// issued (byte for byte), not revoked or expired; the CSR keeps its Subject and SANs.
-    /// A superseded certificate may renew again: a device that lost the answer to its first
-    /// renewal must be able to retry.
-    fn authorize_renewal(&self, request: &EnrollRequest) -> Result<Grant, EstError> {
+    /// issued over EST (byte for byte), and the current certificate of a lineage that no
+    /// revocation ended (DESIGN §3): not revoked, not superseded, not expired (unless its
+    /// profile grants a `renewal_grace`). The CSR keeps its Subject and SANs.
+    ///
+    /// A superseded certificate gets no new certificate: within `[est]
+    /// renewal_retry_window` of its renewal, while the successor is valid, it gets the same
+    /// successor again (a device that lost the answer), for the same key only.
+    fn authorize_renewal(&self, request: &EnrollRequest) -> Result<Reenrollment, EstError> {
         let forbidden = |m: String| EstError::refused(Refusal::Forbidden, m);
         let leaf = request
             .client_certificate
@@ -251,19 +258,39 @@ impl Authority {
         let (serial, record) = self.issued_record(leaf).map_err(to_est)?.ok_or_else(|| {
             forbidden("the TLS client certificate was not issued by this CA".into())
         })?;
-        let now = self.now();
-        match record.status_at(now.unix_timestamp()) {
-            Status::Valid | Status::Superseded => {}
-            Status::Revoked => {
-                return Err(forbidden(format!(
-                    "certificate {serial} is revoked and cannot be renewed; enroll the device again with a new token"
-                )))
-            }
-            Status::Expired => {
-                return Err(forbidden(format!(
-                    "certificate {serial} expired; enroll the device again with a new token"
-                )))
-            }
+        // SVIDs (agent node SVIDs, workload SVIDs, PLC identities) come from the agent API
+        // and renew there; their profiles are no EST label.
+        let svid = record.sans.iter().any(|san| san.starts_with("uri:"))
+            || (self.spiffe_profiles.contains_key(&record.label)
+                && !self.profiles.contains_key(&record.label));
+        if svid {
+            return Err(forbidden(format!(
+                "certificate {serial} is a SPIFFE SVID ({}) issued through the agent API; SVIDs \
+                 are not renewed over EST: the agent renews its node SVID and mints workload \
+                 SVIDs over the agent API",
+                record.label
+            )));
+        }
+        let Some(profile) = self.profiles.get(&record.label) else {
+            return Err(forbidden(format!(
+                "certificate {serial} was issued under label {}, which this issuer no longer \
+                 serves; enroll the device again with a token for a current label",
+                record.label
+            )));
+        };
+        if record.status == Status::Revoked {
+            return Err(forbidden(format!(
+                "certificate {serial} is revoked and cannot be renewed; enroll the device again with a new token"
+            )));
+        }
+        let lineage = self.store.certificates.lineage(&serial).map_err(to_est)?;
+        if let Some(end) = &lineage.ended {
+            return Err(forbidden(format!(
+                "certificate {} of this certificate's lineage was revoked at {}; no certificate \
+                 of the lineage renews any more: enroll the device again with a new token",
+                end.revoked,
+                rfc3339(end.at)
+            )));
         }
         if let Some(label) = &request.label {
             if label.as_str() != record.label {
@@ -295,6 +322,28 @@ impl Authority {
                 asked.into_iter().collect::<Vec<_>>().join(", ")
             )));
         }
+        let now = self.now().unix_timestamp();
+        if record.status == Status::Superseded {
+            return self
+                .repeated_renewal(serial, lineage.successor, csr)
+                .map(Reenrollment::Repeat);
+        }
+        let grace = i64::try_from(profile.renewal_grace.as_secs()).unwrap_or(i64::MAX);
+        if now >= record.not_after.saturating_add(grace) {
+            let grace_note = if grace > 0 {
+                format!(
+                    " (label {} renews up to {} after expiry)",
+                    record.label,
+                    crate::duration::format(profile.renewal_grace)
+                )
+            } else {
+                String::new()
+            };
+            return Err(forbidden(format!(
+                "certificate {serial} expired at {}{grace_note}; enroll the device again with a new token",
+                rfc3339(record.not_after)
+            )));
+        }
         let mut dns = Vec::new();
         let mut ips = Vec::new();
         for san in &record.sans {
@@ -319,8 +368,87 @@ impl Authority {
             token: None,
         };
         grant.check_request(csr)?;
-        Ok(grant)
+        Ok(Reenrollment::Issue(grant))
     }
+
+    /// The answer to a superseded certificate asking again: the successor it was renewed
+    /// to, if that happened within the retry window, the successor is still valid and the
+    /// CSR is for the successor's key. Anything else is refused: a superseded certificate
+    /// never gets a new certificate.
+    fn repeated_renewal(
+        &self,
+        serial: Serial,
+        successor: Option<Serial>,
+        csr: &est::csr::VerifiedCsr,
+    ) -> Result<Vec<u8>, EstError> {
+        let forbidden = |m: String| EstError::refused(Refusal::Forbidden, m);
+        let Some(successor) = successor else {
+            // Superseded before lineages were recorded: which certificate renewed it is not
+            // known, so there is nothing to repeat.
+            return Err(forbidden(format!(
+                "certificate {serial} was renewed already; renew with the device's newest \
+                 certificate, or enroll the device again with a new token"
+            )));
+        };
+        let record = self
+            .store
+            .certificates
+            .get(&successor)
+            .map_err(to_est)?
+            .ok_or_else(|| {
+                to_est(Error::Store(format!(
+                    "successor {successor} of {serial} is not in the inventory"
+                )))
+            })?;
+        let now = self.now().unix_timestamp();
+        let window = i64::try_from(self.renewal_retry_window.as_secs()).unwrap_or(i64::MAX);
+        if now >= record.issued_at.saturating_add(window) {
+            return Err(forbidden(format!(
+                "certificate {serial} was renewed at {} by certificate {successor} and renews no \
+                 more (a lost answer is repeated for {} after a renewal): renew with certificate \
+                 {successor}, or enroll the device again with a new token",
+                rfc3339(record.issued_at),
+                crate::duration::format(self.renewal_retry_window)
+            )));
+        }
+        let status = record.status_at(now);
+        if status != Status::Valid {
+            let status = format!("{status:?}").to_lowercase();
+            return Err(forbidden(format!(
+                "certificate {serial} was renewed by certificate {successor}, which is {status} \
+                 now; enroll the device again with a new token"
+            )));
+        }
+        let der = record.der_bytes().map_err(to_est)?;
+        let same_key = x509_cert::Certificate::from_der(&der)
+            .ok()
+            .and_then(|c| {
+                c.tbs_certificate
+                    .subject_public_key_info
+                    .subject_public_key
+                    .as_bytes()
+                    .map(|k| k == csr.public_key())
+            })
+            .unwrap_or(false);
+        if !same_key {
+            return Err(forbidden(format!(
+                "certificate {serial} was renewed at {} by certificate {successor} for another \
+                 key; a lost answer is repeated only for the same key: send the CSR of the first \
+                 attempt again, or renew with certificate {successor}",
+                rfc3339(record.issued_at)
+            )));
+        }
+        tracing::info!(%serial, %successor, "repeated the answer to a renewal");
+        Ok(der)
+    }
+}
+
+/// What a `simplereenroll` may have.
+enum Reenrollment {
+    /// A new certificate, under this grant.
+    Issue(Grant),
+    /// The certificate already issued to this renewal, whose answer the device lost.
+    Repeat(Vec<u8>),
 }
 
 fn check_usable(record: &TokenRecord, now: i64) -> Result<(), EstError> {

@@ -72,6 +72,20 @@ impl Authority {
                 "this operator certificate is revoked, expired or superseded",
             ));
         }
+        // Revoking any certificate of an operator's lineage (DESIGN §3) takes the access of
+        // all of them, whichever one the revoking operator picked.
+        let lineage = self
+            .store
+            .certificates
+            .lineage(&serial)
+            .map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+        if let Some(end) = lineage.ended {
+            return Err(forbidden(&format!(
+                "certificate {} of this operator certificate's lineage was revoked; enroll a new \
+                 operator certificate with a token",
+                end.revoked
+            )));
+        }
         if !self.profiles.get(&record.label).is_some_and(|p| p.operator) {
             return Err(forbidden(&format!(
                 "certificates of label {} may not read the operator API; use an operator certificate",

@@ -63,6 +63,14 @@ pub struct Profile {
     /// EST listener) as TLS client certificates.
     #[serde(default)]
     pub operator: bool,
+    /// How long after notAfter a certificate of this profile may still renew itself
+    /// (`simplereenroll`); default none: an expired certificate enrolls again with a token.
+    #[serde(
+        with = "crate::duration::serde_text",
+        default,
+        skip_serializing_if = "Duration::is_zero"
+    )]
+    pub renewal_grace: Duration,
 }
 
 impl Profile {
@@ -72,6 +80,14 @@ impl Profile {
         }
         if self.key_usage.is_empty() {
             return Err("key_usage must name at least one usage".into());
+        }
+        if self.renewal_grace > self.lifetime {
+            return Err(format!(
+                "renewal_grace ({}) is longer than the lifetime ({}): an expired certificate \
+                 that renews must have expired recently; lower renewal_grace",
+                crate::duration::format(self.renewal_grace),
+                crate::duration::format(self.lifetime)
+            ));
         }
         Ok(())
     }
@@ -118,6 +134,7 @@ pub fn defaults() -> Vec<(&'static str, Profile)> {
                 server_keygen: false,
                 sign_with: Default::default(),
                 operator: false,
+                renewal_grace: Duration::ZERO,
             },
         ),
         (
@@ -131,6 +148,7 @@ pub fn defaults() -> Vec<(&'static str, Profile)> {
                 server_keygen: true,
                 sign_with: Default::default(),
                 operator: false,
+                renewal_grace: Duration::ZERO,
             },
         ),
         (
@@ -144,6 +162,7 @@ pub fn defaults() -> Vec<(&'static str, Profile)> {
                 server_keygen: false,
                 sign_with: Default::default(),
                 operator: true,
+                renewal_grace: Duration::ZERO,
             },
         ),
         (
@@ -157,6 +176,7 @@ pub fn defaults() -> Vec<(&'static str, Profile)> {
                 server_keygen: false,
                 sign_with: Default::default(),
                 operator: false,
+                renewal_grace: Duration::ZERO,
             },
         ),
     ]
@@ -181,6 +201,7 @@ pub fn spiffe(
         server_keygen: false,
         sign_with: Default::default(),
         operator: false,
+        renewal_grace: Duration::ZERO,
     };
     [
         (
@@ -198,4 +219,54 @@ pub fn spiffe(
     ]
     .into_iter()
     .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use crate::config::Config;
+
+    /// The smallest configuration that loads, with `est` and `profile` lines added.
+    fn config(est: &str, profile: &str) -> Result<Config, crate::Error> {
+        let text = format!(
+            "trust_domain = \"plant.test\"\nstate_dir = \"state\"\ndefault_profile = \"device\"\n\
+             [ca]\nroot_certificate = \"ca/root.crt\"\nissuing_certificate = \"ca/issuing.crt\"\n\
+             issuing_key = \"soft:path=ca/issuing.key\"\n\
+             [est]\nlisten = \"127.0.0.1:0\"\ntls_certificate = \"tls/server.crt\"\n\
+             tls_key = \"tls/server.key\"\n{est}\n\
+             [profiles.device]\nlifetime = \"30d\"\nkey_usage = [\"digitalSignature\"]\n\
+             extended_key_usage = [\"clientAuth\"]\n{profile}\n"
+        );
+        Config::parse(Path::new("/etc/plant/issuer.toml"), &text)
+    }
+
+    #[test]
+    fn renewal_grace_and_retry_window_default_to_none_and_five_minutes() {
+        let loaded = config("", "").expect("loads");
+        assert!(loaded.profiles["device"].renewal_grace.is_zero());
+        assert_eq!(loaded.est.renewal_retry_window.as_secs(), 300);
+        let loaded =
+            config("renewal_retry_window = \"0s\"", "renewal_grace = \"7d\"").expect("loads");
+        assert_eq!(
+            loaded.profiles["device"].renewal_grace.as_secs(),
+            7 * 86_400
+        );
+        assert!(loaded.est.renewal_retry_window.is_zero());
+    }
+
+    #[test]
+    fn a_grace_longer_than_the_lifetime_or_a_day_long_retry_window_is_refused() {
+        let err = config("", "renewal_grace = \"31d\"")
+            .expect_err("grace > lifetime")
+            .to_string();
+        assert!(
+            err.contains("[profiles.device]") && err.contains("renewal_grace"),
+            "{err}"
+        );
+        let err = config("renewal_retry_window = \"2d\"", "")
+            .expect_err("window > 24h")
+            .to_string();
+        assert!(err.contains("est.renewal_retry_window"), "{err}");
+    }
 }

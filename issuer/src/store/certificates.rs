@@ -6,6 +6,13 @@
 //! `--status`) are answered from the index alone. Reading every record instead pulled the
 //! whole inventory through sled's page cache on each refresh: the issuer's memory grew with
 //! every certificate it had ever issued.
+//!
+//! Renewals form lineages (DESIGN §3): a renewal belongs to the lineage of the certificate
+//! it renews, whose root is the first certificate's serial. A `certificate_links` entry
+//! names a renewal's lineage and, once renewed, a certificate's successor; a certificate
+//! without one (every first certificate, and everything recorded before lineages existed)
+//! is its own lineage root with no successor. Revoking any member writes the lineage into
+//! `lineages_ended` in the revocation's own transaction; nothing of an ended lineage renews.
 
 use serde::{Deserialize, Serialize};
 use sled::transaction::{ConflictableTransactionError, TransactionError};
@@ -182,6 +189,59 @@ pub struct CertificateStore {
     by_expiry: sled::Tree,
     revocations: sled::Tree,
     meta: sled::Tree,
+    /// serial → [`Link`], for renewals and renewed certificates only.
+    links: sled::Tree,
+    /// lineage root serial → [`LineageEnd`].
+    ended: sled::Tree,
+}
+
+/// A certificate's place in its lineage, for renewals and renewed certificates.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct Link {
+    /// The lineage's root serial (hex); absent, the certificate is its own root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    lineage: Option<String>,
+    /// The certificate that renewed this one (hex).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    successor: Option<String>,
+}
+
+/// Why a lineage renews no more: the first revocation of one of its members.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LineageEnd {
+    /// The revoked certificate's serial, hex.
+    pub revoked: String,
+    /// Unix seconds.
+    pub at: i64,
+}
+
+/// Where a certificate stands in its lineage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lineage {
+    /// The serial of the lineage's first certificate.
+    pub root: Serial,
+    /// The certificate that renewed this one, if any.
+    pub successor: Option<Serial>,
+    /// Set once any member was revoked.
+    pub ended: Option<LineageEnd>,
+}
+
+/// What recording a renewal did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Renewal {
+    /// Recorded; the predecessor is superseded by it.
+    Recorded,
+    /// The new serial was taken already; nothing written.
+    SerialTaken,
+    /// The predecessor is no longer the current, unrevoked certificate of a live lineage
+    /// (revoked, renewed by a concurrent request, or its lineage ended meanwhile); nothing
+    /// written. Carries the predecessor's stored status and the lineage's end, if any.
+    PredecessorNotCurrent {
+        /// The predecessor's stored status (`None`: no such record).
+        status: Option<Status>,
+        /// The lineage's end, if it ended.
+        ended: Option<LineageEnd>,
+    },
 }
 
 pub(super) fn expiry_key(not_after: i64, serial: &Serial) -> [u8; 24] {
@@ -198,6 +258,8 @@ impl CertificateStore {
             by_expiry: db.open_tree("certificates_by_expiry")?,
             revocations: db.open_tree("revocations")?,
             meta: db.open_tree("meta")?,
+            links: db.open_tree("certificate_links")?,
+            ended: db.open_tree("lineages_ended")?,
         };
         store.put_status_in_index()?;
         Ok(store)
@@ -244,38 +306,60 @@ impl CertificateStore {
         revoked_at: i64,
         reason_code: u8,
     ) -> Result<Option<CertificateRecord>, Error> {
-        let outcome = (&self.by_serial, &self.by_expiry, &self.revocations).transaction(
-            |(by_serial, by_expiry, revocations)| {
-                let Some(bytes) = by_serial.get(serial.0)? else {
-                    return Ok(None);
-                };
-                let mut record: CertificateRecord = serde_json::from_slice(&bytes)
-                    .map_err(|_| ConflictableTransactionError::Abort(()))?;
-                let before = record.clone();
-                record.status = Status::Revoked;
-                let entry = Revocation {
-                    serial: record.serial.clone(),
-                    revoked_at,
-                    reason_code,
-                    not_after: record.not_after,
-                };
-                let record_bytes = serde_json::to_vec(&record)
-                    .map_err(|_| ConflictableTransactionError::Abort(()))?;
-                let entry_bytes = serde_json::to_vec(&entry)
-                    .map_err(|_| ConflictableTransactionError::Abort(()))?;
-                by_serial.insert(&serial.0, record_bytes)?;
-                by_expiry.insert(
-                    &expiry_key(record.not_after, serial),
-                    &[Status::Revoked.index_byte()][..],
-                )?;
-                revocations.insert(&serial.0, entry_bytes)?;
-                Ok(Some(before))
-            },
+        let trees = (
+            &self.by_serial,
+            &self.by_expiry,
+            &self.revocations,
+            &self.links,
+            &self.ended,
         );
+        let outcome = trees.transaction(|(by_serial, by_expiry, revocations, links, ended)| {
+            let Some(bytes) = by_serial.get(serial.0)? else {
+                return Ok(None);
+            };
+            // The whole lineage stops renewing with this revocation, atomically: a
+            // renewal racing it either committed first or finds the lineage ended.
+            let link = match links.get(serial.0)? {
+                Some(bytes) => serde_json::from_slice::<Link>(&bytes)
+                    .map_err(|_| ConflictableTransactionError::Abort(()))?,
+                None => Link::default(),
+            };
+            let root = lineage_root(serial, &link);
+            if ended.get(root.0)?.is_none() {
+                let end = LineageEnd {
+                    revoked: serial.to_string(),
+                    at: revoked_at,
+                };
+                let end = serde_json::to_vec(&end)
+                    .map_err(|_| ConflictableTransactionError::Abort(()))?;
+                ended.insert(&root.0, end)?;
+            }
+            let mut record: CertificateRecord = serde_json::from_slice(&bytes)
+                .map_err(|_| ConflictableTransactionError::Abort(()))?;
+            let before = record.clone();
+            record.status = Status::Revoked;
+            let entry = Revocation {
+                serial: record.serial.clone(),
+                revoked_at,
+                reason_code,
+                not_after: record.not_after,
+            };
+            let record_bytes =
+                serde_json::to_vec(&record).map_err(|_| ConflictableTransactionError::Abort(()))?;
+            let entry_bytes =
+                serde_json::to_vec(&entry).map_err(|_| ConflictableTransactionError::Abort(()))?;
+            by_serial.insert(&serial.0, record_bytes)?;
+            by_expiry.insert(
+                &expiry_key(record.not_after, serial),
+                &[Status::Revoked.index_byte()][..],
+            )?;
+            revocations.insert(&serial.0, entry_bytes)?;
+            Ok(Some(before))
+        });
         match outcome {
             Ok(found) => Ok(found),
             Err(TransactionError::Abort(())) => Err(Error::Store(format!(
-                "certificate record {serial} does not parse"
+                "certificate record or lineage link {serial} does not parse"
             ))),
             Err(TransactionError::Storage(e)) => Err(e.into()),
         }
@@ -326,6 +410,103 @@ impl CertificateStore {
             Err(TransactionError::Abort(())) => Ok(false),
             Err(TransactionError::Storage(e)) => Err(e.into()),
         }
+    }
+
+    /// Records `record` (serial `serial`) as the renewal of `predecessor` and supersedes the
+    /// predecessor, in one transaction: only if the serial is unused, the predecessor's
+    /// stored status is still valid and its lineage has not ended. A revocation committed
+    /// in between is never overwritten, and a renewal racing it yields nothing. The new
+    /// certificate joins the predecessor's lineage.
+    pub fn record_renewal(
+        &self,
+        serial: &Serial,
+        record: &CertificateRecord,
+        predecessor: &Serial,
+    ) -> Result<Renewal, Error> {
+        let value = encode(record)?;
+        let key = expiry_key(record.not_after, serial);
+        let trees = (&self.by_serial, &self.by_expiry, &self.links, &self.ended);
+        let outcome = trees.transaction(|(by_serial, by_expiry, links, ended)| {
+            if by_serial.get(serial.0)?.is_some() {
+                return Ok(Renewal::SerialTaken);
+            }
+            let Some(old_bytes) = by_serial.get(predecessor.0)? else {
+                return Ok(Renewal::PredecessorNotCurrent {
+                    status: None,
+                    ended: None,
+                });
+            };
+            let mut old = decode(&old_bytes).map_err(ConflictableTransactionError::Abort)?;
+            let mut old_link = match links.get(predecessor.0)? {
+                Some(bytes) => decode_link(&bytes).map_err(ConflictableTransactionError::Abort)?,
+                None => Link::default(),
+            };
+            let root = lineage_root(predecessor, &old_link);
+            let end = match ended.get(root.0)? {
+                Some(bytes) => {
+                    Some(decode_end(&bytes).map_err(ConflictableTransactionError::Abort)?)
+                }
+                None => None,
+            };
+            if old.status != Status::Valid || old_link.successor.is_some() || end.is_some() {
+                return Ok(Renewal::PredecessorNotCurrent {
+                    status: Some(old.status),
+                    ended: end,
+                });
+            }
+            old.status = Status::Superseded;
+            old_link.successor = Some(serial.to_string());
+            let new_link = Link {
+                lineage: Some(root.to_string()),
+                successor: None,
+            };
+            let old_value = encode(&old).map_err(ConflictableTransactionError::Abort)?;
+            let old_link = encode_link(&old_link).map_err(ConflictableTransactionError::Abort)?;
+            let new_link = encode_link(&new_link).map_err(ConflictableTransactionError::Abort)?;
+            by_serial.insert(&serial.0, value.as_slice())?;
+            by_expiry.insert(&key, &[record.status.index_byte()][..])?;
+            links.insert(&serial.0, new_link)?;
+            by_serial.insert(&predecessor.0, old_value)?;
+            by_expiry.insert(
+                &expiry_key(old.not_after, predecessor),
+                &[Status::Superseded.index_byte()][..],
+            )?;
+            links.insert(&predecessor.0, old_link)?;
+            Ok(Renewal::Recorded)
+        });
+        match outcome {
+            Ok(renewal) => Ok(renewal),
+            Err(TransactionError::Abort(e)) => Err(e),
+            Err(TransactionError::Storage(e)) => Err(e.into()),
+        }
+    }
+
+    /// Where `serial` stands in its lineage: its root, its successor and whether the
+    /// lineage ended. A certificate recorded before lineages existed is its own root.
+    pub fn lineage(&self, serial: &Serial) -> Result<Lineage, Error> {
+        let link = match self.links.get(serial.0)? {
+            Some(bytes) => decode_link(&bytes)?,
+            None => Link::default(),
+        };
+        let root = lineage_root(serial, &link);
+        let ended = self
+            .ended
+            .get(root.0)?
+            .map(|b| decode_end(&b))
+            .transpose()?;
+        let successor = match &link.successor {
+            Some(text) => Some(Serial::parse(text).ok_or_else(|| {
+                Error::Store(format!(
+                    "certificate {serial}: successor {text:?} is not a serial"
+                ))
+            })?),
+            None => None,
+        };
+        Ok(Lineage {
+            root,
+            successor,
+            ended,
+        })
     }
 
     /// The record for `serial`.
@@ -484,4 +665,192 @@ fn encode(record: &CertificateRecord) -> Result<Vec<u8>, Error> {
 
 fn decode(bytes: &[u8]) -> Result<CertificateRecord, Error> {
     serde_json::from_slice(bytes).map_err(|e| Error::Store(format!("certificate record: {e}")))
+}
+
+fn encode_link(link: &Link) -> Result<Vec<u8>, Error> {
+    serde_json::to_vec(link).map_err(|e| Error::Store(e.to_string()))
+}
+
+fn decode_link(bytes: &[u8]) -> Result<Link, Error> {
+    serde_json::from_slice(bytes).map_err(|e| Error::Store(format!("lineage link: {e}")))
+}
+
+fn decode_end(bytes: &[u8]) -> Result<LineageEnd, Error> {
+    serde_json::from_slice(bytes).map_err(|e| Error::Store(format!("lineage end: {e}")))
+}
+
+/// The lineage root of `serial`: the link's, else itself (a first certificate, or one
+/// recorded before lineages existed). An unparsable root also falls back to itself, so a
+/// damaged link can't merge two lineages.
+fn lineage_root(serial: &Serial, link: &Link) -> Serial {
+    link.lineage
+        .as_deref()
+        .and_then(Serial::parse)
+        .unwrap_or(*serial)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> CertificateStore {
+        let db = sled::Config::new()
+            .temporary(true)
+            .open()
+            .expect("temporary sled");
+        CertificateStore::open(&db).expect("open")
+    }
+
+    fn record(serial: &Serial) -> CertificateRecord {
+        CertificateRecord {
+            serial: serial.to_string(),
+            subject: "gw-1".into(),
+            sans: vec![],
+            label: "device".into(),
+            owner: "test".into(),
+            issued_at: 0,
+            not_after: 1_000,
+            status: Status::Valid,
+            renews: None,
+            der: String::new(),
+        }
+    }
+
+    fn first(store: &CertificateStore) -> Serial {
+        let serial = Serial::random();
+        assert!(store.record_new(&serial, &record(&serial)).expect("record"));
+        serial
+    }
+
+    fn renew(store: &CertificateStore, old: &Serial) -> (Serial, Renewal) {
+        let serial = Serial::random();
+        let renewal = store
+            .record_renewal(&serial, &record(&serial), old)
+            .expect("renewal");
+        (serial, renewal)
+    }
+
+    fn status(store: &CertificateStore, serial: &Serial) -> Option<Status> {
+        store.get(serial).expect("get").map(|r| r.status)
+    }
+
+    #[test]
+    fn a_renewal_after_a_revocation_writes_nothing_and_the_revocation_stands() {
+        let store = store();
+        let a = first(&store);
+        store.revoke(&a, 5, 1).expect("revoke");
+        let (b, renewal) = renew(&store, &a);
+        assert!(
+            matches!(
+                renewal,
+                Renewal::PredecessorNotCurrent {
+                    status: Some(Status::Revoked),
+                    ended: Some(_)
+                }
+            ),
+            "{renewal:?}"
+        );
+        assert_eq!(status(&store, &b), None, "no successor record");
+        assert_eq!(status(&store, &a), Some(Status::Revoked));
+        assert_eq!(store.lineage(&a).expect("lineage").successor, None);
+        assert_eq!(
+            store.query(&InventoryQuery::default(), 0).expect("q").total,
+            Some(1)
+        );
+    }
+
+    #[test]
+    fn a_certificate_renews_once_and_its_renewal_joins_its_lineage() {
+        let store = store();
+        let a = first(&store);
+        let legacy = store.lineage(&a).expect("lineage");
+        assert_eq!(
+            (legacy.root, legacy.successor, legacy.ended),
+            (a, None, None)
+        );
+        let (b, renewal) = renew(&store, &a);
+        assert_eq!(renewal, Renewal::Recorded);
+        assert_eq!(status(&store, &a), Some(Status::Superseded));
+        assert_eq!(store.lineage(&a).expect("a").successor, Some(b));
+        assert_eq!(store.lineage(&b).expect("b").root, a);
+        // A second renewal of A (a concurrent request that lost) writes nothing.
+        let (c, renewal) = renew(&store, &a);
+        assert!(
+            matches!(
+                renewal,
+                Renewal::PredecessorNotCurrent {
+                    status: Some(Status::Superseded),
+                    ended: None
+                }
+            ),
+            "{renewal:?}"
+        );
+        assert_eq!(status(&store, &c), None);
+        assert_eq!(store.lineage(&a).expect("a").successor, Some(b));
+    }
+
+    #[test]
+    fn revoking_any_member_ends_the_whole_lineage() {
+        let store = store();
+        let a = first(&store);
+        let (b, _) = renew(&store, &a);
+        let (c, renewal) = renew(&store, &b);
+        assert_eq!(renewal, Renewal::Recorded);
+        assert_eq!(
+            store.lineage(&c).expect("c").root,
+            a,
+            "the root is the first"
+        );
+        // The oldest, long superseded, is revoked: the current one renews no more.
+        store.revoke(&a, 7, 4).expect("revoke");
+        let end = store.lineage(&c).expect("c").ended.expect("ended");
+        assert_eq!((end.revoked, end.at), (a.to_string(), 7));
+        let (d, renewal) = renew(&store, &c);
+        assert!(
+            matches!(
+                renewal,
+                Renewal::PredecessorNotCurrent {
+                    status: Some(Status::Valid),
+                    ended: Some(_)
+                }
+            ),
+            "{renewal:?}"
+        );
+        assert_eq!(status(&store, &d), None);
+        assert_eq!(status(&store, &c), Some(Status::Valid), "not superseded");
+        // Another lineage is untouched.
+        let other = first(&store);
+        assert_eq!(renew(&store, &other).1, Renewal::Recorded);
+    }
+
+    #[test]
+    fn a_revocation_racing_a_renewal_is_never_overwritten() {
+        let store = store();
+        for _ in 0..200 {
+            let a = first(&store);
+            let successor = Serial::random();
+            std::thread::scope(|scope| {
+                let revoking = scope.spawn(|| store.revoke(&a, 9, 1).expect("revoke"));
+                let renewing = scope.spawn(|| {
+                    store
+                        .record_renewal(&successor, &record(&successor), &a)
+                        .expect("renewal")
+                });
+                revoking.join().expect("revoking thread");
+                renewing.join().expect("renewing thread");
+            });
+            assert_eq!(status(&store, &a), Some(Status::Revoked));
+            assert!(store
+                .revocations(0)
+                .expect("crl")
+                .iter()
+                .any(|r| r.serial == a.to_string()));
+            // Whichever came first, the lineage ended: a successor that won the race renews
+            // no more.
+            assert!(store.lineage(&a).expect("lineage").ended.is_some());
+            if status(&store, &successor).is_some() {
+                assert!(store.lineage(&successor).expect("lineage").ended.is_some());
+            }
+        }
+    }
 }

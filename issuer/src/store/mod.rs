@@ -12,7 +12,8 @@ mod tokens;
 
 pub use audit::{AuditEvent, AuditLog, AuditRecord, Verification};
 pub use certificates::{
-    CertificateRecord, CertificateStore, InventoryPage, InventoryQuery, Revocation, Status,
+    CertificateRecord, CertificateStore, InventoryPage, InventoryQuery, Lineage, LineageEnd,
+    Renewal, Revocation, Status,
 };
 pub use durability::Durability;
 pub use entries::{EntryRecord, EntryStore};
