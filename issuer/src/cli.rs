@@ -773,9 +773,7 @@ async fn run_entry(command: EntryCommand) -> Result<(), Error> {
 
 async fn run_agent(command: AgentCommand) -> Result<(), Error> {
     use crate::admin_grpc::{agents, from_status};
-    use proto::admin::{
-        BanAgentRequest, EvictAgentRequest, ListAgentsRequest, UnbanAgentRequest,
-    };
+    use proto::admin::{BanAgentRequest, EvictAgentRequest, ListAgentsRequest, UnbanAgentRequest};
     match command {
         AgentCommand::List { config, format } => {
             let socket = Config::load(&config.config)?.admin_socket();

@@ -171,7 +171,5 @@ impl Authority {
 }
 
 fn unknown_agent(id: &SpiffeId) -> Error {
-    Error::NotFound(format!(
-        "no attested agent {id} (see `issuer agent list`)"
-    ))
+    Error::NotFound(format!("no attested agent {id} (see `issuer agent list`)"))
 }

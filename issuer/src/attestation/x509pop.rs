@@ -505,7 +505,10 @@ mod tests {
             .expect("verified");
         assert_eq!(other.id, node.id);
         assert_ne!(other.attested_with.lineage, node.attested_with.lineage);
-        assert_ne!(other.attested_with.key_sha256, node.attested_with.key_sha256);
+        assert_ne!(
+            other.attested_with.key_sha256,
+            node.attested_with.key_sha256
+        );
     }
 
     #[tokio::test]

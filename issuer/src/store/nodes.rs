@@ -140,7 +140,9 @@ impl NodeStore {
             }
             for key in &ban_keys {
                 if let Some(node) = bans.get(key.as_bytes())? {
-                    return Ok(Recorded::Banned(String::from_utf8_lossy(&node).into_owned()));
+                    return Ok(Recorded::Banned(
+                        String::from_utf8_lossy(&node).into_owned(),
+                    ));
                 }
             }
             if current.as_ref() != expected {
@@ -364,6 +366,9 @@ mod tests {
         assert!(record.admits(&other));
         record.released = false;
         record.attested_with = None;
-        assert!(record.admits(&other), "a record from before bindings binds anew");
+        assert!(
+            record.admits(&other),
+            "a record from before bindings binds anew"
+        );
     }
 }
