@@ -1,6 +1,7 @@
 //! Registration entries and attested agents, as operators manage them (DESIGN §5): the
-//! validation every entry passes before it is stored (eviction: [`crate::eviction`]). Served on the admin
-//! socket as `plant.admin.v1.Entries` / `Agents` (see [`crate::admin_grpc`]).
+//! validation every entry passes before it is stored (eviction and bans: [`crate::eviction`]).
+//! Served on the admin socket as `plant.admin.v1.Entries` / `Agents` (see
+//! [`crate::admin_grpc`]).
 
 use proto::{Selector, SpiffeId};
 
