@@ -77,7 +77,20 @@ async fn revoke(
     State(authority): State<Arc<Authority>>,
     Json(request): Json<RevokeRequest>,
 ) -> Result<Json<CertificateRecord>, AdminError> {
-    Ok(Json(authority.revoke(&request).await?))
+    let record = authority.revoke(&request).await?;
+    // A node that attested with this device certificate goes with it.
+    authority
+        .evict_nodes_attested_with(&record)
+        .await
+        .map_err(|e| {
+            Error::Admin(format!(
+                "certificate {} is revoked, but evicting the nodes that attested with it \
+                 failed: {e}; evict them with `issuer agent evict` (`issuer agent list` shows \
+                 them)",
+                record.serial
+            ))
+        })?;
+    Ok(Json(record))
 }
 
 async fn status(State(authority): State<Arc<Authority>>) -> Json<StatusReport> {

@@ -13,10 +13,11 @@ use proto::admin::entries_server::{Entries, EntriesServer};
 use proto::admin::tokens_client::TokensClient;
 use proto::admin::tokens_server::{Tokens, TokensServer};
 use proto::admin::{
-    AttestedAgent, CreateEntryRequest, DeleteEntryRequest, DeleteEntryResponse, Entry,
-    EvictAgentRequest, EvictAgentResponse, ListAgentsRequest, ListAgentsResponse,
-    ListEntriesRequest, ListEntriesResponse, ListTokensRequest, ListTokensResponse,
-    RevokeTokenRequest, RevokeTokenResponse, Token,
+    AttestedAgent, BanAgentRequest, BanAgentResponse, CreateEntryRequest, DeleteEntryRequest,
+    DeleteEntryResponse, Entry, EvictAgentRequest, EvictAgentResponse, ListAgentsRequest,
+    ListAgentsResponse, ListEntriesRequest, ListEntriesResponse, ListTokensRequest,
+    ListTokensResponse, RevokeTokenRequest, RevokeTokenResponse, Token, UnbanAgentRequest,
+    UnbanAgentResponse,
 };
 use tonic::{Request, Response, Status};
 
@@ -100,11 +101,34 @@ impl Agents for AdminGrpc {
         &self,
         request: Request<EvictAgentRequest>,
     ) -> Result<Response<EvictAgentResponse>, Status> {
+        let request = request.into_inner();
         self.0
-            .evict_agent(&request.into_inner().spiffe_id)
+            .evict_agent(&request.spiffe_id, request.ban)
             .await
             .map_err(to_status)?;
         Ok(Response::new(EvictAgentResponse {}))
+    }
+
+    async fn ban(
+        &self,
+        request: Request<BanAgentRequest>,
+    ) -> Result<Response<BanAgentResponse>, Status> {
+        self.0
+            .ban_agent(&request.into_inner().spiffe_id)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(BanAgentResponse {}))
+    }
+
+    async fn unban(
+        &self,
+        request: Request<UnbanAgentRequest>,
+    ) -> Result<Response<UnbanAgentResponse>, Status> {
+        self.0
+            .unban_agent(&request.into_inner().spiffe_id)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(UnbanAgentResponse {}))
     }
 }
 
@@ -191,6 +215,16 @@ fn wire_agent(n: NodeRecord) -> AttestedAgent {
         node_svid_expires_at: n.svid_not_after,
         node_svid_serial: n.svid_serial,
         evicted: n.evicted,
+        banned: n.banned,
+        lineage: n
+            .attested_with
+            .as_ref()
+            .map(|w| w.lineage.clone())
+            .unwrap_or_default(),
+        certificate_serial: n
+            .attested_with
+            .and_then(|w| w.certificate_serial)
+            .unwrap_or_default(),
     }
 }
 

@@ -194,8 +194,28 @@ enum AgentCommand {
         format: ListFormat,
     },
     /// Evict an agent: its node SVID is revoked and the agent API refuses it. An x509pop or
-    /// tpm node may attest again; a join-token node needs a new token.
+    /// tpm node may attest again (with any certificate of the same name: use this when a
+    /// device was re-commissioned); a join-token node needs a new token.
     Evict {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Also ban it: it can't attest again until `issuer agent unban`.
+        #[arg(long)]
+        ban: bool,
+        /// The agent's SPIFFE ID (spiffe://<td>/agent/<method>/<id>).
+        spiffe_id: String,
+    },
+    /// Ban an agent: evicted, and every attestation of it refused until `issuer agent
+    /// unban`, by node id and by what it attested with (device certificate lineage and key,
+    /// TPM EK, join token).
+    Ban {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The agent's SPIFFE ID (spiffe://<td>/agent/<method>/<id>).
+        spiffe_id: String,
+    },
+    /// Lift a ban; the agent may attest again (it stays evicted until it does).
+    Unban {
         #[command(flatten)]
         config: ConfigArg,
         /// The agent's SPIFFE ID (spiffe://<td>/agent/<method>/<id>).
@@ -753,7 +773,7 @@ async fn run_entry(command: EntryCommand) -> Result<(), Error> {
 
 async fn run_agent(command: AgentCommand) -> Result<(), Error> {
     use crate::admin_grpc::{agents, from_status};
-    use proto::admin::{EvictAgentRequest, ListAgentsRequest};
+    use proto::admin::{BanAgentRequest, EvictAgentRequest, ListAgentsRequest, UnbanAgentRequest};
     match command {
         AgentCommand::List { config, format } => {
             let socket = Config::load(&config.config)?.admin_socket();
@@ -774,6 +794,10 @@ async fn run_agent(command: AgentCommand) -> Result<(), Error> {
                                 "attested_at": a.attested_at,
                                 "node_svid_expires_at": a.node_svid_expires_at,
                                 "node_svid_serial": a.node_svid_serial, "evicted": a.evicted,
+                                "banned": a.banned,
+                                "lineage": (!a.lineage.is_empty()).then_some(&a.lineage),
+                                "certificate_serial": (!a.certificate_serial.is_empty())
+                                    .then_some(&a.certificate_serial),
                             })
                         })
                         .collect();
@@ -800,7 +824,14 @@ async fn run_agent(command: AgentCommand) -> Result<(), Error> {
                                     a.method.clone(),
                                     crate::est_backend::rfc3339(a.attested_at),
                                     crate::est_backend::rfc3339(a.node_svid_expires_at),
-                                    if a.evicted { "evicted" } else { "attested" }.to_owned(),
+                                    if a.banned {
+                                        "banned"
+                                    } else if a.evicted {
+                                        "evicted"
+                                    } else {
+                                        "attested"
+                                    }
+                                    .to_owned(),
                                 ]
                             })
                             .collect(),
@@ -809,16 +840,55 @@ async fn run_agent(command: AgentCommand) -> Result<(), Error> {
             }
             Ok(())
         }
-        AgentCommand::Evict { config, spiffe_id } => {
+        AgentCommand::Evict {
+            config,
+            ban,
+            spiffe_id,
+        } => {
             let socket = Config::load(&config.config)?.admin_socket();
             agents(&socket)
                 .await?
                 .evict(EvictAgentRequest {
                     spiffe_id: spiffe_id.clone(),
+                    ban,
                 })
                 .await
                 .map_err(from_status)?;
-            println!("evicted {spiffe_id}; its node SVID is revoked");
+            if ban {
+                println!(
+                    "evicted and banned {spiffe_id}; its node SVID is revoked and it can't \
+                     attest again until `issuer agent unban {spiffe_id}`"
+                );
+            } else {
+                println!("evicted {spiffe_id}; its node SVID is revoked");
+            }
+            Ok(())
+        }
+        AgentCommand::Ban { config, spiffe_id } => {
+            let socket = Config::load(&config.config)?.admin_socket();
+            agents(&socket)
+                .await?
+                .ban(BanAgentRequest {
+                    spiffe_id: spiffe_id.clone(),
+                })
+                .await
+                .map_err(from_status)?;
+            println!(
+                "banned {spiffe_id}; its node SVID is revoked and it can't attest again until \
+                 `issuer agent unban {spiffe_id}`"
+            );
+            Ok(())
+        }
+        AgentCommand::Unban { config, spiffe_id } => {
+            let socket = Config::load(&config.config)?.admin_socket();
+            agents(&socket)
+                .await?
+                .unban(UnbanAgentRequest {
+                    spiffe_id: spiffe_id.clone(),
+                })
+                .await
+                .map_err(from_status)?;
+            println!("unbanned {spiffe_id}; it may attest again");
             Ok(())
         }
     }

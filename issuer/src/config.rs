@@ -171,7 +171,15 @@ pub struct AgentApiConfig {
     /// Longest a client may take for its TLS handshake.
     #[serde(with = "crate::duration::serde_text", default = "default_ten_seconds")]
     pub handshake_timeout: Duration,
+    /// Labels whose certificates may attest nodes by x509pop; absent, those of
+    /// [`DEFAULT_X509POP_LABELS`] that are profiles here. Never an operator profile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub x509pop_labels: Option<Vec<String>>,
 }
+
+/// The device labels of the default profiles, whose certificates attest by x509pop unless
+/// `[agent_api] x509pop_labels` says otherwise.
+pub const DEFAULT_X509POP_LABELS: [&str; 2] = ["device", "plc"];
 
 /// The agent API's port unless configured: next to EST's 8443.
 pub const DEFAULT_AGENT_API_PORT: u16 = 8444;
@@ -202,6 +210,7 @@ impl Default for AgentApiConfig {
             jwt_svid_ttl: default_jwt_ttl(),
             max_connections: default_max_connections(),
             handshake_timeout: default_ten_seconds(),
+            x509pop_labels: None,
         }
     }
 }
@@ -440,6 +449,23 @@ impl Config {
         if let Some(signing_key) = &self.ca.signing_key {
             signing_key.validate().map_err(Error::Config)?;
         }
+        for label in self.agent_api.x509pop_labels.iter().flatten() {
+            match self.profiles.get(label) {
+                None => {
+                    return Err(Error::Config(format!(
+                        "[agent_api] x509pop_labels: {label:?} is not one of the [profiles.*] \
+                         tables"
+                    )))
+                }
+                Some(profile) if profile.operator || label == "operator" => {
+                    return Err(Error::Config(format!(
+                        "[agent_api] x509pop_labels: {label} is an operator profile; operator \
+                         certificates must never attest nodes, remove it from the list"
+                    )))
+                }
+                Some(_) => {}
+            }
+        }
         if self.issuance.backdate > Duration::from_secs(24 * 3600) {
             return Err(Error::Config(
                 "issuance.backdate must be at most 24h: it is for clock drift, not for \
@@ -500,6 +526,18 @@ impl Config {
     pub fn trust_domain(&self) -> Result<proto::TrustDomain, Error> {
         proto::TrustDomain::new(&self.trust_domain)
             .map_err(|e| Error::Config(format!("trust_domain: {e}")))
+    }
+
+    /// The labels whose certificates may attest nodes by x509pop.
+    pub fn x509pop_labels(&self) -> Vec<String> {
+        match &self.agent_api.x509pop_labels {
+            Some(labels) => labels.clone(),
+            None => DEFAULT_X509POP_LABELS
+                .iter()
+                .filter(|l| self.profiles.get(**l).is_some_and(|p| !p.operator))
+                .map(|l| (*l).to_owned())
+                .collect(),
+        }
     }
 
     /// The admin socket in the state folder.

@@ -17,6 +17,7 @@ pub mod dashboard;
 pub mod duration;
 mod error;
 pub mod est_backend;
+pub mod eviction;
 pub mod grant;
 mod header_case;
 pub mod init;

@@ -1,12 +1,13 @@
 //! Registration entries and attested agents, as operators manage them (DESIGN §5): the
-//! validation every entry passes before it is stored, and eviction. Served on the admin
-//! socket as `plant.admin.v1.Entries` / `Agents` (see [`crate::admin_grpc`]).
+//! validation every entry passes before it is stored (eviction and bans: [`crate::eviction`]).
+//! Served on the admin socket as `plant.admin.v1.Entries` / `Agents` (see
+//! [`crate::admin_grpc`]).
 
 use proto::{Selector, SpiffeId};
 
-use crate::authority::{Authority, RevocationReason, RevokeRequest};
+use crate::authority::Authority;
 use crate::grant::valid_dns;
-use crate::store::{EntryRecord, NodeRecord, Status};
+use crate::store::{EntryRecord, NodeRecord};
 use crate::Error;
 
 /// An operator's new entry, as typed (validated by [`Authority::create_entry`]).
@@ -147,40 +148,5 @@ impl Authority {
     /// Every attested node.
     pub fn list_agents(&self) -> Result<Vec<NodeRecord>, Error> {
         self.store.nodes.list()
-    }
-
-    /// Evicts a node: it is refused on the agent API and its node SVID is revoked; audited
-    /// `agent.evicted`. A node whose method can attest again (x509pop, tpm) may come back by
-    /// attesting, as in SPIRE; a join-token node needs a new token (and is a new node).
-    pub async fn evict_agent(&self, spiffe_id: &str) -> Result<NodeRecord, Error> {
-        let id = self.own_spiffe_id("the agent", spiffe_id.trim())?;
-        let before = self
-            .store
-            .nodes
-            .update(id.as_str(), |n| n.evicted = true)?
-            .ok_or_else(|| {
-                Error::NotFound(format!("no attested agent {id} (see `issuer agent list`)"))
-            })?;
-        self.audit(
-            "agent.evicted",
-            serde_json::json!({ "spiffe_id": id.as_str(), "svid_serial": before.svid_serial }),
-        )?;
-        self.store.durability.commit().await?;
-        let serial = crate::serial::Serial::parse(&before.svid_serial);
-        let current = match serial {
-            Some(s) => self.store.certificates.get(&s)?,
-            None => None,
-        };
-        if current.is_some_and(|c| c.status != Status::Revoked) {
-            self.revoke(&RevokeRequest {
-                serial: before.svid_serial.clone(),
-                reason: RevocationReason::CessationOfOperation,
-            })
-            .await?;
-        }
-        Ok(NodeRecord {
-            evicted: true,
-            ..before
-        })
     }
 }

@@ -54,6 +54,7 @@ pub fn attestors(
         Box::new(crate::attestation::x509pop::X509PopAttestor::new(
             authority.store.certificates.clone(),
             clock,
+            config.x509pop_labels(),
         )),
     ];
     if let Some(tpm) = &config.attestation.tpm {

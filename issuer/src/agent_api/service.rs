@@ -23,7 +23,7 @@ use crate::attestation::{AttestedNode, NodeAttestor, Refusal, Step, CHALLENGE_LI
 use crate::authority::Authority;
 use crate::grant::Grant;
 use crate::serial::Serial;
-use crate::store::{EntryRecord, NodeRecord, Status as CertStatus};
+use crate::store::{EntryRecord, NodeRecord, Recorded, Status as CertStatus};
 use crate::Error;
 
 /// Most X509-SVIDs one MintX509Svids call may ask for.
@@ -134,8 +134,12 @@ impl AgentService {
             }
             Err(refusal) => return Err(self.refused(method, source, &refusal)),
         };
+        let previous = self
+            .admit(&attested)
+            .map_err(to_status)?
+            .map_err(|refusal| self.refused(method, source, &refusal))?;
         let svid = self
-            .issue_node_svid(&attested, &csr, &evidence)
+            .issue_node_svid(&attested, previous, &csr, &evidence)
             .await
             .map_err(to_status)?;
         self.authority.metrics.attestation(method, "attested");
@@ -166,14 +170,9 @@ impl AgentService {
         Status::permission_denied(refusal.message.clone())
     }
 
-    async fn issue_node_svid(
-        &self,
-        node: &AttestedNode,
-        csr: &VerifiedCsr,
-        evidence: &Evidence,
-    ) -> Result<NodeSvid, Error> {
-        let authority = &self.authority;
-        let spiffe_id = authority
+    /// The node SPIFFE ID of an attested node.
+    fn node_spiffe_id(&self, node: &AttestedNode) -> Result<SpiffeId, Error> {
+        self.authority
             .trust_domain_id()?
             .id(&format!("/agent/{}/{}", node.method, node.id))
             .map_err(|e| {
@@ -181,16 +180,72 @@ impl AgentService {
                     "bad_node_id",
                     format!("the node id {:?} can't form a SPIFFE ID: {e}", node.id),
                 ))
-            })?;
-        let previous = authority.store.nodes.get(spiffe_id.as_str())?;
+            })
+    }
+
+    /// Whether a node that proved itself may have its node SVID: not banned (by node id, or
+    /// by what it attested with), and, if the node is known, proving the credential lineage
+    /// the node is bound to. Returns the node as known now; the outer error is the issuer's,
+    /// the inner one a refusal to audit.
+    fn admit(&self, node: &AttestedNode) -> Result<Result<Option<NodeRecord>, Refusal>, Error> {
+        let spiffe_id = match self.node_spiffe_id(node) {
+            Ok(id) => id,
+            Err(Error::Attestation(refusal)) => return Ok(Err(refusal)),
+            Err(e) => return Err(e),
+        };
+        let nodes = &self.authority.store.nodes;
+        let previous = nodes.get(spiffe_id.as_str())?;
         if previous.as_ref().is_some_and(|p| !p.can_reattest) {
             // Join-token ids are the token's: a second attestation under one would mean a
             // token was used twice.
-            return Err(Error::Attestation(Refusal::new(
+            return Ok(Err(Refusal::new(
                 "already_attested",
                 format!("node {spiffe_id} is attested already and can't attest again"),
             )));
         }
+        let banned = match previous.as_ref().filter(|p| p.banned) {
+            Some(p) => Some(p.spiffe_id.clone()),
+            None => nodes.banned_credential(&node.attested_with)?,
+        };
+        if let Some(banned) = banned {
+            return Ok(Err(Refusal::new(
+                "node_banned",
+                format!(
+                    "node {spiffe_id} is refused: the PKI operator banned {banned}, which \
+                     attested with this {}; ask them to unban it if that was a mistake",
+                    credential_noun(node.method)
+                ),
+            )));
+        }
+        if let Some(bound) = previous.as_ref().filter(|p| !p.admits(&node.attested_with)) {
+            return Ok(Err(Refusal::new(
+                "node_conflict",
+                format!(
+                    "node {spiffe_id} is bound to the {} it was first attested with ({}); \
+                     this one ({}) is of another enrollment and can't take the node over. If \
+                     the device was re-commissioned, the PKI operator evicts the old node \
+                     first: `issuer agent evict {spiffe_id}`",
+                    credential_noun(node.method),
+                    bound
+                        .attested_with
+                        .as_ref()
+                        .map_or("unknown", |w| w.lineage.as_str()),
+                    node.attested_with.lineage,
+                ),
+            )));
+        }
+        Ok(Ok(previous))
+    }
+
+    async fn issue_node_svid(
+        &self,
+        node: &AttestedNode,
+        previous: Option<NodeRecord>,
+        csr: &VerifiedCsr,
+        evidence: &Evidence,
+    ) -> Result<NodeSvid, Error> {
+        let authority = &self.authority;
+        let spiffe_id = self.node_spiffe_id(node)?;
         let (der, record) = self
             .issue(
                 crate::profile::NODE_SVID,
@@ -202,18 +257,43 @@ impl AgentService {
                 previous.as_ref().map(|p| p.svid_serial.as_str()),
             )
             .await?;
-        authority.store.nodes.put(&NodeRecord {
-            spiffe_id: spiffe_id.to_string(),
-            method: node.method.to_owned(),
-            attested_at: authority.now().unix_timestamp(),
-            svid_serial: record.0.to_string(),
-            svid_not_after: record.1,
-            evicted: false,
-            can_reattest: node.can_reattest,
-        })?;
+        let recorded = authority.store.nodes.record_attestation(
+            previous.as_ref(),
+            &NodeRecord {
+                spiffe_id: spiffe_id.to_string(),
+                method: node.method.to_owned(),
+                attested_at: authority.now().unix_timestamp(),
+                svid_serial: record.0.to_string(),
+                svid_not_after: record.1,
+                evicted: false,
+                can_reattest: node.can_reattest,
+                attested_with: Some(node.attested_with.clone()),
+                released: false,
+                banned: false,
+            },
+        )?;
+        // The SVID just signed is never handed out in these cases, and it authenticates
+        // nothing: only the SVID a node record names does.
+        match recorded {
+            Recorded::Done => {}
+            Recorded::Banned(banned) => {
+                return Err(Error::Attestation(Refusal::new(
+                    "node_banned",
+                    format!("node {spiffe_id} is refused: the PKI operator banned {banned}"),
+                )))
+            }
+            Recorded::Changed => {
+                return Err(Error::Store(format!(
+                    "node {spiffe_id} changed while it attested (another attestation, an \
+                     eviction or a ban); attest again"
+                )))
+            }
+        }
         let mut detail = serde_json::json!({
             "spiffe_id": spiffe_id.as_str(), "method": node.method,
             "svid_serial": record.0.to_string(), "reattested": previous.is_some(),
+            "lineage": node.attested_with.lineage,
+            "certificate_serial": node.attested_with.certificate_serial,
         });
         if let Some(evidence::Method::JoinToken(_)) = &evidence.method {
             detail["token_id"] = node.id.clone().into();
@@ -285,6 +365,34 @@ impl AgentService {
         Ok((der, (serial, not_after)))
     }
 
+    /// Refuses a node whose device certificate (the one it attested with) is revoked: even
+    /// if its eviction failed, its node SVID is not renewed.
+    fn credential_not_revoked(&self, caller: &Caller) -> Result<(), Error> {
+        let Some(serial) = caller
+            .node
+            .attested_with
+            .as_ref()
+            .and_then(|w| w.certificate_serial.as_deref())
+            .and_then(Serial::parse)
+        else {
+            return Ok(());
+        };
+        let revoked = self
+            .authority
+            .store
+            .certificates
+            .get(&serial)?
+            .is_some_and(|r| r.status == CertStatus::Revoked);
+        if revoked {
+            return Err(Error::Denied(format!(
+                "the device certificate {serial} node {} attested with is revoked; its node \
+                 SVID is not renewed",
+                caller.spiffe_id
+            )));
+        }
+        Ok(())
+    }
+
     fn own_entry(&self, caller: &Caller, id: &str) -> Result<EntryRecord, Status> {
         let entry = self
             .authority
@@ -340,6 +448,7 @@ impl Agent for AgentService {
         request: Request<RenewNodeSvidRequest>,
     ) -> Result<Response<NodeSvid>, Status> {
         let caller = caller(&self.authority, &request)?;
+        self.credential_not_revoked(&caller).map_err(to_status)?;
         let csr = parse_csr(&request.get_ref().csr)?;
         let (der, (serial, not_after)) = self
             .issue(
@@ -524,6 +633,15 @@ impl Agent for AgentService {
             .await
             .map_err(to_status)?;
         Ok(Response::new(ReportProxyEventsResponse {}))
+    }
+}
+
+/// What a node of `method` proves itself with, in refusals.
+fn credential_noun(method: &str) -> &'static str {
+    match method {
+        "x509pop" => "device certificate",
+        "tpm" => "TPM",
+        _ => "join token",
     }
 }
 

@@ -66,6 +66,11 @@ impl NodeAttestor for JoinTokenAttestor {
         {
             Consumed::Ok(record) => Ok(Step::Attested(AttestedNode {
                 method: METHOD,
+                attested_with: crate::store::AttestedWith {
+                    lineage: format!("join_token:{}", record.id),
+                    certificate_serial: None,
+                    key_sha256: None,
+                },
                 id: record.id,
                 can_reattest: false,
             })),

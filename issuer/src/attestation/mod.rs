@@ -22,6 +22,10 @@ pub struct AttestedNode {
     /// Whether the node can attest again on its own (x509pop, tpm), e.g. after its node SVID
     /// lapsed while the issuer was down. A join token is used once.
     pub can_reattest: bool,
+    /// What it proved it holds: the node record is bound to its lineage, so another
+    /// credential that yields the same `id` (a device certificate with the same commonName
+    /// from another enrollment) can't take the node over, and bans match it.
+    pub attested_with: crate::store::AttestedWith,
 }
 
 /// The first step of an attestation.

@@ -138,9 +138,15 @@ impl NodeAttestor for TpmAttestor {
                         format!("no credential can be made for this EK: {}", e.0),
                     )
                 })?;
+        let ek_hash = hex::encode(digest::digest(&digest::SHA256, &ek_certificate.spki));
         let node = AttestedNode {
             method: METHOD,
-            id: hex::encode(digest::digest(&digest::SHA256, &ek_certificate.spki)),
+            attested_with: crate::store::AttestedWith {
+                lineage: format!("ek:{ek_hash}"),
+                certificate_serial: None,
+                key_sha256: None,
+            },
+            id: ek_hash,
             can_reattest: true,
         };
         Ok(Step::Challenge {

@@ -6,9 +6,15 @@
 //! the CSR digest binds it to the key the node SVID will certify, so an answer overheard on
 //! one attestation can't carry another key.
 //!
+//! Only certificates of the labels in `[agent_api] x509pop_labels` attest (never an operator
+//! profile's).
+//!
 //! The node id is the certificate's subject commonName with every character outside
 //! `[A-Za-z0-9._-]` replaced by `_` (a SPIFFE path segment allows exactly those):
-//! `spiffe://<td>/agent/x509pop/<cn>`.
+//! `spiffe://<td>/agent/x509pop/<cn>`. The commonName alone is not the node's identity: the
+//! node record is bound to the certificate's lineage ([`certificate_lineage`]), which the
+//! issuer assigned, and a certificate of another lineage with the same commonName is refused
+//! (`node_conflict`, in the agent API) until an operator evicts the node.
 
 use std::sync::Arc;
 
@@ -22,7 +28,8 @@ use sha2::Digest;
 use super::{AttestedNode, NodeAttestor, PendingAttestation, Refusal, Step};
 use crate::clock::Clock;
 use crate::serial::Serial;
-use crate::store::{CertificateStore, Status};
+use crate::store::{AttestedWith, CertificateRecord, CertificateStore, Status};
+use crate::Error;
 
 /// The method name, as in `spiffe://<td>/agent/x509pop/<cn>`.
 pub const METHOD: &str = "x509pop";
@@ -30,21 +37,59 @@ pub const METHOD: &str = "x509pop";
 /// Longest certificate accepted as evidence.
 const MAX_CERTIFICATE_BYTES: usize = 16 * 1024;
 
+/// Longest renewal chain walked back to find a lineage; far beyond any real device (a
+/// certificate renewed daily for 270 years), it only bounds a corrupt store's loop.
+const MAX_RENEWAL_CHAIN: usize = 100_000;
+
 /// Attests nodes holding a device certificate from this issuer's inventory.
 #[derive(Debug)]
 pub struct X509PopAttestor {
     certificates: CertificateStore,
     clock: Arc<dyn Clock>,
+    /// The labels whose certificates may attest (validated at startup: never an operator
+    /// profile).
+    labels: Vec<String>,
 }
 
 impl X509PopAttestor {
-    /// An attestor judging certificates against `certificates`.
-    pub fn new(certificates: CertificateStore, clock: Arc<dyn Clock>) -> Self {
+    /// An attestor judging certificates against `certificates`, taking those of `labels`.
+    pub fn new(certificates: CertificateStore, clock: Arc<dyn Clock>, labels: Vec<String>) -> Self {
         Self {
             certificates,
             clock,
+            labels,
         }
     }
+}
+
+/// The lineage of a device certificate: `certificate:<serial>` of the first certificate of
+/// its renewal chain (an enrollment starts a chain; simplereenroll names the certificate it
+/// renews in `renews`). The issuer assigned it: no enrollee chooses it, and every renewal
+/// keeps it. The one place node bindings and revocations derive a lineage from; point it at
+/// the inventory's own lineage id once certificate records carry one.
+pub fn certificate_lineage(
+    certificates: &CertificateStore,
+    record: &CertificateRecord,
+) -> Result<String, Error> {
+    let mut first = record.serial.clone();
+    let mut renews = record.renews.clone();
+    for _ in 0..MAX_RENEWAL_CHAIN {
+        let Some(serial) = renews.as_deref().and_then(Serial::parse) else {
+            return Ok(format!("certificate:{first}"));
+        };
+        match certificates.get(&serial)? {
+            Some(earlier) => {
+                first = earlier.serial;
+                renews = earlier.renews;
+            }
+            // Never expected (records are kept); the chain starts where the inventory does.
+            None => return Ok(format!("certificate:{first}")),
+        }
+    }
+    Err(Error::Store(format!(
+        "the renewal chain of certificate {} is longer than {MAX_RENEWAL_CHAIN}",
+        record.serial
+    )))
 }
 
 /// What is waiting for the agent's signature.
@@ -54,6 +99,7 @@ struct Pending {
     /// The device certificate's public key (uncompressed P-256 point).
     public_key: Vec<u8>,
     id: String,
+    attested_with: AttestedWith,
 }
 
 impl std::fmt::Debug for Pending {
@@ -121,6 +167,17 @@ impl NodeAttestor for X509PopAttestor {
                  device enrolled over EST",
             ));
         }
+        if !self.labels.contains(&record.label) {
+            return Err(Refusal::new(
+                "certificate_profile",
+                format!(
+                    "certificates of label {} can't attest nodes; x509pop takes device \
+                     certificates of label {} (the issuer's [agent_api] x509pop_labels)",
+                    record.label,
+                    self.labels.join(", ")
+                ),
+            ));
+        }
         match record.status_at(self.clock.now().unix_timestamp()) {
             Status::Valid => {}
             Status::Revoked => {
@@ -150,6 +207,25 @@ impl NodeAttestor for X509PopAttestor {
         }
         let public_key = p256_point(&certificate)?;
         let id = node_id(&certificate)?;
+        let lineage = certificate_lineage(&self.certificates, &record).map_err(|e| {
+            tracing::error!(error = %e, "inventory lookup failed");
+            Refusal::new(
+                "store",
+                "the issuer could not read its inventory; try again",
+            )
+        })?;
+        let spki = der::Encode::to_der(&certificate.tbs_certificate.subject_public_key_info)
+            .map_err(|e| {
+                Refusal::new(
+                    "bad_certificate",
+                    format!("the certificate's public key does not encode: {e}"),
+                )
+            })?;
+        let attested_with = AttestedWith {
+            lineage,
+            certificate_serial: Some(record.serial.clone()),
+            key_sha256: Some(hex::encode(sha2::Sha256::digest(&spki))),
+        };
         let nonce: [u8; 32] = rand::random();
         Ok(Step::Challenge {
             challenge: Challenge {
@@ -162,6 +238,7 @@ impl NodeAttestor for X509PopAttestor {
                 csr_digest: sha2::Sha256::digest(&evidence.csr).into(),
                 public_key,
                 id,
+                attested_with,
             }),
         })
     }
@@ -194,6 +271,7 @@ impl PendingAttestation for Pending {
             method: METHOD,
             id: self.id,
             can_reattest: true,
+            attested_with: self.attested_with,
         })
     }
 }
@@ -349,7 +427,11 @@ mod tests {
     fn setup() -> (tempfile::TempDir, Store, X509PopAttestor) {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(dir.path()).expect("open");
-        let attestor = X509PopAttestor::new(store.certificates.clone(), Arc::new(FixedClock(10)));
+        let attestor = X509PopAttestor::new(
+            store.certificates.clone(),
+            Arc::new(FixedClock(10)),
+            vec!["device".into()],
+        );
         (dir, store, attestor)
     }
 
@@ -379,6 +461,57 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_renewal_keeps_the_lineage_of_the_first_certificate_and_it_binds_the_node() {
+        let (_dir, store, attestor) = setup();
+        let first = device("gw");
+        record(&store, &first, "device", Status::Superseded);
+        let renewed = device("gw");
+        let mut renewal = store
+            .certificates
+            .get(&first.serial)
+            .expect("get")
+            .expect("known");
+        renewal.serial = renewed.serial.to_string();
+        renewal.renews = Some(first.serial.to_string());
+        renewal.status = Status::Valid;
+        renewal.der = {
+            use base64::Engine;
+            base64::engine::general_purpose::STANDARD.encode(&renewed.der)
+        };
+        store
+            .certificates
+            .record_new(&renewed.serial, &renewal)
+            .expect("record");
+        let lineage = certificate_lineage(&store.certificates, &renewal).expect("lineage");
+        assert_eq!(lineage, format!("certificate:{}", first.serial));
+
+        let evidence = evidence(&renewed);
+        let (challenge, pending) = challenge(&attestor, &evidence);
+        let node = pending
+            .verify(&answer(&renewed.key, &challenge, &evidence.csr))
+            .expect("verified");
+        assert_eq!(node.attested_with.lineage, lineage);
+        assert_eq!(
+            node.attested_with.certificate_serial,
+            Some(renewed.serial.to_string())
+        );
+        // Another enrollment with the same commonName is another lineage.
+        let stranger = device("gw");
+        record(&store, &stranger, "device", Status::Valid);
+        let evidence = self::evidence(&stranger);
+        let (challenge, pending) = self::challenge(&attestor, &evidence);
+        let other = pending
+            .verify(&answer(&stranger.key, &challenge, &evidence.csr))
+            .expect("verified");
+        assert_eq!(other.id, node.id);
+        assert_ne!(other.attested_with.lineage, node.attested_with.lineage);
+        assert_ne!(
+            other.attested_with.key_sha256,
+            node.attested_with.key_sha256
+        );
+    }
+
+    #[tokio::test]
     async fn revoked_superseded_expired_and_svid_certificates_are_refused() {
         let (_dir, store, attestor) = setup();
         for (status, label, not_after_past, reason) in [
@@ -391,12 +524,16 @@ mod tests {
             ),
             (Status::Valid, "device", true, "certificate_expired"),
             (Status::Valid, "svid", false, "certificate_profile"),
+            (Status::Valid, "operator", false, "certificate_profile"),
         ] {
             let device = device("gw");
             record(&store, &device, label, status);
             let refused = if not_after_past {
-                let late =
-                    X509PopAttestor::new(store.certificates.clone(), Arc::new(FixedClock(5_000)));
+                let late = X509PopAttestor::new(
+                    store.certificates.clone(),
+                    Arc::new(FixedClock(5_000)),
+                    vec!["device".into()],
+                );
                 late.begin(&evidence(&device))
             } else {
                 attestor.begin(&evidence(&device))

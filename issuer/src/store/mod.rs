@@ -17,7 +17,7 @@ pub use certificates::{
 };
 pub use durability::Durability;
 pub use entries::{EntryRecord, EntryStore};
-pub use nodes::{NodeRecord, NodeStore};
+pub use nodes::{AttestedWith, NodeRecord, NodeStore, Recorded};
 pub use tokens::{
     hash as tokens_hash, Consumed, TokenKind, TokenRecord, TokenRevocation, TokenState, TokenStore,
 };
@@ -496,6 +496,9 @@ mod tests {
             svid_not_after: 100,
             evicted: false,
             can_reattest: true,
+            attested_with: None,
+            released: false,
+            banned: false,
         };
         store.nodes.put(&node).expect("put");
         let before = store
