@@ -93,8 +93,9 @@ pub struct EstConfig {
     #[serde(default = "default_max_body")]
     pub max_body_bytes: usize,
     /// Most connections held at once. At the limit a new connection sheds the one that has
-    /// waited longest, in its TLS handshake or idle between requests; only when every
-    /// connection is busy with a request does it wait (see `connections`).
+    /// waited longest, in its TLS handshake, idle between requests, still sending a request
+    /// body, or serving a client without a certificate this CA issued; only when every
+    /// connection serves an authenticated request does it wait (see `connections`).
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
     /// Longest a client may take for its TLS handshake.
@@ -176,8 +177,9 @@ pub struct AgentApiConfig {
     #[serde(with = "crate::duration::serde_text", default = "default_jwt_ttl")]
     pub jwt_svid_ttl: Duration,
     /// Most connections held at once. At the limit a new connection sheds the one that has
-    /// waited longest, in its TLS handshake or with no RPC in progress; only when every
-    /// connection has one open does it wait.
+    /// waited longest, in its TLS handshake, with no RPC in progress, or of a client without
+    /// its node SVID (an `Attest` stream); only when every connection has an authenticated
+    /// RPC open does it wait.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
     /// Longest a client may take for its TLS handshake.
