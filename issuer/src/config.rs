@@ -93,8 +93,9 @@ pub struct EstConfig {
     #[serde(default = "default_max_body")]
     pub max_body_bytes: usize,
     /// Most connections held at once. At the limit a new connection sheds the one that has
-    /// waited longest, in its TLS handshake or idle between requests; only when every
-    /// connection is busy with a request does it wait (see `connections`).
+    /// waited longest, in its TLS handshake, idle between requests, still sending a request
+    /// body, or serving a client without a certificate this CA issued; only when every
+    /// connection serves an authenticated request does it wait (see `connections`).
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
     /// Longest a client may take for its TLS handshake.
@@ -119,6 +120,33 @@ pub struct EstConfig {
         default = "default_renewal_retry_window"
     )]
     pub renewal_retry_window: Duration,
+    /// Most connections one source (an IPv4 address, an IPv6 /64) holds at once; at the cap
+    /// its own longest-waiting idle connection is shed, or the new one refused.
+    #[serde(default = "default_est_per_source")]
+    pub max_connections_per_source: usize,
+    /// Longest one request may take from its headers to its answer, a trickled body
+    /// included; past it the client gets 408 and the connection closes.
+    #[serde(
+        with = "crate::duration::serde_text",
+        default = "default_thirty_seconds"
+    )]
+    pub request_timeout: Duration,
+    /// Requests served on one connection before it is closed (the client reconnects), so
+    /// no connection stays busy for ever.
+    #[serde(default = "default_requests_per_connection")]
+    pub max_requests_per_connection: usize,
+}
+
+fn default_est_per_source() -> usize {
+    256
+}
+
+fn default_thirty_seconds() -> Duration {
+    Duration::from_secs(30)
+}
+
+fn default_requests_per_connection() -> usize {
+    100
 }
 
 fn default_renewal_retry_window() -> Duration {
@@ -164,8 +192,9 @@ pub struct AgentApiConfig {
     #[serde(with = "crate::duration::serde_text", default = "default_jwt_ttl")]
     pub jwt_svid_ttl: Duration,
     /// Most connections held at once. At the limit a new connection sheds the one that has
-    /// waited longest, in its TLS handshake or with no RPC in progress; only when every
-    /// connection has one open does it wait.
+    /// waited longest, in its TLS handshake, with no RPC in progress, or of a client without
+    /// its node SVID (an `Attest` stream); only when every connection has an authenticated
+    /// RPC open does it wait.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
     /// Longest a client may take for its TLS handshake.
@@ -175,6 +204,24 @@ pub struct AgentApiConfig {
     /// [`DEFAULT_X509POP_LABELS`] that are profiles here. Never an operator profile.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub x509pop_labels: Option<Vec<String>>,
+    /// Most connections one source (an IPv4 address, an IPv6 /64) holds at once; at the cap
+    /// its own longest-waiting sheddable connection is shed, or the new one refused.
+    #[serde(default = "default_agent_api_per_source")]
+    pub max_connections_per_source: usize,
+    /// Longest an `Attest` stream may stay open before its evidence has arrived.
+    #[serde(with = "crate::duration::serde_text", default = "default_ten_seconds")]
+    pub first_message_timeout: Duration,
+    /// Longest a whole attestation may wait on the agent (evidence, challenge answer).
+    #[serde(with = "crate::duration::serde_text", default = "default_minute")]
+    pub attestation_timeout: Duration,
+}
+
+fn default_agent_api_per_source() -> usize {
+    64
+}
+
+fn default_minute() -> Duration {
+    Duration::from_secs(60)
 }
 
 /// The device labels of the default profiles, whose certificates attest by x509pop unless
@@ -211,6 +258,9 @@ impl Default for AgentApiConfig {
             max_connections: default_max_connections(),
             handshake_timeout: default_ten_seconds(),
             x509pop_labels: None,
+            max_connections_per_source: default_agent_api_per_source(),
+            first_message_timeout: default_ten_seconds(),
+            attestation_timeout: default_minute(),
         }
     }
 }
@@ -424,6 +474,11 @@ impl Config {
                 "agent_api.handshake_timeout",
                 self.agent_api.handshake_timeout,
             ),
+            ("est.request_timeout", self.est.request_timeout),
+            (
+                "agent_api.first_message_timeout",
+                self.agent_api.first_message_timeout,
+            ),
         ] {
             if timeout.is_zero() {
                 return Err(Error::Config(format!("{name} must be longer than 0s")));
@@ -446,6 +501,7 @@ impl Config {
                 "agent_api.max_connections must be at least 1".into(),
             ));
         }
+        self.validate_flood_limits()?;
         if let Some(signing_key) = &self.ca.signing_key {
             signing_key.validate().map_err(Error::Config)?;
         }
@@ -472,6 +528,45 @@ impl Config {
                  certificates valid in the past"
                     .into(),
             ));
+        }
+        Ok(())
+    }
+
+    /// The per-source caps and request bounds of both listeners.
+    fn validate_flood_limits(&self) -> Result<(), Error> {
+        for (name, cap) in [
+            (
+                "est.max_connections_per_source",
+                self.est.max_connections_per_source,
+            ),
+            (
+                "agent_api.max_connections_per_source",
+                self.agent_api.max_connections_per_source,
+            ),
+            (
+                "est.max_requests_per_connection",
+                self.est.max_requests_per_connection,
+            ),
+        ] {
+            if cap == 0 {
+                return Err(Error::Config(format!("{name} must be at least 1")));
+            }
+        }
+        if self.est.request_timeout < self.est.body_timeout {
+            return Err(Error::Config(format!(
+                "est.request_timeout ({} s) must be at least est.body_timeout ({} s): it \
+                 bounds the whole request, body included",
+                self.est.request_timeout.as_secs(),
+                self.est.body_timeout.as_secs()
+            )));
+        }
+        if self.agent_api.attestation_timeout < self.agent_api.first_message_timeout {
+            return Err(Error::Config(format!(
+                "agent_api.attestation_timeout ({} s) must be at least \
+                 agent_api.first_message_timeout ({} s): it bounds the whole attestation",
+                self.agent_api.attestation_timeout.as_secs(),
+                self.agent_api.first_message_timeout.as_secs()
+            )));
         }
         Ok(())
     }

@@ -4,11 +4,14 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use est::server::{ClientAddress, TlsClientCertificate};
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, UnixListener};
 use tower::ServiceExt;
@@ -26,6 +29,8 @@ struct HttpLimits {
     handshake_timeout: Duration,
     header_timeout: Duration,
     max_header_bytes: usize,
+    request_timeout: Duration,
+    max_requests_per_connection: usize,
 }
 
 /// How long a stopping issuer waits for requests in progress to be answered and written
@@ -39,6 +44,8 @@ pub async fn run(config: Config) -> Result<(), Error> {
         handshake_timeout: config.est.handshake_timeout,
         header_timeout: config.est.header_timeout,
         max_header_bytes: config.est.max_header_bytes,
+        request_timeout: config.est.request_timeout,
+        max_requests_per_connection: config.est.max_requests_per_connection,
     };
     let state_dir = config.state_dir();
     std::fs::create_dir_all(&state_dir).map_err(Error::io(&state_dir))?;
@@ -91,6 +98,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
         let connections = Connections::new(
             "crl",
             config.est.max_connections,
+            config.est.max_connections_per_source,
             authority.metrics.connections_shed("crl"),
         );
         tokio::spawn(async move {
@@ -103,13 +111,15 @@ pub async fn run(config: Config) -> Result<(), Error> {
                         continue;
                     }
                 };
-                let slot = connections.admit().await;
+                let Some(slot) = connections.admit(peer.ip()).await else {
+                    continue;
+                };
                 slot.set_phase(Phase::Idle);
                 let slot = Arc::new(slot);
                 let router = router.clone();
                 let service =
-                    hyper::service::service_fn(move |request: http::Request<Incoming>| {
-                        router.clone().oneshot(request.map(axum::body::Body::new))
+                    hyper::service::service_fn(move |request: http::Request<axum::body::Body>| {
+                        router.clone().oneshot(request)
                     });
                 tokio::spawn(serve_http1(tcp, service, slot, limits, peer));
             }
@@ -171,6 +181,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
     let connections = Connections::new(
         "est",
         config.est.max_connections,
+        config.est.max_connections_per_source,
         authority.metrics.connections_shed("est"),
     );
     let durability = authority.store.durability.clone();
@@ -196,9 +207,11 @@ pub async fn run(config: Config) -> Result<(), Error> {
             broken = &mut shutdown => { store_broken = broken; break },
         };
         let slot = tokio::select! {
-            slot = connections.admit() => slot,
+            slot = connections.admit(peer.ip()) => slot,
             broken = &mut shutdown => { store_broken = broken; break },
         };
+        // The source holds its maximum of connections, all serving authenticated requests.
+        let Some(slot) = slot else { continue };
         let acceptor = acceptor.clone();
         let router = est_router.clone();
         let authority = authority.clone();
@@ -266,26 +279,33 @@ async fn serve_connection(
         }
         () = slot.closing() => return,
     };
-    slot.set_phase(Phase::Idle);
-    let slot = Arc::new(slot);
     let client_certificate =
         tls.get_ref().1.peer_certificates().map(|chain| {
             TlsClientCertificate(Arc::new(chain.iter().map(|c| c.to_vec()).collect()))
         });
-    let service = hyper::service::service_fn(move |request: http::Request<Incoming>| {
-        let mut request = request.map(axum::body::Body::new);
-        if let Some(cert) = &client_certificate {
-            request.extensions_mut().insert(cert.clone());
-        }
-        request.extensions_mut().insert(ClientAddress(peer));
-        let router = router.clone();
-        let authority = authority.clone();
-        async move {
-            let response = router.oneshot(request).await.unwrap_or_else(|e| match e {});
-            authority.count_est_response(response.status().as_u16());
-            Ok::<_, Infallible>(response)
-        }
-    });
+    if client_certificate
+        .as_ref()
+        .and_then(TlsClientCertificate::leaf)
+        .is_some_and(|leaf| crate::connections::issued_here(&authority, leaf))
+    {
+        slot.set_authenticated();
+    }
+    slot.set_phase(Phase::Idle);
+    let slot = Arc::new(slot);
+    let service =
+        hyper::service::service_fn(move |mut request: http::Request<axum::body::Body>| {
+            if let Some(cert) = &client_certificate {
+                request.extensions_mut().insert(cert.clone());
+            }
+            request.extensions_mut().insert(ClientAddress(peer));
+            let router = router.clone();
+            let authority = authority.clone();
+            async move {
+                let response = router.oneshot(request).await.unwrap_or_else(|e| match e {});
+                authority.count_est_response(response.status().as_u16());
+                Ok::<_, Infallible>(response)
+            }
+        });
     serve_http1(
         crate::header_case::HeaderCase(tls),
         service,
@@ -302,7 +322,7 @@ async fn serve_http1<I, S>(io: I, service: S, slot: Arc<Slot>, limits: HttpLimit
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     S: hyper::service::Service<
-            http::Request<Incoming>,
+            http::Request<axum::body::Body>,
             Response = axum::response::Response,
             Error = Infallible,
         > + Send
@@ -314,17 +334,56 @@ where
     // header timer runs whenever it waits for a request head, so it bounds a client that
     // trickles its headers and a keep-alive connection left idle alike; a head larger than
     // `max_header_bytes` is answered 431.
-    // Each request marks the connection busy until its response is ready, so only
-    // connections between requests can be shed.
+    // Each request marks the connection receiving until its body is in, then busy until
+    // its response is ready; a connection between requests or still receiving one can be
+    // shed, and one serving a request only if its client is unauthenticated. Each request
+    // is bounded as a whole (a trickled body included), and a connection serves a bounded
+    // number of them, so none stays busy for ever.
+    let served = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let service = {
         let slot = slot.clone();
         hyper::service::service_fn(move |request: http::Request<Incoming>| {
-            let in_flight = slot.begin_request();
+            let received = Arc::new(AtomicBool::new(request.body().is_end_stream()));
+            let in_flight = slot.begin_request(if received.load(Ordering::Relaxed) {
+                Phase::Busy
+            } else {
+                Phase::Receiving
+            });
+            let request = request.map(|body| {
+                axum::body::Body::new(TrackedBody {
+                    inner: body,
+                    slot: slot.clone(),
+                    received: received.clone(),
+                })
+            });
             let response = hyper::service::Service::call(&service, request);
+            let last =
+                served.fetch_add(1, Ordering::Relaxed) + 1 >= limits.max_requests_per_connection;
             async move {
-                let response = response.await;
+                let mut response =
+                    match tokio::time::timeout(limits.request_timeout, response).await {
+                        Ok(response) => response?,
+                        Err(_) => {
+                            tracing::debug!(%peer, "request not done within the request timeout");
+                            est::server::error_response(&est::Error::refused(
+                                est::Refusal::RequestTimeout,
+                                format!(
+                                    "the request did not complete within {} s; send it again",
+                                    limits.request_timeout.as_secs()
+                                ),
+                            ))
+                        }
+                    };
                 drop(in_flight);
-                response
+                // A body not read to its end would be read (and could be trickled) after
+                // the answer: close instead; and close after the last request allowed.
+                if last || !received.load(Ordering::Relaxed) {
+                    response.headers_mut().insert(
+                        http::header::CONNECTION,
+                        http::HeaderValue::from_static("close"),
+                    );
+                }
+                Ok::<_, Infallible>(response)
             }
         })
     };
@@ -339,10 +398,11 @@ where
         result = connection.as_mut() => result,
         () = slot.shed() => {
             if !slot.is_busy() {
-                tracing::debug!(%peer, "idle connection shed at the connection limit");
+                tracing::debug!(%peer, phase = ?slot.phase(), "connection shed at the connection limit");
                 return;
             }
-            // It turned busy as it was picked: finish that request, then close.
+            // Serving a request (unauthenticated, or it turned busy as it was picked): its
+            // body is in and the rest is the issuer's own bounded work; answer, then close.
             connection.as_mut().graceful_shutdown();
             connection.await
         }
@@ -355,6 +415,46 @@ where
     };
     if let Err(e) = result {
         tracing::debug!(%peer, error = %e, "connection ended with an error");
+    }
+}
+
+/// A request body that tells its connection's slot when it has arrived in full (or the
+/// handler stopped reading it): from then on serving it is the issuer's work, not the
+/// client's.
+struct TrackedBody {
+    inner: Incoming,
+    slot: Arc<Slot>,
+    received: Arc<AtomicBool>,
+}
+
+impl hyper::body::Body for TrackedBody {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None)) || self.inner.is_end_stream() {
+            self.received.store(true, Ordering::Relaxed);
+            self.slot.received();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for TrackedBody {
+    fn drop(&mut self) {
+        self.slot.received();
     }
 }
 

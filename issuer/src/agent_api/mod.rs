@@ -6,6 +6,7 @@
 //! plant root; who the caller is, and whether its node SVID is still the current one, is
 //! decided per call against the node table and the inventory ([`peer`]).
 
+mod inbound;
 mod jwt;
 mod peer;
 mod proxy_events;
@@ -39,6 +40,25 @@ const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest request header list (HTTP/2 SETTINGS_MAX_HEADER_LIST_SIZE); gRPC metadata is small.
 const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
+/// RPCs one connection may have open at once (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS). An
+/// agent multiplexes a handful (sync, minting, proxy events); without a cap one connection
+/// opens hundreds of half-sent streams, each holding a message buffer.
+const MAX_STREAMS_PER_CONNECTION: u32 = 32;
+/// Flow-control windows: what a client may send before the issuer has read it, per stream
+/// and per connection, so a handler that is not reading does not make the issuer buffer.
+const STREAM_WINDOW_BYTES: u32 = 64 * 1024;
+const CONNECTION_WINDOW_BYTES: u32 = 256 * 1024;
+/// Largest `Attest` message, and the largest message of any RPC on a connection whose
+/// client is not authenticated (those RPCs are refused anyway). The largest real evidence:
+/// a CSR (at most 16 KiB accepted, a P-256 one is ~0.3 KiB), a TPM EK certificate (1–2 KiB
+/// for RSA-2048 and ECC EKs, under 8 KiB with long manufacturer extensions) with the EK and
+/// AK TPM2B_PUBLICs (under 1 KiB each), or an x509pop chain (a few certificates of 1–2
+/// KiB). 64 KiB leaves ample room; tonic refuses a larger length prefix before it buffers
+/// a byte of the message.
+pub const MAX_ATTEST_MESSAGE_BYTES: usize = 64 * 1024;
+/// Largest message of the other RPCs for an authenticated node: a MintX509Svids batch of
+/// 1000 CSRs is about 0.5 MiB (tonic's default, stated).
+const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 
 /// The attestors this issuer runs, from its configuration.
 pub fn attestors(
@@ -82,6 +102,15 @@ pub struct Peer {
     slot: Arc<Slot>,
 }
 
+impl Peer {
+    /// Whether the client presented a certificate this CA issued (its node SVID): only
+    /// then are RPCs other than `Attest` decoded with the large limit, and its RPCs never
+    /// shed while in progress.
+    fn authenticated(&self) -> bool {
+        self.slot.is_authenticated()
+    }
+}
+
 /// One accepted TLS connection, holding its slot of the connection limit. When a newer
 /// connection sheds it while no request is in progress, reading fails and the HTTP/2
 /// connection ends.
@@ -118,7 +147,9 @@ impl AsyncRead for Connection {
         if let Some(shed) = self.shed.as_mut() {
             if shed.as_mut().poll(cx).is_ready() {
                 self.shed = None;
-                if !self.peer.slot.is_busy() {
+                // An unauthenticated client's RPCs (an `Attest` stream that sends nothing,
+                // say) do not keep the connection.
+                if !self.peer.slot.is_busy() || !self.peer.authenticated() {
                     return Poll::Ready(Err(std::io::Error::new(
                         std::io::ErrorKind::ConnectionAborted,
                         "shed at the connection limit",
@@ -163,11 +194,12 @@ pub struct Listener {
     tls: Arc<rustls::ServerConfig>,
     connections: Connections,
     handshake_timeout: Duration,
+    authority: Arc<Authority>,
 }
 
 impl Listener {
     /// Binds `config.agent_api.listen` with the EST server certificate.
-    pub async fn bind(config: &Config, authority: &Authority) -> Result<Self, Error> {
+    pub async fn bind(config: &Config, authority: &Arc<Authority>) -> Result<Self, Error> {
         let tls = crate::tls::agent_api_config(
             &config.resolve(&config.est.tls_certificate),
             &config.resolve(&config.est.tls_key),
@@ -183,9 +215,11 @@ impl Listener {
             connections: Connections::new(
                 "agent_api",
                 config.agent_api.max_connections,
+                config.agent_api.max_connections_per_source,
                 authority.metrics.connections_shed("agent_api"),
             ),
             handshake_timeout: config.agent_api.handshake_timeout,
+            authority: authority.clone(),
         })
     }
 
@@ -205,10 +239,11 @@ impl Listener {
         let (sender, receiver) = mpsc::channel::<Result<Connection, std::io::Error>>(64);
         let acceptor = tokio_rustls::TlsAcceptor::from(self.tls);
         let (connections, handshake_timeout) = (self.connections, self.handshake_timeout);
-        let tcp = self.tcp;
+        let (tcp, authority) = (self.tcp, self.authority);
         // At the limit the connection waiting longest (in its handshake, or with no RPC in
         // progress) is shed (see `connections`; an agent whose idle connection was shed
-        // reconnects on its next call). A connection with an RPC or stream open never is.
+        // reconnects on its next call). A connection with an RPC or stream open is only if
+        // its client is not authenticated by a certificate this CA issued.
         let accepting = tokio::spawn(async move {
             loop {
                 let (stream, address) = match tcp.accept().await {
@@ -220,8 +255,12 @@ impl Listener {
                         continue;
                     }
                 };
-                let slot = connections.admit().await;
+                let Some(slot) = connections.admit(address.ip()).await else {
+                    // The source holds its maximum, all serving authenticated RPCs.
+                    continue;
+                };
                 let (acceptor, sender) = (acceptor.clone(), sender.clone());
+                let authority = authority.clone();
                 // Handshakes run apart from the accept loop so a slow client holds only its
                 // own slot, for at most the handshake timeout or until it is shed.
                 tokio::spawn(async move {
@@ -245,13 +284,19 @@ impl Listener {
                             return;
                         }
                     };
-                    slot.set_phase(Phase::Idle);
-                    let chain = tls
+                    let chain: Vec<CertificateDer<'static>> = tls
                         .get_ref()
                         .1
                         .peer_certificates()
                         .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
                         .unwrap_or_default();
+                    if chain
+                        .first()
+                        .is_some_and(|leaf| crate::connections::issued_here(&authority, leaf))
+                    {
+                        slot.set_authenticated();
+                    }
+                    slot.set_phase(Phase::Idle);
                     let peer = Peer {
                         certificates: PeerCertificates(Arc::new(chain)),
                         address,
@@ -262,13 +307,22 @@ impl Listener {
             }
         });
         let incoming = tokio_stream::wrappers::ReceiverStream::new(receiver);
+        let agent = |limit| {
+            proto::agent::agent_server::AgentServer::new(service.clone())
+                .max_decoding_message_size(limit)
+        };
         let result = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
             .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
             .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
-            .add_service(RequestTracking(
-                proto::agent::agent_server::AgentServer::new(service),
-            ))
+            .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+            .initial_stream_window_size(STREAM_WINDOW_BYTES)
+            .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
+            .http2_adaptive_window(Some(false))
+            .add_service(RequestTracking {
+                small: agent(MAX_ATTEST_MESSAGE_BYTES),
+                large: agent(MAX_MESSAGE_BYTES),
+            })
             .serve_with_incoming_shutdown(incoming, shutdown)
             .await
             .map_err(|e| Error::Tls(format!("agent API: {e}")));
@@ -278,9 +332,17 @@ impl Listener {
 }
 
 /// Marks each RPC in progress on its connection's slot, from the request until the response
-/// body (a stream, for `Attest` and sync) ends, so only connections without one are shed.
+/// body (a stream, for `Attest` and sync) ends, so only connections without one (or whose
+/// client is unauthenticated) are shed; and picks the decode limit: `small` for `Attest`
+/// and for every RPC of an unauthenticated client, `large` for a node's other RPCs.
 #[derive(Debug, Clone)]
-struct RequestTracking<S>(S);
+struct RequestTracking<S> {
+    small: S,
+    large: S,
+}
+
+/// The path of the `Attest` RPC.
+const ATTEST_PATH: &str = "/plant.agent.v1.Agent/Attest";
 
 impl<S: tonic::server::NamedService> tonic::server::NamedService for RequestTracking<S> {
     const NAME: &'static str = S::NAME;
@@ -302,15 +364,19 @@ where
         Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send + 'static>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.0.poll_ready(cx)
+        std::task::ready!(self.small.poll_ready(cx))?;
+        self.large.poll_ready(cx)
     }
 
     fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
-        let in_flight = request
-            .extensions()
-            .get::<Peer>()
-            .map(|peer| peer.slot.begin_request());
-        let response = self.0.call(request);
+        let peer = request.extensions().get::<Peer>();
+        let in_flight = peer.map(|peer| peer.slot.begin_request(Phase::Busy));
+        let authenticated = peer.is_some_and(Peer::authenticated);
+        let response = if authenticated && request.uri().path() != ATTEST_PATH {
+            self.large.call(request)
+        } else {
+            self.small.call(request)
+        };
         Box::pin(async move {
             let response = response.await?;
             Ok(response.map(|body| {

@@ -39,6 +39,8 @@ pub struct AgentService {
     jwt: JwtKey,
     x509_svid_ttl: Duration,
     jwt_svid_ttl: Duration,
+    /// `Attest` deadlines: for the evidence, and for the whole attestation.
+    attest_deadlines: (Duration, Duration),
 }
 
 impl AgentService {
@@ -55,6 +57,7 @@ impl AgentService {
             jwt,
             x509_svid_ttl: config.x509_svid_ttl,
             jwt_svid_ttl: config.jwt_svid_ttl,
+            attest_deadlines: (config.first_message_timeout, config.attestation_timeout),
         }
     }
 
@@ -62,7 +65,7 @@ impl AgentService {
     /// then the node SVID.
     async fn attest_stream(
         &self,
-        mut requests: Streaming<AttestRequest>,
+        mut requests: super::inbound::Inbound,
         responses: &tokio::sync::mpsc::Sender<Result<AttestResponse, Status>>,
         source: Option<std::net::IpAddr>,
     ) -> Result<NodeSvid, Status> {
@@ -426,7 +429,8 @@ impl Agent for AgentService {
             .extensions()
             .get::<super::Peer>()
             .map(|p| p.address.ip());
-        let requests = request.into_inner();
+        let (first_message, whole) = self.attest_deadlines;
+        let requests = super::inbound::Inbound::new(request.into_inner(), first_message, whole);
         tokio::spawn(async move {
             let outcome = this.attest_stream(requests, &sender, source).await;
             if outcome.is_err() {
