@@ -71,6 +71,14 @@ pub fn certificate_lineage(
     certificates: &CertificateStore,
     record: &CertificateRecord,
 ) -> Result<String, Error> {
+    // Renewals recorded since lineages were kept name their root directly; older ones are
+    // found by walking the `renews` chain back to its first certificate.
+    if let Some(serial) = Serial::parse(&record.serial) {
+        let root = certificates.lineage(&serial)?.root;
+        if root != serial {
+            return Ok(format!("certificate:{root}"));
+        }
+    }
     let mut first = record.serial.clone();
     let mut renews = record.renews.clone();
     for _ in 0..MAX_RENEWAL_CHAIN {
@@ -204,6 +212,28 @@ impl NodeAttestor for X509PopAttestor {
                     ),
                 ))
             }
+        }
+        // Revoking any certificate of a lineage ends it: none of its members attests again.
+        let ended = self
+            .certificates
+            .lineage(&serial)
+            .map_err(|e| {
+                tracing::error!(error = %e, "inventory lookup failed");
+                Refusal::new(
+                    "store",
+                    "the issuer could not read its inventory; try again",
+                )
+            })?
+            .ended;
+        if let Some(end) = ended {
+            return Err(Refusal::new(
+                "certificate_revoked",
+                format!(
+                    "certificate {} belongs to a lineage that ended when certificate {} was \
+                     revoked; enroll the device again with a new token",
+                    record.serial, end.revoked
+                ),
+            ));
         }
         let public_key = p256_point(&certificate)?;
         let id = node_id(&certificate)?;
