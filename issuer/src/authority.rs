@@ -21,7 +21,7 @@ use crate::grant::{valid_dns, valid_subject, Grant};
 use crate::profile::{Profile, SanKind};
 use crate::serial::Serial;
 use crate::store::{
-    AuditEvent, CertificateRecord, InventoryPage, InventoryQuery, LineageEnd, Renewal, Status,
+    AuditEvent, CertificateRecord, InventoryPage, InventoryQuery, LineageEnd, NewRecord, Renewal, Status,
     Store, TokenKind, TokenRecord, TokenState,
 };
 use crate::Error;
@@ -267,6 +267,17 @@ impl Authority {
             .map(|(k, v)| (k.as_str(), v))
     }
 
+    /// Whether `grant`'s certificate must be its subject's only valid one under its label:
+    /// enrollments by token, unless the profile shares subjects. SVIDs overlap by design
+    /// (rotation), and a renewal hands the subject on within its lineage.
+    pub(crate) fn unique_subject(&self, grant: &Grant) -> bool {
+        grant.token.is_some()
+            && grant.renews.is_none()
+            && self
+                .profile(Some(&grant.label))
+                .is_some_and(|(_, profile)| !profile.shared_subjects)
+    }
+
     /// Issues a certificate for `public_key` (uncompressed P-256 point) under `grant`, signed
     /// by the key its profile names.
     pub async fn issue(&self, grant: &Grant, public_key: &[u8]) -> Result<Vec<u8>, Error> {
@@ -343,7 +354,17 @@ impl Authority {
             // concurrent request, its lineage not ended): a revocation that won the race is
             // never overwritten, and nothing of this renewal is kept.
             let recorded = match grant.renews {
-                None => self.store.certificates.record_new(&serial, &record)?,
+                None => match self.store.certificates.record_new_holding(
+                    &serial,
+                    &record,
+                    self.unique_subject(grant),
+                )? {
+                    NewRecord::Recorded => true,
+                    NewRecord::SerialTaken => false,
+                    NewRecord::SubjectHeld(held_by) => {
+                        return Err(subject_held(grant, &held_by))
+                    }
+                },
                 Some(old) => match self
                     .store
                     .certificates
@@ -815,6 +836,20 @@ fn renewal_overtaken(old: Serial, status: Option<Status>, ended: Option<LineageE
         (None, None) => format!("certificate {old} is no longer in the inventory"),
     };
     Error::Est(est::Error::refused(est::Refusal::Forbidden, message))
+}
+
+/// A second enrollment for a subject that another valid certificate of the label holds.
+pub(crate) fn subject_held(grant: &Grant, held_by: &str) -> Error {
+    Error::Est(est::Error::refused(
+        est::Refusal::Forbidden,
+        format!(
+            "certificate {held_by} already holds subject CN={} under label {} and is still \
+             valid; a subject names one device at a time: renew that certificate \
+             (simplereenroll), or have the PKI operator revoke it (issuer revoke {held_by}) \
+             before enrolling again",
+            grant.common_name, grant.label
+        ),
+    ))
 }
 
 /// A revocation of a serial this issuer never issued: likely a typo or another CA's.

@@ -232,6 +232,18 @@ impl Authority {
             token: Some(crate::store::tokens_hash(secret)),
         };
         grant.check_request(csr)?;
+        // Checked here too, not only where the certificate is recorded, so that a refused
+        // second enrollment does not spend the token.
+        if self.unique_subject(&grant) {
+            let holder = self
+                .store
+                .certificates
+                .subject_holder(&grant.label, &grant.common_name, now)
+                .map_err(to_est)?;
+            if let Some(holder) = holder {
+                return Err(to_est(crate::authority::subject_held(&grant, &holder.serial)));
+            }
+        }
         Ok(grant)
     }
 

@@ -71,6 +71,12 @@ pub struct Profile {
         skip_serializing_if = "Duration::is_zero"
     )]
     pub renewal_grace: Duration,
+    /// Whether several valid certificates may carry the same subject under this label (a
+    /// load generator, a pool of identical sensors). Default no: a subject names one device
+    /// at a time (x509pop node identity rests on it), and a second enrollment for a subject
+    /// that still has a valid certificate is refused until that one is revoked or expires.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub shared_subjects: bool,
 }
 
 impl Profile {
@@ -135,6 +141,7 @@ pub fn defaults() -> Vec<(&'static str, Profile)> {
                 sign_with: Default::default(),
                 operator: false,
                 renewal_grace: Duration::ZERO,
+                shared_subjects: false,
             },
         ),
         (
@@ -149,6 +156,7 @@ pub fn defaults() -> Vec<(&'static str, Profile)> {
                 sign_with: Default::default(),
                 operator: false,
                 renewal_grace: Duration::ZERO,
+                shared_subjects: false,
             },
         ),
         (
@@ -163,6 +171,7 @@ pub fn defaults() -> Vec<(&'static str, Profile)> {
                 sign_with: Default::default(),
                 operator: true,
                 renewal_grace: Duration::ZERO,
+                shared_subjects: false,
             },
         ),
         (
@@ -177,6 +186,7 @@ pub fn defaults() -> Vec<(&'static str, Profile)> {
                 sign_with: Default::default(),
                 operator: false,
                 renewal_grace: Duration::ZERO,
+                shared_subjects: false,
             },
         ),
     ]
@@ -202,6 +212,7 @@ pub fn spiffe(
         sign_with: Default::default(),
         operator: false,
         renewal_grace: Duration::ZERO,
+        shared_subjects: false,
     };
     [
         (

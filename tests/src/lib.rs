@@ -558,6 +558,17 @@ pub fn add_direct_profile(toml: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Lets several valid certificates of profile `label` share a subject (`shared_subjects`),
+/// for tests that enroll one CSR many times to measure signing, not identity.
+pub fn share_subjects(toml: &Path, label: &str) -> Result<()> {
+    let text = std::fs::read_to_string(toml)?;
+    let header = format!("[profiles.{label}]\n");
+    anyhow::ensure!(text.contains(&header), "{} has no {header}", toml.display());
+    let text = text.replacen(&header, &format!("{header}shared_subjects = true\n"), 1);
+    std::fs::write(toml, text)?;
+    Ok(())
+}
+
 /// POSTs the CSR in `csr` (base64) to `label`'s simpleenroll with a Bearer token.
 pub fn enroll_bearer(issuer: &Issuer, csr: &Path, label: &str, token: &str) -> Result<CurlAnswer> {
     let body = format!("@{}", csr.display());

@@ -76,6 +76,40 @@ fn enrolled(
 }
 
 #[test]
+fn a_second_valid_certificate_for_a_subject_is_refused_in_its_label_until_the_first_is_revoked(
+) -> Result<()> {
+    let issuer = Issuer::start()?;
+    let real_dir = tempfile::tempdir()?;
+    let (cert, _) = enrolled(&issuer, real_dir.path(), "gw-1", "device", true)?;
+
+    // An unbound token of the same label names itself gw-1: refused, and the token is kept.
+    let token = issuer.token("device", None)?;
+    let auth = format!("Authorization: Bearer {token}");
+    let attacker_dir = tempfile::tempdir()?;
+    let refused = enroll_with_curl(&issuer, attacker_dir.path(), "gw-1", "device", &["-H", &auth])
+        .err()
+        .context("a second valid certificate for gw-1 was issued in label device")?;
+    let text = format!("{refused:#}");
+    ensure!(
+        text.contains("403") && text.contains("already holds subject CN=gw-1"),
+        "{text}"
+    );
+    ensure!(
+        text.contains(&serial_hex(&cert)?.to_lowercase())
+            || text.contains(&serial_hex(&cert)?.to_uppercase()),
+        "the refusal does not name the certificate holding gw-1: {text}"
+    );
+    // A shared subject elsewhere is not this rule: another name with the same token works.
+    enroll_with_curl(&issuer, attacker_dir.path(), "gw-2", "device", &["-H", &auth])?;
+
+    // Once the operator revokes the first certificate, gw-1 can be enrolled again.
+    issuer.revoke(&cert)?;
+    let again = tempfile::tempdir()?;
+    enrolled(&issuer, again.path(), "gw-1", "device", true)?;
+    Ok(())
+}
+
+#[test]
 fn a_certificate_of_another_enrollment_with_the_same_name_cannot_take_a_node_over() -> Result<()> {
     let issuer = Issuer::start()?;
     let uid = format!("unix:uid:{}", own_uid()?);

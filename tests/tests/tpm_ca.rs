@@ -36,7 +36,10 @@ fn configure(toml: &Path, key_queue: usize, signing_key: Option<(&str, &str)>) -
         );
     }
     std::fs::write(toml, text)?;
-    plant_tests::add_direct_profile(toml)
+    plant_tests::add_direct_profile(toml)?;
+    // These tests enroll one CSR many times to measure signing, not device identity.
+    plant_tests::share_subjects(toml, "device")?;
+    plant_tests::share_subjects(toml, "direct")
 }
 
 fn start_issuer(tcti: &str, key_queue: usize, signing_key: Option<(&str, &str)>) -> Result<Issuer> {

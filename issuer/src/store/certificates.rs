@@ -193,6 +193,9 @@ pub struct CertificateStore {
     links: sled::Tree,
     /// lineage root serial → [`LineageEnd`].
     ended: sled::Tree,
+    /// `label NUL subject` → serial of the newest certificate issued for that subject under
+    /// that label: what makes "one valid certificate per subject" one lookup.
+    holders: sled::Tree,
 }
 
 /// A certificate's place in its lineage, for renewals and renewed certificates.
@@ -260,8 +263,10 @@ impl CertificateStore {
             meta: db.open_tree("meta")?,
             links: db.open_tree("certificate_links")?,
             ended: db.open_tree("lineages_ended")?,
+            holders: db.open_tree("subject_holders")?,
         };
         store.put_status_in_index()?;
+        store.fill_subject_holders()?;
         Ok(store)
     }
 
@@ -392,22 +397,95 @@ impl CertificateStore {
             .map_or(1, u64::from_be_bytes))
     }
 
+    /// Stores written before subjects had holders get them once: for each (label, subject),
+    /// the newest certificate still valid. An interrupted run is simply repeated.
+    fn fill_subject_holders(&self) -> Result<(), Error> {
+        const DONE: &str = "subject_holders_filled";
+        if self.meta.contains_key(DONE)? {
+            return Ok(());
+        }
+        let mut newest: std::collections::BTreeMap<Vec<u8>, (i64, Vec<u8>)> = Default::default();
+        for entry in self.by_serial.iter() {
+            let (serial, bytes) = entry?;
+            let Ok(record) = decode(&bytes) else { continue };
+            if record.status != Status::Valid {
+                continue;
+            }
+            let key = holder_key(&record.label, &record.subject);
+            let slot = newest.entry(key).or_insert((i64::MIN, Vec::new()));
+            if record.issued_at >= slot.0 {
+                *slot = (record.issued_at, serial.to_vec());
+            }
+        }
+        for (key, (_, serial)) in &newest {
+            self.holders.insert(key, serial.as_slice())?;
+        }
+        self.meta.insert(DONE, &[1u8][..])?;
+        if !newest.is_empty() {
+            tracing::info!(subjects = newest.len(), "recorded which certificate holds each subject");
+        }
+        Ok(())
+    }
+
+    /// The valid certificate (at `now`) that holds `subject` under `label`, if any: the
+    /// newest one recorded for it. Renewals hand the subject on within a lineage.
+    pub fn subject_holder(&self, label: &str, subject: &str, now: i64) -> Result<Option<CertificateRecord>, Error> {
+        let Some(serial) = self.holders.get(holder_key(label, subject))? else {
+            return Ok(None);
+        };
+        Ok(self
+            .by_serial
+            .get(serial)?
+            .map(|b| decode(&b))
+            .transpose()?
+            .filter(|r| r.status_at(now) == Status::Valid))
+    }
+
     /// Records a newly issued certificate and its index entry in one transaction, only if
     /// `serial` was never used; returns false (writing nothing) if it was.
     pub fn record_new(&self, serial: &Serial, record: &CertificateRecord) -> Result<bool, Error> {
+        match self.record_new_holding(serial, record, false)? {
+            NewRecord::Recorded => Ok(true),
+            NewRecord::SerialTaken | NewRecord::SubjectHeld(_) => Ok(false),
+        }
+    }
+
+    /// [`record_new`](Self::record_new), and the certificate becomes its subject's holder.
+    /// With `unique_subject`, only while no other certificate of the label holds the subject
+    /// validly, checked inside the transaction so two concurrent enrollments can't both win.
+    pub fn record_new_holding(
+        &self,
+        serial: &Serial,
+        record: &CertificateRecord,
+        unique_subject: bool,
+    ) -> Result<NewRecord, Error> {
         let value = encode(record)?;
         let key = expiry_key(record.not_after, serial);
-        let outcome = (&self.by_serial, &self.by_expiry).transaction(|(by_serial, by_expiry)| {
+        let holder = holder_key(&record.label, &record.subject);
+        let trees = (&self.by_serial, &self.by_expiry, &self.holders);
+        let outcome = trees.transaction(|(by_serial, by_expiry, holders)| {
             if by_serial.get(serial.0)?.is_some() {
-                return sled::transaction::abort(());
+                return Ok(NewRecord::SerialTaken);
+            }
+            if unique_subject {
+                if let Some(held_by) = holders.get(&holder)? {
+                    if let Some(bytes) = by_serial.get(&held_by)? {
+                        let current =
+                            decode(&bytes).map_err(ConflictableTransactionError::Abort)?;
+                        if current.status_at(record.issued_at) == Status::Valid {
+                            return Ok(NewRecord::SubjectHeld(current.serial));
+                        }
+                    }
+                }
             }
             by_serial.insert(&serial.0, value.as_slice())?;
             by_expiry.insert(&key, &[record.status.index_byte()][..])?;
-            Ok(())
+            holders.insert(holder.as_slice(), &serial.0[..])?;
+            Ok(NewRecord::Recorded)
         });
         match outcome {
-            Ok(()) => Ok(true),
-            Err(TransactionError::Abort(())) => Ok(false),
+            Ok(recorded) => Ok(recorded),
+            Err(TransactionError::Abort(e)) => Err(e),
             Err(TransactionError::Storage(e)) => Err(e.into()),
         }
     }
@@ -425,8 +503,15 @@ impl CertificateStore {
     ) -> Result<Renewal, Error> {
         let value = encode(record)?;
         let key = expiry_key(record.not_after, serial);
-        let trees = (&self.by_serial, &self.by_expiry, &self.links, &self.ended);
-        let outcome = trees.transaction(|(by_serial, by_expiry, links, ended)| {
+        let holder = holder_key(&record.label, &record.subject);
+        let trees = (
+            &self.by_serial,
+            &self.by_expiry,
+            &self.links,
+            &self.ended,
+            &self.holders,
+        );
+        let outcome = trees.transaction(|(by_serial, by_expiry, links, ended, holders)| {
             if by_serial.get(serial.0)?.is_some() {
                 return Ok(Renewal::SerialTaken);
             }
@@ -472,6 +557,7 @@ impl CertificateStore {
                 &[Status::Superseded.index_byte()][..],
             )?;
             links.insert(&predecessor.0, old_link)?;
+            holders.insert(holder.as_slice(), &serial.0[..])?;
             Ok(Renewal::Recorded)
         });
         match outcome {
@@ -682,6 +768,26 @@ fn decode_end(bytes: &[u8]) -> Result<LineageEnd, Error> {
 /// The lineage root of `serial`: the link's, else itself (a first certificate, or one
 /// recorded before lineages existed). An unparsable root also falls back to itself, so a
 /// damaged link can't merge two lineages.
+/// What recording a new certificate did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NewRecord {
+    /// Recorded; it holds its subject now.
+    Recorded,
+    /// The serial was taken already; nothing written.
+    SerialTaken,
+    /// Another valid certificate (this serial, hex) holds the subject under the label;
+    /// nothing written.
+    SubjectHeld(String),
+}
+
+fn holder_key(label: &str, subject: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(label.len() + 1 + subject.len());
+    key.extend_from_slice(label.as_bytes());
+    key.push(0);
+    key.extend_from_slice(subject.as_bytes());
+    key
+}
+
 fn lineage_root(serial: &Serial, link: &Link) -> Serial {
     link.lineage
         .as_deref()

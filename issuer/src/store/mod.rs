@@ -13,7 +13,7 @@ mod tokens;
 pub use audit::{AuditEvent, AuditLog, AuditRecord, Verification};
 pub use certificates::{
     CertificateRecord, CertificateStore, InventoryPage, InventoryQuery, Lineage, LineageEnd,
-    Renewal, Revocation, Status,
+    NewRecord, Renewal, Revocation, Status,
 };
 pub use durability::Durability;
 pub use entries::{EntryRecord, EntryStore};

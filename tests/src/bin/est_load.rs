@@ -151,8 +151,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         None => LONGEST_RUN,
     };
 
-    // Everything that is not the server's work happens before the clock starts.
-    let csrs = (0..args.clients)
+    // Everything that is not the server's work happens before the clock starts. One CSR
+    // (and subject) per request: the issuer lets one valid certificate hold a subject.
+    let csrs = (0..limit)
         .map(|i| csr(&format!("bench-{}", i + 1)))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let mut first_connections = Vec::with_capacity(args.clients);
@@ -171,6 +172,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let shared = Arc::new(Shared {
         target,
         tokens,
+        csrs,
         limit,
         next: AtomicUsize::new(0),
         mode: args.mode,
@@ -179,8 +181,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     });
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
-    for (csr, sender) in csrs.into_iter().zip(first_connections) {
-        tasks.spawn(client(shared.clone(), csr, sender));
+    for sender in first_connections {
+        tasks.spawn(client(shared.clone(), sender));
     }
     let mut total = Report::default();
     while let Some(report) = tasks.join_next().await {
@@ -363,6 +365,8 @@ fn csr(common_name: &str) -> anyhow::Result<Bytes> {
 struct Shared {
     target: Target,
     tokens: Vec<String>,
+    /// One per token: request `i` spends token `i` on CSR `i`.
+    csrs: Vec<Bytes>,
     limit: usize,
     next: AtomicUsize,
     mode: Mode,
@@ -371,13 +375,13 @@ struct Shared {
 }
 
 impl Shared {
-    /// The next unused token, or `None` when the run is over.
-    fn take_token(&self) -> Option<&str> {
+    /// The next unused token and its CSR, or `None` when the run is over.
+    fn take_token(&self) -> Option<(&str, &Bytes)> {
         if Instant::now() >= self.deadline {
             return None;
         }
         let index = self.next.fetch_add(1, Ordering::Relaxed);
-        (index < self.limit).then(|| self.tokens[index].as_str())
+        (index < self.limit).then(|| (self.tokens[index].as_str(), &self.csrs[index]))
     }
 }
 
@@ -451,18 +455,14 @@ impl Report {
     }
 }
 
-async fn client(
-    shared: Arc<Shared>,
-    csr: Bytes,
-    mut connection: Option<SendRequest<Full<Bytes>>>,
-) -> Report {
+async fn client(shared: Arc<Shared>, mut connection: Option<SendRequest<Full<Bytes>>>) -> Report {
     let mut report = Report::default();
     let mut transport_failures_in_a_row = 0;
-    while let Some(token) = shared.take_token() {
+    while let Some((token, csr)) = shared.take_token() {
         let started = Instant::now();
         let outcome = tokio::time::timeout(
             shared.request_timeout,
-            enroll(&shared, &mut connection, &csr, token),
+            enroll(&shared, &mut connection, csr, token),
         )
         .await
         .unwrap_or(Err(Failure::Timeout));
