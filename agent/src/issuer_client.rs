@@ -1,6 +1,8 @@
 //! The agent API client (`plant.agent.v1.Agent`): gRPC over rustls to the issuer.
 //!
-//! The issuer's certificate is verified against the configured trust bundle. Attestation runs
+//! The issuer's certificate is verified against the configured trust bundle, and must carry
+//! the issuer's SPIFFE ID (`est::client::issuer_verifier`): a device certificate with the
+//! issuer's name is not the issuer. Attestation runs
 //! over plain server-authenticated TLS; every other call presents the node SVID as the TLS
 //! client certificate (mTLS), with its key held in memory.
 //!
@@ -150,7 +152,11 @@ impl IssuerEndpoint {
         ))
         .with_safe_default_protocol_versions()
         .map_err(|e| Error::certificate("TLS setup", e))?
-        .with_root_certificates(Arc::clone(&self.roots));
+        .dangerous()
+        .with_custom_certificate_verifier(
+            est::client::issuer_verifier(Arc::clone(&self.roots))
+                .map_err(|e| Error::certificate("trust bundle", e))?,
+        );
         let mut tls = match identity {
             Some(identity) => builder
                 .with_client_auth_cert(

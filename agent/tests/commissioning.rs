@@ -64,6 +64,10 @@ impl TestCa {
         tls_params
             .subject_alt_names
             .push(SanType::IpAddress("127.0.0.1".parse().expect("ip")));
+        // The issuer's own identity, which EST clients require of the server.
+        tls_params.subject_alt_names.push(SanType::URI(
+            "spiffe://plant.test/issuer".try_into().expect("uri"),
+        ));
         tls_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         let tls = tls_params
             .signed_by(&tls_key, &root_issuer)

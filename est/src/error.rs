@@ -103,6 +103,15 @@ pub enum Error {
         /// The server URL.
         server: String,
     },
+    /// Client side: the server's certificate chains to the trusted CA but is not the
+    /// issuer's own: another certificate of the plant (a device's, a server's) answered.
+    #[error("{server} presented a certificate of the plant CA that is not the issuer's: {reason}")]
+    NotTheIssuer {
+        /// The server URL.
+        server: String,
+        /// What the certificate lacks, and what to check.
+        reason: String,
+    },
     /// Client side: no connection (nothing listens there), or it was closed before the server
     /// answered.
     #[error("cannot connect to {server}: {reason}")]

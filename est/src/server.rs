@@ -127,9 +127,10 @@ pub trait Backend: Send + Sync + 'static {
     fn ca_certificates(&self, label: Option<&Label>) -> Vec<Vec<u8>>;
     /// What `csrattrs` answers; empty means 204.
     fn csr_attributes(&self, label: Option<&Label>) -> Vec<AttrOrOid>;
-    /// Whether a client at `address` may present a token now; called before the body is
-    /// read, so a locked-out source costs no CSR parsing and no token lookup.
-    fn admit_token_attempt(&self, address: Option<std::net::SocketAddr>) -> Result<(), Error> {
+    /// Whether a client at `address` may ask for a certificate now (a source locked out for
+    /// refused requests may not); called before the body is read, so a locked-out source
+    /// costs no CSR parsing and no credential lookup.
+    fn admit_enrollment_attempt(&self, address: Option<std::net::SocketAddr>) -> Result<(), Error> {
         let _ = address;
         Ok(())
     }
@@ -304,9 +305,7 @@ async fn handle_post<B: Backend>(
     let client_certificate = parts.extensions.get::<TlsClientCertificate>().cloned();
     let client_address = parts.extensions.get::<ClientAddress>().map(|a| a.0);
     let credentials = credentials(&parts.headers)?;
-    if credentials != Credentials::None && operation != Operation::SimpleReenroll {
-        shared.backend.admit_token_attempt(client_address)?;
-    }
+    shared.backend.admit_enrollment_attempt(client_address)?;
     if credentials == Credentials::None && client_certificate.is_none() {
         let message = match operation {
             Operation::SimpleReenroll => {

@@ -3,7 +3,8 @@
 //! ([`crate::operator_api`]).
 //!
 //! `POST /v1/tokens`, `POST /v1/revocations`, `GET /v1/inventory`, `GET /v1/status`,
-//! `GET /v1/audit`, `GET /v1/audit/verify`.
+//! `GET /v1/audit?count=&before=` (newest first pages of at most 1000 records),
+//! `GET /v1/audit/verify`.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -97,16 +98,31 @@ async fn status(State(authority): State<Arc<Authority>>) -> Json<StatusReport> {
     Json(authority.status())
 }
 
+/// Most audit records one `GET /v1/audit` answers; more is refused (400), not cut short, so
+/// a script never mistakes a partial answer for the whole log.
+pub const MAX_AUDIT_PAGE: usize = 1000;
+
 #[derive(Deserialize)]
 struct AuditQuery {
+    /// How many records (default 20, at most [`MAX_AUDIT_PAGE`]).
     count: Option<usize>,
+    /// Only records numbered below this: the `seq` of the oldest record of the previous
+    /// page, to walk the log back.
+    before: Option<u64>,
 }
 
 async fn audit(
     State(authority): State<Arc<Authority>>,
     Query(query): Query<AuditQuery>,
 ) -> Result<Json<Vec<AuditRecord>>, AdminError> {
-    Ok(Json(authority.store.audit.tail(query.count.unwrap_or(20))?))
+    let count = query.count.unwrap_or(20);
+    if count == 0 || count > MAX_AUDIT_PAGE {
+        return Err(AdminError(Error::Admin(format!(
+            "count={count}: ask for 1 to {MAX_AUDIT_PAGE} records a page; for more, page back \
+             with before=<seq of the oldest record you got>"
+        ))));
+    }
+    Ok(Json(authority.store.audit.page(query.before, count)?))
 }
 
 async fn audit_verify(

@@ -52,11 +52,13 @@ pub struct Authority {
     pub(crate) backdate: time::Duration,
     /// Checked before any request writes: a full or read-only disk answers 503.
     pub(crate) state_volume: crate::state_volume::StateVolume,
-    /// Per-source lockout after repeated failed token authentications.
+    /// Per-source lockout and audit summaries of refusals without a valid credential.
     pub(crate) lockouts: crate::lockout::Lockouts,
     /// How long after a renewal its predecessor may ask again and get the same successor
     /// (`[est] renewal_retry_window`): a device that lost the answer.
     pub(crate) renewal_retry_window: Duration,
+    /// The names on the issuer's own TLS certificate, which no token or entry may grant.
+    pub(crate) listener_names: crate::tls::ListenerNames,
 }
 
 /// An operator's request for tokens.
@@ -237,6 +239,9 @@ impl Authority {
             ),
             lockouts: crate::lockout::Lockouts::new(config.tokens.lockout),
             renewal_retry_window: config.est.renewal_retry_window,
+            listener_names: crate::tls::ListenerNames::load(
+                &config.resolve(&config.est.tls_certificate),
+            ),
             root_key: {
                 // `init` writes the root key beside the root certificate; operators are told
                 // to move it offline, and status says whether they did.
@@ -301,6 +306,18 @@ impl Authority {
         let profile = profiles
             .get(&grant.label)
             .ok_or_else(|| Error::Config(format!("no profile {:?}", grant.label)))?;
+        // The issuer's SPIFFE ID is what clients pin the issuer by: only the issuer's own
+        // TLS certificate may carry it, and that certificate carries nothing else's.
+        let issuer_id = grant
+            .spiffe_id
+            .as_ref()
+            .is_some_and(|id| est::client::is_issuer_id(id.as_str()));
+        if issuer_id != (grant.label == crate::profile::ISSUER_SERVER) {
+            return Err(Error::Denied(format!(
+                "{} is the issuer's own identity; no other certificate may carry it",
+                grant.spiffe_id.as_ref().map_or("", |id| id.as_str())
+            )));
+        }
         // Nothing is written (not even the token spent) unless it can also be recorded.
         self.state_volume.check()?;
         let now = self.now();
@@ -498,6 +515,7 @@ impl Authority {
         if !request.ips.is_empty() && !profile.allows(SanKind::Ip) {
             return Err(bad(format!("profile {label} does not allow IP addresses")));
         }
+        self.refuse_listener_names(&request.dns, &request.ips)?;
         let ttl = request
             .ttl_secs
             .map(Duration::from_secs)

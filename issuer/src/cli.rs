@@ -292,9 +292,12 @@ enum AuditCommand {
     Tail {
         #[command(flatten)]
         config: ConfigArg,
-        /// How many records.
+        /// How many records (fetched in pages of at most 1000).
         #[arg(short = 'n', long, default_value_t = 20)]
         count: usize,
+        /// Only records numbered below this one (to read further back).
+        #[arg(long)]
+        before: Option<u64>,
     },
 }
 
@@ -521,11 +524,33 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
         Command::Entry { command } => run_entry(command).await,
         Command::Agent { command } => run_agent(command).await,
         Command::Audit {
-            command: AuditCommand::Tail { config, count },
+            command:
+                AuditCommand::Tail {
+                    config,
+                    count,
+                    before,
+                },
         } => {
-            let records: Vec<AuditRecord> = admin(&config.config)?
-                .get(&format!("/v1/audit?count={count}"))
-                .await?;
+            // The API answers at most MAX_AUDIT_PAGE records at a time: walk back page by
+            // page, newest page first, then print oldest first.
+            let client = admin(&config.config)?;
+            let mut records: Vec<AuditRecord> = Vec::new();
+            let mut below = before;
+            while records.len() < count {
+                let want = (count - records.len()).min(crate::admin::MAX_AUDIT_PAGE);
+                let query = match below {
+                    Some(seq) => format!("/v1/audit?count={want}&before={seq}"),
+                    None => format!("/v1/audit?count={want}"),
+                };
+                let page: Vec<AuditRecord> = client.get(&query).await?;
+                let Some(first) = page.first() else { break };
+                below = Some(first.seq);
+                let short = page.len() < want;
+                records.splice(0..0, page);
+                if short {
+                    break;
+                }
+            }
             for r in records {
                 println!(
                     "{:>8}  {}  {:<20} {}",

@@ -351,8 +351,9 @@ pub struct TokenConfig {
     /// Longest lifetime an operator may give a token.
     #[serde(with = "crate::duration::serde_text")]
     pub max_ttl: Duration,
-    /// `[tokens.lockout]`: sources that fail token authentication too often are refused
-    /// for a while (see `lockout`).
+    /// `[tokens.lockout]`: sources refused too often for want of a credential this CA made
+    /// are refused for a while, and their refusals summarized in the audit log (see
+    /// `lockout`).
     #[serde(default)]
     pub lockout: crate::lockout::LockoutPolicy,
 }

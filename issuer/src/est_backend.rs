@@ -32,15 +32,18 @@ impl Backend for Authority {
         est::csr_attrs::p256_policy(false)
     }
 
-    fn admit_token_attempt(&self, address: Option<std::net::SocketAddr>) -> Result<(), EstError> {
-        self.token_attempt_allowed(address.map(|a| a.ip()))
+    fn admit_enrollment_attempt(
+        &self,
+        address: Option<std::net::SocketAddr>,
+    ) -> Result<(), EstError> {
+        self.source_admitted(address.map(|a| a.ip()))
             .map_err(|locked| {
                 EstError::refused(
                     Refusal::TooManyRequests {
                         retry_after: locked.retry_after,
                     },
                     format!(
-                        "too many failed token attempts from your address; retry in {} s",
+                        "too many refused requests without a valid token or certificate from your address; retry in {} s",
                         locked.retry_after
                     ),
                 )
@@ -110,19 +113,15 @@ impl Authority {
     /// Records a refused enrollment in the audit log (who asked for what, and why not) and
     /// passes the refusal on. Requests the EST layer rejects before they reach policy (bad
     /// encoding, size, media type) are counted in the metrics, not audited: they carry no
-    /// identity to record. The token appears by its public id only, never its secret.
+    /// identity to record. A request whose credential names nothing this CA made (no token,
+    /// an unknown token, a client certificate not ours) is counted toward its source's
+    /// lockout and summarized (`lockout`), not audited one by one: otherwise anyone could
+    /// fill the disk with audit records. The token appears by its public id only, never
+    /// its secret, and text from the CSR is cut short.
     fn audit_refusal(&self, request: &EnrollRequest, refusal: EstError) -> EstError {
-        if let Err(why) = self.state_volume.probe() {
-            // Recording the refusal would be the very write the disk can't take.
-            tracing::warn!(?why, %refusal, "enrollment refused; not audited while the state folder is unwritable");
-            return refusal;
-        }
-        let token_id = match &request.credentials {
-            Credentials::Basic { password, .. } => Some(password.0.as_str()),
-            Credentials::Bearer(token) => Some(token.0.as_str()),
-            Credentials::None => None,
-        }
-        .map(|secret| hex::encode(&crate::store::tokens_hash(secret)[..4]));
+        self.metrics.refused(refusal_reason(refusal.refusal()));
+        let token_id = request_secret(request)
+            .map(|secret| hex::encode(&crate::store::tokens_hash(secret)[..4]));
         let certificate_serial = request
             .client_certificate
             .as_ref()
@@ -131,23 +130,56 @@ impl Authority {
             .and_then(|c| Serial::from_bytes(c.tbs_certificate.serial_number.as_bytes()))
             .map(|s| s.to_string());
         let status = est::server::refusal_status(refusal.refusal()).0.as_u16();
-        let recorded = self.audit(
-            "enrollment.refused",
-            serde_json::json!({
-                "operation": format!("{:?}", request.operation),
-                "label": request.label.as_ref().map(Label::as_str),
-                "subject": request.csr.common_name(),
-                "status": status,
-                "reason": refusal.to_string(),
-                "token_id": token_id,
-                "certificate_serial": certificate_serial,
-            }),
-        );
-        if let Err(e) = recorded {
+        let detail = serde_json::json!({
+            "operation": format!("{:?}", request.operation),
+            "label": request.label.as_ref().map(Label::as_str),
+            "subject": request.csr.common_name().map(crate::lockout::truncated),
+            "status": status,
+            "reason": crate::lockout::truncated(&refusal.to_string()),
+            "token_id": token_id,
+            "certificate_serial": certificate_serial,
+        });
+        if let Some(kind) = self.unknown_credential(request) {
+            self.refused_unauthenticated(
+                request.client_address.map(|a| a.ip()),
+                kind,
+                "enrollment.refused",
+                detail,
+            );
+            return refusal;
+        }
+        if let Err(why) = self.state_volume.probe() {
+            // Recording the refusal would be the very write the disk can't take.
+            tracing::warn!(?why, %refusal, "enrollment refused; not audited while the state folder is unwritable");
+            return refusal;
+        }
+        if let Err(e) = self.audit("enrollment.refused", detail) {
             tracing::error!(error = %e, "could not record a refused enrollment in the audit log");
         }
-        self.metrics.refused(refusal_reason(refusal.refusal()));
         refusal
+    }
+
+    /// Why the request's credential names nothing this CA made, if it doesn't: the
+    /// certificate being renewed must be one this CA issued (whatever its status now), a
+    /// token must exist (used, expired or revoked ones are real). A store that can't
+    /// answer counts as "unknown": flooding must not get through on a fault.
+    fn unknown_credential(&self, request: &EnrollRequest) -> Option<&'static str> {
+        if request.operation == Operation::SimpleReenroll {
+            let Some(leaf) = request.client_certificate.as_ref().and_then(|c| c.leaf()) else {
+                return Some("est_no_certificate");
+            };
+            return match self.issued_record(leaf) {
+                Ok(Some(_)) => None,
+                _ => Some("est_unknown_certificate"),
+            };
+        }
+        let Some(secret) = request_secret(request) else {
+            return Some("est_no_token");
+        };
+        match self.store.tokens.find(secret) {
+            Ok(Some(_)) => None,
+            _ => Some("est_unknown_token"),
+        }
     }
 
     /// A one-time token authorizes one certificate under its label, for its subject and
@@ -461,6 +493,15 @@ enum Reenrollment {
     Issue(Grant),
     /// The certificate already issued to this renewal, whose answer the device lost.
     Repeat(Vec<u8>),
+}
+
+/// The token secret the request carries, if any.
+fn request_secret(request: &EnrollRequest) -> Option<&str> {
+    match &request.credentials {
+        Credentials::Basic { password, .. } => Some(password.0.as_str()),
+        Credentials::Bearer(token) => Some(token.0.as_str()),
+        Credentials::None => None,
+    }
 }
 
 fn check_usable(record: &TokenRecord, now: i64) -> Result<(), EstError> {

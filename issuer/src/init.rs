@@ -9,7 +9,7 @@ use std::sync::Arc;
 use crate::authority::Authority;
 use crate::clock::SystemClock;
 use crate::config::Config;
-use crate::grant::{valid_dns, Grant};
+use crate::grant::valid_dns;
 use crate::profile::{self, Profile};
 use crate::Error;
 
@@ -85,34 +85,21 @@ pub async fn run(options: &InitOptions) -> Result<InitReport, Error> {
     write(&config_path, &template(options))?;
 
     // The EST server's own certificate goes through the normal pipeline, so it is in the
-    // inventory and its expiry is watched like any other.
+    // inventory and its expiry is watched like any other. It carries the issuer's SPIFFE ID,
+    // which clients pin (see `tls::issue_listener_certificate`).
     let config = Config::load(&config_path)?;
     let authority = Authority::open(&config, Arc::new(SystemClock))?;
     let tls_key = hsm::SoftKey::create(&dir.join("tls/server.key"))?;
-    let grant = Grant {
-        label: "server".into(),
-        common_name: options
-            .dns
-            .first()
-            .cloned()
-            .unwrap_or_else(|| "issuer".into()),
-        dns: options.dns.clone(),
-        ips: options.ips.clone(),
-        spiffe_id: None,
-        lifetime: None,
-        owner: "issuer:est-listener".into(),
-        renews: None,
-        token: None,
-    };
-    // Signed by the issuing key itself: no short-lived key exists before `serve`, and the
-    // listener's chain (written below) must not depend on one.
-    let der = authority
-        .issue_signed_by(
-            &grant,
-            hsm::Signer::public_key(&tls_key).point(),
-            Some(crate::ca::SignWith::IssuingKey),
-        )
-        .await?;
+    let der = crate::tls::issue_listener_certificate(
+        &authority,
+        hsm::Signer::public_key(&tls_key).point(),
+        &crate::tls::ListenerNames {
+            dns: options.dns.clone(),
+            ips: options.ips.clone(),
+        },
+        None,
+    )
+    .await?;
     let chain = pem("CERTIFICATE", &der) + &hierarchy.issuing_pem;
     write(&dir.join("tls/server.crt"), &chain)?;
     Ok(InitReport {
@@ -125,7 +112,7 @@ fn write(path: &Path, text: &str) -> Result<(), Error> {
     std::fs::write(path, text).map_err(Error::io(path))
 }
 
-fn pem(label: &str, der: &[u8]) -> String {
+pub(crate) fn pem(label: &str, der: &[u8]) -> String {
     use base64::Engine;
     let b64 = base64::engine::general_purpose::STANDARD.encode(der);
     let mut out = format!("-----BEGIN {label}-----\n");
@@ -212,15 +199,19 @@ default_ttl = "24h"
 max_ttl = "30d"
 
 [tokens.lockout]
-# A source address (IPv6: its /64) presenting max_failures unknown tokens (EST or join
-# token; used or expired ones do not count) within `window` is refused for `lockout`: 429
-# with Retry-After (gRPC: RESOURCE_EXHAUSTED), before its token is looked up; a success does
-# not end it early. Each lockout is one token.guessing audit record. At most max_sources
-# addresses are tracked; the oldest is forgotten to make room.
+# A source address (IPv6: its /64) refused max_failures times within `window` for want of a
+# credential this CA made (an unknown token, no token, a client certificate not ours, a
+# refused attestation; used or expired tokens and our own revoked certificates do not count)
+# is refused for `lockout`: 429 with Retry-After (gRPC: RESOURCE_EXHAUSTED), before its
+# request is read; a success does not end it early. Each lockout is one source.locked_out
+# audit record. Such refusals are not audited one by one: each source's first in every
+# summary_interval is, and the rest make one refusals.summarized record. At most
+# max_sources addresses are tracked; the oldest is forgotten to make room.
 max_failures = 10
 window = "1m"
 lockout = "5m"
 max_sources = 65536
+summary_interval = "1m"
 
 [issuance]
 # notBefore of every certificate is set this far before the issuer's clock, so devices whose

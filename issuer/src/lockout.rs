@@ -1,24 +1,38 @@
-//! Token-guessing lockout: token authentications (EST Basic/Bearer, join tokens at Attest)
-//! with a secret that matches no token are counted per source address. A used or expired
-//! token is real, not a guess (a device retrying after a lost answer presents one), and is
-//! not counted. A source with too many in one window is refused (HTTP 429 + Retry-After,
-//! gRPC RESOURCE_EXHAUSTED) before its token is even looked up, until the lockout ends. A
-//! success does not lift a lockout early: a guesser that stumbles on a real token must not
-//! reset its own counter.
+//! Refusals of requests that carry no credential this CA knows, per source address: the
+//! lockout, and the audit summaries that keep them from flooding the audit log.
+//!
+//! "Unauthenticated" means the request named nothing this CA made: an EST token secret
+//! that matches no token, no token at all, a TLS client certificate this CA did not issue
+//! (a self-signed one, say), or an agent whose node attestation was refused. A used or
+//! expired token, or a revoked certificate of ours, is real (a device retrying after a lost
+//! answer presents one): its refusal is audited on its own and not counted here.
+//!
+//! Lockout: a source with `max_failures` unauthenticated refusals in one window is refused
+//! (HTTP 429 + Retry-After, gRPC RESOURCE_EXHAUSTED) before its request is even read, on
+//! every enrollment and attestation path, until the lockout ends. A success does not lift a
+//! lockout early: a guesser that stumbles on a real token must not reset its own counter.
+//! Each lockout writes one `source.locked_out` audit record.
+//!
+//! Summaries: of a source's unauthenticated refusals, the first in each
+//! `summary_interval` (default 1 min) is audited on its own (so an operator sees what was asked and why it
+//! was refused); the rest are counted by kind and written as one `refusals.summarized`
+//! record ("N refusals of kind K from source S since …") once the interval is over. So a
+//! source costs at most two audit records a minute however fast it asks, and none of them
+//! waits for a flush of its own: they go to disk with the next group commit, or with the
+//! one commit the summary sweep makes. Attacker text in them is cut to [`MAX_TEXT`]
+//! characters ([`truncated`]).
 //!
 //! Guessing a token is hopeless anyway (256 random bits, looked up by SHA-256 and compared
 //! in constant time, see `store::tokens`); the lockout keeps a guesser from loading the
-//! store and from filling the audit log. Each lockout writes one `token.guessing` audit
-//! record (source, failures) — not one record per attempt — and the attempts refused during
-//! it are counted in the metrics only.
+//! store and the summaries keep it from filling the disk.
 //!
-//! Memory is bounded: at most `max_sources` addresses are tracked and the oldest entry is
-//! evicted to make room. IPv6 sources are counted per /64, the block one host is typically
-//! given, so a host cannot rotate through its own addresses to escape.
+//! Memory is bounded: at most `max_sources` addresses are tracked (in each table) and the
+//! oldest entry is evicted to make room. IPv6 sources are counted per /64, the block one
+//! host is typically given, so a host cannot rotate through its own addresses to escape.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::IpAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -27,7 +41,7 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LockoutPolicy {
-    /// Failed token authentications from one source within `window` that lock it out.
+    /// Unauthenticated refusals of one source within `window` that lock it out.
     pub max_failures: u32,
     /// The window failures are counted in, from a source's first failure.
     #[serde(with = "crate::duration::serde_text")]
@@ -37,6 +51,17 @@ pub struct LockoutPolicy {
     pub lockout: Duration,
     /// Most sources tracked at once; the oldest is forgotten to make room.
     pub max_sources: usize,
+    /// How long a source's refusals are counted before their `refusals.summarized` audit
+    /// record is written (the first of each interval is audited on its own).
+    #[serde(
+        with = "crate::duration::serde_text",
+        default = "default_summary_interval"
+    )]
+    pub summary_interval: Duration,
+}
+
+fn default_summary_interval() -> Duration {
+    Duration::from_secs(60)
 }
 
 impl Default for LockoutPolicy {
@@ -46,6 +71,7 @@ impl Default for LockoutPolicy {
             window: Duration::from_secs(60),
             lockout: Duration::from_secs(300),
             max_sources: 65_536,
+            summary_interval: default_summary_interval(),
         }
     }
 }
@@ -61,6 +87,9 @@ impl LockoutPolicy {
         }
         if self.max_sources == 0 {
             return Err("tokens.lockout.max_sources must be at least 1".into());
+        }
+        if self.summary_interval < Duration::from_secs(1) {
+            return Err("tokens.lockout.summary_interval must be at least 1s".into());
         }
         Ok(())
     }
@@ -133,6 +162,7 @@ struct Sources {
 pub struct Lockouts {
     policy: LockoutPolicy,
     sources: Mutex<Sources>,
+    summaries: Summaries,
 }
 
 impl Lockouts {
@@ -141,10 +171,11 @@ impl Lockouts {
         Self {
             policy,
             sources: Mutex::new(Sources::default()),
+            summaries: Summaries::new(policy.max_sources, policy.summary_interval),
         }
     }
 
-    /// Whether `source` may try a token now.
+    /// Whether `source` may be heard now.
     pub fn check(&self, source: Source, now: Instant) -> Result<(), Locked> {
         let Ok(sources) = self.sources.lock() else {
             return Ok(());
@@ -157,7 +188,7 @@ impl Lockouts {
         }
     }
 
-    /// Counts one failed token authentication from `source`.
+    /// Counts one unauthenticated refusal of `source`.
     pub fn failed(&self, source: Source, now: Instant) -> Failure {
         let Ok(mut sources) = self.sources.lock() else {
             return Failure::Counted;
@@ -208,45 +239,302 @@ impl Lockouts {
 }
 
 impl crate::authority::Authority {
-    /// Whether a client at `address` may present a token now (unknown addresses may).
-    pub(crate) fn token_attempt_allowed(&self, address: Option<IpAddr>) -> Result<(), Locked> {
+    /// Whether a client at `address` may be heard now (unknown addresses may).
+    pub(crate) fn source_admitted(&self, address: Option<IpAddr>) -> Result<(), Locked> {
         match address {
             Some(address) => self.lockouts.check(Source::of(address), Instant::now()),
             None => Ok(()),
         }
     }
 
-    /// Counts a failed token authentication from `address`; the failure that locks a source
-    /// out writes its one `token.guessing` audit record.
-    pub(crate) fn token_failed(&self, address: Option<IpAddr>) {
+    /// Counts a token secret that matched no token (EST or join token) in the metrics; the
+    /// refusal itself is counted toward the lockout by [`Self::refused_unauthenticated`].
+    pub(crate) fn token_failed(&self, _address: Option<IpAddr>) {
         self.metrics.token_failure();
-        let Some(address) = address else {
-            return;
-        };
-        let source = Source::of(address);
-        if let Failure::LockedOut { failures } = self.lockouts.failed(source, Instant::now()) {
-            self.metrics.token_lockout();
-            let policy = self.lockouts.policy;
+    }
+
+    /// One refusal of a request that carried no credential this CA knows: counted (metrics
+    /// by `kind`, the source's lockout), and audited as `audit_kind` with `detail` only if
+    /// it is the source's first this interval, else left to the source's summary. Strings
+    /// in `detail` must be [`truncated`] already.
+    pub(crate) fn refused_unauthenticated(
+        &self,
+        address: Option<IpAddr>,
+        kind: &'static str,
+        audit_kind: &str,
+        detail: serde_json::Value,
+    ) {
+        self.metrics.unauthenticated_refusal(kind);
+        let source = address.map(Source::of);
+        let now = Instant::now();
+        if let Some(source) = source {
+            if let Failure::LockedOut { failures } = self.lockouts.failed(source, now) {
+                self.locked_out(source, failures, kind);
+            }
+        }
+        let noted = self
+            .lockouts
+            .summaries
+            .note(source, kind, now, self.now_ms());
+        if let Some(summary) = noted.summary {
+            self.write_summary(&summary);
+        }
+        if noted.first {
+            let mut detail = detail;
+            detail["source"] = source_text(source).into();
+            self.audit_unless_unwritable(audit_kind, detail);
+        }
+    }
+
+    fn locked_out(&self, source: Source, failures: u32, kind: &'static str) {
+        self.metrics.source_lockout();
+        let policy = self.lockouts.policy;
+        tracing::warn!(
+            %source,
+            failures,
+            last = kind,
+            lockout_secs = policy.lockout.as_secs(),
+            "too many refused requests without a valid credential: source locked out"
+        );
+        self.audit_unless_unwritable(
+            "source.locked_out",
+            serde_json::json!({
+                "source": source.to_string(),
+                "failures": failures,
+                "last_refusal": kind,
+                "window_secs": policy.window.as_secs(),
+                "lockout_secs": policy.lockout.as_secs(),
+            }),
+        );
+    }
+
+    fn write_summary(&self, summary: &Summary) {
+        let total: u64 = summary.counts.values().sum();
+        tracing::info!(
+            source = %source_text(summary.source),
+            total,
+            "refusals without a valid credential summarized"
+        );
+        self.audit_unless_unwritable(
+            "refusals.summarized",
+            serde_json::json!({
+                "source": source_text(summary.source),
+                "since": crate::est_backend::rfc3339(summary.since_ms / 1000),
+                "refusals": total,
+                "by_kind": summary.counts,
+            }),
+        );
+    }
+
+    /// Appends an audit record without waiting for it to reach the disk, unless the state
+    /// folder can't take writes now (recording would be the very write the disk can't take).
+    pub(crate) fn audit_unless_unwritable(&self, kind: &str, detail: serde_json::Value) {
+        if let Err(why) = self.state_volume.probe() {
             tracing::warn!(
-                %source,
-                failures,
-                lockout_secs = policy.lockout.as_secs(),
-                "too many failed token authentications: source locked out"
+                ?why,
+                kind,
+                "not audited while the state folder is unwritable"
             );
-            let recorded = self.audit(
-                "token.guessing",
-                serde_json::json!({
-                    "source": source.to_string(),
-                    "failures": failures,
-                    "window_secs": policy.window.as_secs(),
-                    "lockout_secs": policy.lockout.as_secs(),
-                }),
-            );
-            if let Err(e) = recorded {
-                tracing::error!(error = %e, "could not record a token-guessing lockout in the audit log");
+            return;
+        }
+        if let Err(e) = self.audit(kind, detail) {
+            tracing::error!(error = %e, kind, "could not write an audit record");
+        }
+    }
+
+    fn now_ms(&self) -> i64 {
+        (self.now().unix_timestamp_nanos() / 1_000_000) as i64
+    }
+
+    /// Writes the summaries of sources whose interval is over, every few seconds, with one
+    /// commit per sweep that wrote anything: the disk sees at most one flush per sweep for
+    /// them, however many sources are refused.
+    pub async fn keep_refusal_summaries_written(self: Arc<Self>) {
+        let every = SUMMARY_SWEEP
+            .min(self.lockouts.policy.summary_interval / 2)
+            .max(Duration::from_millis(500));
+        let mut ticks = tokio::time::interval(every);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticks.tick().await;
+            let due = self.lockouts.summaries.due(Instant::now());
+            if due.is_empty() {
+                continue;
+            }
+            for summary in &due {
+                self.write_summary(summary);
+            }
+            if let Err(e) = self.store.durability.commit().await {
+                tracing::error!(error = %e, "committing refusal summaries failed");
             }
         }
     }
+}
+
+fn source_text(source: Option<Source>) -> String {
+    source.map_or_else(|| "unknown".to_owned(), |s| s.to_string())
+}
+
+/// Longest attacker-supplied text (a CSR subject, a refusal message quoting it) an audit
+/// record keeps, in characters.
+pub const MAX_TEXT: usize = 128;
+
+/// `text` cut to [`MAX_TEXT`] characters, with an ellipsis and the full length when cut.
+pub fn truncated(text: &str) -> String {
+    let length = text.chars().count();
+    if length <= MAX_TEXT {
+        return text.to_owned();
+    }
+    let head: String = text.chars().take(MAX_TEXT).collect();
+    format!("{head}… ({length} characters)")
+}
+
+/// How often summaries that are due are written when no new refusal brings them out, at
+/// most (a shorter summary interval sweeps more often).
+const SUMMARY_SWEEP: Duration = Duration::from_secs(10);
+
+/// A source's refusals since its last audit record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Summary {
+    /// Where they came from (`None`: a client whose address was unknown).
+    pub source: Option<Source>,
+    /// Unix milliseconds of the first refusal counted.
+    pub since_ms: i64,
+    /// Refusals by kind.
+    pub counts: BTreeMap<&'static str, u64>,
+}
+
+/// What noting one refusal calls for.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Noted {
+    /// The source's first refusal this interval: audit it on its own.
+    pub first: bool,
+    /// The source's previous interval is over: write its summary.
+    pub summary: Option<Summary>,
+}
+
+#[derive(Debug)]
+struct Pending {
+    /// When the source's current interval started (its last record).
+    interval_start: Instant,
+    since_ms: i64,
+    counts: BTreeMap<&'static str, u64>,
+}
+
+#[derive(Debug, Default)]
+struct SummaryTable {
+    entries: HashMap<Option<Source>, Pending>,
+    order: VecDeque<Option<Source>>,
+}
+
+/// Per-source counts of unauthenticated refusals not yet in the audit log.
+#[derive(Debug)]
+struct Summaries {
+    max_sources: usize,
+    interval: Duration,
+    table: Mutex<SummaryTable>,
+}
+
+impl Summaries {
+    fn new(max_sources: usize, interval: Duration) -> Self {
+        Self {
+            max_sources,
+            interval,
+            table: Mutex::new(SummaryTable::default()),
+        }
+    }
+
+    /// Notes one refusal of `kind` from `source` at `now` (`now_ms` for the record).
+    fn note(&self, source: Option<Source>, kind: &'static str, now: Instant, now_ms: i64) -> Noted {
+        let Ok(mut table) = self.table.lock() else {
+            return Noted::default();
+        };
+        if let Some(pending) = table.entries.get_mut(&source) {
+            if now.saturating_duration_since(pending.interval_start) < self.interval {
+                if pending.counts.is_empty() {
+                    pending.since_ms = now_ms;
+                }
+                *pending.counts.entry(kind).or_default() += 1;
+                return Noted::default();
+            }
+            // The interval is over: this refusal opens a new one and is audited itself.
+            let summary = take_summary(source, pending);
+            pending.interval_start = now;
+            return Noted {
+                first: true,
+                summary,
+            };
+        }
+        while table.entries.len() >= self.max_sources {
+            let Some(oldest) = table.order.pop_front() else {
+                break;
+            };
+            if let Some(evicted) = table.entries.remove(&oldest) {
+                let dropped: u64 = evicted.counts.values().sum();
+                if dropped > 0 {
+                    tracing::warn!(
+                        source = %source_text(oldest),
+                        dropped,
+                        "refusal summary dropped: too many sources tracked"
+                    );
+                }
+            }
+        }
+        table.order.push_back(source);
+        table.entries.insert(
+            source,
+            Pending {
+                interval_start: now,
+                since_ms: now_ms,
+                counts: BTreeMap::new(),
+            },
+        );
+        Noted {
+            first: true,
+            summary: None,
+        }
+    }
+
+    /// The summaries of sources whose interval is over; sources quiet for a whole interval
+    /// since are forgotten.
+    fn due(&self, now: Instant) -> Vec<Summary> {
+        let Ok(mut table) = self.table.lock() else {
+            return Vec::new();
+        };
+        let mut due = Vec::new();
+        let mut quiet = Vec::new();
+        for (source, pending) in table.entries.iter_mut() {
+            if now.saturating_duration_since(pending.interval_start) < self.interval {
+                continue;
+            }
+            match take_summary(*source, pending) {
+                Some(summary) => {
+                    due.push(summary);
+                    pending.interval_start = now;
+                }
+                None => quiet.push(*source),
+            }
+        }
+        if !quiet.is_empty() {
+            let SummaryTable { entries, order } = &mut *table;
+            for source in &quiet {
+                entries.remove(source);
+            }
+            order.retain(|s| entries.contains_key(s));
+        }
+        due
+    }
+}
+
+fn take_summary(source: Option<Source>, pending: &mut Pending) -> Option<Summary> {
+    if pending.counts.is_empty() {
+        return None;
+    }
+    Some(Summary {
+        source,
+        since_ms: pending.since_ms,
+        counts: std::mem::take(&mut pending.counts),
+    })
 }
 
 fn seconds_until(now: Instant, until: Instant) -> u32 {
@@ -265,6 +553,7 @@ mod tests {
             window: Duration::from_secs(60),
             lockout: Duration::from_secs(300),
             max_sources,
+            summary_interval: Duration::from_secs(60),
         }
     }
 
@@ -318,6 +607,67 @@ mod tests {
             lockouts.failed(Source::of(IpAddr::from(n.to_be_bytes())), t0);
         }
         assert_eq!(lockouts.tracked(), 100);
+    }
+
+    #[test]
+    fn a_source_gets_one_record_then_one_summary_per_interval() {
+        let summaries = Summaries::new(10, Duration::from_secs(60));
+        let t0 = Instant::now();
+        let at = |secs: u64| t0 + Duration::from_secs(secs);
+        let source = Some(ip("192.0.2.1"));
+        assert_eq!(
+            summaries.note(source, "a", t0, 0),
+            Noted {
+                first: true,
+                summary: None
+            }
+        );
+        for _ in 0..1000 {
+            assert_eq!(summaries.note(source, "a", at(1), 1000), Noted::default());
+        }
+        assert_eq!(summaries.note(source, "b", at(2), 2000), Noted::default());
+        assert!(summaries.due(at(30)).is_empty());
+        let due = summaries.due(at(61));
+        assert_eq!(
+            due,
+            vec![Summary {
+                source,
+                since_ms: 1000,
+                counts: [("a", 1000), ("b", 1)].into_iter().collect(),
+            }]
+        );
+        // A refusal after the interval opens the next one and is audited itself.
+        let noted = summaries.note(source, "a", at(200), 200_000);
+        assert!(noted.first && noted.summary.is_none());
+        // Quiet for a whole interval: forgotten.
+        assert!(summaries.due(at(400)).is_empty());
+        assert!(summaries.due(at(400)).is_empty());
+        assert_eq!(
+            summaries.table.lock().map(|t| t.entries.len()).ok(),
+            Some(0)
+        );
+    }
+
+    #[test]
+    fn summaries_track_at_most_max_sources() {
+        let summaries = Summaries::new(100, Duration::from_secs(60));
+        let t0 = Instant::now();
+        for n in 0..10_000u32 {
+            summaries.note(Some(Source::of(IpAddr::from(n.to_be_bytes()))), "a", t0, 0);
+        }
+        assert_eq!(
+            summaries.table.lock().map(|t| t.entries.len()).ok(),
+            Some(100)
+        );
+    }
+
+    #[test]
+    fn long_text_is_cut_with_its_length() {
+        assert_eq!(truncated("short"), "short");
+        let long = "é".repeat(5000);
+        let cut = truncated(&long);
+        assert!(cut.starts_with(&"é".repeat(MAX_TEXT)));
+        assert!(cut.ends_with("… (5000 characters)"), "{cut}");
     }
 
     #[test]

@@ -36,8 +36,9 @@ pub struct Metrics {
     refusals: Mutex<BTreeMap<&'static str, Arc<AtomicU64>>>,
     attestations: Mutex<BTreeMap<(&'static str, &'static str), Arc<AtomicU64>>>,
     connections_shed: Mutex<BTreeMap<&'static str, Arc<AtomicU64>>>,
+    unauthenticated_refusals: Mutex<BTreeMap<&'static str, Arc<AtomicU64>>>,
     token_failures: AtomicU64,
-    token_lockouts: AtomicU64,
+    source_lockouts: AtomicU64,
     inventory: Mutex<InventoryGauges>,
     /// Set when the inventory changed since the gauges were computed.
     inventory_dirty: std::sync::atomic::AtomicBool,
@@ -122,9 +123,21 @@ impl Metrics {
         self.token_failures.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Records one source locked out for guessing tokens.
-    pub fn token_lockout(&self) {
-        self.token_lockouts.fetch_add(1, Ordering::Relaxed);
+    /// Records one source locked out for too many refusals without a valid credential.
+    pub fn source_lockout(&self) {
+        self.source_lockouts.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Records one refusal of a request without a valid credential, by kind (EST
+    /// `est_unknown_token`, `est_unknown_certificate`, …; attestation `attestation_<reason>`).
+    pub fn unauthenticated_refusal(&self, kind: &'static str) {
+        let counter = {
+            let Ok(mut map) = self.unauthenticated_refusals.lock() else {
+                return;
+            };
+            map.entry(kind).or_default().clone()
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The exposition text.
@@ -212,9 +225,19 @@ impl Metrics {
         );
         let _ = writeln!(
             out,
-            "# HELP plant_token_lockouts_total Sources locked out for too many failed token authentications.\n# TYPE plant_token_lockouts_total counter\nplant_token_lockouts_total {}",
-            self.token_lockouts.load(Ordering::Relaxed)
+            "# HELP plant_source_lockouts_total Sources locked out for too many refusals without a valid credential.\n# TYPE plant_source_lockouts_total counter\nplant_source_lockouts_total {}",
+            self.source_lockouts.load(Ordering::Relaxed)
         );
+        out.push_str("# HELP plant_unauthenticated_refusals_total Requests refused that carried no credential this CA knows, by reason (summarized in the audit log, not recorded one by one).\n# TYPE plant_unauthenticated_refusals_total counter\n");
+        if let Ok(map) = self.unauthenticated_refusals.lock() {
+            for (kind, n) in map.iter() {
+                let _ = writeln!(
+                    out,
+                    "plant_unauthenticated_refusals_total{{reason=\"{kind}\"}} {}",
+                    n.load(Ordering::Relaxed)
+                );
+            }
+        }
         out
     }
 }

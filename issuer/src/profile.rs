@@ -196,8 +196,15 @@ pub fn defaults() -> Vec<(&'static str, Profile)> {
 pub const SVID: &str = "svid";
 /// The profile of agents' node SVIDs (label `node-svid`).
 pub const NODE_SVID: &str = "node-svid";
+/// The profile of the issuer's own TLS server certificate (label `issuer-server`): its
+/// names plus the issuer's SPIFFE ID, which clients pin (`est::client::issuer_verifier`).
+pub const ISSUER_SERVER: &str = "issuer-server";
+/// How long the issuer's own TLS certificate is valid; `issuer serve` renews it at start
+/// when it has less than a third of this left.
+pub const ISSUER_SERVER_LIFETIME: Duration = Duration::from_secs(90 * 86_400);
 
-/// The SVID profiles (DESIGN §5): CA=false, keyUsage digitalSignature (critical), EKU
+/// The profiles of certificates with a SPIFFE ID, reachable only from the issuer's own code,
+/// never from an EST label: the issuer's TLS certificate, and the SVID profiles (DESIGN §5): CA=false, keyUsage digitalSignature (critical), EKU
 /// serverAuth + clientAuth, one URI SAN (the SPIFFE ID) and, for workloads, DNS names.
 pub fn spiffe(
     config: &crate::config::AgentApiConfig,
@@ -226,6 +233,17 @@ pub fn spiffe(
         (
             NODE_SVID.to_owned(),
             profile("agent node SVIDs", config.node_svid_ttl, vec![]),
+        ),
+        (
+            ISSUER_SERVER.to_owned(),
+            Profile {
+                extended_key_usage: vec![ExtendedKeyUsage::ServerAuth],
+                ..profile(
+                    "the issuer's own TLS server certificate",
+                    ISSUER_SERVER_LIFETIME,
+                    vec![SanKind::Dns, SanKind::Ip],
+                )
+            },
         ),
     ]
     .into_iter()

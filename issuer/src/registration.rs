@@ -68,6 +68,15 @@ impl Authority {
                 "--spiffe-id {spiffe_id} must have a path outside /agent/ (those name nodes)"
             )));
         }
+        let issuer_path = est::client::ISSUER_ID_PATH;
+        if spiffe_id.path() == issuer_path
+            || spiffe_id.path().starts_with(&format!("{issuer_path}/"))
+        {
+            return Err(Error::Admin(format!(
+                "--spiffe-id {spiffe_id}: {issuer_path} is reserved for the issuer itself \
+                 (agents and EST clients recognise the issuer by it); choose another path"
+            )));
+        }
         if new.selectors.is_empty() {
             return Err(Error::Admin(
                 "an entry needs at least one --selector, e.g. unix:uid:1000".into(),
@@ -89,6 +98,7 @@ impl Authority {
                 "--dns {bad:?} is not a valid DNS name"
             )));
         }
+        self.refuse_listener_names(&new.dns_names, &[])?;
         if new.hint.len() > MAX_HINT || new.hint.chars().any(char::is_control) {
             return Err(Error::Admin(format!(
                 "--hint must be at most {MAX_HINT} printable characters"

@@ -67,6 +67,15 @@ pub async fn run(config: Config) -> Result<(), Error> {
         }
         tokio::spawn(authority.clone().keep_signing_key_fresh());
     }
+    tokio::spawn(authority.clone().keep_refusal_summaries_written());
+    if clock_wrong.is_none() {
+        crate::tls::renew_listener_certificate_if_due(
+            &authority,
+            &config.resolve(&config.est.tls_certificate),
+            &config.resolve(&config.est.tls_key),
+        )
+        .await;
+    }
     let tls = crate::tls::server_config(
         &config.resolve(&config.est.tls_certificate),
         &config.resolve(&config.est.tls_key),

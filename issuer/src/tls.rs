@@ -1,4 +1,8 @@
-//! The EST listener's TLS configuration (rustls, aws-lc-rs).
+//! The EST listener's TLS configuration (rustls, aws-lc-rs), and the listener's own
+//! certificate: it carries the issuer's SPIFFE ID (`spiffe://<trust domain>/issuer`), which
+//! agents and EST clients require of the issuer (`est::client::issuer_verifier`) and which
+//! no token or entry can grant; its DNS names and addresses are refused to tokens and
+//! entries too, for clients that only check names.
 //!
 //! Client certificates are requested but not judged at the handshake: an expired, revoked or
 //! foreign certificate must get a clear 403 from `simplereenroll`, not a bare handshake
@@ -6,6 +10,7 @@
 //! proves possession of the certificate's key (CertificateVerify is checked); whether the
 //! certificate is ours is decided against the inventory, byte for byte.
 
+use std::net::IpAddr;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -17,7 +22,210 @@ use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 
 use est::client::HandshakeSignatures;
 
+use crate::authority::Authority;
+use crate::grant::Grant;
+use crate::serial::Serial;
 use crate::Error;
+
+/// Who owns the listener's certificate in the inventory.
+const LISTENER_OWNER: &str = "issuer:est-listener";
+
+/// The names the issuer's listener certificate carries.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ListenerNames {
+    /// dNSName SANs.
+    pub dns: Vec<String>,
+    /// iPAddress SANs.
+    pub ips: Vec<IpAddr>,
+}
+
+impl ListenerNames {
+    /// The names of the certificate `der` (none if it does not parse).
+    pub fn of_certificate(der: &[u8]) -> Self {
+        use der::Decode;
+        use x509_cert::ext::pkix::name::GeneralName;
+        use x509_cert::ext::pkix::SubjectAltName;
+        let mut names = Self::default();
+        let Ok(certificate) = x509_cert::Certificate::from_der(der) else {
+            return names;
+        };
+        let sans = certificate
+            .tbs_certificate
+            .extensions
+            .iter()
+            .flatten()
+            .filter(|e| e.extn_id == const_oid::db::rfc5280::ID_CE_SUBJECT_ALT_NAME)
+            .filter_map(|e| SubjectAltName::from_der(e.extn_value.as_bytes()).ok())
+            .flat_map(|san| san.0);
+        for name in sans {
+            match name {
+                GeneralName::DnsName(dns) => names.dns.push(dns.as_str().to_owned()),
+                GeneralName::IpAddress(octets) => match octets.as_bytes().len() {
+                    4 => names
+                        .ips
+                        .extend(<[u8; 4]>::try_from(octets.as_bytes()).map(IpAddr::from)),
+                    16 => names
+                        .ips
+                        .extend(<[u8; 16]>::try_from(octets.as_bytes()).map(IpAddr::from)),
+                    _ => {}
+                },
+                _ => {}
+            }
+        }
+        names
+    }
+
+    /// The names of the leaf of the PEM chain at `path`; none if there is no such file yet
+    /// (`issuer init` opens the store before it makes the certificate).
+    pub fn load(path: &Path) -> Self {
+        crate::ca::read_pem_chain(path)
+            .ok()
+            .and_then(|chain| chain.first().map(|leaf| Self::of_certificate(leaf)))
+            .unwrap_or_default()
+    }
+
+    /// Whether `dns` is one of the issuer's names (DNS names compare case-insensitively).
+    pub fn has_dns(&self, dns: &str) -> bool {
+        self.dns.iter().any(|d| d.eq_ignore_ascii_case(dns))
+    }
+
+    /// Whether `ip` is one of the issuer's addresses.
+    pub fn has_ip(&self, ip: &IpAddr) -> bool {
+        self.ips.contains(ip)
+    }
+}
+
+impl Authority {
+    /// Refuses names of the issuer's own listener certificate in a token or entry: a
+    /// certificate with them could pose as the issuer to clients that check names only.
+    pub(crate) fn refuse_listener_names(
+        &self,
+        dns: &[String],
+        ips: &[IpAddr],
+    ) -> Result<(), Error> {
+        let own = &self.listener_names;
+        let taken = dns
+            .iter()
+            .find(|d| own.has_dns(d))
+            .map(|d| format!("DNS name {d}"))
+            .or_else(|| {
+                ips.iter()
+                    .find(|ip| own.has_ip(ip))
+                    .map(|ip| format!("IP address {ip}"))
+            });
+        match taken {
+            Some(name) => Err(Error::Admin(format!(
+                "{name} is the issuer's own (its TLS certificate carries it): a certificate \
+                 with it could pose as the issuer; grant the device a name of its own"
+            ))),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Issues the listener's certificate for `public_key` (an uncompressed P-256 point) with
+/// `names` and the issuer's SPIFFE ID, signed by the issuing key itself (no short-lived key
+/// exists before `serve`, and the listener's chain must not depend on one).
+pub async fn issue_listener_certificate(
+    authority: &Authority,
+    public_key: &[u8],
+    names: &ListenerNames,
+    renews: Option<Serial>,
+) -> Result<Vec<u8>, Error> {
+    let spiffe_id = authority
+        .trust_domain_id()?
+        .id(est::client::ISSUER_ID_PATH)
+        .map_err(|e| Error::Config(format!("the issuer's SPIFFE ID: {e}")))?;
+    let grant = Grant {
+        label: crate::profile::ISSUER_SERVER.into(),
+        common_name: names
+            .dns
+            .first()
+            .cloned()
+            .unwrap_or_else(|| "issuer".into()),
+        dns: names.dns.clone(),
+        ips: names.ips.clone(),
+        spiffe_id: Some(spiffe_id),
+        lifetime: None,
+        owner: LISTENER_OWNER.into(),
+        renews,
+        token: None,
+    };
+    authority
+        .issue_signed_by(&grant, public_key, Some(crate::ca::SignWith::IssuingKey))
+        .await
+}
+
+/// Renews the listener's certificate (same key, same names) when it lacks the issuer's
+/// SPIFFE ID (made before clients pinned it) or has less than a third of its lifetime
+/// left; the chain file is replaced atomically. A failure is logged, not fatal: the issuer
+/// still serves with the certificate it has.
+pub async fn renew_listener_certificate_if_due(
+    authority: &Authority,
+    chain_pem: &Path,
+    key_path: &Path,
+) {
+    if let Err(e) = renew_listener_certificate(authority, chain_pem, key_path).await {
+        tracing::error!(error = %e, certificate = %chain_pem.display(), "could not renew the issuer's TLS certificate");
+    }
+}
+
+async fn renew_listener_certificate(
+    authority: &Authority,
+    chain_pem: &Path,
+    key_path: &Path,
+) -> Result<(), Error> {
+    use der::Decode;
+    let chain = crate::ca::read_pem_chain(chain_pem)?;
+    let Some(leaf) = chain.first() else {
+        return Ok(());
+    };
+    let certificate = x509_cert::Certificate::from_der(leaf)
+        .map_err(|e| Error::Certificate(format!("{}: {e}", chain_pem.display())))?;
+    let not_after = certificate
+        .tbs_certificate
+        .validity
+        .not_after
+        .to_unix_duration()
+        .as_secs() as i64;
+    let left = not_after - authority.now().unix_timestamp();
+    let pinned = est::client::carries_issuer_id(leaf);
+    let third = (crate::profile::ISSUER_SERVER_LIFETIME.as_secs() / 3) as i64;
+    if pinned && left > third {
+        return Ok(());
+    }
+    let key = hsm::SoftKey::open(key_path)?;
+    let renews =
+        Serial::from_bytes(certificate.tbs_certificate.serial_number.as_bytes()).filter(|serial| {
+            authority
+                .store
+                .certificates
+                .get(serial)
+                .ok()
+                .flatten()
+                .is_some()
+        });
+    let der = issue_listener_certificate(
+        authority,
+        hsm::Signer::public_key(&key).point(),
+        &ListenerNames::of_certificate(leaf),
+        renews,
+    )
+    .await?;
+    let mut text = crate::init::pem("CERTIFICATE", &der);
+    for ca in &chain[1..] {
+        text.push_str(&crate::init::pem("CERTIFICATE", ca));
+    }
+    let staged = chain_pem.with_extension("crt.new");
+    std::fs::write(&staged, text).map_err(Error::io(&staged))?;
+    std::fs::rename(&staged, chain_pem).map_err(Error::io(chain_pem))?;
+    tracing::info!(
+        certificate = %chain_pem.display(),
+        reason = if pinned { "due for renewal" } else { "it lacked the issuer's SPIFFE ID" },
+        "renewed the issuer's TLS certificate"
+    );
+    Ok(())
+}
 
 type ServerIdentity = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>);
 

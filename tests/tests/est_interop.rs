@@ -384,6 +384,14 @@ fn issued_certificates_of_every_profile_pass_pkilint() -> Result<()> {
         ])?;
         let findings: Vec<String> = plant_tests::pkilint_findings(&leaf)?
             .into_iter()
+            // The listener's certificate carries the issuer's SPIFFE ID; pkilint calls every
+            // spiffe:// URI invalid (see agent_api.rs), the issuer checks them itself.
+            .filter(|f| {
+                !(f["code"] == "pkix.invalid_uri_syntax"
+                    && f["message"]
+                        .as_str()
+                        .is_some_and(|m| m.contains("\"spiffe://")))
+            })
             .map(|f| format!("{} {}", f["severity"], f["code"]))
             .collect();
         let errors: Vec<&String> = findings

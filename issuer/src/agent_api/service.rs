@@ -79,15 +79,13 @@ impl AgentService {
             ));
         };
         let method = method_of(&evidence)?;
-        if method == crate::attestation::join_token::METHOD {
-            // A source locked out for guessing tokens is refused before the lookup.
-            if let Err(locked) = self.authority.token_attempt_allowed(source) {
-                self.authority.metrics.attestation(method, "locked_out");
-                return Err(Status::resource_exhausted(format!(
-                    "too many failed token attempts from your address; retry in {} s",
-                    locked.retry_after
-                )));
-            }
+        // A source locked out for refused attempts is refused before its evidence is read.
+        if let Err(locked) = self.authority.source_admitted(source) {
+            self.authority.metrics.attestation(method, "locked_out");
+            return Err(Status::resource_exhausted(format!(
+                "too many refused attestations or enrollments from your address; retry in {} s",
+                locked.retry_after
+            )));
         }
         let csr = parse_csr(&evidence.csr)?;
         let attestor = self
@@ -149,9 +147,12 @@ impl AgentService {
         Ok(svid)
     }
 
-    /// Audits and counts a refusal; the agent gets PermissionDenied with its message. A join
-    /// token matching no token counts toward the source's lockout (a used or expired one is
-    /// real, not a guess).
+    /// Counts and audits a refusal; the agent gets PermissionDenied with its message. A
+    /// refusal of evidence naming nothing this CA made (an unknown join token, a foreign
+    /// certificate, an untrusted TPM) counts toward the source's lockout and goes into the
+    /// source's audit summary (`lockout`), not a record each; one naming a real token or
+    /// certificate of ours (used, expired, revoked) is audited on its own. Neither waits for
+    /// a flush: a refused attempt must not cost the disk a sync.
     fn refused(
         &self,
         method: &'static str,
@@ -163,12 +164,21 @@ impl AgentService {
             self.authority.token_failed(source);
         }
         self.authority.metrics.attestation(method, refusal.reason);
-        let audited = self.authority.audit(
-            "agent.attestation_refused",
-            serde_json::json!({ "method": method, "reason": refusal.reason, "message": refusal.message }),
-        );
-        if let Err(e) = audited {
-            tracing::error!(error = %e, "auditing a refused attestation failed");
+        let detail = serde_json::json!({
+            "method": method,
+            "reason": refusal.reason,
+            "message": crate::lockout::truncated(&refusal.message),
+        });
+        if names_our_credential(refusal.reason) {
+            self.authority
+                .audit_unless_unwritable("agent.attestation_refused", detail);
+        } else {
+            self.authority.refused_unauthenticated(
+                source,
+                "attestation_refused",
+                "agent.attestation_refused",
+                detail,
+            );
         }
         Status::permission_denied(refusal.message.clone())
     }
@@ -432,13 +442,9 @@ impl Agent for AgentService {
         let (first_message, whole) = self.attest_deadlines;
         let requests = super::inbound::Inbound::new(request.into_inner(), first_message, whole);
         tokio::spawn(async move {
+            // A refusal writes no record of its own that must be on disk first (see
+            // `refused`): no flush per refused attempt.
             let outcome = this.attest_stream(requests, &sender, source).await;
-            if outcome.is_err() {
-                // A refusal's audit record is on disk before the agent hears of it.
-                if let Err(e) = this.authority.store.durability.commit().await {
-                    tracing::error!(error = %e, "committing a refused attestation's audit record failed");
-                }
-            }
             let message = outcome.map(|svid| AttestResponse {
                 step: Some(attest_response::Step::NodeSvid(svid)),
             });
@@ -647,6 +653,24 @@ fn credential_noun(method: &str) -> &'static str {
         "tpm" => "TPM",
         _ => "join token",
     }
+}
+
+/// Whether a refusal with this reason names a token or certificate this CA made (a node
+/// retrying with a used token, a revoked device certificate): not a stranger's attempt.
+fn names_our_credential(reason: &str) -> bool {
+    matches!(
+        reason,
+        "join_token_used"
+            | "join_token_expired"
+            | "join_token_revoked"
+            | "token_kind"
+            | "certificate_expired"
+            | "certificate_revoked"
+            | "certificate_superseded"
+            | "certificate_profile"
+            | "node_conflict"
+            | "node_banned"
+    )
 }
 
 fn method_of(evidence: &Evidence) -> Result<&'static str, Status> {

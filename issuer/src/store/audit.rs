@@ -91,9 +91,17 @@ impl AuditLog {
 
     /// The newest `count` records, oldest first.
     pub fn tail(&self, count: usize) -> Result<Vec<AuditRecord>, Error> {
+        self.page(None, count)
+    }
+
+    /// The newest `count` records numbered below `before` (all of them when `None`), oldest
+    /// first: a reader walks the whole log back by passing the first record's `seq` as the
+    /// next `before`.
+    pub fn page(&self, before: Option<u64>, count: usize) -> Result<Vec<AuditRecord>, Error> {
+        let below = before.unwrap_or(u64::MAX);
         let mut records = self
             .tree
-            .iter()
+            .range(..below.to_be_bytes())
             .rev()
             .take(count)
             .map(|entry| {
@@ -245,6 +253,22 @@ mod tests {
                 serde_json::to_vec(record).expect("json"),
             )
             .expect("insert");
+    }
+
+    #[test]
+    fn pages_walk_the_whole_log_back() {
+        let (_dir, _db, log) = log_with(25);
+        let mut seen = Vec::new();
+        let mut before = None;
+        loop {
+            let page = log.page(before, 10).expect("page");
+            let Some(first) = page.first() else { break };
+            before = Some(first.seq);
+            seen.splice(0..0, page.iter().map(|r| r.seq));
+        }
+        assert_eq!(seen, (1..=25).collect::<Vec<u64>>());
+        assert_eq!(log.tail(3).expect("tail").first().map(|r| r.seq), Some(23));
+        assert!(log.page(Some(1), 10).expect("page").is_empty());
     }
 
     #[test]
