@@ -21,8 +21,8 @@ use crate::grant::{valid_dns, valid_subject, Grant};
 use crate::profile::{Profile, SanKind};
 use crate::serial::Serial;
 use crate::store::{
-    AuditEvent, CertificateRecord, InventoryPage, InventoryQuery, LineageEnd, NewRecord, Renewal, Status,
-    Store, TokenKind, TokenRecord, TokenState,
+    AuditEvent, CertificateRecord, InventoryPage, InventoryQuery, LineageEnd, NewRecord, Renewal,
+    Status, Store, TokenKind, TokenRecord, TokenState,
 };
 use crate::Error;
 
@@ -378,9 +378,7 @@ impl Authority {
                 )? {
                     NewRecord::Recorded => true,
                     NewRecord::SerialTaken => false,
-                    NewRecord::SubjectHeld(held_by) => {
-                        return Err(subject_held(grant, &held_by))
-                    }
+                    NewRecord::SubjectHeld(held_by) => return Err(subject_held(grant, &held_by)),
                 },
                 Some(old) => match self
                     .store

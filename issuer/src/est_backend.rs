@@ -273,7 +273,10 @@ impl Authority {
                 .subject_holder(&grant.label, &grant.common_name, now)
                 .map_err(to_est)?;
             if let Some(holder) = holder {
-                return Err(to_est(crate::authority::subject_held(&grant, &holder.serial)));
+                return Err(to_est(crate::authority::subject_held(
+                    &grant,
+                    &holder.serial,
+                )));
             }
         }
         Ok(grant)

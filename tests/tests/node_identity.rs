@@ -86,9 +86,15 @@ fn a_second_valid_certificate_for_a_subject_is_refused_in_its_label_until_the_fi
     let token = issuer.token("device", None)?;
     let auth = format!("Authorization: Bearer {token}");
     let attacker_dir = tempfile::tempdir()?;
-    let refused = enroll_with_curl(&issuer, attacker_dir.path(), "gw-1", "device", &["-H", &auth])
-        .err()
-        .context("a second valid certificate for gw-1 was issued in label device")?;
+    let refused = enroll_with_curl(
+        &issuer,
+        attacker_dir.path(),
+        "gw-1",
+        "device",
+        &["-H", &auth],
+    )
+    .err()
+    .context("a second valid certificate for gw-1 was issued in label device")?;
     let text = format!("{refused:#}");
     ensure!(
         text.contains("403") && text.contains("already holds subject CN=gw-1"),
@@ -100,7 +106,13 @@ fn a_second_valid_certificate_for_a_subject_is_refused_in_its_label_until_the_fi
         "the refusal does not name the certificate holding gw-1: {text}"
     );
     // A shared subject elsewhere is not this rule: another name with the same token works.
-    enroll_with_curl(&issuer, attacker_dir.path(), "gw-2", "device", &["-H", &auth])?;
+    enroll_with_curl(
+        &issuer,
+        attacker_dir.path(),
+        "gw-2",
+        "device",
+        &["-H", &auth],
+    )?;
 
     // Once the operator revokes the first certificate, gw-1 can be enrolled again.
     issuer.revoke(&cert)?;

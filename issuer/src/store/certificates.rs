@@ -422,14 +422,22 @@ impl CertificateStore {
         }
         self.meta.insert(DONE, &[1u8][..])?;
         if !newest.is_empty() {
-            tracing::info!(subjects = newest.len(), "recorded which certificate holds each subject");
+            tracing::info!(
+                subjects = newest.len(),
+                "recorded which certificate holds each subject"
+            );
         }
         Ok(())
     }
 
     /// The valid certificate (at `now`) that holds `subject` under `label`, if any: the
     /// newest one recorded for it. Renewals hand the subject on within a lineage.
-    pub fn subject_holder(&self, label: &str, subject: &str, now: i64) -> Result<Option<CertificateRecord>, Error> {
+    pub fn subject_holder(
+        &self,
+        label: &str,
+        subject: &str,
+        now: i64,
+    ) -> Result<Option<CertificateRecord>, Error> {
         let Some(serial) = self.holders.get(holder_key(label, subject))? else {
             return Ok(None);
         };
