@@ -118,7 +118,10 @@ mod tests {
             &["unix:uid:1000"][..],
             &["unix:gid:50", "unix:path:/usr/bin/historian"],
             &["unix:user:historian"],
-            &["unix:group:plant", "unix:sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"],
+            &[
+                "unix:group:plant",
+                "unix:sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+            ],
         ] {
             assert!(entry(selectors).names_a_user(), "{selectors:?}");
         }

@@ -544,7 +544,10 @@ mod tests {
         while !std::fs::read_link(format!("/proc/{pid}/exe"))
             .is_ok_and(|exe| exe.to_string_lossy().ends_with(name))
         {
-            assert!(std::time::Instant::now() < deadline, "{pid} never ran {name}");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{pid} never ran {name}"
+            );
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
     }

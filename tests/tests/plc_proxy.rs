@@ -58,7 +58,10 @@ impl Plc {
         let stdout = child.stdout.take().context("PLC stdout")?;
         let mut line = String::new();
         std::io::BufReader::new(stdout).read_line(&mut line)?;
-        let port = line.trim().strip_prefix("listening ").and_then(|p| p.parse().ok());
+        let port = line
+            .trim()
+            .strip_prefix("listening ")
+            .and_then(|p| p.parse().ok());
         let mut plc = Self { child, port: 0 };
         match port {
             Some(port) => plc.port = port,
@@ -679,7 +682,8 @@ fn silent_connections_do_not_lock_the_allowed_peer_out() -> Result<()> {
         serde_json::json!([["read_holding", 0, 2]]),
     )?;
     assert_eq!(
-        results[0]["result"], "ok",
+        results[0]["result"],
+        "ok",
         "the allowed peer was locked out by {} silent connections: {}\n{}",
         silent.len(),
         results[0],

@@ -583,8 +583,8 @@ async fn fetch_once(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_process_that_execs_another_binary_after_connecting_is_not_attested_as_it(
-) -> Result<()> {
+async fn a_process_that_execs_another_binary_after_connecting_is_not_attested_as_it() -> Result<()>
+{
     let issuer = Issuer::start()?;
     let uid = plant_tests::own_uid()?;
     let python = python()?;
@@ -596,16 +596,20 @@ async fn a_process_that_execs_another_binary_after_connecting_is_not_attested_as
     let agent = agent_with_entries(
         &issuer,
         &[
-            (victim, vec![format!("unix:uid:{uid}"), format!("unix:path:{sleep_exe}")]),
-            (python_id, vec![format!("unix:uid:{uid}"), format!("unix:path:{python_exe}")]),
+            (
+                victim,
+                vec![format!("unix:uid:{uid}"), format!("unix:path:{sleep_exe}")],
+            ),
+            (
+                python_id,
+                vec![format!("unix:uid:{uid}"), format!("unix:path:{python_exe}")],
+            ),
         ],
     )?;
     let dir = tempfile::tempdir()?;
     let relay = dir.path().join("relay.sock");
     let mut attacker = Command::new(&python)
-        .arg(
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("py/exec_after_connect.py"),
-        )
+        .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("py/exec_after_connect.py"))
         .arg(&agent.socket)
         .arg(&relay)
         .arg(&sleep_exe)
@@ -695,7 +699,10 @@ async fn a_process_in_its_own_user_and_mount_namespace_is_not_attested_by_path()
         &issuer,
         &[(
             victim,
-            vec!["unix:uid:65534".to_owned(), format!("unix:path:{victim_exe}")],
+            vec![
+                "unix:uid:65534".to_owned(),
+                format!("unix:path:{victim_exe}"),
+            ],
         )],
     )?;
     // The victim itself, as nobody, gets its identity.
@@ -744,7 +751,14 @@ fn an_entry_that_names_no_user_is_refused_with_the_reason() -> Result<()> {
         ],
     ] {
         let mut command = issuer.cli();
-        command.args(["entry", "create", "--spiffe-id", HISTORIAN, "--parent", &node]);
+        command.args([
+            "entry",
+            "create",
+            "--spiffe-id",
+            HISTORIAN,
+            "--parent",
+            &node,
+        ]);
         for selector in selectors {
             command.args(["--selector", selector]);
         }

@@ -352,8 +352,9 @@ mod tests {
         tokio::spawn(echo_plc(plc_end));
         let traffic = Traffic::default();
         let refused = Mutex::new(Vec::new());
-        let on_refused =
-            |frame: &Frame, _: Refusal<'_>| refused.lock().expect("lock").push(frame.transaction_id);
+        let on_refused = |frame: &Frame, _: Refusal<'_>| {
+            refused.lock().expect("lock").push(frame.transaction_id)
+        };
         let relay = modbus(peer, plc, Access::ReadOnly, &traffic, &on_refused);
         let read = request(1, &[3, 0, 0, 0, 2]);
         let write = request(2, &[6, 0, 5, 0, 9]);
