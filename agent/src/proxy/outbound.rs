@@ -50,8 +50,7 @@ pub async fn serve(
             let server_name = server_name.clone();
             async move {
                 session(
-                    stream,
-                    from,
+                    (stream, from),
                     &proxy,
                     &gateway,
                     config,
@@ -66,9 +65,9 @@ pub async fn serve(
     .await;
 }
 
+/// One legacy client's session; `client` is its connection and address.
 async fn session(
-    client: TcpStream,
-    from: SocketAddr,
+    (client, from): (TcpStream, SocketAddr),
     proxy: &Outbound,
     gateway: &Upstream,
     config: Arc<rustls::ClientConfig>,
