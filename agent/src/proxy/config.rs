@@ -17,10 +17,11 @@ const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// together, few enough that a runaway client cannot exhaust the gateway.
 const DEFAULT_MAX_SESSIONS: usize = 256;
 /// Connections in their TLS handshake per device by default; the oldest is shed beyond.
-const DEFAULT_MAX_PENDING: usize = 256;
+const DEFAULT_MAX_PENDING: usize = 512;
 /// Of those, from one IP address by default: a flooding source sheds its own connections
-/// before anyone else's, and a gateway agent's burst of legitimate handshakes still fits.
-const DEFAULT_MAX_PENDING_PER_SOURCE: usize = 64;
+/// before anyone else's, and a client gateway agent's burst (hundreds of legacy clients
+/// reconnecting at once, all from its one address) still fits.
+const DEFAULT_MAX_PENDING_PER_SOURCE: usize = 256;
 /// A session with no bytes either way for this long is closed by default: SCADA polls every
 /// few seconds, so ten minutes of silence is a client that is gone.
 const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
