@@ -165,7 +165,7 @@ mod tests {
         assert!(is_shed(&oldest).await);
         assert!(!is_shed(&younger).await);
         drop(younger);
-        let (_, shed) = table.admit(ip("10.0.0.4"));
+        let (_fourth, shed) = table.admit(ip("10.0.0.4"));
         assert!(!shed, "a freed place is taken without shedding");
         assert!(!is_shed(&newest).await);
         drop(oldest);
