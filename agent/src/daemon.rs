@@ -46,6 +46,7 @@ pub async fn run(
             token.read()?;
         }
     }
+    raise_open_file_limit();
     let endpoint = IssuerEndpoint::new(&config.server, &anchors)?;
     let attestation = node::from_config(&config.attestation)?;
     std::fs::create_dir_all(&config.state_dir).map_err(Error::io(&config.state_dir))?;
@@ -124,4 +125,35 @@ pub async fn run(
         }
     };
     outcome.and(served)
+}
+
+/// Raises the soft limit of open files to the hard limit: every Workload API client, proxy
+/// session (two sockets) and pending handshake is a descriptor, and the usual soft limit of
+/// 1024 would turn a crowd of connections into EMFILE for everyone.
+fn raise_open_file_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let before = getrlimit(Resource::Nofile);
+    let mut limit = before;
+    // An unlimited hard limit can't be the soft one for files: the kernel caps it at nr_open.
+    let hard = limit.maximum.or_else(|| {
+        std::fs::read_to_string("/proc/sys/fs/nr_open")
+            .ok()
+            .and_then(|text| text.trim().parse().ok())
+    });
+    if let (Some(soft), Some(hard)) = (limit.current, hard) {
+        if soft < hard {
+            limit.current = Some(hard);
+            if let Err(e) = setrlimit(Resource::Nofile, limit) {
+                tracing::warn!(error = %e, soft, hard, "could not raise the open file limit");
+            }
+        }
+    }
+    let now = getrlimit(Resource::Nofile);
+    let show = |n: Option<u64>| n.map_or_else(|| "unlimited".to_owned(), |n| n.to_string());
+    tracing::info!(
+        open_files = show(now.current),
+        was = show(before.current),
+        hard = show(now.maximum),
+        "open file limit"
+    );
 }

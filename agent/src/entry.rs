@@ -49,6 +49,19 @@ impl Entry {
     pub fn matches(&self, workload: &[Selector]) -> bool {
         !self.selectors.is_empty() && self.selectors.iter().all(|s| workload.contains(s))
     }
+
+    /// Whether the entry names who runs the process (`unix:uid`, `unix:gid`, `unix:user` or
+    /// `unix:group`). The Workload API serves no entry that does not: `unix:path` and
+    /// `unix:sha256` alone match any local user who runs (or, in a namespace of their own,
+    /// mounts over) that executable.
+    pub fn names_a_user(&self) -> bool {
+        self.selectors.iter().any(|s| {
+            s.kind() == "unix"
+                && s.value()
+                    .split_once(':')
+                    .is_some_and(|(key, _)| matches!(key, "uid" | "gid" | "user" | "group"))
+        })
+    }
 }
 
 #[cfg(test)]
@@ -97,6 +110,28 @@ mod tests {
             );
         }
         assert!(!entry(&["unix:uid:1000"]).matches(&[]));
+    }
+
+    #[test]
+    fn an_entry_names_a_user_by_uid_gid_user_or_group_only() {
+        for selectors in [
+            &["unix:uid:1000"][..],
+            &["unix:gid:50", "unix:path:/usr/bin/historian"],
+            &["unix:user:historian"],
+            &[
+                "unix:group:plant",
+                "unix:sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+            ],
+        ] {
+            assert!(entry(selectors).names_a_user(), "{selectors:?}");
+        }
+        for selectors in [
+            &["unix:path:/usr/bin/historian"][..],
+            &["unix:sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"],
+            &["legacy:device:press-7"],
+        ] {
+            assert!(!entry(selectors).names_a_user(), "{selectors:?}");
+        }
     }
 
     #[test]

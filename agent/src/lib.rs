@@ -32,6 +32,7 @@ pub mod cache;
 pub mod certificate;
 mod client_identity;
 pub mod config;
+pub mod connections;
 pub mod credentials;
 pub mod csr;
 pub mod daemon;

@@ -12,6 +12,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::connections::{Pending, PendingConnections};
 use crate::Error;
 
 /// The file in the state directory that holds `http://<bound address>/metrics`.
@@ -235,16 +236,28 @@ pub async fn bind(address: SocketAddr, state_dir: &Path) -> Result<TcpListener, 
     Ok(listener)
 }
 
-/// Answers `GET /metrics` (404 elsewhere) until `shutdown`.
+/// Connections the metrics listener holds at most: a scraper needs one at a time.
+pub const MAX_CONNECTIONS: usize = 32;
+/// How long a client may take to send its request; it is closed after.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a connection may live in all (request, rendering, the answer's writing).
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Answers `GET /metrics` (404 elsewhere) until `shutdown`. At most [`MAX_CONNECTIONS`]
+/// connections are held: at the limit the one that has waited longest for its request is
+/// shed ([`crate::connections`]), so idle connections, however many, neither exhaust the
+/// agent's descriptors nor keep a scraper out.
 pub async fn serve(listener: TcpListener, shutdown: impl std::future::Future<Output = ()>) {
     tokio::pin!(shutdown);
+    let waiting = PendingConnections::new(MAX_CONNECTIONS, MAX_CONNECTIONS);
     loop {
         tokio::select! {
             () = &mut shutdown => return,
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
+                Ok((stream, from)) => {
+                    let (place, _) = waiting.admit(from.ip());
                     tokio::spawn(async move {
-                        let _ = tokio::time::timeout(Duration::from_secs(10), answer(stream)).await;
+                        let _ = tokio::time::timeout(CONNECTION_TIMEOUT, answer(stream, place)).await;
                     });
                 }
                 Err(e) => {
@@ -257,18 +270,31 @@ pub async fn serve(listener: TcpListener, shutdown: impl std::future::Future<Out
 }
 
 /// One request per connection (`Connection: close`).
-async fn answer(mut stream: TcpStream) -> std::io::Result<()> {
+/// `place` is the connection's place among those waiting for their request; it is given up
+/// once the request is in (answering is quick), and the connection closed if it is shed.
+async fn answer(mut stream: TcpStream, place: Pending) -> std::io::Result<()> {
     let mut request = Vec::with_capacity(1024);
-    let mut buf = [0u8; 1024];
-    while !request.windows(4).any(|w| w == b"\r\n\r\n") {
-        if request.len() > 16 * 1024 {
-            return Ok(());
+    let read = async {
+        let mut buf = [0u8; 1024];
+        while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+            if request.len() > 16 * 1024 {
+                return Ok(false);
+            }
+            let n = stream.read(&mut buf).await?;
+            if n == 0 {
+                return Ok(false);
+            }
+            request.extend_from_slice(&buf[..n]);
         }
-        let n = stream.read(&mut buf).await?;
-        if n == 0 {
-            return Ok(());
-        }
-        request.extend_from_slice(&buf[..n]);
+        Ok::<_, std::io::Error>(true)
+    };
+    let complete = tokio::select! {
+        read = tokio::time::timeout(REQUEST_TIMEOUT, read) => matches!(read, Ok(Ok(true))),
+        () = place.shed() => false,
+    };
+    drop(place);
+    if !complete {
+        return Ok(());
     }
     let line = request.split(|b| *b == b'\n').next().unwrap_or_default();
     let mut parts = std::str::from_utf8(line).unwrap_or("").split_whitespace();
@@ -362,6 +388,19 @@ mod tests {
         assert!(answer.contains("# TYPE plant_agent_svid_rotations_total counter"));
         let answer = get(&address, "/").await;
         assert!(answer.starts_with("HTTP/1.1 404 Not Found\r\n"), "{answer}");
+        // Connections that never send a request: the oldest are shed, a scrape is answered.
+        let mut idle = Vec::new();
+        for _ in 0..MAX_CONNECTIONS * 3 {
+            idle.push(TcpStream::connect(&address).await.expect("connect"));
+        }
+        let answer = get(&address, "/metrics").await;
+        assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+        // The oldest two thirds were shed for the younger ones.
+        for (n, stream) in idle.iter_mut().take(MAX_CONNECTIONS * 2).enumerate() {
+            let mut byte = [0u8; 1];
+            let read = tokio::time::timeout(Duration::from_secs(2), stream.read(&mut byte)).await;
+            assert!(matches!(read, Ok(Ok(0))), "idle connection {n}: {read:?}");
+        }
         server.abort();
     }
 }

@@ -11,6 +11,17 @@
 //! - after the selectors are computed, the start time and uid are read again through the held
 //!   descriptor; any change or failure refuses the caller.
 //!
+//! Two more against a process that is not what it seems:
+//! - exec after connect: the executable's device and inode are noted at accept (through
+//!   /proc/<pid>/exe) and must be the same at every request, else the caller is refused. A
+//!   process that connects and then execs another binary (keeping the connection in a child
+//!   it forked) is not attested as that binary. (An exec between `connect` and the agent's
+//!   accept is not seen: the kernel keeps no record of the executable at connect. Entries
+//!   must name a user, so only that user's processes could try.)
+//! - other namespaces: a process in another mount or user namespace than the agent's gets no
+//!   `unix:path` or `unix:sha256` selector, since an unprivileged user there can mount a file
+//!   of their own over any path. Its uid and gid (translated by the kernel) still count.
+//!
 //! Selectors: `unix:uid`, `unix:gid`, `unix:user`, `unix:group` (names from /etc/passwd and
 //! /etc/group), `unix:path` (/proc/<pid>/exe) and `unix:sha256` (of the executable, read
 //! through /proc/<pid>/exe so a replaced file on disk does not matter; cached by device,
@@ -63,6 +74,9 @@ pub enum Refusal {
     /// /proc/<pid>/stat did not parse.
     #[error("process {0}: unreadable /proc stat")]
     Stat(i32),
+    /// The executable is another than at accept: the process exec'd after it connected.
+    #[error("process {0} runs another executable than when it connected (exec after connect); it must connect again")]
+    Executed(i32),
 }
 
 /// The process at the other end of one Workload API connection.
@@ -75,6 +89,8 @@ pub struct Peer {
     accepted_at: u64,
     /// `/proc/<pid>`, opened at accept; `Err` if that already failed.
     proc_dir: Result<OwnedFd, Refusal>,
+    /// Device and inode of the executable at accept (`None`: not readable).
+    exe_at_accept: Option<(u64, u64)>,
 }
 
 impl Peer {
@@ -89,6 +105,7 @@ impl Peer {
                 gid: u32::MAX,
                 accepted_at,
                 proc_dir: Err(Refusal::NoPid),
+                exe_at_accept: None,
             },
         }
     }
@@ -104,12 +121,14 @@ impl Peer {
             .map_err(|_| Refusal::GoneAtAccept(pid)),
             _ => Err(Refusal::NoPid),
         };
+        let exe_at_accept = proc_dir.as_ref().ok().and_then(executable);
         Self {
             pid,
             uid,
             gid,
             accepted_at,
             proc_dir,
+            exe_at_accept,
         }
     }
 
@@ -135,6 +154,9 @@ impl Peer {
         if before.euid != self.uid {
             return Err(Refusal::Changed(pid));
         }
+        if before.exe != self.exe_at_accept {
+            return Err(Refusal::Executed(pid));
+        }
         let mut selectors = vec![
             Selector::unix("uid", self.uid),
             Selector::unix("gid", self.gid),
@@ -146,12 +168,19 @@ impl Peer {
             selectors.push(Selector::unix("group", group));
         }
         // A kernel thread or a process whose exe we may not read has no path: it simply
-        // matches no entry that needs one.
-        if let Ok(path) = rustix::fs::readlinkat(dir, "exe", Vec::new()) {
-            selectors.push(Selector::unix("path", path.to_string_lossy()));
-        }
-        if let Some(digest) = hashes.digest(dir) {
-            selectors.push(Selector::unix("sha256", digest));
+        // matches no entry that needs one. Nor has a process in another namespace.
+        if same_namespaces(dir) {
+            if let Ok(path) = rustix::fs::readlinkat(dir, "exe", Vec::new()) {
+                selectors.push(Selector::unix("path", path.to_string_lossy()));
+            }
+            if let Some(digest) = hashes.digest(dir) {
+                selectors.push(Selector::unix("sha256", digest));
+            }
+        } else {
+            tracing::info!(
+                pid,
+                "Workload API caller runs in another mount or user namespace than the agent: no unix:path or unix:sha256 selector for it (a user there can mount any file over any path)"
+            );
         }
         let after = ProcessStamp::read(dir, pid)?;
         if after != before {
@@ -161,11 +190,13 @@ impl Peer {
     }
 }
 
-/// What identifies a process across two reads: its start time and effective uid.
+/// What identifies a process across two reads: its start time, effective uid and
+/// executable.
 #[derive(Debug, PartialEq, Eq)]
 struct ProcessStamp {
     start_ticks: u64,
     euid: u32,
+    exe: Option<(u64, u64)>,
 }
 
 impl ProcessStamp {
@@ -183,8 +214,39 @@ impl ProcessStamp {
             .and_then(|ids| ids.split_whitespace().nth(1))
             .and_then(|id| id.parse().ok())
             .ok_or(Refusal::Stat(pid))?;
-        Ok(Self { start_ticks, euid })
+        Ok(Self {
+            start_ticks,
+            euid,
+            exe: executable(dir),
+        })
     }
+}
+
+/// Device and inode of the executable of the process whose /proc directory is `dir`.
+fn executable(dir: &OwnedFd) -> Option<(u64, u64)> {
+    let stat = rustix::fs::statat(dir, "exe", rustix::fs::AtFlags::empty()).ok()?;
+    Some((stat.st_dev, stat.st_ino))
+}
+
+/// Whether the process whose /proc directory is `dir` is in the agent's mount and user
+/// namespaces; `false` when that can't be read.
+fn same_namespaces(dir: &OwnedFd) -> bool {
+    let namespace = |dir: &OwnedFd, name: &str| {
+        rustix::fs::statat(dir, name, rustix::fs::AtFlags::empty())
+            .ok()
+            .map(|stat| (stat.st_dev, stat.st_ino))
+    };
+    let Ok(own) = rustix::fs::open(
+        "/proc/self",
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    ) else {
+        return false;
+    };
+    ["ns/mnt", "ns/user"].iter().all(|name| {
+        let theirs = namespace(dir, name);
+        theirs.is_some() && theirs == namespace(&own, name)
+    })
 }
 
 fn read_at(dir: &OwnedFd, name: &str) -> std::io::Result<String> {
@@ -474,6 +536,97 @@ mod tests {
             boot_ticks(),
         );
         assert!(peer.selectors(&ExecutableHashes::default()).is_err());
+    }
+
+    /// Waits until `pid` runs an executable whose path ends with `name`.
+    fn wait_for_exe(pid: u32, name: &str) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !std::fs::read_link(format!("/proc/{pid}/exe"))
+            .is_ok_and(|exe| exe.to_string_lossy().ends_with(name))
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{pid} never ran {name}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+
+    #[test]
+    fn a_process_that_execs_after_it_connected_is_refused() {
+        use std::io::Write as _;
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "read go; exec sleep 30"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn sh");
+        let pid = child.id();
+        wait_for_exe(pid, "sh");
+        let (uid, gid) = own_uid_gid();
+        let peer = Peer::new(Some(pid as i32), uid, gid, boot_ticks());
+        let hashes = ExecutableHashes::default();
+        assert!(peer.selectors(&hashes).is_ok(), "the shell that connected");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(b"go\n")
+            .expect("write");
+        wait_for_exe(pid, "sleep");
+        assert_eq!(peer.selectors(&hashes), Err(Refusal::Executed(pid as i32)));
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    #[test]
+    fn a_process_in_another_mount_and_user_namespace_gets_no_path_or_digest() {
+        // Unprivileged user namespaces may be off; then there is nothing to compare.
+        let Ok(mut child) = std::process::Command::new("unshare")
+            .args(["-Urm", "sleep", "30"])
+            .spawn()
+        else {
+            return;
+        };
+        let pid = child.id();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let own = std::fs::read_link("/proc/self/ns/mnt").expect("own mnt ns");
+        loop {
+            let exe = std::fs::read_link(format!("/proc/{pid}/exe"));
+            let ns = std::fs::read_link(format!("/proc/{pid}/ns/mnt"));
+            if exe.is_ok_and(|e| e.to_string_lossy().ends_with("sleep"))
+                && ns.is_ok_and(|ns| ns != own)
+            {
+                break;
+            }
+            if child.try_wait().expect("wait").is_some() || std::time::Instant::now() > deadline {
+                eprintln!("unshare -Urm does not work here: nothing to test");
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+        let id = |name: &str| -> u32 {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|ids| ids.split_whitespace().nth(1))
+                .and_then(|id| id.parse().ok())
+                .expect(name)
+        };
+        let peer = Peer::new(Some(pid as i32), id("Uid:"), id("Gid:"), boot_ticks());
+        let selectors = peer
+            .selectors(&ExecutableHashes::default())
+            .expect("attested");
+        let text: Vec<String> = selectors.iter().map(ToString::to_string).collect();
+        assert!(text.iter().any(|s| s.starts_with("unix:uid:")), "{text:?}");
+        assert!(
+            !text
+                .iter()
+                .any(|s| s.starts_with("unix:path:") || s.starts_with("unix:sha256:")),
+            "{text:?}"
+        );
+        let _ = child.kill();
+        let _ = child.wait();
     }
 
     #[test]

@@ -130,7 +130,7 @@ impl WorkloadApi {
         let selectors = self.caller(request).await?;
         let state = self.synced().await?;
         if identities(&state.borrow(), &selectors).is_empty() {
-            return Err(denied());
+            return Err(refused(&state.borrow(), &selectors));
         }
         Ok((selectors, state))
     }
@@ -246,14 +246,33 @@ impl WorkloadApi {
     }
 }
 
-/// The entries a workload with `selectors` gets.
+/// The entries a workload with `selectors` gets: those it matches that name a user (see
+/// [`Entry::names_a_user`]).
 fn identities(snapshot: &Snapshot, selectors: &[Selector]) -> Vec<Arc<Entry>> {
     snapshot
         .entries
         .iter()
-        .filter(|entry| entry.matches(selectors))
+        .filter(|entry| entry.matches(selectors) && entry.names_a_user())
         .cloned()
         .collect()
+}
+
+/// PermissionDenied for a caller [`identities`] gives nothing, logged; when an entry matched
+/// it but names no user, both the log and the answer say so.
+fn refused(snapshot: &Snapshot, selectors: &[Selector]) -> Status {
+    let unserved = snapshot
+        .entries
+        .iter()
+        .find(|entry| entry.matches(selectors) && !entry.names_a_user());
+    let Some(entry) = unserved else {
+        return denied();
+    };
+    let why = format!(
+        "registration entry {} ({}) matches this process but names no unix:uid, unix:gid, unix:user or unix:group selector, and unix:path or unix:sha256 alone would match any local user who runs that executable; recreate the entry with one of them",
+        entry.id, entry.spiffe_id
+    );
+    tracing::warn!(entry = entry.id, spiffe_id = %entry.spiffe_id, "Workload API caller refused: {why}");
+    Status::permission_denied(format!("no identity issued: {why}"))
 }
 
 /// Counts a request by method and answer.
@@ -395,7 +414,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
                 .filter(|entry| wanted.as_ref().is_none_or(|id| &entry.spiffe_id == id))
                 .collect();
             if entries.is_empty() {
-                return Err(denied());
+                return Err(refused(&state.borrow(), &selectors));
             }
             let mut svids = Vec::with_capacity(entries.len());
             for entry in &entries {
@@ -803,6 +822,42 @@ mod tests {
             .await
             .expect_err("no audience");
         assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    }
+
+    #[tokio::test]
+    async fn an_entry_that_names_no_user_is_not_served_and_the_caller_is_told_why() {
+        let ca = ca();
+        let exe = std::env::current_exe().expect("exe");
+        let state = snapshot(
+            &ca,
+            vec![entry(
+                "path-only",
+                "spiffe://plant.example/h",
+                &format!("unix:path:{}", exe.display()),
+            )],
+        );
+        let served = serve_snapshot(state).await;
+        let mut client = client(&served.socket).await;
+        let status = client
+            .fetch_x509svid(with_header(X509svidRequest {}))
+            .await
+            .expect_err("denied");
+        assert_eq!(status.code(), tonic::Code::PermissionDenied);
+        assert!(
+            status.message().contains("path-only")
+                && status.message().contains("names no unix:uid"),
+            "{}",
+            status.message()
+        );
+        let status = client
+            .fetch_jwtsvid(with_header(JwtsvidRequest {
+                audience: vec!["scada".into()],
+                spiffe_id: String::new(),
+            }))
+            .await
+            .expect_err("denied");
+        assert_eq!(status.code(), tonic::Code::PermissionDenied);
+        assert!(status.message().contains("names no unix:uid"));
     }
 
     #[tokio::test]

@@ -214,6 +214,8 @@ pub fn modbus_frame(data: &[u8]) {
     while let Ok(Some(frame)) = modbus::frame(&rest[offset..]) {
         assert!((8..=modbus::MAX_FRAME).contains(&frame.len));
         assert!(offset + frame.len <= rest.len());
+        // The per-function-code length check reads only inside the frame, never panics.
+        let _ = modbus::check_request(&frame, &rest[offset..offset + frame.len]);
         let answer = modbus::exception(&frame, modbus::ILLEGAL_FUNCTION);
         assert_eq!(
             modbus::frame(&answer),
@@ -239,7 +241,7 @@ pub fn modbus_frame(data: &[u8]) {
         } else {
             Access::ReadWrite
         };
-        let relay = relay::modbus(proxy_side, plc_side, access, &traffic, &|_| {});
+        let relay = relay::modbus(proxy_side, plc_side, access, &traffic, &|_, _| {});
         let echo = async move {
             let mut buffer = [0; 512];
             while let Ok(n) = plc.read(&mut buffer).await {

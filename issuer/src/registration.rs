@@ -93,6 +93,24 @@ impl Authority {
             .collect::<Result<Vec<_>, _>>()?;
         selectors.sort();
         selectors.dedup();
+        // Every selector but legacy:device describes a process. Such an entry must say whose:
+        // unix:path or unix:sha256 alone match any local user who runs (or, in a user
+        // namespace, mounts over) that executable, and the agent serves no such entry.
+        let names_a_user = |s: &String| {
+            ["unix:uid:", "unix:gid:", "unix:user:", "unix:group:"]
+                .iter()
+                .any(|prefix| s.starts_with(prefix))
+        };
+        if selectors.iter().any(|s| !s.starts_with("legacy:device:"))
+            && !selectors.iter().any(names_a_user)
+        {
+            return Err(Error::Admin(format!(
+                "the selectors {} name no user: add --selector unix:uid:<uid>, unix:gid:<gid>, \
+                 unix:user:<name> or unix:group:<name>, since unix:path and unix:sha256 alone \
+                 match any local user who runs that executable (agents serve no entry without one)",
+                selectors.join(", ")
+            )));
+        }
         if let Some(bad) = new.dns_names.iter().find(|d| !valid_dns(d)) {
             return Err(Error::Admin(format!(
                 "--dns {bad:?} is not a valid DNS name"

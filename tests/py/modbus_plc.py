@@ -1,6 +1,11 @@
 """A simulated PLC: a Modbus/TCP server built on pymodbus (PyPI), which nobody here wrote.
 
-  modbus_plc.py [PORT]      serve on 127.0.0.1:PORT (default 0: any free port)
+  modbus_plc.py [PORT] [--wire-log FILE]
+                            serve on 127.0.0.1:PORT (default 0: any free port); with
+                            --wire-log, append the hex of every chunk of bytes received to
+                            FILE, one line each (what reached the PLC, before pymodbus parsed
+                            it: pymodbus ignores bytes past a request's PDU, a naive PLC
+                            stack may not)
 
 Once bound it prints one line `listening <port>` on stdout, then serves until SIGTERM or
 SIGINT. Unit ids are ignored (every unit id reaches the same data). The data starts with
@@ -24,7 +29,7 @@ from pymodbus.simulator import DataType, SimData, SimDevice
 
 SIZE = 200
 
-USAGE = "usage: modbus_plc.py [PORT]   (PORT 0..65535, default 0: any free port)"
+USAGE = "usage: modbus_plc.py [PORT] [--wire-log FILE]   (PORT 0..65535, default 0: any free port)"
 
 
 def plc_device():
@@ -39,8 +44,21 @@ def plc_device():
     return SimDevice(0, simdata=(coils, inputs, holding, input_registers))
 
 
-async def serve(port):
-    server = ModbusTcpServer(plc_device(), address=("127.0.0.1", port))
+def wire_logger(path):
+    """A pymodbus trace_packet hook that appends each received chunk to `path` in hex."""
+
+    def trace(sending, data):
+        if not sending:
+            with open(path, "a") as log:
+                log.write(data.hex() + "\n")
+        return data
+
+    return trace
+
+
+async def serve(port, wire_log=None):
+    trace = wire_logger(wire_log) if wire_log else None
+    server = ModbusTcpServer(plc_device(), address=("127.0.0.1", port), trace_packet=trace)
     await server.serve_forever(background=True)
     bound = server.transport.sockets[0].getsockname()[1]
     print(f"listening {bound}", flush=True)
@@ -53,6 +71,14 @@ async def serve(port):
 
 
 def main(argv):
+    wire_log = None
+    if "--wire-log" in argv:
+        at = argv.index("--wire-log")
+        if at + 1 >= len(argv):
+            print(USAGE, file=sys.stderr)
+            return 64
+        wire_log = argv[at + 1]
+        argv = argv[:at] + argv[at + 2 :]
     if len(argv) > 1 or (argv and argv[0] in ("-h", "--help")):
         print(USAGE, file=sys.stderr)
         return 64
@@ -68,7 +94,7 @@ def main(argv):
     # pymodbus logs every connection at INFO; the tests read stdout only, warnings suffice.
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     try:
-        asyncio.run(serve(port))
+        asyncio.run(serve(port, wire_log))
     except OSError as error:
         print(f"modbus_plc.py: cannot listen on 127.0.0.1:{port}: {error}", file=sys.stderr)
         return 1

@@ -43,6 +43,33 @@ impl Plc {
         Ok(Self { child, port })
     }
 
+    /// A PLC that also appends the hex of every chunk it receives to `wire_log`.
+    fn recording(wire_log: &Path) -> Result<Self> {
+        use std::io::BufRead;
+        let mut child = Command::new(python()?)
+            .arg(script("modbus_plc.py"))
+            .arg("0")
+            .arg("--wire-log")
+            .arg(wire_log)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("starting modbus_plc.py")?;
+        let stdout = child.stdout.take().context("PLC stdout")?;
+        let mut line = String::new();
+        std::io::BufReader::new(stdout).read_line(&mut line)?;
+        let port = line
+            .trim()
+            .strip_prefix("listening ")
+            .and_then(|p| p.parse().ok());
+        let mut plc = Self { child, port: 0 };
+        match port {
+            Some(port) => plc.port = port,
+            None => bail!("modbus_plc.py printed {line:?}"),
+        }
+        Ok(plc)
+    }
+
     fn stop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -79,6 +106,11 @@ fn join_token_agent(issuer: &Issuer, proxies: &str) -> Result<Agent> {
 fn plant(press_ttl: &str) -> Result<Plant> {
     let issuer = Issuer::start()?;
     let plc = Plc::start(0)?;
+    plant_with(issuer, plc, press_ttl, "")
+}
+
+/// A plant with this PLC, and `press_extra` added to the gateway's press-7 table.
+fn plant_with(issuer: Issuer, plc: Plc, press_ttl: &str, press_extra: &str) -> Result<Plant> {
     let mut gateway = join_token_agent(
         &issuer,
         &format!(
@@ -94,6 +126,7 @@ allow = [
   {{ spiffe_id = "{HMI}", access = "read-write" }},
   {{ prefix = "spiffe://plant.example/viewer" }},
 ]
+{press_extra}
 "#,
             port = plc.port
         ),
@@ -632,5 +665,144 @@ fn a_revoked_peer_is_cut_off_mid_session_and_refused_at_the_next_handshake() -> 
         serde_json::json!([["read_holding", 4, 1]]),
     )?;
     assert_eq!(values(&results[0]), [4], "{}", results[0]);
+    Ok(())
+}
+
+#[test]
+fn silent_connections_do_not_lock_the_allowed_peer_out() -> Result<()> {
+    let plant = plant("1h")?;
+    let press = plant.gateway.proxy_address("press-7")?;
+    // As many silent TCP connections as the device has session slots (256 by default):
+    // never a TLS byte. They once took a slot each at accept, for the handshake timeout.
+    let silent = (0..256)
+        .map(|_| TcpStream::connect(press))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    let results = scada(
+        plant.outbound("hmi-1")?,
+        serde_json::json!([["read_holding", 0, 2]]),
+    )?;
+    assert_eq!(
+        results[0]["result"],
+        "ok",
+        "the allowed peer was locked out by {} silent connections: {}\n{}",
+        silent.len(),
+        results[0],
+        plant.gateway.log()
+    );
+    assert_eq!(values(&results[0]), [0, 1]);
+    // The silent ones were shed (the oldest first), not given sessions.
+    let metrics = plant.gateway.metrics()?;
+    let shed = metric(
+        &metrics,
+        "plant_agent_proxy_connections_refused_total{device=\"press-7\",mode=\"inbound\",reason=\"handshake_shed\"}",
+    )
+    .unwrap_or(0.0);
+    assert!(shed >= 1.0, "no silent connection was shed:\n{metrics}");
+    assert_eq!(
+        metric(
+            &metrics,
+            "plant_agent_proxy_sessions_total{device=\"press-7\",mode=\"inbound\"}"
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+    drop(silent);
+    Ok(())
+}
+
+#[test]
+fn a_session_idle_past_the_idle_timeout_is_closed() -> Result<()> {
+    let issuer = Issuer::start()?;
+    let plc = Plc::start(0)?;
+    let plant = plant_with(issuer, plc, "1h", "idle_timeout = \"3s\"")?;
+    let hmi = plant.outbound("hmi-1")?;
+    let mut session = connect(hmi)?;
+    // Polled every 300 ms for longer than the idle timeout: traffic keeps it open.
+    let polling = Instant::now();
+    let mut transaction = 0;
+    while polling.elapsed() < Duration::from_secs(5) {
+        transaction += 1;
+        session.write_all(&read_holding(transaction, 0, 1))?;
+        let answer = read_frame(&mut session)?
+            .with_context(|| format!("closed while polled:\n{}", plant.gateway.log()))?;
+        assert_eq!(answer[..2], transaction.to_be_bytes());
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // Then silent: the gateway closes it (the read below waits up to 20 s).
+    assert_eq!(
+        read_frame(&mut session)?,
+        None,
+        "the idle session is closed"
+    );
+    plant.gateway.wait_for_log("session ended: idle", 1)?;
+    Ok(())
+}
+
+#[test]
+fn a_write_smuggled_inside_a_read_is_refused_and_never_reaches_the_plc() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let wire_log = dir.path().join("wire.log");
+    let issuer = Issuer::start()?;
+    let plc = Plc::recording(&wire_log)?;
+    let plant = plant_with(issuer, plc, "1h", "")?;
+    // The read-only viewer: a read of holding register 5 whose MBAP length also covers a
+    // whole request writing 0xBEEF to it. The proxy saw function code 3 and let it pass.
+    let write_pdu = [6u8, 0, 5, 0xbe, 0xef];
+    let write = [&[0u8, 2, 0, 0, 0, 6, 1][..], &write_pdu].concat();
+    let read_pdu = [3u8, 0, 5, 0, 1];
+    let length = u16::try_from(1 + read_pdu.len() + write.len())?;
+    let smuggled = [
+        &[0u8, 1, 0, 0][..],
+        &length.to_be_bytes(),
+        &[1],
+        &read_pdu,
+        &write,
+    ]
+    .concat();
+    let mut viewer = connect(plant.outbound("viewer-1")?)?;
+    viewer.write_all(&smuggled)?;
+    assert_eq!(
+        read_frame(&mut viewer)?,
+        None,
+        "the session carrying the smuggled write is closed:\n{}",
+        plant.gateway.log()
+    );
+    plant
+        .gateway
+        .wait_for_log("malformed Modbus/TCP frame from the peer", 1)?;
+    let log = plant.gateway.log();
+    assert!(log.contains("the request it announces takes 5"), "{log}");
+
+    // Nothing of it reached the PLC; a read through the allowed writer shows the register as
+    // it was (and that the PLC logs what it receives).
+    let results = scada(
+        plant.outbound("hmi-1")?,
+        serde_json::json!([["read_holding", 5, 1]]),
+    )?;
+    assert_eq!(values(&results[0]), [5], "{}", results[0]);
+    let wire = std::fs::read_to_string(&wire_log)?;
+    assert!(!wire.is_empty(), "the PLC logged nothing");
+    assert!(
+        !wire.replace('\n', "").contains(&hex::encode(write_pdu)),
+        "the smuggled write reached the PLC:\n{wire}"
+    );
+
+    // Audited on the issuer as a refused request of the viewer's.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let tail = plant_tests::run_ok(plant.issuer.cli().args(["audit", "tail", "-n", "50"]))?;
+        if tail.lines().any(|l| {
+            l.contains("proxy.request_refused")
+                && l.contains(VIEWER)
+                && l.contains("\"function_code\":3")
+        }) {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "no audit record of the smuggling attempt:\n{tail}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     Ok(())
 }

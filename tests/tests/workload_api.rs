@@ -530,3 +530,262 @@ async fn a_thousand_connections_leave_the_agent_as_it_was() -> Result<()> {
     );
     Ok(())
 }
+
+fn python() -> Result<std::path::PathBuf> {
+    let python = std::env::var("PLANT_PYTHON")
+        .context("PLANT_PYTHON must point at a Python 3 (scripts/test sets it up)")?;
+    Ok(python.into())
+}
+
+/// The executable the kernel reports for a process running `program` (symlinks resolved
+/// as /proc/<pid>/exe resolves them), which is what `unix:path` selects.
+fn executable_of(program: &std::path::Path, args: &[&str]) -> Result<String> {
+    let mut child = Command::new(program).args(args).spawn()?;
+    let exe = std::fs::read_link(format!("/proc/{}/exe", child.id()));
+    child.kill()?;
+    child.wait()?;
+    Ok(exe?.display().to_string())
+}
+
+/// An attested agent with entries `(spiffe_id, selectors)`, each SVID minted.
+fn agent_with_entries(issuer: &Issuer, entries: &[(&str, Vec<String>)]) -> Result<Agent> {
+    let token = issuer.join_token()?;
+    let mut agent = Agent::start_with_join_token(issuer, &token)?;
+    let node = agent.node_id()?;
+    for (id, selectors) in entries {
+        let selectors: Vec<&str> = selectors.iter().map(String::as_str).collect();
+        issuer.create_entry(id, &node, &selectors, &[])?;
+        agent.wait_for_svid(id)?;
+    }
+    Ok(agent)
+}
+
+/// The first X509-SVID's SPIFFE ID the caller gets, or the gRPC code it is refused with.
+async fn fetch_once(
+    client: &mut proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient<
+        tonic::transport::Channel,
+    >,
+) -> Result<std::result::Result<String, tonic::Status>> {
+    let response = match client.fetch_x509svid(plant_tests::x509_request(true)).await {
+        Ok(response) => response,
+        Err(status) => return Ok(Err(status)),
+    };
+    let mut stream = response.into_inner();
+    Ok(match stream.message().await {
+        Ok(Some(message)) => Ok(message
+            .svids
+            .first()
+            .map(|s| s.spiffe_id.clone())
+            .unwrap_or_default()),
+        Ok(None) => Err(tonic::Status::unknown("the stream ended without a message")),
+        Err(status) => Err(status),
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_that_execs_another_binary_after_connecting_is_not_attested_as_it() -> Result<()>
+{
+    let issuer = Issuer::start()?;
+    let uid = plant_tests::own_uid()?;
+    let python = python()?;
+    let python_exe = executable_of(&python, &["-c", "import time; time.sleep(30)"])?;
+    let sleep_exe = executable_of(std::path::Path::new("sleep"), &["30"])?;
+    // The victim: whatever runs `sleep` as this uid. The attacker: Python as this uid.
+    let victim = "spiffe://plant.example/victim";
+    let python_id = "spiffe://plant.example/python-workload";
+    let agent = agent_with_entries(
+        &issuer,
+        &[
+            (
+                victim,
+                vec![format!("unix:uid:{uid}"), format!("unix:path:{sleep_exe}")],
+            ),
+            (
+                python_id,
+                vec![format!("unix:uid:{uid}"), format!("unix:path:{python_exe}")],
+            ),
+        ],
+    )?;
+    let dir = tempfile::tempdir()?;
+    let relay = dir.path().join("relay.sock");
+    let mut attacker = Command::new(&python)
+        .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("py/exec_after_connect.py"))
+        .arg(&agent.socket)
+        .arg(&relay)
+        .arg(&sleep_exe)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let result = async {
+        use std::io::{BufRead, Write};
+        let mut line = String::new();
+        std::io::BufReader::new(attacker.stdout.take().context("stdout")?)
+            .read_line(&mut line)?;
+        let pid: u32 = line
+            .trim()
+            .strip_prefix("ready ")
+            .and_then(|p| p.parse().ok())
+            .with_context(|| format!("exec_after_connect.py printed {line:?}"))?;
+        // The connecting process, as itself: Python's identity. This also shows the agent
+        // has accepted the connection before anything is exec'd.
+        let mut client = plant_tests::workload_client(&relay).await?;
+        let first = fetch_once(&mut client).await?;
+        assert_eq!(
+            first.as_deref().map_err(tonic::Status::code),
+            Ok(python_id),
+            "{}",
+            agent.log()
+        );
+        // Now the process that connected execs `sleep`: same pid, same connection.
+        let mut stdin = attacker.stdin.take().context("stdin")?;
+        writeln!(stdin, "exec")?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while std::fs::read_link(format!("/proc/{pid}/exe"))?.display().to_string() != sleep_exe
+        {
+            ensure!(std::time::Instant::now() < deadline, "the child never exec'd");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let second = fetch_once(&mut client).await?;
+        assert_ne!(
+            second.as_deref().ok(),
+            Some(victim),
+            "the victim's SVID went to a connection made by Python, which then exec'd the victim's binary"
+        );
+        assert_eq!(
+            second.as_ref().map_err(tonic::Status::code),
+            Err(tonic::Code::PermissionDenied),
+            "{second:?}"
+        );
+        let log = agent.log();
+        assert!(log.contains("exec after connect"), "{log}");
+        drop(stdin);
+        anyhow::Ok(())
+    }
+    .await;
+    let _ = attacker.kill();
+    let _ = attacker.wait();
+    result
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_in_its_own_user_and_mount_namespace_is_not_attested_by_path() -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    // An unprivileged user (nobody) may make a user namespace and, in it, a mount namespace
+    // where it mounts a program of its own over any path. Check that this machine allows it.
+    let allowed = Command::new("unshare")
+        .args(["-Urm", "true"])
+        .uid(65534)
+        .gid(65534)
+        .status()?;
+    ensure!(
+        allowed.success(),
+        "unshare -Urm as nobody failed here: unprivileged user namespaces are off"
+    );
+    let dir = tempfile::tempdir()?;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
+    // The victim program (a copy of the probe, so that it can talk to the agent) and the
+    // attacker's own program (another copy: any program of theirs would do).
+    let probe = env!("CARGO_BIN_EXE_workload_probe");
+    let victim_exe = dir.path().join("victim");
+    let evil_exe = dir.path().join("evil");
+    for copy in [&victim_exe, &evil_exe] {
+        std::fs::copy(probe, copy)?;
+        std::fs::set_permissions(copy, std::fs::Permissions::from_mode(0o755))?;
+    }
+    let victim_exe = victim_exe.display().to_string();
+    let victim = "spiffe://plant.example/victim";
+    let issuer = Issuer::start()?;
+    let agent = agent_with_entries(
+        &issuer,
+        &[(
+            victim,
+            vec![
+                "unix:uid:65534".to_owned(),
+                format!("unix:path:{victim_exe}"),
+            ],
+        )],
+    )?;
+    // The victim itself, as nobody, gets its identity.
+    let out = run_ok(
+        Command::new(&victim_exe)
+            .arg(&agent.socket)
+            .uid(65534)
+            .gid(65534),
+    )?;
+    assert_eq!(out.trim(), format!("ok {victim}"), "{}", agent.log());
+    // The attacker, also nobody, mounts its program over the victim's path in a namespace of
+    // its own and runs it from there: /proc/<pid>/exe names the victim's path.
+    let script = format!(
+        "mount --bind {evil} {victim_exe} && exec {victim_exe} {socket}",
+        evil = evil_exe.display(),
+        socket = agent.socket.display()
+    );
+    let out = run_ok(
+        Command::new("unshare")
+            .args(["-Urm", "sh", "-c", &script])
+            .uid(65534)
+            .gid(65534),
+    )?;
+    assert_eq!(
+        out.trim(),
+        "status PermissionDenied",
+        "a program mounted over the victim's path in another mount namespace got: {out}\n{}",
+        agent.log()
+    );
+    let log = agent.log();
+    assert!(log.contains("another mount or user namespace"), "{log}");
+    Ok(())
+}
+
+#[test]
+fn an_entry_that_names_no_user_is_refused_with_the_reason() -> Result<()> {
+    let issuer = Issuer::start()?;
+    let token = issuer.join_token()?;
+    let mut agent = Agent::start_with_join_token(&issuer, &token)?;
+    let node = agent.node_id()?;
+    for selectors in [
+        &["unix:path:/usr/bin/historian"][..],
+        &[
+            "unix:path:/usr/bin/historian",
+            "unix:sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+        ],
+    ] {
+        let mut command = issuer.cli();
+        command.args([
+            "entry",
+            "create",
+            "--spiffe-id",
+            HISTORIAN,
+            "--parent",
+            &node,
+        ]);
+        for selector in selectors {
+            command.args(["--selector", selector]);
+        }
+        let out = plant_tests::run(&mut command)?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "an entry with {selectors:?} was created: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        assert!(
+            stderr.contains("name no user") && stderr.contains("unix:uid"),
+            "{stderr}"
+        );
+    }
+    // With a user it is fine, and so is a legacy device's entry, which no process matches.
+    issuer.create_entry(
+        HISTORIAN,
+        &node,
+        &["unix:user:root", "unix:path:/usr/bin/historian"],
+        &[],
+    )?;
+    issuer.create_entry(
+        "spiffe://plant.example/plc/press-9",
+        &node,
+        &["legacy:device:press-9"],
+        &[],
+    )?;
+    Ok(())
+}

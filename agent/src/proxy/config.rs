@@ -7,6 +7,7 @@ use std::time::Duration;
 use proto::SpiffeId;
 use serde::Deserialize;
 
+use super::listener::Limits;
 use super::modbus::Access;
 use crate::config::parse_duration;
 
@@ -15,6 +16,15 @@ const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Open sessions per device by default: more than a plant's SCADA, historians and HMIs
 /// together, few enough that a runaway client cannot exhaust the gateway.
 const DEFAULT_MAX_SESSIONS: usize = 256;
+/// Connections in their TLS handshake per device by default; the oldest is shed beyond.
+const DEFAULT_MAX_PENDING: usize = 512;
+/// Of those, from one IP address by default: a flooding source sheds its own connections
+/// before anyone else's, and a client gateway agent's burst (hundreds of legacy clients
+/// reconnecting at once, all from its one address) still fits.
+const DEFAULT_MAX_PENDING_PER_SOURCE: usize = 256;
+/// A session with no bytes either way for this long is closed by default: SCADA polls every
+/// few seconds, so ten minutes of silence is a client that is gone.
+const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Every proxy of this agent.
 #[derive(Debug, Clone, Default)]
@@ -103,8 +113,10 @@ pub struct Inbound {
     pub allow: AllowList,
     /// Connecting to the PLC.
     pub connect_timeout: Duration,
-    /// Open sessions at most.
-    pub max_sessions: usize,
+    /// Sessions and pending handshakes at most.
+    pub limits: Limits,
+    /// A session idle this long is closed.
+    pub idle_timeout: Duration,
 }
 
 /// A legacy client on this machine that reaches a remote gateway through this agent.
@@ -122,8 +134,10 @@ pub struct Outbound {
     pub server_spiffe_id: SpiffeId,
     /// Connecting to the gateway.
     pub connect_timeout: Duration,
-    /// Open sessions at most.
-    pub max_sessions: usize,
+    /// Sessions and pending handshakes at most.
+    pub limits: Limits,
+    /// A session idle this long is closed.
+    pub idle_timeout: Duration,
 }
 
 /// `[proxy]` as written.
@@ -148,6 +162,9 @@ struct RawInbound {
     allow: Vec<RawAllow>,
     connect_timeout: Option<String>,
     max_sessions: Option<usize>,
+    max_pending_handshakes: Option<usize>,
+    max_pending_per_source: Option<usize>,
+    idle_timeout: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -168,6 +185,9 @@ struct RawOutbound {
     server_spiffe_id: String,
     connect_timeout: Option<String>,
     max_sessions: Option<usize>,
+    max_pending_handshakes: Option<usize>,
+    max_pending_per_source: Option<usize>,
+    idle_timeout: Option<String>,
 }
 
 /// Validates `[proxy]`; `bad(key, message)` makes the error naming the key to fix.
@@ -178,9 +198,9 @@ pub(crate) fn parse<E>(raw: RawProxy, bad: &dyn Fn(&str, String) -> E) -> Result
                       device: &str,
                       spiffe_id: &str,
                       listen: &str,
-                      timeout: Option<&str>,
-                      max: Option<usize>|
-     -> Result<(SpiffeId, SocketAddr, Duration, usize), E> {
+                      timeouts: [Option<&str>; 2],
+                      max: [Option<usize>; 3]|
+     -> Result<(SpiffeId, SocketAddr, Duration, Limits, Duration), E> {
         let key = |k: &str| format!("{table}.{k}");
         proto::check_device_name(device).map_err(|e| bad(&key("device"), e))?;
         if names.iter().any(|n: &String| n == device) {
@@ -206,27 +226,61 @@ pub(crate) fn parse<E>(raw: RawProxy, bad: &dyn Fn(&str, String) -> E) -> Result
             ));
         }
         listens.push(listen);
-        let timeout = match timeout {
+        let [connect_timeout, idle_timeout] = timeouts;
+        let timeout = match connect_timeout {
             Some(text) => parse_duration(text).map_err(|e| bad(&key("connect_timeout"), e))?,
             None => DEFAULT_CONNECT_TIMEOUT,
         };
-        let max = match max {
-            Some(0) => return Err(bad(&key("max_sessions"), "must be at least 1".into())),
-            Some(n) => n,
-            None => DEFAULT_MAX_SESSIONS,
+        let idle_timeout = match idle_timeout {
+            Some(text) => parse_duration(text).map_err(|e| bad(&key("idle_timeout"), e))?,
+            None => DEFAULT_IDLE_TIMEOUT,
         };
-        Ok((spiffe_id, listen, timeout, max))
+        if idle_timeout < Duration::from_secs(1) {
+            return Err(bad(
+                &key("idle_timeout"),
+                "must be at least 1s (SCADA polls every few seconds; the default is 10m)".into(),
+            ));
+        }
+        let count = |name: &str, value: Option<usize>, default: usize| match value {
+            Some(0) => Err(bad(&key(name), "must be at least 1".into())),
+            Some(n) => Ok(n),
+            None => Ok(default),
+        };
+        let [sessions, pending, per_source] = max;
+        let limits = Limits {
+            max_sessions: count("max_sessions", sessions, DEFAULT_MAX_SESSIONS)?,
+            max_pending: count("max_pending_handshakes", pending, DEFAULT_MAX_PENDING)?,
+            max_pending_per_source: count(
+                "max_pending_per_source",
+                per_source,
+                DEFAULT_MAX_PENDING_PER_SOURCE,
+            )?,
+        };
+        if limits.max_pending_per_source > limits.max_pending {
+            return Err(bad(
+                &key("max_pending_per_source"),
+                format!(
+                    "{} is above max_pending_handshakes ({}): one source could then shed everyone else's handshakes",
+                    limits.max_pending_per_source, limits.max_pending
+                ),
+            ));
+        }
+        Ok((spiffe_id, listen, timeout, limits, idle_timeout))
     };
 
     let mut config = ProxyConfig::default();
     for raw in raw.inbound {
-        let (spiffe_id, listen, connect_timeout, max_sessions) = common(
+        let (spiffe_id, listen, connect_timeout, limits, idle_timeout) = common(
             "proxy.inbound",
             &raw.device,
             &raw.spiffe_id,
             &raw.listen,
-            raw.connect_timeout.as_deref(),
-            raw.max_sessions,
+            [raw.connect_timeout.as_deref(), raw.idle_timeout.as_deref()],
+            [
+                raw.max_sessions,
+                raw.max_pending_handshakes,
+                raw.max_pending_per_source,
+            ],
         )?;
         let key = |k: &str| format!("proxy.inbound.{k} (device {})", raw.device);
         let upstream = host_port(&raw.upstream).map_err(|e| bad(&key("upstream"), e))?;
@@ -285,18 +339,27 @@ pub(crate) fn parse<E>(raw: RawProxy, bad: &dyn Fn(&str, String) -> E) -> Result
             protocol,
             allow: AllowList(rules),
             connect_timeout,
-            max_sessions,
+            limits,
+            idle_timeout,
         });
     }
     for raw in raw.outbound {
-        let (spiffe_id, listen, connect_timeout, max_sessions) = common(
+        let (spiffe_id, listen, connect_timeout, mut limits, idle_timeout) = common(
             "proxy.outbound",
             &raw.device,
             &raw.spiffe_id,
             &raw.listen,
-            raw.connect_timeout.as_deref(),
-            raw.max_sessions,
+            [raw.connect_timeout.as_deref(), raw.idle_timeout.as_deref()],
+            [
+                raw.max_sessions,
+                raw.max_pending_handshakes,
+                raw.max_pending_per_source,
+            ],
         )?;
+        if raw.max_pending_per_source.is_none() {
+            // The legacy clients are local: one address, no per-source share to keep.
+            limits.max_pending_per_source = limits.max_pending;
+        }
         let key = |k: &str| format!("proxy.outbound.{k} (device {})", raw.device);
         let gateway = host_port(&raw.gateway).map_err(|e| bad(&key("gateway"), e))?;
         let server_spiffe_id = SpiffeId::new(raw.server_spiffe_id.trim())
@@ -311,7 +374,8 @@ pub(crate) fn parse<E>(raw: RawProxy, bad: &dyn Fn(&str, String) -> E) -> Result
             gateway,
             server_spiffe_id,
             connect_timeout,
-            max_sessions,
+            limits,
+            idle_timeout,
         });
     }
     Ok(config)
@@ -372,7 +436,13 @@ connect_timeout = "500ms"
         let press = &config.inbound[0];
         assert_eq!(press.protocol, Protocol::Modbus);
         assert_eq!(press.upstream, "192.168.7.20:502");
-        assert_eq!(press.max_sessions, DEFAULT_MAX_SESSIONS);
+        assert_eq!(press.limits.max_sessions, DEFAULT_MAX_SESSIONS);
+        assert_eq!(press.limits.max_pending, DEFAULT_MAX_PENDING);
+        assert_eq!(
+            press.limits.max_pending_per_source,
+            DEFAULT_MAX_PENDING_PER_SOURCE
+        );
+        assert_eq!(press.idle_timeout, DEFAULT_IDLE_TIMEOUT);
         let access = |peer: &str| press.allow.access(&id(peer));
         assert_eq!(
             access("spiffe://plant.example/scada/hmi-1"),
@@ -407,6 +477,9 @@ connect_timeout = "500ms"
             (PRESS.replace("0.0.0.0:8502", "8502"), "listen"),
             (PRESS.replace("hmi-1\"\nspiffe_id", "press-7\"\nspiffe_id"), "declared twice"),
             (PRESS.replace("500ms", "fast"), "connect_timeout"),
+            (PRESS.replace("connect_timeout = \"500ms\"", "idle_timeout = \"10ms\""), "idle_timeout"),
+            (PRESS.replace("connect_timeout = \"500ms\"", "max_pending_handshakes = 8\nmax_pending_per_source = 9"), "one source could then shed"),
+            (PRESS.replace("connect_timeout = \"500ms\"", "max_pending_handshakes = 0"), "max_pending_handshakes"),
             (PRESS.replace("{ prefix = \"spiffe://plant.example/historian\" }", "{ spiffe_id = \"spiffe://plant.example/a\", prefix = \"spiffe://plant.example/b\" }"), "not both"),
         ];
         for (text, expected) in cases {

@@ -3,7 +3,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use proto::SpiffeId;
 use tokio::io::AsyncWriteExt;
@@ -12,18 +11,14 @@ use tokio::sync::watch;
 
 use super::config::{Inbound, Protocol};
 use super::identity::Revoked;
-use super::listener;
+use super::listener::{self, Admission, NotAdmitted, HANDSHAKE_TIMEOUT};
 use super::metrics::ProxyMetrics;
 use super::modbus::Frame;
-use super::relay::{self, End, Traffic};
+use super::relay::{self, End, Refusal, Traffic};
 use super::session::{self, Session};
 use super::upstream::Upstream;
 use crate::proxy_audit::{ProxyAudit, RefusedRequest};
 use crate::svid::spiffe_id_of;
-
-/// A TLS handshake that has not finished in this time is dropped (a peer that stalls must
-/// not hold a session slot).
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the inbound proxy presents and checks, as of the last cache change.
 #[derive(Debug, Clone)]
@@ -50,10 +45,10 @@ pub async fn serve(
     listener::accept(
         listener,
         &proxy.device,
-        proxy.max_sessions,
+        proxy.limits,
         identity,
         &metrics,
-        |stream, from, tls| {
+        |stream, from, tls, admission| {
             let context = Context {
                 proxy: Arc::clone(&proxy),
                 upstream: Arc::clone(&upstream),
@@ -61,7 +56,7 @@ pub async fn serve(
                 audit: audit.clone(),
                 metrics: Arc::clone(&metrics),
             };
-            context.session(stream, from, tls)
+            context.session(stream, from, tls, admission)
         },
     )
     .await;
@@ -76,11 +71,17 @@ struct Context {
 }
 
 impl Context {
-    async fn session(self, stream: TcpStream, from: SocketAddr, tls: InboundTls) {
+    async fn session(
+        self,
+        stream: TcpStream,
+        from: SocketAddr,
+        tls: InboundTls,
+        admission: Admission,
+    ) {
         let device = &self.proxy.device;
         let _ = stream.set_nodelay(true);
         let acceptor = tokio_rustls::TlsAcceptor::from(tls.config);
-        let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+        let stream = match admission.handshake(acceptor.accept(stream)).await {
             Ok(Ok(stream)) => stream,
             Ok(Err(e)) => {
                 let reason = session::handshake_refusal(&e);
@@ -88,9 +89,15 @@ impl Context {
                 tracing::warn!(device, %from, reason, "peer refused at the TLS handshake: {e}");
                 return;
             }
-            Err(_) => {
+            Err(NotAdmitted::Timeout) => {
                 self.metrics.session_refused("handshake_timeout");
                 tracing::warn!(device, %from, "peer refused: no TLS handshake within {HANDSHAKE_TIMEOUT:?}");
+                return;
+            }
+            Err(NotAdmitted::Shed) => {
+                // At debug: a flood of silent connections would otherwise flood the log.
+                self.metrics.session_refused("handshake_shed");
+                tracing::debug!(device, %from, "connection shed: pending handshakes full and this one the oldest");
                 return;
             }
         };
@@ -110,6 +117,15 @@ impl Context {
         let Some(access) = self.proxy.allow.access(&peer) else {
             return;
         };
+        // Only now, with the peer authenticated and allowed, does it take a session slot.
+        let _slot = match admission.session_slot() {
+            Ok(slot) => slot,
+            Err(max_sessions) => {
+                self.metrics.session_refused("max_sessions");
+                tracing::warn!(device, %from, %peer, max_sessions, "connection closed: the device has its maximum of open sessions");
+                return;
+            }
+        };
         let mut session =
             Session::start(device, "inbound", &peer, Some(access), from, &self.metrics);
         let plc = match self.upstream.connect().await {
@@ -128,7 +144,7 @@ impl Context {
             }
         };
         let traffic = Traffic::default();
-        let on_refused = |frame: &Frame| self.refused(&peer, frame);
+        let on_refused = |frame: &Frame, why: Refusal<'_>| self.refused(&peer, frame, why);
         let relayed = async {
             match self.proxy.protocol {
                 Protocol::Tcp => relay::bytes(stream, plc, &traffic).await,
@@ -145,21 +161,38 @@ impl Context {
             () = revoked(self.identity.clone(), &peer_certificate) => {
                 "the peer's certificate was revoked".to_owned()
             }
+            () = relay::idle(&traffic, self.proxy.idle_timeout) => {
+                format!("idle: nothing sent either way for {:?} (idle_timeout)", self.proxy.idle_timeout)
+            }
         };
         session.end(&end, &traffic);
     }
 
-    fn refused(&self, peer: &SpiffeId, frame: &Frame) {
-        self.metrics.modbus_refused();
-        tracing::warn!(
-            device = self.proxy.device,
-            %peer,
-            function_code = frame.function,
-            transaction_id = frame.transaction_id,
-            unit_id = frame.unit_id,
-            "Modbus request refused: function code {} is not allowed for this peer; answered with exception 01 (illegal function)",
-            frame.function
-        );
+    fn refused(&self, peer: &SpiffeId, frame: &Frame, why: Refusal<'_>) {
+        match why {
+            Refusal::Function => {
+                self.metrics.modbus_refused();
+                tracing::warn!(
+                    device = self.proxy.device,
+                    %peer,
+                    function_code = frame.function,
+                    transaction_id = frame.transaction_id,
+                    unit_id = frame.unit_id,
+                    "Modbus request refused: function code {} is not allowed for this peer; answered with exception 01 (illegal function)",
+                    frame.function
+                );
+            }
+            Refusal::Malformed(error) => tracing::warn!(
+                device = self.proxy.device,
+                %peer,
+                function_code = frame.function,
+                transaction_id = frame.transaction_id,
+                unit_id = frame.unit_id,
+                "Modbus request refused and the session closed, nothing of it forwarded: {error}"
+            ),
+        }
+        // Audited as a refused request either way: the issuer's log knows that kind, and
+        // the function code and transaction say which request it was.
         self.audit.refused(RefusedRequest {
             device: self.proxy.device.clone(),
             peer: peer.clone(),

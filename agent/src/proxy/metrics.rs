@@ -5,13 +5,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// Why a connection did not become a session (the `reason` label).
-pub const REFUSALS: [&str; 9] = [
+pub const REFUSALS: [&str; 10] = [
     "not_allowed",
     "revoked",
     "bad_certificate",
     "no_certificate",
     "handshake_failed",
     "handshake_timeout",
+    "handshake_shed",
     "no_identity",
     "max_sessions",
     "upstream_unreachable",

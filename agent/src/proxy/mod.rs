@@ -6,13 +6,13 @@
 //!   trust bundle, the allow list, the CRL), republished on every change so rotation
 //!   reaches new handshakes without touching open sessions.
 //! - `inbound` / `outbound`: the listeners; [`relay`] moves the bytes ([`modbus`] checks
-//!   function codes); `listener` is their shared accept loop; [`upstream`] rate-limits reconnects to a PLC that is down;
+//!   function codes); [`listener`] is their shared accept loop with its limits; [`upstream`] rate-limits reconnects to a PLC that is down;
 //!   `session` logs each session; [`metrics`] counts them.
 
 pub mod config;
 pub mod identity;
 mod inbound;
-mod listener;
+pub mod listener;
 pub mod metrics;
 pub mod modbus;
 mod outbound;

@@ -76,6 +76,27 @@ pub enum FrameError {
     /// The length field is outside 2..=254.
     #[error("length field {0} is outside 2..=254 (a frame is at most 260 bytes)")]
     Length(u16),
+    /// A request whose PDU is not the length its function code and quantities make it: the
+    /// extra bytes would reach the PLC unchecked (a second request smuggled inside a read).
+    #[error("function code {function}: the PDU is {length} bytes, the request it announces takes {expected}; each frame must hold exactly one request")]
+    PduLength {
+        /// The function code.
+        function: u8,
+        /// PDU bytes in the frame (function code included).
+        length: usize,
+        /// PDU bytes the request takes.
+        expected: usize,
+    },
+    /// A write-multiple request whose byte count disagrees with its quantity.
+    #[error("function code {function}: byte count {byte_count} does not match the quantity written ({expected} bytes)")]
+    ByteCount {
+        /// The function code.
+        function: u8,
+        /// The byte count field.
+        byte_count: u8,
+        /// Bytes the quantity takes.
+        expected: usize,
+    },
 }
 
 /// One whole frame's header facts.
@@ -114,6 +135,55 @@ pub fn frame(bytes: &[u8]) -> Result<Option<Frame>, FrameError> {
         function: bytes[7],
         len,
     }))
+}
+
+/// Checks that the request `bytes` (the whole frame `frame` was read from) holds exactly
+/// the PDU its function code prescribes (Modbus Application Protocol v1.1b3 §6): fixed
+/// lengths for 1–6 and 22, header plus byte count for 15, 16 and 23, the byte count matching
+/// the quantity. Other function codes are never forwarded, so their length is not judged.
+pub fn check_request(frame: &Frame, bytes: &[u8]) -> Result<(), FrameError> {
+    let pdu = bytes.get(HEADER_LEN..frame.len).unwrap_or_default();
+    let quantity = |at: usize| {
+        pdu.get(at..at + 2)
+            .map(|q| usize::from(u16::from_be_bytes([q[0], q[1]])))
+    };
+    // (expected PDU length, where the byte count is and the bytes it must say), or the
+    // shortest PDU the function code allows when even the quantity is missing.
+    let (expected, byte_count) = match frame.function {
+        1..=6 => (5, None),
+        22 => (7, None),
+        15 => match quantity(3) {
+            Some(q) => (6 + q.div_ceil(8), Some((5, q.div_ceil(8)))),
+            None => (6, None),
+        },
+        16 => match quantity(3) {
+            Some(q) => (6 + 2 * q, Some((5, 2 * q))),
+            None => (6, None),
+        },
+        23 => match quantity(7) {
+            Some(q) => (10 + 2 * q, Some((9, 2 * q))),
+            None => (10, None),
+        },
+        _ => return Ok(()),
+    };
+    if pdu.len() != expected {
+        return Err(FrameError::PduLength {
+            function: frame.function,
+            length: pdu.len(),
+            expected,
+        });
+    }
+    if let Some((at, bytes)) = byte_count {
+        let count = pdu[at];
+        if usize::from(count) != bytes {
+            return Err(FrameError::ByteCount {
+                function: frame.function,
+                byte_count: count,
+                expected: bytes,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The exception response to `request`: same transaction and unit, function | 0x80, `code`.
@@ -206,6 +276,65 @@ mod tests {
         let big = request(1, 1, &[16; 253]);
         assert_eq!(big.len(), MAX_FRAME);
         assert_eq!(frame(&big).expect("valid").expect("whole").len, MAX_FRAME);
+    }
+
+    fn checked(pdu: &[u8]) -> Result<(), FrameError> {
+        let bytes = request(1, 1, pdu);
+        let found = frame(&bytes).expect("valid").expect("whole");
+        check_request(&found, &bytes)
+    }
+
+    #[test]
+    fn each_request_is_exactly_as_long_as_its_function_code_says() {
+        // Well-formed requests of every permitted function code.
+        let good: [&[u8]; 10] = [
+            &[1, 0, 0, 0, 8],
+            &[2, 0, 0, 0, 8],
+            &[3, 0, 0, 0, 10],
+            &[4, 0, 0, 0, 1],
+            &[5, 0, 3, 0xff, 0],
+            &[6, 0, 5, 4, 210],
+            &[15, 0, 0, 0, 10, 2, 0xff, 0x03],
+            &[16, 0, 20, 0, 2, 4, 0, 7, 0, 8],
+            &[22, 0, 4, 0, 0xf2, 0, 0x25],
+            &[23, 0, 0, 0, 2, 0, 9, 0, 1, 2, 0, 5],
+        ];
+        for pdu in good {
+            assert_eq!(checked(pdu), Ok(()), "{pdu:?}");
+        }
+        // A read whose MBAP length also covers a whole write request (the smuggling attack).
+        let write = request(2, 1, &[6, 0, 5, 0x03, 0xe7]);
+        let smuggled = [&[3u8, 0, 5, 0, 1][..], &write].concat();
+        assert_eq!(
+            checked(&smuggled),
+            Err(FrameError::PduLength {
+                function: 3,
+                length: 17,
+                expected: 5
+            })
+        );
+        assert!(matches!(
+            checked(&[6, 0, 5, 0]),
+            Err(FrameError::PduLength { expected: 5, .. })
+        ));
+        assert!(matches!(
+            checked(&[16, 0, 20, 0, 2, 4, 0, 7, 0, 8, 6, 0, 1, 0, 1]),
+            Err(FrameError::PduLength { expected: 10, .. })
+        ));
+        assert!(matches!(
+            checked(&[16, 0, 20]),
+            Err(FrameError::PduLength { expected: 6, .. })
+        ));
+        assert_eq!(
+            checked(&[16, 0, 20, 0, 1, 4, 0, 7]),
+            Err(FrameError::ByteCount {
+                function: 16,
+                byte_count: 4,
+                expected: 2
+            })
+        );
+        // Codes that are never forwarded are refused by function, not judged by length.
+        assert_eq!(checked(&[8, 0, 0, 0, 0, 1, 2, 3]), Ok(()));
     }
 
     #[test]

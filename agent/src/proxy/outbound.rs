@@ -4,21 +4,17 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use rustls::pki_types::ServerName;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use super::config::Outbound;
-use super::listener;
+use super::listener::{self, Admission, NotAdmitted, HANDSHAKE_TIMEOUT};
 use super::metrics::ProxyMetrics;
 use super::relay::{self, Traffic};
 use super::session::{self, Session};
 use super::upstream::Upstream;
-
-/// A TLS handshake with the gateway that has not finished in this time fails the session.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The client configuration, or why there is none yet.
 pub type Identity = Result<Arc<rustls::ClientConfig>, String>;
@@ -44,23 +40,23 @@ pub async fn serve(
     listener::accept(
         listener,
         &proxy.device,
-        proxy.max_sessions,
+        proxy.limits,
         identity,
         &metrics,
-        |stream, from, config| {
+        |stream, from, config, admission| {
             let proxy = Arc::clone(&proxy);
             let gateway = Arc::clone(&gateway);
             let metrics = Arc::clone(&metrics);
             let server_name = server_name.clone();
             async move {
                 session(
-                    stream,
-                    from,
+                    (stream, from),
                     &proxy,
                     &gateway,
                     config,
                     server_name,
                     &metrics,
+                    admission,
                 )
                 .await;
             }
@@ -69,17 +65,20 @@ pub async fn serve(
     .await;
 }
 
+/// One legacy client's session; `client` is its connection and address.
 async fn session(
-    client: TcpStream,
-    from: SocketAddr,
+    (client, from): (TcpStream, SocketAddr),
     proxy: &Outbound,
     gateway: &Upstream,
     config: Arc<rustls::ClientConfig>,
     server_name: ServerName<'static>,
     metrics: &Arc<ProxyMetrics>,
+    admission: Admission,
 ) {
     let device = &proxy.device;
     let _ = client.set_nodelay(true);
+    // The legacy client is local and unauthenticated; it is pending (bounded, shed when
+    // full) until the gateway has answered, and takes a session slot only then.
     let tcp = match gateway.connect().await {
         Ok(tcp) => tcp,
         Err(e) => {
@@ -90,7 +89,8 @@ async fn session(
         }
     };
     let connector = tokio_rustls::TlsConnector::from(config);
-    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, connector.connect(server_name, tcp))
+    let tls = match admission
+        .handshake(connector.connect(server_name, tcp))
         .await
     {
         Ok(Ok(tls)) => tls,
@@ -99,9 +99,22 @@ async fn session(
             tracing::warn!(device, %from, gateway = gateway.address(), "connection closed: TLS with the gateway failed: {e}");
             return;
         }
-        Err(_) => {
+        Err(NotAdmitted::Timeout) => {
             metrics.session_refused("handshake_timeout");
             tracing::warn!(device, %from, gateway = gateway.address(), "connection closed: no TLS handshake with the gateway within {HANDSHAKE_TIMEOUT:?}");
+            return;
+        }
+        Err(NotAdmitted::Shed) => {
+            metrics.session_refused("handshake_shed");
+            tracing::debug!(device, %from, "connection shed: pending handshakes full and this one the oldest");
+            return;
+        }
+    };
+    let _slot = match admission.session_slot() {
+        Ok(slot) => slot,
+        Err(max_sessions) => {
+            metrics.session_refused("max_sessions");
+            tracing::warn!(device, %from, max_sessions, "connection closed: the device has its maximum of open sessions");
             return;
         }
     };
@@ -114,6 +127,11 @@ async fn session(
         metrics,
     );
     let traffic = Traffic::default();
-    let end = relay::bytes(client, tls, &traffic).await;
-    session.end(&end.to_string(), &traffic);
+    let end = tokio::select! {
+        end = relay::bytes(client, tls, &traffic) => end.to_string(),
+        () = relay::idle(&traffic, proxy.idle_timeout) => {
+            format!("idle: nothing sent either way for {:?} (idle_timeout)", proxy.idle_timeout)
+        }
+    };
+    session.end(&end, &traffic);
 }

@@ -2,7 +2,7 @@
 //! with each Modbus request's function code checked against the peer's access.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
@@ -18,8 +18,8 @@ const HALF_CLOSE_GRACE: Duration = Duration::from_secs(5);
 const BUFFER: usize = 16 * 1024;
 
 /// Bytes and refusals of one session, readable while it runs and after it ends however it
-/// ends.
-#[derive(Debug, Default)]
+/// ends; and when either side last sent something, for the idle timeout.
+#[derive(Debug)]
 pub struct Traffic {
     /// From the peer (or legacy client) towards the PLC (or gateway).
     pub sent: AtomicU64,
@@ -27,11 +27,52 @@ pub struct Traffic {
     pub received: AtomicU64,
     /// Modbus requests refused.
     pub refused: AtomicU64,
+    /// When the session started.
+    started: Instant,
+    /// Milliseconds after `started` of the last bytes read from either side.
+    last_active_ms: AtomicU64,
+}
+
+impl Default for Traffic {
+    fn default() -> Self {
+        Self {
+            sent: AtomicU64::new(0),
+            received: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+            started: Instant::now(),
+            last_active_ms: AtomicU64::new(0),
+        }
+    }
 }
 
 impl Traffic {
     fn add(counter: &AtomicU64, n: usize) {
         counter.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// Notes that one side sent something.
+    fn touch(&self) {
+        let now = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_active_ms.fetch_max(now, Ordering::Relaxed);
+    }
+
+    /// How long neither side has sent anything.
+    fn idle_for(&self) -> Duration {
+        let last = Duration::from_millis(self.last_active_ms.load(Ordering::Relaxed));
+        self.started.elapsed().saturating_sub(last)
+    }
+}
+
+/// Resolves once neither side of the session has sent anything for `timeout`: a session
+/// that idles holds a slot and a connection to the PLC, so it is ended (SCADA polls every
+/// few seconds; a client that went away without a FIN never sends again).
+pub async fn idle(traffic: &Traffic, timeout: Duration) {
+    loop {
+        let idle = traffic.idle_for();
+        if idle >= timeout {
+            return;
+        }
+        tokio::time::sleep(timeout - idle).await;
     }
 }
 
@@ -68,7 +109,12 @@ impl std::fmt::Display for End {
     }
 }
 
-async fn copy<R, W>(from: &mut R, to: &mut W, counter: &AtomicU64) -> std::io::Result<()>
+async fn copy<R, W>(
+    from: &mut R,
+    to: &mut W,
+    traffic: &Traffic,
+    counter: &AtomicU64,
+) -> std::io::Result<()>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -80,6 +126,7 @@ where
             // Pass the half-close on: the other side learns nothing more is coming.
             return to.shutdown().await;
         }
+        traffic.touch();
         to.write_all(&buffer[..n]).await?;
         to.flush().await?;
         Traffic::add(counter, n);
@@ -95,8 +142,8 @@ where
 {
     let (mut peer_read, mut peer_write) = tokio::io::split(peer);
     let (mut up_read, mut up_write) = tokio::io::split(upstream);
-    let sending = copy(&mut peer_read, &mut up_write, &traffic.sent);
-    let receiving = copy(&mut up_read, &mut peer_write, &traffic.received);
+    let sending = copy(&mut peer_read, &mut up_write, traffic, &traffic.sent);
+    let receiving = copy(&mut up_read, &mut peer_write, traffic, &traffic.received);
     tokio::pin!(sending, receiving);
     tokio::select! {
         sent = &mut sending => match sent {
@@ -116,12 +163,23 @@ where
     }
 }
 
+/// Why the Modbus relay refused a request.
+#[derive(Debug, Clone, Copy)]
+pub enum Refusal<'a> {
+    /// Its function code is not permitted to the peer; it was answered with exception 01.
+    Function,
+    /// Its PDU is not the length its function code prescribes; the session is closed.
+    Malformed(&'a FrameError),
+}
+
 /// What the Modbus relay tells its caller about a refused request.
-pub type OnRefused<'a> = &'a (dyn Fn(&Frame) + Send + Sync);
+pub type OnRefused<'a> = &'a (dyn Fn(&Frame, Refusal<'_>) + Send + Sync);
 
 /// Relays Modbus/TCP between a peer with `access` and the PLC. A request the access does not
 /// permit is not forwarded: the peer gets an illegal-function exception in its place, and
-/// `on_refused` hears of it. The session ends at the first framing error from either side.
+/// `on_refused` hears of it. A request whose length does not fit its function code is not
+/// forwarded either: `on_refused` hears of it and the session ends, as it does at the first
+/// framing error from either side.
 pub async fn modbus<P, U>(
     peer: P,
     plc: U,
@@ -148,6 +206,7 @@ where
                 plc_write.shutdown().await.map_err(End::Io)?;
                 return Ok::<_, End>(());
             }
+            traffic.touch();
             buffer.extend_from_slice(&chunk[..n]);
             let mut offset = 0;
             let mut forward: Option<Vec<u8>> = None;
@@ -163,6 +222,16 @@ where
                     }
                 };
                 let bytes = &buffer[offset..offset + frame.len];
+                if let Err(error) = modbus::check_request(&frame, bytes) {
+                    // Nothing of this frame is forwarded; whole frames before it in this
+                    // read were not sent yet either, and the session ends here.
+                    traffic.refused.fetch_add(1, Ordering::Relaxed);
+                    on_refused(&frame, Refusal::Malformed(&error));
+                    return Err(End::Malformed {
+                        from_peer: true,
+                        error,
+                    });
+                }
                 if access.permits(frame.function) {
                     if let Some(out) = forward.as_mut() {
                         out.extend_from_slice(bytes);
@@ -172,7 +241,7 @@ where
                     // they are still a prefix of `buffer` and are written from there.
                     forward.get_or_insert_with(|| buffer[..offset].to_vec());
                     traffic.refused.fetch_add(1, Ordering::Relaxed);
-                    on_refused(&frame);
+                    on_refused(&frame, Refusal::Function);
                     if exceptions
                         .send(modbus::exception(&frame, modbus::ILLEGAL_FUNCTION))
                         .await
@@ -203,6 +272,7 @@ where
                         let _ = peer_write.shutdown().await;
                         return Err::<(), _>(End::UpstreamClosed);
                     }
+                    traffic.touch();
                     buffer.extend_from_slice(&chunk[..n]);
                     let mut whole = 0;
                     loop {
@@ -282,7 +352,9 @@ mod tests {
         tokio::spawn(echo_plc(plc_end));
         let traffic = Traffic::default();
         let refused = Mutex::new(Vec::new());
-        let on_refused = |frame: &Frame| refused.lock().expect("lock").push(frame.transaction_id);
+        let on_refused = |frame: &Frame, _: Refusal<'_>| {
+            refused.lock().expect("lock").push(frame.transaction_id)
+        };
         let relay = modbus(peer, plc, Access::ReadOnly, &traffic, &on_refused);
         let read = request(1, &[3, 0, 0, 0, 2]);
         let write = request(2, &[6, 0, 5, 0, 9]);
@@ -325,7 +397,7 @@ mod tests {
         let (mut client, peer) = duplex(4096);
         let (plc, mut plc_end) = duplex(4096);
         let traffic = Traffic::default();
-        let relay = modbus(peer, plc, Access::ReadWrite, &traffic, &|_| {});
+        let relay = modbus(peer, plc, Access::ReadWrite, &traffic, &|_, _| {});
         let mut bad = request(1, &[3, 0, 0, 0, 2]);
         bad[4..6].copy_from_slice(&300u16.to_be_bytes());
         client.write_all(&bad).await.expect("write");
@@ -344,6 +416,40 @@ mod tests {
         let mut got = Vec::new();
         plc_end.read_to_end(&mut got).await.expect("read");
         assert!(got.is_empty(), "nothing reached the PLC");
+    }
+
+    #[tokio::test]
+    async fn a_write_smuggled_inside_a_read_is_refused_and_never_forwarded() {
+        let (mut client, peer) = duplex(4096);
+        let (plc, mut plc_end) = duplex(4096);
+        let traffic = Traffic::default();
+        let refused = Mutex::new(Vec::new());
+        let on_refused = |frame: &Frame, why: Refusal<'_>| {
+            refused
+                .lock()
+                .expect("lock")
+                .push((frame.function, matches!(why, Refusal::Malformed(_))));
+        };
+        let relay = modbus(peer, plc, Access::ReadOnly, &traffic, &on_refused);
+        let write = request(2, &[6, 0, 5, 0x03, 0xe7]);
+        let smuggled = request(1, &[&[3u8, 0, 5, 0, 1][..], &write].concat());
+        client.write_all(&smuggled).await.expect("write");
+        let end = relay.await;
+        assert!(
+            matches!(
+                end,
+                End::Malformed {
+                    from_peer: true,
+                    error: FrameError::PduLength { function: 3, .. }
+                }
+            ),
+            "{end}"
+        );
+        assert_eq!(*refused.lock().expect("lock"), [(3, true)]);
+        drop(client);
+        let mut got = Vec::new();
+        plc_end.read_to_end(&mut got).await.expect("read");
+        assert!(got.is_empty(), "nothing reached the PLC: {got:?}");
     }
 
     #[tokio::test]
