@@ -569,6 +569,48 @@ pub fn share_subjects(toml: &Path, label: &str) -> Result<()> {
     Ok(())
 }
 
+/// `simplereenroll` with `cert` as the TLS client certificate and a CSR for `subject` made
+/// with `csr_key` (the key being renewed, or another); `name` keeps the files apart.
+pub fn reenroll_with(
+    issuer: &Issuer,
+    dir: &Path,
+    (cert, key): (&Path, &Path),
+    csr_key: &Path,
+    subject: &str,
+    name: &str,
+) -> Result<CurlAnswer> {
+    let der = dir.join(format!("{name}.csr.der"));
+    openssl(&[
+        "req",
+        "-new",
+        "-key",
+        &csr_key.to_string_lossy(),
+        "-subj",
+        &format!("/CN={subject}"),
+        "-outform",
+        "DER",
+        "-out",
+        &der.to_string_lossy(),
+    ])?;
+    let b64 = dir.join(format!("{name}.csr.b64"));
+    base64_file(&der, &b64)?;
+    let body = format!("@{}", b64.display());
+    curl(
+        issuer,
+        &[
+            "--cert",
+            &cert.to_string_lossy(),
+            "--key",
+            &key.to_string_lossy(),
+            "-H",
+            "Content-Type: application/pkcs10",
+            "--data-binary",
+            &body,
+            "/.well-known/est/simplereenroll",
+        ],
+    )
+}
+
 /// POSTs the CSR in `csr` (base64) to `label`'s simpleenroll with a Bearer token.
 pub fn enroll_bearer(issuer: &Issuer, csr: &Path, label: &str, token: &str) -> Result<CurlAnswer> {
     let body = format!("@{}", csr.display());
@@ -656,6 +698,24 @@ impl Issuer {
                 .trim()
                 .to_owned(),
         )
+    }
+
+    /// The EST listener's address, for raw TCP/TLS clients.
+    pub fn est_addr(&self) -> Result<std::net::SocketAddr> {
+        Ok(self
+            .url
+            .strip_prefix("https://")
+            .context("EST URL is not https")?
+            .parse()?)
+    }
+
+    /// The agent API's address, for raw TCP/TLS clients.
+    pub fn agent_api_addr(&self) -> Result<std::net::SocketAddr> {
+        Ok(self
+            .agent_api_url()?
+            .strip_prefix("https://")
+            .context("agent API URL is not https")?
+            .parse()?)
     }
 
     /// One join token (`issuer token create --kind join`).
@@ -752,6 +812,24 @@ pub async fn agent_api_channel(
 }
 
 /// The DER contents of every PEM block labelled `label` in `pem`.
+/// The first message of a join-token attestation: `token` and a CSR for a fresh P-256 key,
+/// with that key (the node SVID's).
+pub fn join_token_evidence(token: String) -> Result<(proto::agent::AttestRequest, rcgen::KeyPair)> {
+    use proto::agent::{attest_request, evidence, AttestRequest, Evidence, JoinTokenEvidence};
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let csr = rcgen::CertificateParams::new(Vec::<String>::new())?
+        .serialize_request(&key)?
+        .der()
+        .to_vec();
+    let request = AttestRequest {
+        step: Some(attest_request::Step::Evidence(Evidence {
+            csr,
+            method: Some(evidence::Method::JoinToken(JoinTokenEvidence { token })),
+        })),
+    };
+    Ok((request, key))
+}
+
 pub fn pem_blocks(pem: &str, label: &str) -> Vec<Vec<u8>> {
     use base64::Engine;
     let begin = format!("-----BEGIN {label}-----");

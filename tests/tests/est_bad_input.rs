@@ -421,34 +421,7 @@ fn reenroll(
     key: &Path,
     subject: &str,
 ) -> Result<CurlAnswer> {
-    let der = dir.join("renew.der");
-    openssl(&[
-        "req",
-        "-new",
-        "-key",
-        &key.to_string_lossy(),
-        "-subj",
-        &format!("/CN={subject}"),
-        "-outform",
-        "DER",
-        "-out",
-        &der.to_string_lossy(),
-    ])?;
-    let b64 = dir.join("renew.b64");
-    plant_tests::base64_file(&der, &b64)?;
-    post(
-        issuer,
-        "/.well-known/est/simplereenroll",
-        &b64,
-        &[
-            "--cert",
-            &cert.to_string_lossy(),
-            "--key",
-            &key.to_string_lossy(),
-            "-H",
-            PKCS10,
-        ],
-    )
+    plant_tests::reenroll_with(issuer, dir, (cert, key), key, subject, "renew")
 }
 
 #[test]

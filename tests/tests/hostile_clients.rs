@@ -32,22 +32,6 @@ fn issuer_with_short_timeouts(max_connections: usize) -> Result<Issuer> {
     })
 }
 
-fn est_addr(issuer: &Issuer) -> Result<SocketAddr> {
-    Ok(issuer
-        .url
-        .strip_prefix("https://")
-        .context("EST URL is not https")?
-        .parse()?)
-}
-
-fn agent_api_addr(issuer: &Issuer) -> Result<SocketAddr> {
-    Ok(issuer
-        .agent_api_url()?
-        .strip_prefix("https://")
-        .context("agent API URL is not https")?
-        .parse()?)
-}
-
 /// Many idle sockets need more descriptors than a default soft limit of 1024.
 fn raise_open_file_limit() {
     use rustix::process::{getrlimit, setrlimit, Resource};
@@ -117,7 +101,7 @@ async fn enroll_device(issuer: &Arc<Issuer>, name: &'static str) -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_handshakes_headers_and_bodies_are_cut_while_a_device_enrolls() -> Result<()> {
     let issuer = Arc::new(issuer_with_short_timeouts(4096)?);
-    let addr = est_addr(&issuer)?;
+    let addr = issuer.est_addr()?;
 
     // A TLS record header that promises a ClientHello, then its body a byte at a time.
     let slow_handshake = tokio::spawn(async move {
@@ -170,7 +154,7 @@ async fn thousands_of_idle_connections_do_not_keep_a_device_out() -> Result<()> 
         std::fs::write(toml, text)?;
         Ok(())
     })?);
-    let addr = est_addr(&issuer)?;
+    let addr = issuer.est_addr()?;
 
     let config = plant_tests::tls_client_config(&issuer, None, b"http/1.1")?;
     let crowd = async {
@@ -214,19 +198,8 @@ async fn thousands_of_idle_connections_do_not_keep_a_device_out() -> Result<()> 
 /// Attests with a join token; the gRPC status code of a refusal, `None` on success.
 async fn attest(issuer: &Issuer, token: String) -> Result<Option<tonic::Code>> {
     use proto::agent::agent_client::AgentClient;
-    use proto::agent::{attest_request, evidence, AttestRequest, Evidence, JoinTokenEvidence};
     let mut client = AgentClient::new(plant_tests::agent_api_channel(issuer, None).await?);
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-    let csr = rcgen::CertificateParams::new(Vec::<String>::new())?
-        .serialize_request(&key)?
-        .der()
-        .to_vec();
-    let evidence = AttestRequest {
-        step: Some(attest_request::Step::Evidence(Evidence {
-            csr,
-            method: Some(evidence::Method::JoinToken(JoinTokenEvidence { token })),
-        })),
-    };
+    let (evidence, _key) = plant_tests::join_token_evidence(token)?;
     let status = match client.attest(tokio_stream::iter([evidence])).await {
         Ok(response) => response.into_inner().message().await.err(),
         Err(status) => Some(status),
@@ -246,7 +219,7 @@ async fn idle_agent_api_connections_do_not_keep_an_agent_out() -> Result<()> {
         std::fs::write(toml, text)?;
         Ok(())
     })?;
-    let addr = agent_api_addr(&issuer)?;
+    let addr = issuer.agent_api_addr()?;
     let config = plant_tests::tls_client_config(&issuer, None, b"h2")?;
     // Silent TCP connections, then TLS connections that never send a frame: more of each
     // than the limit.
@@ -470,7 +443,7 @@ const HTTP2_PREFACE: &[u8] =
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overlong_and_cyclic_client_chains_are_refused_at_the_handshake() -> Result<()> {
     let issuer = Issuer::start()?;
-    let (est, agent_api) = (est_addr(&issuer)?, agent_api_addr(&issuer)?);
+    let (est, agent_api) = (issuer.est_addr()?, issuer.agent_api_addr()?);
     let long = long_chain(99)?;
     let cyclic = cyclic_chain(1)?;
     let long_cycle = cyclic_chain(50)?;

@@ -5,42 +5,14 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{ensure, Context, Result};
 use plant_tests::{
-    certs_from_pkcs7, curl, enroll_with_curl, enroll_with_token, openssl, run, run_ok, Issuer,
+    certs_from_pkcs7, curl, enroll_with_curl, enroll_with_token, run, run_ok, Issuer,
 };
 
 /// Renews `cert` with `simplereenroll` (same key and subject), as a device would; returns the
 /// new certificate's PEM.
 fn renew(issuer: &Issuer, dir: &Path, cert: &Path, key: &Path, subject: &str) -> Result<PathBuf> {
-    let der = dir.join(format!("{subject}-renew.der"));
-    openssl(&[
-        "req",
-        "-new",
-        "-key",
-        &key.to_string_lossy(),
-        "-subj",
-        &format!("/CN={subject}"),
-        "-outform",
-        "DER",
-        "-out",
-        &der.to_string_lossy(),
-    ])?;
-    let b64 = dir.join(format!("{subject}-renew.b64"));
-    plant_tests::base64_file(&der, &b64)?;
-    let body = format!("@{}", b64.display());
-    let answer = curl(
-        issuer,
-        &[
-            "--cert",
-            &cert.to_string_lossy(),
-            "--key",
-            &key.to_string_lossy(),
-            "-H",
-            "Content-Type: application/pkcs10",
-            "--data-binary",
-            &body,
-            "/.well-known/est/simplereenroll",
-        ],
-    )?;
+    let name = format!("{subject}-renew");
+    let answer = plant_tests::reenroll_with(issuer, dir, (cert, key), key, subject, &name)?;
     ensure!(
         answer.status == 200,
         "renew: {} {}",

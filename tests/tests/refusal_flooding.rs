@@ -116,18 +116,7 @@ async fn attest(
     client: &mut proto::agent::agent_client::AgentClient<tonic::transport::Channel>,
     token: String,
 ) -> Result<Option<tonic::Code>> {
-    use proto::agent::{attest_request, evidence, AttestRequest, Evidence, JoinTokenEvidence};
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-    let csr = rcgen::CertificateParams::new(Vec::<String>::new())?
-        .serialize_request(&key)?
-        .der()
-        .to_vec();
-    let evidence = AttestRequest {
-        step: Some(attest_request::Step::Evidence(Evidence {
-            csr,
-            method: Some(evidence::Method::JoinToken(JoinTokenEvidence { token })),
-        })),
-    };
+    let (evidence, _key) = plant_tests::join_token_evidence(token)?;
     let status = match client.attest(tokio_stream::iter([evidence])).await {
         Ok(response) => response.into_inner().message().await.err(),
         Err(status) => Some(status),

@@ -7,51 +7,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{ensure, Context, Result};
 use plant_tests::{
-    agent_api_channel, certs_from_pkcs7, curl, enroll_with_token, openssl, serial_hex, CurlAnswer,
-    Issuer,
+    agent_api_channel, certs_from_pkcs7, curl, enroll_with_token, serial_hex, CurlAnswer, Issuer,
 };
-
-/// `simplereenroll` with `cert` as the TLS client certificate and a CSR for `subject` made
-/// with `csr_key` (the key being renewed, or another); `name` keeps the files apart.
-fn reenroll_with(
-    issuer: &Issuer,
-    dir: &Path,
-    (cert, key): (&Path, &Path),
-    csr_key: &Path,
-    subject: &str,
-    name: &str,
-) -> Result<CurlAnswer> {
-    let der = dir.join(format!("{name}.csr.der"));
-    openssl(&[
-        "req",
-        "-new",
-        "-key",
-        &csr_key.to_string_lossy(),
-        "-subj",
-        &format!("/CN={subject}"),
-        "-outform",
-        "DER",
-        "-out",
-        &der.to_string_lossy(),
-    ])?;
-    let b64 = dir.join(format!("{name}.csr.b64"));
-    plant_tests::base64_file(&der, &b64)?;
-    let body = format!("@{}", b64.display());
-    curl(
-        issuer,
-        &[
-            "--cert",
-            &cert.to_string_lossy(),
-            "--key",
-            &key.to_string_lossy(),
-            "-H",
-            "Content-Type: application/pkcs10",
-            "--data-binary",
-            &body,
-            "/.well-known/est/simplereenroll",
-        ],
-    )
-}
 
 /// `simplereenroll` of `cert` with its own key, as a device renews.
 fn reenroll(
@@ -61,7 +18,7 @@ fn reenroll(
     subject: &str,
     name: &str,
 ) -> Result<CurlAnswer> {
-    reenroll_with(issuer, dir, (cert, key), key, subject, name)
+    plant_tests::reenroll_with(issuer, dir, (cert, key), key, subject, name)
 }
 
 /// A renewal that must succeed; the new certificate's PEM.
@@ -157,7 +114,7 @@ fn a_lost_renewal_answer_is_repeated_within_the_window_and_never_reissued() -> R
     // A retry for another key would hand the device a certificate it has no key for.
     let (other_key, _) = plant_tests::openssl_csr(dir.path(), "other", "hmi-4", &[])?;
     refused(
-        &reenroll_with(
+        &plant_tests::reenroll_with(
             &issuer,
             dir.path(),
             (&a, &key),

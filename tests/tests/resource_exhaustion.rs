@@ -34,22 +34,6 @@ fn issuer_with_max_connections(max_connections: usize) -> Result<Issuer> {
     })
 }
 
-fn est_addr(issuer: &Issuer) -> Result<SocketAddr> {
-    Ok(issuer
-        .url
-        .strip_prefix("https://")
-        .context("EST URL is not https")?
-        .parse()?)
-}
-
-fn agent_api_addr(issuer: &Issuer) -> Result<SocketAddr> {
-    Ok(issuer
-        .agent_api_url()?
-        .strip_prefix("https://")
-        .context("agent API URL is not https")?
-        .parse()?)
-}
-
 /// A TLS connection to `addr` from the local address `source` (any 127.0.0.0/8 address
 /// reaches a loopback listener, so one test can play several hosts).
 async fn tls_connect_from(
@@ -119,22 +103,10 @@ async fn grpc_status(mut body: h2::RecvStream) -> Result<Option<String>> {
 /// (PKCS#8), usable as TLS client identity.
 async fn attest_node(issuer: &Issuer) -> Result<(Vec<Vec<u8>>, Vec<u8>)> {
     use proto::agent::agent_client::AgentClient;
-    use proto::agent::{
-        attest_request, attest_response, evidence, AttestRequest, Evidence, JoinTokenEvidence,
-    };
+    use proto::agent::attest_response;
     let token = issuer.join_token()?;
     let mut client = AgentClient::new(plant_tests::agent_api_channel(issuer, None).await?);
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-    let csr = rcgen::CertificateParams::new(Vec::<String>::new())?
-        .serialize_request(&key)?
-        .der()
-        .to_vec();
-    let evidence = AttestRequest {
-        step: Some(attest_request::Step::Evidence(Evidence {
-            csr,
-            method: Some(evidence::Method::JoinToken(JoinTokenEvidence { token })),
-        })),
-    };
+    let (evidence, key) = plant_tests::join_token_evidence(token)?;
     let mut answers = client
         .attest(tokio_stream::iter([evidence]))
         .await?
@@ -179,7 +151,7 @@ fn rss(pid: u32) -> Result<u64> {
 async fn silent_attest_streams_do_not_keep_an_agent_out() -> Result<()> {
     const MAX_CONNECTIONS: usize = 8;
     let issuer = Arc::new(issuer_with_max_connections(MAX_CONNECTIONS)?);
-    let addr = agent_api_addr(&issuer)?;
+    let addr = issuer.agent_api_addr()?;
     let config = plant_tests::tls_client_config(&issuer, None, b"h2")?;
     // Every slot: a connection with an Attest stream that never sends its evidence.
     let crowd = async {
@@ -203,7 +175,7 @@ async fn silent_attest_streams_do_not_keep_an_agent_out() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_attest_stream_without_evidence_is_ended_by_its_deadline() -> Result<()> {
     let issuer = Issuer::start()?;
-    let addr = agent_api_addr(&issuer)?;
+    let addr = issuer.agent_api_addr()?;
     let config = plant_tests::tls_client_config(&issuer, None, b"h2")?;
     let mut send = h2_connect(Ipv4Addr::LOCALHOST, addr, config).await?;
     let (body, _stream) = silent_attest(&mut send).await?;
@@ -275,7 +247,7 @@ fn self_signed_identity() -> Result<(Vec<Vec<u8>>, Vec<u8>)> {
 async fn est_connections_trickling_bodies_do_not_keep_cacerts_unanswered() -> Result<()> {
     const MAX_CONNECTIONS: usize = 8;
     let issuer = Arc::new(issuer_with_max_connections(MAX_CONNECTIONS)?);
-    let addr = est_addr(&issuer)?;
+    let addr = issuer.est_addr()?;
     let config =
         plant_tests::tls_client_config(&issuer, Some(self_signed_identity()?), b"http/1.1")?;
     let mut trickling = Vec::new();
@@ -319,7 +291,7 @@ async fn half_sent_attest_messages_do_not_exhaust_memory() -> Result<()> {
     ensure!(curl(&issuer, &["/.well-known/est/cacerts"])?.status == 200);
     let baseline = rss(pid)?;
 
-    let addr = agent_api_addr(&issuer)?;
+    let addr = issuer.agent_api_addr()?;
     let config = plant_tests::tls_client_config(&issuer, None, b"h2")?;
     let mut send = h2_connect(Ipv4Addr::LOCALHOST, addr, config).await?;
     let mut held = Vec::new();
@@ -407,7 +379,7 @@ async fn one_source_cannot_take_every_slot() -> Result<()> {
     const MAX_CONNECTIONS: usize = 80;
     const ATTEMPTS: usize = MAX_CONNECTIONS;
     let issuer = Arc::new(issuer_with_max_connections(MAX_CONNECTIONS)?);
-    let addr = agent_api_addr(&issuer)?;
+    let addr = issuer.agent_api_addr()?;
     // An attested node: its requests are authenticated work, never shed while in progress.
     let identity = attest_node(&issuer).await?;
     let config = plant_tests::tls_client_config(&issuer, Some(identity), b"h2")?;
