@@ -157,13 +157,7 @@ impl NodeAttestor for X509PopAttestor {
         let record = self
             .certificates
             .get(&serial)
-            .map_err(|e| {
-                tracing::error!(error = %e, "inventory lookup failed");
-                Refusal::new(
-                    "store",
-                    "the issuer could not read its inventory; try again",
-                )
-            })?
+            .map_err(inventory_unreadable)?
             .ok_or_else(foreign)?;
         if record.der_bytes().ok().as_deref() != Some(leaf.as_slice()) {
             return Err(foreign());
@@ -217,13 +211,7 @@ impl NodeAttestor for X509PopAttestor {
         let ended = self
             .certificates
             .lineage(&serial)
-            .map_err(|e| {
-                tracing::error!(error = %e, "inventory lookup failed");
-                Refusal::new(
-                    "store",
-                    "the issuer could not read its inventory; try again",
-                )
-            })?
+            .map_err(inventory_unreadable)?
             .ended;
         if let Some(end) = ended {
             return Err(Refusal::new(
@@ -237,13 +225,8 @@ impl NodeAttestor for X509PopAttestor {
         }
         let public_key = p256_point(&certificate)?;
         let id = node_id(&certificate)?;
-        let lineage = certificate_lineage(&self.certificates, &record).map_err(|e| {
-            tracing::error!(error = %e, "inventory lookup failed");
-            Refusal::new(
-                "store",
-                "the issuer could not read its inventory; try again",
-            )
-        })?;
+        let lineage =
+            certificate_lineage(&self.certificates, &record).map_err(inventory_unreadable)?;
         let spki = der::Encode::to_der(&certificate.tbs_certificate.subject_public_key_info)
             .map_err(|e| {
                 Refusal::new(
@@ -307,6 +290,15 @@ impl PendingAttestation for Pending {
 }
 
 /// The certificate's P-256 public key point; other key types are refused.
+/// The refusal for an inventory that can't be read (logged here; the agent retries).
+fn inventory_unreadable(error: Error) -> Refusal {
+    tracing::error!(%error, "inventory lookup failed");
+    Refusal::new(
+        "store",
+        "the issuer could not read its inventory; try again",
+    )
+}
+
 fn p256_point(certificate: &x509_cert::Certificate) -> Result<Vec<u8>, Refusal> {
     let spki = &certificate.tbs_certificate.subject_public_key_info;
     let p256 = spki.algorithm.oid == const_oid::db::rfc5912::ID_EC_PUBLIC_KEY
