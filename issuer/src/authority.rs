@@ -757,6 +757,19 @@ impl Authority {
         }
     }
 
+    /// Whether `leaf`, a TLS client certificate, is one this CA issued (byte for byte in the
+    /// inventory) and has neither revoked nor let expire: its connection's requests are then
+    /// authenticated work, never shed while being served. A foreign or self-signed certificate
+    /// authenticates nothing.
+    pub(crate) fn issued_here(&self, leaf: &[u8]) -> bool {
+        use crate::store::Status;
+        let now = self.now().unix_timestamp();
+        matches!(
+            self.issued_record(leaf),
+            Ok(Some((_, record))) if matches!(record.status_at(now), Status::Valid | Status::Superseded)
+        )
+    }
+
     /// The inventory record of `certificate` (DER) if this CA issued it, byte for byte;
     /// `None` for anything else: unparsable, an unknown serial, or other bytes under a known
     /// serial. How TLS client certificates are judged (re-enrollment, the operator API).

@@ -131,19 +131,6 @@ fn source_key(address: IpAddr) -> IpAddr {
     }
 }
 
-/// Whether `leaf`, a TLS client certificate, is one this CA issued (byte for byte in the
-/// inventory) and has neither revoked nor let expire: its connection's requests are then
-/// authenticated work, never shed while being served. A foreign or self-signed certificate
-/// authenticates nothing.
-pub fn issued_here(authority: &crate::authority::Authority, leaf: &[u8]) -> bool {
-    use crate::store::Status;
-    let now = authority.now().unix_timestamp();
-    matches!(
-        authority.issued_record(leaf),
-        Ok(Some((_, record))) if matches!(record.status_at(now), Status::Valid | Status::Superseded)
-    )
-}
-
 /// The connections of one listener.
 #[derive(Debug, Clone)]
 pub struct Connections(Arc<Shared>);

@@ -295,7 +295,7 @@ async fn serve_connection(
     if client_certificate
         .as_ref()
         .and_then(TlsClientCertificate::leaf)
-        .is_some_and(|leaf| crate::connections::issued_here(&authority, leaf))
+        .is_some_and(|leaf| authority.issued_here(leaf))
     {
         slot.set_authenticated();
     }

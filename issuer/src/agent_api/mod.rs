@@ -292,7 +292,7 @@ impl Listener {
                         .unwrap_or_default();
                     if chain
                         .first()
-                        .is_some_and(|leaf| crate::connections::issued_here(&authority, leaf))
+                        .is_some_and(|leaf| authority.issued_here(leaf))
                     {
                         slot.set_authenticated();
                     }
