@@ -3,23 +3,13 @@
 //! audit log. Writes are made durable by
 //! [`Durability::commit`] before a response leaves.
 
-mod audit;
-mod certificates;
-mod durability;
-mod entries;
-mod nodes;
-mod tokens;
+mod sled;
 
-pub use audit::{AuditEvent, AuditLog, AuditRecord, Verification};
-pub use certificates::{
-    CertificateRecord, CertificateStore, InventoryPage, InventoryQuery, Lineage, LineageEnd,
-    NewRecord, Renewal, Revocation, Status,
-};
-pub use durability::Durability;
-pub use entries::{EntryRecord, EntryStore};
-pub use nodes::{AttestedWith, NodeRecord, NodeStore, Recorded};
-pub use tokens::{
-    hash as tokens_hash, Consumed, TokenKind, TokenRecord, TokenRevocation, TokenState, TokenStore,
+pub use self::sled::{
+    tokens_hash, AttestedWith, AuditEvent, AuditLog, AuditRecord, CertificateRecord,
+    CertificateStore, Consumed, Durability, EntryRecord, EntryStore, InventoryPage, InventoryQuery,
+    Lineage, LineageEnd, NewRecord, NodeRecord, NodeStore, Recorded, Renewal, Revocation, Status,
+    TokenKind, TokenRecord, TokenRevocation, TokenState, TokenStore, Verification,
 };
 
 use std::path::Path;
@@ -56,7 +46,7 @@ impl Store {
     /// Opens (or creates) the store under `dir` with a page cache of `cache_mb` MiB.
     pub fn open_with_cache(dir: &Path, cache_mb: u64) -> Result<Self, Error> {
         std::fs::create_dir_all(dir).map_err(Error::io(dir))?;
-        let db = sled::Config::new()
+        let db = ::sled::Config::new()
             .path(dir)
             // sled's own periodic flush would race our barrier for no gain.
             .flush_every_ms(None)
@@ -255,7 +245,7 @@ mod tests {
         let serials: Vec<Serial> = (0..40).map(|_| Serial::random()).collect();
         {
             // The layout older issuers wrote: index entries with empty values.
-            let db = sled::Config::new().path(dir.path()).open().expect("sled");
+            let db = ::sled::Config::new().path(dir.path()).open().expect("sled");
             let by_serial = db.open_tree("certificates").expect("tree");
             let by_expiry = db.open_tree("certificates_by_expiry").expect("tree");
             for (i, serial) in serials.iter().enumerate() {
@@ -268,7 +258,10 @@ mod tests {
                     .insert(serial.0, serde_json::to_vec(&rec).expect("json"))
                     .expect("insert");
                 by_expiry
-                    .insert(certificates::expiry_key(not_after, serial), &[][..])
+                    .insert(
+                        super::sled::certificates::expiry_key(not_after, serial),
+                        &[][..],
+                    )
                     .expect("insert");
             }
             db.flush().expect("flush");

@@ -42,7 +42,7 @@ pub struct AuditLog {
 }
 
 impl AuditLog {
-    pub(super) fn open(db: &sled::Db) -> Result<Self, Error> {
+    pub(in crate::store) fn open(db: &sled::Db) -> Result<Self, Error> {
         let tree = db.open_tree("audit")?;
         let tail = match tree.last()? {
             Some((_, bytes)) => {

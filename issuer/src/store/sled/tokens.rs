@@ -119,7 +119,7 @@ pub fn hash(secret: &str) -> [u8; 32] {
 }
 
 impl TokenStore {
-    pub(super) fn open(db: &sled::Db) -> Result<Self, Error> {
+    pub(in crate::store) fn open(db: &sled::Db) -> Result<Self, Error> {
         Ok(Self {
             tree: db.open_tree("tokens")?,
         })

@@ -247,7 +247,7 @@ pub enum Renewal {
     },
 }
 
-pub(super) fn expiry_key(not_after: i64, serial: &Serial) -> [u8; 24] {
+pub(in crate::store) fn expiry_key(not_after: i64, serial: &Serial) -> [u8; 24] {
     let mut key = [0u8; 24];
     key[..8].copy_from_slice(&(not_after.max(0) as u64).to_be_bytes());
     key[8..].copy_from_slice(&serial.0);
@@ -255,7 +255,7 @@ pub(super) fn expiry_key(not_after: i64, serial: &Serial) -> [u8; 24] {
 }
 
 impl CertificateStore {
-    pub(super) fn open(db: &sled::Db) -> Result<Self, Error> {
+    pub(in crate::store) fn open(db: &sled::Db) -> Result<Self, Error> {
         let store = Self {
             by_serial: db.open_tree("certificates")?,
             by_expiry: db.open_tree("certificates_by_expiry")?,
@@ -736,7 +736,7 @@ impl CertificateStore {
 
     /// Whether every expiry index entry carries its status (tests of the migration).
     #[cfg(test)]
-    pub(super) fn index_has_status(&self) -> bool {
+    pub(in crate::store) fn index_has_status(&self) -> bool {
         self.by_expiry
             .iter()
             .all(|entry| entry.is_ok_and(|(_, value)| Status::from_index(&value).is_some()))

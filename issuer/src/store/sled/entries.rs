@@ -69,7 +69,7 @@ fn parent_key(parent_id: &str, id: &str) -> Vec<u8> {
 }
 
 impl EntryStore {
-    pub(super) fn open(db: &sled::Db) -> Result<Self, Error> {
+    pub(in crate::store) fn open(db: &sled::Db) -> Result<Self, Error> {
         Ok(Self {
             by_id: db.open_tree("entries")?,
             by_parent: db.open_tree("entries_by_parent")?,

@@ -100,7 +100,7 @@ pub struct NodeStore {
 }
 
 impl NodeStore {
-    pub(super) fn open(db: &sled::Db) -> Result<Self, Error> {
+    pub(in crate::store) fn open(db: &sled::Db) -> Result<Self, Error> {
         Ok(Self {
             tree: db.open_tree("nodes")?,
             bans: db.open_tree("node_bans")?,
