@@ -21,8 +21,8 @@ use crate::grant::{valid_dns, valid_subject, Grant};
 use crate::profile::{Profile, SanKind};
 use crate::serial::Serial;
 use crate::store::{
-    AuditEvent, CertificateRecord, InventoryPage, InventoryQuery, LineageEnd, NewRecord, Renewal,
-    Status, Store, TokenKind, TokenRecord, TokenState,
+    AuditEvent, CertificateRecord, Consumed, InventoryPage, InventoryQuery, Issuance, Issued,
+    LineageEnd, Renewal, Status, Store, TokenKind, TokenRecord, TokenState,
 };
 use crate::Error;
 
@@ -210,6 +210,11 @@ impl Authority {
         )?;
         let store =
             Store::open_with_cache(&config.state_dir().join("store"), config.store.cache_mb)?;
+        let state_volume = crate::state_volume::StateVolume::new(
+            &config.state_dir(),
+            config.issuance.min_free_mb.saturating_mul(1024 * 1024),
+        );
+        store.durability.watch_volume(state_volume.clone());
         Ok(Self {
             ca,
             store,
@@ -233,10 +238,7 @@ impl Authority {
             timeline_cache: Default::default(),
             backdate: time::Duration::try_from(config.issuance.backdate)
                 .map_err(|e| Error::Config(format!("issuance.backdate: {e}")))?,
-            state_volume: crate::state_volume::StateVolume::new(
-                &config.state_dir(),
-                config.issuance.min_free_mb.saturating_mul(1024 * 1024),
-            ),
+            state_volume,
             lockouts: crate::lockout::Lockouts::new(config.tokens.lockout),
             renewal_retry_window: config.est.renewal_retry_window,
             listener_names: crate::tls::ListenerNames::load(
@@ -334,8 +336,7 @@ impl Authority {
         // collision (odds 2^-127) re-signs with a new serial; the discarded signature never
         // left the process.
         let subject_key = SubjectKey(public_key.to_vec());
-        let mut token_spent = false;
-        let (der, record) = loop {
+        let der = loop {
             let serial = Serial::random();
             // Back-dated for lagging clocks, but never before the issuing CA's own start.
             let not_before = (now - self.backdate).max(self.ca.not_before());
@@ -359,55 +360,49 @@ impl Authority {
                 renews: grant.renews.map(|s| s.to_string()),
                 der: base64::engine::general_purpose::STANDARD.encode(&der),
             };
-            // Spend the token only now that a certificate exists; of concurrent requests with
-            // one token, the first to get here wins and the others' signatures are dropped.
-            // A serial collision loops back to sign again; the token is spent only once.
-            if let Some(token) = grant.token.as_ref().filter(|_| !token_spent) {
-                self.spend_token(token, now.unix_timestamp())?;
-                token_spent = true;
-            }
-            // A renewal is recorded and its predecessor superseded in one transaction, and
-            // only while the predecessor is still current (not revoked, not renewed by a
-            // concurrent request, its lineage not ended): a revocation that won the race is
-            // never overwritten, and nothing of this renewal is kept.
-            let recorded = match grant.renews {
-                None => match self.store.certificates.record_new_holding(
-                    &serial,
-                    &record,
-                    self.unique_subject(grant),
-                )? {
-                    NewRecord::Recorded => true,
-                    NewRecord::SerialTaken => false,
-                    NewRecord::SubjectHeld(held_by) => return Err(subject_held(grant, &held_by)),
-                },
-                Some(old) => match self
-                    .store
-                    .certificates
-                    .record_renewal(&serial, &record, &old)?
-                {
-                    Renewal::Recorded => true,
-                    Renewal::SerialTaken => false,
-                    Renewal::PredecessorNotCurrent { status, ended } => {
-                        return Err(renewal_overtaken(old, status, ended))
-                    }
-                },
+            let audit = AuditEvent {
+                kind: "certificate.issued".into(),
+                detail: serde_json::json!({
+                    "serial": record.serial,
+                    "subject": record.subject,
+                    "sans": record.sans,
+                    "label": record.label,
+                    "owner": record.owner,
+                    "not_after": record.not_after,
+                    "renews": record.renews,
+                }),
             };
-            if recorded {
-                break (der, record);
+            // The certificate, the token it spends, the predecessor it supersedes and its
+            // audit record are one write, made only if all of it can be: of concurrent
+            // requests with one token the first to get here wins and the others' signatures
+            // are dropped; a renewal racing a revocation yields nothing; a serial collision
+            // (odds 2^-127) signs again with a new serial, the discarded signature never
+            // having left the process.
+            let issued = self.store.record_issuance(Issuance {
+                serial: &serial,
+                record: &record,
+                renews: grant.renews.as_ref(),
+                token: grant.token.as_ref(),
+                unique_subject: self.unique_subject(grant),
+                audit: (audit, now_ms(now)),
+                now: now.unix_timestamp(),
+            })?;
+            match issued {
+                Issued::Recorded => break der,
+                Issued::SerialTaken => continue,
+                Issued::TokenRefused(consumed) => return Err(token_refused(consumed)),
+                Issued::SubjectHeld(held_by) => return Err(subject_held(grant, &held_by)),
+                Issued::PredecessorNotCurrent(Renewal::PredecessorNotCurrent { status, ended }) => {
+                    let old = grant.renews.unwrap_or(serial);
+                    return Err(renewal_overtaken(old, status, ended));
+                }
+                Issued::PredecessorNotCurrent(other) => {
+                    return Err(Error::Store(format!(
+                        "unexpected renewal outcome {other:?}"
+                    )))
+                }
             }
         };
-        self.audit(
-            "certificate.issued",
-            serde_json::json!({
-                "serial": record.serial,
-                "subject": record.subject,
-                "sans": record.sans,
-                "label": record.label,
-                "owner": record.owner,
-                "not_after": record.not_after,
-                "renews": record.renews,
-            }),
-        )?;
         self.store.durability.commit().await?;
         self.metrics.issued(&grant.label, started.elapsed());
         Ok(der)
@@ -445,26 +440,8 @@ impl Authority {
         Ok(())
     }
 
-    fn spend_token(&self, token: &[u8; 32], now: i64) -> Result<(), Error> {
-        use crate::store::Consumed;
-        let refused = |m: &str| Error::Est(est::Error::refused(est::Refusal::Unauthorized, m));
-        match self.store.tokens.consume_hash(token, now)? {
-            Consumed::Ok(_) => Ok(()),
-            Consumed::AlreadyUsed(_) => Err(refused(
-                "this token was already used; tokens are single use, ask the PKI operator for a new one",
-            )),
-            Consumed::Expired(_) => Err(refused(
-                "this token expired; ask the PKI operator for a new one",
-            )),
-            Consumed::Revoked(_) => Err(refused(
-                "this token was revoked by the PKI operator; ask them for a new one",
-            )),
-            Consumed::Unknown => Err(refused("unknown token")),
-        }
-    }
-
     pub(crate) fn audit(&self, kind: &str, detail: serde_json::Value) -> Result<u64, Error> {
-        let at_ms = (self.now().unix_timestamp_nanos() / 1_000_000) as i64;
+        let at_ms = now_ms(self.now());
         self.store.audit.append(
             AuditEvent {
                 kind: kind.to_owned(),
@@ -847,6 +824,27 @@ impl Authority {
 /// A renewal whose predecessor stopped being current while it was signed: revoked (or its
 /// lineage ended by another revocation), or renewed by a concurrent request. 403: the
 /// certificate presented may not renew, and nothing was issued.
+/// Unix milliseconds, as audit records carry them.
+fn now_ms(now: OffsetDateTime) -> i64 {
+    (now.unix_timestamp_nanos() / 1_000_000) as i64
+}
+
+/// Why a token can't enroll, in words the engineer can act on.
+fn token_refused(consumed: Consumed) -> Error {
+    let refused = |m: &str| Error::Est(est::Error::refused(est::Refusal::Unauthorized, m));
+    match consumed {
+        Consumed::Ok(_) => Error::Store("a usable token was refused".into()),
+        Consumed::AlreadyUsed(_) => refused(
+            "this token was already used; tokens are single use, ask the PKI operator for a new one",
+        ),
+        Consumed::Expired(_) => refused("this token expired; ask the PKI operator for a new one"),
+        Consumed::Revoked(_) => {
+            refused("this token was revoked by the PKI operator; ask them for a new one")
+        }
+        Consumed::Unknown => refused("unknown token"),
+    }
+}
+
 fn renewal_overtaken(old: Serial, status: Option<Status>, ended: Option<LineageEnd>) -> Error {
     let message = match (status, ended) {
         (Some(Status::Revoked), _) => format!(

@@ -8,8 +8,9 @@ mod sled;
 pub use self::sled::{
     tokens_hash, AttestedWith, AuditEvent, AuditLog, AuditRecord, CertificateRecord,
     CertificateStore, Consumed, Durability, EntryRecord, EntryStore, InventoryPage, InventoryQuery,
-    Lineage, LineageEnd, NewRecord, NodeRecord, NodeStore, Recorded, Renewal, Revocation, Status,
-    TokenKind, TokenRecord, TokenRevocation, TokenState, TokenStore, Verification,
+    Issuance, Issued, Lineage, LineageEnd, NewRecord, NodeRecord, NodeStore, Recorded, Renewal,
+    Revocation, Status, TokenKind, TokenRecord, TokenRevocation, TokenState, TokenStore,
+    Verification,
 };
 
 use std::path::Path;
@@ -31,6 +32,7 @@ pub struct Store {
     pub nodes: NodeStore,
     /// The group-commit barrier.
     pub durability: Durability,
+    journal: self::sled::Journal,
 }
 
 /// The page cache (MiB) when the configuration names none (`[store] cache_mb`).
@@ -43,35 +45,18 @@ impl Store {
         Self::open_with_cache(dir, DEFAULT_CACHE_MB)
     }
 
-    /// Opens (or creates) the store under `dir` with a page cache of `cache_mb` MiB.
+    /// Opens (or creates) the store under `dir` with a page cache of `cache_mb` MiB,
+    /// applying what its journal holds beyond sled's last checkpoint. Must run inside a
+    /// tokio runtime.
     pub fn open_with_cache(dir: &Path, cache_mb: u64) -> Result<Self, Error> {
-        std::fs::create_dir_all(dir).map_err(Error::io(dir))?;
-        let db = ::sled::Config::new()
-            .path(dir)
-            // sled's own periodic flush would race our barrier for no gain.
-            .flush_every_ms(None)
-            .cache_capacity(cache_mb.saturating_mul(1024 * 1024))
-            .open()
-            .map_err(|e| {
-                Error::Store(format!(
-                    "cannot open the store in {}: {e} (is another issuer running on it?)",
-                    dir.display()
-                ))
-            })?;
-        let certificates = CertificateStore::open(&db)?;
-        let tokens = TokenStore::open(&db)?;
-        let audit = AuditLog::open(&db)?;
-        let entries = EntryStore::open(&db)?;
-        let nodes = NodeStore::open(&db)?;
-        let durability = Durability::start(db, dir)?;
-        Ok(Self {
-            certificates,
-            tokens,
-            audit,
-            entries,
-            nodes,
-            durability,
-        })
+        self::sled::open(dir, cache_mb)
+    }
+
+    /// Records one issuance in one write: the certificate (superseding what it renews), the
+    /// token it spends and its audit record, all or nothing. Nothing is written unless the
+    /// token is still usable, the serial unused, and the subject or predecessor free.
+    pub fn record_issuance(&self, issuance: Issuance<'_>) -> Result<Issued, Error> {
+        self::sled::record_issuance(self, issuance)
     }
 }
 

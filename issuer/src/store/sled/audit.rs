@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use super::journal::{Journal, Write};
 use crate::Error;
 
 /// What happened, before it is numbered and chained.
@@ -37,12 +38,13 @@ pub struct AuditRecord {
 #[derive(Debug, Clone)]
 pub struct AuditLog {
     tree: sled::Tree,
+    journal: Journal,
     /// (last seq, last hash); appends serialise here so seq order is chain order.
     tail: Arc<Mutex<(u64, [u8; 32])>>,
 }
 
 impl AuditLog {
-    pub(in crate::store) fn open(db: &sled::Db) -> Result<Self, Error> {
+    pub(in crate::store) fn open(db: &sled::Db, journal: Journal) -> Result<Self, Error> {
         let tree = db.open_tree("audit")?;
         let tail = match tree.last()? {
             Some((_, bytes)) => {
@@ -57,12 +59,25 @@ impl AuditLog {
         };
         Ok(Self {
             tree,
+            journal,
             tail: Arc::new(Mutex::new(tail)),
         })
     }
 
     /// Appends an event; the caller commits the store before acting on it.
     pub fn append(&self, event: AuditEvent, at_ms: i64) -> Result<u64, Error> {
+        let mut write = self.journal.begin()?;
+        self.append_in(&mut write, event, at_ms)
+    }
+
+    /// [`append`](Self::append) as part of `write`: the event is recorded with what it
+    /// tells of, or not at all.
+    pub(super) fn append_in(
+        &self,
+        write: &mut Write<'_>,
+        event: AuditEvent,
+        at_ms: i64,
+    ) -> Result<u64, Error> {
         let mut tail = self
             .tail
             .lock()
@@ -78,7 +93,7 @@ impl AuditLog {
             hash: hex::encode(hash),
         };
         let bytes = serde_json::to_vec(&record).map_err(|e| Error::Store(e.to_string()))?;
-        self.tree.insert(seq.to_be_bytes(), bytes)?;
+        write.insert(&self.tree, seq.to_be_bytes(), bytes)?;
         *tail = (seq, hash);
         Ok(seq)
     }
@@ -223,7 +238,7 @@ mod tests {
     fn log_with(count: i64) -> (tempfile::TempDir, sled::Db, AuditLog) {
         let dir = tempfile::tempdir().expect("tempdir");
         let db = sled::open(dir.path()).expect("db");
-        let log = AuditLog::open(&db).expect("open");
+        let log = AuditLog::open(&db, super::super::journal::Journal::scratch()).expect("open");
         for i in 0..count {
             log.append(
                 AuditEvent {

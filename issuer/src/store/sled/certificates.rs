@@ -14,12 +14,10 @@
 //! is its own lineage root with no successor. Revoking any member writes the lineage into
 //! `lineages_ended` in the revocation's own transaction; nothing of an ended lineage renews.
 
-use serde::{Deserialize, Serialize};
-use sled::transaction::{ConflictableTransactionError, TransactionError};
-use sled::Transactional;
-
+use super::journal::{Journal, Write};
 use crate::serial::Serial;
 use crate::Error;
+use serde::{Deserialize, Serialize};
 
 /// A certificate's lifecycle state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -196,6 +194,7 @@ pub struct CertificateStore {
     /// `label NUL subject` → serial of the newest certificate issued for that subject under
     /// that label: what makes "one valid certificate per subject" one lookup.
     holders: sled::Tree,
+    journal: Journal,
 }
 
 /// A certificate's place in its lineage, for renewals and renewed certificates.
@@ -255,7 +254,7 @@ pub(in crate::store) fn expiry_key(not_after: i64, serial: &Serial) -> [u8; 24] 
 }
 
 impl CertificateStore {
-    pub(in crate::store) fn open(db: &sled::Db) -> Result<Self, Error> {
+    pub(in crate::store) fn open(db: &sled::Db, journal: Journal) -> Result<Self, Error> {
         let store = Self {
             by_serial: db.open_tree("certificates")?,
             by_expiry: db.open_tree("certificates_by_expiry")?,
@@ -264,6 +263,7 @@ impl CertificateStore {
             links: db.open_tree("certificate_links")?,
             ended: db.open_tree("lineages_ended")?,
             holders: db.open_tree("subject_holders")?,
+            journal,
         };
         store.put_status_in_index()?;
         store.fill_subject_holders()?;
@@ -311,63 +311,48 @@ impl CertificateStore {
         revoked_at: i64,
         reason_code: u8,
     ) -> Result<Option<CertificateRecord>, Error> {
-        let trees = (
-            &self.by_serial,
-            &self.by_expiry,
-            &self.revocations,
-            &self.links,
-            &self.ended,
-        );
-        let outcome = trees.transaction(|(by_serial, by_expiry, revocations, links, ended)| {
-            let Some(bytes) = by_serial.get(serial.0)? else {
-                return Ok(None);
-            };
-            // The whole lineage stops renewing with this revocation, atomically: a
-            // renewal racing it either committed first or finds the lineage ended.
-            let link = match links.get(serial.0)? {
-                Some(bytes) => serde_json::from_slice::<Link>(&bytes)
-                    .map_err(|_| ConflictableTransactionError::Abort(()))?,
-                None => Link::default(),
-            };
-            let root = lineage_root(serial, &link);
-            if ended.get(root.0)?.is_none() {
-                let end = LineageEnd {
-                    revoked: serial.to_string(),
-                    at: revoked_at,
-                };
-                let end = serde_json::to_vec(&end)
-                    .map_err(|_| ConflictableTransactionError::Abort(()))?;
-                ended.insert(&root.0, end)?;
-            }
-            let mut record: CertificateRecord = serde_json::from_slice(&bytes)
-                .map_err(|_| ConflictableTransactionError::Abort(()))?;
-            let before = record.clone();
-            record.status = Status::Revoked;
-            let entry = Revocation {
-                serial: record.serial.clone(),
-                revoked_at,
-                reason_code,
-                not_after: record.not_after,
-            };
-            let record_bytes =
-                serde_json::to_vec(&record).map_err(|_| ConflictableTransactionError::Abort(()))?;
-            let entry_bytes =
-                serde_json::to_vec(&entry).map_err(|_| ConflictableTransactionError::Abort(()))?;
-            by_serial.insert(&serial.0, record_bytes)?;
-            by_expiry.insert(
-                &expiry_key(record.not_after, serial),
-                &[Status::Revoked.index_byte()][..],
-            )?;
-            revocations.insert(&serial.0, entry_bytes)?;
-            Ok(Some(before))
-        });
-        match outcome {
-            Ok(found) => Ok(found),
-            Err(TransactionError::Abort(())) => Err(Error::Store(format!(
+        let mut write = self.journal.begin()?;
+        let Some(bytes) = self.by_serial.get(serial.0)? else {
+            return Ok(None);
+        };
+        let unreadable = || {
+            Error::Store(format!(
                 "certificate record or lineage link {serial} does not parse"
-            ))),
-            Err(TransactionError::Storage(e)) => Err(e.into()),
+            ))
+        };
+        // The whole lineage stops renewing with this revocation, in the same write: a
+        // renewal racing it either was written first or finds the lineage ended.
+        let link = match self.links.get(serial.0)? {
+            Some(bytes) => decode_link(&bytes).map_err(|_| unreadable())?,
+            None => Link::default(),
+        };
+        let root = lineage_root(serial, &link);
+        let mut record = decode(&bytes).map_err(|_| unreadable())?;
+        let before = record.clone();
+        record.status = Status::Revoked;
+        let entry = Revocation {
+            serial: record.serial.clone(),
+            revoked_at,
+            reason_code,
+            not_after: record.not_after,
+        };
+        let entry = serde_json::to_vec(&entry).map_err(|e| Error::Store(e.to_string()))?;
+        if self.ended.get(root.0)?.is_none() {
+            let end = LineageEnd {
+                revoked: serial.to_string(),
+                at: revoked_at,
+            };
+            let end = serde_json::to_vec(&end).map_err(|e| Error::Store(e.to_string()))?;
+            write.insert(&self.ended, root.0, end)?;
         }
+        write.insert(&self.by_serial, serial.0, encode(&record)?)?;
+        write.insert(
+            &self.by_expiry,
+            expiry_key(record.not_after, serial),
+            [Status::Revoked.index_byte()],
+        )?;
+        write.insert(&self.revocations, serial.0, entry)?;
+        Ok(Some(before))
     }
 
     /// Every revocation of a certificate not yet expired at `now`.
@@ -386,15 +371,15 @@ impl CertificateStore {
 
     /// The next CRL number (RFC 5280 §5.2.3: monotonically increasing), persisted.
     pub fn next_crl_number(&self) -> Result<u64, Error> {
-        let updated = self.meta.update_and_fetch("crl_number", |old| {
-            let n = old
-                .and_then(|b| <[u8; 8]>::try_from(b).ok())
-                .map_or(0, u64::from_be_bytes);
-            Some((n + 1).to_be_bytes().to_vec())
-        })?;
-        Ok(updated
+        let mut write = self.journal.begin()?;
+        let next = self
+            .meta
+            .get("crl_number")?
             .and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok())
-            .map_or(1, u64::from_be_bytes))
+            .map_or(0, u64::from_be_bytes)
+            + 1;
+        write.insert(&self.meta, "crl_number", next.to_be_bytes())?;
+        Ok(next)
     }
 
     /// Stores written before subjects had holders get them once: for each (label, subject),
@@ -467,112 +452,120 @@ impl CertificateStore {
         record: &CertificateRecord,
         unique_subject: bool,
     ) -> Result<NewRecord, Error> {
-        let value = encode(record)?;
-        let key = expiry_key(record.not_after, serial);
+        let mut write = self.journal.begin()?;
+        self.record_new_in(&mut write, serial, record, unique_subject)
+    }
+
+    /// [`record_new_holding`](Self::record_new_holding) as part of `write`: checks, then
+    /// writes only if the certificate can be recorded.
+    pub(super) fn record_new_in(
+        &self,
+        write: &mut Write<'_>,
+        serial: &Serial,
+        record: &CertificateRecord,
+        unique_subject: bool,
+    ) -> Result<NewRecord, Error> {
+        if self.by_serial.contains_key(serial.0)? {
+            return Ok(NewRecord::SerialTaken);
+        }
         let holder = holder_key(&record.label, &record.subject);
-        let trees = (&self.by_serial, &self.by_expiry, &self.holders);
-        let outcome = trees.transaction(|(by_serial, by_expiry, holders)| {
-            if by_serial.get(serial.0)?.is_some() {
-                return Ok(NewRecord::SerialTaken);
-            }
-            if unique_subject {
-                if let Some(held_by) = holders.get(&holder)? {
-                    if let Some(bytes) = by_serial.get(&held_by)? {
-                        let current =
-                            decode(&bytes).map_err(ConflictableTransactionError::Abort)?;
-                        if current.status_at(record.issued_at) == Status::Valid {
-                            return Ok(NewRecord::SubjectHeld(current.serial));
-                        }
+        if unique_subject {
+            if let Some(held_by) = self.holders.get(&holder)? {
+                if let Some(bytes) = self.by_serial.get(&held_by)? {
+                    let current = decode(&bytes)?;
+                    if current.status_at(record.issued_at) == Status::Valid {
+                        return Ok(NewRecord::SubjectHeld(current.serial));
                     }
                 }
             }
-            by_serial.insert(&serial.0, value.as_slice())?;
-            by_expiry.insert(&key, &[record.status.index_byte()][..])?;
-            holders.insert(holder.as_slice(), &serial.0[..])?;
-            Ok(NewRecord::Recorded)
-        });
-        match outcome {
-            Ok(recorded) => Ok(recorded),
-            Err(TransactionError::Abort(e)) => Err(e),
-            Err(TransactionError::Storage(e)) => Err(e.into()),
         }
+        write.insert(&self.by_serial, serial.0, encode(record)?)?;
+        write.insert(
+            &self.by_expiry,
+            expiry_key(record.not_after, serial),
+            [record.status.index_byte()],
+        )?;
+        write.insert(&self.holders, holder, serial.0)?;
+        Ok(NewRecord::Recorded)
     }
 
     /// Records `record` (serial `serial`) as the renewal of `predecessor` and supersedes the
-    /// predecessor, in one transaction: only if the serial is unused, the predecessor's
-    /// stored status is still valid and its lineage has not ended. A revocation committed
-    /// in between is never overwritten, and a renewal racing it yields nothing. The new
-    /// certificate joins the predecessor's lineage.
+    /// predecessor, in one write: only if the serial is unused, the predecessor's stored
+    /// status is still valid and its lineage has not ended. A revocation written in between
+    /// is never overwritten, and a renewal racing it yields nothing. The new certificate
+    /// joins the predecessor's lineage.
     pub fn record_renewal(
         &self,
         serial: &Serial,
         record: &CertificateRecord,
         predecessor: &Serial,
     ) -> Result<Renewal, Error> {
-        let value = encode(record)?;
-        let key = expiry_key(record.not_after, serial);
-        let holder = holder_key(&record.label, &record.subject);
-        let trees = (
-            &self.by_serial,
-            &self.by_expiry,
-            &self.links,
-            &self.ended,
-            &self.holders,
-        );
-        let outcome = trees.transaction(|(by_serial, by_expiry, links, ended, holders)| {
-            if by_serial.get(serial.0)?.is_some() {
-                return Ok(Renewal::SerialTaken);
-            }
-            let Some(old_bytes) = by_serial.get(predecessor.0)? else {
-                return Ok(Renewal::PredecessorNotCurrent {
-                    status: None,
-                    ended: None,
-                });
-            };
-            let mut old = decode(&old_bytes).map_err(ConflictableTransactionError::Abort)?;
-            let mut old_link = match links.get(predecessor.0)? {
-                Some(bytes) => decode_link(&bytes).map_err(ConflictableTransactionError::Abort)?,
-                None => Link::default(),
-            };
-            let root = lineage_root(predecessor, &old_link);
-            let end = match ended.get(root.0)? {
-                Some(bytes) => {
-                    Some(decode_end(&bytes).map_err(ConflictableTransactionError::Abort)?)
-                }
-                None => None,
-            };
-            if old.status != Status::Valid || old_link.successor.is_some() || end.is_some() {
-                return Ok(Renewal::PredecessorNotCurrent {
-                    status: Some(old.status),
-                    ended: end,
-                });
-            }
-            old.status = Status::Superseded;
-            old_link.successor = Some(serial.to_string());
-            let new_link = Link {
-                lineage: Some(root.to_string()),
-                successor: None,
-            };
-            let old_value = encode(&old).map_err(ConflictableTransactionError::Abort)?;
-            let old_link = encode_link(&old_link).map_err(ConflictableTransactionError::Abort)?;
-            let new_link = encode_link(&new_link).map_err(ConflictableTransactionError::Abort)?;
-            by_serial.insert(&serial.0, value.as_slice())?;
-            by_expiry.insert(&key, &[record.status.index_byte()][..])?;
-            links.insert(&serial.0, new_link)?;
-            by_serial.insert(&predecessor.0, old_value)?;
-            by_expiry.insert(
-                &expiry_key(old.not_after, predecessor),
-                &[Status::Superseded.index_byte()][..],
-            )?;
-            links.insert(&predecessor.0, old_link)?;
-            holders.insert(holder.as_slice(), &serial.0[..])?;
-            Ok(Renewal::Recorded)
-        });
-        match outcome {
-            Ok(renewal) => Ok(renewal),
-            Err(TransactionError::Abort(e)) => Err(e),
-            Err(TransactionError::Storage(e)) => Err(e.into()),
+        let mut write = self.journal.begin()?;
+        self.record_renewal_in(&mut write, serial, record, predecessor)
+    }
+
+    /// [`record_renewal`](Self::record_renewal) as part of `write`.
+    pub(super) fn record_renewal_in(
+        &self,
+        write: &mut Write<'_>,
+        serial: &Serial,
+        record: &CertificateRecord,
+        predecessor: &Serial,
+    ) -> Result<Renewal, Error> {
+        if self.by_serial.contains_key(serial.0)? {
+            return Ok(Renewal::SerialTaken);
         }
+        let Some(old_bytes) = self.by_serial.get(predecessor.0)? else {
+            return Ok(Renewal::PredecessorNotCurrent {
+                status: None,
+                ended: None,
+            });
+        };
+        let mut old = decode(&old_bytes)?;
+        let mut old_link = match self.links.get(predecessor.0)? {
+            Some(bytes) => decode_link(&bytes)?,
+            None => Link::default(),
+        };
+        let root = lineage_root(predecessor, &old_link);
+        let end = self
+            .ended
+            .get(root.0)?
+            .map(|bytes| decode_end(&bytes))
+            .transpose()?;
+        if old.status != Status::Valid || old_link.successor.is_some() || end.is_some() {
+            return Ok(Renewal::PredecessorNotCurrent {
+                status: Some(old.status),
+                ended: end,
+            });
+        }
+        old.status = Status::Superseded;
+        old_link.successor = Some(serial.to_string());
+        let new_link = Link {
+            lineage: Some(root.to_string()),
+            successor: None,
+        };
+        let (value, old_value) = (encode(record)?, encode(&old)?);
+        let (old_link, new_link) = (encode_link(&old_link)?, encode_link(&new_link)?);
+        write.insert(&self.by_serial, serial.0, value)?;
+        write.insert(
+            &self.by_expiry,
+            expiry_key(record.not_after, serial),
+            [record.status.index_byte()],
+        )?;
+        write.insert(&self.links, serial.0, new_link)?;
+        write.insert(&self.by_serial, predecessor.0, old_value)?;
+        write.insert(
+            &self.by_expiry,
+            expiry_key(old.not_after, predecessor),
+            [Status::Superseded.index_byte()],
+        )?;
+        write.insert(&self.links, predecessor.0, old_link)?;
+        write.insert(
+            &self.holders,
+            holder_key(&record.label, &record.subject),
+            serial.0,
+        )?;
+        Ok(Renewal::Recorded)
     }
 
     /// Where `serial` stands in its lineage: its root, its successor and whether the
@@ -613,25 +606,19 @@ impl CertificateStore {
 
     /// Changes a certificate's status (revocation, renewal).
     pub fn set_status(&self, serial: &Serial, status: Status) -> Result<bool, Error> {
-        let outcome = (&self.by_serial, &self.by_expiry).transaction(|(by_serial, by_expiry)| {
-            let Some(current) = by_serial.get(serial.0)? else {
-                return Ok(false);
-            };
-            let mut record = decode(&current).map_err(ConflictableTransactionError::Abort)?;
-            record.status = status;
-            let bytes = encode(&record).map_err(ConflictableTransactionError::Abort)?;
-            by_serial.insert(&serial.0, bytes)?;
-            by_expiry.insert(
-                &expiry_key(record.not_after, serial),
-                &[status.index_byte()][..],
-            )?;
-            Ok(true)
-        });
-        match outcome {
-            Ok(changed) => Ok(changed),
-            Err(TransactionError::Abort(e)) => Err(e),
-            Err(TransactionError::Storage(e)) => Err(e.into()),
-        }
+        let mut write = self.journal.begin()?;
+        let Some(current) = self.by_serial.get(serial.0)? else {
+            return Ok(false);
+        };
+        let mut record = decode(&current)?;
+        record.status = status;
+        write.insert(&self.by_serial, serial.0, encode(&record)?)?;
+        write.insert(
+            &self.by_expiry,
+            expiry_key(record.not_after, serial),
+            [status.index_byte()],
+        )?;
+        Ok(true)
     }
 
     /// Answers an inventory query as of `now` (unix seconds).
@@ -812,7 +799,7 @@ mod tests {
             .temporary(true)
             .open()
             .expect("temporary sled");
-        CertificateStore::open(&db).expect("open")
+        CertificateStore::open(&db, super::super::journal::Journal::scratch()).expect("open")
     }
 
     fn record(serial: &Serial) -> CertificateRecord {

@@ -2,9 +2,8 @@
 //! which node (its parent). Indexed by parent, because an agent syncs exactly its own.
 
 use serde::{Deserialize, Serialize};
-use sled::transaction::{ConflictableTransactionError, TransactionError};
-use sled::Transactional;
 
+use super::journal::Journal;
 use crate::Error;
 
 /// One registration entry as stored.
@@ -58,6 +57,7 @@ pub struct EntryStore {
     by_parent: sled::Tree,
     /// SHA-256 of (spiffe_id, parent_id, selectors) → id: refuses duplicates atomically.
     by_identity: sled::Tree,
+    journal: Journal,
 }
 
 fn parent_key(parent_id: &str, id: &str) -> Vec<u8> {
@@ -69,11 +69,12 @@ fn parent_key(parent_id: &str, id: &str) -> Vec<u8> {
 }
 
 impl EntryStore {
-    pub(in crate::store) fn open(db: &sled::Db) -> Result<Self, Error> {
+    pub(in crate::store) fn open(db: &sled::Db, journal: Journal) -> Result<Self, Error> {
         Ok(Self {
             by_id: db.open_tree("entries")?,
             by_parent: db.open_tree("entries_by_parent")?,
             by_identity: db.open_tree("entries_by_identity")?,
+            journal,
         })
     }
 
@@ -83,24 +84,14 @@ impl EntryStore {
         let value = encode(record)?;
         let identity = record.identity_key();
         let parent = parent_key(&record.parent_id, &record.id);
-        let outcome = (&self.by_id, &self.by_parent, &self.by_identity).transaction(
-            |(by_id, by_parent, by_identity)| {
-                if let Some(existing) = by_identity.get(identity)? {
-                    return Err(ConflictableTransactionError::Abort(
-                        String::from_utf8_lossy(&existing).into_owned(),
-                    ));
-                }
-                by_id.insert(record.id.as_bytes(), value.as_slice())?;
-                by_parent.insert(parent.as_slice(), &[][..])?;
-                by_identity.insert(&identity[..], record.id.as_bytes())?;
-                Ok(())
-            },
-        );
-        match outcome {
-            Ok(()) => Ok(None),
-            Err(TransactionError::Abort(existing)) => Ok(Some(existing)),
-            Err(TransactionError::Storage(e)) => Err(e.into()),
+        let mut write = self.journal.begin()?;
+        if let Some(existing) = self.by_identity.get(identity)? {
+            return Ok(Some(String::from_utf8_lossy(&existing).into_owned()));
         }
+        write.insert(&self.by_id, record.id.as_bytes(), value)?;
+        write.insert(&self.by_parent, parent, [])?;
+        write.insert(&self.by_identity, identity, record.id.as_bytes())?;
+        Ok(None)
     }
 
     /// The entry `id`.
@@ -140,25 +131,15 @@ impl EntryStore {
 
     /// Deletes entry `id` with its index rows; returns it, or `None` if there was none.
     pub fn delete(&self, id: &str) -> Result<Option<EntryRecord>, Error> {
-        let outcome = (&self.by_id, &self.by_parent, &self.by_identity).transaction(
-            |(by_id, by_parent, by_identity)| {
-                let Some(bytes) = by_id.remove(id.as_bytes())? else {
-                    return Ok(None);
-                };
-                let record: EntryRecord = serde_json::from_slice(&bytes)
-                    .map_err(|e| ConflictableTransactionError::Abort(e.to_string()))?;
-                by_parent.remove(parent_key(&record.parent_id, &record.id))?;
-                by_identity.remove(&record.identity_key()[..])?;
-                Ok(Some(record))
-            },
-        );
-        match outcome {
-            Ok(found) => Ok(found),
-            Err(TransactionError::Abort(why)) => {
-                Err(Error::Store(format!("entry record {id}: {why}")))
-            }
-            Err(TransactionError::Storage(e)) => Err(e.into()),
-        }
+        let mut write = self.journal.begin()?;
+        let Some(bytes) = self.by_id.get(id.as_bytes())? else {
+            return Ok(None);
+        };
+        let record = decode(&bytes).map_err(|e| Error::Store(format!("entry {id}: {e}")))?;
+        write.remove(&self.by_id, id.as_bytes())?;
+        write.remove(&self.by_parent, parent_key(&record.parent_id, &record.id))?;
+        write.remove(&self.by_identity, record.identity_key())?;
+        Ok(Some(record))
     }
 }
 

@@ -2,9 +2,8 @@
 //! each holds now; and the bans that keep a node out across re-attestation.
 
 use serde::{Deserialize, Serialize};
-use sled::transaction::{ConflictableTransactionError, TransactionError};
-use sled::Transactional;
 
+use super::journal::Journal;
 use crate::Error;
 
 /// One attested node as stored.
@@ -97,26 +96,29 @@ pub enum Recorded {
 pub struct NodeStore {
     tree: sled::Tree,
     bans: sled::Tree,
+    journal: Journal,
 }
 
 impl NodeStore {
-    pub(in crate::store) fn open(db: &sled::Db) -> Result<Self, Error> {
+    pub(in crate::store) fn open(db: &sled::Db, journal: Journal) -> Result<Self, Error> {
         Ok(Self {
             tree: db.open_tree("nodes")?,
             bans: db.open_tree("node_bans")?,
+            journal,
         })
     }
 
     /// Records a node after an attestation: new, or replacing what was known of it (a
     /// re-attestation clears an eviction and names the new SVID).
     pub fn put(&self, record: &NodeRecord) -> Result<(), Error> {
-        self.tree
-            .insert(record.spiffe_id.as_bytes(), encode(record)?)?;
+        self.journal
+            .begin()?
+            .insert(&self.tree, record.spiffe_id.as_bytes(), encode(record)?)?;
         Ok(())
     }
 
     /// Records an attestation only if the node is as it was read (`expected`, `None`: still
-    /// unknown) and neither it nor its credential is banned, in one transaction: a ban that
+    /// unknown) and neither it nor its credential is banned, in one write: a ban that
     /// lands while the node SVID is being signed is never overwritten.
     pub fn record_attestation(
         &self,
@@ -129,29 +131,27 @@ impl NodeStore {
             .as_ref()
             .map(AttestedWith::ban_keys)
             .unwrap_or_default();
-        let outcome = (&self.tree, &self.bans).transaction(|(tree, bans)| {
-            let current = tree
-                .get(record.spiffe_id.as_bytes())?
-                .map(|b| decode(&b))
-                .transpose()
-                .map_err(ConflictableTransactionError::Abort)?;
-            if current.as_ref().is_some_and(|c| c.banned) {
-                return Ok(Recorded::Banned(record.spiffe_id.clone()));
+        let mut write = self.journal.begin()?;
+        let current = self
+            .tree
+            .get(record.spiffe_id.as_bytes())?
+            .map(|b| decode(&b))
+            .transpose()?;
+        if current.as_ref().is_some_and(|c| c.banned) {
+            return Ok(Recorded::Banned(record.spiffe_id.clone()));
+        }
+        for key in &ban_keys {
+            if let Some(node) = self.bans.get(key.as_bytes())? {
+                return Ok(Recorded::Banned(
+                    String::from_utf8_lossy(&node).into_owned(),
+                ));
             }
-            for key in &ban_keys {
-                if let Some(node) = bans.get(key.as_bytes())? {
-                    return Ok(Recorded::Banned(
-                        String::from_utf8_lossy(&node).into_owned(),
-                    ));
-                }
-            }
-            if current.as_ref() != expected {
-                return Ok(Recorded::Changed);
-            }
-            tree.insert(record.spiffe_id.as_bytes(), value.as_slice())?;
-            Ok(Recorded::Done)
-        });
-        transaction_result(outcome)
+        }
+        if current.as_ref() != expected {
+            return Ok(Recorded::Changed);
+        }
+        write.insert(&self.tree, record.spiffe_id.as_bytes(), value)?;
+        Ok(Recorded::Done)
     }
 
     /// The banned node whose credential matches `with`, if any.
@@ -165,62 +165,56 @@ impl NodeStore {
     }
 
     /// Bans node `spiffe_id` (and evicts it), with what it attested with, in one
-    /// transaction; returns the node as it was, or `None` if unknown.
+    /// write; returns the node as it was, or `None` if unknown.
     pub fn ban(&self, spiffe_id: &str, release: bool) -> Result<Option<NodeRecord>, Error> {
-        let outcome = (&self.tree, &self.bans).transaction(|(tree, bans)| {
-            let Some(bytes) = tree.get(spiffe_id.as_bytes())? else {
-                return Ok(None);
-            };
-            let before = decode(&bytes).map_err(ConflictableTransactionError::Abort)?;
-            let after = NodeRecord {
-                banned: true,
-                evicted: true,
-                released: before.released || release,
-                ..before.clone()
-            };
-            let value = encode(&after).map_err(ConflictableTransactionError::Abort)?;
-            tree.insert(spiffe_id.as_bytes(), value)?;
-            for key in before
-                .attested_with
-                .as_ref()
-                .map(AttestedWith::ban_keys)
-                .unwrap_or_default()
-            {
-                bans.insert(key.as_bytes(), spiffe_id.as_bytes())?;
-            }
-            Ok(Some(before))
-        });
-        transaction_result(outcome)
+        let mut write = self.journal.begin()?;
+        let Some(bytes) = self.tree.get(spiffe_id.as_bytes())? else {
+            return Ok(None);
+        };
+        let before = decode(&bytes)?;
+        let after = NodeRecord {
+            banned: true,
+            evicted: true,
+            released: before.released || release,
+            ..before.clone()
+        };
+        write.insert(&self.tree, spiffe_id.as_bytes(), encode(&after)?)?;
+        for key in before
+            .attested_with
+            .as_ref()
+            .map(AttestedWith::ban_keys)
+            .unwrap_or_default()
+        {
+            write.insert(&self.bans, key.as_bytes(), spiffe_id.as_bytes())?;
+        }
+        Ok(Some(before))
     }
 
     /// Lifts the ban on node `spiffe_id`; it stays evicted until it attests again. Returns
     /// the node as it was, or `None` if unknown.
     pub fn unban(&self, spiffe_id: &str) -> Result<Option<NodeRecord>, Error> {
-        let outcome = (&self.tree, &self.bans).transaction(|(tree, bans)| {
-            let Some(bytes) = tree.get(spiffe_id.as_bytes())? else {
-                return Ok(None);
-            };
-            let before = decode(&bytes).map_err(ConflictableTransactionError::Abort)?;
-            let after = NodeRecord {
-                banned: false,
-                ..before.clone()
-            };
-            let value = encode(&after).map_err(ConflictableTransactionError::Abort)?;
-            tree.insert(spiffe_id.as_bytes(), value)?;
-            for key in before
-                .attested_with
-                .as_ref()
-                .map(AttestedWith::ban_keys)
-                .unwrap_or_default()
-            {
-                // Only this node's own ban: another banned node may share a key.
-                if bans.get(key.as_bytes())?.as_deref() == Some(spiffe_id.as_bytes()) {
-                    bans.remove(key.as_bytes())?;
-                }
+        let mut write = self.journal.begin()?;
+        let Some(bytes) = self.tree.get(spiffe_id.as_bytes())? else {
+            return Ok(None);
+        };
+        let before = decode(&bytes)?;
+        let after = NodeRecord {
+            banned: false,
+            ..before.clone()
+        };
+        write.insert(&self.tree, spiffe_id.as_bytes(), encode(&after)?)?;
+        for key in before
+            .attested_with
+            .as_ref()
+            .map(AttestedWith::ban_keys)
+            .unwrap_or_default()
+        {
+            // Only this node's own ban: another banned node may share a key.
+            if self.bans.get(key.as_bytes())?.as_deref() == Some(spiffe_id.as_bytes()) {
+                write.remove(&self.bans, key.as_bytes())?;
             }
-            Ok(Some(before))
-        });
-        transaction_result(outcome)
+        }
+        Ok(Some(before))
     }
 
     /// The node `spiffe_id`.
@@ -239,36 +233,22 @@ impl NodeStore {
             .collect::<Result<_, _>>()
     }
 
-    /// Applies `change` to node `spiffe_id` atomically (compare-and-swap); returns the node
+    /// Applies `change` to node `spiffe_id` atomically (under the store's write lock); returns the node
     /// as it was before, or `None` if unknown.
     pub fn update(
         &self,
         spiffe_id: &str,
         change: impl Fn(&mut NodeRecord),
     ) -> Result<Option<NodeRecord>, Error> {
-        loop {
-            let Some(current) = self.tree.get(spiffe_id.as_bytes())? else {
-                return Ok(None);
-            };
-            let before = decode(&current)?;
-            let mut after = before.clone();
-            change(&mut after);
-            if self
-                .tree
-                .compare_and_swap(spiffe_id.as_bytes(), Some(current), Some(encode(&after)?))?
-                .is_ok()
-            {
-                return Ok(Some(before));
-            }
-        }
-    }
-}
-
-fn transaction_result<T>(outcome: Result<T, TransactionError<Error>>) -> Result<T, Error> {
-    match outcome {
-        Ok(value) => Ok(value),
-        Err(TransactionError::Abort(e)) => Err(e),
-        Err(TransactionError::Storage(e)) => Err(e.into()),
+        let mut write = self.journal.begin()?;
+        let Some(current) = self.tree.get(spiffe_id.as_bytes())? else {
+            return Ok(None);
+        };
+        let before = decode(&current)?;
+        let mut after = before.clone();
+        change(&mut after);
+        write.insert(&self.tree, spiffe_id.as_bytes(), encode(&after)?)?;
+        Ok(Some(before))
     }
 }
 

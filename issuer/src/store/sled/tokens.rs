@@ -5,6 +5,7 @@ use std::net::IpAddr;
 use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 
+use super::journal::{Journal, Write};
 use crate::Error;
 
 /// What a token may be used for: one kind never stands in for the other, so a leaked join
@@ -110,6 +111,7 @@ pub enum Consumed {
 #[derive(Debug, Clone)]
 pub struct TokenStore {
     tree: sled::Tree,
+    journal: Journal,
 }
 
 /// SHA-256 of a token secret.
@@ -119,16 +121,19 @@ pub fn hash(secret: &str) -> [u8; 32] {
 }
 
 impl TokenStore {
-    pub(in crate::store) fn open(db: &sled::Db) -> Result<Self, Error> {
+    pub(in crate::store) fn open(db: &sled::Db, journal: Journal) -> Result<Self, Error> {
         Ok(Self {
             tree: db.open_tree("tokens")?,
+            journal,
         })
     }
 
     /// Stores a new token (by its hash).
     pub fn insert(&self, record: &TokenRecord) -> Result<(), Error> {
         let key = hex::decode(&record.hash).map_err(|e| Error::Store(e.to_string()))?;
-        self.tree.insert(key, encode(record)?)?;
+        self.journal
+            .begin()?
+            .insert(&self.tree, key, encode(record)?)?;
         Ok(())
     }
 
@@ -149,8 +154,8 @@ impl TokenStore {
         }
     }
 
-    /// Uses a token exactly once: a compare-and-swap, so of any number of concurrent
-    /// requests with the same token one wins.
+    /// Uses a token exactly once: checked and spent under the store's write lock, so of
+    /// any number of concurrent requests with the same token one wins.
     pub fn consume(&self, secret: &str, now: i64) -> Result<Consumed, Error> {
         self.consume_hash(&hash(secret), now)
     }
@@ -158,33 +163,46 @@ impl TokenStore {
     /// [`TokenStore::consume`] by the token's SHA-256, for callers that no longer hold the
     /// secret.
     pub fn consume_hash(&self, digest: &[u8; 32], now: i64) -> Result<Consumed, Error> {
-        let digest = *digest;
-        loop {
-            let Some(current) = self.tree.get(digest)? else {
-                return Ok(Consumed::Unknown);
-            };
-            let record = decode(&current)?;
-            if record.revoked_at.is_some() {
-                return Ok(Consumed::Revoked(record));
-            }
-            if record.used_at.is_some() {
-                return Ok(Consumed::AlreadyUsed(record));
-            }
-            if now >= record.expires_at {
-                return Ok(Consumed::Expired(record));
-            }
-            let used = TokenRecord {
-                used_at: Some(now),
-                ..record.clone()
-            };
-            match self
-                .tree
-                .compare_and_swap(digest, Some(current), Some(encode(&used)?))?
-            {
-                Ok(()) => return Ok(Consumed::Ok(record)),
-                Err(_) => continue,
-            }
+        let mut write = self.journal.begin()?;
+        let consumed = self.spendable(digest, now)?;
+        if let Consumed::Ok(record) = &consumed {
+            self.spend_in(&mut write, digest, record, now)?;
         }
+        Ok(consumed)
+    }
+
+    /// Whether the token could be used now ([`Consumed::Ok`]), without using it. Under a
+    /// [`Write`], the answer holds until the write ends.
+    pub(super) fn spendable(&self, digest: &[u8; 32], now: i64) -> Result<Consumed, Error> {
+        let Some(current) = self.tree.get(digest)? else {
+            return Ok(Consumed::Unknown);
+        };
+        let record = decode(&current)?;
+        Ok(if record.revoked_at.is_some() {
+            Consumed::Revoked(record)
+        } else if record.used_at.is_some() {
+            Consumed::AlreadyUsed(record)
+        } else if now >= record.expires_at {
+            Consumed::Expired(record)
+        } else {
+            Consumed::Ok(record)
+        })
+    }
+
+    /// Marks `record` (found [`spendable`](Self::spendable) under `write`) used at `now`.
+    pub(super) fn spend_in(
+        &self,
+        write: &mut Write<'_>,
+        digest: &[u8; 32],
+        record: &TokenRecord,
+        now: i64,
+    ) -> Result<(), Error> {
+        let used = TokenRecord {
+            used_at: Some(now),
+            ..record.clone()
+        };
+        write.insert(&self.tree, digest, encode(&used)?)?;
+        Ok(())
     }
 }
 
@@ -201,7 +219,7 @@ impl TokenStore {
         Ok(records)
     }
 
-    /// Revokes the unused tokens with public id `id`, each by a compare-and-swap so a
+    /// Revokes the unused tokens with public id `id`, under the store's write lock, so a
     /// concurrent use either wins (the token reads as used) or finds it revoked. An id is a
     /// prefix of the hash the tokens are keyed by; an enrollment token's 32-bit id may be
     /// shared by more than one token, and then each is revoked. No match: an empty list.
@@ -210,36 +228,24 @@ impl TokenStore {
             return Ok(Vec::new());
         };
         let mut found = Vec::new();
+        let mut write = self.journal.begin()?;
         for entry in self.tree.scan_prefix(&prefix) {
-            let (key, _) = entry?;
-            loop {
-                let Some(current) = self.tree.get(&key)? else {
-                    break;
-                };
-                let record = decode(&current)?;
-                if record.id != id {
-                    break;
-                }
-                if record.revoked_at.is_some() {
-                    found.push(TokenRevocation::AlreadyRevoked(record));
-                    break;
-                }
-                if record.used_at.is_some() {
-                    found.push(TokenRevocation::AlreadyUsed(record));
-                    break;
-                }
+            let (key, current) = entry?;
+            let record = decode(&current)?;
+            if record.id != id {
+                continue;
+            }
+            if record.revoked_at.is_some() {
+                found.push(TokenRevocation::AlreadyRevoked(record));
+            } else if record.used_at.is_some() {
+                found.push(TokenRevocation::AlreadyUsed(record));
+            } else {
                 let revoked = TokenRecord {
                     revoked_at: Some(now),
                     ..record
                 };
-                if self
-                    .tree
-                    .compare_and_swap(&key, Some(current), Some(encode(&revoked)?))?
-                    .is_ok()
-                {
-                    found.push(TokenRevocation::Revoked(revoked));
-                    break;
-                }
+                write.insert(&self.tree, &key, encode(&revoked)?)?;
+                found.push(TokenRevocation::Revoked(revoked));
             }
         }
         Ok(found)
