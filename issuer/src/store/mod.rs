@@ -505,4 +505,72 @@ mod tests {
         assert_eq!(now.svid_serial, "02");
         assert_eq!(store.nodes.list().expect("list").len(), 1);
     }
+
+    #[tokio::test]
+    async fn an_issuance_is_written_whole_or_not_at_all() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let secret = "one-time";
+        store
+            .tokens
+            .insert(&TokenRecord {
+                id: "abcd".into(),
+                kind: TokenKind::Enrollment,
+                hash: hex::encode(tokens_hash(secret)),
+                label: "device".into(),
+                subject: None,
+                dns: vec![],
+                ips: vec![],
+                created_at: 0,
+                expires_at: 100,
+                used_at: None,
+                revoked_at: None,
+            })
+            .expect("insert");
+        let digest = tokens_hash(secret);
+        let issue = |serial: &Serial| {
+            let rec = record(serial, "device", 1_000);
+            store.record_issuance(Issuance {
+                serial,
+                record: &rec,
+                renews: None,
+                token: Some(&digest),
+                unique_subject: false,
+                audit: (
+                    AuditEvent {
+                        kind: "certificate.issued".into(),
+                        detail: serde_json::json!({ "serial": serial.to_string() }),
+                    },
+                    5,
+                ),
+                now: 10,
+            })
+        };
+        let first = Serial::random();
+        assert!(matches!(issue(&first).expect("first"), Issued::Recorded));
+        let second = Serial::random();
+        assert!(matches!(
+            issue(&second).expect("second"),
+            Issued::TokenRefused(Consumed::AlreadyUsed(_))
+        ));
+        store.durability.commit().await.expect("commit");
+        assert!(store.certificates.get(&first).expect("get").is_some());
+        assert!(
+            store.certificates.get(&second).expect("get").is_none(),
+            "a refused issuance left its certificate"
+        );
+        let audit = store.audit.tail(10).expect("tail");
+        assert_eq!(audit.len(), 1, "a refused issuance left an audit record");
+        assert!(store
+            .tokens
+            .find(secret)
+            .expect("find")
+            .is_some_and(|t| t.used_at == Some(10)));
+        store.durability.close().await;
+        drop(store);
+        // Reopened (journal applied or checkpointed): the same, and the chain intact.
+        let store = Store::open(dir.path()).expect("reopen");
+        assert!(store.certificates.get(&first).expect("get").is_some());
+        assert_eq!(store.audit.verify().expect("verify").problem, None);
+    }
 }
