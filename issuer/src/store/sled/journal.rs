@@ -668,7 +668,7 @@ mod tests {
         let mut bytes = std::fs::read(&segment).expect("read");
         // A third record cut short by the crash: never answered, so dropped.
         let whole = bytes.len();
-        bytes.extend_from_slice(&bytes[..whole / 3].to_vec());
+        bytes.extend_from_within(..whole / 3);
         std::fs::write(
             crashed
                 .path()
