@@ -1,8 +1,6 @@
-//! The issuing authority: the one issuance pipeline every certificate goes through
-//! (DESIGN §3), token creation, and inventory answers.
-//!
-//! authenticate → authorize into a [`Grant`] → build from the profile with a random serial →
-//! sign → check → record (insert-if-new serial) + audit → durable commit → respond.
+//! The issuing authority: the issuance pipeline ([`crate::issuance`]) with what the EST,
+//! agent and admin surfaces need beside it: token creation, revocation, inventory and
+//! status answers.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -10,26 +8,27 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
-use rcgen::{CertificateParams, DistinguishedName, DnType, IsCa, SanType};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
-use crate::ca::{CertificateAuthority, SignWith, SubjectKey};
+use crate::ca::{CertificateAuthority, SignWith};
 use crate::clock::{rfc3339, Clock};
 use crate::config::Config;
 use crate::grant::{valid_dns, valid_subject, Grant};
 use crate::profile::{Profile, SanKind};
 use crate::serial::Serial;
 use crate::store::{
-    AuditEvent, CertificateRecord, Consumed, InventoryPage, InventoryQuery, Issuance, Issued,
-    LineageEnd, Renewal, Status, Store, TokenKind, TokenRecord, TokenState,
+    AuditEvent, CertificateRecord, InventoryPage, InventoryQuery, Status, Store, TokenKind,
+    TokenRecord, TokenState,
 };
 use crate::Error;
 
 /// The CA service state, built once in `serve` and shared by the EST and admin routes.
 #[derive(Debug)]
 pub struct Authority {
-    pub(crate) ca: CertificateAuthority,
+    /// The issuance pipeline every certificate goes through.
+    pub(crate) pipeline: crate::issuance::Pipeline,
+    pub(crate) ca: Arc<CertificateAuthority>,
     pub(crate) store: Store,
     pub(crate) profiles: BTreeMap<String, Profile>,
     /// The SVID profiles (`svid`, `node-svid`), apart from the EST labels.
@@ -42,14 +41,11 @@ pub struct Authority {
     pub(crate) crl: crate::crl::Crl,
     pub(crate) crl_validity: Duration,
     pub(crate) crl_file: Option<std::path::PathBuf>,
-    pub(crate) metrics: crate::metrics::Metrics,
+    pub(crate) metrics: Arc<crate::metrics::Metrics>,
     /// Where the root key is, as `issuer status` says it.
     pub(crate) root_key: String,
     /// The dashboard's expiry timeline, recounted at most every 30 s.
     pub(crate) timeline_cache: crate::dashboard::TimelineCache,
-    /// notBefore is set this far back so devices whose clocks lag the issuer's accept new
-    /// certificates (`[issuance] backdate`).
-    pub(crate) backdate: time::Duration,
     /// Checked before any request writes: a full or read-only disk answers 503.
     pub(crate) state_volume: crate::state_volume::StateVolume,
     /// Per-source lockout and audit summaries of refusals without a valid credential.
@@ -201,13 +197,13 @@ pub struct SigningKeyStatus {
 impl Authority {
     /// Opens the CA and the store named by `config`.
     pub fn open(config: &Config, clock: Arc<dyn Clock>) -> Result<Self, Error> {
-        let ca = CertificateAuthority::load(
+        let ca = Arc::new(CertificateAuthority::load(
             &config.resolve(&config.ca.root_certificate),
             &config.resolve(&config.ca.issuing_certificate),
             &config.issuing_key()?,
             config.key_options(),
             config.signing_keys(),
-        )?;
+        )?);
         let store =
             Store::open_with_cache(&config.state_dir().join("store"), config.store.cache_mb)?;
         let state_volume = crate::state_volume::StateVolume::new(
@@ -215,17 +211,34 @@ impl Authority {
             config.issuance.min_free_mb.saturating_mul(1024 * 1024),
         );
         store.durability.watch_volume(state_volume.clone());
+        let crl = crate::crl::Crl::default();
+        let metrics = Arc::new(crate::metrics::Metrics::default());
+        let backdate = time::Duration::try_from(config.issuance.backdate)
+            .map_err(|e| Error::Config(format!("issuance.backdate: {e}")))?;
+        let spiffe_profiles = crate::profile::spiffe(&config.agent_api);
+        let pipeline = crate::issuance::Pipeline::new(crate::issuance::Parts {
+            ca: ca.clone(),
+            store: store.clone(),
+            profiles: config.profiles.clone(),
+            spiffe_profiles: spiffe_profiles.clone(),
+            clock: clock.clone(),
+            backdate,
+            state_volume: state_volume.clone(),
+            distribution_point: crl.distribution_point(),
+        });
+        pipeline.observe(metrics.clone());
         Ok(Self {
+            pipeline,
             ca,
             store,
             profiles: config.profiles.clone(),
-            spiffe_profiles: crate::profile::spiffe(&config.agent_api),
+            spiffe_profiles,
             default_profile: config.default_profile.clone(),
             trust_domain: config.trust_domain.clone(),
             token_default_ttl: config.tokens.default_ttl,
             token_max_ttl: config.tokens.max_ttl,
             clock,
-            crl: crate::crl::Crl::default(),
+            crl,
             crl_validity: config
                 .crl
                 .as_ref()
@@ -234,10 +247,8 @@ impl Authority {
                 .crl
                 .as_ref()
                 .map(|_| config.state_dir().join("crl.der")),
-            metrics: crate::metrics::Metrics::default(),
+            metrics,
             timeline_cache: Default::default(),
-            backdate: time::Duration::try_from(config.issuance.backdate)
-                .map_err(|e| Error::Config(format!("issuance.backdate: {e}")))?,
             state_volume,
             lockouts: crate::lockout::Lockouts::new(config.tokens.lockout),
             renewal_retry_window: config.est.renewal_retry_window,
@@ -274,21 +285,15 @@ impl Authority {
             .map(|(k, v)| (k.as_str(), v))
     }
 
-    /// Whether `grant`'s certificate must be its subject's only valid one under its label:
-    /// enrollments by token, unless the profile shares subjects. SVIDs overlap by design
-    /// (rotation), and a renewal hands the subject on within its lineage.
+    /// Whether `grant`'s certificate must be its subject's only valid one under its label.
     pub(crate) fn unique_subject(&self, grant: &Grant) -> bool {
-        grant.token.is_some()
-            && grant.renews.is_none()
-            && self
-                .profile(Some(&grant.label))
-                .is_some_and(|(_, profile)| !profile.shared_subjects)
+        self.pipeline.unique_subject(grant)
     }
 
-    /// Issues a certificate for `public_key` (uncompressed P-256 point) under `grant`, signed
-    /// by the key its profile names.
+    /// Issues a certificate for `public_key` (uncompressed P-256 point) under `grant`
+    /// through the pipeline ([`crate::issuance`]).
     pub async fn issue(&self, grant: &Grant, public_key: &[u8]) -> Result<Vec<u8>, Error> {
-        self.issue_signed_by(grant, public_key, None).await
+        self.pipeline.issue(grant, public_key, None).await
     }
 
     /// [`Authority::issue`], with `sign_with` overriding the profile's choice of key.
@@ -298,150 +303,21 @@ impl Authority {
         public_key: &[u8],
         sign_with: Option<SignWith>,
     ) -> Result<Vec<u8>, Error> {
-        // SVIDs are built from the issuer's own SPIFFE profiles and EST certificates from
-        // the configured ones: no EST label can produce an SVID, and no agent an EST profile.
-        let profiles = if grant.spiffe_id.is_some() {
-            &self.spiffe_profiles
-        } else {
-            &self.profiles
-        };
-        let profile = profiles
-            .get(&grant.label)
-            .ok_or_else(|| Error::Config(format!("no profile {:?}", grant.label)))?;
-        // The issuer's SPIFFE ID is what clients pin the issuer by: only the issuer's own
-        // TLS certificate may carry it, and that certificate carries nothing else's.
-        let issuer_id = grant
-            .spiffe_id
-            .as_ref()
-            .is_some_and(|id| est::client::is_issuer_id(id.as_str()));
-        if issuer_id != (grant.label == crate::profile::ISSUER_SERVER) {
-            return Err(Error::Denied(format!(
-                "{} is the issuer's own identity; no other certificate may carry it",
-                grant.spiffe_id.as_ref().map_or("", |id| id.as_str())
-            )));
-        }
-        // Nothing is written (not even the token spent) unless it can also be recorded.
-        self.state_volume.check()?;
-        let now = self.now();
-        self.check_clock_within_ca(now)?;
-        let signer = self
-            .ca
-            .leaf_signer(sign_with.unwrap_or(profile.sign_with), now)?;
-        let ca_not_after = signer.not_after();
-        let not_after = (now + grant.lifetime.unwrap_or(profile.lifetime)).min(ca_not_after);
-        let started = std::time::Instant::now();
-
-        // A serial is taken by recording the certificate: the record is inserted only if
-        // the serial was never used, in the same transaction as its expiry index. A
-        // collision (odds 2^-127) re-signs with a new serial; the discarded signature never
-        // left the process.
-        let subject_key = SubjectKey(public_key.to_vec());
-        let der = loop {
-            let serial = Serial::random();
-            // Back-dated for lagging clocks, but never before the issuing CA's own start.
-            let not_before = (now - self.backdate).max(self.ca.not_before());
-            let mut params = leaf_params(grant, profile, serial, not_before, not_after);
-            if let Some(url) = self.crl.url() {
-                params.crl_distribution_points = vec![rcgen::CrlDistributionPoint {
-                    uris: vec![url.to_owned()],
-                }];
-            }
-            let der = signer.sign(&params, &subject_key).await?;
-            crate::check::leaf(&der, grant, ca_not_after.unix_timestamp())?;
-            let record = CertificateRecord {
-                serial: serial.to_string(),
-                subject: grant.common_name.clone(),
-                sans: grant.san_strings(),
-                label: grant.label.clone(),
-                owner: grant.owner.clone(),
-                issued_at: now.unix_timestamp(),
-                not_after: not_after.unix_timestamp(),
-                status: Status::Valid,
-                renews: grant.renews.map(|s| s.to_string()),
-                der: base64::engine::general_purpose::STANDARD.encode(&der),
-            };
-            let audit = AuditEvent {
-                kind: "certificate.issued".into(),
-                detail: serde_json::json!({
-                    "serial": record.serial,
-                    "subject": record.subject,
-                    "sans": record.sans,
-                    "label": record.label,
-                    "owner": record.owner,
-                    "not_after": record.not_after,
-                    "renews": record.renews,
-                }),
-            };
-            // The certificate, the token it spends, the predecessor it supersedes and its
-            // audit record are one write, made only if all of it can be: of concurrent
-            // requests with one token the first to get here wins and the others' signatures
-            // are dropped; a renewal racing a revocation yields nothing; a serial collision
-            // (odds 2^-127) signs again with a new serial, the discarded signature never
-            // having left the process.
-            let issued = self.store.record_issuance(Issuance {
-                serial: &serial,
-                record: &record,
-                renews: grant.renews.as_ref(),
-                token: grant.token.as_ref(),
-                unique_subject: self.unique_subject(grant),
-                audit: (audit, now_ms(now)),
-                now: now.unix_timestamp(),
-            })?;
-            match issued {
-                Issued::Recorded => break der,
-                Issued::SerialTaken => continue,
-                Issued::TokenRefused(consumed) => return Err(token_refused(consumed)),
-                Issued::SubjectHeld(held_by) => return Err(subject_held(grant, &held_by)),
-                Issued::PredecessorNotCurrent(Renewal::PredecessorNotCurrent { status, ended }) => {
-                    let old = grant.renews.unwrap_or(serial);
-                    return Err(renewal_overtaken(old, status, ended));
-                }
-                Issued::PredecessorNotCurrent(other) => {
-                    return Err(Error::Store(format!(
-                        "unexpected renewal outcome {other:?}"
-                    )))
-                }
-            }
-        };
-        self.store.durability.commit().await?;
-        self.metrics.issued(&grant.label, started.elapsed());
-        Ok(der)
+        self.pipeline.issue(grant, public_key, sign_with).await
     }
 
-    /// Whether anything could be issued now: the state folder takes writes and the clock is
-    /// inside the issuing CA's validity. Checked before authentication, and again in the
-    /// pipeline itself.
+    /// Whether anything could be issued now (see [`Pipeline::ready`]).
     pub(crate) fn ready_to_issue(&self) -> Result<(), Error> {
-        self.state_volume.check()?;
-        self.check_clock_within_ca(self.now())
+        self.pipeline.ready()
     }
 
-    /// A clock outside the issuing CA's validity is a wrong clock (a gateway whose RTC
-    /// battery died boots in 2000; a VM restored from an old snapshot): refuse to issue
-    /// rather than sign certificates no verifier will accept.
+    /// Whether `now` lies inside the issuing CA's validity (see [`Pipeline::ready`]).
     pub(crate) fn check_clock_within_ca(&self, now: OffsetDateTime) -> Result<(), Error> {
-        let (ca_from, ca_until) = (self.ca.not_before(), self.ca.not_after());
-        if now >= ca_until {
-            return Err(Error::OutsideCaValidity(format!(
-                "the issuer's clock reads {}, after the issuing CA expired ({}); nothing can be \
-                 issued: check the issuer's clock, or install a new issuing CA",
-                crate::clock::rfc3339(now),
-                crate::clock::rfc3339(ca_until)
-            )));
-        }
-        if now < ca_from {
-            return Err(Error::OutsideCaValidity(format!(
-                "the issuer's clock reads {}, before the issuing CA's validity starts ({}); \
-                 nothing can be issued until the clock is set right",
-                crate::clock::rfc3339(now),
-                crate::clock::rfc3339(ca_from)
-            )));
-        }
-        Ok(())
+        self.pipeline.check_clock_within_ca(now)
     }
 
     pub(crate) fn audit(&self, kind: &str, detail: serde_json::Value) -> Result<u64, Error> {
-        let at_ms = now_ms(self.now());
+        let at_ms = crate::issuance::now_ms(self.now());
         self.store.audit.append(
             AuditEvent {
                 kind: kind.to_owned(),
@@ -821,64 +697,6 @@ impl Authority {
     }
 }
 
-/// A renewal whose predecessor stopped being current while it was signed: revoked (or its
-/// lineage ended by another revocation), or renewed by a concurrent request. 403: the
-/// certificate presented may not renew, and nothing was issued.
-/// Unix milliseconds, as audit records carry them.
-fn now_ms(now: OffsetDateTime) -> i64 {
-    (now.unix_timestamp_nanos() / 1_000_000) as i64
-}
-
-/// Why a token can't enroll, in words the engineer can act on.
-fn token_refused(consumed: Consumed) -> Error {
-    let refused = |m: &str| Error::Est(est::Error::refused(est::Refusal::Unauthorized, m));
-    match consumed {
-        Consumed::Ok(_) => Error::Store("a usable token was refused".into()),
-        Consumed::AlreadyUsed(_) => refused(
-            "this token was already used; tokens are single use, ask the PKI operator for a new one",
-        ),
-        Consumed::Expired(_) => refused("this token expired; ask the PKI operator for a new one"),
-        Consumed::Revoked(_) => {
-            refused("this token was revoked by the PKI operator; ask them for a new one")
-        }
-        Consumed::Unknown => refused("unknown token"),
-    }
-}
-
-fn renewal_overtaken(old: Serial, status: Option<Status>, ended: Option<LineageEnd>) -> Error {
-    let message = match (status, ended) {
-        (Some(Status::Revoked), _) => format!(
-            "certificate {old} was revoked while its renewal was being signed; nothing was \
-             issued: enroll the device again with a new token"
-        ),
-        (_, Some(end)) => format!(
-            "certificate {} of this lineage was revoked while the renewal of {old} was being \
-             signed; nothing was issued: enroll the device again with a new token",
-            end.revoked
-        ),
-        (Some(_), None) => format!(
-            "certificate {old} was renewed by another request at the same time; nothing more \
-             was issued: use the certificate that renewal returned"
-        ),
-        (None, None) => format!("certificate {old} is no longer in the inventory"),
-    };
-    Error::Est(est::Error::refused(est::Refusal::Forbidden, message))
-}
-
-/// A second enrollment for a subject that another valid certificate of the label holds.
-pub(crate) fn subject_held(grant: &Grant, held_by: &str) -> Error {
-    Error::Est(est::Error::refused(
-        est::Refusal::Forbidden,
-        format!(
-            "certificate {held_by} already holds subject CN={} under label {} and is still \
-             valid; a subject names one device at a time: renew that certificate \
-             (simplereenroll), or have the PKI operator revoke it (issuer revoke {held_by}) \
-             before enrolling again",
-            grant.common_name, grant.label
-        ),
-    ))
-}
-
 /// A revocation of a serial this issuer never issued: likely a typo or another CA's.
 fn unknown_serial(serial: Serial) -> Error {
     Error::Admin(format!(
@@ -898,40 +716,6 @@ fn new_secret() -> String {
             return secret;
         }
     }
-}
-
-/// The certificate, built from the profile and the grant only.
-fn leaf_params(
-    grant: &Grant,
-    profile: &Profile,
-    serial: Serial,
-    not_before: OffsetDateTime,
-    not_after: OffsetDateTime,
-) -> CertificateParams {
-    let mut params = CertificateParams::default();
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, grant.common_name.as_str());
-    params.distinguished_name = dn;
-    params.subject_alt_names = grant
-        .spiffe_id
-        .iter()
-        .filter_map(|u| u.to_string().try_into().ok().map(SanType::URI))
-        .chain(
-            grant
-                .dns
-                .iter()
-                .filter_map(|d| d.clone().try_into().ok().map(SanType::DnsName)),
-        )
-        .chain(grant.ips.iter().map(|ip| SanType::IpAddress(*ip)))
-        .collect();
-    params.is_ca = IsCa::ExplicitNoCa;
-    params.key_usages = profile.rcgen_key_usages();
-    params.extended_key_usages = profile.rcgen_extended_key_usages();
-    params.serial_number = Some(serial.0.to_vec().into());
-    params.not_before = not_before;
-    params.not_after = not_after;
-    params.use_authority_key_identifier_extension = true;
-    params
 }
 
 #[cfg(test)]

@@ -44,7 +44,8 @@ fn default_validity() -> Duration {
 /// The published CRL and where it is served.
 #[derive(Debug, Default)]
 pub struct Crl {
-    url: OnceLock<String>,
+    /// Shared with the issuance pipeline, which puts it in certificates.
+    url: Arc<OnceLock<String>>,
     current: RwLock<Option<Published>>,
 }
 
@@ -59,6 +60,11 @@ impl Crl {
     /// The distribution point URL, once the listener is bound.
     pub fn url(&self) -> Option<&str> {
         self.url.get().map(String::as_str)
+    }
+
+    /// The URL's cell, for the issuance pipeline to read once it is set.
+    pub fn distribution_point(&self) -> Arc<OnceLock<String>> {
+        self.url.clone()
     }
 
     /// Sets the distribution point URL (once, at start).

@@ -273,7 +273,7 @@ impl Authority {
                 .subject_holder(&grant.label, &grant.common_name, now)
                 .map_err(to_est)?;
             if let Some(holder) = holder {
-                return Err(to_est(crate::authority::subject_held(
+                return Err(to_est(crate::issuance::subject_held(
                     &grant,
                     &holder.serial,
                 )));

@@ -22,6 +22,7 @@ pub mod grant;
 mod header_case;
 pub mod init;
 pub mod inventory;
+pub mod issuance;
 pub mod lockout;
 pub mod metrics;
 pub mod operator_api;

@@ -318,6 +318,12 @@ impl Authority {
     }
 }
 
+impl crate::issuance::IssuanceObserver for Metrics {
+    fn issued(&self, label: &str, elapsed: Duration) {
+        Metrics::issued(self, label, elapsed);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
