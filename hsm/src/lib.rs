@@ -74,6 +74,13 @@ pub trait Signer: Send + Sync + fmt::Debug {
     fn queue(&self) -> Option<Queue> {
         None
     }
+
+    /// Whether a signature takes microseconds (a key in this process's memory), so callers
+    /// may sign on an async worker instead of handing the work to a blocking thread. A
+    /// device (TPM, HSM) may take tens of milliseconds, or hang.
+    fn in_memory(&self) -> bool {
+        false
+    }
 }
 
 /// A device queue's fill, for operators.

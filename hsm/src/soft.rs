@@ -158,6 +158,10 @@ impl Signer for SoftKey {
             None => "software key in memory".into(),
         }
     }
+
+    fn in_memory(&self) -> bool {
+        true
+    }
 }
 
 impl std::fmt::Debug for SoftKey {
