@@ -18,12 +18,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // A new token's secret: its Debug (proto/src/lib.rs) leaves the secret out.
         .skip_debug(["plant.admin.v1.CreatedToken"])
         .compile_protos(
-        &[
-            std::path::Path::new("proto/workload.proto"),
-            std::path::Path::new("proto/agent.proto"),
-            std::path::Path::new("proto/admin.proto"),
-        ],
-        &[std::path::Path::new("proto"), include],
-    )?;
+            &[
+                std::path::Path::new("proto/workload.proto"),
+                std::path::Path::new("proto/agent.proto"),
+                std::path::Path::new("proto/admin.proto"),
+            ],
+            &[std::path::Path::new("proto"), include],
+        )?;
     Ok(())
 }

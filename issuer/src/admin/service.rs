@@ -1,38 +1,40 @@
-//! `plant.admin.v1` Entries, Agents and Tokens: gRPC on the admin socket, beside the JSON
-//! routes (HTTP/2 prior knowledge selects gRPC, HTTP/1 the JSON API), and the CLI's client for
-//! them.
+//! The admin socket's gRPC services: each handler turns the request into domain types
+//! ([`super::wire`]), makes the same [`Authority`] call the CLI's command names, and maps a
+//! failure with [`super::to_status`].
 
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use hyper_util::rt::TokioIo;
-use proto::admin::agents_client::AgentsClient;
 use proto::admin::agents_server::{Agents, AgentsServer};
-use proto::admin::entries_client::EntriesClient;
+use proto::admin::audit_server::{Audit, AuditServer};
+use proto::admin::certificates_server::{Certificates, CertificatesServer};
 use proto::admin::entries_server::{Entries, EntriesServer};
-use proto::admin::tokens_client::TokensClient;
+use proto::admin::issuer_server::{Issuer, IssuerServer};
 use proto::admin::tokens_server::{Tokens, TokensServer};
 use proto::admin::{
-    AttestedAgent, BanAgentRequest, BanAgentResponse, CreateEntryRequest, DeleteEntryRequest,
-    DeleteEntryResponse, Entry, EvictAgentRequest, EvictAgentResponse, ListAgentsRequest,
-    ListAgentsResponse, ListEntriesRequest, ListEntriesResponse, ListTokensRequest,
-    ListTokensResponse, RevokeTokenRequest, RevokeTokenResponse, Token, UnbanAgentRequest,
-    UnbanAgentResponse,
+    AttestedAgent, BanAgentRequest, BanAgentResponse, Certificate, CreateEntryRequest,
+    CreateTokensRequest, CreateTokensResponse, DeleteEntryRequest, DeleteEntryResponse, Entry,
+    EvictAgentRequest, EvictAgentResponse, ListAgentsRequest, ListAgentsResponse,
+    ListCertificatesRequest, ListCertificatesResponse, ListEntriesRequest, ListEntriesResponse,
+    ListTokensRequest, ListTokensResponse, ReadAuditRequest, ReadAuditResponse,
+    RevokeCertificateRequest, RevokeTokenRequest, RevokeTokenResponse, StatusRequest,
+    StatusResponse, UnbanAgentRequest, UnbanAgentResponse, VerifyAuditRequest, VerifyAuditResponse,
 };
 use tonic::{Request, Response, Status};
 
-use crate::agent_api::to_status;
-use crate::authority::Authority;
-use crate::registration::NewEntry;
-use crate::store::{EntryRecord, NodeRecord, TokenKind, TokenRecord, TokenState};
+use super::{to_status, wire};
+use crate::authority::{Authority, RevokeRequest, TokenRequest};
+use crate::store::{InventoryQuery, TokenState};
 use crate::Error;
 
-/// The admin gRPC services as an axum router to merge with the JSON routes.
-pub fn router(authority: Arc<Authority>) -> axum::Router {
-    tonic::service::Routes::new(EntriesServer::new(AdminGrpc(authority.clone())))
-        .add_service(AgentsServer::new(AdminGrpc(authority.clone())))
-        .add_service(TokensServer::new(AdminGrpc(authority)))
-        .into_axum_router()
+/// Every admin service over one authority.
+pub(super) fn routes(authority: Arc<Authority>) -> tonic::service::Routes {
+    let service = AdminGrpc(authority);
+    tonic::service::Routes::new(TokensServer::new(service.clone()))
+        .add_service(CertificatesServer::new(service.clone()))
+        .add_service(AuditServer::new(service.clone()))
+        .add_service(IssuerServer::new(service.clone()))
+        .add_service(EntriesServer::new(service.clone()))
+        .add_service(AgentsServer::new(service))
 }
 
 #[derive(Debug, Clone)]
@@ -44,21 +46,12 @@ impl Entries for AdminGrpc {
         &self,
         request: Request<CreateEntryRequest>,
     ) -> Result<Response<Entry>, Status> {
-        let r = request.into_inner();
         let entry = self
             .0
-            .create_entry(&NewEntry {
-                spiffe_id: r.spiffe_id,
-                parent_id: r.parent_id,
-                selectors: r.selectors,
-                x509_svid_ttl_secs: r.x509_svid_ttl_seconds,
-                jwt_svid_ttl_secs: r.jwt_svid_ttl_seconds,
-                dns_names: r.dns_names,
-                hint: r.hint,
-            })
+            .create_entry(&request.into_inner().into())
             .await
             .map_err(to_status)?;
-        Ok(Response::new(wire_entry(entry)))
+        Ok(Response::new(entry.into()))
     }
 
     async fn list(
@@ -69,7 +62,7 @@ impl Entries for AdminGrpc {
         let parent = (!parent.is_empty()).then_some(parent);
         let entries = self.0.list_entries(parent.as_deref()).map_err(to_status)?;
         Ok(Response::new(ListEntriesResponse {
-            entries: entries.into_iter().map(wire_entry).collect(),
+            entries: entries.into_iter().map(Entry::from).collect(),
         }))
     }
 
@@ -93,7 +86,7 @@ impl Agents for AdminGrpc {
     ) -> Result<Response<ListAgentsResponse>, Status> {
         let agents = self.0.list_agents().map_err(to_status)?;
         Ok(Response::new(ListAgentsResponse {
-            agents: agents.into_iter().map(wire_agent).collect(),
+            agents: agents.into_iter().map(AttestedAgent::from).collect(),
         }))
     }
 
@@ -134,6 +127,17 @@ impl Agents for AdminGrpc {
 
 #[tonic::async_trait]
 impl Tokens for AdminGrpc {
+    async fn create(
+        &self,
+        request: Request<CreateTokensRequest>,
+    ) -> Result<Response<CreateTokensResponse>, Status> {
+        let request = TokenRequest::try_from(request.into_inner()).map_err(to_status)?;
+        let tokens = self.0.create_tokens(&request).await.map_err(to_status)?;
+        Ok(Response::new(CreateTokensResponse {
+            tokens: tokens.into_iter().map(Into::into).collect(),
+        }))
+    }
+
     async fn list(
         &self,
         _request: Request<ListTokensRequest>,
@@ -142,7 +146,7 @@ impl Tokens for AdminGrpc {
         Ok(Response::new(ListTokensResponse {
             tokens: tokens
                 .into_iter()
-                .map(|(t, state)| wire_token(t, state))
+                .map(|(t, state)| wire::token(t, state))
                 .collect(),
         }))
     }
@@ -159,114 +163,77 @@ impl Tokens for AdminGrpc {
         Ok(Response::new(RevokeTokenResponse {
             revoked: revoked
                 .into_iter()
-                .map(|t| wire_token(t, TokenState::Revoked))
+                .map(|t| wire::token(t, TokenState::Revoked))
                 .collect(),
         }))
     }
 }
 
-fn wire_token(t: TokenRecord, state: TokenState) -> Token {
-    use proto::admin::TokenState as Wire;
-    Token {
-        id: t.id,
-        kind: match t.kind {
-            TokenKind::Enrollment => "enrollment",
-            TokenKind::Join => "join",
-        }
-        .to_owned(),
-        label: t.label,
-        subject: t.subject.unwrap_or_default(),
-        dns_names: t.dns,
-        ip_addresses: t.ips.iter().map(ToString::to_string).collect(),
-        created_at: t.created_at,
-        expires_at: t.expires_at,
-        state: match state {
-            TokenState::Unused => Wire::Unused,
-            TokenState::Spent => Wire::Spent,
-            TokenState::Expired => Wire::Expired,
-            TokenState::Revoked => Wire::Revoked,
-        }
-        .into(),
-        used_at: t.used_at.unwrap_or_default(),
-        revoked_at: t.revoked_at.unwrap_or_default(),
+#[tonic::async_trait]
+impl Certificates for AdminGrpc {
+    async fn list(
+        &self,
+        request: Request<ListCertificatesRequest>,
+    ) -> Result<Response<ListCertificatesResponse>, Status> {
+        let query = InventoryQuery::from(request.into_inner());
+        let page = self.0.inventory(&query).map_err(to_status)?;
+        Ok(Response::new(page.try_into().map_err(to_status)?))
+    }
+
+    async fn revoke(
+        &self,
+        request: Request<RevokeCertificateRequest>,
+    ) -> Result<Response<Certificate>, Status> {
+        let request = RevokeRequest::try_from(request.into_inner()).map_err(to_status)?;
+        let record = self.0.revoke(&request).await.map_err(to_status)?;
+        // A node that attested with this device certificate goes with it.
+        self.0
+            .evict_nodes_attested_with(&record)
+            .await
+            .map_err(|e| {
+                to_status(Error::Admin(format!(
+                    "certificate {} is revoked, but evicting the nodes that attested with it \
+                     failed: {e}; evict them with `issuer agent evict` (`issuer agent list` \
+                     shows them)",
+                    record.serial
+                )))
+            })?;
+        Ok(Response::new(record.try_into().map_err(to_status)?))
     }
 }
 
-fn wire_entry(e: EntryRecord) -> Entry {
-    Entry {
-        id: e.id,
-        spiffe_id: e.spiffe_id,
-        parent_id: e.parent_id,
-        selectors: e.selectors,
-        x509_svid_ttl_seconds: e.x509_svid_ttl_secs,
-        jwt_svid_ttl_seconds: e.jwt_svid_ttl_secs,
-        dns_names: e.dns_names,
-        hint: e.hint,
-        revision: e.revision,
-        created_at: e.created_at,
-    }
-}
-
-fn wire_agent(n: NodeRecord) -> AttestedAgent {
-    AttestedAgent {
-        spiffe_id: n.spiffe_id,
-        method: n.method,
-        attested_at: n.attested_at,
-        node_svid_expires_at: n.svid_not_after,
-        node_svid_serial: n.svid_serial,
-        evicted: n.evicted,
-        banned: n.banned,
-        lineage: n
-            .attested_with
-            .as_ref()
-            .map(|w| w.lineage.clone())
-            .unwrap_or_default(),
-        certificate_serial: n
-            .attested_with
-            .and_then(|w| w.certificate_serial)
-            .unwrap_or_default(),
-    }
-}
-
-/// A gRPC channel over the admin socket (HTTP/2 prior knowledge on a Unix stream).
-pub async fn channel(socket: &Path) -> Result<tonic::transport::Channel, Error> {
-    let path: PathBuf = socket.to_owned();
-    let unreachable = |e: &dyn std::fmt::Display| {
-        Error::Admin(format!(
-            "cannot reach the issuer's admin socket {}: {e}; is `issuer serve` running with this configuration?",
-            socket.display()
-        ))
-    };
-    // The URI is required by the API but unused: the connector always dials the socket.
-    tonic::transport::Endpoint::from_static("http://issuer-admin")
-        .connect_with_connector(tower::service_fn(move |_: http::Uri| {
-            let path = path.clone();
-            async move {
-                tokio::net::UnixStream::connect(path)
-                    .await
-                    .map(TokioIo::new)
-            }
+#[tonic::async_trait]
+impl Audit for AdminGrpc {
+    async fn read(
+        &self,
+        request: Request<ReadAuditRequest>,
+    ) -> Result<Response<ReadAuditResponse>, Status> {
+        let request = request.into_inner();
+        let count = match request.count {
+            0 => super::DEFAULT_AUDIT_PAGE,
+            n => n as usize,
+        };
+        let records = super::read_audit(&self.0, request.before, count).map_err(to_status)?;
+        Ok(Response::new(ReadAuditResponse {
+            records: records.into_iter().map(Into::into).collect(),
         }))
-        .await
-        .map_err(|e| unreachable(&e))
+    }
+
+    async fn verify(
+        &self,
+        _request: Request<VerifyAuditRequest>,
+    ) -> Result<Response<VerifyAuditResponse>, Status> {
+        let verification = self.0.store.audit.verify().map_err(to_status)?;
+        Ok(Response::new(verification.into()))
+    }
 }
 
-/// The Entries client over the admin socket.
-pub async fn entries(socket: &Path) -> Result<EntriesClient<tonic::transport::Channel>, Error> {
-    Ok(EntriesClient::new(channel(socket).await?))
-}
-
-/// The Agents client over the admin socket.
-pub async fn agents(socket: &Path) -> Result<AgentsClient<tonic::transport::Channel>, Error> {
-    Ok(AgentsClient::new(channel(socket).await?))
-}
-
-/// The Tokens client over the admin socket.
-pub async fn tokens(socket: &Path) -> Result<TokensClient<tonic::transport::Channel>, Error> {
-    Ok(TokensClient::new(channel(socket).await?))
-}
-
-/// A gRPC error from the admin socket as the CLI reports it.
-pub fn from_status(status: Status) -> Error {
-    Error::Admin(status.message().to_owned())
+#[tonic::async_trait]
+impl Issuer for AdminGrpc {
+    async fn status(
+        &self,
+        _request: Request<StatusRequest>,
+    ) -> Result<Response<StatusResponse>, Status> {
+        Ok(Response::new(self.0.status().into()))
+    }
 }

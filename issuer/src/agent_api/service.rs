@@ -745,9 +745,10 @@ fn wire_entry(e: EntryRecord) -> RegistrationEntry {
     }
 }
 
-/// The one mapping of issuer errors to gRPC statuses (agent and admin APIs). Causes that
+/// The one mapping of issuer errors to gRPC statuses on the agent API (the admin socket has
+/// its own, [`crate::admin::to_status`], that shows the owner every message). Causes that
 /// are the issuer's own are logged here and reported without internals.
-pub(crate) fn to_status(error: Error) -> Status {
+pub(super) fn to_status(error: Error) -> Status {
     match error {
         Error::Attestation(refusal) => Status::permission_denied(refusal.message),
         Error::Denied(m) => Status::permission_denied(m),

@@ -1,7 +1,8 @@
-//! Inventory output for operators: an aligned table, JSON, or CSV.
+//! The one renderer of the command line's output: aligned tables for a terminal, pretty JSON
+//! and RFC 4180 CSV for scripts. Every command prints through it, so one table looks like
+//! another and scripts parse one JSON style.
 
-use crate::est_backend::rfc3339;
-use crate::store::CertificateRecord;
+use serde::Serialize;
 
 /// Output formats of `issuer inventory`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -14,69 +15,81 @@ pub enum Format {
     Csv,
 }
 
-const HEADERS: [&str; 7] = [
-    "serial",
-    "subject",
-    "sans",
-    "label",
-    "owner",
-    "not_after",
-    "status",
-];
-
-fn columns(r: &CertificateRecord) -> [String; 7] {
-    [
-        r.serial.clone(),
-        r.subject.clone(),
-        r.sans.join(" "),
-        r.label.clone(),
-        r.owner.clone(),
-        rfc3339(r.not_after),
-        serde_json::to_value(r.status)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_owned))
-            .unwrap_or_default(),
-    ]
+/// Output formats of the list commands (tokens, entries, agents).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ListFormat {
+    Table,
+    Json,
 }
 
-/// Renders rows in `format`.
-pub fn render(rows: &[CertificateRecord], format: Format) -> String {
-    match format {
-        Format::Json => serde_json::to_string_pretty(rows).unwrap_or_default() + "\n",
-        Format::Csv => {
-            let mut out = HEADERS.join(",") + "\n";
-            for row in rows {
-                let cells: Vec<String> = columns(row).iter().map(|c| csv_cell(c)).collect();
-                out.push_str(&cells.join(","));
-                out.push('\n');
-            }
-            out
-        }
-        Format::Table => {
-            let cells: Vec<[String; 7]> = rows.iter().map(columns).collect();
-            let mut widths = HEADERS.map(str::len);
-            for row in &cells {
-                for (w, c) in widths.iter_mut().zip(row) {
-                    *w = (*w).max(c.chars().count());
-                }
-            }
-            let line = |row: &[String]| {
-                row.iter()
-                    .zip(widths)
-                    .map(|(c, w)| format!("{c:<w$}"))
-                    .collect::<Vec<_>>()
-                    .join("  ")
-                    .trim_end()
-                    .to_owned()
-                    + "\n"
-            };
-            let mut out = line(&HEADERS.map(|h| h.to_uppercase().replace('_', " ")));
-            for row in &cells {
-                out.push_str(&line(row));
-            }
-            out
+/// Rows under headers, as a table or CSV.
+#[derive(Debug, Clone, Default)]
+pub struct Rows {
+    headers: Vec<String>,
+    rows: Vec<Vec<String>>,
+}
+
+impl Rows {
+    /// Rows under these headers.
+    pub fn new(headers: &[&str]) -> Self {
+        Self {
+            headers: headers.iter().map(|h| (*h).to_owned()).collect(),
+            rows: Vec::new(),
         }
     }
+
+    /// Adds a row of cells, one per header.
+    pub fn push(&mut self, row: Vec<String>) {
+        self.rows.push(row);
+    }
+
+    /// Aligned columns for a terminal, two spaces apart, no trailing blanks.
+    pub fn table(&self) -> String {
+        let mut widths: Vec<usize> = self.headers.iter().map(|h| h.chars().count()).collect();
+        for row in &self.rows {
+            for (w, c) in widths.iter_mut().zip(row) {
+                *w = (*w).max(c.chars().count());
+            }
+        }
+        let line = |cells: &[String]| {
+            cells
+                .iter()
+                .zip(&widths)
+                .map(|(c, w)| format!("{c:<w$}"))
+                .collect::<Vec<_>>()
+                .join("  ")
+                .trim_end()
+                .to_owned()
+                + "\n"
+        };
+        let mut out = line(&self.headers);
+        for row in &self.rows {
+            out.push_str(&line(row));
+        }
+        out
+    }
+
+    /// RFC 4180 CSV with a header row.
+    pub fn csv(&self) -> String {
+        let line = |cells: &[String]| {
+            cells
+                .iter()
+                .map(|c| csv_cell(c))
+                .collect::<Vec<_>>()
+                .join(",")
+                + "\n"
+        };
+        let mut out = line(&self.headers);
+        for row in &self.rows {
+            out.push_str(&line(row));
+        }
+        out
+    }
+}
+
+/// Pretty JSON and a newline.
+pub fn json<T: Serialize + ?Sized>(value: &T) -> String {
+    serde_json::to_string_pretty(value).unwrap_or_default() + "\n"
 }
 
 /// Quotes a CSV cell when needed, and defuses spreadsheet formulas (`=`, `+`, `-`, `@`).
@@ -96,47 +109,38 @@ fn csv_cell(cell: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::Status;
 
-    fn row(subject: &str) -> CertificateRecord {
-        CertificateRecord {
-            serial: "0a".into(),
-            subject: subject.into(),
-            sans: vec!["dns:a".into(), "ip:10.0.0.1".into()],
-            label: "plc".into(),
-            owner: "token:1234".into(),
-            issued_at: 0,
-            not_after: 86_400,
-            status: Status::Valid,
-            renews: None,
-            der: String::new(),
+    fn rows(subjects: &[&str]) -> Rows {
+        let mut rows = Rows::new(&["serial", "subject", "sans"]);
+        for s in subjects {
+            rows.push(vec!["0a".into(), (*s).into(), "dns:a".into()]);
         }
+        rows
     }
 
     #[test]
     fn csv_quotes_and_defuses_cells() {
-        let out = render(&[row("a,b"), row("=cmd")], Format::Csv);
+        let out = rows(&["a,b", "=cmd"]).csv();
         let lines: Vec<&str> = out.lines().collect();
-        assert_eq!(lines[0], "serial,subject,sans,label,owner,not_after,status");
+        assert_eq!(lines[0], "serial,subject,sans");
         assert!(lines[1].contains("\"a,b\""));
         assert!(lines[2].contains(",'=cmd,"));
     }
 
     #[test]
     fn table_aligns_columns() {
-        let out = render(&[row("plc-7"), row("long-subject-name")], Format::Table);
+        let out = rows(&["plc-7", "long-subject-name"]).table();
         let starts: Vec<usize> = out
             .lines()
             .map(|l| l.find("dns:a").unwrap_or(usize::MAX))
             .collect();
         assert_eq!(starts[1], starts[2]);
-        assert!(out.starts_with("SERIAL"));
+        assert!(out.starts_with("serial"));
+        assert!(out.lines().all(|l| !l.ends_with(' ')));
     }
 
     #[test]
-    fn json_is_an_array_of_records() {
-        let out = render(&[row("plc-7")], Format::Json);
-        let parsed: Vec<CertificateRecord> = serde_json::from_str(&out).expect("json");
-        assert_eq!(parsed[0].subject, "plc-7");
+    fn json_is_pretty_with_a_newline() {
+        assert_eq!(json(&["a"]), "[\n  \"a\"\n]\n");
     }
 }
