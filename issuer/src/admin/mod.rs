@@ -77,3 +77,36 @@ pub(crate) fn to_status(error: Error) -> Status {
     }
     Status::new(code, error.to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The codes stand for the HTTP statuses the JSON admin routes answered (400, 503, 404),
+    /// and the message travels whole for the CLI to print.
+    #[test]
+    fn errors_map_to_the_codes_of_their_old_http_statuses_with_the_whole_message() {
+        for (error, code) in [
+            (
+                Error::Admin("count must be between 1 and 100000".into()),
+                Code::InvalidArgument,
+            ),
+            (Error::Config("bad".into()), Code::InvalidArgument),
+            (
+                Error::StateUnwritable("the disk is full".into()),
+                Code::Unavailable,
+            ),
+            (Error::Store("stuck".into()), Code::Unavailable),
+            (
+                Error::NotFound("no entry with id \"x\"".into()),
+                Code::NotFound,
+            ),
+            (Error::Certificate("broken".into()), Code::Internal),
+        ] {
+            let message = error.to_string();
+            let status = to_status(error);
+            assert_eq!(status.code(), code, "{message}");
+            assert_eq!(status.message(), message);
+        }
+    }
+}
