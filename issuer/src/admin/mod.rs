@@ -49,29 +49,10 @@ pub(crate) fn read_audit(
     authority.store.audit.page(before, count)
 }
 
-/// The one mapping of the issuer's error to a gRPC status on the admin socket. The socket is
-/// the owner's, so every message travels whole: the CLI prints it as it is.
+/// An issuer error as the admin socket answers it: the code from [`Error::grpc_code`] and,
+/// as the socket is the owner's, the whole message, which the CLI prints as it is.
 pub(crate) fn to_status(error: Error) -> Status {
-    let code = match &error {
-        Error::Admin(_) | Error::Config(_) => Code::InvalidArgument,
-        Error::NotFound(_) => Code::NotFound,
-        Error::AlreadyExists(_) => Code::AlreadyExists,
-        Error::Denied(_) | Error::Attestation(_) => Code::PermissionDenied,
-        Error::Est(e) => match e.refusal() {
-            est::Refusal::BadRequest | est::Refusal::NotFound => Code::InvalidArgument,
-            est::Refusal::Unavailable { .. } => Code::Unavailable,
-            est::Refusal::Internal => Code::Internal,
-            _ => Code::PermissionDenied,
-        },
-        Error::Key(e) if e.is_transient() => Code::Unavailable,
-        // The store or the state folder can't take a write now: nothing was done, and the
-        // same request may succeed later (a full disk resumes by itself).
-        Error::Store(_)
-        | Error::StateUnwritable(_)
-        | Error::SigningKey(_)
-        | Error::OutsideCaValidity(_) => Code::Unavailable,
-        _ => Code::Internal,
-    };
+    let code = error.grpc_code();
     if code == Code::Internal {
         tracing::error!(%error, "admin request failed");
     }
@@ -91,7 +72,6 @@ mod tests {
                 Error::Admin("count must be between 1 and 100000".into()),
                 Code::InvalidArgument,
             ),
-            (Error::Config("bad".into()), Code::InvalidArgument),
             (
                 Error::StateUnwritable("the disk is full".into()),
                 Code::Unavailable,
