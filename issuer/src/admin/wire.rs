@@ -112,11 +112,7 @@ impl From<wire::CreatedToken> for CreatedToken {
 pub(crate) fn token(t: TokenRecord, state: TokenState) -> wire::Token {
     wire::Token {
         id: t.id,
-        kind: match t.kind {
-            TokenKind::Enrollment => "enrollment",
-            TokenKind::Join => "join",
-        }
-        .to_owned(),
+        kind: wire::TokenKind::from(t.kind).into(),
         label: t.label,
         subject: t.subject.unwrap_or_default(),
         dns_names: t.dns,

@@ -124,9 +124,11 @@ pub(super) async fn run(command: TokenCommand) -> Result<(), Error> {
                 } else {
                     format!(", subject {}", t.subject)
                 };
-                match t.kind.as_str() {
-                    "join" => println!("revoked join token {}; it can no longer join", t.id),
-                    _ => println!(
+                match TokenKind::from(t.kind()) {
+                    TokenKind::Join => {
+                        println!("revoked join token {}; it can no longer join", t.id);
+                    }
+                    TokenKind::Enrollment => println!(
                         "revoked token {} (label {}{bound}); it can no longer enroll",
                         t.id, t.label
                     ),
@@ -147,6 +149,15 @@ fn state(t: &Token) -> &'static str {
     }
 }
 
+/// `enrollment` or `join`, as the JSON says it.
+fn kind_text(t: &Token) -> String {
+    match TokenKind::from(t.kind()) {
+        TokenKind::Enrollment => "enrollment",
+        TokenKind::Join => "join",
+    }
+    .to_owned()
+}
+
 fn render_list(tokens: &[Token], format: ListFormat) -> String {
     match format {
         ListFormat::Json => {
@@ -154,7 +165,7 @@ fn render_list(tokens: &[Token], format: ListFormat) -> String {
                 .iter()
                 .map(|t| {
                     serde_json::json!({
-                        "id": t.id, "kind": t.kind, "label": t.label,
+                        "id": t.id, "kind": TokenKind::from(t.kind()), "label": t.label,
                         "subject": (!t.subject.is_empty()).then_some(&t.subject),
                         "dns_names": t.dns_names, "ip_addresses": t.ip_addresses,
                         "created_at": t.created_at, "expires_at": t.expires_at,
@@ -172,7 +183,7 @@ fn render_list(tokens: &[Token], format: ListFormat) -> String {
             for t in tokens {
                 rows.push(vec![
                     t.id.clone(),
-                    t.kind.clone(),
+                    kind_text(t),
                     dash(&t.label),
                     dash(&t.subject),
                     rfc3339(t.expires_at),
