@@ -80,6 +80,32 @@ impl Error {
     pub fn is_usage(&self) -> bool {
         matches!(self, Self::Config(_))
     }
+
+    /// The gRPC code that says whose fault it is: the one table the agent API and the admin
+    /// socket share (they differ only in how much of the message a caller may read).
+    pub(crate) fn grpc_code(&self) -> tonic::Code {
+        use tonic::Code;
+        match self {
+            Self::Attestation(_) | Self::Denied(_) => Code::PermissionDenied,
+            Self::NotFound(_) => Code::NotFound,
+            Self::AlreadyExists(_) => Code::AlreadyExists,
+            Self::Admin(_) => Code::InvalidArgument,
+            Self::Est(e) => match e.refusal() {
+                est::Refusal::BadRequest => Code::InvalidArgument,
+                est::Refusal::Unavailable { .. } => Code::Unavailable,
+                est::Refusal::Internal => Code::Internal,
+                _ => Code::PermissionDenied,
+            },
+            Self::Key(e) if e.is_transient() => Code::Unavailable,
+            // The store or the state folder can't take a write now: nothing was done, and
+            // the same request may succeed later (a full disk resumes by itself).
+            Self::Store(_)
+            | Self::SigningKey(_)
+            | Self::OutsideCaValidity(_)
+            | Self::StateUnwritable(_) => Code::Unavailable,
+            _ => Code::Internal,
+        }
+    }
 }
 
 impl From<sled::Error> for Error {

@@ -2,7 +2,6 @@
 //! inventory of every certificate, and a hash-chained audit log.
 
 pub mod admin;
-pub mod admin_grpc;
 pub mod agent_api;
 pub mod attestation;
 pub mod authority;
@@ -21,7 +20,6 @@ pub mod eviction;
 pub mod grant;
 mod header_case;
 pub mod init;
-pub mod inventory;
 pub mod issuance;
 pub mod lockout;
 pub mod metrics;

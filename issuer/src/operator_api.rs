@@ -1,6 +1,9 @@
-//! The operator API: the admin socket's read-only routes (inventory, status, audit log) over
-//! the EST HTTPS listener at `/api/v1/…`, and the dashboard at `/ui`, for operators on other
-//! machines (DESIGN §6).
+//! The operator API: the admin socket's read-only questions (inventory, status, audit log)
+//! as JSON over the EST HTTPS listener, and the dashboard at `/ui`, for operators on other
+//! machines (DESIGN §6):
+//!
+//! `GET /api/v1/inventory`, `GET /api/v1/status`, `GET /api/v1/audit?count=&before=` (pages
+//! of at most 1000 records, oldest first), `GET /api/v1/audit/verify`.
 //!
 //! The TLS client certificate is the credential. It must be one this CA issued (byte for
 //! byte, as the inventory holds it), still valid, and issued under a profile marked
@@ -10,15 +13,18 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Request, State};
+use axum::extract::{Query, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::Router;
+use axum::routing::get;
+use axum::{Json, Router};
 use est::server::TlsClientCertificate;
+use serde::Deserialize;
 
-use crate::authority::Authority;
-use crate::store::Status;
+use crate::authority::{Authority, StatusReport};
+use crate::store::{AuditRecord, InventoryPage, InventoryQuery, Status, Verification};
+use crate::Error;
 
 /// The path prefix the operator API is served under.
 pub const PREFIX: &str = "/api";
@@ -26,13 +32,80 @@ pub const PREFIX: &str = "/api";
 /// The operator routes, behind the operator-certificate check.
 pub fn router(authority: Arc<Authority>) -> Router {
     Router::new()
-        .nest(PREFIX, crate::admin::read_only_routes())
+        .nest(PREFIX, read_only_routes())
         .route("/ui", axum::routing::get(crate::dashboard::page))
         .layer(axum::middleware::from_fn_with_state(
             authority.clone(),
             require_operator,
         ))
         .with_state(authority)
+}
+
+/// The routes that only read: inventory, status and the audit log.
+fn read_only_routes() -> Router<Arc<Authority>> {
+    Router::new()
+        .route("/v1/inventory", get(inventory))
+        .route("/v1/status", get(status))
+        .route("/v1/audit", get(audit))
+        .route("/v1/audit/verify", get(audit_verify))
+}
+
+/// An error as an HTTP answer: the status says whose fault, the text says what to do.
+struct ApiError(Error);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = match &self.0 {
+            Error::Admin(_) | Error::Config(_) => StatusCode::BAD_REQUEST,
+            Error::Store(_) | Error::StateUnwritable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        (status, format!("{}\n", self.0)).into_response()
+    }
+}
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> Self {
+        Self(e)
+    }
+}
+
+async fn inventory(
+    State(authority): State<Arc<Authority>>,
+    Query(query): Query<InventoryQuery>,
+) -> Result<Json<InventoryPage>, ApiError> {
+    Ok(Json(authority.inventory(&query)?))
+}
+
+async fn status(State(authority): State<Arc<Authority>>) -> Json<StatusReport> {
+    Json(authority.status())
+}
+
+#[derive(Deserialize)]
+struct AuditQuery {
+    /// How many records (default 20, at most [`crate::admin::MAX_AUDIT_PAGE`]).
+    count: Option<usize>,
+    /// Only records numbered below this: the `seq` of the oldest record of the previous
+    /// page, to walk the log back.
+    before: Option<u64>,
+}
+
+async fn audit(
+    State(authority): State<Arc<Authority>>,
+    Query(query): Query<AuditQuery>,
+) -> Result<Json<Vec<AuditRecord>>, ApiError> {
+    let count = query.count.unwrap_or(crate::admin::DEFAULT_AUDIT_PAGE);
+    Ok(Json(crate::admin::read_audit(
+        &authority,
+        query.before,
+        count,
+    )?))
+}
+
+async fn audit_verify(
+    State(authority): State<Arc<Authority>>,
+) -> Result<Json<Verification>, ApiError> {
+    Ok(Json(authority.store.audit.verify()?))
 }
 
 async fn require_operator(

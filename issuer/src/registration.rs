@@ -1,7 +1,6 @@
 //! Registration entries and attested agents, as operators manage them (DESIGN §5): the
 //! validation every entry passes before it is stored (eviction and bans: [`crate::eviction`]).
-//! Served on the admin socket as `plant.admin.v1.Entries` / `Agents` (see
-//! [`crate::admin_grpc`]).
+//! Served on the admin socket as `plant.admin.v1.Entries` / `Agents` ([`crate::admin`]).
 
 use proto::{Selector, SpiffeId};
 

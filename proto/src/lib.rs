@@ -3,7 +3,8 @@
 //! - [`workload`]: the SPIFFE Workload API, exactly as the SPIFFE specification defines it
 //!   (no protobuf package; method paths `/SpiffeWorkloadAPI/…`).
 //! - [`agent`]: the agent API the issuer serves to agents (`plant.agent.v1`).
-//! - [`admin`]: registration entries and agents on the issuer's admin socket (`plant.admin.v1`).
+//! - [`admin`]: the issuer's admin socket (`plant.admin.v1`): tokens, certificates, audit log,
+//!   status, registration entries and agents.
 //! - [`SpiffeId`], [`TrustDomain`], [`Selector`]: parsed once from untrusted text.
 //!
 //! The code is generated at build time with the `protoc` from `protoc-bin-vendored`.
@@ -62,7 +63,7 @@ pub mod agent {
     include!(concat!(env!("OUT_DIR"), "/plant.agent.v1.rs"));
 }
 
-/// The admin API for entries and agents (`plant.admin.v1`).
+/// The issuer's admin API (`plant.admin.v1`).
 #[allow(
     missing_docs,
     clippy::all,
@@ -71,4 +72,17 @@ pub mod agent {
 )]
 pub mod admin {
     include!(concat!(env!("OUT_DIR"), "/plant.admin.v1.rs"));
+
+    // Generated without Debug (build.rs): the secret must not reach a log line.
+    impl std::fmt::Debug for CreatedToken {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("CreatedToken")
+                .field("id", &self.id)
+                .field("kind", &self.kind())
+                .field("label", &self.label)
+                .field("subject", &self.subject)
+                .field("expires_at", &self.expires_at)
+                .finish_non_exhaustive()
+        }
+    }
 }

@@ -164,6 +164,37 @@ fn admin_errors_read_once_and_say_what_to_do() -> Result<()> {
     Ok(())
 }
 
+/// The admin socket speaks gRPC only: the JSON routes it once served (`GET /v1/status`,
+/// `POST /v1/tokens`) answer gRPC's UNIMPLEMENTED and no JSON, while the CLI, over gRPC, is
+/// answered.
+#[test]
+fn the_admin_socket_answers_no_json() -> Result<()> {
+    let issuer = Issuer::start()?;
+    let socket = issuer.dir.path().join("state/admin.sock");
+    for (method, path) in [("GET", "/v1/status"), ("POST", "/v1/tokens")] {
+        let answer = run_ok(std::process::Command::new("curl").args([
+            "-s",
+            "-i",
+            "-X",
+            method,
+            "-H",
+            "content-type: application/json",
+            "--data-binary",
+            "{}",
+            "--unix-socket",
+            &socket.to_string_lossy(),
+            &format!("http://issuer-admin{path}"),
+        ]))?;
+        ensure!(
+            answer.to_ascii_lowercase().contains("grpc-status: 12") && !answer.contains('{'),
+            "{method} {path} on the admin socket:\n{answer}"
+        );
+    }
+    let status = run_ok(issuer.cli().arg("status"))?;
+    ensure!(status.starts_with("trust domain "), "{status}");
+    Ok(())
+}
+
 /// Without `--config`, the issuer says where it looked and how to point at an existing
 /// configuration before it suggests making a new CA.
 #[test]

@@ -13,7 +13,6 @@ mod proxy_events;
 mod service;
 
 pub use jwt::JwtKey;
-pub(crate) use service::to_status;
 pub use service::{AgentService, MAX_BATCH};
 
 use std::future::Future;

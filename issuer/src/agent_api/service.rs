@@ -745,35 +745,21 @@ fn wire_entry(e: EntryRecord) -> RegistrationEntry {
     }
 }
 
-/// The one mapping of issuer errors to gRPC statuses (agent and admin APIs). Causes that
-/// are the issuer's own are logged here and reported without internals.
-pub(crate) fn to_status(error: Error) -> Status {
+/// An issuer error as the agent API answers it: the code from [`Error::grpc_code`]; causes
+/// that are the issuer's own are logged here and reported without internals.
+pub(super) fn to_status(error: Error) -> Status {
+    let code = error.grpc_code();
     match error {
         Error::Attestation(refusal) => Status::permission_denied(refusal.message),
-        Error::Denied(m) => Status::permission_denied(m),
-        Error::NotFound(m) => Status::not_found(m),
-        Error::AlreadyExists(m) => Status::already_exists(m),
-        Error::Admin(m) => Status::invalid_argument(m),
-        Error::Est(e) => match e.refusal() {
-            est::Refusal::BadRequest => Status::invalid_argument(e.to_string()),
-            est::Refusal::Unavailable { .. } => Status::unavailable(e.to_string()),
-            est::Refusal::Internal => {
-                tracing::error!(error = %e, "agent API request failed");
-                Status::internal("the issuer failed; see its log")
-            }
-            _ => Status::permission_denied(e.to_string()),
-        },
         Error::Key(e) if e.is_transient() => Status::unavailable(format!("{e}; retry shortly")),
-        Error::Store(_)
-        | Error::SigningKey(_)
-        | Error::OutsideCaValidity(_)
-        | Error::StateUnwritable(_) => {
+        error if code == tonic::Code::Internal => {
+            tracing::error!(%error, "agent API request failed");
+            Status::internal("the issuer failed; see its log")
+        }
+        error if code == tonic::Code::Unavailable && !matches!(error, Error::Est(_)) => {
             tracing::error!(%error, "agent API request failed");
             Status::unavailable(error.to_string())
         }
-        other => {
-            tracing::error!(error = %other, "agent API request failed");
-            Status::internal("the issuer failed; see its log")
-        }
+        error => Status::new(code, error.to_string()),
     }
 }

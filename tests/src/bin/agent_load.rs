@@ -207,18 +207,7 @@ async fn entries(
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
 
-    let channel = tonic::transport::Endpoint::from_static("http://issuer-admin")
-        .connect_with_connector(tower::service_fn({
-            let socket = admin_socket.to_owned();
-            move |_: http::Uri| {
-                let socket = socket.clone();
-                async move {
-                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                        tokio::net::UnixStream::connect(socket).await?,
-                    ))
-                }
-            }
-        }))
+    let channel = plant_tests::unix_channel(admin_socket)
         .await
         .with_context(|| format!("connecting to {}", admin_socket.display()))?;
     let client = proto::admin::entries_client::EntriesClient::new(channel);
