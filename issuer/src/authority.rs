@@ -521,7 +521,7 @@ impl Authority {
         if ttl > self.token_max_ttl || ttl.is_zero() {
             return Err(bad(format!(
                 "token lifetime must be between 1s and {} (tokens.max_ttl)",
-                crate::duration::format(self.token_max_ttl)
+                proto::duration::format(self.token_max_ttl)
             )));
         }
         let count = request.count.unwrap_or(1);

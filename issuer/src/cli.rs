@@ -309,7 +309,7 @@ enum TokenFormat {
 }
 
 fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
-    crate::duration::parse(text)
+    proto::duration::parse(text)
 }
 
 fn admin(config: &Path) -> Result<AdminClient, Error> {
@@ -431,7 +431,7 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
             match fail_if_expiring_within {
                 Some(window) if total > 0 => Err(Error::Expiring(format!(
                     "{total} certificate(s) expire within {}",
-                    crate::duration::format(window)
+                    proto::duration::format(window)
                 ))),
                 _ => Ok(()),
             }
@@ -771,7 +771,7 @@ async fn run_entry(command: EntryCommand) -> Result<(), Error> {
                                     e.selectors.join(" "),
                                     match e.x509_svid_ttl_seconds {
                                         0 => "default".to_owned(),
-                                        s => crate::duration::format(
+                                        s => proto::duration::format(
                                             std::time::Duration::from_secs(s.into()),
                                         ),
                                     },

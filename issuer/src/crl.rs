@@ -33,7 +33,7 @@ pub struct CrlConfig {
     #[serde(default)]
     pub url: Option<String>,
     /// How long each CRL is valid (its nextUpdate); it is re-issued at half this.
-    #[serde(with = "crate::duration::serde_text", default = "default_validity")]
+    #[serde(with = "proto::duration::serde_text", default = "default_validity")]
     pub validity: Duration,
 }
 

@@ -381,7 +381,7 @@ impl Authority {
                 format!(
                     " (label {} renews up to {} after expiry)",
                     record.label,
-                    crate::duration::format(profile.renewal_grace)
+                    proto::duration::format(profile.renewal_grace)
                 )
             } else {
                 String::new()
@@ -455,7 +455,7 @@ impl Authority {
                  more (a lost answer is repeated for {} after a renewal): renew with certificate \
                  {successor}, or enroll the device again with a new token",
                 rfc3339(record.issued_at),
-                crate::duration::format(self.renewal_retry_window)
+                proto::duration::format(self.renewal_retry_window)
             )));
         }
         let status = record.status_at(now);

@@ -14,7 +14,6 @@ pub mod config;
 pub mod connections;
 pub mod crl;
 pub mod dashboard;
-pub mod duration;
 mod error;
 pub mod est_backend;
 pub mod eviction;

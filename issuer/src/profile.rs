@@ -44,7 +44,7 @@ pub struct Profile {
     #[serde(default)]
     pub description: String,
     /// Certificate lifetime (capped at the issuing CA's own notAfter).
-    #[serde(with = "crate::duration::serde_text")]
+    #[serde(with = "proto::duration::serde_text")]
     pub lifetime: Duration,
     /// keyUsage bits (always marked critical).
     pub key_usage: Vec<KeyUsage>,
@@ -66,7 +66,7 @@ pub struct Profile {
     /// How long after notAfter a certificate of this profile may still renew itself
     /// (`simplereenroll`); default none: an expired certificate enrolls again with a token.
     #[serde(
-        with = "crate::duration::serde_text",
+        with = "proto::duration::serde_text",
         default,
         skip_serializing_if = "Duration::is_zero"
     )]
@@ -91,8 +91,8 @@ impl Profile {
             return Err(format!(
                 "renewal_grace ({}) is longer than the lifetime ({}): an expired certificate \
                  that renews must have expired recently; lower renewal_grace",
-                crate::duration::format(self.renewal_grace),
-                crate::duration::format(self.lifetime)
+                proto::duration::format(self.renewal_grace),
+                proto::duration::format(self.lifetime)
             ));
         }
         Ok(())

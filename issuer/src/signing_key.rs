@@ -37,11 +37,11 @@ use crate::Error;
 #[serde(deny_unknown_fields)]
 pub struct SigningKeyConfig {
     /// How long each short-lived key signs.
-    #[serde(with = "crate::duration::serde_text", default = "default_lifetime")]
+    #[serde(with = "proto::duration::serde_text", default = "default_lifetime")]
     pub lifetime: Duration,
     /// How long before taking over a key is published, and how long after it stops signing
     /// it stays published; at most half the lifetime.
-    #[serde(with = "crate::duration::serde_text", default = "default_overlap")]
+    #[serde(with = "proto::duration::serde_text", default = "default_overlap")]
     pub overlap: Duration,
 }
 
@@ -73,7 +73,7 @@ impl SigningKeyConfig {
         {
             return Err(format!(
                 "ca.signing_key.overlap must be between 1s and half the lifetime ({})",
-                crate::duration::format(self.lifetime / 2)
+                proto::duration::format(self.lifetime / 2)
             ));
         }
         Ok(())

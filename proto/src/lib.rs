@@ -5,9 +5,11 @@
 //! - [`agent`]: the agent API the issuer serves to agents (`plant.agent.v1`).
 //! - [`admin`]: registration entries and agents on the issuer's admin socket (`plant.admin.v1`).
 //! - [`SpiffeId`], [`TrustDomain`], [`Selector`]: parsed once from untrusted text.
+//! - [`duration`]: the duration grammar of both binaries' config files and flags.
 //!
 //! The code is generated at build time with the `protoc` from `protoc-bin-vendored`.
 
+pub mod duration;
 mod selector;
 mod spiffe_id;
 

@@ -74,7 +74,7 @@ fn render(authority: &Authority, filters: &Filters) -> Result<String, (StatusCod
     let expiring_within_secs = match filters.expiring_within.trim() {
         "" => None,
         text => Some(
-            crate::duration::parse(text)
+            proto::duration::parse(text)
                 .map_err(|e| bad(format!("expiring within {text:?}: {e}")))?
                 .as_secs(),
         ),
