@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use crate::ca::{CertificateAuthority, SignWith, SubjectKey};
-use crate::clock::{rfc3339, Clock};
+use crate::clock::Clock;
 use crate::config::Config;
 use crate::grant::{valid_dns, valid_subject, Grant};
 use crate::profile::{Profile, SanKind};
@@ -25,6 +25,7 @@ use crate::store::{
     Status, Store, TokenKind, TokenRecord, TokenState,
 };
 use crate::Error;
+use proto::rfc3339;
 
 /// The CA service state, built once in `serve` and shared by the EST and admin routes.
 #[derive(Debug)]
@@ -430,16 +431,16 @@ impl Authority {
             return Err(Error::OutsideCaValidity(format!(
                 "the issuer's clock reads {}, after the issuing CA expired ({}); nothing can be \
                  issued: check the issuer's clock, or install a new issuing CA",
-                crate::clock::rfc3339(now),
-                crate::clock::rfc3339(ca_until)
+                proto::rfc3339(now),
+                proto::rfc3339(ca_until)
             )));
         }
         if now < ca_from {
             return Err(Error::OutsideCaValidity(format!(
                 "the issuer's clock reads {}, before the issuing CA's validity starts ({}); \
                  nothing can be issued until the clock is set right",
-                crate::clock::rfc3339(now),
-                crate::clock::rfc3339(ca_from)
+                proto::rfc3339(now),
+                proto::rfc3339(ca_from)
             )));
         }
         Ok(())
@@ -610,10 +611,7 @@ impl Authority {
                     refusal = Some(format!("token {id} is already revoked; nothing to do"))
                 }
                 TokenRevocation::AlreadyUsed(record) => {
-                    let used = record
-                        .used_at
-                        .map(crate::est_backend::rfc3339)
-                        .unwrap_or_default();
+                    let used = record.used_at.map(proto::rfc3339_unix).unwrap_or_default();
                     refusal = Some(match record.kind {
                         TokenKind::Enrollment => format!(
                             "token {id} was already used ({used}); revoking it now changes \

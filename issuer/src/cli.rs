@@ -555,7 +555,7 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
                 println!(
                     "{:>8}  {}  {:<20} {}",
                     r.seq,
-                    crate::est_backend::rfc3339(r.at_ms / 1000),
+                    proto::rfc3339_unix(r.at_ms / 1000),
                     r.event.kind,
                     r.event.detail
                 );
@@ -654,7 +654,7 @@ async fn run_token(command: TokenCommand) -> Result<(), Error> {
                                         t.kind.clone(),
                                         dash(&t.label),
                                         dash(&t.subject),
-                                        crate::est_backend::rfc3339(t.expires_at),
+                                        proto::rfc3339_unix(t.expires_at),
                                         state(t).to_owned(),
                                     ]
                                 })
@@ -847,8 +847,8 @@ async fn run_agent(command: AgentCommand) -> Result<(), Error> {
                                 vec![
                                     a.spiffe_id.clone(),
                                     a.method.clone(),
-                                    crate::est_backend::rfc3339(a.attested_at),
-                                    crate::est_backend::rfc3339(a.node_svid_expires_at),
+                                    proto::rfc3339_unix(a.attested_at),
+                                    proto::rfc3339_unix(a.node_svid_expires_at),
                                     if a.banned {
                                         "banned"
                                     } else if a.evicted {
@@ -1018,7 +1018,7 @@ fn print_tokens(tokens: &[CreatedToken], format: TokenFormat) {
                 if let Some(s) = &t.subject {
                     println!("subject  {s}");
                 }
-                println!("expires  {}", crate::est_backend::rfc3339(t.expires_at));
+                println!("expires  {}", proto::rfc3339_unix(t.expires_at));
                 println!();
             }
             eprintln!("The token is shown once; the issuer keeps only its hash. It works once.");

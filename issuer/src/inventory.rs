@@ -1,7 +1,7 @@
 //! Inventory output for operators: an aligned table, JSON, or CSV.
 
-use crate::est_backend::rfc3339;
 use crate::store::CertificateRecord;
+use proto::rfc3339_unix;
 
 /// Output formats of `issuer inventory`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -31,7 +31,7 @@ fn columns(r: &CertificateRecord) -> [String; 7] {
         r.sans.join(" "),
         r.label.clone(),
         r.owner.clone(),
-        rfc3339(r.not_after),
+        rfc3339_unix(r.not_after),
         serde_json::to_value(r.status)
             .ok()
             .and_then(|v| v.as_str().map(str::to_owned))

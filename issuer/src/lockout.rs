@@ -319,7 +319,7 @@ impl crate::authority::Authority {
             "refusals.summarized",
             serde_json::json!({
                 "source": source_text(summary.source),
-                "since": crate::est_backend::rfc3339(summary.since_ms / 1000),
+                "since": proto::rfc3339_unix(summary.since_ms / 1000),
                 "refusals": total,
                 "by_kind": summary.counts,
             }),

@@ -28,9 +28,9 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use crate::ca::HsmKey;
-use crate::clock::rfc3339;
 use crate::serial::Serial;
 use crate::Error;
+use proto::rfc3339;
 
 /// `[ca.signing_key]` in issuer.toml.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]

@@ -27,9 +27,9 @@ const UNITS: [(&str, u64); 6] = [
 /// Parses `<whole number><unit>` with unit ms, s, m, h, d or y, at most [`MAX`].
 pub fn parse(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .ok_or_else(|| format!("{text:?} has no unit; write e.g. 500ms, 90s, 15m, 8h, 30d or 1y"))?;
+    let split = text.find(|c: char| !c.is_ascii_digit()).ok_or_else(|| {
+        format!("{text:?} has no unit; write e.g. 500ms, 90s, 15m, 8h, 30d or 1y")
+    })?;
     let (number, unit) = text.split_at(split);
     let n: u64 = number
         .parse()
