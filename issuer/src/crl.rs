@@ -164,23 +164,13 @@ fn reason(code: u8) -> Option<rcgen::RevocationReason> {
     })
 }
 
-/// The plain-HTTP routes: `GET /crl/issuing.crl` and `GET /metrics`.
+/// The plain-HTTP routes: `GET /crl/issuing.crl` and `GET /metrics` (unauthenticated, for a
+/// scraper on the plant network; the HTTPS listener serves `/metrics` to operators too).
 pub fn router(authority: Arc<Authority>) -> Router {
     Router::new()
         .route(PATH, get(serve_crl))
-        .route("/metrics", get(serve_metrics))
+        .route("/metrics", get(crate::metrics::page))
         .with_state(authority)
-}
-
-async fn serve_metrics(State(authority): State<Arc<Authority>>) -> Response {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        authority.metrics_text(),
-    )
-        .into_response()
 }
 
 async fn serve_crl(State(authority): State<Arc<Authority>>) -> Response {

@@ -1,6 +1,6 @@
 //! The operator API: the admin socket's read-only routes (inventory, status, audit log) over
-//! the EST HTTPS listener at `/api/v1/…`, and the dashboard at `/ui`, for operators on other
-//! machines (DESIGN §6).
+//! the EST HTTPS listener at `/api/v1/…`, the dashboard at `/ui` and the Prometheus metrics at
+//! `/metrics`, for operators on other machines (DESIGN §6).
 //!
 //! The TLS client certificate is the credential. It must be one this CA issued (byte for
 //! byte, as the inventory holds it), still valid, and issued under a profile marked
@@ -28,6 +28,8 @@ pub fn router(authority: Arc<Authority>) -> Router {
     Router::new()
         .nest(PREFIX, crate::admin::read_only_routes())
         .route("/ui", axum::routing::get(crate::dashboard::page))
+        // Always here, CRL listener or not: a scraper holding an operator certificate.
+        .route("/metrics", axum::routing::get(crate::metrics::page))
         .layer(axum::middleware::from_fn_with_state(
             authority.clone(),
             require_operator,
