@@ -8,14 +8,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::danger::{ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
 
 use crate::csr_attrs::AttrOrOid;
 use crate::multipart::ServerKeygenParts;
 use crate::server::Secret;
+use crate::tls::HandshakeSignatures;
 use crate::{body, certs_only, csr_attrs, media, multipart, Error, Label};
 
 /// How a request authenticates besides a TLS client certificate.
@@ -139,7 +139,9 @@ impl EstClient {
             .with_safe_default_protocol_versions()
             .map_err(transport)?
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(BootstrapVerifier(provider())))
+            .with_custom_certificate_verifier(Arc::new(BootstrapVerifier(HandshakeSignatures::of(
+                &provider(),
+            ))))
             .with_no_client_auth();
         Self::from_config(server, config)
     }
@@ -428,33 +430,13 @@ impl ServerCertVerifier for IssuerVerifier {
         Ok(verified)
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_verify_schemes()
-    }
+    crate::delegate_handshake_signatures!(0);
 }
 
 /// Accepts any server certificate but still checks the handshake signatures: only used to
 /// fetch `cacerts`, whose content is then pinned by fingerprint.
 #[derive(Debug)]
-struct BootstrapVerifier(Arc<CryptoProvider>);
+struct BootstrapVerifier(HandshakeSignatures);
 
 impl ServerCertVerifier for BootstrapVerifier {
     fn verify_server_cert(
@@ -468,70 +450,7 @@ impl ServerCertVerifier for BootstrapVerifier {
         Ok(ServerCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        HandshakeSignatures(&self.0).tls12(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        HandshakeSignatures(&self.0).tls13(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        HandshakeSignatures(&self.0).schemes()
-    }
-}
-
-/// The half of a custom rustls verifier that must never be skipped: checking that the peer
-/// signed the handshake with the certificate's key. Verifiers that judge the certificate
-/// itself elsewhere (bootstrap, or the issuer's inventory) delegate this part here.
-#[derive(Debug, Clone, Copy)]
-pub struct HandshakeSignatures<'a>(pub &'a CryptoProvider);
-
-impl HandshakeSignatures<'_> {
-    /// TLS 1.2 CertificateVerify / ServerKeyExchange signature.
-    pub fn tls12(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    /// TLS 1.3 CertificateVerify signature.
-    pub fn tls13(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    /// The signature schemes the provider verifies.
-    pub fn schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
+    crate::delegate_handshake_signatures!(0);
 }
 
 #[cfg(test)]
