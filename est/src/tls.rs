@@ -1,4 +1,5 @@
-//! The pieces of TLS peer verification every verifier in the workspace shares: the longest
+//! TLS peer verification that more than one crate needs: the issuer's pinned identity (the
+//! issuer mints it, agents and EST clients require it: [`issuer_verifier`]), the longest
 //! certificate chain a peer may present, and the handshake-signature half of a rustls
 //! verifier, written once ([`delegate_handshake_signatures!`]).
 //!
@@ -8,9 +9,9 @@
 use std::fmt;
 use std::sync::Arc;
 
-use rustls::client::danger::HandshakeSignatureValid;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
-use rustls::pki_types::CertificateDer;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{CertificateError, DigitallySignedStruct, SignatureScheme};
 
 /// Most certificates a peer may present (leaf included). Ours are the leaf, maybe a
@@ -126,9 +127,121 @@ macro_rules! delegate_handshake_signatures {
     };
 }
 
+/// The path of the SPIFFE ID the issuer's own TLS certificate carries as a URI SAN,
+/// `spiffe://<trust domain>/issuer`. No token or registration entry can grant it, so among
+/// the certificates chaining to the plant root only the issuer's has it.
+pub const ISSUER_ID_PATH: &str = "/issuer";
+
+/// Whether `uri` is an issuer's SPIFFE ID (`spiffe://<trust domain>/issuer`).
+pub fn is_issuer_id(uri: &str) -> bool {
+    uri.strip_prefix("spiffe://")
+        .and_then(|rest| rest.find('/').map(|slash| rest.split_at(slash)))
+        .is_some_and(|(domain, path)| !domain.is_empty() && path == ISSUER_ID_PATH)
+}
+
+/// Whether the certificate `der` carries an issuer's SPIFFE ID as a URI SAN.
+pub fn carries_issuer_id(der: &[u8]) -> bool {
+    use der::Decode;
+    use x509_cert::ext::pkix::name::GeneralName;
+    use x509_cert::ext::pkix::SubjectAltName;
+    let Ok(certificate) = x509_cert::Certificate::from_der(der) else {
+        return false;
+    };
+    certificate
+        .tbs_certificate
+        .extensions
+        .iter()
+        .flatten()
+        .filter(|e| e.extn_id == const_oid::db::rfc5280::ID_CE_SUBJECT_ALT_NAME)
+        .filter_map(|e| SubjectAltName::from_der(e.extn_value.as_bytes()).ok())
+        .flat_map(|san| san.0)
+        .any(|name| {
+            matches!(name, GeneralName::UniformResourceIdentifier(uri) if is_issuer_id(uri.as_str()))
+        })
+}
+
+/// What a client tells its user when a plant certificate other than the issuer's answers.
+pub const NOT_THE_ISSUER: &str = "it does not carry the issuer's identity \
+     (URI SAN spiffe://<trust domain>/issuer), so another device or server of the plant is \
+     answering at this address: check the server address. (An issuer set up before its \
+     identity was pinned renews its TLS certificate with it when `issuer serve` restarts.)";
+
+/// The verifier's refusal of a plant certificate that is not the issuer's.
+pub(crate) struct NotTheIssuer;
+
+// rustls shows a custom certificate error by its Debug form: make that the sentence.
+impl std::fmt::Debug for NotTheIssuer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the server's certificate is not the issuer's: {NOT_THE_ISSUER}"
+        )
+    }
+}
+
+impl std::fmt::Display for NotTheIssuer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self, f)
+    }
+}
+
+impl std::error::Error for NotTheIssuer {}
+
+/// The server verifier for talking to the issuer (EST and the agent API): the chain must
+/// verify against `roots` for the server name, as usual, and the leaf must carry the
+/// issuer's SPIFFE ID. Without the second check any certificate of the plant that has the
+/// issuer's name or address (a device that was granted it) could pose as the issuer.
+pub fn issuer_verifier(
+    roots: Arc<rustls::RootCertStore>,
+) -> Result<Arc<dyn ServerCertVerifier>, rustls::client::VerifierBuilderError> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let inner =
+        rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider).build()?;
+    Ok(Arc::new(IssuerVerifier(inner)))
+}
+
+#[derive(Debug)]
+struct IssuerVerifier(Arc<rustls::client::WebPkiServerVerifier>);
+
+impl ServerCertVerifier for IssuerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let verified = self.0.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )?;
+        if !carries_issuer_id(end_entity) {
+            return Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::Other(rustls::OtherError(Arc::new(NotTheIssuer))),
+            ));
+        }
+        Ok(verified)
+    }
+
+    crate::delegate_handshake_signatures!(0);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_issuer_id_is_the_issuer_path_of_any_trust_domain() {
+        assert!(is_issuer_id("spiffe://plant.example/issuer"));
+        assert!(!is_issuer_id("spiffe://plant.example/issuer/x"));
+        assert!(!is_issuer_id("spiffe://plant.example/agent/issuer"));
+        assert!(!is_issuer_id("spiffe:///issuer"));
+        assert!(!is_issuer_id("https://plant.example/issuer"));
+    }
 
     #[test]
     fn overlong_chains_are_refused_before_path_building() {

@@ -312,7 +312,7 @@ impl Authority {
         let issuer_id = grant
             .spiffe_id
             .as_ref()
-            .is_some_and(|id| est::client::is_issuer_id(id.as_str()));
+            .is_some_and(|id| est::tls::is_issuer_id(id.as_str()));
         if issuer_id != (grant.label == crate::profile::ISSUER_SERVER) {
             return Err(Error::Denied(format!(
                 "{} is the issuer's own identity; no other certificate may carry it",

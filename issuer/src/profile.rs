@@ -197,7 +197,7 @@ pub const SVID: &str = "svid";
 /// The profile of agents' node SVIDs (label `node-svid`).
 pub const NODE_SVID: &str = "node-svid";
 /// The profile of the issuer's own TLS server certificate (label `issuer-server`): its
-/// names plus the issuer's SPIFFE ID, which clients pin (`est::client::issuer_verifier`).
+/// names plus the issuer's SPIFFE ID, which clients pin (`est::tls::issuer_verifier`).
 pub const ISSUER_SERVER: &str = "issuer-server";
 /// How long the issuer's own TLS certificate is valid; `issuer serve` renews it at start
 /// when it has less than a third of this left.

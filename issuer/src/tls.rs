@@ -1,6 +1,6 @@
 //! The EST listener's TLS configuration (rustls, aws-lc-rs), and the listener's own
 //! certificate: it carries the issuer's SPIFFE ID (`spiffe://<trust domain>/issuer`), which
-//! agents and EST clients require of the issuer (`est::client::issuer_verifier`) and which
+//! agents and EST clients require of the issuer (`est::tls::issuer_verifier`) and which
 //! no token or entry can grant; its DNS names and addresses are refused to tokens and
 //! entries too, for clients that only check names.
 //!
@@ -132,7 +132,7 @@ pub async fn issue_listener_certificate(
 ) -> Result<Vec<u8>, Error> {
     let spiffe_id = authority
         .trust_domain_id()?
-        .id(est::client::ISSUER_ID_PATH)
+        .id(est::tls::ISSUER_ID_PATH)
         .map_err(|e| Error::Config(format!("the issuer's SPIFFE ID: {e}")))?;
     let grant = Grant {
         label: crate::profile::ISSUER_SERVER.into(),
@@ -187,7 +187,7 @@ async fn renew_listener_certificate(
         .to_unix_duration()
         .as_secs() as i64;
     let left = not_after - authority.now().unix_timestamp();
-    let pinned = est::client::carries_issuer_id(leaf);
+    let pinned = est::tls::carries_issuer_id(leaf);
     let third = (crate::profile::ISSUER_SERVER_LIFETIME.as_secs() / 3) as i64;
     if pinned && left > third {
         return Ok(());
