@@ -563,7 +563,7 @@ impl Manager {
             match mint_batch(&client, batch).await {
                 Ok(svids) => {
                     for (entry_id, svid) in svids {
-                        tracing::info!(spiffe_id = %svid.spiffe_id, rotate_at = %status::rfc3339(svid.rotate_at), "X509-SVID minted");
+                        tracing::info!(spiffe_id = %svid.spiffe_id, rotate_at = %proto::rfc3339(svid.rotate_at), "X509-SVID minted");
                         let replaced = self.snapshot.svids.insert(entry_id, Arc::new(svid));
                         METRICS.x509_minted(replaced.is_some());
                     }
@@ -674,8 +674,8 @@ impl Manager {
         self.state.send_replace(Arc::new(self.snapshot.clone()));
         let node = self.node.as_ref().map(|n| status::NodeStatus {
             spiffe_id: n.identity.spiffe_id.to_string(),
-            expires_at: status::rfc3339(n.identity.not_after),
-            renews_at: status::rfc3339(n.rotate_at),
+            expires_at: proto::rfc3339(n.identity.not_after),
+            renews_at: proto::rfc3339(n.rotate_at),
         });
         let status = Status::new(
             self.trust_domain.to_string(),

@@ -427,35 +427,16 @@ fn device_key(text: &str, base: &Path) -> Result<DeviceKey, String> {
 /// Longest interval or timeout accepted: a year.
 const MAX_DURATION: Duration = Duration::from_secs(365 * 86_400);
 
-/// `"500ms"`, `"5s"`, `"2m"`, `"1h"`: a positive duration, at most a year.
+/// `"500ms"`, `"5s"`, `"2m"`, `"1h"`: a duration in the grammar both binaries share
+/// ([`proto::duration`]), positive and at most a year.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let digits = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(digits);
-    let number: u64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration like \"5s\", \"500ms\" or \"2m\""))?;
-    let duration = match unit {
-        "ms" => Duration::from_millis(number),
-        "s" => Duration::from_secs(number),
-        "m" => Duration::from_secs(number.saturating_mul(60)),
-        "h" => Duration::from_secs(number.saturating_mul(3600)),
-        _ => {
-            return Err(format!(
-                "{text:?} has no unit: write e.g. \"5s\", \"500ms\" or \"2m\""
-            ))
-        }
-    };
+    let duration = proto::duration::parse(text)?;
     if duration.is_zero() {
         return Err("must be more than zero".into());
     }
     // The agent adds these to `Instant::now()`, which panics past its range.
     if duration > MAX_DURATION {
-        return Err(format!(
-            "{text:?} is too long; the longest is 8760h (a year)"
-        ));
+        return Err(format!("{:?} is too long; the longest is 1y", text.trim()));
     }
     Ok(duration)
 }
@@ -727,6 +708,10 @@ join_token = "tok"
             Ok(Duration::from_secs(365 * 86_400))
         );
         assert!(parse_duration("8761h").is_err());
+        // The issuer's grammar: days and years too.
+        assert_eq!(parse_duration("30d"), Ok(Duration::from_secs(30 * 86_400)));
+        assert_eq!(parse_duration("1y"), Ok(Duration::from_secs(365 * 86_400)));
+        assert!(parse_duration("2y").is_err());
         assert!(parse_duration("18446744073709551615s").is_err());
         assert!(parse_duration("5").is_err());
         assert!(parse_duration("s").is_err());

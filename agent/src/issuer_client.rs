@@ -1,7 +1,7 @@
 //! The agent API client (`plant.agent.v1.Agent`): gRPC over rustls to the issuer.
 //!
 //! The issuer's certificate is verified against the configured trust bundle, and must carry
-//! the issuer's SPIFFE ID (`est::client::issuer_verifier`): a device certificate with the
+//! the issuer's SPIFFE ID (`est::tls::issuer_verifier`): a device certificate with the
 //! issuer's name is not the issuer. Attestation runs
 //! over plain server-authenticated TLS; every other call presents the node SVID as the TLS
 //! client certificate (mTLS), with its key held in memory.
@@ -154,7 +154,7 @@ impl IssuerEndpoint {
         .map_err(|e| Error::certificate("TLS setup", e))?
         .dangerous()
         .with_custom_certificate_verifier(
-            est::client::issuer_verifier(Arc::clone(&self.roots))
+            est::tls::issuer_verifier(Arc::clone(&self.roots))
                 .map_err(|e| Error::certificate("trust bundle", e))?,
         );
         let mut tls = match identity {

@@ -1,15 +1,22 @@
-//! Prometheus metrics (text exposition format 0.0.4) at `GET /metrics` on `metrics_listen`
-//! (plain HTTP; absent: no listener): SVID minting and rotation, the cache's gauges, node
-//! attestation outcomes, failed issuer calls, and Workload API requests by method and gRPC
-//! code. One process-wide set of atomics: counting takes no lock.
+//! Prometheus metrics (text exposition format 0.0.4, encoded by `prometheus-client`) at
+//! `GET /metrics` on `metrics_listen` (plain HTTP through hyper; absent: no listener): SVID
+//! minting and rotation, the cache's gauges, node attestation outcomes, failed issuer calls,
+//! Workload API requests by method and gRPC code, and each PLC proxy's counters
+//! ([`crate::proxy::metrics`]). One process-wide registry of atomics: counting takes no lock.
 
-use std::fmt::Write as _;
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{LazyLock, Mutex};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::connections::{Pending, PendingConnections};
@@ -37,9 +44,6 @@ pub const METHODS: [&str; 5] = [
     "FetchJWTBundles",
     "ValidateJWTSVID",
 ];
-/// gRPC status codes 0..=16.
-const CODES: usize = 17;
-const OUTCOMES: [&str; 3] = ["ok", "refused", "error"];
 
 /// A node attestation's outcome.
 #[derive(Debug, Clone, Copy)]
@@ -52,23 +56,51 @@ pub enum Outcome {
     Error,
 }
 
-/// The agent's counters and gauges.
+impl Outcome {
+    const ALL: [Outcome; 3] = [Outcome::Ok, Outcome::Refused, Outcome::Error];
+
+    fn label(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::Refused => "refused",
+            Outcome::Error => "error",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    method: &'static str,
+    code: String,
+}
+
+/// The agent's counters and gauges, and the registry that encodes them.
 #[derive(Debug)]
 pub struct Metrics {
-    rotations: AtomicU64,
-    minted_x509: AtomicU64,
-    minted_jwt: AtomicU64,
-    svids: AtomicU64,
-    entries: AtomicU64,
-    node_expiry: AtomicI64,
-    attestations: [AtomicU64; OUTCOMES.len()],
-    issuer_errors: AtomicU64,
-    requests: [[AtomicU64; CODES]; METHODS.len()],
-    refusals: AtomicU64,
+    registry: Registry,
+    rotations: Counter,
+    minted: Family<KindLabel, Counter>,
+    svids: Gauge,
+    entries: Gauge,
+    node_expiry: Gauge,
+    attestations: Family<OutcomeLabel, Counter>,
+    issuer_errors: Counter,
+    requests: Family<RequestLabels, Counter>,
+    refusals: Counter,
 }
 
 /// The process's metrics.
-pub static METRICS: Metrics = Metrics::new();
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -77,145 +109,141 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// All zero.
-    pub const fn new() -> Self {
-        Self {
-            rotations: AtomicU64::new(0),
-            minted_x509: AtomicU64::new(0),
-            minted_jwt: AtomicU64::new(0),
-            svids: AtomicU64::new(0),
-            entries: AtomicU64::new(0),
-            node_expiry: AtomicI64::new(0),
-            attestations: [const { AtomicU64::new(0) }; OUTCOMES.len()],
-            issuer_errors: AtomicU64::new(0),
-            requests: [const { [const { AtomicU64::new(0) }; CODES] }; METHODS.len()],
-            refusals: AtomicU64::new(0),
+    /// All zero, the proxies' families included.
+    pub fn new() -> Self {
+        let mut metrics = Self {
+            registry: Registry::default(),
+            rotations: Counter::default(),
+            minted: Family::default(),
+            svids: Gauge::default(),
+            entries: Gauge::default(),
+            node_expiry: Gauge::default(),
+            attestations: Family::default(),
+            issuer_errors: Counter::default(),
+            requests: Family::default(),
+            refusals: Counter::default(),
+        };
+        // Every series a dashboard plots exists from the start, at zero.
+        for kind in ["x509", "jwt"] {
+            let _ = metrics.minted.get_or_create_owned(&KindLabel { kind });
         }
+        for outcome in Outcome::ALL {
+            let _ = metrics.attestations.get_or_create_owned(&OutcomeLabel {
+                outcome: outcome.label(),
+            });
+        }
+        // Names without `_total`: prometheus-client adds it to counters, and a period to help.
+        let registry = &mut metrics.registry;
+        registry.register(
+            "plant_agent_svid_rotations",
+            "X509-SVIDs minted to replace one the agent held",
+            metrics.rotations.clone(),
+        );
+        registry.register(
+            "plant_agent_svids_minted",
+            "SVIDs minted by the issuer for this agent, by kind",
+            metrics.minted.clone(),
+        );
+        registry.register(
+            "plant_agent_svids",
+            "X509-SVIDs the agent holds",
+            metrics.svids.clone(),
+        );
+        registry.register(
+            "plant_agent_entries",
+            "Registration entries synced to this node",
+            metrics.entries.clone(),
+        );
+        registry.register(
+            "plant_agent_node_svid_expiry_timestamp_seconds",
+            "The node SVID's notAfter as a unix time (0: no node SVID)",
+            metrics.node_expiry.clone(),
+        );
+        registry.register(
+            "plant_agent_node_attestations",
+            "Node attestation attempts by outcome",
+            metrics.attestations.clone(),
+        );
+        registry.register(
+            "plant_agent_issuer_errors",
+            "Failed calls to the issuer",
+            metrics.issuer_errors.clone(),
+        );
+        registry.register(
+            "plant_agent_workload_api_requests",
+            "Workload API requests by method and gRPC code",
+            metrics.requests.clone(),
+        );
+        registry.register(
+            "plant_agent_workload_attestation_refusals",
+            "Workload API callers whose attestation was refused",
+            metrics.refusals.clone(),
+        );
+        crate::proxy::metrics::register(registry);
+        metrics
     }
 
     /// One X509-SVID minted; `replaced` when it replaces one the cache held (a rotation).
     pub fn x509_minted(&self, replaced: bool) {
-        self.minted_x509.fetch_add(1, Ordering::Relaxed);
+        self.minted.get_or_create(&KindLabel { kind: "x509" }).inc();
         if replaced {
-            self.rotations.fetch_add(1, Ordering::Relaxed);
+            self.rotations.inc();
         }
     }
 
     /// One JWT-SVID minted by the issuer (cache hits do not count).
     pub fn jwt_minted(&self) {
-        self.minted_jwt.fetch_add(1, Ordering::Relaxed);
+        self.minted.get_or_create(&KindLabel { kind: "jwt" }).inc();
     }
 
     /// The cache's gauges: X509-SVIDs held, entries, the node SVID's notAfter (unix s; 0 none).
     pub fn cache(&self, svids: usize, entries: usize, node_expiry: Option<std::time::SystemTime>) {
-        self.svids.store(svids as u64, Ordering::Relaxed);
-        self.entries.store(entries as u64, Ordering::Relaxed);
+        self.svids.set(i64::try_from(svids).unwrap_or(i64::MAX));
+        self.entries.set(i64::try_from(entries).unwrap_or(i64::MAX));
         let expiry = node_expiry
             .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
             .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
-        self.node_expiry.store(expiry, Ordering::Relaxed);
+        self.node_expiry.set(expiry);
     }
 
     /// One node attestation attempt.
     pub fn attestation(&self, outcome: Outcome) {
-        self.attestations[outcome as usize].fetch_add(1, Ordering::Relaxed);
+        self.attestations
+            .get_or_create(&OutcomeLabel {
+                outcome: outcome.label(),
+            })
+            .inc();
     }
 
     /// One failed call to the issuer.
     pub fn issuer_error(&self) {
-        self.issuer_errors.fetch_add(1, Ordering::Relaxed);
+        self.issuer_errors.inc();
     }
 
     /// One Workload API request answered with `code` (`method` indexes [`METHODS`]).
     pub fn request(&self, method: usize, code: tonic::Code) {
-        let code = (code as usize).min(CODES - 1);
-        if let Some(row) = self.requests.get(method) {
-            row[code].fetch_add(1, Ordering::Relaxed);
-        }
+        let Some(method) = METHODS.get(method) else {
+            return;
+        };
+        let code = match code {
+            tonic::Code::Ok => "OK".to_owned(),
+            other => format!("{other:?}"),
+        };
+        self.requests
+            .get_or_create(&RequestLabels { method, code })
+            .inc();
     }
 
     /// One caller whose workload attestation was refused.
     pub fn workload_refusal(&self) {
-        self.refusals.fetch_add(1, Ordering::Relaxed);
+        self.refusals.inc();
     }
 
     /// The exposition text.
     pub fn render(&self) -> String {
-        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let mut out = String::new();
-        out.push_str("# HELP plant_agent_svid_rotations_total X509-SVIDs minted to replace one the agent held.\n# TYPE plant_agent_svid_rotations_total counter\n");
-        let _ = writeln!(
-            out,
-            "plant_agent_svid_rotations_total {}",
-            get(&self.rotations)
-        );
-        out.push_str("# HELP plant_agent_svids_minted_total SVIDs minted by the issuer for this agent, by kind.\n# TYPE plant_agent_svids_minted_total counter\n");
-        let _ = writeln!(
-            out,
-            "plant_agent_svids_minted_total{{kind=\"x509\"}} {}\nplant_agent_svids_minted_total{{kind=\"jwt\"}} {}",
-            get(&self.minted_x509),
-            get(&self.minted_jwt)
-        );
-        let gauges = [
-            (
-                "plant_agent_svids",
-                "X509-SVIDs the agent holds.",
-                get(&self.svids).to_string(),
-            ),
-            (
-                "plant_agent_entries",
-                "Registration entries synced to this node.",
-                get(&self.entries).to_string(),
-            ),
-            (
-                "plant_agent_node_svid_expiry_timestamp_seconds",
-                "The node SVID's notAfter as a unix time (0: no node SVID).",
-                self.node_expiry.load(Ordering::Relaxed).to_string(),
-            ),
-        ];
-        for (name, help, value) in gauges {
-            let _ = write!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}\n"
-            );
-        }
-        out.push_str("# HELP plant_agent_node_attestations_total Node attestation attempts by outcome.\n# TYPE plant_agent_node_attestations_total counter\n");
-        for (outcome, n) in OUTCOMES.iter().zip(&self.attestations) {
-            let _ = writeln!(
-                out,
-                "plant_agent_node_attestations_total{{outcome=\"{outcome}\"}} {}",
-                get(n)
-            );
-        }
-        out.push_str("# HELP plant_agent_issuer_errors_total Failed calls to the issuer.\n# TYPE plant_agent_issuer_errors_total counter\n");
-        let _ = writeln!(
-            out,
-            "plant_agent_issuer_errors_total {}",
-            get(&self.issuer_errors)
-        );
-        out.push_str("# HELP plant_agent_workload_api_requests_total Workload API requests by method and gRPC code.\n# TYPE plant_agent_workload_api_requests_total counter\n");
-        for (method, row) in METHODS.iter().zip(&self.requests) {
-            for (code, n) in row.iter().enumerate() {
-                let n = get(n);
-                if n > 0 {
-                    let code = match tonic::Code::from(code as i32) {
-                        tonic::Code::Ok => "OK".to_owned(),
-                        other => format!("{other:?}"),
-                    };
-                    let _ = writeln!(
-                        out,
-                        "plant_agent_workload_api_requests_total{{method=\"{method}\",code=\"{code}\"}} {n}"
-                    );
-                }
-            }
-        }
-        out.push_str("# HELP plant_agent_workload_attestation_refusals_total Workload API callers whose attestation was refused.\n# TYPE plant_agent_workload_attestation_refusals_total counter\n");
-        let _ = writeln!(
-            out,
-            "plant_agent_workload_attestation_refusals_total {}",
-            get(&self.refusals)
-        );
-        crate::proxy::metrics::render(&mut out);
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry);
         out
     }
 }
@@ -269,62 +297,62 @@ pub async fn serve(listener: TcpListener, shutdown: impl std::future::Future<Out
     }
 }
 
-/// One request per connection (`Connection: close`).
-/// `place` is the connection's place among those waiting for their request; it is given up
-/// once the request is in (answering is quick), and the connection closed if it is shed.
-async fn answer(mut stream: TcpStream, place: Pending) -> std::io::Result<()> {
-    let mut request = Vec::with_capacity(1024);
-    let read = async {
-        let mut buf = [0u8; 1024];
-        while !request.windows(4).any(|w| w == b"\r\n\r\n") {
-            if request.len() > 16 * 1024 {
-                return Ok(false);
-            }
-            let n = stream.read(&mut buf).await?;
-            if n == 0 {
-                return Ok(false);
-            }
-            request.extend_from_slice(&buf[..n]);
+/// One request per connection (hyper, without keep-alive). `place` is the connection's place
+/// among those waiting for their request; it is given up once the request's head is in
+/// (answering is quick), and the connection closed if it is shed before.
+async fn answer(stream: TcpStream, place: Pending) {
+    let (arrived, request_in) = tokio::sync::oneshot::channel::<()>();
+    let arrived = Mutex::new(Some(arrived));
+    let service = hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
+        if let Some(arrived) = arrived.lock().ok().and_then(|mut a| a.take()) {
+            let _ = arrived.send(());
         }
-        Ok::<_, std::io::Error>(true)
-    };
-    let complete = tokio::select! {
-        read = tokio::time::timeout(REQUEST_TIMEOUT, read) => matches!(read, Ok(Ok(true))),
-        () = place.shed() => false,
-    };
-    drop(place);
-    if !complete {
-        return Ok(());
+        std::future::ready(Ok::<_, Infallible>(respond(&request)))
+    });
+    let connection = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(REQUEST_TIMEOUT)
+        .keep_alive(false)
+        .title_case_headers(true)
+        .serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(connection);
+    tokio::select! {
+        _ = &mut connection => return,
+        () = place.shed() => return,
+        _ = request_in => {}
     }
-    let line = request.split(|b| *b == b'\n').next().unwrap_or_default();
-    let mut parts = std::str::from_utf8(line).unwrap_or("").split_whitespace();
-    let (method, target) = (parts.next(), parts.next());
-    let path = target.map(|t| t.split('?').next().unwrap_or(t));
-    let (status, content_type, body) = match (method, path) {
-        (Some("GET"), Some("/metrics")) => (
-            "200 OK",
-            "text/plain; version=0.0.4; charset=utf-8",
+    drop(place);
+    let _ = connection.await;
+}
+
+/// `GET /metrics`: the exposition; any other path 404, any other method 405.
+fn respond<B>(request: &Request<B>) -> Response<String> {
+    let (status, content_type, body) = match (request.method(), request.uri().path()) {
+        (&Method::GET, "/metrics") => (
+            StatusCode::OK,
+            prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
             METRICS.render(),
         ),
-        (Some("GET"), _) => ("404 Not Found", "text/plain", "not found\n".into()),
+        (&Method::GET, _) => (StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
         _ => (
-            "405 Method Not Allowed",
+            StatusCode::METHOD_NOT_ALLOWED,
             "text/plain",
             "only GET /metrics\n".into(),
         ),
     };
-    let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(content_type),
     );
-    stream.write_all(head.as_bytes()).await?;
-    stream.write_all(body.as_bytes()).await?;
-    stream.shutdown().await
+    response
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     #[test]
     fn the_exposition_names_every_metric_and_counts() {

@@ -84,14 +84,14 @@ impl Status {
                 spiffe_id: entry.spiffe_id.to_string(),
                 selectors: entry.selectors.iter().map(ToString::to_string).collect(),
                 svid: snapshot.svids.get(&entry.id).map(|svid| SvidStatus {
-                    expires_at: rfc3339(svid.not_after),
-                    rotates_at: rfc3339(svid.rotate_at),
+                    expires_at: proto::rfc3339(svid.not_after),
+                    rotates_at: proto::rfc3339(svid.rotate_at),
                 }),
             })
             .collect();
         Self {
             pid: std::process::id(),
-            written_at: rfc3339(SystemTime::now()),
+            written_at: proto::rfc3339(SystemTime::now()),
             trust_domain,
             method: method.to_owned(),
             node,
@@ -198,14 +198,6 @@ impl Status {
         }
         text
     }
-}
-
-/// `YYYY-MM-DDTHH:MM:SSZ` (whole seconds: certificates carry no finer time).
-pub fn rfc3339(at: SystemTime) -> String {
-    let at = time::OffsetDateTime::from(at);
-    let at = at.replace_nanosecond(0).unwrap_or(at);
-    at.format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_else(|_| at.unix_timestamp().to_string())
 }
 
 #[cfg(test)]

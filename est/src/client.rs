@@ -8,14 +8,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::danger::{ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
 
 use crate::csr_attrs::AttrOrOid;
 use crate::multipart::ServerKeygenParts;
 use crate::server::Secret;
+use crate::tls::HandshakeSignatures;
 use crate::{body, certs_only, csr_attrs, media, multipart, Error, Label};
 
 /// How a request authenticates besides a TLS client certificate.
@@ -99,11 +99,11 @@ pub fn request_error(server: &str, error: &reqwest::Error) -> Error {
                     }
                 }
                 Some(rustls::Error::InvalidCertificate(rustls::CertificateError::Other(other)))
-                    if other.0.downcast_ref::<NotTheIssuer>().is_some() =>
+                    if other.0.downcast_ref::<crate::tls::NotTheIssuer>().is_some() =>
                 {
                     return Error::NotTheIssuer {
                         server: server.to_owned(),
-                        reason: NOT_THE_ISSUER.to_owned(),
+                        reason: crate::tls::NOT_THE_ISSUER.to_owned(),
                     }
                 }
                 _ => {}
@@ -139,13 +139,15 @@ impl EstClient {
             .with_safe_default_protocol_versions()
             .map_err(transport)?
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(BootstrapVerifier(provider())))
+            .with_custom_certificate_verifier(Arc::new(BootstrapVerifier(HandshakeSignatures::of(
+                &provider(),
+            ))))
             .with_no_client_auth();
         Self::from_config(server, config)
     }
 
     /// A client that verifies the server against `trust_anchors` (DER), and that it is the
-    /// issuer itself ([`issuer_verifier`]), optionally presenting a client certificate.
+    /// issuer itself ([`crate::tls::issuer_verifier`]), optionally presenting a client certificate.
     pub fn new(
         server: &str,
         trust_anchors: &[Vec<u8>],
@@ -161,7 +163,10 @@ impl EstClient {
             .with_safe_default_protocol_versions()
             .map_err(transport)?
             .dangerous()
-            .with_custom_certificate_verifier(issuer_verifier(Arc::new(roots))?);
+            .with_custom_certificate_verifier(
+                crate::tls::issuer_verifier(Arc::new(roots))
+                    .map_err(|e| transport(format!("trust anchors not usable: {e}")))?,
+            );
         let config = match identity {
             Some(id) => builder
                 .with_client_auth_cert(
@@ -328,133 +333,10 @@ pub fn pin_root(server: &str, ca_certs: &[Vec<u8>], expected: &str) -> Result<Ve
         })
 }
 
-/// The path of the SPIFFE ID the issuer's own TLS certificate carries as a URI SAN,
-/// `spiffe://<trust domain>/issuer`. No token or registration entry can grant it, so among
-/// the certificates chaining to the plant root only the issuer's has it.
-pub const ISSUER_ID_PATH: &str = "/issuer";
-
-/// Whether `uri` is an issuer's SPIFFE ID (`spiffe://<trust domain>/issuer`).
-pub fn is_issuer_id(uri: &str) -> bool {
-    uri.strip_prefix("spiffe://")
-        .and_then(|rest| rest.find('/').map(|slash| rest.split_at(slash)))
-        .is_some_and(|(domain, path)| !domain.is_empty() && path == ISSUER_ID_PATH)
-}
-
-/// Whether the certificate `der` carries an issuer's SPIFFE ID as a URI SAN.
-pub fn carries_issuer_id(der: &[u8]) -> bool {
-    use der::Decode;
-    use x509_cert::ext::pkix::name::GeneralName;
-    use x509_cert::ext::pkix::SubjectAltName;
-    let Ok(certificate) = x509_cert::Certificate::from_der(der) else {
-        return false;
-    };
-    certificate
-        .tbs_certificate
-        .extensions
-        .iter()
-        .flatten()
-        .filter(|e| e.extn_id == const_oid::db::rfc5280::ID_CE_SUBJECT_ALT_NAME)
-        .filter_map(|e| SubjectAltName::from_der(e.extn_value.as_bytes()).ok())
-        .flat_map(|san| san.0)
-        .any(|name| {
-            matches!(name, GeneralName::UniformResourceIdentifier(uri) if is_issuer_id(uri.as_str()))
-        })
-}
-
-/// What a client tells its user when a plant certificate other than the issuer's answers.
-pub const NOT_THE_ISSUER: &str = "it does not carry the issuer's identity \
-     (URI SAN spiffe://<trust domain>/issuer), so another device or server of the plant is \
-     answering at this address: check the server address. (An issuer set up before its \
-     identity was pinned renews its TLS certificate with it when `issuer serve` restarts.)";
-
-/// The verifier's refusal of a plant certificate that is not the issuer's.
-struct NotTheIssuer;
-
-// rustls shows a custom certificate error by its Debug form: make that the sentence.
-impl std::fmt::Debug for NotTheIssuer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "the server's certificate is not the issuer's: {NOT_THE_ISSUER}"
-        )
-    }
-}
-
-impl std::fmt::Display for NotTheIssuer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        std::fmt::Debug::fmt(self, f)
-    }
-}
-
-impl std::error::Error for NotTheIssuer {}
-
-/// The server verifier for talking to the issuer (EST and the agent API): the chain must
-/// verify against `roots` for the server name, as usual, and the leaf must carry the
-/// issuer's SPIFFE ID. Without the second check any certificate of the plant that has the
-/// issuer's name or address (a device that was granted it) could pose as the issuer.
-pub fn issuer_verifier(
-    roots: Arc<rustls::RootCertStore>,
-) -> Result<Arc<dyn ServerCertVerifier>, Error> {
-    let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider())
-        .build()
-        .map_err(|e| transport(format!("trust anchors not usable: {e}")))?;
-    Ok(Arc::new(IssuerVerifier(inner)))
-}
-
-#[derive(Debug)]
-struct IssuerVerifier(Arc<rustls::client::WebPkiServerVerifier>);
-
-impl ServerCertVerifier for IssuerVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp_response: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let verified = self.0.verify_server_cert(
-            end_entity,
-            intermediates,
-            server_name,
-            ocsp_response,
-            now,
-        )?;
-        if !carries_issuer_id(end_entity) {
-            return Err(rustls::Error::InvalidCertificate(
-                rustls::CertificateError::Other(rustls::OtherError(Arc::new(NotTheIssuer))),
-            ));
-        }
-        Ok(verified)
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_verify_schemes()
-    }
-}
-
 /// Accepts any server certificate but still checks the handshake signatures: only used to
 /// fetch `cacerts`, whose content is then pinned by fingerprint.
 #[derive(Debug)]
-struct BootstrapVerifier(Arc<CryptoProvider>);
+struct BootstrapVerifier(HandshakeSignatures);
 
 impl ServerCertVerifier for BootstrapVerifier {
     fn verify_server_cert(
@@ -468,84 +350,12 @@ impl ServerCertVerifier for BootstrapVerifier {
         Ok(ServerCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        HandshakeSignatures(&self.0).tls12(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        HandshakeSignatures(&self.0).tls13(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        HandshakeSignatures(&self.0).schemes()
-    }
-}
-
-/// The half of a custom rustls verifier that must never be skipped: checking that the peer
-/// signed the handshake with the certificate's key. Verifiers that judge the certificate
-/// itself elsewhere (bootstrap, or the issuer's inventory) delegate this part here.
-#[derive(Debug, Clone, Copy)]
-pub struct HandshakeSignatures<'a>(pub &'a CryptoProvider);
-
-impl HandshakeSignatures<'_> {
-    /// TLS 1.2 CertificateVerify / ServerKeyExchange signature.
-    pub fn tls12(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    /// TLS 1.3 CertificateVerify signature.
-    pub fn tls13(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    /// The signature schemes the provider verifies.
-    pub fn schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
+    crate::delegate_handshake_signatures!(0);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_issuer_id_is_the_issuer_path_of_any_trust_domain() {
-        assert!(is_issuer_id("spiffe://plant.example/issuer"));
-        assert!(!is_issuer_id("spiffe://plant.example/issuer/x"));
-        assert!(!is_issuer_id("spiffe://plant.example/agent/issuer"));
-        assert!(!is_issuer_id("spiffe:///issuer"));
-        assert!(!is_issuer_id("https://plant.example/issuer"));
-    }
 
     /// A port that answers each connection with `answer` and closes it.
     fn listener(answer: &'static [u8]) -> String {

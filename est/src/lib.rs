@@ -7,6 +7,8 @@
 //!   issuer supplies authentication, policy and signing.
 //! - [`client`]: what a commissioning laptop or agent needs, including the RFC 7030 §4.1.1
 //!   bootstrap (fetch `cacerts` untrusted, then pin the root by its fingerprint).
+//! - [`tls`]: what every TLS peer verifier in the workspace shares (chain-length limit,
+//!   handshake signatures).
 
 pub mod body;
 pub mod certs_only;
@@ -18,6 +20,7 @@ mod error;
 pub mod label;
 pub mod multipart;
 pub mod server;
+pub mod tls;
 
 pub use error::{Error, Refusal};
 pub use label::Label;

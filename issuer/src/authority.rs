@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use crate::ca::{CertificateAuthority, SignWith};
-use crate::clock::{rfc3339, Clock};
+use crate::clock::Clock;
 use crate::config::Config;
 use crate::grant::{valid_dns, valid_subject, Grant};
 use crate::profile::{Profile, SanKind};
@@ -22,6 +22,7 @@ use crate::store::{
     TokenRecord, TokenState,
 };
 use crate::Error;
+use proto::rfc3339;
 
 /// The CA service state, built once in `serve` and shared by the EST and admin routes.
 #[derive(Debug)]
@@ -374,7 +375,7 @@ impl Authority {
         if ttl > self.token_max_ttl || ttl.is_zero() {
             return Err(bad(format!(
                 "token lifetime must be between 1s and {} (tokens.max_ttl)",
-                crate::duration::format(self.token_max_ttl)
+                proto::duration::format(self.token_max_ttl)
             )));
         }
         let count = request.count.unwrap_or(1);
@@ -463,10 +464,7 @@ impl Authority {
                     refusal = Some(format!("token {id} is already revoked; nothing to do"))
                 }
                 TokenRevocation::AlreadyUsed(record) => {
-                    let used = record
-                        .used_at
-                        .map(crate::est_backend::rfc3339)
-                        .unwrap_or_default();
+                    let used = record.used_at.map(proto::rfc3339_unix).unwrap_or_default();
                     refusal = Some(match record.kind {
                         TokenKind::Enrollment => format!(
                             "token {id} was already used ({used}); revoking it now changes \

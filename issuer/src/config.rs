@@ -67,7 +67,7 @@ pub struct CaConfig {
     #[serde(default = "default_key_queue")]
     pub key_queue: usize,
     /// Longest a signature waits for a TPM issuing key before the request is answered 503.
-    #[serde(with = "crate::duration::serde_text", default = "default_key_deadline")]
+    #[serde(with = "proto::duration::serde_text", default = "default_key_deadline")]
     pub key_deadline: Duration,
 }
 
@@ -99,15 +99,15 @@ pub struct EstConfig {
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
     /// Longest a client may take for its TLS handshake.
-    #[serde(with = "crate::duration::serde_text", default = "default_ten_seconds")]
+    #[serde(with = "proto::duration::serde_text", default = "default_ten_seconds")]
     pub handshake_timeout: Duration,
     /// Longest a client may take to send a request's headers, counted from when the server
     /// starts waiting for them: this also bounds a keep-alive connection left idle.
-    #[serde(with = "crate::duration::serde_text", default = "default_ten_seconds")]
+    #[serde(with = "proto::duration::serde_text", default = "default_ten_seconds")]
     pub header_timeout: Duration,
     /// Longest a client may take to upload a request body once its headers are in; past it
     /// the client gets 408.
-    #[serde(with = "crate::duration::serde_text", default = "default_ten_seconds")]
+    #[serde(with = "proto::duration::serde_text", default = "default_ten_seconds")]
     pub body_timeout: Duration,
     /// Largest request head (request line and headers); larger is answered 431.
     #[serde(default = "default_max_header_bytes")]
@@ -116,7 +116,7 @@ pub struct EstConfig {
     /// the same successor back (a device that lost the answer); never a new certificate,
     /// and only while that successor is valid. `0s` turns retries off.
     #[serde(
-        with = "crate::duration::serde_text",
+        with = "proto::duration::serde_text",
         default = "default_renewal_retry_window"
     )]
     pub renewal_retry_window: Duration,
@@ -127,7 +127,7 @@ pub struct EstConfig {
     /// Longest one request may take from its headers to its answer, a trickled body
     /// included; past it the client gets 408 and the connection closes.
     #[serde(
-        with = "crate::duration::serde_text",
+        with = "proto::duration::serde_text",
         default = "default_thirty_seconds"
     )]
     pub request_timeout: Duration,
@@ -183,13 +183,13 @@ pub struct AgentApiConfig {
     #[serde(default = "default_agent_api_listen")]
     pub listen: SocketAddr,
     /// Lifetime of node SVIDs.
-    #[serde(with = "crate::duration::serde_text", default = "default_hour")]
+    #[serde(with = "proto::duration::serde_text", default = "default_hour")]
     pub node_svid_ttl: Duration,
     /// Lifetime of workload X509-SVIDs whose entry sets none (SPIRE's default, 1 h).
-    #[serde(with = "crate::duration::serde_text", default = "default_hour")]
+    #[serde(with = "proto::duration::serde_text", default = "default_hour")]
     pub x509_svid_ttl: Duration,
     /// Lifetime of JWT-SVIDs whose entry sets none (SPIRE's default, 5 min).
-    #[serde(with = "crate::duration::serde_text", default = "default_jwt_ttl")]
+    #[serde(with = "proto::duration::serde_text", default = "default_jwt_ttl")]
     pub jwt_svid_ttl: Duration,
     /// Most connections held at once. At the limit a new connection sheds the one that has
     /// waited longest, in its TLS handshake, with no RPC in progress, or of a client without
@@ -198,7 +198,7 @@ pub struct AgentApiConfig {
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
     /// Longest a client may take for its TLS handshake.
-    #[serde(with = "crate::duration::serde_text", default = "default_ten_seconds")]
+    #[serde(with = "proto::duration::serde_text", default = "default_ten_seconds")]
     pub handshake_timeout: Duration,
     /// Labels whose certificates may attest nodes by x509pop; absent, those of
     /// [`DEFAULT_X509POP_LABELS`] that are profiles here. Never an operator profile.
@@ -209,10 +209,10 @@ pub struct AgentApiConfig {
     #[serde(default = "default_agent_api_per_source")]
     pub max_connections_per_source: usize,
     /// Longest an `Attest` stream may stay open before its evidence has arrived.
-    #[serde(with = "crate::duration::serde_text", default = "default_ten_seconds")]
+    #[serde(with = "proto::duration::serde_text", default = "default_ten_seconds")]
     pub first_message_timeout: Duration,
     /// Longest a whole attestation may wait on the agent (evidence, challenge answer).
-    #[serde(with = "crate::duration::serde_text", default = "default_minute")]
+    #[serde(with = "proto::duration::serde_text", default = "default_minute")]
     pub attestation_timeout: Duration,
 }
 
@@ -293,7 +293,7 @@ pub struct IssuanceConfig {
     /// notBefore is set this far before the issuer's clock, so a device or client whose
     /// clock is behind the issuer's by up to this much accepts a new certificate at once
     /// (and an issuer running this much ahead of its clients is covered the same way).
-    #[serde(with = "crate::duration::serde_text", default = "default_backdate")]
+    #[serde(with = "proto::duration::serde_text", default = "default_backdate")]
     pub backdate: Duration,
     /// Free space (MiB) kept in reserve on the state folder's disk: below it, requests that
     /// would write are answered 503 instead of letting the store fail mid-write.
@@ -346,10 +346,10 @@ impl Default for StoreConfig {
 #[serde(deny_unknown_fields)]
 pub struct TokenConfig {
     /// Lifetime of a token when `--ttl` is not given.
-    #[serde(with = "crate::duration::serde_text")]
+    #[serde(with = "proto::duration::serde_text")]
     pub default_ttl: Duration,
     /// Longest lifetime an operator may give a token.
-    #[serde(with = "crate::duration::serde_text")]
+    #[serde(with = "proto::duration::serde_text")]
     pub max_ttl: Duration,
     /// `[tokens.lockout]`: sources refused too often for want of a credential this CA made
     /// are refused for a while, and their refusals summarized in the audit log (see
@@ -494,7 +494,7 @@ impl Config {
             return Err(Error::Config(format!(
                 "est.renewal_retry_window = {:?} is longer than 24h: it is for a device that \
                  lost the answer to its renewal and asks again, within minutes",
-                crate::duration::format(self.est.renewal_retry_window)
+                proto::duration::format(self.est.renewal_retry_window)
             )));
         }
         if self.agent_api.max_connections == 0 {

@@ -24,10 +24,11 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use prometheus_client::metrics::counter::Counter;
 use tokio::sync::{watch, Notify};
 
 /// Where a connection is in its life.
@@ -96,7 +97,7 @@ struct Shared {
     table: Mutex<Table>,
     /// Notified when a slot frees or turns sheddable: the accept loop may be waiting.
     released: Notify,
-    shed_total: Arc<AtomicU64>,
+    shed_total: Counter,
     /// Set once the listener stops: every connection finishes the request it is serving,
     /// writes the answer, and closes.
     closing: watch::Sender<bool>,
@@ -113,7 +114,7 @@ impl Shared {
                 waited_ms = entry.since.elapsed().as_millis() as u64,
                 "{why}: shedding the connection waiting longest"
             );
-            self.shed_total.fetch_add(1, Ordering::Relaxed);
+            self.shed_total.inc();
             entry.shed.notify_one();
         }
     }
@@ -143,7 +144,7 @@ impl Connections {
         listener: &'static str,
         limit: usize,
         per_source: usize,
-        shed_total: Arc<AtomicU64>,
+        shed_total: Counter,
     ) -> Self {
         Self(Arc::new(Shared {
             listener,
@@ -207,7 +208,7 @@ impl Connections {
                     %source,
                     "connection refused: the source holds its maximum of busy connections"
                 );
-                self.0.shed_total.fetch_add(1, Ordering::Relaxed);
+                self.0.shed_total.inc();
                 return Admission::Refused;
             };
             self.0
@@ -394,8 +395,8 @@ mod tests {
 
     const HOST: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
 
-    fn table(limit: usize) -> (Connections, Arc<AtomicU64>) {
-        let shed = Arc::new(AtomicU64::new(0));
+    fn table(limit: usize) -> (Connections, Counter) {
+        let shed = Counter::default();
         // One test host: no per-source cap in the way of the global limit.
         (
             Connections::new("test", limit, usize::MAX, shed.clone()),
@@ -437,7 +438,7 @@ mod tests {
         let idle = admit_soon(&connections).await.expect("slot");
         idle.set_phase(Phase::Idle);
         let _fourth = admit_soon(&connections).await.expect("sheds one");
-        assert_eq!(shed_total.load(Ordering::Relaxed), 1);
+        assert_eq!(shed_total.get(), 1);
         assert!(
             is_shed(&slow_handshake).await,
             "the handshake waiting longest is shed"
@@ -527,7 +528,7 @@ mod tests {
             matches!(admitted, Ok(Ok(Some(_)))),
             "an idle slot admits the waiter without the connection closing"
         );
-        assert_eq!(shed_total.load(Ordering::Relaxed), 1);
+        assert_eq!(shed_total.get(), 1);
         assert!(is_shed(&slot).await);
     }
 
@@ -546,12 +547,12 @@ mod tests {
             matches!(admitted, Ok(Ok(Some(_)))),
             "a freed slot admits the waiter"
         );
-        assert_eq!(shed_total.load(Ordering::Relaxed), 0);
+        assert_eq!(shed_total.get(), 0);
     }
 
     #[tokio::test]
     async fn one_source_makes_room_among_its_own_connections_or_is_refused() {
-        let shed_total = Arc::new(AtomicU64::new(0));
+        let shed_total = Counter::default();
         let connections = Connections::new("test", 10, 2, shed_total.clone());
         let other: IpAddr = "192.0.2.7".parse().expect("address");
         let stranger = admit_from(&connections, other).await.expect("slot");

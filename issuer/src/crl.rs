@@ -33,7 +33,7 @@ pub struct CrlConfig {
     #[serde(default)]
     pub url: Option<String>,
     /// How long each CRL is valid (its nextUpdate); it is re-issued at half this.
-    #[serde(with = "crate::duration::serde_text", default = "default_validity")]
+    #[serde(with = "proto::duration::serde_text", default = "default_validity")]
     pub validity: Duration,
 }
 
@@ -170,23 +170,13 @@ fn reason(code: u8) -> Option<rcgen::RevocationReason> {
     })
 }
 
-/// The plain-HTTP routes: `GET /crl/issuing.crl` and `GET /metrics`.
+/// The plain-HTTP routes: `GET /crl/issuing.crl` and `GET /metrics` (unauthenticated, for a
+/// scraper on the plant network; the HTTPS listener serves `/metrics` to operators too).
 pub fn router(authority: Arc<Authority>) -> Router {
     Router::new()
         .route(PATH, get(serve_crl))
-        .route("/metrics", get(serve_metrics))
+        .route("/metrics", get(crate::metrics::page))
         .with_state(authority)
-}
-
-async fn serve_metrics(State(authority): State<Arc<Authority>>) -> Response {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        authority.metrics_text(),
-    )
-        .into_response()
 }
 
 async fn serve_crl(State(authority): State<Arc<Authority>>) -> Response {

@@ -336,7 +336,7 @@ impl Authority {
                 "certificate {} of this certificate's lineage was revoked at {}; no certificate \
                  of the lineage renews any more: enroll the device again with a new token",
                 end.revoked,
-                rfc3339(end.at)
+                proto::rfc3339_unix(end.at)
             )));
         }
         if let Some(label) = &request.label {
@@ -381,14 +381,14 @@ impl Authority {
                 format!(
                     " (label {} renews up to {} after expiry)",
                     record.label,
-                    crate::duration::format(profile.renewal_grace)
+                    proto::duration::format(profile.renewal_grace)
                 )
             } else {
                 String::new()
             };
             return Err(forbidden(format!(
                 "certificate {serial} expired at {}{grace_note}; enroll the device again with a new token",
-                rfc3339(record.not_after)
+                proto::rfc3339_unix(record.not_after)
             )));
         }
         let mut dns = Vec::new();
@@ -454,8 +454,8 @@ impl Authority {
                 "certificate {serial} was renewed at {} by certificate {successor} and renews no \
                  more (a lost answer is repeated for {} after a renewal): renew with certificate \
                  {successor}, or enroll the device again with a new token",
-                rfc3339(record.issued_at),
-                crate::duration::format(self.renewal_retry_window)
+                proto::rfc3339_unix(record.issued_at),
+                proto::duration::format(self.renewal_retry_window)
             )));
         }
         let status = record.status_at(now);
@@ -482,7 +482,7 @@ impl Authority {
                 "certificate {serial} was renewed at {} by certificate {successor} for another \
                  key; a lost answer is repeated only for the same key: send the CSR of the first \
                  attempt again, or renew with certificate {successor}",
-                rfc3339(record.issued_at)
+                proto::rfc3339_unix(record.issued_at)
             )));
         }
         tracing::info!(%serial, %successor, "repeated the answer to a renewal");
@@ -519,7 +519,7 @@ fn check_usable(record: &TokenRecord, now: i64) -> Result<(), EstError> {
     if let Some(at) = record.revoked_at {
         return Err(unauthorized(format!(
             "this token was revoked by the PKI operator at {}; ask them for a new one",
-            rfc3339(at)
+            proto::rfc3339_unix(at)
         )));
     }
     if record.used_at.is_some() {
@@ -531,7 +531,7 @@ fn check_usable(record: &TokenRecord, now: i64) -> Result<(), EstError> {
     if now >= record.expires_at {
         return Err(unauthorized(format!(
             "this token expired at {}; ask the PKI operator for a new one",
-            rfc3339(record.expires_at)
+            proto::rfc3339_unix(record.expires_at)
         )));
     }
     Ok(())
@@ -548,12 +548,6 @@ fn refusal_reason(refusal: Refusal) -> &'static str {
         Refusal::Unavailable { .. } => "unavailable",
         _ => "other",
     }
-}
-
-pub(crate) fn rfc3339(unix: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp(unix)
-        .map(crate::clock::rfc3339)
-        .unwrap_or_else(|_| unix.to_string())
 }
 
 /// The one mapping from issuer errors to EST refusals. Store and key faults are 503 with

@@ -284,7 +284,7 @@ fn profile_toml(name: &str, p: &Profile) -> String {
     format!(
         "[profiles.{name}]\ndescription = {:?}\nlifetime = \"{}\"\nkey_usage = [{}]\nextended_key_usage = [{}]\nsan = [{}]\nserver_keygen = {}\n{operator}",
         p.description,
-        crate::duration::format(p.lifetime),
+        proto::duration::format(p.lifetime),
         list(json_names(serde_json::to_value(&p.key_usage).unwrap_or_default())),
         list(json_names(serde_json::to_value(&p.extended_key_usage).unwrap_or_default())),
         list(json_names(serde_json::to_value(&p.san).unwrap_or_default())),

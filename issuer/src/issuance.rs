@@ -127,7 +127,7 @@ impl Pipeline {
         let issuer_id = grant
             .spiffe_id
             .as_ref()
-            .is_some_and(|id| est::client::is_issuer_id(id.as_str()));
+            .is_some_and(|id| est::tls::is_issuer_id(id.as_str()));
         if issuer_id != (grant.label == crate::profile::ISSUER_SERVER) {
             return Err(Error::Denied(format!(
                 "{} is the issuer's own identity; no other certificate may carry it",
@@ -241,16 +241,16 @@ impl Pipeline {
             return Err(Error::OutsideCaValidity(format!(
                 "the issuer's clock reads {}, after the issuing CA expired ({}); nothing can be \
                  issued: check the issuer's clock, or install a new issuing CA",
-                crate::clock::rfc3339(now),
-                crate::clock::rfc3339(ca_until)
+                proto::rfc3339(now),
+                proto::rfc3339(ca_until)
             )));
         }
         if now < ca_from {
             return Err(Error::OutsideCaValidity(format!(
                 "the issuer's clock reads {}, before the issuing CA's validity starts ({}); \
                  nothing can be issued until the clock is set right",
-                crate::clock::rfc3339(now),
-                crate::clock::rfc3339(ca_from)
+                proto::rfc3339(now),
+                proto::rfc3339(ca_from)
             )));
         }
         Ok(())

@@ -13,7 +13,6 @@ pub mod config;
 pub mod connections;
 pub mod crl;
 pub mod dashboard;
-pub mod duration;
 mod error;
 pub mod est_backend;
 pub mod eviction;

@@ -44,17 +44,17 @@ pub struct LockoutPolicy {
     /// Unauthenticated refusals of one source within `window` that lock it out.
     pub max_failures: u32,
     /// The window failures are counted in, from a source's first failure.
-    #[serde(with = "crate::duration::serde_text")]
+    #[serde(with = "proto::duration::serde_text")]
     pub window: Duration,
     /// How long a locked-out source is refused.
-    #[serde(with = "crate::duration::serde_text")]
+    #[serde(with = "proto::duration::serde_text")]
     pub lockout: Duration,
     /// Most sources tracked at once; the oldest is forgotten to make room.
     pub max_sources: usize,
     /// How long a source's refusals are counted before their `refusals.summarized` audit
     /// record is written (the first of each interval is audited on its own).
     #[serde(
-        with = "crate::duration::serde_text",
+        with = "proto::duration::serde_text",
         default = "default_summary_interval"
     )]
     pub summary_interval: Duration,
@@ -319,7 +319,7 @@ impl crate::authority::Authority {
             "refusals.summarized",
             serde_json::json!({
                 "source": source_text(summary.source),
-                "since": crate::est_backend::rfc3339(summary.since_ms / 1000),
+                "since": proto::rfc3339_unix(summary.since_ms / 1000),
                 "refusals": total,
                 "by_kind": summary.counts,
             }),

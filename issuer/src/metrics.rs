@@ -1,15 +1,23 @@
-//! Prometheus metrics (text exposition format 0.0.4) at `/metrics` on the plain-HTTP
-//! listener: certificates by status and by expiry bucket, issuance count and latency by label,
-//! EST answers by status code. Counting is lock-free on the request path; the inventory
+//! Prometheus metrics (text exposition format 0.0.4, encoded by `prometheus-client`) at
+//! `/metrics`: certificates by status and by expiry bucket, issuance count and latency by label,
+//! EST answers by status code. Counting takes no lock but a label family's read lock; the inventory
 //! gauges are recomputed in the background, never on a scrape: after a change, once at
 //! least max(5 s, 10 × the last recomputation's duration) has passed, so a small store is
 //! current within seconds and a store of millions is not rescanned back to back.
 
-use std::collections::BTreeMap;
-use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
 
 use crate::authority::Authority;
 use crate::store::{InventoryQuery, Status};
@@ -21,54 +29,144 @@ const LATENCY_BUCKETS: [f64; 10] = [
 /// The expiry windows operators watch.
 const EXPIRY_BUCKETS: [(&str, i64); 4] = [("7d", 7), ("30d", 30), ("90d", 90), ("365d", 365)];
 
-#[derive(Debug, Default)]
-struct Histogram {
-    buckets: [AtomicU64; LATENCY_BUCKETS.len()],
-    count: AtomicU64,
-    sum_micros: AtomicU64,
+fn latency_histogram() -> Histogram {
+    Histogram::new(LATENCY_BUCKETS)
 }
 
-/// The issuer's counters and gauges.
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatusLabel {
+    status: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WithinLabel {
+    within: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProfileLabel {
+    label: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CodeLabel {
+    code: u16,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AttestationLabels {
+    method: &'static str,
+    outcome: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ListenerLabel {
+    listener: &'static str,
+}
+
+/// The issuer's counters and gauges, and the registry that encodes them.
+#[derive(Debug)]
 pub struct Metrics {
-    issued: Mutex<BTreeMap<String, Arc<Histogram>>>,
-    est_responses: Mutex<BTreeMap<u16, Arc<AtomicU64>>>,
-    refusals: Mutex<BTreeMap<&'static str, Arc<AtomicU64>>>,
-    attestations: Mutex<BTreeMap<(&'static str, &'static str), Arc<AtomicU64>>>,
-    connections_shed: Mutex<BTreeMap<&'static str, Arc<AtomicU64>>>,
-    unauthenticated_refusals: Mutex<BTreeMap<&'static str, Arc<AtomicU64>>>,
-    token_failures: AtomicU64,
-    source_lockouts: AtomicU64,
-    inventory: Mutex<InventoryGauges>,
+    registry: Registry,
+    certificates: Family<StatusLabel, Gauge>,
+    expiring: Family<WithinLabel, Gauge>,
+    issued: Family<ProfileLabel, Histogram, fn() -> Histogram>,
+    est_responses: Family<CodeLabel, Counter>,
+    refusals: Family<ReasonLabel, Counter>,
+    attestations: Family<AttestationLabels, Counter>,
+    connections_shed: Family<ListenerLabel, Counter>,
+    token_failures: Counter,
+    source_lockouts: Counter,
+    unauthenticated_refusals: Family<ReasonLabel, Counter>,
     /// Set when the inventory changed since the gauges were computed.
-    inventory_dirty: std::sync::atomic::AtomicBool,
+    inventory_dirty: AtomicBool,
 }
 
-#[derive(Debug, Default, Clone)]
-struct InventoryGauges {
-    by_status: Vec<(&'static str, usize)>,
-    expiring: Vec<(&'static str, usize)>,
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut metrics = Self {
+            registry: Registry::default(),
+            certificates: Family::default(),
+            expiring: Family::default(),
+            issued: Family::new_with_constructor(latency_histogram),
+            est_responses: Family::default(),
+            refusals: Family::default(),
+            attestations: Family::default(),
+            connections_shed: Family::default(),
+            token_failures: Counter::default(),
+            source_lockouts: Counter::default(),
+            unauthenticated_refusals: Family::default(),
+            inventory_dirty: AtomicBool::new(false),
+        };
+        // Names without `_total`: prometheus-client adds it to counters, and a period to help.
+        let registry = &mut metrics.registry;
+        registry.register(
+            "plant_certificates",
+            "Certificates in the inventory by status",
+            metrics.certificates.clone(),
+        );
+        registry.register(
+            "plant_certificates_expiring",
+            "Valid certificates whose notAfter falls within the window",
+            metrics.expiring.clone(),
+        );
+        registry.register(
+            "plant_issuance_duration_seconds",
+            "Time from authorization to durable record, per label",
+            metrics.issued.clone(),
+        );
+        registry.register(
+            "plant_est_responses",
+            "EST answers by HTTP status (4xx/5xx are refusals)",
+            metrics.est_responses.clone(),
+        );
+        registry.register(
+            "plant_enrollment_refusals",
+            "Enrollments refused after they reached policy, by reason",
+            metrics.refusals.clone(),
+        );
+        registry.register(
+            "plant_node_attestations",
+            "Agent node attestations by method and outcome",
+            metrics.attestations.clone(),
+        );
+        registry.register(
+            "plant_connections_shed",
+            "Connections closed at a listener's connection limit to admit a newer one",
+            metrics.connections_shed.clone(),
+        );
+        registry.register(
+            "plant_token_failures",
+            "Token authentications with a secret that matches no token (EST and join tokens)",
+            metrics.token_failures.clone(),
+        );
+        registry.register(
+            "plant_source_lockouts",
+            "Sources locked out for too many refusals without a valid credential",
+            metrics.source_lockouts.clone(),
+        );
+        registry.register(
+            "plant_unauthenticated_refusals",
+            "Requests refused that carried no credential this CA knows, by reason (summarized in the audit log, not recorded one by one)",
+            metrics.unauthenticated_refusals.clone(),
+        );
+        metrics
+    }
 }
 
 impl Metrics {
     /// Records one issued certificate and how long the pipeline took.
     pub fn issued(&self, label: &str, elapsed: Duration) {
-        let histogram = {
-            let Ok(mut map) = self.issued.lock() else {
-                return;
-            };
-            map.entry(label.to_owned()).or_default().clone()
-        };
-        let secs = elapsed.as_secs_f64();
-        for (bound, bucket) in LATENCY_BUCKETS.iter().zip(&histogram.buckets) {
-            if secs <= *bound {
-                bucket.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        histogram.count.fetch_add(1, Ordering::Relaxed);
-        histogram
-            .sum_micros
-            .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+        self.issued
+            .get_or_create(&ProfileLabel {
+                label: label.to_owned(),
+            })
+            .observe(elapsed.as_secs_f64());
         self.inventory_changed();
     }
 
@@ -79,167 +177,67 @@ impl Metrics {
 
     /// Records one EST answer by status code (refusals included).
     pub fn est_response(&self, status: u16) {
-        let counter = {
-            let Ok(mut map) = self.est_responses.lock() else {
-                return;
-            };
-            map.entry(status).or_default().clone()
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
+        self.est_responses
+            .get_or_create(&CodeLabel { code: status })
+            .inc();
     }
 
     /// Records one refused enrollment by reason (`unauthorized`, `forbidden`, `busy`, …).
     pub fn refused(&self, reason: &'static str) {
-        let counter = {
-            let Ok(mut map) = self.refusals.lock() else {
-                return;
-            };
-            map.entry(reason).or_default().clone()
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
+        self.refusals.get_or_create(&ReasonLabel { reason }).inc();
     }
 
     /// Records one node attestation by method and outcome (`attested` or a refusal reason).
     pub fn attestation(&self, method: &'static str, outcome: &'static str) {
-        let counter = {
-            let Ok(mut map) = self.attestations.lock() else {
-                return;
-            };
-            map.entry((method, outcome)).or_default().clone()
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
+        self.attestations
+            .get_or_create(&AttestationLabels { method, outcome })
+            .inc();
     }
 
     /// The counter of connections `listener` shed at its connection limit.
-    pub fn connections_shed(&self, listener: &'static str) -> Arc<AtomicU64> {
+    pub fn connections_shed(&self, listener: &'static str) -> Counter {
         self.connections_shed
-            .lock()
-            .map(|mut map| map.entry(listener).or_default().clone())
-            .unwrap_or_default()
+            .get_or_create_owned(&ListenerLabel { listener })
     }
 
     /// Records one token secret that matched no token (EST or join token).
     pub fn token_failure(&self) {
-        self.token_failures.fetch_add(1, Ordering::Relaxed);
+        self.token_failures.inc();
     }
 
     /// Records one source locked out for too many refusals without a valid credential.
     pub fn source_lockout(&self) {
-        self.source_lockouts.fetch_add(1, Ordering::Relaxed);
+        self.source_lockouts.inc();
     }
 
     /// Records one refusal of a request without a valid credential, by kind (EST
     /// `est_unknown_token`, `est_unknown_certificate`, …; attestation `attestation_<reason>`).
     pub fn unauthenticated_refusal(&self, kind: &'static str) {
-        let counter = {
-            let Ok(mut map) = self.unauthenticated_refusals.lock() else {
-                return;
-            };
-            map.entry(kind).or_default().clone()
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
+        self.unauthenticated_refusals
+            .get_or_create(&ReasonLabel { reason: kind })
+            .inc();
     }
 
-    /// The exposition text.
+    /// The exposition text (Prometheus text format 0.0.4).
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let inventory = self.inventory.lock().map(|g| g.clone()).unwrap_or_default();
-        out.push_str("# HELP plant_certificates Certificates in the inventory by status.\n# TYPE plant_certificates gauge\n");
-        for (status, n) in &inventory.by_status {
-            let _ = writeln!(out, "plant_certificates{{status=\"{status}\"}} {n}");
-        }
-        out.push_str("# HELP plant_certificates_expiring Valid certificates whose notAfter falls within the window.\n# TYPE plant_certificates_expiring gauge\n");
-        for (window, n) in &inventory.expiring {
-            let _ = writeln!(
-                out,
-                "plant_certificates_expiring{{within=\"{window}\"}} {n}"
-            );
-        }
-        out.push_str("# HELP plant_issuance_duration_seconds Time from authorization to durable record, per label.\n# TYPE plant_issuance_duration_seconds histogram\n");
-        if let Ok(map) = self.issued.lock() {
-            for (label, h) in map.iter() {
-                for (bound, bucket) in LATENCY_BUCKETS.iter().zip(&h.buckets) {
-                    let _ = writeln!(
-                        out,
-                        "plant_issuance_duration_seconds_bucket{{label=\"{label}\",le=\"{bound}\"}} {}",
-                        bucket.load(Ordering::Relaxed)
-                    );
-                }
-                let count = h.count.load(Ordering::Relaxed);
-                let _ = writeln!(out, "plant_issuance_duration_seconds_bucket{{label=\"{label}\",le=\"+Inf\"}} {count}");
-                let _ = writeln!(
-                    out,
-                    "plant_issuance_duration_seconds_sum{{label=\"{label}\"}} {}",
-                    h.sum_micros.load(Ordering::Relaxed) as f64 / 1e6
-                );
-                let _ = writeln!(
-                    out,
-                    "plant_issuance_duration_seconds_count{{label=\"{label}\"}} {count}"
-                );
-            }
-        }
-        out.push_str("# HELP plant_est_responses_total EST answers by HTTP status (4xx/5xx are refusals).\n# TYPE plant_est_responses_total counter\n");
-        if let Ok(map) = self.est_responses.lock() {
-            for (status, n) in map.iter() {
-                let _ = writeln!(
-                    out,
-                    "plant_est_responses_total{{code=\"{status}\"}} {}",
-                    n.load(Ordering::Relaxed)
-                );
-            }
-        }
-        out.push_str("# HELP plant_enrollment_refusals_total Enrollments refused after they reached policy, by reason.\n# TYPE plant_enrollment_refusals_total counter\n");
-        if let Ok(map) = self.refusals.lock() {
-            for (reason, n) in map.iter() {
-                let _ = writeln!(
-                    out,
-                    "plant_enrollment_refusals_total{{reason=\"{reason}\"}} {}",
-                    n.load(Ordering::Relaxed)
-                );
-            }
-        }
-        out.push_str("# HELP plant_node_attestations_total Agent node attestations by method and outcome.\n# TYPE plant_node_attestations_total counter\n");
-        if let Ok(map) = self.attestations.lock() {
-            for ((method, outcome), n) in map.iter() {
-                let _ = writeln!(
-                    out,
-                    "plant_node_attestations_total{{method=\"{method}\",outcome=\"{outcome}\"}} {}",
-                    n.load(Ordering::Relaxed)
-                );
-            }
-        }
-        out.push_str("# HELP plant_connections_shed_total Connections closed at a listener's connection limit to admit a newer one.\n# TYPE plant_connections_shed_total counter\n");
-        if let Ok(map) = self.connections_shed.lock() {
-            for (listener, n) in map.iter() {
-                let _ = writeln!(
-                    out,
-                    "plant_connections_shed_total{{listener=\"{listener}\"}} {}",
-                    n.load(Ordering::Relaxed)
-                );
-            }
-        }
-        let _ = writeln!(
-            out,
-            "# HELP plant_token_failures_total Token authentications with a secret that matches no token (EST and join tokens).\n# TYPE plant_token_failures_total counter\nplant_token_failures_total {}",
-            self.token_failures.load(Ordering::Relaxed)
-        );
-        let _ = writeln!(
-            out,
-            "# HELP plant_source_lockouts_total Sources locked out for too many refusals without a valid credential.\n# TYPE plant_source_lockouts_total counter\nplant_source_lockouts_total {}",
-            self.source_lockouts.load(Ordering::Relaxed)
-        );
-        out.push_str("# HELP plant_unauthenticated_refusals_total Requests refused that carried no credential this CA knows, by reason (summarized in the audit log, not recorded one by one).\n# TYPE plant_unauthenticated_refusals_total counter\n");
-        if let Ok(map) = self.unauthenticated_refusals.lock() {
-            for (kind, n) in map.iter() {
-                let _ = writeln!(
-                    out,
-                    "plant_unauthenticated_refusals_total{{reason=\"{kind}\"}} {}",
-                    n.load(Ordering::Relaxed)
-                );
-            }
-        }
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry);
         out
     }
+}
+
+/// `GET /metrics`: the exposition, on the CRL listener (when configured) and, behind the
+/// operator-certificate check, on the EST HTTPS listener.
+pub async fn page(State(authority): State<Arc<Authority>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
+        )],
+        authority.metrics_text(),
+    )
+        .into_response()
 }
 
 impl Authority {
@@ -259,7 +257,7 @@ impl Authority {
                 .map(|p| p.total.unwrap_or_default())
                 .unwrap_or(0)
         };
-        let by_status = [
+        let by_status: Vec<_> = [
             ("valid", Status::Valid),
             ("expired", Status::Expired),
             ("revoked", Status::Revoked),
@@ -276,7 +274,7 @@ impl Authority {
             )
         })
         .collect();
-        let expiring = EXPIRY_BUCKETS
+        let expiring: Vec<_> = EXPIRY_BUCKETS
             .iter()
             .map(|(name, days)| {
                 (
@@ -289,11 +287,17 @@ impl Authority {
                 )
             })
             .collect();
-        if let Ok(mut gauges) = self.metrics.inventory.lock() {
-            *gauges = InventoryGauges {
-                by_status,
-                expiring,
-            };
+        for (status, n) in by_status {
+            self.metrics
+                .certificates
+                .get_or_create(&StatusLabel { status })
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+        for (within, n) in expiring {
+            self.metrics
+                .expiring
+                .get_or_create(&WithinLabel { within })
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
         }
     }
 

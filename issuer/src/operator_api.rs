@@ -1,9 +1,6 @@
-//! The operator API: the admin socket's read-only questions (inventory, status, audit log)
-//! as JSON over the EST HTTPS listener, and the dashboard at `/ui`, for operators on other
-//! machines (DESIGN §6):
-//!
-//! `GET /api/v1/inventory`, `GET /api/v1/status`, `GET /api/v1/audit?count=&before=` (pages
-//! of at most 1000 records, oldest first), `GET /api/v1/audit/verify`.
+//! The operator API: the admin socket's read-only routes (inventory, status, audit log) over
+//! the EST HTTPS listener at `/api/v1/…`, the dashboard at `/ui` and the Prometheus metrics at
+//! `/metrics`, for operators on other machines (DESIGN §6).
 //!
 //! The TLS client certificate is the credential. It must be one this CA issued (byte for
 //! byte, as the inventory holds it), still valid, and issued under a profile marked
@@ -34,6 +31,8 @@ pub fn router(authority: Arc<Authority>) -> Router {
     Router::new()
         .nest(PREFIX, read_only_routes())
         .route("/ui", axum::routing::get(crate::dashboard::page))
+        // Always here, CRL listener or not: a scraper holding an operator certificate.
+        .route("/metrics", axum::routing::get(crate::metrics::page))
         .layer(axum::middleware::from_fn_with_state(
             authority.clone(),
             require_operator,

@@ -44,7 +44,7 @@ pub struct Profile {
     #[serde(default)]
     pub description: String,
     /// Certificate lifetime (capped at the issuing CA's own notAfter).
-    #[serde(with = "crate::duration::serde_text")]
+    #[serde(with = "proto::duration::serde_text")]
     pub lifetime: Duration,
     /// keyUsage bits (always marked critical).
     pub key_usage: Vec<KeyUsage>,
@@ -66,7 +66,7 @@ pub struct Profile {
     /// How long after notAfter a certificate of this profile may still renew itself
     /// (`simplereenroll`); default none: an expired certificate enrolls again with a token.
     #[serde(
-        with = "crate::duration::serde_text",
+        with = "proto::duration::serde_text",
         default,
         skip_serializing_if = "Duration::is_zero"
     )]
@@ -91,8 +91,8 @@ impl Profile {
             return Err(format!(
                 "renewal_grace ({}) is longer than the lifetime ({}): an expired certificate \
                  that renews must have expired recently; lower renewal_grace",
-                crate::duration::format(self.renewal_grace),
-                crate::duration::format(self.lifetime)
+                proto::duration::format(self.renewal_grace),
+                proto::duration::format(self.lifetime)
             ));
         }
         Ok(())
@@ -197,7 +197,7 @@ pub const SVID: &str = "svid";
 /// The profile of agents' node SVIDs (label `node-svid`).
 pub const NODE_SVID: &str = "node-svid";
 /// The profile of the issuer's own TLS server certificate (label `issuer-server`): its
-/// names plus the issuer's SPIFFE ID, which clients pin (`est::client::issuer_verifier`).
+/// names plus the issuer's SPIFFE ID, which clients pin (`est::tls::issuer_verifier`).
 pub const ISSUER_SERVER: &str = "issuer-server";
 /// How long the issuer's own TLS certificate is valid; `issuer serve` renews it at start
 /// when it has less than a third of this left.

@@ -67,7 +67,7 @@ impl Authority {
                 "--spiffe-id {spiffe_id} must have a path outside /agent/ (those name nodes)"
             )));
         }
-        let issuer_path = est::client::ISSUER_ID_PATH;
+        let issuer_path = est::tls::ISSUER_ID_PATH;
         if spiffe_id.path() == issuer_path
             || spiffe_id.path().starts_with(&format!("{issuer_path}/"))
         {

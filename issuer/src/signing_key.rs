@@ -28,20 +28,20 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use crate::ca::HsmKey;
-use crate::clock::rfc3339;
 use crate::serial::Serial;
 use crate::Error;
+use proto::rfc3339;
 
 /// `[ca.signing_key]` in issuer.toml.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SigningKeyConfig {
     /// How long each short-lived key signs.
-    #[serde(with = "crate::duration::serde_text", default = "default_lifetime")]
+    #[serde(with = "proto::duration::serde_text", default = "default_lifetime")]
     pub lifetime: Duration,
     /// How long before taking over a key is published, and how long after it stops signing
     /// it stays published; at most half the lifetime.
-    #[serde(with = "crate::duration::serde_text", default = "default_overlap")]
+    #[serde(with = "proto::duration::serde_text", default = "default_overlap")]
     pub overlap: Duration,
 }
 
@@ -73,7 +73,7 @@ impl SigningKeyConfig {
         {
             return Err(format!(
                 "ca.signing_key.overlap must be between 1s and half the lifetime ({})",
-                crate::duration::format(self.lifetime / 2)
+                proto::duration::format(self.lifetime / 2)
             ));
         }
         Ok(())

@@ -1,6 +1,6 @@
 //! The EST listener's TLS configuration (rustls, aws-lc-rs), and the listener's own
 //! certificate: it carries the issuer's SPIFFE ID (`spiffe://<trust domain>/issuer`), which
-//! agents and EST clients require of the issuer (`est::client::issuer_verifier`) and which
+//! agents and EST clients require of the issuer (`est::tls::issuer_verifier`) and which
 //! no token or entry can grant; its DNS names and addresses are refused to tokens and
 //! entries too, for clients that only check names.
 //!
@@ -14,13 +14,11 @@ use std::net::IpAddr;
 use std::path::Path;
 use std::sync::Arc;
 
-use rustls::client::danger::HandshakeSignatureValid;
-use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
+use rustls::DistinguishedName;
 
-use est::client::HandshakeSignatures;
+use est::tls::HandshakeSignatures;
 
 use crate::authority::Authority;
 use crate::grant::Grant;
@@ -134,7 +132,7 @@ pub async fn issue_listener_certificate(
 ) -> Result<Vec<u8>, Error> {
     let spiffe_id = authority
         .trust_domain_id()?
-        .id(est::client::ISSUER_ID_PATH)
+        .id(est::tls::ISSUER_ID_PATH)
         .map_err(|e| Error::Config(format!("the issuer's SPIFFE ID: {e}")))?;
     let grant = Grant {
         label: crate::profile::ISSUER_SERVER.into(),
@@ -189,7 +187,7 @@ async fn renew_listener_certificate(
         .to_unix_duration()
         .as_secs() as i64;
     let left = not_after - authority.now().unix_timestamp();
-    let pinned = est::client::carries_issuer_id(leaf);
+    let pinned = est::tls::carries_issuer_id(leaf);
     let third = (crate::profile::ISSUER_SERVER_LIFETIME.as_secs() / 3) as i64;
     if pinned && left > third {
         return Ok(());
@@ -286,7 +284,7 @@ pub fn server_config(
         .with_safe_default_protocol_versions()
         .map_err(|e| Error::Tls(e.to_string()))?
         .with_client_cert_verifier(Arc::new(ChainLengthLimit(Arc::new(
-            InventoryJudgedClientCert(provider),
+            InventoryJudgedClientCert(HandshakeSignatures::of(&provider)),
         ))))
         .with_single_cert(chain, key)
         .map_err(|e| Error::Tls(format!("{}: {e}", chain_pem.display())))?;
@@ -294,13 +292,7 @@ pub fn server_config(
     Ok(Arc::new(config))
 }
 
-/// Most certificates a client may present (leaf included). Ours are the leaf, maybe a
-/// short-lived signing key's certificate, and the issuing CA; webpki follows at most six
-/// intermediates anyway. A longer chain (a hundred certificates, or a cycle of CAs signing
-/// each other) is refused before any parsing or path building, with a log line naming it.
-const MAX_CLIENT_CHAIN: usize = 8;
-
-/// Refuses overlong client chains, then asks `V`.
+/// Refuses chains longer than [`est::tls::MAX_CHAIN`], then asks `V`.
 #[derive(Debug)]
 struct ChainLengthLimit<V>(V);
 
@@ -326,45 +318,15 @@ where
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        let presented = intermediates.len() + 1;
-        if presented > MAX_CLIENT_CHAIN {
-            tracing::warn!(
-                presented,
-                most = MAX_CLIENT_CHAIN,
-                "refused a TLS client presenting an overlong certificate chain"
-            );
-            return Err(rustls::Error::InvalidCertificate(
-                rustls::CertificateError::ApplicationVerificationFailure,
-            ));
-        }
+        est::tls::check_chain_length(intermediates)?;
         self.0.verify_client_cert(end_entity, intermediates, now)
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_verify_schemes()
-    }
+    est::delegate_handshake_signatures!(0);
 }
 
 #[derive(Debug)]
-struct InventoryJudgedClientCert(Arc<CryptoProvider>);
+struct InventoryJudgedClientCert(HandshakeSignatures);
 
 impl ClientCertVerifier for InventoryJudgedClientCert {
     fn offer_client_auth(&self) -> bool {
@@ -388,25 +350,5 @@ impl ClientCertVerifier for InventoryJudgedClientCert {
         Ok(ClientCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        HandshakeSignatures(&self.0).tls12(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        HandshakeSignatures(&self.0).tls13(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        HandshakeSignatures(&self.0).schemes()
-    }
+    est::delegate_handshake_signatures!(0);
 }

@@ -6,12 +6,17 @@
 //! - [`admin`]: the issuer's admin socket (`plant.admin.v1`): tokens, certificates, audit log,
 //!   status, registration entries and agents.
 //! - [`SpiffeId`], [`TrustDomain`], [`Selector`]: parsed once from untrusted text.
+//! - [`duration`]: the duration grammar of both binaries' config files and flags.
+//! - [`rfc3339()`], [`rfc3339_unix`]: times as people read them.
 //!
 //! The code is generated at build time with the `protoc` from `protoc-bin-vendored`.
 
+pub mod duration;
+mod rfc3339;
 mod selector;
 mod spiffe_id;
 
+pub use rfc3339::{rfc3339, rfc3339_unix};
 pub use selector::{Selector, SelectorError};
 pub use spiffe_id::{SpiffeId, SpiffeIdError, TrustDomain};
 

@@ -68,6 +68,21 @@ fn operator_certificates_read_the_inventory_and_nothing_else_does() -> Result<()
     );
     ensure!(anonymous.text().contains("operator client certificate"));
 
+    // The Prometheus metrics are here for an operator, whether or not a CRL listener is.
+    let metrics_url = format!("{}/metrics", issuer.url);
+    let (c, k) = (operator.to_string_lossy(), operator_key.to_string_lossy());
+    let metrics = curl(&issuer, &[&metrics_url, "--cert", &c, "--key", &k])?;
+    ensure!(
+        metrics.status == 200
+            && metrics
+                .text()
+                .contains("# TYPE plant_est_responses_total counter"),
+        "{} {}",
+        metrics.status,
+        metrics.text()
+    );
+    ensure!(curl(&issuer, &[&metrics_url])?.status == 401);
+
     // Nothing that changes the CA is served here.
     let url = format!("{}/api/v1/tokens", issuer.url);
     let (c, k) = (operator.to_string_lossy(), operator_key.to_string_lossy());

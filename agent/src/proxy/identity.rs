@@ -4,19 +4,17 @@
 //! reaches new handshakes at once and never touches sessions already open.
 
 use std::collections::HashSet;
-use std::fmt;
 use std::sync::Arc;
 
 use der::{Decode, Encode};
+use est::tls::HandshakeSignatures;
 use proto::{Selector, SpiffeId};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::client::danger::{ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
-use rustls::{
-    CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme,
-};
+use rustls::{CertificateError, DistinguishedName, RootCertStore};
 use x509_cert::crl::CertificateList;
 use x509_cert::Certificate;
 
@@ -186,7 +184,7 @@ pub fn client_config(
     let provider = provider();
     let verifier = GatewayVerifier {
         roots: roots(bundle)?,
-        algorithms: provider.signature_verification_algorithms,
+        signatures: HandshakeSignatures::of(&provider),
         server,
         revoked,
     };
@@ -199,44 +197,6 @@ pub fn client_config(
         .with_client_auth_cert(chain, key)
         .map_err(|e| format!("the device's SVID: {e}"))?;
     Ok(Arc::new(config))
-}
-
-/// Why a peer was turned away, as the log and the TLS alert say it.
-fn refuse(reason: String) -> rustls::Error {
-    rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(
-        Refusal(reason),
-    ))))
-}
-
-#[derive(Debug)]
-struct Refusal(String);
-
-impl fmt::Display for Refusal {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for Refusal {}
-
-/// Most certificates a peer may present (leaf included). An SVID chain is the leaf, maybe a
-/// short-lived signing key's certificate, and the issuing CA; webpki follows at most six
-/// intermediates anyway. A longer (or cyclic) chain is refused before any path building.
-const MAX_PEER_CHAIN: usize = 8;
-
-fn check_chain_length(intermediates: &[CertificateDer<'_>]) -> Result<(), rustls::Error> {
-    let presented = intermediates.len() + 1;
-    if presented > MAX_PEER_CHAIN {
-        tracing::warn!(
-            presented,
-            most = MAX_PEER_CHAIN,
-            "refused a TLS peer presenting an overlong certificate chain"
-        );
-        return Err(refuse(format!(
-            "the peer presented {presented} certificates; at most {MAX_PEER_CHAIN} are accepted"
-        )));
-    }
-    Ok(())
 }
 
 /// webpki's chain check, then the SPIFFE ID against the allow list, then the CRL: all at the
@@ -259,11 +219,11 @@ impl ClientCertVerifier for PeerVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        check_chain_length(intermediates)?;
+        est::tls::check_chain_length(intermediates)?;
         self.inner
             .verify_client_cert(end_entity, intermediates, now)?;
         let peer = spiffe_id_of("peer certificate", end_entity)
-            .map_err(|e| refuse(format!("not an SVID: {e}")))?;
+            .map_err(|e| est::tls::refusal(format!("not an SVID: {e}")))?;
         if self.allow.access(&peer).is_none() {
             return Err(rustls::Error::InvalidCertificate(
                 CertificateError::ApplicationVerificationFailure,
@@ -276,34 +236,14 @@ impl ClientCertVerifier for PeerVerifier {
         Ok(ClientCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
-    }
+    est::delegate_handshake_signatures!(inner);
 }
 
 /// The chain to the trust bundle, then exactly the expected SPIFFE ID, then the CRL.
 #[derive(Debug)]
 struct GatewayVerifier {
     roots: Arc<RootCertStore>,
-    algorithms: WebPkiSupportedAlgorithms,
+    signatures: HandshakeSignatures,
     server: SpiffeId,
     revoked: Arc<Revoked>,
 }
@@ -317,19 +257,19 @@ impl ServerCertVerifier for GatewayVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        check_chain_length(intermediates)?;
+        est::tls::check_chain_length(intermediates)?;
         let parsed = ParsedCertificate::try_from(end_entity)?;
         rustls::client::verify_server_cert_signed_by_trust_anchor(
             &parsed,
             &self.roots,
             intermediates,
             now,
-            self.algorithms.all,
+            self.signatures.algorithms().all,
         )?;
         let id = spiffe_id_of("gateway certificate", end_entity)
-            .map_err(|e| refuse(format!("not an SVID: {e}")))?;
+            .map_err(|e| est::tls::refusal(format!("not an SVID: {e}")))?;
         if id != self.server {
-            return Err(refuse(format!(
+            return Err(est::tls::refusal(format!(
                 "the gateway presented {id}, not {}",
                 self.server
             )));
@@ -340,39 +280,5 @@ impl ServerCertVerifier for GatewayVerifier {
         Ok(ServerCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algorithms.supported_schemes()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn overlong_peer_chains_are_refused_before_path_building() {
-        let cert = CertificateDer::from(vec![0x30, 0x00]);
-        let intermediates = vec![cert; MAX_PEER_CHAIN];
-        assert!(check_chain_length(&intermediates[..MAX_PEER_CHAIN - 1]).is_ok());
-        let refused = check_chain_length(&intermediates).expect_err("one too many");
-        assert!(refused.to_string().contains("at most 8"), "{refused}");
-    }
+    est::delegate_handshake_signatures!(signatures);
 }

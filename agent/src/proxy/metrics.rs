@@ -1,8 +1,12 @@
-//! Each proxy's counters, rendered into the agent's `/metrics` ([`crate::metrics`]).
+//! Each proxy's counters, registered into the agent's `/metrics` ([`crate::metrics`]).
 
-use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 
 /// Why a connection did not become a session (the `reason` label).
 pub const REFUSALS: [&str; 10] = [
@@ -18,188 +22,164 @@ pub const REFUSALS: [&str; 10] = [
     "upstream_unreachable",
 ];
 
-/// One proxy's counters.
-#[derive(Debug)]
-pub struct ProxyMetrics {
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Proxy {
     device: String,
     mode: &'static str,
-    opened: AtomicU64,
-    active: AtomicU64,
-    sent: AtomicU64,
-    received: AtomicU64,
-    refused: [AtomicU64; REFUSALS.len()],
-    modbus_refused: AtomicU64,
-    malformed: AtomicU64,
-    upstream_failures: AtomicU64,
 }
 
-/// Every proxy's metrics, in configuration order.
-static REGISTRY: Mutex<Vec<Arc<ProxyMetrics>>> = Mutex::new(Vec::new());
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Direction {
+    device: String,
+    mode: &'static str,
+    direction: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Refusal {
+    device: String,
+    mode: &'static str,
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Device {
+    device: String,
+}
+
+/// Every proxy's series, one family per metric.
+#[derive(Debug, Default)]
+struct Families {
+    sessions: Family<Proxy, Counter>,
+    active: Family<Proxy, Gauge>,
+    bytes: Family<Direction, Counter>,
+    refused: Family<Refusal, Counter>,
+    modbus_refused: Family<Device, Counter>,
+    malformed: Family<Device, Counter>,
+    upstream_failures: Family<Proxy, Counter>,
+}
+
+static FAMILIES: LazyLock<Families> = LazyLock::new(Families::default);
+
+/// Adds the proxies' families to the agent's registry (a family without a proxy has no series).
+pub(crate) fn register(registry: &mut Registry) {
+    let f = &*FAMILIES;
+    registry.register(
+        "plant_agent_proxy_sessions",
+        "Proxy sessions opened (after the TLS handshake), by device",
+        f.sessions.clone(),
+    );
+    registry.register(
+        "plant_agent_proxy_sessions_active",
+        "Proxy sessions open now, by device",
+        f.active.clone(),
+    );
+    registry.register(
+        "plant_agent_proxy_bytes",
+        "Bytes relayed by ended sessions, by device and direction",
+        f.bytes.clone(),
+    );
+    registry.register(
+        "plant_agent_proxy_connections_refused",
+        "Connections turned away before or at the handshake, by device and reason",
+        f.refused.clone(),
+    );
+    registry.register(
+        "plant_agent_proxy_modbus_requests_refused",
+        "Modbus requests refused by the peer's access, answered with exception 01",
+        f.modbus_refused.clone(),
+    );
+    registry.register(
+        "plant_agent_proxy_malformed_sessions",
+        "Sessions closed for a malformed Modbus/TCP frame",
+        f.malformed.clone(),
+    );
+    registry.register(
+        "plant_agent_proxy_upstream_failures",
+        "Connections to the PLC (or remote gateway) that failed or were not tried while it was backing off",
+        f.upstream_failures.clone(),
+    );
+}
+
+/// One proxy's counters: handles on its series in the families above.
+#[derive(Debug)]
+pub struct ProxyMetrics {
+    opened: Counter,
+    active: Gauge,
+    sent: Counter,
+    received: Counter,
+    refused: [Counter; REFUSALS.len()],
+    modbus_refused: Counter,
+    malformed: Counter,
+    upstream_failures: Counter,
+}
 
 impl ProxyMetrics {
-    /// Counters for `device`'s proxy, registered for rendering.
+    /// Counters for `device`'s proxy, every series present from the start at zero.
     pub fn register(device: &str, mode: &'static str) -> Arc<Self> {
-        let metrics = Arc::new(Self {
+        let f = &*FAMILIES;
+        let proxy = Proxy {
             device: device.to_owned(),
             mode,
-            opened: AtomicU64::new(0),
-            active: AtomicU64::new(0),
-            sent: AtomicU64::new(0),
-            received: AtomicU64::new(0),
-            refused: [const { AtomicU64::new(0) }; REFUSALS.len()],
-            modbus_refused: AtomicU64::new(0),
-            malformed: AtomicU64::new(0),
-            upstream_failures: AtomicU64::new(0),
-        });
-        REGISTRY
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(Arc::clone(&metrics));
-        metrics
+        };
+        let direction = |direction| Direction {
+            device: device.to_owned(),
+            mode,
+            direction,
+        };
+        let device_only = Device {
+            device: device.to_owned(),
+        };
+        Arc::new(Self {
+            opened: f.sessions.get_or_create_owned(&proxy),
+            active: f.active.get_or_create_owned(&proxy),
+            sent: f.bytes.get_or_create_owned(&direction("to_device")),
+            received: f.bytes.get_or_create_owned(&direction("from_device")),
+            refused: REFUSALS.map(|reason| {
+                f.refused.get_or_create_owned(&Refusal {
+                    device: device.to_owned(),
+                    mode,
+                    reason,
+                })
+            }),
+            modbus_refused: f.modbus_refused.get_or_create_owned(&device_only),
+            malformed: f.malformed.get_or_create_owned(&device_only),
+            upstream_failures: f.upstream_failures.get_or_create_owned(&proxy),
+        })
     }
 
     /// A session opened.
     pub fn opened(&self) {
-        self.opened.fetch_add(1, Ordering::Relaxed);
-        self.active.fetch_add(1, Ordering::Relaxed);
+        self.opened.inc();
+        self.active.inc();
     }
 
     /// A session ended after moving these bytes.
     pub fn closed(&self, sent: u64, received: u64) {
-        self.active.fetch_sub(1, Ordering::Relaxed);
-        self.sent.fetch_add(sent, Ordering::Relaxed);
-        self.received.fetch_add(received, Ordering::Relaxed);
+        self.active.dec();
+        self.sent.inc_by(sent);
+        self.received.inc_by(received);
     }
 
     /// A connection turned away, `reason` one of [`REFUSALS`].
     pub fn session_refused(&self, reason: &str) {
         if let Some(i) = REFUSALS.iter().position(|r| *r == reason) {
-            self.refused[i].fetch_add(1, Ordering::Relaxed);
+            self.refused[i].inc();
         }
     }
 
     /// A Modbus request refused by policy.
     pub fn modbus_refused(&self) {
-        self.modbus_refused.fetch_add(1, Ordering::Relaxed);
+        self.modbus_refused.inc();
     }
 
     /// A session closed for a malformed frame.
     pub fn malformed(&self) {
-        self.malformed.fetch_add(1, Ordering::Relaxed);
+        self.malformed.inc();
     }
 
     /// A failed connect to the upstream (or a back-off refusal).
     pub fn upstream_failure(&self) {
-        self.upstream_failures.fetch_add(1, Ordering::Relaxed);
+        self.upstream_failures.inc();
     }
-}
-
-/// The proxies' part of the exposition text.
-pub fn render(out: &mut String) {
-    let proxies = REGISTRY.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    if proxies.is_empty() {
-        return;
-    }
-    let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-    let series =
-        |out: &mut String, name: &str, kind: &str, help: &str, rows: &dyn Fn(&mut String)| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            rows(out);
-        };
-    series(
-        out,
-        "plant_agent_proxy_sessions_total",
-        "counter",
-        "Proxy sessions opened (after the TLS handshake), by device.",
-        &|out| {
-            for p in &proxies {
-                let _ = writeln!(
-                    out,
-                    "plant_agent_proxy_sessions_total{{device=\"{}\",mode=\"{}\"}} {}",
-                    p.device,
-                    p.mode,
-                    get(&p.opened)
-                );
-            }
-        },
-    );
-    series(
-        out,
-        "plant_agent_proxy_sessions_active",
-        "gauge",
-        "Proxy sessions open now, by device.",
-        &|out| {
-            for p in &proxies {
-                let _ = writeln!(
-                    out,
-                    "plant_agent_proxy_sessions_active{{device=\"{}\",mode=\"{}\"}} {}",
-                    p.device,
-                    p.mode,
-                    get(&p.active)
-                );
-            }
-        },
-    );
-    series(
-        out,
-        "plant_agent_proxy_bytes_total",
-        "counter",
-        "Bytes relayed by ended sessions, by device and direction.",
-        &|out| {
-            for p in &proxies {
-                let _ = writeln!(out, "plant_agent_proxy_bytes_total{{device=\"{}\",mode=\"{}\",direction=\"to_device\"}} {}", p.device, p.mode, get(&p.sent));
-                let _ = writeln!(out, "plant_agent_proxy_bytes_total{{device=\"{}\",mode=\"{}\",direction=\"from_device\"}} {}", p.device, p.mode, get(&p.received));
-            }
-        },
-    );
-    series(
-        out,
-        "plant_agent_proxy_connections_refused_total",
-        "counter",
-        "Connections turned away before or at the handshake, by device and reason.",
-        &|out| {
-            for p in &proxies {
-                for (reason, n) in REFUSALS.iter().zip(&p.refused) {
-                    let _ = writeln!(out, "plant_agent_proxy_connections_refused_total{{device=\"{}\",mode=\"{}\",reason=\"{reason}\"}} {}", p.device, p.mode, get(n));
-                }
-            }
-        },
-    );
-    series(
-        out,
-        "plant_agent_proxy_modbus_requests_refused_total",
-        "counter",
-        "Modbus requests refused by the peer's access, answered with exception 01.",
-        &|out| {
-            for p in &proxies {
-                let _ = writeln!(
-                    out,
-                    "plant_agent_proxy_modbus_requests_refused_total{{device=\"{}\"}} {}",
-                    p.device,
-                    get(&p.modbus_refused)
-                );
-            }
-        },
-    );
-    series(
-        out,
-        "plant_agent_proxy_malformed_sessions_total",
-        "counter",
-        "Sessions closed for a malformed Modbus/TCP frame.",
-        &|out| {
-            for p in &proxies {
-                let _ = writeln!(
-                    out,
-                    "plant_agent_proxy_malformed_sessions_total{{device=\"{}\"}} {}",
-                    p.device,
-                    get(&p.malformed)
-                );
-            }
-        },
-    );
-    series(out, "plant_agent_proxy_upstream_failures_total", "counter", "Connections to the PLC (or remote gateway) that failed or were not tried while it was backing off.", &|out| {
-        for p in &proxies {
-            let _ = writeln!(out, "plant_agent_proxy_upstream_failures_total{{device=\"{}\",mode=\"{}\"}} {}", p.device, p.mode, get(&p.upstream_failures));
-        }
-    });
 }

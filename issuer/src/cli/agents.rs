@@ -7,8 +7,8 @@ use proto::admin::{
 use super::render::{self, ListFormat, Rows};
 use super::ConfigArg;
 use crate::admin::client::from_status;
-use crate::est_backend::rfc3339;
 use crate::Error;
+use proto::rfc3339_unix as rfc3339;
 
 #[derive(Debug, clap::Subcommand)]
 pub(super) enum AgentCommand {

@@ -89,7 +89,7 @@ async fn tail(config: &ConfigArg, count: usize, before: Option<u64>) -> Result<(
         println!(
             "{:>8}  {}  {:<20} {}",
             r.seq,
-            crate::est_backend::rfc3339(r.at_ms / 1000),
+            proto::rfc3339_unix(r.at_ms / 1000),
             r.event.kind,
             r.event.detail
         );

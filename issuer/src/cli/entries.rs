@@ -157,7 +157,7 @@ fn render_list(entries: &[Entry], format: ListFormat) -> String {
                     e.selectors.join(" "),
                     match e.x509_svid_ttl_seconds {
                         0 => "default".to_owned(),
-                        s => crate::duration::format(Duration::from_secs(s.into())),
+                        s => proto::duration::format(Duration::from_secs(s.into())),
                     },
                 ]);
             }

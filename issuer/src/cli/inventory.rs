@@ -5,9 +5,9 @@ use std::time::Duration;
 
 use super::render::{self, Format, Rows};
 use super::{parse_duration, ConfigArg};
-use crate::est_backend::rfc3339;
 use crate::store::{CertificateRecord, InventoryQuery, Status};
 use crate::Error;
+use proto::rfc3339_unix as rfc3339;
 
 /// Rows asked of the admin socket at a time.
 const PAGE: usize = 1000;
@@ -98,7 +98,7 @@ pub(super) async fn run(args: InventoryArgs) -> Result<(), Error> {
     match args.fail_if_expiring_within {
         Some(window) if total > 0 => Err(Error::Expiring(format!(
             "{total} certificate(s) expire within {}",
-            crate::duration::format(window)
+            proto::duration::format(window)
         ))),
         _ => Ok(()),
     }

@@ -84,7 +84,7 @@ enum Command {
 }
 
 fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
-    crate::duration::parse(text)
+    proto::duration::parse(text)
 }
 
 /// Runs a parsed command line.

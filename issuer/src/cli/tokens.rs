@@ -9,9 +9,9 @@ use super::render::{self, ListFormat, Rows};
 use super::{parse_duration, ConfigArg};
 use crate::admin::client::from_status;
 use crate::authority::{CreatedToken, TokenRequest};
-use crate::est_backend::rfc3339;
 use crate::store::TokenKind;
 use crate::Error;
+use proto::rfc3339_unix as rfc3339;
 
 #[derive(Debug, clap::Subcommand)]
 pub(super) enum TokenCommand {

@@ -74,7 +74,7 @@ fn render(authority: &Authority, filters: &Filters) -> Result<String, (StatusCod
     let expiring_within_secs = match filters.expiring_within.trim() {
         "" => None,
         text => Some(
-            crate::duration::parse(text)
+            proto::duration::parse(text)
                 .map_err(|e| bad(format!("expiring within {text:?}: {e}")))?
                 .as_secs(),
         ),
@@ -213,7 +213,7 @@ tr.revoked td.status, tr.expired td.status, tr.expired td.days-left {{ color: #b
             subject = escape(&row.subject),
             sans = escape(&row.sans.join(", ")),
             owner = escape(&row.owner),
-            rfc3339 = crate::est_backend::rfc3339(row.not_after),
+            rfc3339 = proto::rfc3339_unix(row.not_after),
             not_after = readable_time(row.not_after),
             left = left.text(),
         );

@@ -171,7 +171,7 @@ fn count(authority: &Authority) -> Result<Timeline, crate::Error> {
         counts,
         within_red,
         within_amber,
-        counted_at: crate::clock::rfc3339(now.replace_nanosecond(0).unwrap_or(now)),
+        counted_at: proto::rfc3339(now),
         windows,
     })
 }
