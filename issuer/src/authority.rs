@@ -216,7 +216,10 @@ impl Authority {
         let metrics = Arc::new(crate::metrics::Metrics::default());
         let backdate = time::Duration::try_from(config.issuance.backdate)
             .map_err(|e| Error::Config(format!("issuance.backdate: {e}")))?;
-        let spiffe_profiles = crate::profile::spiffe(&config.agent_api);
+        let spiffe_profiles = crate::profile::spiffe(
+            config.agent_api.x509_svid_ttl,
+            config.agent_api.node_svid_ttl,
+        );
         let pipeline = crate::issuance::Pipeline::new(crate::issuance::Parts {
             ca: ca.clone(),
             store: store.clone(),

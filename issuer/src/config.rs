@@ -29,7 +29,7 @@ pub struct Config {
     pub default_profile: String,
     /// The CRL and its plain-HTTP listener; absent means no CRL is published.
     #[serde(default)]
-    pub crl: Option<crate::crl::CrlConfig>,
+    pub crl: Option<CrlConfig>,
     /// Certificate profiles; each name is also an EST label.
     pub profiles: BTreeMap<String, Profile>,
     /// The agent API (gRPC over TLS): node attestation and SVID minting.
@@ -355,7 +355,7 @@ pub struct TokenConfig {
     /// are refused for a while, and their refusals summarized in the audit log (see
     /// `lockout`).
     #[serde(default)]
-    pub lockout: crate::lockout::LockoutPolicy,
+    pub lockout: LockoutPolicy,
 }
 
 impl Default for TokenConfig {
@@ -639,5 +639,82 @@ impl Config {
     /// The admin socket in the state folder.
     pub fn admin_socket(&self) -> PathBuf {
         self.state_dir().join("admin.sock")
+    }
+}
+
+/// `[crl]` in issuer.toml.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CrlConfig {
+    /// Plain-HTTP listen address; port 0 picks one (written to `state_dir/crl.url`).
+    pub listen: SocketAddr,
+    /// The URL put in certificates; default `http://<listen address>/crl/issuing.crl`.
+    /// Set it (and a fixed port) in production: certificates keep the URL they were issued with.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// How long each CRL is valid (its nextUpdate); it is re-issued at half this.
+    #[serde(with = "proto::duration::serde_text", default = "default_validity")]
+    pub validity: Duration,
+}
+
+fn default_validity() -> Duration {
+    Duration::from_secs(7 * 86_400)
+}
+
+/// `[tokens]` settings of the lockout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LockoutPolicy {
+    /// Unauthenticated refusals of one source within `window` that lock it out.
+    pub max_failures: u32,
+    /// The window failures are counted in, from a source's first failure.
+    #[serde(with = "proto::duration::serde_text")]
+    pub window: Duration,
+    /// How long a locked-out source is refused.
+    #[serde(with = "proto::duration::serde_text")]
+    pub lockout: Duration,
+    /// Most sources tracked at once; the oldest is forgotten to make room.
+    pub max_sources: usize,
+    /// How long a source's refusals are counted before their `refusals.summarized` audit
+    /// record is written (the first of each interval is audited on its own).
+    #[serde(
+        with = "proto::duration::serde_text",
+        default = "default_summary_interval"
+    )]
+    pub summary_interval: Duration,
+}
+
+fn default_summary_interval() -> Duration {
+    Duration::from_secs(60)
+}
+
+impl Default for LockoutPolicy {
+    fn default() -> Self {
+        Self {
+            max_failures: 10,
+            window: Duration::from_secs(60),
+            lockout: Duration::from_secs(300),
+            max_sources: 65_536,
+            summary_interval: default_summary_interval(),
+        }
+    }
+}
+
+impl LockoutPolicy {
+    /// Checked at config load.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.max_failures == 0 {
+            return Err("tokens.lockout.max_failures must be at least 1".into());
+        }
+        if self.window.is_zero() || self.lockout.is_zero() {
+            return Err("tokens.lockout.window and .lockout must be longer than 0s".into());
+        }
+        if self.max_sources == 0 {
+            return Err("tokens.lockout.max_sources must be at least 1".into());
+        }
+        if self.summary_interval < Duration::from_secs(1) {
+            return Err("tokens.lockout.summary_interval must be at least 1s".into());
+        }
+        Ok(())
     }
 }

@@ -3,7 +3,6 @@
 //! distribution point. Plain HTTP on purpose: a relying party must be able to fetch the
 //! CRL without already trusting a TLS server that the CRL might revoke.
 
-use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
@@ -13,7 +12,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use rcgen::{CertificateRevocationListParams, RevokedCertParams, SerialNumber};
-use serde::{Deserialize, Serialize};
 
 use crate::authority::Authority;
 use crate::serial::Serial;
@@ -21,25 +19,6 @@ use crate::Error;
 
 /// The path the CRL is served at.
 pub const PATH: &str = "/crl/issuing.crl";
-
-/// `[crl]` in issuer.toml.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CrlConfig {
-    /// Plain-HTTP listen address; port 0 picks one (written to `state_dir/crl.url`).
-    pub listen: SocketAddr,
-    /// The URL put in certificates; default `http://<listen address>/crl/issuing.crl`.
-    /// Set it (and a fixed port) in production: certificates keep the URL they were issued with.
-    #[serde(default)]
-    pub url: Option<String>,
-    /// How long each CRL is valid (its nextUpdate); it is re-issued at half this.
-    #[serde(with = "proto::duration::serde_text", default = "default_validity")]
-    pub validity: Duration,
-}
-
-fn default_validity() -> Duration {
-    Duration::from_secs(7 * 86_400)
-}
 
 /// The published CRL and where it is served.
 #[derive(Debug, Default)]

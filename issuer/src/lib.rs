@@ -6,6 +6,7 @@ pub mod agent_api;
 pub mod attestation;
 pub mod authority;
 pub mod ca;
+pub mod ca_key;
 mod check;
 pub mod cli;
 pub mod clock;

@@ -35,65 +35,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
-
-/// `[tokens]` settings of the lockout.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LockoutPolicy {
-    /// Unauthenticated refusals of one source within `window` that lock it out.
-    pub max_failures: u32,
-    /// The window failures are counted in, from a source's first failure.
-    #[serde(with = "proto::duration::serde_text")]
-    pub window: Duration,
-    /// How long a locked-out source is refused.
-    #[serde(with = "proto::duration::serde_text")]
-    pub lockout: Duration,
-    /// Most sources tracked at once; the oldest is forgotten to make room.
-    pub max_sources: usize,
-    /// How long a source's refusals are counted before their `refusals.summarized` audit
-    /// record is written (the first of each interval is audited on its own).
-    #[serde(
-        with = "proto::duration::serde_text",
-        default = "default_summary_interval"
-    )]
-    pub summary_interval: Duration,
-}
-
-fn default_summary_interval() -> Duration {
-    Duration::from_secs(60)
-}
-
-impl Default for LockoutPolicy {
-    fn default() -> Self {
-        Self {
-            max_failures: 10,
-            window: Duration::from_secs(60),
-            lockout: Duration::from_secs(300),
-            max_sources: 65_536,
-            summary_interval: default_summary_interval(),
-        }
-    }
-}
-
-impl LockoutPolicy {
-    /// Checked at config load.
-    pub fn validate(&self) -> Result<(), String> {
-        if self.max_failures == 0 {
-            return Err("tokens.lockout.max_failures must be at least 1".into());
-        }
-        if self.window.is_zero() || self.lockout.is_zero() {
-            return Err("tokens.lockout.window and .lockout must be longer than 0s".into());
-        }
-        if self.max_sources == 0 {
-            return Err("tokens.lockout.max_sources must be at least 1".into());
-        }
-        if self.summary_interval < Duration::from_secs(1) {
-            return Err("tokens.lockout.summary_interval must be at least 1s".into());
-        }
-        Ok(())
-    }
-}
+use crate::config::LockoutPolicy;
 
 /// Where attempts come from: an IPv4 address or an IPv6 /64.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -206,8 +206,10 @@ pub const ISSUER_SERVER_LIFETIME: Duration = Duration::from_secs(90 * 86_400);
 /// The profiles of certificates with a SPIFFE ID, reachable only from the issuer's own code,
 /// never from an EST label: the issuer's TLS certificate, and the SVID profiles (DESIGN §5): CA=false, keyUsage digitalSignature (critical), EKU
 /// serverAuth + clientAuth, one URI SAN (the SPIFFE ID) and, for workloads, DNS names.
+/// `x509_svid_ttl` and `node_svid_ttl` come from `[agent_api]`.
 pub fn spiffe(
-    config: &crate::config::AgentApiConfig,
+    x509_svid_ttl: Duration,
+    node_svid_ttl: Duration,
 ) -> std::collections::BTreeMap<String, Profile> {
     let profile = |description: &str, lifetime, san| Profile {
         description: description.into(),
@@ -224,15 +226,11 @@ pub fn spiffe(
     [
         (
             SVID.to_owned(),
-            profile(
-                "workload X509-SVIDs",
-                config.x509_svid_ttl,
-                vec![SanKind::Dns],
-            ),
+            profile("workload X509-SVIDs", x509_svid_ttl, vec![SanKind::Dns]),
         ),
         (
             NODE_SVID.to_owned(),
-            profile("agent node SVIDs", config.node_svid_ttl, vec![]),
+            profile("agent node SVIDs", node_svid_ttl, vec![]),
         ),
         (
             ISSUER_SERVER.to_owned(),

@@ -27,7 +27,7 @@ use rcgen::{
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
-use crate::ca::HsmKey;
+use crate::ca_key::HsmKey;
 use crate::serial::Serial;
 use crate::Error;
 use proto::rfc3339;
@@ -276,7 +276,7 @@ impl SigningKeys {
         params.use_authority_key_identifier_extension = true;
         let certificate = params
             .signed_by(&key, issuing)
-            .map_err(|e| crate::ca::key_fault(e, issuing.key()))?;
+            .map_err(|e| crate::ca_key::key_fault(e, issuing.key()))?;
         Ok(Some(ShortLivedKey {
             der: certificate.der().to_vec(),
             issuer: Issuer::new(params, key),
