@@ -16,18 +16,20 @@ use std::time::{Duration, SystemTime};
 use proto::TrustDomain;
 use tokio::sync::watch;
 
-use crate::entry::Entry;
-use crate::issuer_client::{IssuerClient, IssuerEndpoint, NodeIdentity};
-use crate::jwt::JwtKeys;
-use crate::metrics::{Outcome, METRICS};
-use crate::node::NodeAttestation;
-use crate::pem_files::{self, Overwrite};
-use crate::rotation::{
+use crate::daemon::entry::Entry;
+use crate::daemon::issuer_client::{IssuerClient, IssuerEndpoint, NodeIdentity};
+use crate::daemon::jwt::JwtKeys;
+use crate::daemon::metrics::{Outcome, METRICS};
+use crate::daemon::node::NodeAttestation;
+use crate::daemon::rotation::{
     arrived_expired, clock_ahead_message, is_valid, jitter, lifetime_start, retry_delay,
     rotation_time,
 };
-use crate::status::{self, Status};
-use crate::svid::{certificate_validity, ensure_certifies, spiffe_id_of, KeyPair, X509Svid};
+use crate::daemon::status::{self, Status};
+use crate::daemon::svid::{
+    certificate_validity, ensure_certifies, spiffe_id_of, KeyPair, X509Svid,
+};
+use crate::pem_files::{self, Overwrite};
 use crate::Error;
 
 /// CSRs per MintX509Svids call.
@@ -803,7 +805,7 @@ pub fn node_files(state_dir: &Path) -> [PathBuf; 3] {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::node::JoinTokenAttestation;
+    use crate::daemon::node::JoinTokenAttestation;
 
     fn manager(state_dir: &Path) -> Manager {
         let ca = rcgen::CertificateParams::default()
@@ -817,9 +819,9 @@ mod tests {
             state_dir.to_owned(),
             Duration::from_secs(5),
             endpoint,
-            Box::new(JoinTokenAttestation::new(crate::config::JoinToken::Inline(
-                zeroize::Zeroizing::new("token".into()),
-            ))),
+            Box::new(JoinTokenAttestation::new(
+                crate::daemon::config::JoinToken::Inline(zeroize::Zeroizing::new("token".into())),
+            )),
         );
         manager
     }

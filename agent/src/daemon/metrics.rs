@@ -12,7 +12,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::connections::{Pending, PendingConnections};
+use crate::daemon::connections::{Pending, PendingConnections};
 use crate::Error;
 
 /// The file in the state directory that holds `http://<bound address>/metrics`.
@@ -215,7 +215,7 @@ impl Metrics {
             "plant_agent_workload_attestation_refusals_total {}",
             get(&self.refusals)
         );
-        crate::proxy::metrics::render(&mut out);
+        crate::daemon::proxy::metrics::render(&mut out);
         out
     }
 }
@@ -245,7 +245,7 @@ const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Answers `GET /metrics` (404 elsewhere) until `shutdown`. At most [`MAX_CONNECTIONS`]
 /// connections are held: at the limit the one that has waited longest for its request is
-/// shed ([`crate::connections`]), so idle connections, however many, neither exhaust the
+/// shed ([`crate::daemon::connections`]), so idle connections, however many, neither exhaust the
 /// agent's descriptors nor keep a scraper out.
 pub async fn serve(listener: TcpListener, shutdown: impl std::future::Future<Output = ()>) {
     tokio::pin!(shutdown);

@@ -35,9 +35,9 @@ pub use x509pop::X509PopAttestation;
 /// The attestation `config` names. Without `tcti`, the TPM is `PLANT_TPM_TCTI`'s, else the
 /// kernel's resource manager (the same default as a `tpm:` key reference).
 pub fn from_config(
-    config: &crate::config::AttestationConfig,
+    config: &crate::daemon::config::AttestationConfig,
 ) -> Result<Box<dyn NodeAttestation>, Error> {
-    use crate::config::AttestationConfig;
+    use crate::daemon::config::AttestationConfig;
     match config {
         AttestationConfig::JoinToken { token } => {
             Ok(Box::new(JoinTokenAttestation::new(token.clone())))

@@ -1,4 +1,4 @@
-//! Each proxy's counters, rendered into the agent's `/metrics` ([`crate::metrics`]).
+//! Each proxy's counters, rendered into the agent's `/metrics` ([`crate::daemon::metrics`]).
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
