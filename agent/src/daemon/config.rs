@@ -80,7 +80,7 @@ pub enum AttestationConfig {
         /// The device key: `key.pem`, a `key.ref` file, or a key reference (`tpm:…`).
         key: DeviceKey,
     },
-    /// TPM 2.0 credential activation (`agent::node::tpm`, wired by the integrator).
+    /// TPM 2.0 credential activation (`agent::daemon::node::tpm`; needs the `tpm` feature).
     Tpm {
         /// The TCTI of the TPM, e.g. `device:/dev/tpmrm0`; `None` = `PLANT_TPM_TCTI` or the
         /// default device.

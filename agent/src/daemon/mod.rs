@@ -3,7 +3,7 @@
 //! identity and the SVID cache fresh ([`cache`]) until SIGTERM or SIGINT, and removes the
 //! socket on the way out.
 //!
-//! - [`config`]: `agent.toml`.
+//! - [`config`] reads `agent.toml`.
 //! - [`node`]: node attestation (join token, x509pop; tpm) and [`issuer_client`], the agent
 //!   API client that drives it over TLS, then mTLS with the node SVID.
 //! - [`cache`]: entry sync, X509-SVID minting and [`rotation`] at half life ± 10 %.

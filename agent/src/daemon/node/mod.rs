@@ -5,6 +5,7 @@
 //! The calls may block (a TPM command takes tens of milliseconds on a real chip); the caller
 //! runs them on a blocking thread.
 
+#[cfg(feature = "tpm")]
 pub mod tpm;
 
 use proto::agent::{Challenge, ChallengeResponse, Evidence};
@@ -46,6 +47,7 @@ pub fn from_config(
             certificate,
             key.open()?,
         )?)),
+        #[cfg(feature = "tpm")]
         AttestationConfig::Tpm { tcti } => {
             let tcti = match tcti {
                 Some(tcti) => tcti.clone(),
@@ -53,5 +55,8 @@ pub fn from_config(
             };
             Ok(Box::new(tpm::TpmAttestation::open(&tcti)?))
         }
+        // The configuration parses the same in every build; only running it needs the TPM.
+        #[cfg(not(feature = "tpm"))]
+        AttestationConfig::Tpm { .. } => Err(hsm::Error::NO_TPM.into()),
     }
 }
