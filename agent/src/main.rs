@@ -8,13 +8,13 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
-use agent::batch::{self, BatchOptions};
-use agent::config::AgentConfig;
-use agent::credentials::{AuthScheme, EnrollmentToken, Pkcs12Password, TOKEN_ENV};
-use agent::enrollment::{self, Device, EnrollOptions, KeyOrigin};
+use agent::commissioning::batch::{self, BatchOptions};
+use agent::commissioning::credentials::{AuthScheme, EnrollmentToken, Pkcs12Password, TOKEN_ENV};
+use agent::commissioning::enrollment::{self, Device, EnrollOptions, KeyOrigin};
+use agent::commissioning::reenrollment::{self, CurrentKey, ReenrollOptions};
+use agent::daemon::config::AgentConfig;
+use agent::daemon::status::Status;
 use agent::pem_files::Overwrite;
-use agent::reenrollment::{self, CurrentKey, ReenrollOptions};
-use agent::status::Status;
 use est::Label;
 
 /// EX_USAGE from sysexits.h: the command line or a file it names is wrong.
@@ -267,7 +267,7 @@ async fn run(cli: Cli) -> Result<ExitCode, agent::Error> {
             print!("{}", status.render());
             print!(
                 "{}",
-                agent::proxy::describe(&config.proxy, &config.state_dir)
+                agent::daemon::proxy::describe(&config.proxy, &config.state_dir)
             );
             Ok(if status.daemon_running() {
                 ExitCode::SUCCESS

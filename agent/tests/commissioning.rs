@@ -9,12 +9,12 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use agent::batch::{self, BatchOptions};
 use agent::certificate::CertificateFacts;
-use agent::credentials::{AuthScheme, EnrollmentToken, Pkcs12Password};
-use agent::enrollment::{self, Device, EnrollOptions, KeyOrigin};
+use agent::commissioning::batch::{self, BatchOptions};
+use agent::commissioning::credentials::{AuthScheme, EnrollmentToken, Pkcs12Password};
+use agent::commissioning::enrollment::{self, Device, EnrollOptions, KeyOrigin};
+use agent::commissioning::reenrollment::{self, CurrentKey, ReenrollOptions};
 use agent::pem_files::{self, Overwrite, CA_FILE, CERT_FILE, CHAIN_FILE, KEY_FILE};
-use agent::reenrollment::{self, CurrentKey, ReenrollOptions};
 use agent::Error;
 use est::csr::RequestedName;
 use est::server::{

@@ -168,7 +168,7 @@ pub fn selector(data: &[u8]) {
         selectors: lines.map(str::to_owned).collect(),
         ..Default::default()
     };
-    if let Ok(entry) = agent::entry::Entry::from_wire(wire) {
+    if let Ok(entry) = agent::daemon::entry::Entry::from_wire(wire) {
         assert!(
             entry.matches(&entry.selectors),
             "an entry refuses its own selectors"
@@ -189,7 +189,7 @@ pub fn h2_authority(data: &[u8]) {
     };
     let mut input = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
     input.extend_from_slice(rest);
-    let mut rewriter = agent::authority::AuthorityRewriter::new();
+    let mut rewriter = agent::daemon::h2_authority::AuthorityRewriter::new();
     let mut out = Vec::new();
     for chunk in input.chunks(usize::from(split).max(1)) {
         if rewriter.feed(chunk, &mut out).is_err() {
@@ -203,8 +203,8 @@ pub fn h2_authority(data: &[u8]) {
 /// real relay between in-memory streams with an echoing PLC, the input cut where its first
 /// byte says so that frames arrive in pieces. Neither may panic or hang.
 pub fn modbus_frame(data: &[u8]) {
-    use agent::proxy::modbus::{self, Access};
-    use agent::proxy::relay::{self, Traffic};
+    use agent::daemon::proxy::modbus::{self, Access};
+    use agent::daemon::proxy::relay::{self, Traffic};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     let Some((&split, rest)) = data.split_first() else {
@@ -405,12 +405,12 @@ fn jwt_signer() -> &'static (p256::ecdsa::SigningKey, Vec<u8>) {
 /// Runs exactly what ValidateJWTSVID runs on a token, with the claims turned into the
 /// response's `google.protobuf.Struct`; an accepted token names a SPIFFE ID of the trust
 /// domain.
-fn validate_jwt(keys: &agent::jwt::JwtKeys, token: &str) {
+fn validate_jwt(keys: &agent::daemon::jwt::JwtKeys, token: &str) {
     let trust_domain = proto::TrustDomain::new(JWT_TRUST_DOMAIN).expect("trust domain");
     let now = SystemTime::UNIX_EPOCH + JWT_NOW;
     if let Ok((spiffe_id, claims)) = keys.validate(token, JWT_AUDIENCE, &trust_domain, now) {
         assert_eq!(spiffe_id.trust_domain(), trust_domain);
-        let _ = agent::jwt::claims_struct(claims);
+        let _ = agent::daemon::jwt::claims_struct(claims);
     }
 }
 
@@ -422,9 +422,10 @@ fn validate_jwt(keys: &agent::jwt::JwtKeys, token: &str) {
 pub fn jwt_svid(data: &[u8]) {
     use p256::ecdsa::signature::Signer;
 
-    static KEYS: OnceLock<agent::jwt::JwtKeys> = OnceLock::new();
+    static KEYS: OnceLock<agent::daemon::jwt::JwtKeys> = OnceLock::new();
     let (key, jwks) = jwt_signer();
-    let keys = KEYS.get_or_init(|| agent::jwt::JwtKeys::from_jwks(jwks).expect("fixed JWKS"));
+    let keys =
+        KEYS.get_or_init(|| agent::daemon::jwt::JwtKeys::from_jwks(jwks).expect("fixed JWKS"));
     let Some((&form, rest)) = data.split_first() else {
         return;
     };
@@ -450,7 +451,7 @@ pub fn jwt_svid(data: &[u8]) {
 pub fn jwt_bundle(data: &[u8]) {
     use p256::ecdsa::signature::Signer;
 
-    let Ok(keys) = agent::jwt::JwtKeys::from_jwks(data) else {
+    let Ok(keys) = agent::daemon::jwt::JwtKeys::from_jwks(data) else {
         return;
     };
     let (key, _) = jwt_signer();
@@ -469,7 +470,7 @@ pub fn jwt_bundle(data: &[u8]) {
 /// PLC proxy refuses; then the input asked about as a certificate, which counts as revoked
 /// when it does not parse.
 pub fn crl(data: &[u8]) {
-    let revoked = agent::proxy::identity::Revoked::from_crls(&[data.to_vec()]);
+    let revoked = agent::daemon::proxy::identity::Revoked::from_crls(&[data.to_vec()]);
     let _ = revoked.len();
     if agent::certificate::CertificateFacts::from_der("fuzz", data).is_err() {
         assert!(
@@ -515,7 +516,7 @@ pub fn agent_config(data: &[u8]) {
     let (socket_env, file) = text.split_once('\n').unwrap_or(("", text));
     let socket_env = (!socket_env.is_empty()).then_some(socket_env);
     let path = Path::new("/plant-fuzz-nonexistent/agent.toml");
-    if let Ok(config) = agent::config::AgentConfig::parse(path, file, socket_env) {
+    if let Ok(config) = agent::daemon::config::AgentConfig::parse(path, file, socket_env) {
         let _ = config.attestation.method();
         // Debug shows the configuration without its join token.
         let _ = format!("{config:?}");

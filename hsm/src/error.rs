@@ -16,9 +16,15 @@ pub enum Error {
         /// What is wrong with it.
         reason: &'static str,
     },
-    /// The backend named by the key reference is not built into this binary yet.
-    #[error("the {0} key backend is not available in this build")]
-    BackendUnavailable(&'static str),
+    /// The key reference (or the configuration) needs a backend this binary was built
+    /// without: its cargo feature was off.
+    #[error("this build has no {backend} support: rebuild with --features {feature}")]
+    NotBuiltIn {
+        /// The backend, e.g. `TPM`.
+        backend: &'static str,
+        /// The cargo feature that builds it, e.g. `tpm`.
+        feature: &'static str,
+    },
     /// A key already exists where a new one was to be created.
     #[error("refusing to overwrite the existing key at {0}")]
     KeyExists(PathBuf),
@@ -112,6 +118,28 @@ pub enum Error {
 }
 
 impl Error {
+    /// The error for a build without TPM support, for any caller that needs a TPM (a key
+    /// reference, node attestation).
+    pub const NO_TPM: Self = Self::NotBuiltIn {
+        backend: "TPM",
+        feature: "tpm",
+    };
+
+    /// The error for a build without PKCS#11 support.
+    pub const NO_PKCS11: Self = Self::NotBuiltIn {
+        backend: "PKCS#11",
+        feature: "pkcs11",
+    };
+
+    /// The error for a key reference whose backend this build lacks.
+    #[cfg(not(all(feature = "tpm", feature = "pkcs11")))]
+    pub(crate) fn not_built_in(key_ref: &crate::KeyRef) -> Self {
+        match key_ref {
+            crate::KeyRef::Pkcs11(_) => Self::NO_PKCS11,
+            _ => Self::NO_TPM,
+        }
+    }
+
     /// Whether retrying later may succeed: the device was busy or unreachable, not wrong.
     pub fn is_transient(&self) -> bool {
         matches!(self, Self::Busy { .. } | Self::Unavailable { .. })

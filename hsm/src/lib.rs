@@ -35,20 +35,25 @@
 
 pub mod key_ref;
 
+#[cfg(any(feature = "tpm", feature = "pkcs11"))]
 mod ecdsa;
 mod error;
 mod key_file;
+#[cfg(feature = "pkcs11")]
 mod pkcs11;
 mod public_key;
 mod soft;
+#[cfg(feature = "tpm")]
 pub mod tpm;
 
 pub use error::Error;
 pub use key_ref::{KeyRef, Pkcs11KeyRef, Tcti, TpmKeyRef, TpmObject, DEFAULT_PKCS11_MODULE};
+#[cfg(feature = "pkcs11")]
 pub use pkcs11::Pkcs11Key;
 pub use public_key::PublicKey;
 pub use soft::SoftKey;
-pub use tpm::{TpmKey, TpmOptions};
+#[cfg(feature = "tpm")]
+pub use tpm::TpmKey;
 
 use std::fmt;
 use std::sync::Arc;
@@ -92,13 +97,37 @@ pub struct Queue {
     pub capacity: usize,
 }
 
+/// How a TPM key queues and waits (the options exist without the `tpm` feature, so
+/// configuration parses the same in every build).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TpmOptions {
+    /// The longest a caller waits for a signature (and for opening or creating the key).
+    pub deadline: Duration,
+    /// Requests that may wait for the TPM at once; more are refused with [`Error::Busy`].
+    /// Shared by all keys of one TPM and fixed by the first one opened.
+    pub queue_capacity: usize,
+}
+
+impl Default for TpmOptions {
+    fn default() -> Self {
+        Self {
+            deadline: Duration::from_secs(5),
+            queue_capacity: 32,
+        }
+    }
+}
+
 /// Creates a new key at `key_ref` and returns its signer. Fails if a key already exists there
 /// (file, TPM persistent handle, PKCS#11 label), so `init` can never overwrite a CA key.
 pub fn create(key_ref: &KeyRef) -> Result<Arc<dyn Signer>, Error> {
     match key_ref {
         KeyRef::Soft { path } => Ok(Arc::new(SoftKey::create(path)?)),
+        #[cfg(feature = "tpm")]
         KeyRef::Tpm(tpm) => Ok(Arc::new(TpmKey::create(tpm)?)),
+        #[cfg(feature = "pkcs11")]
         KeyRef::Pkcs11(p11) => Ok(Arc::new(Pkcs11Key::create(p11)?)),
+        #[cfg(not(all(feature = "tpm", feature = "pkcs11")))]
+        other => Err(Error::not_built_in(other)),
     }
 }
 
@@ -106,8 +135,12 @@ pub fn create(key_ref: &KeyRef) -> Result<Arc<dyn Signer>, Error> {
 pub fn open(key_ref: &KeyRef) -> Result<Arc<dyn Signer>, Error> {
     match key_ref {
         KeyRef::Soft { path } => Ok(Arc::new(SoftKey::open(path)?)),
+        #[cfg(feature = "tpm")]
         KeyRef::Tpm(tpm) => Ok(Arc::new(TpmKey::open(tpm)?)),
+        #[cfg(feature = "pkcs11")]
         KeyRef::Pkcs11(p11) => Ok(Arc::new(Pkcs11Key::open(p11)?)),
+        #[cfg(not(all(feature = "tpm", feature = "pkcs11")))]
+        other => Err(Error::not_built_in(other)),
     }
 }
 
@@ -115,8 +148,12 @@ pub fn open(key_ref: &KeyRef) -> Result<Arc<dyn Signer>, Error> {
 /// (other backends have neither).
 pub fn open_with(key_ref: &KeyRef, options: TpmOptions) -> Result<Arc<dyn Signer>, Error> {
     match key_ref {
+        #[cfg(feature = "tpm")]
         KeyRef::Tpm(tpm) => Ok(Arc::new(TpmKey::open_with(tpm, options)?)),
-        other => open(other),
+        other => {
+            let _ = options;
+            open(other)
+        }
     }
 }
 
@@ -131,4 +168,28 @@ pub fn signature_rate(signer: &dyn Signer, count: u32) -> Result<f64, Error> {
     }
     let elapsed = start.elapsed().max(Duration::from_nanos(1));
     Ok(f64::from(count) / elapsed.as_secs_f64())
+}
+
+/// Run with `cargo test -p hsm --no-default-features`: the default build has both backends.
+#[cfg(all(test, not(feature = "tpm"), not(feature = "pkcs11")))]
+mod without_hardware_backends {
+    use super::*;
+
+    #[test]
+    fn a_key_reference_to_a_backend_left_out_is_refused_with_the_feature_to_build() {
+        let tpm: KeyRef = "tpm:handle=0x81010001".parse().expect("tpm key reference");
+        let error = open(&tpm).expect_err("no TPM in this build");
+        assert_eq!(
+            error.to_string(),
+            "this build has no TPM support: rebuild with --features tpm"
+        );
+        let pkcs11: KeyRef = "pkcs11:token=plant;object=issuing-ca"
+            .parse()
+            .expect("pkcs11 key reference");
+        let error = create(&pkcs11).expect_err("no PKCS#11 in this build");
+        assert_eq!(
+            error.to_string(),
+            "this build has no PKCS#11 support: rebuild with --features pkcs11"
+        );
+    }
 }

@@ -704,7 +704,7 @@ fn audit_lines(issuer: &Issuer, kind: &str) -> Result<Vec<String>> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_modbus_requests_reported_by_a_node_land_in_the_issuer_audit_log() -> Result<()> {
-    use agent::proxy_audit::{ProxyAudit, RefusedRequest};
+    use agent::daemon::proxy_audit::{ProxyAudit, RefusedRequest};
     let issuer = Issuer::start()?;
     let node = attest_with_token(&issuer, &issuer.join_token()?)
         .await?
@@ -712,10 +712,11 @@ async fn refused_modbus_requests_reported_by_a_node_land_in_the_issuer_audit_log
     let node_id = node.svid.spiffe_id.clone();
 
     // The agent's reporter, over the agent's own issuer client with the node SVID.
-    let key = agent::svid::KeyPair::from_pkcs8_pem(&node.key.serialize_pem())?;
-    let identity = agent::issuer_client::NodeIdentity::from_node_svid(node.svid.clone(), key)?;
+    let key = agent::daemon::svid::KeyPair::from_pkcs8_pem(&node.key.serialize_pem())?;
+    let identity =
+        agent::daemon::issuer_client::NodeIdentity::from_node_svid(node.svid.clone(), key)?;
     let root_pem = std::fs::read_to_string(issuer.root_pem())?;
-    let endpoint = agent::issuer_client::IssuerEndpoint::new(
+    let endpoint = agent::daemon::issuer_client::IssuerEndpoint::new(
         &issuer.agent_api_url()?,
         &plant_tests::pem_blocks(&root_pem, "CERTIFICATE"),
     )?;

@@ -9,7 +9,7 @@ use anyhow::{ensure, Context, Result};
 use plant_tests::{Agent, Issuer};
 use rustix::process::{getrlimit, setrlimit, Resource};
 
-/// Connections the agent's metrics listener holds at most (agent::metrics::MAX_CONNECTIONS).
+/// Connections the agent's metrics listener holds at most (agent::daemon::metrics::MAX_CONNECTIONS).
 const MAX_CONNECTIONS: usize = 32;
 
 /// The soft and hard open-file limits of process `pid`, from /proc/<pid>/limits.

@@ -3,8 +3,8 @@
 //! the agent's `TpmAttestation` produces the evidence and activates the credential; the
 //! issuer's `TpmAttestor` checks the evidence and makes the credential in software.
 
-use agent::node::tpm::TpmAttestation;
-use agent::node::NodeAttestation;
+use agent::daemon::node::tpm::TpmAttestation;
+use agent::daemon::node::NodeAttestation;
 use der::{Decode, Encode};
 use issuer::attestation::tpm::TpmAttestor;
 use issuer::attestation::{AttestedNode, NodeAttestor, PendingAttestation, Refusal, Step};

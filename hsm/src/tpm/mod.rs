@@ -35,26 +35,7 @@ use tss_esapi::handles::KeyHandle;
 use tss_esapi::Context;
 
 use crate::key_ref::{Tcti, TpmKeyRef, TpmObject};
-use crate::{Error, PublicKey, Queue, Signer};
-
-/// How a [`TpmKey`] queues and waits.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct TpmOptions {
-    /// The longest a caller waits for a signature (and for opening or creating the key).
-    pub deadline: Duration,
-    /// Requests that may wait for the TPM at once; more are refused with [`Error::Busy`].
-    /// Shared by all keys of one TPM and fixed by the first one opened.
-    pub queue_capacity: usize,
-}
-
-impl Default for TpmOptions {
-    fn default() -> Self {
-        Self {
-            deadline: Duration::from_secs(5),
-            queue_capacity: 32,
-        }
-    }
-}
+use crate::{Error, PublicKey, Queue, Signer, TpmOptions};
 
 /// A P-256 key inside a TPM 2.0.
 pub struct TpmKey {

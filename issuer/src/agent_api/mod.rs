@@ -77,11 +77,33 @@ pub fn attestors(
         )),
     ];
     if let Some(tpm) = &config.attestation.tpm {
-        attestors.push(Box::new(crate::attestation::tpm::TpmAttestor::from_config(
-            tpm, config,
-        )?));
+        attestors.push(tpm_attestor(tpm, config)?);
     }
     Ok(attestors)
+}
+
+/// The attestor for `[attestation.tpm]`.
+#[cfg(feature = "tpm")]
+fn tpm_attestor(
+    tpm: &crate::config::TpmAttestationConfig,
+    config: &Config,
+) -> Result<Box<dyn NodeAttestor>, Error> {
+    Ok(Box::new(crate::attestation::tpm::TpmAttestor::from_config(
+        tpm, config,
+    )?))
+}
+
+/// Checking TPM evidence parses TPM structures with tss-esapi: a build without it refuses
+/// `[attestation.tpm]` at start-up rather than quietly leaving the method off.
+#[cfg(not(feature = "tpm"))]
+fn tpm_attestor(
+    _: &crate::config::TpmAttestationConfig,
+    _: &Config,
+) -> Result<Box<dyn NodeAttestor>, Error> {
+    Err(Error::Config(format!(
+        "[attestation.tpm]: {}",
+        hsm::Error::NO_TPM
+    )))
 }
 
 /// The peer's certificate chain (leaf first), as the TLS handshake saw it; empty without a

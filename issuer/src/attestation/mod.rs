@@ -6,6 +6,7 @@
 //! into a node SVID `spiffe://<td>/agent/<method>/<id>` through the one issuance pipeline.
 
 pub mod join_token;
+#[cfg(feature = "tpm")]
 pub mod tpm;
 pub mod x509pop;
 

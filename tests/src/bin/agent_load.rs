@@ -482,15 +482,15 @@ async fn mint(
     batch: usize,
     concurrency: usize,
 ) -> Result<()> {
-    use agent::issuer_client::{IssuerEndpoint, NodeIdentity};
-    let [chain_file, key_file, node_bundle_file] = agent::cache::node_files(agent_state);
+    use agent::daemon::issuer_client::{IssuerEndpoint, NodeIdentity};
+    let [chain_file, key_file, node_bundle_file] = agent::daemon::cache::node_files(agent_state);
     let read = |path: &Path| {
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
     };
     let chain = plant_tests::pem_blocks(&read(&chain_file)?, "CERTIFICATE");
-    let key = agent::svid::KeyPair::from_pkcs8_pem(&read(&key_file)?)?;
+    let key = agent::daemon::svid::KeyPair::from_pkcs8_pem(&read(&key_file)?)?;
     let node_bundle = plant_tests::pem_blocks(&read(&node_bundle_file)?, "CERTIFICATE");
-    let spiffe_id = agent::svid::spiffe_id_of(
+    let spiffe_id = agent::daemon::svid::spiffe_id_of(
         "node SVID",
         chain
             .first()
@@ -516,7 +516,7 @@ async fn mint(
         let id = proto::SpiffeId::new(&entry.spiffe_id)?;
         requests.push((
             entry.id.clone(),
-            agent::svid::KeyPair::generate()?.csr(Some(&id))?,
+            agent::daemon::svid::KeyPair::generate()?.csr(Some(&id))?,
         ));
     }
     let requests = Arc::new(requests);

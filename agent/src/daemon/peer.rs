@@ -41,7 +41,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::UnixStream;
 
-use crate::authority::AuthorityRewriter;
+use crate::daemon::h2_authority::AuthorityRewriter;
 
 /// At most this many executable digests are kept; the cache starts over when full.
 const HASH_CACHE_ENTRIES: usize = 1024;
@@ -345,7 +345,7 @@ impl ExecutableHashes {
 /// A Workload API connection with its attested peer, for tonic's `serve_with_incoming`: the
 /// peer is recorded at accept and reaches handlers as a request extension
 /// (`Arc<Peer>`). What the client sends passes through an [`AuthorityRewriter`], so gRPC
-/// clients that name the socket path as `:authority` are served (see [`crate::authority`]).
+/// clients that name the socket path as `:authority` are served (see [`crate::daemon::h2_authority`]).
 #[derive(Debug)]
 pub struct PeerStream {
     inner: UnixStream,

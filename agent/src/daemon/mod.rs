@@ -1,17 +1,52 @@
-//! `agent run`: the daemon. Binds the Workload API socket, then keeps the node identity and
-//! the SVID cache fresh ([`crate::cache`]) until SIGTERM or SIGINT, and removes the socket on
-//! the way out.
+//! The daemon (`agent run`): it attests its node to the issuer and serves workloads SPIFFE
+//! SVIDs over the Workload API. [`run`] binds the Workload API socket, then keeps the node
+//! identity and the SVID cache fresh ([`cache`]) until SIGTERM or SIGINT, and removes the
+//! socket on the way out.
+//!
+//! - [`config`] reads `agent.toml`.
+//! - [`node`]: node attestation (join token, x509pop; tpm) and [`issuer_client`], the agent
+//!   API client that drives it over TLS, then mTLS with the node SVID.
+//! - [`cache`]: entry sync, X509-SVID minting and [`rotation`] at half life ± 10 %.
+//! - [`workload_api`]: the SPIFFE Workload API on a Unix socket; callers attested by [`peer`];
+//!   [`h2_authority`] rewrites the socket path some gRPC clients send as `:authority`.
+//! - [`status`]: `<state_dir>/status.json` and `agent status`.
+//! - [`metrics`]: Prometheus `/metrics` on `metrics_listen`.
+//! - [`proxy`]: the legacy PLC proxy, inbound (mTLS in front of a PLC) and outbound (a legacy
+//!   client's plain TCP out as mTLS); refused Modbus requests reach the issuer's audit log
+//!   through [`proxy_audit`].
+//!
+//! Nothing here imports [`crate::commissioning`], nor the other way round: what both use
+//! ([`crate::certificate`], [`crate::pem_files`], [`crate::Error`]) is at the crate's root.
+
+pub mod cache;
+pub mod config;
+pub mod connections;
+pub mod entry;
+pub mod h2_authority;
+pub mod issuer_client;
+pub mod jwt;
+pub mod metrics;
+pub mod node;
+pub mod peer;
+pub mod proxy;
+pub mod proxy_audit;
+pub mod rotation;
+pub mod socket_address;
+pub mod status;
+pub mod svid;
+pub mod workload_api;
 
 use std::os::unix::fs::PermissionsExt;
 
 use tokio::sync::watch;
 
-use crate::cache::{self, Manager};
-use crate::config::{AgentConfig, AttestationConfig};
-use crate::issuer_client::IssuerEndpoint;
-use crate::proxy_audit::ProxyAudit;
-use crate::workload_api::{self, WorkloadApi};
-use crate::{metrics, node, pem_files, proxy, Error};
+use cache::Manager;
+use config::{AgentConfig, AttestationConfig};
+use issuer_client::IssuerEndpoint;
+use proxy_audit::ProxyAudit;
+use workload_api::WorkloadApi;
+
+use crate::{pem_files, Error};
 
 /// How long shutdown waits for open Workload API calls to finish.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);

@@ -5,6 +5,7 @@
 //! The calls may block (a TPM command takes tens of milliseconds on a real chip); the caller
 //! runs them on a blocking thread.
 
+#[cfg(feature = "tpm")]
 pub mod tpm;
 
 use proto::agent::{Challenge, ChallengeResponse, Evidence};
@@ -35,9 +36,9 @@ pub use x509pop::X509PopAttestation;
 /// The attestation `config` names. Without `tcti`, the TPM is `PLANT_TPM_TCTI`'s, else the
 /// kernel's resource manager (the same default as a `tpm:` key reference).
 pub fn from_config(
-    config: &crate::config::AttestationConfig,
+    config: &crate::daemon::config::AttestationConfig,
 ) -> Result<Box<dyn NodeAttestation>, Error> {
-    use crate::config::AttestationConfig;
+    use crate::daemon::config::AttestationConfig;
     match config {
         AttestationConfig::JoinToken { token } => {
             Ok(Box::new(JoinTokenAttestation::new(token.clone())))
@@ -46,6 +47,7 @@ pub fn from_config(
             certificate,
             key.open()?,
         )?)),
+        #[cfg(feature = "tpm")]
         AttestationConfig::Tpm { tcti } => {
             let tcti = match tcti {
                 Some(tcti) => tcti.clone(),
@@ -53,5 +55,8 @@ pub fn from_config(
             };
             Ok(Box::new(tpm::TpmAttestation::open(&tcti)?))
         }
+        // The configuration parses the same in every build; only running it needs the TPM.
+        #[cfg(not(feature = "tpm"))]
+        AttestationConfig::Tpm { .. } => Err(hsm::Error::NO_TPM.into()),
     }
 }

@@ -19,7 +19,7 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
 use super::metrics::ProxyMetrics;
-use crate::connections::{Pending, PendingConnections};
+use crate::daemon::connections::{Pending, PendingConnections};
 
 /// A TLS handshake that has not finished in this time is dropped: a real peer on a plant
 /// network needs milliseconds, and a stalled one must not hold its place for long.

@@ -19,8 +19,8 @@ use x509_cert::crl::CertificateList;
 use x509_cert::Certificate;
 
 use super::config::AllowList;
-use crate::cache::Snapshot;
-use crate::svid::{spiffe_id_of, X509Svid};
+use crate::daemon::cache::Snapshot;
+use crate::daemon::svid::{spiffe_id_of, X509Svid};
 
 /// Revoked certificates, by issuer and serial, from the CRLs the issuer hands out with the
 /// entries.

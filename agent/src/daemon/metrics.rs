@@ -2,7 +2,7 @@
 //! `GET /metrics` on `metrics_listen` (plain HTTP through hyper; absent: no listener): SVID
 //! minting and rotation, the cache's gauges, node attestation outcomes, failed issuer calls,
 //! Workload API requests by method and gRPC code, and each PLC proxy's counters
-//! ([`crate::proxy::metrics`]). One process-wide registry of atomics: counting takes no lock.
+//! ([`crate::daemon::proxy::metrics`]). One process-wide registry of atomics: counting takes no lock.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -19,7 +19,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::connections::{Pending, PendingConnections};
+use crate::daemon::connections::{Pending, PendingConnections};
 use crate::Error;
 
 /// The file in the state directory that holds `http://<bound address>/metrics`.
@@ -179,7 +179,7 @@ impl Metrics {
             "Workload API callers whose attestation was refused",
             metrics.refusals.clone(),
         );
-        crate::proxy::metrics::register(registry);
+        crate::daemon::proxy::metrics::register(registry);
         metrics
     }
 
@@ -273,7 +273,7 @@ const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Answers `GET /metrics` (404 elsewhere) until `shutdown`. At most [`MAX_CONNECTIONS`]
 /// connections are held: at the limit the one that has waited longest for its request is
-/// shed ([`crate::connections`]), so idle connections, however many, neither exhaust the
+/// shed ([`crate::daemon::connections`]), so idle connections, however many, neither exhaust the
 /// agent's descriptors nor keep a scraper out.
 pub async fn serve(listener: TcpListener, shutdown: impl std::future::Future<Output = ()>) {
     tokio::pin!(shutdown);

@@ -17,8 +17,8 @@ use super::modbus::Frame;
 use super::relay::{self, End, Refusal, Traffic};
 use super::session::{self, Session};
 use super::upstream::Upstream;
-use crate::proxy_audit::{ProxyAudit, RefusedRequest};
-use crate::svid::spiffe_id_of;
+use crate::daemon::proxy_audit::{ProxyAudit, RefusedRequest};
+use crate::daemon::svid::spiffe_id_of;
 
 /// What the inbound proxy presents and checks, as of the last cache change.
 #[derive(Debug, Clone)]

@@ -8,13 +8,13 @@ use est::Label;
 use hsm::KeyRef;
 
 use crate::certificate::{issuing_chain, CertificateFacts};
-use crate::client_identity::ReenrollClient;
-use crate::csr::DeviceNames;
-use crate::enrollment::Enrollment;
+use crate::commissioning::client_identity::ReenrollClient;
+use crate::commissioning::csr::DeviceNames;
+use crate::commissioning::enrollment::Enrollment;
+use crate::commissioning::trust::CaTrust;
 use crate::pem_files::{
     self, CredentialDir, Overwrite, CA_FILE, CHAIN_FILE, KEY_FILE, KEY_REF_FILE,
 };
-use crate::trust::CaTrust;
 use crate::Error;
 
 /// The key the current certificate belongs to.

@@ -6,7 +6,7 @@
 use std::fmt;
 
 use super::NodeAttestation;
-use crate::config::JoinToken;
+use crate::daemon::config::JoinToken;
 use crate::Error;
 use proto::agent::{evidence, Challenge, ChallengeResponse, Evidence, JoinTokenEvidence};
 

@@ -17,10 +17,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use crate::credentials::{AuthScheme, EnrollmentToken};
-use crate::enrollment::{enroll_with_local_key, Device, Enrollment, LabelSession};
+use crate::commissioning::credentials::{AuthScheme, EnrollmentToken};
+use crate::commissioning::enrollment::{enroll_with_local_key, Device, Enrollment, LabelSession};
+use crate::commissioning::trust::CaTrust;
 use crate::pem_files::{self, CredentialDir, Overwrite};
-use crate::trust::CaTrust;
 use crate::{BatchProblem, Error};
 
 /// The report written next to the device directories.
@@ -221,7 +221,7 @@ fn check_row(
     let subject_ok = if subject.is_empty() {
         reasons.push("the subject is empty".to_owned());
         false
-    } else if let Err(reason) = crate::enrollment::check_subject(subject) {
+    } else if let Err(reason) = crate::commissioning::enrollment::check_subject(subject) {
         reasons.push(reason);
         false
     } else if let Some(first) = seen.get(subject) {
@@ -511,7 +511,7 @@ mod tests {
         let names = rows[0].device.names().expect("names");
         assert_eq!(
             names,
-            crate::csr::DeviceNames::new(
+            crate::commissioning::csr::DeviceNames::new(
                 "plc-1",
                 &["plc-1.plant".into(), "plc-1.cell2".into()],
                 &["10.0.0.1".parse().expect("ip")]

@@ -8,7 +8,7 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
-use crate::cache::Snapshot;
+use crate::daemon::cache::Snapshot;
 use crate::pem_files::{self, Overwrite};
 use crate::Error;
 

@@ -1,4 +1,4 @@
-//! Each proxy's counters, registered into the agent's `/metrics` ([`crate::metrics`]).
+//! Each proxy's counters, registered into the agent's `/metrics` ([`crate::daemon::metrics`]).
 
 use std::sync::{Arc, LazyLock};
 

@@ -26,7 +26,7 @@ use proto::TrustDomain;
 use serde::Deserialize;
 use zeroize::Zeroizing;
 
-use crate::socket_address::SocketAddress;
+use crate::daemon::socket_address::SocketAddress;
 use crate::Error;
 
 /// The environment variable SPIFFE clients and servers read the Workload API address from
@@ -61,7 +61,7 @@ pub struct AgentConfig {
     /// How the node proves its identity.
     pub attestation: AttestationConfig,
     /// Legacy devices this agent proxies for.
-    pub proxy: crate::proxy::config::ProxyConfig,
+    pub proxy: crate::daemon::proxy::config::ProxyConfig,
 }
 
 /// The `[attestation]` table: one node attestation method and what it needs.
@@ -80,7 +80,7 @@ pub enum AttestationConfig {
         /// The device key: `key.pem`, a `key.ref` file, or a key reference (`tpm:…`).
         key: DeviceKey,
     },
-    /// TPM 2.0 credential activation (`agent::node::tpm`, wired by the integrator).
+    /// TPM 2.0 credential activation (`agent::daemon::node::tpm`; needs the `tpm` feature).
     Tpm {
         /// The TCTI of the TPM, e.g. `device:/dev/tpmrm0`; `None` = `PLANT_TPM_TCTI` or the
         /// default device.
@@ -204,7 +204,7 @@ struct RawConfig {
     metrics_listen: Option<String>,
     attestation: RawAttestation,
     #[serde(default)]
-    proxy: crate::proxy::config::RawProxy,
+    proxy: crate::daemon::proxy::config::RawProxy,
 }
 
 #[derive(Deserialize)]
@@ -290,7 +290,7 @@ impl AgentConfig {
             None => None,
         };
         let attestation = attestation(raw.attestation, path, &base, &bad)?;
-        let proxy = crate::proxy::config::parse(raw.proxy, &bad)?;
+        let proxy = crate::daemon::proxy::config::parse(raw.proxy, &bad)?;
         Ok(Self {
             path: path.to_owned(),
             server,

@@ -12,7 +12,7 @@ use p12_keystore::{
 };
 use sha2::Digest;
 
-use crate::credentials::Pkcs12Password;
+use crate::commissioning::credentials::Pkcs12Password;
 use crate::pem_files::{self, Overwrite};
 use crate::Error;
 

@@ -16,18 +16,20 @@ use std::time::{Duration, SystemTime};
 use proto::TrustDomain;
 use tokio::sync::watch;
 
-use crate::entry::Entry;
-use crate::issuer_client::{IssuerClient, IssuerEndpoint, NodeIdentity};
-use crate::jwt::JwtKeys;
-use crate::metrics::{Outcome, METRICS};
-use crate::node::NodeAttestation;
-use crate::pem_files::{self, Overwrite};
-use crate::rotation::{
+use crate::daemon::entry::Entry;
+use crate::daemon::issuer_client::{IssuerClient, IssuerEndpoint, NodeIdentity};
+use crate::daemon::jwt::JwtKeys;
+use crate::daemon::metrics::{Outcome, METRICS};
+use crate::daemon::node::NodeAttestation;
+use crate::daemon::rotation::{
     arrived_expired, clock_ahead_message, is_valid, jitter, lifetime_start, retry_delay,
     rotation_time,
 };
-use crate::status::{self, Status};
-use crate::svid::{certificate_validity, ensure_certifies, spiffe_id_of, KeyPair, X509Svid};
+use crate::daemon::status::{self, Status};
+use crate::daemon::svid::{
+    certificate_validity, ensure_certifies, spiffe_id_of, KeyPair, X509Svid,
+};
+use crate::pem_files::{self, Overwrite};
 use crate::Error;
 
 /// CSRs per MintX509Svids call.
@@ -106,36 +108,78 @@ struct Fingerprint {
 /// themselves).
 const CLOCK_STEP_TOLERANCE: Duration = Duration::from_secs(2);
 
-/// Keeps the cache fresh; see the module doc.
+/// Keeps the cache fresh; see the module doc. Its state is in parts by job: the node
+/// identity (`NodeKeeper`), when to sync entries and when to mint (a `Schedule` each), and
+/// what is published ([`Snapshot`] and the last error).
 pub struct Manager {
     trust_domain: TrustDomain,
     state_dir: PathBuf,
     sync_interval: Duration,
-    endpoint: IssuerEndpoint,
-    attestation: Arc<Mutex<Box<dyn NodeAttestation>>>,
-    method: &'static str,
-    can_reattest: bool,
-    node: Option<Node>,
-    /// Whether this node ever held an identity (this run or a persisted one).
-    had_identity: bool,
-    node_failures: u32,
-    next_node_attempt: SystemTime,
-    next_sync: SystemTime,
-    sync_failures: u32,
-    mint_failures: u32,
-    next_mint: SystemTime,
+    node: NodeKeeper,
+    sync_schedule: Schedule,
+    mint_schedule: Schedule,
     /// The wall-clock time of the previous pass, to notice the clock stepping back.
     last_pass: SystemTime,
     snapshot: Snapshot,
     last_error: Option<String>,
     state: watch::Sender<Arc<Snapshot>>,
+}
+
+/// The node identity's part: how the node attests, the identity it holds, and when to try
+/// again after a failure.
+struct NodeKeeper {
+    endpoint: IssuerEndpoint,
+    attestation: Arc<Mutex<Box<dyn NodeAttestation>>>,
+    method: &'static str,
+    can_reattest: bool,
+    current: Option<Node>,
+    /// Whether this node ever held an identity (this run or a persisted one).
+    had_identity: bool,
+    schedule: Schedule,
+    /// A client authenticated as the node, published for JWT-SVID minting.
     issuer: watch::Sender<Option<IssuerClient>>,
+}
+
+impl NodeKeeper {
+    /// Drops the node identity: the next pass attests again.
+    fn forget(&mut self) {
+        self.current = None;
+        self.issuer.send_replace(None);
+    }
+}
+
+/// When a recurring job (attestation or renewal, entry sync, minting) runs next, and how
+/// many times in a row it failed (its backoff).
+struct Schedule {
+    next: SystemTime,
+    failures: u32,
+}
+
+impl Schedule {
+    /// Due at `now`, no failures yet.
+    fn at(now: SystemTime) -> Self {
+        Self {
+            next: now,
+            failures: 0,
+        }
+    }
+
+    /// After a failure at `now`: wait the jittered backoff for the failures so far.
+    fn back_off(&mut self, now: SystemTime) {
+        self.back_off_at_most(now, Duration::MAX);
+    }
+
+    /// As [`Schedule::back_off`], waiting no longer than `longest`.
+    fn back_off_at_most(&mut self, now: SystemTime, longest: Duration) {
+        self.next = now + retry_delay(self.failures, jitter()).min(longest);
+        self.failures = self.failures.saturating_add(1);
+    }
 }
 
 impl std::fmt::Debug for Manager {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Manager")
-            .field("method", &self.method)
+            .field("method", &self.node.method)
             .field("entries", &self.snapshot.entries.len())
             .finish_non_exhaustive()
     }
@@ -167,23 +211,22 @@ impl Manager {
             trust_domain,
             state_dir,
             sync_interval,
-            endpoint,
-            method: attestation.method(),
-            can_reattest: attestation.can_reattest(),
-            attestation: Arc::new(Mutex::new(attestation)),
-            node: None,
-            had_identity: false,
-            node_failures: 0,
-            next_node_attempt: now,
-            next_sync: now,
-            sync_failures: 0,
-            mint_failures: 0,
-            next_mint: now,
+            node: NodeKeeper {
+                endpoint,
+                method: attestation.method(),
+                can_reattest: attestation.can_reattest(),
+                attestation: Arc::new(Mutex::new(attestation)),
+                current: None,
+                had_identity: false,
+                schedule: Schedule::at(now),
+                issuer,
+            },
+            sync_schedule: Schedule::at(now),
+            mint_schedule: Schedule::at(now),
             last_pass: now,
             snapshot,
             last_error: None,
             state,
-            issuer,
         };
         (
             manager,
@@ -221,10 +264,10 @@ impl Manager {
         let before = self.fingerprint();
         let error_before = self.last_error.clone();
         self.ensure_node(now).await?;
-        if self.node.is_some() && now >= self.next_sync {
+        if self.node.current.is_some() && now >= self.sync_schedule.next {
             self.sync(now).await;
         }
-        if self.node.is_some() && now >= self.next_mint {
+        if self.node.current.is_some() && now >= self.mint_schedule.next {
             self.mint(now).await;
         }
         self.drop_expired(SystemTime::now());
@@ -251,16 +294,16 @@ impl Manager {
             seconds = back.as_secs(),
             "the clock stepped back; retrying the issuer now instead of at the old times"
         );
-        self.next_node_attempt = self.next_node_attempt.min(now);
-        self.next_sync = self.next_sync.min(now);
-        self.next_mint = self.next_mint.min(now);
+        self.node.schedule.next = self.node.schedule.next.min(now);
+        self.sync_schedule.next = self.sync_schedule.next.min(now);
+        self.mint_schedule.next = self.mint_schedule.next.min(now);
     }
 
     fn load_persisted_node(&mut self) {
         match read_persisted_node(&self.state_dir) {
             Ok(Some(identity)) if is_valid(identity.not_after, SystemTime::now()) => {
                 tracing::info!(spiffe_id = %identity.spiffe_id, "node identity loaded from the state directory");
-                self.had_identity = true;
+                self.node.had_identity = true;
                 if let Err(e) = self.adopt(identity) {
                     tracing::warn!(error = %e, "persisted node identity not usable; attesting again");
                 }
@@ -296,7 +339,7 @@ impl Manager {
 
     /// Makes `identity` the node's: a client presenting it, the renewal time, the bundle.
     fn adopt(&mut self, identity: NodeIdentity) -> Result<(), Error> {
-        let client = self.endpoint.client(Some(&identity))?;
+        let client = self.node.endpoint.client(Some(&identity))?;
         // received_at: when it was loaded or arrived; for a persisted SVID "now" would push
         // renewal late, so a reloaded one counts from its notBefore.
         let rotate_at = rotation_time(
@@ -307,28 +350,29 @@ impl Manager {
         if !identity.bundle.is_empty() && !self.snapshot.synced {
             self.snapshot.bundle = identity.bundle.clone();
         }
-        self.issuer.send_replace(Some(client.clone()));
-        self.node = Some(Node {
+        self.node.issuer.send_replace(Some(client.clone()));
+        self.node.current = Some(Node {
             identity,
             rotate_at,
             client,
         });
-        self.had_identity = true;
+        self.node.had_identity = true;
         Ok(())
     }
 
     async fn ensure_node(&mut self, now: SystemTime) -> Result<(), Error> {
         let lapsed = self
             .node
+            .current
             .as_ref()
             .is_some_and(|n| !is_valid(n.identity.not_after, now));
         if lapsed {
             let dead_on_arrival = self
                 .node
+                .current
                 .as_ref()
                 .and_then(|n| arrived_expired(n.identity.not_after, n.identity.received_at));
-            self.node = None;
-            self.issuer.send_replace(None);
+            self.node.forget();
             match dead_on_arrival {
                 // The clock here is wrong, not the SVID: attesting again at once would only
                 // fetch another dead one, in a loop. Back off (doubling to 30 s) instead.
@@ -337,8 +381,7 @@ impl Manager {
                     if self.last_error.as_deref() != Some(message.as_str()) {
                         tracing::error!("{message}");
                     }
-                    self.next_node_attempt = now + retry_delay(self.node_failures, jitter());
-                    self.node_failures = self.node_failures.saturating_add(1);
+                    self.node.schedule.back_off(now);
                     self.last_error = Some(message);
                 }
                 None => {
@@ -347,15 +390,15 @@ impl Manager {
                     );
                     // Attestation is a new kind of attempt: its backoff starts from the
                     // beginning, so the node is back soon after the issuer is.
-                    self.node_failures = 0;
-                    self.next_node_attempt = now;
+                    self.node.schedule.failures = 0;
+                    self.node.schedule.next = now;
                 }
             }
         }
-        if now < self.next_node_attempt {
+        if now < self.node.schedule.next {
             return Ok(());
         }
-        match &self.node {
+        match &self.node.current {
             Some(node) if now < node.rotate_at => Ok(()),
             Some(node) => {
                 let client = node.client.clone();
@@ -372,25 +415,24 @@ impl Manager {
                     Err(e) => {
                         // Refused (e.g. the node was evicted): only a new attestation helps.
                         self.node_failed(now, &e);
-                        if self.can_reattest {
-                            self.node = None;
-                            self.issuer.send_replace(None);
+                        if self.node.can_reattest {
+                            self.node.forget();
                         }
                         Ok(())
                     }
                 }
             }
-            None if self.had_identity && !self.can_reattest => {
+            None if self.node.had_identity && !self.node.can_reattest => {
                 let message = format!(
                     "the node SVID has lapsed and a {} node can't attest again by itself: put a new token from `issuer token create --kind join` in agent.toml and restart the agent",
-                    self.method
+                    self.node.method
                 );
                 if self.last_error.as_deref() != Some(message.as_str()) {
                     tracing::error!("{message}");
                 }
                 self.last_error = Some(message);
                 // Nothing to retry; look again in a while in case the state changes.
-                self.next_node_attempt = now + self.sync_interval.max(Duration::from_secs(30));
+                self.node.schedule.next = now + self.sync_interval.max(Duration::from_secs(30));
                 Ok(())
             }
             None => self.attest(now).await,
@@ -398,8 +440,8 @@ impl Manager {
     }
 
     async fn attest(&mut self, now: SystemTime) -> Result<(), Error> {
-        let client = self.endpoint.client(None)?;
-        let attested = client.attest(&self.attestation).await;
+        let client = self.node.endpoint.client(None)?;
+        let attested = client.attest(&self.node.attestation).await;
         if let Err(e) = &attested {
             let refused = matches!(e, Error::Issuer { .. }) && !e.is_unavailable();
             METRICS.attestation(if refused {
@@ -411,19 +453,19 @@ impl Manager {
         match attested {
             Ok(identity) => {
                 METRICS.attestation(Outcome::Ok);
-                tracing::info!(spiffe_id = %identity.spiffe_id, method = self.method, "node attested");
+                tracing::info!(spiffe_id = %identity.spiffe_id, method = self.node.method, "node attested");
                 self.take_identity(identity);
                 // A new identity may be a new node: sync at once.
-                self.next_sync = now;
-                self.next_mint = now;
+                self.sync_schedule.next = now;
+                self.mint_schedule.next = now;
                 Ok(())
             }
             Err(e) if e.is_unavailable() => {
                 self.node_failed(now, &e);
                 Ok(())
             }
-            Err(e) if !self.had_identity => Err(match e {
-                Error::Issuer { step, code, message } if !self.can_reattest => Error::Issuer {
+            Err(e) if !self.node.had_identity => Err(match e {
+                Error::Issuer { step, code, message } if !self.node.can_reattest => Error::Issuer {
                     step,
                     code,
                     message: format!(
@@ -450,7 +492,7 @@ impl Manager {
             // its failure count stands, so the lapse it causes next pass backs off.
             Ok(()) if dead_on_arrival.is_some() => {}
             Ok(()) => {
-                self.node_failures = 0;
+                self.node.schedule.failures = 0;
                 self.last_error = None;
             }
             Err(e) => self.node_failed(SystemTime::now(), &e),
@@ -458,25 +500,24 @@ impl Manager {
     }
 
     fn node_failed(&mut self, now: SystemTime, error: &Error) {
-        tracing::warn!(error = %error, attempt = self.node_failures, "node identity");
-        self.next_node_attempt = now + retry_delay(self.node_failures, jitter());
-        self.node_failures = self.node_failures.saturating_add(1);
+        tracing::warn!(error = %error, attempt = self.node.schedule.failures, "node identity");
+        self.node.schedule.back_off(now);
         self.last_error = Some(error.to_string());
     }
 
     async fn sync(&mut self, now: SystemTime) {
-        let Some(node) = &self.node else { return };
+        let Some(node) = &self.node.current else {
+            return;
+        };
         match node.client.sync().await {
             Ok(response) => {
-                self.sync_failures = 0;
-                self.next_sync = now + self.sync_interval;
+                self.sync_schedule.failures = 0;
+                self.sync_schedule.next = now + self.sync_interval;
                 self.apply_sync(response);
             }
             Err(e) => {
                 tracing::warn!(error = %e, "entry sync failed; serving what is cached");
-                let delay = retry_delay(self.sync_failures, jitter()).min(self.sync_interval);
-                self.sync_failures = self.sync_failures.saturating_add(1);
-                self.next_sync = now + delay;
+                self.sync_schedule.back_off_at_most(now, self.sync_interval);
                 let refused = matches!(
                     &e,
                     Error::Issuer {
@@ -484,15 +525,14 @@ impl Manager {
                         ..
                     }
                 );
-                if refused && self.can_reattest {
+                if refused && self.node.can_reattest {
                     // The issuer no longer takes this node SVID (evicted): attest again.
-                    self.node = None;
-                    self.issuer.send_replace(None);
+                    self.node.forget();
                 }
-                self.last_error = Some(if refused && !self.can_reattest {
+                self.last_error = Some(if refused && !self.node.can_reattest {
                     format!(
                         "{e}; if this node was evicted, a {} node needs a new token from `issuer token create --kind join` in agent.toml and a restart (after removing {} in the state directory)",
-                        self.method, NODE_CHAIN_FILE
+                        self.node.method, NODE_CHAIN_FILE
                     )
                 } else {
                     e.to_string()
@@ -528,11 +568,11 @@ impl Manager {
         }
         if self.snapshot.entries != entries {
             // A new or changed entry is minted for now, not at the next retry.
-            self.next_mint = SystemTime::now();
+            self.mint_schedule.next = SystemTime::now();
         }
         self.snapshot.entries = entries;
         self.snapshot.synced = true;
-        if self.last_error.is_some() && self.node_failures == 0 {
+        if self.last_error.is_some() && self.node.schedule.failures == 0 {
             self.last_error = None;
         }
     }
@@ -553,10 +593,12 @@ impl Manager {
     async fn mint(&mut self, now: SystemTime) {
         let due = self.due(now);
         if due.is_empty() {
-            self.next_mint = self.next_rotation().unwrap_or(now + self.sync_interval);
+            self.mint_schedule.next = self.next_rotation().unwrap_or(now + self.sync_interval);
             return;
         }
-        let Some(node) = &self.node else { return };
+        let Some(node) = &self.node.current else {
+            return;
+        };
         let client = node.client.clone();
         let mut failed = None;
         for batch in due.chunks(MINT_BATCH) {
@@ -579,8 +621,8 @@ impl Manager {
         let missing = self.due(SystemTime::now()).len();
         match (failed, missing) {
             (None, 0) => {
-                self.mint_failures = 0;
-                self.next_mint = self.next_rotation().unwrap_or(now + self.sync_interval);
+                self.mint_schedule.failures = 0;
+                self.mint_schedule.next = self.next_rotation().unwrap_or(now + self.sync_interval);
             }
             (error, _) => {
                 let dead_on_arrival = self
@@ -594,9 +636,8 @@ impl Manager {
                     (None, Some(skew)) => clock_ahead_message("X509-SVID", skew),
                     (None, None) => format!("the issuer minted no SVID for {missing} entries"),
                 };
-                tracing::warn!(error = %text, attempt = self.mint_failures, "X509-SVID minting failed; retrying with backoff");
-                self.next_mint = now + retry_delay(self.mint_failures, jitter());
-                self.mint_failures = self.mint_failures.saturating_add(1);
+                tracing::warn!(error = %text, attempt = self.mint_schedule.failures, "X509-SVID minting failed; retrying with backoff");
+                self.mint_schedule.back_off(now);
                 self.last_error = Some(text);
             }
         }
@@ -621,16 +662,16 @@ impl Manager {
     fn next_wake(&self, now: SystemTime) -> SystemTime {
         let mut wake = now + self.sync_interval;
         let mut consider = |t: SystemTime| wake = wake.min(t);
-        match &self.node {
+        match &self.node.current {
             Some(node) => {
-                consider(self.next_sync);
-                consider(node.rotate_at.max(self.next_node_attempt));
-                consider(node.identity.not_after.max(self.next_node_attempt));
+                consider(self.sync_schedule.next);
+                consider(node.rotate_at.max(self.node.schedule.next));
+                consider(node.identity.not_after.max(self.node.schedule.next));
                 if !self.snapshot.entries.is_empty() {
-                    consider(self.next_mint);
+                    consider(self.mint_schedule.next);
                 }
             }
-            None => consider(self.next_node_attempt),
+            None => consider(self.node.schedule.next),
         }
         // Wake when an SVID expires, to stop serving it.
         for svid in self.snapshot.svids.values() {
@@ -661,7 +702,7 @@ impl Manager {
                 .iter()
                 .map(|(id, s)| (id.clone(), s.not_after))
                 .collect(),
-            node: self.node.as_ref().map(|n| n.identity.not_after),
+            node: self.node.current.as_ref().map(|n| n.identity.not_after),
         }
     }
 
@@ -669,17 +710,17 @@ impl Manager {
         METRICS.cache(
             self.snapshot.svids.len(),
             self.snapshot.entries.len(),
-            self.node.as_ref().map(|n| n.identity.not_after),
+            self.node.current.as_ref().map(|n| n.identity.not_after),
         );
         self.state.send_replace(Arc::new(self.snapshot.clone()));
-        let node = self.node.as_ref().map(|n| status::NodeStatus {
+        let node = self.node.current.as_ref().map(|n| status::NodeStatus {
             spiffe_id: n.identity.spiffe_id.to_string(),
             expires_at: proto::rfc3339(n.identity.not_after),
             renews_at: proto::rfc3339(n.rotate_at),
         });
         let status = Status::new(
             self.trust_domain.to_string(),
-            self.method,
+            self.node.method,
             node,
             &self.snapshot,
             self.last_error.clone(),
@@ -803,7 +844,7 @@ pub fn node_files(state_dir: &Path) -> [PathBuf; 3] {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::node::JoinTokenAttestation;
+    use crate::daemon::node::JoinTokenAttestation;
 
     fn manager(state_dir: &Path) -> Manager {
         let ca = rcgen::CertificateParams::default()
@@ -817,9 +858,9 @@ mod tests {
             state_dir.to_owned(),
             Duration::from_secs(5),
             endpoint,
-            Box::new(JoinTokenAttestation::new(crate::config::JoinToken::Inline(
-                zeroize::Zeroizing::new("token".into()),
-            ))),
+            Box::new(JoinTokenAttestation::new(
+                crate::daemon::config::JoinToken::Inline(zeroize::Zeroizing::new("token".into())),
+            )),
         );
         manager
     }
@@ -839,7 +880,7 @@ mod tests {
             .as_deref()
             .is_some_and(|e| e.contains("attesting")));
         // Nothing to serve and no node: no status change published beyond the error.
-        assert!(manager.node.is_none());
+        assert!(manager.node.current.is_none());
     }
 
     #[tokio::test]
@@ -883,7 +924,7 @@ mod tests {
         write_node(true);
         let mut loaded = manager(dir.path());
         loaded.load_persisted_node();
-        let node = loaded.node.as_ref().expect("loaded");
+        let node = loaded.node.current.as_ref().expect("loaded");
         assert_eq!(
             node.identity.spiffe_id.as_str(),
             "spiffe://plant.example/agent/join_token/abc"
@@ -899,6 +940,6 @@ mod tests {
         write_node(false);
         let mut expired = manager(dir.path());
         expired.load_persisted_node();
-        assert!(expired.node.is_none());
+        assert!(expired.node.current.is_none());
     }
 }

@@ -16,7 +16,7 @@ use proto::agent::ProxyEvent;
 use proto::SpiffeId;
 use tokio::sync::{mpsc, watch};
 
-use crate::issuer_client::IssuerClient;
+use crate::daemon::issuer_client::IssuerClient;
 use crate::Error;
 
 /// The event kind of a refused Modbus request.

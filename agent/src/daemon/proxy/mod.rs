@@ -29,9 +29,9 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::cache::Snapshot;
-use crate::proxy_audit::ProxyAudit;
-use crate::svid::X509Svid;
+use crate::daemon::cache::Snapshot;
+use crate::daemon::proxy_audit::ProxyAudit;
+use crate::daemon::svid::X509Svid;
 use crate::Error;
 use config::{Inbound, Outbound, ProxyConfig};
 use identity::Revoked;

@@ -9,7 +9,7 @@ use serde::Deserialize;
 
 use super::listener::Limits;
 use super::modbus::Access;
-use crate::config::parse_duration;
+use crate::daemon::config::parse_duration;
 
 /// How long connecting to the PLC (or the remote gateway) may take by default.
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);

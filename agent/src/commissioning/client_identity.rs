@@ -17,7 +17,7 @@ use rustls::pki_types::CertificateDer;
 use rustls::sign::CertifiedKey;
 use rustls::{SignatureAlgorithm, SignatureScheme};
 
-use crate::trust::CaTrust;
+use crate::commissioning::trust::CaTrust;
 
 /// The only scheme a Plant PKI key signs with: every backend holds P-256 keys and signs
 /// SHA-256 digests (RFC 8446 §4.2.3 `ecdsa_secp256r1_sha256`).

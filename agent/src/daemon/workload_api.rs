@@ -1,7 +1,7 @@
 //! The SPIFFE Workload API server (SPIFFE_Workload_API.md; DESIGN §5) on a Unix socket.
 //!
 //! - Every request must carry `workload.spiffe.io: true`, else InvalidArgument.
-//! - The caller is attested from the kernel ([`crate::peer`]); a caller no entry matches gets
+//! - The caller is attested from the kernel ([`crate::daemon::peer`]); a caller no entry matches gets
 //!   PermissionDenied.
 //! - Streams send their first message as soon as there is something to send, the full
 //!   current state in every message, and a new message whenever what this caller gets changes
@@ -28,13 +28,13 @@ use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
-use crate::cache::{Published, Snapshot};
-use crate::entry::Entry;
-use crate::issuer_client::IssuerClient;
-use crate::jwt::claims_struct;
-use crate::metrics::{self, METRICS};
-use crate::peer::{ExecutableHashes, Peer, PeerStream};
-use crate::rotation::is_valid;
+use crate::daemon::cache::{Published, Snapshot};
+use crate::daemon::entry::Entry;
+use crate::daemon::issuer_client::IssuerClient;
+use crate::daemon::jwt::claims_struct;
+use crate::daemon::metrics::{self, METRICS};
+use crate::daemon::peer::{ExecutableHashes, Peer, PeerStream};
+use crate::daemon::rotation::is_valid;
 use crate::Error;
 
 /// Cached JWT-SVIDs kept at most; past this, expired ones go, then all.
@@ -220,7 +220,7 @@ impl WorkloadApi {
         if !is_valid(expires_at, now) {
             return Err(Status::unavailable("the issuer minted an expired JWT-SVID"));
         }
-        let refresh_at = crate::rotation::rotation_time(now, expires_at, 0.0);
+        let refresh_at = crate::daemon::rotation::rotation_time(now, expires_at, 0.0);
         let mut cache = self.jwt_lock();
         if cache.len() >= JWT_CACHE_ENTRIES {
             cache.retain(|_, jwt| is_valid(jwt.expires_at, now));
@@ -547,8 +547,8 @@ pub async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cache::Snapshot;
-    use crate::svid::{KeyPair, X509Svid};
+    use crate::daemon::cache::Snapshot;
+    use crate::daemon::svid::{KeyPair, X509Svid};
     use proto::agent::RegistrationEntry;
     use proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
     use proto::TrustDomain;

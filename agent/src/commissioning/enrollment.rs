@@ -11,11 +11,11 @@ use hsm::KeyRef;
 use zeroize::Zeroizing;
 
 use crate::certificate::{issuing_chain, CertificateFacts};
-use crate::credentials::{AuthScheme, EnrollmentToken, Pkcs12Password};
-use crate::csr::DeviceNames;
+use crate::commissioning::credentials::{AuthScheme, EnrollmentToken, Pkcs12Password};
+use crate::commissioning::csr::DeviceNames;
+use crate::commissioning::pkcs12::Pkcs12Bundle;
+use crate::commissioning::trust::CaTrust;
 use crate::pem_files::{self, CredentialDir, Overwrite};
-use crate::pkcs12::Pkcs12Bundle;
-use crate::trust::CaTrust;
 use crate::Error;
 
 /// RFC 5280's upper bound for a commonName (ub-common-name).

@@ -25,9 +25,9 @@ use tokio_stream::StreamExt;
 use tonic::transport::{Channel, Endpoint};
 use zeroize::Zeroizing;
 
-use crate::metrics::METRICS;
-use crate::node::NodeAttestation;
-use crate::svid::{certificate_validity, KeyPair};
+use crate::daemon::metrics::METRICS;
+use crate::daemon::node::NodeAttestation;
+use crate::daemon::svid::{certificate_validity, KeyPair};
 use crate::Error;
 
 /// How long a connection attempt to the issuer may take.
@@ -72,7 +72,7 @@ impl NodeIdentity {
             .first()
             .ok_or_else(|| Error::certificate("node SVID from the issuer", "empty chain"))?;
         let (not_before, not_after) = certificate_validity("node SVID", leaf)?;
-        crate::svid::ensure_certifies("node SVID", leaf, &key)?;
+        crate::daemon::svid::ensure_certifies("node SVID", leaf, &key)?;
         Ok(Self {
             spiffe_id,
             chain: svid.chain,
