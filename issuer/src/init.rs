@@ -100,7 +100,9 @@ pub async fn run(options: &InitOptions) -> Result<InitReport, Error> {
         None,
     )
     .await?;
-    let chain = pem("CERTIFICATE", &der) + &hierarchy.issuing_pem;
+    let chain = der::pem::encode_string("CERTIFICATE", der::pem::LineEnding::LF, &der)
+        .map_err(|e| Error::Certificate(format!("encoding the certificate: {e}")))?
+        + &hierarchy.issuing_pem;
     write(&dir.join("tls/server.crt"), &chain)?;
     Ok(InitReport {
         config: config_path,
@@ -112,16 +114,6 @@ fn write(path: &Path, text: &str) -> Result<(), Error> {
     std::fs::write(path, text).map_err(Error::io(path))
 }
 
-pub(crate) fn pem(label: &str, der: &[u8]) -> String {
-    use base64::Engine;
-    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-    let mut out = format!("-----BEGIN {label}-----\n");
-    for chunk in b64.as_bytes().chunks(64) {
-        out.push_str(std::str::from_utf8(chunk).unwrap_or_default());
-        out.push('\n');
-    }
-    out + &format!("-----END {label}-----\n")
-}
 
 pub(crate) fn template(options: &InitOptions) -> String {
     let mut out = format!(

@@ -210,9 +210,12 @@ async fn renew_listener_certificate(
         renews,
     )
     .await?;
-    let mut text = crate::init::pem("CERTIFICATE", &der);
-    for ca in &chain[1..] {
-        text.push_str(&crate::init::pem("CERTIFICATE", ca));
+    let mut text = String::new();
+    for der in std::iter::once(&der).chain(&chain[1..]) {
+        text.push_str(
+            &der::pem::encode_string("CERTIFICATE", der::pem::LineEnding::LF, der)
+                .map_err(|e| Error::Certificate(format!("encoding the certificate: {e}")))?,
+        );
     }
     let staged = chain_pem.with_extension("crt.new");
     std::fs::write(&staged, text).map_err(Error::io(&staged))?;
