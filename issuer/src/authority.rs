@@ -55,7 +55,7 @@ pub struct Authority {
     /// (`[est] renewal_retry_window`): a device that lost the answer.
     pub(crate) renewal_retry_window: Duration,
     /// The names on the issuer's own TLS certificate, which no token or entry may grant.
-    pub(crate) listener_names: crate::tls::ListenerNames,
+    pub(crate) listener_names: crate::grant::ListenerNames,
 }
 
 /// An operator's request for tokens.
@@ -256,7 +256,7 @@ impl Authority {
             state_volume,
             lockouts: crate::lockout::Lockouts::new(config.tokens.lockout),
             renewal_retry_window: config.est.renewal_retry_window,
-            listener_names: crate::tls::ListenerNames::load(
+            listener_names: crate::grant::ListenerNames::load(
                 &config.resolve(&config.est.tls_certificate),
             ),
             root_key: {
@@ -370,7 +370,7 @@ impl Authority {
         if !request.ips.is_empty() && !profile.allows(SanKind::Ip) {
             return Err(bad(format!("profile {label} does not allow IP addresses")));
         }
-        self.refuse_listener_names(&request.dns, &request.ips)?;
+        self.listener_names.refuse(&request.dns, &request.ips)?;
         let ttl = request
             .ttl_secs
             .map(Duration::from_secs)

@@ -3,11 +3,13 @@
 //! from the CSR; the CSR may only repeat them.
 
 use std::net::IpAddr;
+use std::path::Path;
 
 use est::csr::{RequestedName, VerifiedCsr};
 use est::{Error as EstError, Refusal};
 
 use crate::serial::Serial;
+use crate::Error;
 
 /// What one issuance may contain.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -120,4 +122,90 @@ pub fn valid_dns(name: &str) -> bool {
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b == b'-')
         })
+}
+
+/// The names the issuer's listener certificate carries.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ListenerNames {
+    /// dNSName SANs.
+    pub dns: Vec<String>,
+    /// iPAddress SANs.
+    pub ips: Vec<IpAddr>,
+}
+
+impl ListenerNames {
+    /// The names of the certificate `der` (none if it does not parse).
+    pub fn of_certificate(der: &[u8]) -> Self {
+        use der::Decode;
+        use x509_cert::ext::pkix::name::GeneralName;
+        use x509_cert::ext::pkix::SubjectAltName;
+        let mut names = Self::default();
+        let Ok(certificate) = x509_cert::Certificate::from_der(der) else {
+            return names;
+        };
+        let sans = certificate
+            .tbs_certificate
+            .extensions
+            .iter()
+            .flatten()
+            .filter(|e| e.extn_id == const_oid::db::rfc5280::ID_CE_SUBJECT_ALT_NAME)
+            .filter_map(|e| SubjectAltName::from_der(e.extn_value.as_bytes()).ok())
+            .flat_map(|san| san.0);
+        for name in sans {
+            match name {
+                GeneralName::DnsName(dns) => names.dns.push(dns.as_str().to_owned()),
+                GeneralName::IpAddress(octets) => match octets.as_bytes().len() {
+                    4 => names
+                        .ips
+                        .extend(<[u8; 4]>::try_from(octets.as_bytes()).map(IpAddr::from)),
+                    16 => names
+                        .ips
+                        .extend(<[u8; 16]>::try_from(octets.as_bytes()).map(IpAddr::from)),
+                    _ => {}
+                },
+                _ => {}
+            }
+        }
+        names
+    }
+
+    /// The names of the leaf of the PEM chain at `path`; none if there is no such file yet
+    /// (`issuer init` opens the store before it makes the certificate).
+    pub fn load(path: &Path) -> Self {
+        crate::ca::read_pem_chain(path)
+            .ok()
+            .and_then(|chain| chain.first().map(|leaf| Self::of_certificate(leaf)))
+            .unwrap_or_default()
+    }
+
+    /// Whether `dns` is one of the issuer's names (DNS names compare case-insensitively).
+    pub fn has_dns(&self, dns: &str) -> bool {
+        self.dns.iter().any(|d| d.eq_ignore_ascii_case(dns))
+    }
+
+    /// Whether `ip` is one of the issuer's addresses.
+    pub fn has_ip(&self, ip: &IpAddr) -> bool {
+        self.ips.contains(ip)
+    }
+
+    /// Refuses these names in a token or entry: a certificate with them could pose as the
+    /// issuer to clients that check names only.
+    pub fn refuse(&self, dns: &[String], ips: &[IpAddr]) -> Result<(), Error> {
+        let taken = dns
+            .iter()
+            .find(|d| self.has_dns(d))
+            .map(|d| format!("DNS name {d}"))
+            .or_else(|| {
+                ips.iter()
+                    .find(|ip| self.has_ip(ip))
+                    .map(|ip| format!("IP address {ip}"))
+            });
+        match taken {
+            Some(name) => Err(Error::Admin(format!(
+                "{name} is the issuer's own (its TLS certificate carries it): a certificate \
+                 with it could pose as the issuer; grant the device a name of its own"
+            ))),
+            None => Ok(()),
+        }
+    }
 }

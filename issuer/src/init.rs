@@ -93,7 +93,7 @@ pub async fn run(options: &InitOptions) -> Result<InitReport, Error> {
     let der = crate::tls::issue_listener_certificate(
         &authority,
         hsm::Signer::public_key(&tls_key).point(),
-        &crate::tls::ListenerNames {
+        &crate::grant::ListenerNames {
             dns: options.dns.clone(),
             ips: options.ips.clone(),
         },
@@ -113,7 +113,6 @@ pub async fn run(options: &InitOptions) -> Result<InitReport, Error> {
 fn write(path: &Path, text: &str) -> Result<(), Error> {
     std::fs::write(path, text).map_err(Error::io(path))
 }
-
 
 pub(crate) fn template(options: &InitOptions) -> String {
     let mut out = format!(

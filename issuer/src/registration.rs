@@ -115,7 +115,7 @@ impl Authority {
                 "--dns {bad:?} is not a valid DNS name"
             )));
         }
-        self.refuse_listener_names(&new.dns_names, &[])?;
+        self.listener_names.refuse(&new.dns_names, &[])?;
         if new.hint.len() > MAX_HINT || new.hint.chars().any(char::is_control) {
             return Err(Error::Admin(format!(
                 "--hint must be at most {MAX_HINT} printable characters"

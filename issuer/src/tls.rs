@@ -10,7 +10,6 @@
 //! proves possession of the certificate's key (CertificateVerify is checked); whether the
 //! certificate is ours is decided against the inventory, byte for byte.
 
-use std::net::IpAddr;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -22,104 +21,12 @@ use est::tls::HandshakeSignatures;
 
 use crate::authority::Authority;
 use crate::grant::Grant;
+use crate::grant::ListenerNames;
 use crate::serial::Serial;
 use crate::Error;
 
 /// Who owns the listener's certificate in the inventory.
 const LISTENER_OWNER: &str = "issuer:est-listener";
-
-/// The names the issuer's listener certificate carries.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ListenerNames {
-    /// dNSName SANs.
-    pub dns: Vec<String>,
-    /// iPAddress SANs.
-    pub ips: Vec<IpAddr>,
-}
-
-impl ListenerNames {
-    /// The names of the certificate `der` (none if it does not parse).
-    pub fn of_certificate(der: &[u8]) -> Self {
-        use der::Decode;
-        use x509_cert::ext::pkix::name::GeneralName;
-        use x509_cert::ext::pkix::SubjectAltName;
-        let mut names = Self::default();
-        let Ok(certificate) = x509_cert::Certificate::from_der(der) else {
-            return names;
-        };
-        let sans = certificate
-            .tbs_certificate
-            .extensions
-            .iter()
-            .flatten()
-            .filter(|e| e.extn_id == const_oid::db::rfc5280::ID_CE_SUBJECT_ALT_NAME)
-            .filter_map(|e| SubjectAltName::from_der(e.extn_value.as_bytes()).ok())
-            .flat_map(|san| san.0);
-        for name in sans {
-            match name {
-                GeneralName::DnsName(dns) => names.dns.push(dns.as_str().to_owned()),
-                GeneralName::IpAddress(octets) => match octets.as_bytes().len() {
-                    4 => names
-                        .ips
-                        .extend(<[u8; 4]>::try_from(octets.as_bytes()).map(IpAddr::from)),
-                    16 => names
-                        .ips
-                        .extend(<[u8; 16]>::try_from(octets.as_bytes()).map(IpAddr::from)),
-                    _ => {}
-                },
-                _ => {}
-            }
-        }
-        names
-    }
-
-    /// The names of the leaf of the PEM chain at `path`; none if there is no such file yet
-    /// (`issuer init` opens the store before it makes the certificate).
-    pub fn load(path: &Path) -> Self {
-        crate::ca::read_pem_chain(path)
-            .ok()
-            .and_then(|chain| chain.first().map(|leaf| Self::of_certificate(leaf)))
-            .unwrap_or_default()
-    }
-
-    /// Whether `dns` is one of the issuer's names (DNS names compare case-insensitively).
-    pub fn has_dns(&self, dns: &str) -> bool {
-        self.dns.iter().any(|d| d.eq_ignore_ascii_case(dns))
-    }
-
-    /// Whether `ip` is one of the issuer's addresses.
-    pub fn has_ip(&self, ip: &IpAddr) -> bool {
-        self.ips.contains(ip)
-    }
-}
-
-impl Authority {
-    /// Refuses names of the issuer's own listener certificate in a token or entry: a
-    /// certificate with them could pose as the issuer to clients that check names only.
-    pub(crate) fn refuse_listener_names(
-        &self,
-        dns: &[String],
-        ips: &[IpAddr],
-    ) -> Result<(), Error> {
-        let own = &self.listener_names;
-        let taken = dns
-            .iter()
-            .find(|d| own.has_dns(d))
-            .map(|d| format!("DNS name {d}"))
-            .or_else(|| {
-                ips.iter()
-                    .find(|ip| own.has_ip(ip))
-                    .map(|ip| format!("IP address {ip}"))
-            });
-        match taken {
-            Some(name) => Err(Error::Admin(format!(
-                "{name} is the issuer's own (its TLS certificate carries it): a certificate \
-                 with it could pose as the issuer; grant the device a name of its own"
-            ))),
-            None => Ok(()),
-        }
-    }
-}
 
 /// Issues the listener's certificate for `public_key` (an uncompressed P-256 point) with
 /// `names` and the issuer's SPIFFE ID, signed by the issuing key itself (no short-lived key
