@@ -81,7 +81,7 @@ impl Authority {
         if [crate::profile::SVID, crate::profile::NODE_SVID].contains(&revoked.label.as_str()) {
             return Ok(vec![]);
         }
-        let lineage = x509pop::certificate_lineage(&self.store.certificates, revoked)?;
+        let lineage = x509pop::certificate_lineage(&*self.store.certificates, revoked)?;
         let mut evicted = Vec::new();
         for node in self.store.nodes.list()? {
             let attested_with_it = node.method == x509pop::METHOD

@@ -44,7 +44,7 @@ const MAX_RENEWAL_CHAIN: usize = 100_000;
 /// Attests nodes holding a device certificate from this issuer's inventory.
 #[derive(Debug)]
 pub struct X509PopAttestor {
-    certificates: CertificateStore,
+    certificates: Arc<dyn CertificateStore>,
     clock: Arc<dyn Clock>,
     /// The labels whose certificates may attest (validated at startup: never an operator
     /// profile).
@@ -53,7 +53,11 @@ pub struct X509PopAttestor {
 
 impl X509PopAttestor {
     /// An attestor judging certificates against `certificates`, taking those of `labels`.
-    pub fn new(certificates: CertificateStore, clock: Arc<dyn Clock>, labels: Vec<String>) -> Self {
+    pub fn new(
+        certificates: Arc<dyn CertificateStore>,
+        clock: Arc<dyn Clock>,
+        labels: Vec<String>,
+    ) -> Self {
         Self {
             certificates,
             clock,
@@ -68,7 +72,7 @@ impl X509PopAttestor {
 /// keeps it. The one place node bindings and revocations derive a lineage from; point it at
 /// the inventory's own lineage id once certificate records carry one.
 pub fn certificate_lineage(
-    certificates: &CertificateStore,
+    certificates: &dyn CertificateStore,
     record: &CertificateRecord,
 ) -> Result<String, Error> {
     // Renewals recorded since lineages were kept name their root directly; older ones are
@@ -226,7 +230,7 @@ impl NodeAttestor for X509PopAttestor {
         let public_key = p256_point(&certificate)?;
         let id = node_id(&certificate)?;
         let lineage =
-            certificate_lineage(&self.certificates, &record).map_err(inventory_unreadable)?;
+            certificate_lineage(&*self.certificates, &record).map_err(inventory_unreadable)?;
         let spki = der::Encode::to_der(&certificate.tbs_certificate.subject_public_key_info)
             .map_err(|e| {
                 Refusal::new(
@@ -504,7 +508,7 @@ mod tests {
             .certificates
             .record_new(&renewed.serial, &renewal)
             .expect("record");
-        let lineage = certificate_lineage(&store.certificates, &renewal).expect("lineage");
+        let lineage = certificate_lineage(&*store.certificates, &renewal).expect("lineage");
         assert_eq!(lineage, format!("certificate:{}", first.serial));
 
         let evidence = evidence(&renewed);

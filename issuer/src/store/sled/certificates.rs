@@ -182,7 +182,7 @@ pub struct Revocation {
 
 /// The certificate table, its expiry index, and the revocation list.
 #[derive(Debug, Clone)]
-pub struct CertificateStore {
+pub struct Certificates {
     by_serial: sled::Tree,
     by_expiry: sled::Tree,
     revocations: sled::Tree,
@@ -253,7 +253,7 @@ pub(in crate::store) fn expiry_key(not_after: i64, serial: &Serial) -> [u8; 24] 
     key
 }
 
-impl CertificateStore {
+impl Certificates {
     pub(in crate::store) fn open(db: &sled::Db, journal: Journal) -> Result<Self, Error> {
         let store = Self {
             by_serial: db.open_tree("certificates")?,
@@ -303,85 +303,6 @@ impl CertificateStore {
         Ok(())
     }
 
-    /// Marks a certificate revoked and adds it to the revocation list, in one transaction.
-    /// Returns the record as it was, or None if no such certificate.
-    pub fn revoke(
-        &self,
-        serial: &Serial,
-        revoked_at: i64,
-        reason_code: u8,
-    ) -> Result<Option<CertificateRecord>, Error> {
-        let mut write = self.journal.begin()?;
-        let Some(bytes) = self.by_serial.get(serial.0)? else {
-            return Ok(None);
-        };
-        let unreadable = || {
-            Error::Store(format!(
-                "certificate record or lineage link {serial} does not parse"
-            ))
-        };
-        // The whole lineage stops renewing with this revocation, in the same write: a
-        // renewal racing it either was written first or finds the lineage ended.
-        let link = match self.links.get(serial.0)? {
-            Some(bytes) => decode_link(&bytes).map_err(|_| unreadable())?,
-            None => Link::default(),
-        };
-        let root = lineage_root(serial, &link);
-        let mut record = decode(&bytes).map_err(|_| unreadable())?;
-        let before = record.clone();
-        record.status = Status::Revoked;
-        let entry = Revocation {
-            serial: record.serial.clone(),
-            revoked_at,
-            reason_code,
-            not_after: record.not_after,
-        };
-        let entry = serde_json::to_vec(&entry).map_err(|e| Error::Store(e.to_string()))?;
-        if self.ended.get(root.0)?.is_none() {
-            let end = LineageEnd {
-                revoked: serial.to_string(),
-                at: revoked_at,
-            };
-            let end = serde_json::to_vec(&end).map_err(|e| Error::Store(e.to_string()))?;
-            write.insert(&self.ended, root.0, end)?;
-        }
-        write.insert(&self.by_serial, serial.0, encode(&record)?)?;
-        write.insert(
-            &self.by_expiry,
-            expiry_key(record.not_after, serial),
-            [Status::Revoked.index_byte()],
-        )?;
-        write.insert(&self.revocations, serial.0, entry)?;
-        Ok(Some(before))
-    }
-
-    /// Every revocation of a certificate not yet expired at `now`.
-    pub fn revocations(&self, now: i64) -> Result<Vec<Revocation>, Error> {
-        let mut out = Vec::new();
-        for entry in self.revocations.iter() {
-            let (_, bytes) = entry?;
-            let revocation: Revocation = serde_json::from_slice(&bytes)
-                .map_err(|e| Error::Store(format!("revocation record: {e}")))?;
-            if revocation.not_after > now {
-                out.push(revocation);
-            }
-        }
-        Ok(out)
-    }
-
-    /// The next CRL number (RFC 5280 §5.2.3: monotonically increasing), persisted.
-    pub fn next_crl_number(&self) -> Result<u64, Error> {
-        let mut write = self.journal.begin()?;
-        let next = self
-            .meta
-            .get("crl_number")?
-            .and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok())
-            .map_or(0, u64::from_be_bytes)
-            + 1;
-        write.insert(&self.meta, "crl_number", next.to_be_bytes())?;
-        Ok(next)
-    }
-
     /// Stores written before subjects had holders get them once: for each (label, subject),
     /// the newest certificate still valid. An interrupted run is simply repeated.
     fn fill_subject_holders(&self) -> Result<(), Error> {
@@ -415,47 +336,6 @@ impl CertificateStore {
         Ok(())
     }
 
-    /// The valid certificate (at `now`) that holds `subject` under `label`, if any: the
-    /// newest one recorded for it. Renewals hand the subject on within a lineage.
-    pub fn subject_holder(
-        &self,
-        label: &str,
-        subject: &str,
-        now: i64,
-    ) -> Result<Option<CertificateRecord>, Error> {
-        let Some(serial) = self.holders.get(holder_key(label, subject))? else {
-            return Ok(None);
-        };
-        Ok(self
-            .by_serial
-            .get(serial)?
-            .map(|b| decode(&b))
-            .transpose()?
-            .filter(|r| r.status_at(now) == Status::Valid))
-    }
-
-    /// Records a newly issued certificate and its index entry in one transaction, only if
-    /// `serial` was never used; returns false (writing nothing) if it was.
-    pub fn record_new(&self, serial: &Serial, record: &CertificateRecord) -> Result<bool, Error> {
-        match self.record_new_holding(serial, record, false)? {
-            NewRecord::Recorded => Ok(true),
-            NewRecord::SerialTaken | NewRecord::SubjectHeld(_) => Ok(false),
-        }
-    }
-
-    /// [`record_new`](Self::record_new), and the certificate becomes its subject's holder.
-    /// With `unique_subject`, only while no other certificate of the label holds the subject
-    /// validly, checked inside the transaction so two concurrent enrollments can't both win.
-    pub fn record_new_holding(
-        &self,
-        serial: &Serial,
-        record: &CertificateRecord,
-        unique_subject: bool,
-    ) -> Result<NewRecord, Error> {
-        let mut write = self.journal.begin()?;
-        self.record_new_in(&mut write, serial, record, unique_subject)
-    }
-
     /// [`record_new_holding`](Self::record_new_holding) as part of `write`: checks, then
     /// writes only if the certificate can be recorded.
     pub(super) fn record_new_in(
@@ -487,21 +367,6 @@ impl CertificateStore {
         )?;
         write.insert(&self.holders, holder, serial.0)?;
         Ok(NewRecord::Recorded)
-    }
-
-    /// Records `record` (serial `serial`) as the renewal of `predecessor` and supersedes the
-    /// predecessor, in one write: only if the serial is unused, the predecessor's stored
-    /// status is still valid and its lineage has not ended. A revocation written in between
-    /// is never overwritten, and a renewal racing it yields nothing. The new certificate
-    /// joins the predecessor's lineage.
-    pub fn record_renewal(
-        &self,
-        serial: &Serial,
-        record: &CertificateRecord,
-        predecessor: &Serial,
-    ) -> Result<Renewal, Error> {
-        let mut write = self.journal.begin()?;
-        self.record_renewal_in(&mut write, serial, record, predecessor)
     }
 
     /// [`record_renewal`](Self::record_renewal) as part of `write`.
@@ -568,9 +433,154 @@ impl CertificateStore {
         Ok(Renewal::Recorded)
     }
 
+    /// Whether every expiry index entry carries its status (tests of the migration).
+    #[cfg(test)]
+    pub(in crate::store) fn index_has_status(&self) -> bool {
+        self.by_expiry
+            .iter()
+            .all(|entry| entry.is_ok_and(|(_, value)| Status::from_index(&value).is_some()))
+    }
+}
+
+impl crate::store::CertificateStore for Certificates {
+    /// Marks a certificate revoked and adds it to the revocation list, in one transaction.
+    /// Returns the record as it was, or None if no such certificate.
+    fn revoke(
+        &self,
+        serial: &Serial,
+        revoked_at: i64,
+        reason_code: u8,
+    ) -> Result<Option<CertificateRecord>, Error> {
+        let mut write = self.journal.begin()?;
+        let Some(bytes) = self.by_serial.get(serial.0)? else {
+            return Ok(None);
+        };
+        let unreadable = || {
+            Error::Store(format!(
+                "certificate record or lineage link {serial} does not parse"
+            ))
+        };
+        // The whole lineage stops renewing with this revocation, in the same write: a
+        // renewal racing it either was written first or finds the lineage ended.
+        let link = match self.links.get(serial.0)? {
+            Some(bytes) => decode_link(&bytes).map_err(|_| unreadable())?,
+            None => Link::default(),
+        };
+        let root = lineage_root(serial, &link);
+        let mut record = decode(&bytes).map_err(|_| unreadable())?;
+        let before = record.clone();
+        record.status = Status::Revoked;
+        let entry = Revocation {
+            serial: record.serial.clone(),
+            revoked_at,
+            reason_code,
+            not_after: record.not_after,
+        };
+        let entry = serde_json::to_vec(&entry).map_err(|e| Error::Store(e.to_string()))?;
+        if self.ended.get(root.0)?.is_none() {
+            let end = LineageEnd {
+                revoked: serial.to_string(),
+                at: revoked_at,
+            };
+            let end = serde_json::to_vec(&end).map_err(|e| Error::Store(e.to_string()))?;
+            write.insert(&self.ended, root.0, end)?;
+        }
+        write.insert(&self.by_serial, serial.0, encode(&record)?)?;
+        write.insert(
+            &self.by_expiry,
+            expiry_key(record.not_after, serial),
+            [Status::Revoked.index_byte()],
+        )?;
+        write.insert(&self.revocations, serial.0, entry)?;
+        Ok(Some(before))
+    }
+
+    /// Every revocation of a certificate not yet expired at `now`.
+    fn revocations(&self, now: i64) -> Result<Vec<Revocation>, Error> {
+        let mut out = Vec::new();
+        for entry in self.revocations.iter() {
+            let (_, bytes) = entry?;
+            let revocation: Revocation = serde_json::from_slice(&bytes)
+                .map_err(|e| Error::Store(format!("revocation record: {e}")))?;
+            if revocation.not_after > now {
+                out.push(revocation);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The next CRL number (RFC 5280 §5.2.3: monotonically increasing), persisted.
+    fn next_crl_number(&self) -> Result<u64, Error> {
+        let mut write = self.journal.begin()?;
+        let next = self
+            .meta
+            .get("crl_number")?
+            .and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok())
+            .map_or(0, u64::from_be_bytes)
+            + 1;
+        write.insert(&self.meta, "crl_number", next.to_be_bytes())?;
+        Ok(next)
+    }
+
+    /// The valid certificate (at `now`) that holds `subject` under `label`, if any: the
+    /// newest one recorded for it. Renewals hand the subject on within a lineage.
+    fn subject_holder(
+        &self,
+        label: &str,
+        subject: &str,
+        now: i64,
+    ) -> Result<Option<CertificateRecord>, Error> {
+        let Some(serial) = self.holders.get(holder_key(label, subject))? else {
+            return Ok(None);
+        };
+        Ok(self
+            .by_serial
+            .get(serial)?
+            .map(|b| decode(&b))
+            .transpose()?
+            .filter(|r| r.status_at(now) == Status::Valid))
+    }
+
+    /// Records a newly issued certificate and its index entry in one transaction, only if
+    /// `serial` was never used; returns false (writing nothing) if it was.
+    fn record_new(&self, serial: &Serial, record: &CertificateRecord) -> Result<bool, Error> {
+        match self.record_new_holding(serial, record, false)? {
+            NewRecord::Recorded => Ok(true),
+            NewRecord::SerialTaken | NewRecord::SubjectHeld(_) => Ok(false),
+        }
+    }
+
+    /// [`record_new`](Self::record_new), and the certificate becomes its subject's holder.
+    /// With `unique_subject`, only while no other certificate of the label holds the subject
+    /// validly, checked inside the transaction so two concurrent enrollments can't both win.
+    fn record_new_holding(
+        &self,
+        serial: &Serial,
+        record: &CertificateRecord,
+        unique_subject: bool,
+    ) -> Result<NewRecord, Error> {
+        let mut write = self.journal.begin()?;
+        self.record_new_in(&mut write, serial, record, unique_subject)
+    }
+
+    /// Records `record` (serial `serial`) as the renewal of `predecessor` and supersedes the
+    /// predecessor, in one write: only if the serial is unused, the predecessor's stored
+    /// status is still valid and its lineage has not ended. A revocation written in between
+    /// is never overwritten, and a renewal racing it yields nothing. The new certificate
+    /// joins the predecessor's lineage.
+    fn record_renewal(
+        &self,
+        serial: &Serial,
+        record: &CertificateRecord,
+        predecessor: &Serial,
+    ) -> Result<Renewal, Error> {
+        let mut write = self.journal.begin()?;
+        self.record_renewal_in(&mut write, serial, record, predecessor)
+    }
+
     /// Where `serial` stands in its lineage: its root, its successor and whether the
     /// lineage ended. A certificate recorded before lineages existed is its own root.
-    pub fn lineage(&self, serial: &Serial) -> Result<Lineage, Error> {
+    fn lineage(&self, serial: &Serial) -> Result<Lineage, Error> {
         let link = match self.links.get(serial.0)? {
             Some(bytes) => decode_link(&bytes)?,
             None => Link::default(),
@@ -597,7 +607,7 @@ impl CertificateStore {
     }
 
     /// The record for `serial`.
-    pub fn get(&self, serial: &Serial) -> Result<Option<CertificateRecord>, Error> {
+    fn get(&self, serial: &Serial) -> Result<Option<CertificateRecord>, Error> {
         self.by_serial
             .get(serial.0)?
             .map(|bytes| decode(&bytes))
@@ -605,7 +615,7 @@ impl CertificateStore {
     }
 
     /// Changes a certificate's status (revocation, renewal).
-    pub fn set_status(&self, serial: &Serial, status: Status) -> Result<bool, Error> {
+    fn set_status(&self, serial: &Serial, status: Status) -> Result<bool, Error> {
         let mut write = self.journal.begin()?;
         let Some(current) = self.by_serial.get(serial.0)? else {
             return Ok(false);
@@ -622,7 +632,7 @@ impl CertificateStore {
     }
 
     /// Answers an inventory query as of `now` (unix seconds).
-    pub fn query(&self, query: &InventoryQuery, now: i64) -> Result<InventoryPage, Error> {
+    fn query(&self, query: &InventoryQuery, now: i64) -> Result<InventoryPage, Error> {
         let limit = query.limit.unwrap_or(100).clamp(1, 10_000);
         let (low, high) = match query.expiring_within_secs {
             Some(secs) => {
@@ -721,21 +731,13 @@ impl CertificateStore {
         })
     }
 
-    /// Whether every expiry index entry carries its status (tests of the migration).
-    #[cfg(test)]
-    pub(in crate::store) fn index_has_status(&self) -> bool {
-        self.by_expiry
-            .iter()
-            .all(|entry| entry.is_ok_and(|(_, value)| Status::from_index(&value).is_some()))
-    }
-
     /// Number of certificate records.
-    pub fn len(&self) -> usize {
+    fn len(&self) -> usize {
         self.by_serial.len()
     }
 
     /// Whether nothing was ever issued.
-    pub fn is_empty(&self) -> bool {
+    fn is_empty(&self) -> bool {
         self.by_serial.is_empty()
     }
 }
@@ -788,170 +790,4 @@ fn lineage_root(serial: &Serial, link: &Link) -> Serial {
         .as_deref()
         .and_then(Serial::parse)
         .unwrap_or(*serial)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn store() -> CertificateStore {
-        let db = sled::Config::new()
-            .temporary(true)
-            .open()
-            .expect("temporary sled");
-        CertificateStore::open(&db, super::super::journal::Journal::scratch()).expect("open")
-    }
-
-    fn record(serial: &Serial) -> CertificateRecord {
-        CertificateRecord {
-            serial: serial.to_string(),
-            subject: "gw-1".into(),
-            sans: vec![],
-            label: "device".into(),
-            owner: "test".into(),
-            issued_at: 0,
-            not_after: 1_000,
-            status: Status::Valid,
-            renews: None,
-            der: String::new(),
-        }
-    }
-
-    fn first(store: &CertificateStore) -> Serial {
-        let serial = Serial::random();
-        assert!(store.record_new(&serial, &record(&serial)).expect("record"));
-        serial
-    }
-
-    fn renew(store: &CertificateStore, old: &Serial) -> (Serial, Renewal) {
-        let serial = Serial::random();
-        let renewal = store
-            .record_renewal(&serial, &record(&serial), old)
-            .expect("renewal");
-        (serial, renewal)
-    }
-
-    fn status(store: &CertificateStore, serial: &Serial) -> Option<Status> {
-        store.get(serial).expect("get").map(|r| r.status)
-    }
-
-    #[test]
-    fn a_renewal_after_a_revocation_writes_nothing_and_the_revocation_stands() {
-        let store = store();
-        let a = first(&store);
-        store.revoke(&a, 5, 1).expect("revoke");
-        let (b, renewal) = renew(&store, &a);
-        assert!(
-            matches!(
-                renewal,
-                Renewal::PredecessorNotCurrent {
-                    status: Some(Status::Revoked),
-                    ended: Some(_)
-                }
-            ),
-            "{renewal:?}"
-        );
-        assert_eq!(status(&store, &b), None, "no successor record");
-        assert_eq!(status(&store, &a), Some(Status::Revoked));
-        assert_eq!(store.lineage(&a).expect("lineage").successor, None);
-        assert_eq!(
-            store.query(&InventoryQuery::default(), 0).expect("q").total,
-            Some(1)
-        );
-    }
-
-    #[test]
-    fn a_certificate_renews_once_and_its_renewal_joins_its_lineage() {
-        let store = store();
-        let a = first(&store);
-        let legacy = store.lineage(&a).expect("lineage");
-        assert_eq!(
-            (legacy.root, legacy.successor, legacy.ended),
-            (a, None, None)
-        );
-        let (b, renewal) = renew(&store, &a);
-        assert_eq!(renewal, Renewal::Recorded);
-        assert_eq!(status(&store, &a), Some(Status::Superseded));
-        assert_eq!(store.lineage(&a).expect("a").successor, Some(b));
-        assert_eq!(store.lineage(&b).expect("b").root, a);
-        // A second renewal of A (a concurrent request that lost) writes nothing.
-        let (c, renewal) = renew(&store, &a);
-        assert!(
-            matches!(
-                renewal,
-                Renewal::PredecessorNotCurrent {
-                    status: Some(Status::Superseded),
-                    ended: None
-                }
-            ),
-            "{renewal:?}"
-        );
-        assert_eq!(status(&store, &c), None);
-        assert_eq!(store.lineage(&a).expect("a").successor, Some(b));
-    }
-
-    #[test]
-    fn revoking_any_member_ends_the_whole_lineage() {
-        let store = store();
-        let a = first(&store);
-        let (b, _) = renew(&store, &a);
-        let (c, renewal) = renew(&store, &b);
-        assert_eq!(renewal, Renewal::Recorded);
-        assert_eq!(
-            store.lineage(&c).expect("c").root,
-            a,
-            "the root is the first"
-        );
-        // The oldest, long superseded, is revoked: the current one renews no more.
-        store.revoke(&a, 7, 4).expect("revoke");
-        let end = store.lineage(&c).expect("c").ended.expect("ended");
-        assert_eq!((end.revoked, end.at), (a.to_string(), 7));
-        let (d, renewal) = renew(&store, &c);
-        assert!(
-            matches!(
-                renewal,
-                Renewal::PredecessorNotCurrent {
-                    status: Some(Status::Valid),
-                    ended: Some(_)
-                }
-            ),
-            "{renewal:?}"
-        );
-        assert_eq!(status(&store, &d), None);
-        assert_eq!(status(&store, &c), Some(Status::Valid), "not superseded");
-        // Another lineage is untouched.
-        let other = first(&store);
-        assert_eq!(renew(&store, &other).1, Renewal::Recorded);
-    }
-
-    #[test]
-    fn a_revocation_racing_a_renewal_is_never_overwritten() {
-        let store = store();
-        for _ in 0..200 {
-            let a = first(&store);
-            let successor = Serial::random();
-            std::thread::scope(|scope| {
-                let revoking = scope.spawn(|| store.revoke(&a, 9, 1).expect("revoke"));
-                let renewing = scope.spawn(|| {
-                    store
-                        .record_renewal(&successor, &record(&successor), &a)
-                        .expect("renewal")
-                });
-                revoking.join().expect("revoking thread");
-                renewing.join().expect("renewing thread");
-            });
-            assert_eq!(status(&store, &a), Some(Status::Revoked));
-            assert!(store
-                .revocations(0)
-                .expect("crl")
-                .iter()
-                .any(|r| r.serial == a.to_string()));
-            // Whichever came first, the lineage ended: a successor that won the race renews
-            // no more.
-            assert!(store.lineage(&a).expect("lineage").ended.is_some());
-            if status(&store, &successor).is_some() {
-                assert!(store.lineage(&successor).expect("lineage").ended.is_some());
-            }
-        }
-    }
 }
