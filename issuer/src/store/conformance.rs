@@ -40,7 +40,7 @@ pub(crate) use suite;
 
 pub(crate) fn record(serial: &Serial, label: &str, not_after: i64) -> CertificateRecord {
     CertificateRecord {
-        serial: serial.to_string(),
+        serial: *serial,
         subject: format!("dev-{not_after}"),
         sans: vec![],
         label: label.into(),
@@ -49,7 +49,7 @@ pub(crate) fn record(serial: &Serial, label: &str, not_after: i64) -> Certificat
         not_after,
         status: Status::Valid,
         renews: None,
-        der: String::new(),
+        der: Vec::new(),
     }
 }
 
@@ -168,11 +168,7 @@ pub(crate) async fn status_counts_from_the_index_follow_revocations_and_renewals
             0,
         )
         .expect("rows");
-    let serials: Vec<Serial> = rows
-        .certificates
-        .iter()
-        .map(|r| Serial::parse(&r.serial).expect("serial"))
-        .collect();
+    let serials: Vec<Serial> = rows.certificates.iter().map(|r| r.serial).collect();
     // Revoke and supersede some already expired and some still valid.
     for serial in serials.iter().step_by(7) {
         store.certificates.revoke(serial, 5, 1).expect("revoke");

@@ -81,14 +81,15 @@ impl std::str::FromStr for Status {
     }
 }
 
-/// One certificate as the inventory knows it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+/// One certificate as the inventory knows it: the domain type. The sled table stores it as
+/// [`Stored`], operators see it as `operator_api::CertificateRow`.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CertificateRecord {
-    /// Serial, hex.
-    pub serial: String,
+    /// Serial.
+    pub serial: Serial,
     /// Subject commonName.
     pub subject: String,
-    /// subjectAltNames as `dns:…` / `ip:…`.
+    /// subjectAltNames as `dns:…` / `ip:…` / `uri:…`.
     pub sans: Vec<String>,
     /// The label (profile) it was issued under.
     pub label: String,
@@ -101,11 +102,9 @@ pub struct CertificateRecord {
     /// Lifecycle state.
     pub status: Status,
     /// The serial this certificate renewed, if any.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub renews: Option<String>,
-    /// The certificate, base64 DER (absent on pending reservations).
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub der: String,
+    pub renews: Option<Serial>,
+    /// The certificate DER; empty in inventory pages and on pending reservations.
+    pub der: Vec<u8>,
 }
 
 impl CertificateRecord {
@@ -113,13 +112,78 @@ impl CertificateRecord {
     pub fn status_at(&self, now: i64) -> Status {
         self.status.at(self.not_after, now)
     }
+}
 
-    /// The certificate DER.
-    pub fn der_bytes(&self) -> Result<Vec<u8>, Error> {
+/// A certificate record as the `certificates` tree holds it (JSON): serials as hex, DER as
+/// base64. Its bytes must not change: stores written by earlier issuers open as they are.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+struct Stored {
+    serial: String,
+    subject: String,
+    sans: Vec<String>,
+    label: String,
+    owner: String,
+    issued_at: i64,
+    not_after: i64,
+    status: Status,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    renews: Option<String>,
+    /// Absent on pending reservations.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    der: String,
+}
+
+impl From<&CertificateRecord> for Stored {
+    fn from(r: &CertificateRecord) -> Self {
         use base64::Engine;
-        base64::engine::general_purpose::STANDARD
-            .decode(&self.der)
-            .map_err(|e| Error::Store(format!("certificate {}: {e}", self.serial)))
+        Self {
+            serial: r.serial.to_string(),
+            subject: r.subject.clone(),
+            sans: r.sans.clone(),
+            label: r.label.clone(),
+            owner: r.owner.clone(),
+            issued_at: r.issued_at,
+            not_after: r.not_after,
+            status: r.status,
+            renews: r.renews.map(|s| s.to_string()),
+            der: if r.der.is_empty() {
+                String::new()
+            } else {
+                base64::engine::general_purpose::STANDARD.encode(&r.der)
+            },
+        }
+    }
+}
+
+impl Stored {
+    /// The domain record; without its DER unless `with_der` (inventory rows never carry it,
+    /// and decoding it for every row of a page would be wasted work).
+    fn into_record(self, with_der: bool) -> Result<CertificateRecord, Error> {
+        use base64::Engine;
+        let serial = |text: &str| {
+            Serial::parse(text).ok_or_else(|| {
+                Error::Store(format!("certificate record: {text:?} is not a serial"))
+            })
+        };
+        let der = if with_der && !self.der.is_empty() {
+            base64::engine::general_purpose::STANDARD
+                .decode(&self.der)
+                .map_err(|e| Error::Store(format!("certificate {}: {e}", self.serial)))?
+        } else {
+            Vec::new()
+        };
+        Ok(CertificateRecord {
+            serial: serial(&self.serial)?,
+            subject: self.subject,
+            sans: self.sans,
+            label: self.label,
+            owner: self.owner,
+            issued_at: self.issued_at,
+            not_after: self.not_after,
+            status: self.status,
+            renews: self.renews.as_deref().map(serial).transpose()?,
+            der,
+        })
     }
 }
 
@@ -157,7 +221,7 @@ pub struct InventoryQuery {
 }
 
 /// One page of answers.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone)]
 pub struct InventoryPage {
     /// Rows ordered by notAfter, then serial; `der` omitted, `status` as of the query.
     pub certificates: Vec<CertificateRecord>,
@@ -290,7 +354,7 @@ impl Certificates {
             };
             // A record that does not decode keeps its empty value: queries that reach it
             // report it as they always did, and the issuer still starts.
-            if let Some(Ok(record)) = self.by_serial.get(serial)?.map(|b| decode(&b)) {
+            if let Some(Ok(record)) = self.by_serial.get(serial)?.map(|b| decode_stored(&b)) {
                 self.by_expiry
                     .insert(key, &[record.status.index_byte()][..])?;
                 filled += 1;
@@ -313,7 +377,9 @@ impl Certificates {
         let mut newest: std::collections::BTreeMap<Vec<u8>, (i64, Vec<u8>)> = Default::default();
         for entry in self.by_serial.iter() {
             let (serial, bytes) = entry?;
-            let Ok(record) = decode(&bytes) else { continue };
+            let Ok(record) = decode_stored(&bytes) else {
+                continue;
+            };
             if record.status != Status::Valid {
                 continue;
             }
@@ -352,9 +418,9 @@ impl Certificates {
         if unique_subject {
             if let Some(held_by) = self.holders.get(&holder)? {
                 if let Some(bytes) = self.by_serial.get(&held_by)? {
-                    let current = decode(&bytes)?;
+                    let current = decode_row(&bytes)?;
                     if current.status_at(record.issued_at) == Status::Valid {
-                        return Ok(NewRecord::SubjectHeld(current.serial));
+                        return Ok(NewRecord::SubjectHeld(current.serial.to_string()));
                     }
                 }
             }
@@ -386,7 +452,7 @@ impl Certificates {
                 ended: None,
             });
         };
-        let mut old = decode(&old_bytes)?;
+        let mut old = decode_stored(&old_bytes)?;
         let mut old_link = match self.links.get(predecessor.0)? {
             Some(bytes) => decode_link(&bytes)?,
             None => Link::default(),
@@ -409,7 +475,7 @@ impl Certificates {
             lineage: Some(root.to_string()),
             successor: None,
         };
-        let (value, old_value) = (encode(record)?, encode(&old)?);
+        let (value, old_value) = (encode(record)?, encode_stored(&old)?);
         let (old_link, new_link) = (encode_link(&old_link)?, encode_link(&new_link)?);
         write.insert(&self.by_serial, serial.0, value)?;
         write.insert(
@@ -467,8 +533,8 @@ impl crate::store::CertificateStore for Certificates {
             None => Link::default(),
         };
         let root = lineage_root(serial, &link);
-        let mut record = decode(&bytes).map_err(|_| unreadable())?;
-        let before = record.clone();
+        let mut record = decode_stored(&bytes).map_err(|_| unreadable())?;
+        let before = record.clone().into_record(true)?;
         record.status = Status::Revoked;
         let entry = Revocation {
             serial: record.serial.clone(),
@@ -485,7 +551,7 @@ impl crate::store::CertificateStore for Certificates {
             let end = serde_json::to_vec(&end).map_err(|e| Error::Store(e.to_string()))?;
             write.insert(&self.ended, root.0, end)?;
         }
-        write.insert(&self.by_serial, serial.0, encode(&record)?)?;
+        write.insert(&self.by_serial, serial.0, encode_stored(&record)?)?;
         write.insert(
             &self.by_expiry,
             expiry_key(record.not_after, serial),
@@ -620,9 +686,9 @@ impl crate::store::CertificateStore for Certificates {
         let Some(current) = self.by_serial.get(serial.0)? else {
             return Ok(false);
         };
-        let mut record = decode(&current)?;
+        let mut record = decode_stored(&current)?;
         record.status = status;
-        write.insert(&self.by_serial, serial.0, encode(&record)?)?;
+        write.insert(&self.by_serial, serial.0, encode_stored(&record)?)?;
         write.insert(
             &self.by_expiry,
             expiry_key(record.not_after, serial),
@@ -684,7 +750,7 @@ impl crate::store::CertificateStore for Certificates {
                 let Some(bytes) = self.by_serial.get(&key[8..])? else {
                     continue;
                 };
-                let mut record = decode(&bytes)?;
+                let mut record = decode_row(&bytes)?;
                 record.status = record.status_at(now);
                 let spiffe_match = |prefix: &String| {
                     record.sans.iter().any(|san| {
@@ -712,8 +778,7 @@ impl crate::store::CertificateStore for Certificates {
             total += 1;
             if past_cursor {
                 past_cursor_matches += 1;
-                if let (true, Some(mut record)) = (wanted_row, record) {
-                    record.der.clear();
+                if let (true, Some(record)) = (wanted_row, record) {
                     certificates.push(record);
                     last_key = key.to_vec();
                 }
@@ -742,12 +807,26 @@ impl crate::store::CertificateStore for Certificates {
     }
 }
 
-fn encode(record: &CertificateRecord) -> Result<Vec<u8>, Error> {
-    serde_json::to_vec(record).map_err(|e| Error::Store(e.to_string()))
+pub(super) fn encode(record: &CertificateRecord) -> Result<Vec<u8>, Error> {
+    encode_stored(&Stored::from(record))
 }
 
-fn decode(bytes: &[u8]) -> Result<CertificateRecord, Error> {
+fn encode_stored(stored: &Stored) -> Result<Vec<u8>, Error> {
+    serde_json::to_vec(stored).map_err(|e| Error::Store(e.to_string()))
+}
+
+fn decode_stored(bytes: &[u8]) -> Result<Stored, Error> {
     serde_json::from_slice(bytes).map_err(|e| Error::Store(format!("certificate record: {e}")))
+}
+
+/// The whole record, DER included.
+fn decode(bytes: &[u8]) -> Result<CertificateRecord, Error> {
+    decode_stored(bytes)?.into_record(true)
+}
+
+/// The record without its DER.
+fn decode_row(bytes: &[u8]) -> Result<CertificateRecord, Error> {
+    decode_stored(bytes)?.into_record(false)
 }
 
 fn encode_link(link: &Link) -> Result<Vec<u8>, Error> {
@@ -790,4 +869,49 @@ fn lineage_root(serial: &Serial, link: &Link) -> Serial {
         .as_deref()
         .and_then(Serial::parse)
         .unwrap_or(*serial)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A record as issuers before the typed domain record wrote it, byte for byte.
+    const TODAY: &str = concat!(
+        r#"{"serial":"4f1c2a9e0b7d3c5e6a8f0b1c2d3e4f50","subject":"gw-1","#,
+        r#""sans":["dns:gw-1.plant.test","ip:10.0.0.7"],"label":"device","#,
+        r#""owner":"renewal:1a2b3c4d5e6f708192a3b4c5d6e7f801","issued_at":1700000000,"#,
+        r#""not_after":1702592000,"status":"superseded","#,
+        r#""renews":"1a2b3c4d5e6f708192a3b4c5d6e7f801","der":"MAMCAQE="}"#
+    );
+
+    #[test]
+    fn a_record_stored_in_todays_format_decodes_and_encodes_to_the_same_bytes() {
+        let record = decode(TODAY.as_bytes()).expect("decodes");
+        assert_eq!(
+            record.serial,
+            Serial::parse("4f1c2a9e0b7d3c5e6a8f0b1c2d3e4f50").expect("serial")
+        );
+        assert_eq!(
+            record.renews,
+            Serial::parse("1a2b3c4d5e6f708192a3b4c5d6e7f801")
+        );
+        assert_eq!(record.der, [0x30, 0x03, 0x02, 0x01, 0x01]);
+        assert_eq!(record.status, Status::Superseded);
+        assert_eq!(encode(&record).expect("encodes"), TODAY.as_bytes());
+        // Without renews and DER (a first certificate's reservation): both keys absent.
+        let bare = CertificateRecord {
+            renews: None,
+            der: Vec::new(),
+            ..record
+        };
+        let text = String::from_utf8(encode(&bare).expect("encodes")).expect("utf-8");
+        assert!(text.ends_with(r#""status":"superseded"}"#), "{text}");
+        assert_eq!(decode(text.as_bytes()).expect("decodes"), bare);
+    }
+
+    #[test]
+    fn a_record_whose_serial_is_not_one_is_refused() {
+        let broken = TODAY.replace("4f1c2a9e0b7d3c5e6a8f0b1c2d3e4f50", "not-hex");
+        assert!(decode(broken.as_bytes()).is_err());
+    }
 }

@@ -202,7 +202,7 @@ mod tests {
                     rec.status = Status::Revoked;
                 }
                 by_serial
-                    .insert(serial.0, serde_json::to_vec(&rec).expect("json"))
+                    .insert(serial.0, certificates::encode(&rec).expect("encode"))
                     .expect("insert");
                 by_expiry
                     .insert(certificates::expiry_key(not_after, serial), &[][..])
