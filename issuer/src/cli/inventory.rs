@@ -7,7 +7,6 @@ use super::render::{self, Format, Rows};
 use super::{parse_duration, ConfigArg};
 use crate::est_backend::rfc3339;
 use crate::operator_api::CertificateRow;
-use crate::serial::Serial;
 use crate::store::{CertificateRecord, InventoryQuery, Status};
 use crate::Error;
 
@@ -155,6 +154,7 @@ fn status_text(status: Status) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::serial::Serial;
 
     fn row(subject: &str) -> CertificateRecord {
         CertificateRecord {

@@ -200,7 +200,7 @@ pub(crate) async fn paging_never_skips_or_repeats_a_row(store: &Store) {
         let total = loop {
             let page = store.certificates.query(&query, 0).expect("page");
             for row in &page.certificates {
-                assert!(seen.insert(row.serial.clone()), "repeated {}", row.serial);
+                assert!(seen.insert(row.serial), "repeated {}", row.serial);
                 assert!(row.not_after >= last_not_after, "out of order");
                 last_not_after = row.not_after;
             }
