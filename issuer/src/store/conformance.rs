@@ -4,6 +4,7 @@
 //! the guard (a temporary folder, a scratch database) lives as long as the case.
 
 use super::*;
+use crate::serial::Serial;
 
 /// One `#[tokio::test]` per conformance case, each on its own store from `$fresh`.
 macro_rules! suite {

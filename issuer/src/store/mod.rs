@@ -1,81 +1,34 @@
-//! The issuer's embedded store (sled in the state folder), one small table per aggregate:
-//! certificates (with an expiry index), tokens, registration entries, attested nodes and the
-//! audit log. Writes are made durable by
-//! [`Durability::commit`] before a response leaves.
+//! The issuer's store, one small table per aggregate: certificates (with an expiry index),
+//! tokens, registration entries, attested nodes and the audit log.
+//!
+//! Each aggregate is a trait here ([`CertificateStore`], [`TokenStore`], [`NodeStore`],
+//! [`EntryStore`], [`AuditLog`], and [`IssuanceStore`] for the one write that spans them);
+//! [`Store`] holds one `Arc<dyn …>` of each, so a backend is one more module. The embedded
+//! backend is sled in the state folder (`sled/`); its writes are made durable by
+//! [`Durability::commit`] before a response leaves. Every backend runs the same cases
+//! (`conformance`). Domain types live beside their trait (`certificates.rs`); how a backend
+//! encodes them is its own business.
 
+mod certificates;
 #[cfg(test)]
 mod conformance;
 mod sled;
 
+pub use self::certificates::{
+    CertificateRecord, CertificateStore, InventoryPage, InventoryQuery, Lineage, LineageEnd,
+    NewRecord, Renewal, Revocation, Status,
+};
 pub use self::sled::{
-    tokens_hash, AttestedWith, AuditEvent, AuditRecord, CertificateRecord, Consumed, Durability,
-    EntryRecord, InventoryPage, InventoryQuery, Issuance, Issued, Lineage, LineageEnd, NewRecord,
-    NodeRecord, Recorded, Renewal, Revocation, Status, TokenKind, TokenRecord, TokenRevocation,
-    TokenState, Verification,
+    tokens_hash, AttestedWith, AuditEvent, AuditRecord, Consumed, Durability, EntryRecord,
+    Issuance, Issued, NodeRecord, Recorded, TokenKind, TokenRecord, TokenRevocation, TokenState,
+    Verification,
 };
 
 use std::fmt::Debug;
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::serial::Serial;
 use crate::Error;
-
-/// Issued certificates: the inventory, renewal lineages, subject holders and revocations.
-pub trait CertificateStore: Debug + Send + Sync {
-    /// Marks a certificate revoked, adds it to the revocation list and ends its lineage, in
-    /// one write. Returns the record as it was, or None if no such certificate.
-    fn revoke(
-        &self,
-        serial: &Serial,
-        revoked_at: i64,
-        reason_code: u8,
-    ) -> Result<Option<CertificateRecord>, Error>;
-    /// Every revocation of a certificate not yet expired at `now`.
-    fn revocations(&self, now: i64) -> Result<Vec<Revocation>, Error>;
-    /// The next CRL number (RFC 5280 §5.2.3: monotonically increasing), persisted.
-    fn next_crl_number(&self) -> Result<u64, Error>;
-    /// The valid certificate (at `now`) that holds `subject` under `label`, if any.
-    fn subject_holder(
-        &self,
-        label: &str,
-        subject: &str,
-        now: i64,
-    ) -> Result<Option<CertificateRecord>, Error>;
-    /// Records a new certificate only if `serial` was never used; false (nothing written)
-    /// if it was.
-    fn record_new(&self, serial: &Serial, record: &CertificateRecord) -> Result<bool, Error>;
-    /// [`record_new`](Self::record_new), and the certificate becomes its subject's holder;
-    /// with `unique_subject`, only while no other valid certificate of the label holds it.
-    fn record_new_holding(
-        &self,
-        serial: &Serial,
-        record: &CertificateRecord,
-        unique_subject: bool,
-    ) -> Result<NewRecord, Error>;
-    /// Records `record` as the renewal of `predecessor` and supersedes the predecessor, in
-    /// one write, only if the serial is unused, the predecessor still valid and unrenewed,
-    /// and its lineage not ended.
-    fn record_renewal(
-        &self,
-        serial: &Serial,
-        record: &CertificateRecord,
-        predecessor: &Serial,
-    ) -> Result<Renewal, Error>;
-    /// Where `serial` stands in its lineage.
-    fn lineage(&self, serial: &Serial) -> Result<Lineage, Error>;
-    /// The record for `serial`.
-    fn get(&self, serial: &Serial) -> Result<Option<CertificateRecord>, Error>;
-    /// Changes a certificate's stored status; false if unknown.
-    fn set_status(&self, serial: &Serial, status: Status) -> Result<bool, Error>;
-    /// Answers an inventory query as of `now` (unix seconds): rows ordered by notAfter,
-    /// then serial, `der` omitted, `status` as of `now`.
-    fn query(&self, query: &InventoryQuery, now: i64) -> Result<InventoryPage, Error>;
-    /// Number of certificate records.
-    fn len(&self) -> usize;
-    /// Whether nothing was ever issued.
-    fn is_empty(&self) -> bool;
-}
 
 /// Enrollment and join tokens, stored by the SHA-256 of their secret.
 pub trait TokenStore: Debug + Send + Sync {

@@ -16,103 +16,12 @@
 
 use super::journal::{Journal, Write};
 use crate::serial::Serial;
+use crate::store::{
+    CertificateRecord, InventoryPage, InventoryQuery, Lineage, LineageEnd, NewRecord, Renewal,
+    Revocation, Status,
+};
 use crate::Error;
 use serde::{Deserialize, Serialize};
-
-/// A certificate's lifecycle state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Status {
-    /// Issued and usable.
-    Valid,
-    /// Past its notAfter (computed when read).
-    Expired,
-    /// Revoked by an operator.
-    Revoked,
-    /// Renewed by a re-enrollment; still valid until notAfter.
-    Superseded,
-}
-
-impl Status {
-    /// This stored status as of `now` for a certificate expiring at `not_after`.
-    fn at(self, not_after: i64, now: i64) -> Status {
-        if self == Status::Valid && not_after <= now {
-            Status::Expired
-        } else {
-            self
-        }
-    }
-
-    /// The byte the expiry index holds for this status.
-    fn index_byte(self) -> u8 {
-        match self {
-            Status::Valid => 0,
-            Status::Expired => 1,
-            Status::Revoked => 2,
-            Status::Superseded => 3,
-        }
-    }
-
-    /// The status an expiry index value holds; None for an entry written before the index
-    /// carried it (or anything unexpected): the record then decides.
-    fn from_index(value: &[u8]) -> Option<Status> {
-        match value {
-            [0] => Some(Status::Valid),
-            [1] => Some(Status::Expired),
-            [2] => Some(Status::Revoked),
-            [3] => Some(Status::Superseded),
-            _ => None,
-        }
-    }
-}
-
-impl std::str::FromStr for Status {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "valid" => Ok(Self::Valid),
-            "expired" => Ok(Self::Expired),
-            "revoked" => Ok(Self::Revoked),
-            "superseded" => Ok(Self::Superseded),
-            _ => Err(format!(
-                "unknown status {s:?}; use valid, expired, revoked or superseded"
-            )),
-        }
-    }
-}
-
-/// One certificate as the inventory knows it: the domain type. The sled table stores it as
-/// [`Stored`], operators see it as `operator_api::CertificateRow`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CertificateRecord {
-    /// Serial.
-    pub serial: Serial,
-    /// Subject commonName.
-    pub subject: String,
-    /// subjectAltNames as `dns:…` / `ip:…` / `uri:…`.
-    pub sans: Vec<String>,
-    /// The label (profile) it was issued under.
-    pub label: String,
-    /// Who asked: `token:<id>`, `renewal:<serial>`, …
-    pub owner: String,
-    /// Unix seconds.
-    pub issued_at: i64,
-    /// Unix seconds.
-    pub not_after: i64,
-    /// Lifecycle state.
-    pub status: Status,
-    /// The serial this certificate renewed, if any.
-    pub renews: Option<Serial>,
-    /// The certificate DER; empty in inventory pages and on pending reservations.
-    pub der: Vec<u8>,
-}
-
-impl CertificateRecord {
-    /// Status as of `now`: a valid certificate past notAfter reads as expired.
-    pub fn status_at(&self, now: i64) -> Status {
-        self.status.at(self.not_after, now)
-    }
-}
 
 /// A certificate record as the `certificates` tree holds it (JSON): serials as hex, DER as
 /// base64. Its bytes must not change: stores written by earlier issuers open as they are.
@@ -187,63 +96,6 @@ impl Stored {
     }
 }
 
-/// An inventory question.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct InventoryQuery {
-    /// Only certificates whose notAfter is within this long from now (and not yet past).
-    #[serde(default)]
-    pub expiring_within_secs: Option<u64>,
-    /// Only this label.
-    #[serde(default)]
-    pub label: Option<String>,
-    /// Only this status.
-    #[serde(default)]
-    pub status: Option<Status>,
-    /// Only this owner (`token:…`, `issuer:…`; later nodes, entries, gateways).
-    #[serde(default)]
-    pub owner: Option<String>,
-    /// Only subjects containing this text (case-insensitive).
-    #[serde(default)]
-    pub subject: Option<String>,
-    /// Only certificates with a URI SAN starting with this SPIFFE ID prefix.
-    #[serde(default)]
-    pub spiffe_prefix: Option<String>,
-    /// Continue after this cursor (from the previous page's `next`).
-    #[serde(default)]
-    pub after: Option<String>,
-    /// Page size (default 100, at most 10,000).
-    #[serde(default)]
-    pub limit: Option<usize>,
-    /// Don't count all matching rows: stop scanning once the page is full and it is known
-    /// whether more follow. A dashboard's first page needs this; `total` is then `None`.
-    #[serde(default)]
-    pub skip_total: bool,
-}
-
-/// One page of answers.
-#[derive(Debug, Clone)]
-pub struct InventoryPage {
-    /// Rows ordered by notAfter, then serial; `der` omitted, `status` as of the query.
-    pub certificates: Vec<CertificateRecord>,
-    /// Cursor for the next page, if there are more rows.
-    pub next: Option<String>,
-    /// How many rows match in all (`None` when the query asked to skip counting).
-    pub total: Option<usize>,
-}
-
-/// A revocation as the CRL needs it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Revocation {
-    /// Serial, hex.
-    pub serial: String,
-    /// Unix seconds.
-    pub revoked_at: i64,
-    /// RFC 5280 CRLReason code.
-    pub reason_code: u8,
-    /// The certificate's notAfter (expired entries may leave the CRL).
-    pub not_after: i64,
-}
-
 /// The certificate table, its expiry index, and the revocation list.
 #[derive(Debug, Clone)]
 pub struct Certificates {
@@ -272,42 +124,26 @@ struct Link {
     successor: Option<String>,
 }
 
-/// Why a lineage renews no more: the first revocation of one of its members.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LineageEnd {
-    /// The revoked certificate's serial, hex.
-    pub revoked: String,
-    /// Unix seconds.
-    pub at: i64,
+/// The byte the expiry index holds for `status`.
+fn index_byte(status: Status) -> u8 {
+    match status {
+        Status::Valid => 0,
+        Status::Expired => 1,
+        Status::Revoked => 2,
+        Status::Superseded => 3,
+    }
 }
 
-/// Where a certificate stands in its lineage.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Lineage {
-    /// The serial of the lineage's first certificate.
-    pub root: Serial,
-    /// The certificate that renewed this one, if any.
-    pub successor: Option<Serial>,
-    /// Set once any member was revoked.
-    pub ended: Option<LineageEnd>,
-}
-
-/// What recording a renewal did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Renewal {
-    /// Recorded; the predecessor is superseded by it.
-    Recorded,
-    /// The new serial was taken already; nothing written.
-    SerialTaken,
-    /// The predecessor is no longer the current, unrevoked certificate of a live lineage
-    /// (revoked, renewed by a concurrent request, or its lineage ended meanwhile); nothing
-    /// written. Carries the predecessor's stored status and the lineage's end, if any.
-    PredecessorNotCurrent {
-        /// The predecessor's stored status (`None`: no such record).
-        status: Option<Status>,
-        /// The lineage's end, if it ended.
-        ended: Option<LineageEnd>,
-    },
+/// The status an expiry index value holds; None for an entry written before the index
+/// carried it (or anything unexpected): the record then decides.
+fn status_from_index(value: &[u8]) -> Option<Status> {
+    match value {
+        [0] => Some(Status::Valid),
+        [1] => Some(Status::Expired),
+        [2] => Some(Status::Revoked),
+        [3] => Some(Status::Superseded),
+        _ => None,
+    }
 }
 
 pub(in crate::store) fn expiry_key(not_after: i64, serial: &Serial) -> [u8; 24] {
@@ -346,7 +182,7 @@ impl Certificates {
         let mut filled = 0usize;
         for entry in self.by_expiry.iter() {
             let (key, value) = entry?;
-            if Status::from_index(&value).is_some() {
+            if status_from_index(&value).is_some() {
                 continue;
             }
             let Some(serial) = key.get(8..) else {
@@ -356,7 +192,7 @@ impl Certificates {
             // report it as they always did, and the issuer still starts.
             if let Some(Ok(record)) = self.by_serial.get(serial)?.map(|b| decode_stored(&b)) {
                 self.by_expiry
-                    .insert(key, &[record.status.index_byte()][..])?;
+                    .insert(key, &[index_byte(record.status)][..])?;
                 filled += 1;
             }
         }
@@ -429,7 +265,7 @@ impl Certificates {
         write.insert(
             &self.by_expiry,
             expiry_key(record.not_after, serial),
-            [record.status.index_byte()],
+            [index_byte(record.status)],
         )?;
         write.insert(&self.holders, holder, serial.0)?;
         Ok(NewRecord::Recorded)
@@ -481,14 +317,14 @@ impl Certificates {
         write.insert(
             &self.by_expiry,
             expiry_key(record.not_after, serial),
-            [record.status.index_byte()],
+            [index_byte(record.status)],
         )?;
         write.insert(&self.links, serial.0, new_link)?;
         write.insert(&self.by_serial, predecessor.0, old_value)?;
         write.insert(
             &self.by_expiry,
             expiry_key(old.not_after, predecessor),
-            [Status::Superseded.index_byte()],
+            [index_byte(Status::Superseded)],
         )?;
         write.insert(&self.links, predecessor.0, old_link)?;
         write.insert(
@@ -504,7 +340,7 @@ impl Certificates {
     pub(in crate::store) fn index_has_status(&self) -> bool {
         self.by_expiry
             .iter()
-            .all(|entry| entry.is_ok_and(|(_, value)| Status::from_index(&value).is_some()))
+            .all(|entry| entry.is_ok_and(|(_, value)| status_from_index(&value).is_some()))
     }
 }
 
@@ -555,7 +391,7 @@ impl crate::store::CertificateStore for Certificates {
         write.insert(
             &self.by_expiry,
             expiry_key(record.not_after, serial),
-            [Status::Revoked.index_byte()],
+            [index_byte(Status::Revoked)],
         )?;
         write.insert(&self.revocations, serial.0, entry)?;
         Ok(Some(before))
@@ -692,7 +528,7 @@ impl crate::store::CertificateStore for Certificates {
         write.insert(
             &self.by_expiry,
             expiry_key(record.not_after, serial),
-            [status.index_byte()],
+            [index_byte(status)],
         )?;
         Ok(true)
     }
@@ -737,7 +573,7 @@ impl crate::store::CertificateStore for Certificates {
                 continue;
             };
             let not_after = i64::try_from(u64::from_be_bytes(not_after)).unwrap_or(i64::MAX);
-            let indexed = Status::from_index(&value).map(|s| s.at(not_after, now));
+            let indexed = status_from_index(&value).map(|s| s.at(not_after, now));
             if let (Some(wanted), Some(status)) = (query.status, indexed) {
                 if wanted != status {
                     continue;
@@ -841,21 +677,6 @@ fn decode_end(bytes: &[u8]) -> Result<LineageEnd, Error> {
     serde_json::from_slice(bytes).map_err(|e| Error::Store(format!("lineage end: {e}")))
 }
 
-/// The lineage root of `serial`: the link's, else itself (a first certificate, or one
-/// recorded before lineages existed). An unparsable root also falls back to itself, so a
-/// damaged link can't merge two lineages.
-/// What recording a new certificate did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum NewRecord {
-    /// Recorded; it holds its subject now.
-    Recorded,
-    /// The serial was taken already; nothing written.
-    SerialTaken,
-    /// Another valid certificate (this serial, hex) holds the subject under the label;
-    /// nothing written.
-    SubjectHeld(String),
-}
-
 fn holder_key(label: &str, subject: &str) -> Vec<u8> {
     let mut key = Vec::with_capacity(label.len() + 1 + subject.len());
     key.extend_from_slice(label.as_bytes());
@@ -864,6 +685,9 @@ fn holder_key(label: &str, subject: &str) -> Vec<u8> {
     key
 }
 
+/// The lineage root of `serial`: the link's, else itself (a first certificate, or one
+/// recorded before lineages existed). An unparsable root also falls back to itself, so a
+/// damaged link can't merge two lineages.
 fn lineage_root(serial: &Serial, link: &Link) -> Serial {
     link.lineage
         .as_deref()

@@ -12,15 +12,11 @@ pub(in crate::store) mod tokens;
 use std::path::Path;
 use std::sync::Arc;
 
-use super::{IssuanceStore, Store};
+use super::{CertificateRecord, IssuanceStore, NewRecord, Renewal, Store};
 use crate::serial::Serial;
 use crate::Error;
 
 pub use audit::{AuditEvent, AuditRecord, Verification};
-pub use certificates::{
-    CertificateRecord, InventoryPage, InventoryQuery, Lineage, LineageEnd, NewRecord, Renewal,
-    Revocation, Status,
-};
 pub use durability::Durability;
 pub use entries::EntryRecord;
 pub(in crate::store) use journal::Journal;
