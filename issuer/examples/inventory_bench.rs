@@ -26,7 +26,7 @@ async fn main() -> anyhow::Result<()> {
         let serial = Serial::random();
         // Expiries spread evenly over the next two years; 1 in 1,000 revoked.
         let record = CertificateRecord {
-            serial: serial.to_string(),
+            serial,
             subject: format!("dev-{i}"),
             sans: vec![format!("dns:dev-{i}.plant.example")],
             label: ["device", "plc", "server"][(i % 3) as usize].into(),
@@ -35,7 +35,7 @@ async fn main() -> anyhow::Result<()> {
             not_after: now + (i * 730 * DAY) / count + 60,
             status: Status::Valid,
             renews: None,
-            der: String::new(),
+            der: Vec::new(),
         };
         store.certificates.record_new(&serial, &record)?;
         if i % 1000 == 0 {

@@ -535,7 +535,7 @@ impl Authority {
         self.audit(
             "certificate.revoked",
             serde_json::json!({
-                "serial": record.serial, "subject": record.subject,
+                "serial": record.serial.to_string(), "subject": record.subject,
                 "reason": request.reason,
             }),
         )?;
@@ -548,7 +548,7 @@ impl Authority {
         }
         Ok(CertificateRecord {
             status: Status::Revoked,
-            der: String::new(),
+            der: Vec::new(),
             ..record
         })
     }
@@ -641,7 +641,7 @@ impl Authority {
         let Some(record) = self.store.certificates.get(&serial)? else {
             return Ok(None);
         };
-        Ok((record.der_bytes()? == certificate).then_some((serial, record)))
+        Ok((record.der == certificate).then_some((serial, record)))
     }
 
     /// Certifies the next short-lived signing key if one is due, records it (audit, durable)

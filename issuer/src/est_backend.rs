@@ -275,7 +275,7 @@ impl Authority {
             if let Some(holder) = holder {
                 return Err(to_est(crate::issuance::subject_held(
                     &grant,
-                    &holder.serial,
+                    &holder.serial.to_string(),
                 )));
             }
         }
@@ -466,7 +466,7 @@ impl Authority {
                  now; enroll the device again with a new token"
             )));
         }
-        let der = record.der_bytes().map_err(to_est)?;
+        let der = record.der;
         let same_key = x509_cert::Certificate::from_der(&der)
             .ok()
             .and_then(|c| {

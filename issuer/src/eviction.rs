@@ -81,13 +81,14 @@ impl Authority {
         if [crate::profile::SVID, crate::profile::NODE_SVID].contains(&revoked.label.as_str()) {
             return Ok(vec![]);
         }
-        let lineage = x509pop::certificate_lineage(&self.store.certificates, revoked)?;
+        let lineage = x509pop::certificate_lineage(&*self.store.certificates, revoked)?;
+        let revoked_serial = revoked.serial.to_string();
         let mut evicted = Vec::new();
         for node in self.store.nodes.list()? {
             let attested_with_it = node.method == x509pop::METHOD
                 && node.attested_with.as_ref().is_some_and(|w| {
                     w.lineage == lineage
-                        || w.certificate_serial.as_deref() == Some(revoked.serial.as_str())
+                        || w.certificate_serial.as_deref() == Some(revoked_serial.as_str())
                 });
             if !attested_with_it || node.evicted {
                 continue;
@@ -104,7 +105,7 @@ impl Authority {
                 serde_json::json!({
                     "spiffe_id": before.spiffe_id, "svid_serial": before.svid_serial,
                     "reason": "device_certificate_revoked",
-                    "certificate_serial": revoked.serial,
+                    "certificate_serial": revoked_serial,
                 }),
             )?;
             self.store.durability.commit().await?;

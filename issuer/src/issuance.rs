@@ -10,7 +10,6 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use base64::Engine;
 use rcgen::{CertificateParams, DistinguishedName, DnType, IsCa, SanType};
 use time::OffsetDateTime;
 
@@ -163,7 +162,7 @@ impl Pipeline {
             let der = signer.sign(&params, &subject_key).await?;
             crate::check::leaf(&der, grant, ca_not_after.unix_timestamp())?;
             let record = CertificateRecord {
-                serial: serial.to_string(),
+                serial,
                 subject: grant.common_name.clone(),
                 sans: grant.san_strings(),
                 label: grant.label.clone(),
@@ -171,19 +170,19 @@ impl Pipeline {
                 issued_at: now.unix_timestamp(),
                 not_after: not_after.unix_timestamp(),
                 status: Status::Valid,
-                renews: grant.renews.map(|s| s.to_string()),
-                der: base64::engine::general_purpose::STANDARD.encode(&der),
+                renews: grant.renews,
+                der,
             };
             let audit = AuditEvent {
                 kind: "certificate.issued".into(),
                 detail: serde_json::json!({
-                    "serial": record.serial,
+                    "serial": record.serial.to_string(),
                     "subject": record.subject,
                     "sans": record.sans,
                     "label": record.label,
                     "owner": record.owner,
                     "not_after": record.not_after,
-                    "renews": record.renews,
+                    "renews": record.renews.map(|s| s.to_string()),
                 }),
             };
             // The certificate, the token it spends, the predecessor it supersedes and its
@@ -202,7 +201,7 @@ impl Pipeline {
                 now: now.unix_timestamp(),
             })?;
             match issued {
-                Issued::Recorded => break der,
+                Issued::Recorded => break record.der,
                 Issued::SerialTaken => continue,
                 Issued::TokenRefused(consumed) => return Err(token_refused(consumed)),
                 Issued::SubjectHeld(held_by) => return Err(subject_held(grant, &held_by)),

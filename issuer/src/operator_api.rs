@@ -17,10 +17,12 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use est::server::TlsClientCertificate;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::authority::{Authority, StatusReport};
-use crate::store::{AuditRecord, InventoryPage, InventoryQuery, Status, Verification};
+use crate::store::{
+    AuditRecord, CertificateRecord, InventoryPage, InventoryQuery, Status, Verification,
+};
 use crate::Error;
 
 /// The path prefix the operator API is served under.
@@ -72,8 +74,80 @@ impl From<Error> for ApiError {
 async fn inventory(
     State(authority): State<Arc<Authority>>,
     Query(query): Query<InventoryQuery>,
-) -> Result<Json<InventoryPage>, ApiError> {
-    Ok(Json(authority.inventory(&query)?))
+) -> Result<Json<InventoryRows>, ApiError> {
+    Ok(Json(InventoryRows::from(authority.inventory(&query)?)))
+}
+
+/// One certificate as operators read it in JSON (`GET /api/v1/inventory`, `issuer inventory
+/// --format json`, `issuer revoke`): serials as hex, DER as base64 and left out when empty.
+/// Scripts parse it; its shape stays as it is.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CertificateRow {
+    /// Serial, hex.
+    pub serial: String,
+    /// Subject commonName.
+    pub subject: String,
+    /// subjectAltNames as `dns:…` / `ip:…` / `uri:…`.
+    pub sans: Vec<String>,
+    /// The label (profile) it was issued under.
+    pub label: String,
+    /// Who asked: `token:<id>`, `renewal:<serial>`, …
+    pub owner: String,
+    /// Unix seconds.
+    pub issued_at: i64,
+    /// Unix seconds.
+    pub not_after: i64,
+    /// Lifecycle state.
+    pub status: Status,
+    /// The serial this certificate renewed, hex, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub renews: Option<String>,
+    /// The certificate, base64 DER (absent from inventory rows).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub der: String,
+}
+
+impl From<&CertificateRecord> for CertificateRow {
+    fn from(r: &CertificateRecord) -> Self {
+        use base64::Engine;
+        Self {
+            serial: r.serial.to_string(),
+            subject: r.subject.clone(),
+            sans: r.sans.clone(),
+            label: r.label.clone(),
+            owner: r.owner.clone(),
+            issued_at: r.issued_at,
+            not_after: r.not_after,
+            status: r.status,
+            renews: r.renews.map(|s| s.to_string()),
+            der: if r.der.is_empty() {
+                String::new()
+            } else {
+                base64::engine::general_purpose::STANDARD.encode(&r.der)
+            },
+        }
+    }
+}
+
+/// One page of the inventory as `GET /api/v1/inventory` answers it.
+#[derive(Debug, Clone, Serialize)]
+pub struct InventoryRows {
+    /// Rows ordered by notAfter, then serial.
+    pub certificates: Vec<CertificateRow>,
+    /// Cursor for the next page, if there are more rows.
+    pub next: Option<String>,
+    /// How many rows match in all (`null` when the query asked to skip counting).
+    pub total: Option<usize>,
+}
+
+impl From<InventoryPage> for InventoryRows {
+    fn from(page: InventoryPage) -> Self {
+        Self {
+            certificates: page.certificates.iter().map(CertificateRow::from).collect(),
+            next: page.next,
+            total: page.total,
+        }
+    }
 }
 
 async fn status(State(authority): State<Arc<Authority>>) -> Json<StatusReport> {

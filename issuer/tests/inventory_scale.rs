@@ -32,7 +32,7 @@ async fn queries_over_30k_certificates_are_exact_and_paging_is_gapless() {
     for i in 0..COUNT {
         let serial = Serial::random();
         let record = CertificateRecord {
-            serial: serial.to_string(),
+            serial,
             subject: format!("dev-{i}"),
             sans: vec![],
             label: label(i).into(),
@@ -45,7 +45,7 @@ async fn queries_over_30k_certificates_are_exact_and_paging_is_gapless() {
                 Status::Valid
             },
             renews: None,
-            der: String::new(),
+            der: Vec::new(),
         };
         assert!(store
             .certificates

@@ -2,13 +2,13 @@
 //! both. The server turns requests into domain types and answers into messages; the CLI
 //! turns the answers back, so what it prints (and its JSON) is the domain types' own.
 
-use base64::Engine;
 use proto::admin as wire;
 
 use crate::authority::{
     CreatedToken, RevocationReason, RevokeRequest, SigningKeyStatus, StatusReport, TokenRequest,
 };
 use crate::registration::NewEntry;
+use crate::serial::Serial;
 use crate::signing_key::Phase;
 use crate::store::{
     AuditEvent, AuditRecord, CertificateRecord, EntryRecord, InventoryPage, InventoryQuery,
@@ -158,22 +158,17 @@ fn status(status: wire::CertificateStatus) -> Option<Status> {
 impl TryFrom<CertificateRecord> for wire::Certificate {
     type Error = Error;
     fn try_from(r: CertificateRecord) -> Result<Self, Error> {
-        let der = if r.der.is_empty() {
-            Vec::new()
-        } else {
-            r.der_bytes()?
-        };
         Ok(Self {
             status: wire::CertificateStatus::from(r.status).into(),
-            serial: r.serial,
+            serial: r.serial.to_string(),
             subject: r.subject,
             sans: r.sans,
             label: r.label,
             owner: r.owner,
             issued_at: r.issued_at,
             not_after: r.not_after,
-            renews: r.renews,
-            der,
+            renews: r.renews.map(|s| s.to_string()),
+            der: r.der,
         })
     }
 }
@@ -182,8 +177,10 @@ impl TryFrom<wire::Certificate> for CertificateRecord {
     type Error = Error;
     fn try_from(c: wire::Certificate) -> Result<Self, Error> {
         let status = status(c.status()).ok_or_else(|| not_understood("a certificate status"))?;
+        let serial =
+            |text: &str| Serial::parse(text).ok_or_else(|| not_understood("a certificate serial"));
         Ok(Self {
-            serial: c.serial,
+            serial: serial(&c.serial)?,
             subject: c.subject,
             sans: c.sans,
             label: c.label,
@@ -191,12 +188,8 @@ impl TryFrom<wire::Certificate> for CertificateRecord {
             issued_at: c.issued_at,
             not_after: c.not_after,
             status,
-            renews: c.renews,
-            der: if c.der.is_empty() {
-                String::new()
-            } else {
-                base64::engine::general_purpose::STANDARD.encode(&c.der)
-            },
+            renews: c.renews.as_deref().map(serial).transpose()?,
+            der: c.der,
         })
     }
 }
@@ -514,7 +507,7 @@ mod tests {
     #[test]
     fn a_certificate_crosses_the_wire_and_back_unchanged() {
         let record = CertificateRecord {
-            serial: "0a".into(),
+            serial: Serial::parse("0a").expect("serial"),
             subject: "plc-7".into(),
             sans: vec!["dns:a".into(), "ip:10.0.0.1".into()],
             label: "plc".into(),
@@ -522,8 +515,8 @@ mod tests {
             issued_at: 5,
             not_after: 86_400,
             status: Status::Superseded,
-            renews: Some("09".into()),
-            der: base64::engine::general_purpose::STANDARD.encode([0x30, 0x03, 0x02, 0x01, 0x01]),
+            renews: Serial::parse("09"),
+            der: vec![0x30, 0x03, 0x02, 0x01, 0x01],
         };
         let message = wire::Certificate::try_from(record.clone()).expect("to the wire");
         assert_eq!(message.der, [0x30, 0x03, 0x02, 0x01, 0x01]);

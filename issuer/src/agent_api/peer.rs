@@ -69,7 +69,7 @@ pub fn caller<T>(
         .map_err(super::service::to_status)?
         .ok_or_else(|| unauthenticated("the client certificate was not issued by this issuer"))?;
     let now = authority.now().unix_timestamp();
-    if record.serial != node.svid_serial || record.status_at(now) != Status::Valid {
+    if record.serial.to_string() != node.svid_serial || record.status_at(now) != Status::Valid {
         return Err(tonic::Status::unauthenticated(format!(
             "the client certificate (serial {}) is not node {spiffe_id}'s current node SVID; \
              use the newest one or attest again",

@@ -16,13 +16,13 @@ pub const METHOD: &str = "join_token";
 /// Attests nodes by one-time join tokens.
 #[derive(Debug)]
 pub struct JoinTokenAttestor {
-    tokens: TokenStore,
+    tokens: Arc<dyn TokenStore>,
     clock: Arc<dyn Clock>,
 }
 
 impl JoinTokenAttestor {
     /// An attestor consuming tokens from `tokens`.
-    pub fn new(tokens: TokenStore, clock: Arc<dyn Clock>) -> Self {
+    pub fn new(tokens: Arc<dyn TokenStore>, clock: Arc<dyn Clock>) -> Self {
         Self { tokens, clock }
     }
 }

@@ -44,7 +44,7 @@ const MAX_RENEWAL_CHAIN: usize = 100_000;
 /// Attests nodes holding a device certificate from this issuer's inventory.
 #[derive(Debug)]
 pub struct X509PopAttestor {
-    certificates: CertificateStore,
+    certificates: Arc<dyn CertificateStore>,
     clock: Arc<dyn Clock>,
     /// The labels whose certificates may attest (validated at startup: never an operator
     /// profile).
@@ -53,7 +53,11 @@ pub struct X509PopAttestor {
 
 impl X509PopAttestor {
     /// An attestor judging certificates against `certificates`, taking those of `labels`.
-    pub fn new(certificates: CertificateStore, clock: Arc<dyn Clock>, labels: Vec<String>) -> Self {
+    pub fn new(
+        certificates: Arc<dyn CertificateStore>,
+        clock: Arc<dyn Clock>,
+        labels: Vec<String>,
+    ) -> Self {
         Self {
             certificates,
             clock,
@@ -68,21 +72,19 @@ impl X509PopAttestor {
 /// keeps it. The one place node bindings and revocations derive a lineage from; point it at
 /// the inventory's own lineage id once certificate records carry one.
 pub fn certificate_lineage(
-    certificates: &CertificateStore,
+    certificates: &dyn CertificateStore,
     record: &CertificateRecord,
 ) -> Result<String, Error> {
     // Renewals recorded since lineages were kept name their root directly; older ones are
     // found by walking the `renews` chain back to its first certificate.
-    if let Some(serial) = Serial::parse(&record.serial) {
-        let root = certificates.lineage(&serial)?.root;
-        if root != serial {
-            return Ok(format!("certificate:{root}"));
-        }
+    let root = certificates.lineage(&record.serial)?.root;
+    if root != record.serial {
+        return Ok(format!("certificate:{root}"));
     }
-    let mut first = record.serial.clone();
-    let mut renews = record.renews.clone();
+    let mut first = record.serial;
+    let mut renews = record.renews;
     for _ in 0..MAX_RENEWAL_CHAIN {
-        let Some(serial) = renews.as_deref().and_then(Serial::parse) else {
+        let Some(serial) = renews else {
             return Ok(format!("certificate:{first}"));
         };
         match certificates.get(&serial)? {
@@ -159,7 +161,7 @@ impl NodeAttestor for X509PopAttestor {
             .get(&serial)
             .map_err(inventory_unreadable)?
             .ok_or_else(foreign)?;
-        if record.der_bytes().ok().as_deref() != Some(leaf.as_slice()) {
+        if record.der != *leaf {
             return Err(foreign());
         }
         if [crate::profile::SVID, crate::profile::NODE_SVID].contains(&record.label.as_str()) {
@@ -226,7 +228,7 @@ impl NodeAttestor for X509PopAttestor {
         let public_key = p256_point(&certificate)?;
         let id = node_id(&certificate)?;
         let lineage =
-            certificate_lineage(&self.certificates, &record).map_err(inventory_unreadable)?;
+            certificate_lineage(&*self.certificates, &record).map_err(inventory_unreadable)?;
         let spki = der::Encode::to_der(&certificate.tbs_certificate.subject_public_key_info)
             .map_err(|e| {
                 Refusal::new(
@@ -236,7 +238,7 @@ impl NodeAttestor for X509PopAttestor {
             })?;
         let attested_with = AttestedWith {
             lineage,
-            certificate_serial: Some(record.serial.clone()),
+            certificate_serial: Some(record.serial.to_string()),
             key_sha256: Some(hex::encode(sha2::Sha256::digest(&spki))),
         };
         let nonce: [u8; 32] = rand::random();
@@ -393,13 +395,12 @@ mod tests {
     }
 
     fn record(store: &Store, device: &Device, label: &str, status: Status) {
-        use base64::Engine;
         store
             .certificates
             .record_new(
                 &device.serial,
                 &CertificateRecord {
-                    serial: device.serial.to_string(),
+                    serial: device.serial,
                     subject: "plc".into(),
                     sans: vec![],
                     label: label.into(),
@@ -408,7 +409,7 @@ mod tests {
                     not_after: 1_000,
                     status,
                     renews: None,
-                    der: base64::engine::general_purpose::STANDARD.encode(&device.der),
+                    der: device.der.clone(),
                 },
             )
             .expect("record");
@@ -493,18 +494,15 @@ mod tests {
             .get(&first.serial)
             .expect("get")
             .expect("known");
-        renewal.serial = renewed.serial.to_string();
-        renewal.renews = Some(first.serial.to_string());
+        renewal.serial = renewed.serial;
+        renewal.renews = Some(first.serial);
         renewal.status = Status::Valid;
-        renewal.der = {
-            use base64::Engine;
-            base64::engine::general_purpose::STANDARD.encode(&renewed.der)
-        };
+        renewal.der = renewed.der.clone();
         store
             .certificates
             .record_new(&renewed.serial, &renewal)
             .expect("record");
-        let lineage = certificate_lineage(&store.certificates, &renewal).expect("lineage");
+        let lineage = certificate_lineage(&*store.certificates, &renewal).expect("lineage");
         assert_eq!(lineage, format!("certificate:{}", first.serial));
 
         let evidence = evidence(&renewed);

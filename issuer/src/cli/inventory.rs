@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use super::render::{self, Format, Rows};
 use super::{parse_duration, ConfigArg};
+use crate::operator_api::CertificateRow;
 use crate::store::{CertificateRecord, InventoryQuery, Status};
 use crate::Error;
 use proto::rfc3339_unix as rfc3339;
@@ -117,7 +118,8 @@ const HEADERS: [&str; 7] = [
 /// Certificates in `format`: the JSON is the records themselves, table and CSV one row each.
 fn render_rows(records: &[CertificateRecord], format: Format) -> String {
     if format == Format::Json {
-        return render::json(records);
+        let rows: Vec<CertificateRow> = records.iter().map(CertificateRow::from).collect();
+        return render::json(&rows);
     }
     let headers = match format {
         Format::Table => HEADERS.map(|h| h.to_uppercase().replace('_', " ")),
@@ -126,7 +128,7 @@ fn render_rows(records: &[CertificateRecord], format: Format) -> String {
     let mut rows = Rows::new(&headers.each_ref().map(String::as_str));
     for r in records {
         rows.push(vec![
-            r.serial.clone(),
+            r.serial.to_string(),
             r.subject.clone(),
             r.sans.join(" "),
             r.label.clone(),
@@ -152,10 +154,11 @@ fn status_text(status: Status) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::serial::Serial;
 
     fn row(subject: &str) -> CertificateRecord {
         CertificateRecord {
-            serial: "0a".into(),
+            serial: Serial::parse("0a").expect("serial"),
             subject: subject.into(),
             sans: vec!["dns:a".into(), "ip:10.0.0.1".into()],
             label: "plc".into(),
@@ -164,7 +167,7 @@ mod tests {
             not_after: 86_400,
             status: Status::Valid,
             renews: None,
-            der: String::new(),
+            der: Vec::new(),
         }
     }
 
@@ -187,7 +190,16 @@ mod tests {
     #[test]
     fn json_is_an_array_of_records() {
         let out = render_rows(&[row("plc-7")], Format::Json);
-        let parsed: Vec<CertificateRecord> = serde_json::from_str(&out).expect("json");
+        let parsed: Vec<CertificateRow> = serde_json::from_str(&out).expect("json");
         assert_eq!(parsed[0].subject, "plc-7");
+        // Byte for byte what scripts have parsed since the first release.
+        assert_eq!(
+            serde_json::to_string(&parsed[0]).expect("json"),
+            concat!(
+                r#"{"serial":"0000000000000000000000000000000a","subject":"plc-7","#,
+                r#""sans":["dns:a","ip:10.0.0.1"],"label":"plc","owner":"token:1234","#,
+                r#""issued_at":0,"not_after":86400,"status":"valid"}"#
+            )
+        );
     }
 }

@@ -209,7 +209,7 @@ tr.revoked td.status, tr.expired td.status, tr.expired td.days-left {{ color: #b
             status = status_name(row.status),
             urgency = left.class().map(|c| format!(" {c}")).unwrap_or_default(),
             label = escape(&row.label),
-            serial = escape(&row.serial),
+            serial = escape(&row.serial.to_string()),
             subject = escape(&row.subject),
             sans = escape(&row.sans.join(", ")),
             owner = escape(&row.owner),

@@ -36,14 +36,14 @@ pub struct AuditRecord {
 
 /// The audit table.
 #[derive(Debug, Clone)]
-pub struct AuditLog {
+pub struct Audit {
     tree: sled::Tree,
     journal: Journal,
     /// (last seq, last hash); appends serialise here so seq order is chain order.
     tail: Arc<Mutex<(u64, [u8; 32])>>,
 }
 
-impl AuditLog {
+impl Audit {
     pub(in crate::store) fn open(db: &sled::Db, journal: Journal) -> Result<Self, Error> {
         let tree = db.open_tree("audit")?;
         let tail = match tree.last()? {
@@ -62,12 +62,6 @@ impl AuditLog {
             journal,
             tail: Arc::new(Mutex::new(tail)),
         })
-    }
-
-    /// Appends an event; the caller commits the store before acting on it.
-    pub fn append(&self, event: AuditEvent, at_ms: i64) -> Result<u64, Error> {
-        let mut write = self.journal.begin()?;
-        self.append_in(&mut write, event, at_ms)
     }
 
     /// [`append`](Self::append) as part of `write`: the event is recorded with what it
@@ -103,16 +97,48 @@ impl AuditLog {
     pub(crate) fn tree(&self) -> &sled::Tree {
         &self.tree
     }
+}
+
+/// What `audit verify` found.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Verification {
+    /// Records read.
+    pub records: u64,
+    /// The first break in the chain, if any, in words an auditor can act on.
+    pub problem: Option<String>,
+}
+
+/// The hash that chains a record to its predecessor.
+pub fn chain_hash(
+    prev: &[u8; 32],
+    seq: u64,
+    at_ms: i64,
+    event: &AuditEvent,
+) -> Result<[u8; 32], Error> {
+    let content = serde_json::to_vec(&(seq, at_ms, &event.kind, &event.detail))
+        .map_err(|e| Error::Store(e.to_string()))?;
+    let mut hasher = Sha256::new();
+    hasher.update(prev);
+    hasher.update(&content);
+    Ok(hasher.finalize().into())
+}
+
+impl crate::store::AuditLog for Audit {
+    /// Appends an event; the caller commits the store before acting on it.
+    fn append(&self, event: AuditEvent, at_ms: i64) -> Result<u64, Error> {
+        let mut write = self.journal.begin()?;
+        self.append_in(&mut write, event, at_ms)
+    }
 
     /// The newest `count` records, oldest first.
-    pub fn tail(&self, count: usize) -> Result<Vec<AuditRecord>, Error> {
+    fn tail(&self, count: usize) -> Result<Vec<AuditRecord>, Error> {
         self.page(None, count)
     }
 
     /// The newest `count` records numbered below `before` (all of them when `None`), oldest
     /// first: a reader walks the whole log back by passing the first record's `seq` as the
     /// next `before`.
-    pub fn page(&self, before: Option<u64>, count: usize) -> Result<Vec<AuditRecord>, Error> {
+    fn page(&self, before: Option<u64>, count: usize) -> Result<Vec<AuditRecord>, Error> {
         let below = before.unwrap_or(u64::MAX);
         let mut records = self
             .tree
@@ -127,23 +153,12 @@ impl AuditLog {
         records.reverse();
         Ok(records)
     }
-}
 
-/// What `audit verify` found.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Verification {
-    /// Records read.
-    pub records: u64,
-    /// The first break in the chain, if any, in words an auditor can act on.
-    pub problem: Option<String>,
-}
-
-impl AuditLog {
     /// Walks the whole log: sequence numbers must run 1, 2, 3… with no gap, each record's
     /// `prev` must be its predecessor's `hash`, and each `hash` must match the record's
     /// content. An edited record fails its own hash; a removed one leaves a gap; swapped
     /// ones break the sequence or the chain.
-    pub fn verify(&self) -> Result<Verification, Error> {
+    fn verify(&self) -> Result<Verification, Error> {
         let mut expected_seq = 1u64;
         let mut prev = [0u8; 32];
         for entry in self.tree.iter() {
@@ -216,29 +231,15 @@ impl AuditLog {
     }
 }
 
-/// The hash that chains a record to its predecessor.
-pub fn chain_hash(
-    prev: &[u8; 32],
-    seq: u64,
-    at_ms: i64,
-    event: &AuditEvent,
-) -> Result<[u8; 32], Error> {
-    let content = serde_json::to_vec(&(seq, at_ms, &event.kind, &event.detail))
-        .map_err(|e| Error::Store(e.to_string()))?;
-    let mut hasher = Sha256::new();
-    hasher.update(prev);
-    hasher.update(&content);
-    Ok(hasher.finalize().into())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::AuditLog as _;
 
-    fn log_with(count: i64) -> (tempfile::TempDir, sled::Db, AuditLog) {
+    fn log_with(count: i64) -> (tempfile::TempDir, sled::Db, Audit) {
         let dir = tempfile::tempdir().expect("tempdir");
         let db = sled::open(dir.path()).expect("db");
-        let log = AuditLog::open(&db, super::super::journal::Journal::scratch()).expect("open");
+        let log = Audit::open(&db, super::super::journal::Journal::scratch()).expect("open");
         for i in 0..count {
             log.append(
                 AuditEvent {
@@ -252,7 +253,7 @@ mod tests {
         (dir, db, log)
     }
 
-    fn record(log: &AuditLog, seq: u64) -> AuditRecord {
+    fn record(log: &Audit, seq: u64) -> AuditRecord {
         let bytes = log
             .tree()
             .get(seq.to_be_bytes())
@@ -261,7 +262,7 @@ mod tests {
         serde_json::from_slice(&bytes).expect("json")
     }
 
-    fn put(log: &AuditLog, position: u64, record: &AuditRecord) {
+    fn put(log: &Audit, position: u64, record: &AuditRecord) {
         log.tree()
             .insert(
                 position.to_be_bytes(),

@@ -16,173 +16,89 @@
 
 use super::journal::{Journal, Write};
 use crate::serial::Serial;
+use crate::store::{
+    CertificateRecord, InventoryPage, InventoryQuery, Lineage, LineageEnd, NewRecord, Renewal,
+    Revocation, Status,
+};
 use crate::Error;
 use serde::{Deserialize, Serialize};
 
-/// A certificate's lifecycle state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Status {
-    /// Issued and usable.
-    Valid,
-    /// Past its notAfter (computed when read).
-    Expired,
-    /// Revoked by an operator.
-    Revoked,
-    /// Renewed by a re-enrollment; still valid until notAfter.
-    Superseded,
-}
-
-impl Status {
-    /// This stored status as of `now` for a certificate expiring at `not_after`.
-    fn at(self, not_after: i64, now: i64) -> Status {
-        if self == Status::Valid && not_after <= now {
-            Status::Expired
-        } else {
-            self
-        }
-    }
-
-    /// The byte the expiry index holds for this status.
-    fn index_byte(self) -> u8 {
-        match self {
-            Status::Valid => 0,
-            Status::Expired => 1,
-            Status::Revoked => 2,
-            Status::Superseded => 3,
-        }
-    }
-
-    /// The status an expiry index value holds; None for an entry written before the index
-    /// carried it (or anything unexpected): the record then decides.
-    fn from_index(value: &[u8]) -> Option<Status> {
-        match value {
-            [0] => Some(Status::Valid),
-            [1] => Some(Status::Expired),
-            [2] => Some(Status::Revoked),
-            [3] => Some(Status::Superseded),
-            _ => None,
-        }
-    }
-}
-
-impl std::str::FromStr for Status {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "valid" => Ok(Self::Valid),
-            "expired" => Ok(Self::Expired),
-            "revoked" => Ok(Self::Revoked),
-            "superseded" => Ok(Self::Superseded),
-            _ => Err(format!(
-                "unknown status {s:?}; use valid, expired, revoked or superseded"
-            )),
-        }
-    }
-}
-
-/// One certificate as the inventory knows it.
+/// A certificate record as the `certificates` tree holds it (JSON): serials as hex, DER as
+/// base64. Its bytes must not change: stores written by earlier issuers open as they are.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct CertificateRecord {
-    /// Serial, hex.
-    pub serial: String,
-    /// Subject commonName.
-    pub subject: String,
-    /// subjectAltNames as `dns:…` / `ip:…`.
-    pub sans: Vec<String>,
-    /// The label (profile) it was issued under.
-    pub label: String,
-    /// Who asked: `token:<id>`, `renewal:<serial>`, …
-    pub owner: String,
-    /// Unix seconds.
-    pub issued_at: i64,
-    /// Unix seconds.
-    pub not_after: i64,
-    /// Lifecycle state.
-    pub status: Status,
-    /// The serial this certificate renewed, if any.
+struct Stored {
+    serial: String,
+    subject: String,
+    sans: Vec<String>,
+    label: String,
+    owner: String,
+    issued_at: i64,
+    not_after: i64,
+    status: Status,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub renews: Option<String>,
-    /// The certificate, base64 DER (absent on pending reservations).
+    renews: Option<String>,
+    /// Absent on pending reservations.
     #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub der: String,
+    der: String,
 }
 
-impl CertificateRecord {
-    /// Status as of `now`: a valid certificate past notAfter reads as expired.
-    pub fn status_at(&self, now: i64) -> Status {
-        self.status.at(self.not_after, now)
-    }
-
-    /// The certificate DER.
-    pub fn der_bytes(&self) -> Result<Vec<u8>, Error> {
+impl From<&CertificateRecord> for Stored {
+    fn from(r: &CertificateRecord) -> Self {
         use base64::Engine;
-        base64::engine::general_purpose::STANDARD
-            .decode(&self.der)
-            .map_err(|e| Error::Store(format!("certificate {}: {e}", self.serial)))
+        Self {
+            serial: r.serial.to_string(),
+            subject: r.subject.clone(),
+            sans: r.sans.clone(),
+            label: r.label.clone(),
+            owner: r.owner.clone(),
+            issued_at: r.issued_at,
+            not_after: r.not_after,
+            status: r.status,
+            renews: r.renews.map(|s| s.to_string()),
+            der: if r.der.is_empty() {
+                String::new()
+            } else {
+                base64::engine::general_purpose::STANDARD.encode(&r.der)
+            },
+        }
     }
 }
 
-/// An inventory question.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct InventoryQuery {
-    /// Only certificates whose notAfter is within this long from now (and not yet past).
-    #[serde(default)]
-    pub expiring_within_secs: Option<u64>,
-    /// Only this label.
-    #[serde(default)]
-    pub label: Option<String>,
-    /// Only this status.
-    #[serde(default)]
-    pub status: Option<Status>,
-    /// Only this owner (`token:…`, `issuer:…`; later nodes, entries, gateways).
-    #[serde(default)]
-    pub owner: Option<String>,
-    /// Only subjects containing this text (case-insensitive).
-    #[serde(default)]
-    pub subject: Option<String>,
-    /// Only certificates with a URI SAN starting with this SPIFFE ID prefix.
-    #[serde(default)]
-    pub spiffe_prefix: Option<String>,
-    /// Continue after this cursor (from the previous page's `next`).
-    #[serde(default)]
-    pub after: Option<String>,
-    /// Page size (default 100, at most 10,000).
-    #[serde(default)]
-    pub limit: Option<usize>,
-    /// Don't count all matching rows: stop scanning once the page is full and it is known
-    /// whether more follow. A dashboard's first page needs this; `total` is then `None`.
-    #[serde(default)]
-    pub skip_total: bool,
-}
-
-/// One page of answers.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct InventoryPage {
-    /// Rows ordered by notAfter, then serial; `der` omitted, `status` as of the query.
-    pub certificates: Vec<CertificateRecord>,
-    /// Cursor for the next page, if there are more rows.
-    pub next: Option<String>,
-    /// How many rows match in all (`None` when the query asked to skip counting).
-    pub total: Option<usize>,
-}
-
-/// A revocation as the CRL needs it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Revocation {
-    /// Serial, hex.
-    pub serial: String,
-    /// Unix seconds.
-    pub revoked_at: i64,
-    /// RFC 5280 CRLReason code.
-    pub reason_code: u8,
-    /// The certificate's notAfter (expired entries may leave the CRL).
-    pub not_after: i64,
+impl Stored {
+    /// The domain record; without its DER unless `with_der` (inventory rows never carry it,
+    /// and decoding it for every row of a page would be wasted work).
+    fn into_record(self, with_der: bool) -> Result<CertificateRecord, Error> {
+        use base64::Engine;
+        let serial = |text: &str| {
+            Serial::parse(text).ok_or_else(|| {
+                Error::Store(format!("certificate record: {text:?} is not a serial"))
+            })
+        };
+        let der = if with_der && !self.der.is_empty() {
+            base64::engine::general_purpose::STANDARD
+                .decode(&self.der)
+                .map_err(|e| Error::Store(format!("certificate {}: {e}", self.serial)))?
+        } else {
+            Vec::new()
+        };
+        Ok(CertificateRecord {
+            serial: serial(&self.serial)?,
+            subject: self.subject,
+            sans: self.sans,
+            label: self.label,
+            owner: self.owner,
+            issued_at: self.issued_at,
+            not_after: self.not_after,
+            status: self.status,
+            renews: self.renews.as_deref().map(serial).transpose()?,
+            der,
+        })
+    }
 }
 
 /// The certificate table, its expiry index, and the revocation list.
 #[derive(Debug, Clone)]
-pub struct CertificateStore {
+pub struct Certificates {
     by_serial: sled::Tree,
     by_expiry: sled::Tree,
     revocations: sled::Tree,
@@ -208,42 +124,26 @@ struct Link {
     successor: Option<String>,
 }
 
-/// Why a lineage renews no more: the first revocation of one of its members.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LineageEnd {
-    /// The revoked certificate's serial, hex.
-    pub revoked: String,
-    /// Unix seconds.
-    pub at: i64,
+/// The byte the expiry index holds for `status`.
+fn index_byte(status: Status) -> u8 {
+    match status {
+        Status::Valid => 0,
+        Status::Expired => 1,
+        Status::Revoked => 2,
+        Status::Superseded => 3,
+    }
 }
 
-/// Where a certificate stands in its lineage.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Lineage {
-    /// The serial of the lineage's first certificate.
-    pub root: Serial,
-    /// The certificate that renewed this one, if any.
-    pub successor: Option<Serial>,
-    /// Set once any member was revoked.
-    pub ended: Option<LineageEnd>,
-}
-
-/// What recording a renewal did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Renewal {
-    /// Recorded; the predecessor is superseded by it.
-    Recorded,
-    /// The new serial was taken already; nothing written.
-    SerialTaken,
-    /// The predecessor is no longer the current, unrevoked certificate of a live lineage
-    /// (revoked, renewed by a concurrent request, or its lineage ended meanwhile); nothing
-    /// written. Carries the predecessor's stored status and the lineage's end, if any.
-    PredecessorNotCurrent {
-        /// The predecessor's stored status (`None`: no such record).
-        status: Option<Status>,
-        /// The lineage's end, if it ended.
-        ended: Option<LineageEnd>,
-    },
+/// The status an expiry index value holds; None for an entry written before the index
+/// carried it (or anything unexpected): the record then decides.
+fn status_from_index(value: &[u8]) -> Option<Status> {
+    match value {
+        [0] => Some(Status::Valid),
+        [1] => Some(Status::Expired),
+        [2] => Some(Status::Revoked),
+        [3] => Some(Status::Superseded),
+        _ => None,
+    }
 }
 
 pub(in crate::store) fn expiry_key(not_after: i64, serial: &Serial) -> [u8; 24] {
@@ -253,7 +153,7 @@ pub(in crate::store) fn expiry_key(not_after: i64, serial: &Serial) -> [u8; 24] 
     key
 }
 
-impl CertificateStore {
+impl Certificates {
     pub(in crate::store) fn open(db: &sled::Db, journal: Journal) -> Result<Self, Error> {
         let store = Self {
             by_serial: db.open_tree("certificates")?,
@@ -282,7 +182,7 @@ impl CertificateStore {
         let mut filled = 0usize;
         for entry in self.by_expiry.iter() {
             let (key, value) = entry?;
-            if Status::from_index(&value).is_some() {
+            if status_from_index(&value).is_some() {
                 continue;
             }
             let Some(serial) = key.get(8..) else {
@@ -290,9 +190,9 @@ impl CertificateStore {
             };
             // A record that does not decode keeps its empty value: queries that reach it
             // report it as they always did, and the issuer still starts.
-            if let Some(Ok(record)) = self.by_serial.get(serial)?.map(|b| decode(&b)) {
+            if let Some(Ok(record)) = self.by_serial.get(serial)?.map(|b| decode_stored(&b)) {
                 self.by_expiry
-                    .insert(key, &[record.status.index_byte()][..])?;
+                    .insert(key, &[index_byte(record.status)][..])?;
                 filled += 1;
             }
         }
@@ -301,85 +201,6 @@ impl CertificateStore {
             tracing::info!(filled, "expiry index now carries each certificate's status");
         }
         Ok(())
-    }
-
-    /// Marks a certificate revoked and adds it to the revocation list, in one transaction.
-    /// Returns the record as it was, or None if no such certificate.
-    pub fn revoke(
-        &self,
-        serial: &Serial,
-        revoked_at: i64,
-        reason_code: u8,
-    ) -> Result<Option<CertificateRecord>, Error> {
-        let mut write = self.journal.begin()?;
-        let Some(bytes) = self.by_serial.get(serial.0)? else {
-            return Ok(None);
-        };
-        let unreadable = || {
-            Error::Store(format!(
-                "certificate record or lineage link {serial} does not parse"
-            ))
-        };
-        // The whole lineage stops renewing with this revocation, in the same write: a
-        // renewal racing it either was written first or finds the lineage ended.
-        let link = match self.links.get(serial.0)? {
-            Some(bytes) => decode_link(&bytes).map_err(|_| unreadable())?,
-            None => Link::default(),
-        };
-        let root = lineage_root(serial, &link);
-        let mut record = decode(&bytes).map_err(|_| unreadable())?;
-        let before = record.clone();
-        record.status = Status::Revoked;
-        let entry = Revocation {
-            serial: record.serial.clone(),
-            revoked_at,
-            reason_code,
-            not_after: record.not_after,
-        };
-        let entry = serde_json::to_vec(&entry).map_err(|e| Error::Store(e.to_string()))?;
-        if self.ended.get(root.0)?.is_none() {
-            let end = LineageEnd {
-                revoked: serial.to_string(),
-                at: revoked_at,
-            };
-            let end = serde_json::to_vec(&end).map_err(|e| Error::Store(e.to_string()))?;
-            write.insert(&self.ended, root.0, end)?;
-        }
-        write.insert(&self.by_serial, serial.0, encode(&record)?)?;
-        write.insert(
-            &self.by_expiry,
-            expiry_key(record.not_after, serial),
-            [Status::Revoked.index_byte()],
-        )?;
-        write.insert(&self.revocations, serial.0, entry)?;
-        Ok(Some(before))
-    }
-
-    /// Every revocation of a certificate not yet expired at `now`.
-    pub fn revocations(&self, now: i64) -> Result<Vec<Revocation>, Error> {
-        let mut out = Vec::new();
-        for entry in self.revocations.iter() {
-            let (_, bytes) = entry?;
-            let revocation: Revocation = serde_json::from_slice(&bytes)
-                .map_err(|e| Error::Store(format!("revocation record: {e}")))?;
-            if revocation.not_after > now {
-                out.push(revocation);
-            }
-        }
-        Ok(out)
-    }
-
-    /// The next CRL number (RFC 5280 §5.2.3: monotonically increasing), persisted.
-    pub fn next_crl_number(&self) -> Result<u64, Error> {
-        let mut write = self.journal.begin()?;
-        let next = self
-            .meta
-            .get("crl_number")?
-            .and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok())
-            .map_or(0, u64::from_be_bytes)
-            + 1;
-        write.insert(&self.meta, "crl_number", next.to_be_bytes())?;
-        Ok(next)
     }
 
     /// Stores written before subjects had holders get them once: for each (label, subject),
@@ -392,7 +213,9 @@ impl CertificateStore {
         let mut newest: std::collections::BTreeMap<Vec<u8>, (i64, Vec<u8>)> = Default::default();
         for entry in self.by_serial.iter() {
             let (serial, bytes) = entry?;
-            let Ok(record) = decode(&bytes) else { continue };
+            let Ok(record) = decode_stored(&bytes) else {
+                continue;
+            };
             if record.status != Status::Valid {
                 continue;
             }
@@ -415,47 +238,6 @@ impl CertificateStore {
         Ok(())
     }
 
-    /// The valid certificate (at `now`) that holds `subject` under `label`, if any: the
-    /// newest one recorded for it. Renewals hand the subject on within a lineage.
-    pub fn subject_holder(
-        &self,
-        label: &str,
-        subject: &str,
-        now: i64,
-    ) -> Result<Option<CertificateRecord>, Error> {
-        let Some(serial) = self.holders.get(holder_key(label, subject))? else {
-            return Ok(None);
-        };
-        Ok(self
-            .by_serial
-            .get(serial)?
-            .map(|b| decode(&b))
-            .transpose()?
-            .filter(|r| r.status_at(now) == Status::Valid))
-    }
-
-    /// Records a newly issued certificate and its index entry in one transaction, only if
-    /// `serial` was never used; returns false (writing nothing) if it was.
-    pub fn record_new(&self, serial: &Serial, record: &CertificateRecord) -> Result<bool, Error> {
-        match self.record_new_holding(serial, record, false)? {
-            NewRecord::Recorded => Ok(true),
-            NewRecord::SerialTaken | NewRecord::SubjectHeld(_) => Ok(false),
-        }
-    }
-
-    /// [`record_new`](Self::record_new), and the certificate becomes its subject's holder.
-    /// With `unique_subject`, only while no other certificate of the label holds the subject
-    /// validly, checked inside the transaction so two concurrent enrollments can't both win.
-    pub fn record_new_holding(
-        &self,
-        serial: &Serial,
-        record: &CertificateRecord,
-        unique_subject: bool,
-    ) -> Result<NewRecord, Error> {
-        let mut write = self.journal.begin()?;
-        self.record_new_in(&mut write, serial, record, unique_subject)
-    }
-
     /// [`record_new_holding`](Self::record_new_holding) as part of `write`: checks, then
     /// writes only if the certificate can be recorded.
     pub(super) fn record_new_in(
@@ -472,9 +254,9 @@ impl CertificateStore {
         if unique_subject {
             if let Some(held_by) = self.holders.get(&holder)? {
                 if let Some(bytes) = self.by_serial.get(&held_by)? {
-                    let current = decode(&bytes)?;
+                    let current = decode_row(&bytes)?;
                     if current.status_at(record.issued_at) == Status::Valid {
-                        return Ok(NewRecord::SubjectHeld(current.serial));
+                        return Ok(NewRecord::SubjectHeld(current.serial.to_string()));
                     }
                 }
             }
@@ -483,25 +265,10 @@ impl CertificateStore {
         write.insert(
             &self.by_expiry,
             expiry_key(record.not_after, serial),
-            [record.status.index_byte()],
+            [index_byte(record.status)],
         )?;
         write.insert(&self.holders, holder, serial.0)?;
         Ok(NewRecord::Recorded)
-    }
-
-    /// Records `record` (serial `serial`) as the renewal of `predecessor` and supersedes the
-    /// predecessor, in one write: only if the serial is unused, the predecessor's stored
-    /// status is still valid and its lineage has not ended. A revocation written in between
-    /// is never overwritten, and a renewal racing it yields nothing. The new certificate
-    /// joins the predecessor's lineage.
-    pub fn record_renewal(
-        &self,
-        serial: &Serial,
-        record: &CertificateRecord,
-        predecessor: &Serial,
-    ) -> Result<Renewal, Error> {
-        let mut write = self.journal.begin()?;
-        self.record_renewal_in(&mut write, serial, record, predecessor)
     }
 
     /// [`record_renewal`](Self::record_renewal) as part of `write`.
@@ -521,7 +288,7 @@ impl CertificateStore {
                 ended: None,
             });
         };
-        let mut old = decode(&old_bytes)?;
+        let mut old = decode_stored(&old_bytes)?;
         let mut old_link = match self.links.get(predecessor.0)? {
             Some(bytes) => decode_link(&bytes)?,
             None => Link::default(),
@@ -544,20 +311,20 @@ impl CertificateStore {
             lineage: Some(root.to_string()),
             successor: None,
         };
-        let (value, old_value) = (encode(record)?, encode(&old)?);
+        let (value, old_value) = (encode(record)?, encode_stored(&old)?);
         let (old_link, new_link) = (encode_link(&old_link)?, encode_link(&new_link)?);
         write.insert(&self.by_serial, serial.0, value)?;
         write.insert(
             &self.by_expiry,
             expiry_key(record.not_after, serial),
-            [record.status.index_byte()],
+            [index_byte(record.status)],
         )?;
         write.insert(&self.links, serial.0, new_link)?;
         write.insert(&self.by_serial, predecessor.0, old_value)?;
         write.insert(
             &self.by_expiry,
             expiry_key(old.not_after, predecessor),
-            [Status::Superseded.index_byte()],
+            [index_byte(Status::Superseded)],
         )?;
         write.insert(&self.links, predecessor.0, old_link)?;
         write.insert(
@@ -568,9 +335,154 @@ impl CertificateStore {
         Ok(Renewal::Recorded)
     }
 
+    /// Whether every expiry index entry carries its status (tests of the migration).
+    #[cfg(test)]
+    pub(in crate::store) fn index_has_status(&self) -> bool {
+        self.by_expiry
+            .iter()
+            .all(|entry| entry.is_ok_and(|(_, value)| status_from_index(&value).is_some()))
+    }
+}
+
+impl crate::store::CertificateStore for Certificates {
+    /// Marks a certificate revoked and adds it to the revocation list, in one transaction.
+    /// Returns the record as it was, or None if no such certificate.
+    fn revoke(
+        &self,
+        serial: &Serial,
+        revoked_at: i64,
+        reason_code: u8,
+    ) -> Result<Option<CertificateRecord>, Error> {
+        let mut write = self.journal.begin()?;
+        let Some(bytes) = self.by_serial.get(serial.0)? else {
+            return Ok(None);
+        };
+        let unreadable = || {
+            Error::Store(format!(
+                "certificate record or lineage link {serial} does not parse"
+            ))
+        };
+        // The whole lineage stops renewing with this revocation, in the same write: a
+        // renewal racing it either was written first or finds the lineage ended.
+        let link = match self.links.get(serial.0)? {
+            Some(bytes) => decode_link(&bytes).map_err(|_| unreadable())?,
+            None => Link::default(),
+        };
+        let root = lineage_root(serial, &link);
+        let mut record = decode_stored(&bytes).map_err(|_| unreadable())?;
+        let before = record.clone().into_record(true)?;
+        record.status = Status::Revoked;
+        let entry = Revocation {
+            serial: record.serial.clone(),
+            revoked_at,
+            reason_code,
+            not_after: record.not_after,
+        };
+        let entry = serde_json::to_vec(&entry).map_err(|e| Error::Store(e.to_string()))?;
+        if self.ended.get(root.0)?.is_none() {
+            let end = LineageEnd {
+                revoked: serial.to_string(),
+                at: revoked_at,
+            };
+            let end = serde_json::to_vec(&end).map_err(|e| Error::Store(e.to_string()))?;
+            write.insert(&self.ended, root.0, end)?;
+        }
+        write.insert(&self.by_serial, serial.0, encode_stored(&record)?)?;
+        write.insert(
+            &self.by_expiry,
+            expiry_key(record.not_after, serial),
+            [index_byte(Status::Revoked)],
+        )?;
+        write.insert(&self.revocations, serial.0, entry)?;
+        Ok(Some(before))
+    }
+
+    /// Every revocation of a certificate not yet expired at `now`.
+    fn revocations(&self, now: i64) -> Result<Vec<Revocation>, Error> {
+        let mut out = Vec::new();
+        for entry in self.revocations.iter() {
+            let (_, bytes) = entry?;
+            let revocation: Revocation = serde_json::from_slice(&bytes)
+                .map_err(|e| Error::Store(format!("revocation record: {e}")))?;
+            if revocation.not_after > now {
+                out.push(revocation);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The next CRL number (RFC 5280 §5.2.3: monotonically increasing), persisted.
+    fn next_crl_number(&self) -> Result<u64, Error> {
+        let mut write = self.journal.begin()?;
+        let next = self
+            .meta
+            .get("crl_number")?
+            .and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok())
+            .map_or(0, u64::from_be_bytes)
+            + 1;
+        write.insert(&self.meta, "crl_number", next.to_be_bytes())?;
+        Ok(next)
+    }
+
+    /// The valid certificate (at `now`) that holds `subject` under `label`, if any: the
+    /// newest one recorded for it. Renewals hand the subject on within a lineage.
+    fn subject_holder(
+        &self,
+        label: &str,
+        subject: &str,
+        now: i64,
+    ) -> Result<Option<CertificateRecord>, Error> {
+        let Some(serial) = self.holders.get(holder_key(label, subject))? else {
+            return Ok(None);
+        };
+        Ok(self
+            .by_serial
+            .get(serial)?
+            .map(|b| decode(&b))
+            .transpose()?
+            .filter(|r| r.status_at(now) == Status::Valid))
+    }
+
+    /// Records a newly issued certificate and its index entry in one transaction, only if
+    /// `serial` was never used; returns false (writing nothing) if it was.
+    fn record_new(&self, serial: &Serial, record: &CertificateRecord) -> Result<bool, Error> {
+        match self.record_new_holding(serial, record, false)? {
+            NewRecord::Recorded => Ok(true),
+            NewRecord::SerialTaken | NewRecord::SubjectHeld(_) => Ok(false),
+        }
+    }
+
+    /// [`record_new`](Self::record_new), and the certificate becomes its subject's holder.
+    /// With `unique_subject`, only while no other certificate of the label holds the subject
+    /// validly, checked inside the transaction so two concurrent enrollments can't both win.
+    fn record_new_holding(
+        &self,
+        serial: &Serial,
+        record: &CertificateRecord,
+        unique_subject: bool,
+    ) -> Result<NewRecord, Error> {
+        let mut write = self.journal.begin()?;
+        self.record_new_in(&mut write, serial, record, unique_subject)
+    }
+
+    /// Records `record` (serial `serial`) as the renewal of `predecessor` and supersedes the
+    /// predecessor, in one write: only if the serial is unused, the predecessor's stored
+    /// status is still valid and its lineage has not ended. A revocation written in between
+    /// is never overwritten, and a renewal racing it yields nothing. The new certificate
+    /// joins the predecessor's lineage.
+    fn record_renewal(
+        &self,
+        serial: &Serial,
+        record: &CertificateRecord,
+        predecessor: &Serial,
+    ) -> Result<Renewal, Error> {
+        let mut write = self.journal.begin()?;
+        self.record_renewal_in(&mut write, serial, record, predecessor)
+    }
+
     /// Where `serial` stands in its lineage: its root, its successor and whether the
     /// lineage ended. A certificate recorded before lineages existed is its own root.
-    pub fn lineage(&self, serial: &Serial) -> Result<Lineage, Error> {
+    fn lineage(&self, serial: &Serial) -> Result<Lineage, Error> {
         let link = match self.links.get(serial.0)? {
             Some(bytes) => decode_link(&bytes)?,
             None => Link::default(),
@@ -597,7 +509,7 @@ impl CertificateStore {
     }
 
     /// The record for `serial`.
-    pub fn get(&self, serial: &Serial) -> Result<Option<CertificateRecord>, Error> {
+    fn get(&self, serial: &Serial) -> Result<Option<CertificateRecord>, Error> {
         self.by_serial
             .get(serial.0)?
             .map(|bytes| decode(&bytes))
@@ -605,24 +517,24 @@ impl CertificateStore {
     }
 
     /// Changes a certificate's status (revocation, renewal).
-    pub fn set_status(&self, serial: &Serial, status: Status) -> Result<bool, Error> {
+    fn set_status(&self, serial: &Serial, status: Status) -> Result<bool, Error> {
         let mut write = self.journal.begin()?;
         let Some(current) = self.by_serial.get(serial.0)? else {
             return Ok(false);
         };
-        let mut record = decode(&current)?;
+        let mut record = decode_stored(&current)?;
         record.status = status;
-        write.insert(&self.by_serial, serial.0, encode(&record)?)?;
+        write.insert(&self.by_serial, serial.0, encode_stored(&record)?)?;
         write.insert(
             &self.by_expiry,
             expiry_key(record.not_after, serial),
-            [status.index_byte()],
+            [index_byte(status)],
         )?;
         Ok(true)
     }
 
     /// Answers an inventory query as of `now` (unix seconds).
-    pub fn query(&self, query: &InventoryQuery, now: i64) -> Result<InventoryPage, Error> {
+    fn query(&self, query: &InventoryQuery, now: i64) -> Result<InventoryPage, Error> {
         let limit = query.limit.unwrap_or(100).clamp(1, 10_000);
         let (low, high) = match query.expiring_within_secs {
             Some(secs) => {
@@ -661,7 +573,7 @@ impl CertificateStore {
                 continue;
             };
             let not_after = i64::try_from(u64::from_be_bytes(not_after)).unwrap_or(i64::MAX);
-            let indexed = Status::from_index(&value).map(|s| s.at(not_after, now));
+            let indexed = status_from_index(&value).map(|s| s.at(not_after, now));
             if let (Some(wanted), Some(status)) = (query.status, indexed) {
                 if wanted != status {
                     continue;
@@ -674,7 +586,7 @@ impl CertificateStore {
                 let Some(bytes) = self.by_serial.get(&key[8..])? else {
                     continue;
                 };
-                let mut record = decode(&bytes)?;
+                let mut record = decode_row(&bytes)?;
                 record.status = record.status_at(now);
                 let spiffe_match = |prefix: &String| {
                     record.sans.iter().any(|san| {
@@ -702,8 +614,7 @@ impl CertificateStore {
             total += 1;
             if past_cursor {
                 past_cursor_matches += 1;
-                if let (true, Some(mut record)) = (wanted_row, record) {
-                    record.der.clear();
+                if let (true, Some(record)) = (wanted_row, record) {
                     certificates.push(record);
                     last_key = key.to_vec();
                 }
@@ -721,31 +632,37 @@ impl CertificateStore {
         })
     }
 
-    /// Whether every expiry index entry carries its status (tests of the migration).
-    #[cfg(test)]
-    pub(in crate::store) fn index_has_status(&self) -> bool {
-        self.by_expiry
-            .iter()
-            .all(|entry| entry.is_ok_and(|(_, value)| Status::from_index(&value).is_some()))
-    }
-
     /// Number of certificate records.
-    pub fn len(&self) -> usize {
+    fn len(&self) -> usize {
         self.by_serial.len()
     }
 
     /// Whether nothing was ever issued.
-    pub fn is_empty(&self) -> bool {
+    fn is_empty(&self) -> bool {
         self.by_serial.is_empty()
     }
 }
 
-fn encode(record: &CertificateRecord) -> Result<Vec<u8>, Error> {
-    serde_json::to_vec(record).map_err(|e| Error::Store(e.to_string()))
+pub(super) fn encode(record: &CertificateRecord) -> Result<Vec<u8>, Error> {
+    encode_stored(&Stored::from(record))
 }
 
-fn decode(bytes: &[u8]) -> Result<CertificateRecord, Error> {
+fn encode_stored(stored: &Stored) -> Result<Vec<u8>, Error> {
+    serde_json::to_vec(stored).map_err(|e| Error::Store(e.to_string()))
+}
+
+fn decode_stored(bytes: &[u8]) -> Result<Stored, Error> {
     serde_json::from_slice(bytes).map_err(|e| Error::Store(format!("certificate record: {e}")))
+}
+
+/// The whole record, DER included.
+fn decode(bytes: &[u8]) -> Result<CertificateRecord, Error> {
+    decode_stored(bytes)?.into_record(true)
+}
+
+/// The record without its DER.
+fn decode_row(bytes: &[u8]) -> Result<CertificateRecord, Error> {
+    decode_stored(bytes)?.into_record(false)
 }
 
 fn encode_link(link: &Link) -> Result<Vec<u8>, Error> {
@@ -760,21 +677,6 @@ fn decode_end(bytes: &[u8]) -> Result<LineageEnd, Error> {
     serde_json::from_slice(bytes).map_err(|e| Error::Store(format!("lineage end: {e}")))
 }
 
-/// The lineage root of `serial`: the link's, else itself (a first certificate, or one
-/// recorded before lineages existed). An unparsable root also falls back to itself, so a
-/// damaged link can't merge two lineages.
-/// What recording a new certificate did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum NewRecord {
-    /// Recorded; it holds its subject now.
-    Recorded,
-    /// The serial was taken already; nothing written.
-    SerialTaken,
-    /// Another valid certificate (this serial, hex) holds the subject under the label;
-    /// nothing written.
-    SubjectHeld(String),
-}
-
 fn holder_key(label: &str, subject: &str) -> Vec<u8> {
     let mut key = Vec::with_capacity(label.len() + 1 + subject.len());
     key.extend_from_slice(label.as_bytes());
@@ -783,6 +685,9 @@ fn holder_key(label: &str, subject: &str) -> Vec<u8> {
     key
 }
 
+/// The lineage root of `serial`: the link's, else itself (a first certificate, or one
+/// recorded before lineages existed). An unparsable root also falls back to itself, so a
+/// damaged link can't merge two lineages.
 fn lineage_root(serial: &Serial, link: &Link) -> Serial {
     link.lineage
         .as_deref()
@@ -794,164 +699,43 @@ fn lineage_root(serial: &Serial, link: &Link) -> Serial {
 mod tests {
     use super::*;
 
-    fn store() -> CertificateStore {
-        let db = sled::Config::new()
-            .temporary(true)
-            .open()
-            .expect("temporary sled");
-        CertificateStore::open(&db, super::super::journal::Journal::scratch()).expect("open")
-    }
+    /// A record as issuers before the typed domain record wrote it, byte for byte.
+    const TODAY: &str = concat!(
+        r#"{"serial":"4f1c2a9e0b7d3c5e6a8f0b1c2d3e4f50","subject":"gw-1","#,
+        r#""sans":["dns:gw-1.plant.test","ip:10.0.0.7"],"label":"device","#,
+        r#""owner":"renewal:1a2b3c4d5e6f708192a3b4c5d6e7f801","issued_at":1700000000,"#,
+        r#""not_after":1702592000,"status":"superseded","#,
+        r#""renews":"1a2b3c4d5e6f708192a3b4c5d6e7f801","der":"MAMCAQE="}"#
+    );
 
-    fn record(serial: &Serial) -> CertificateRecord {
-        CertificateRecord {
-            serial: serial.to_string(),
-            subject: "gw-1".into(),
-            sans: vec![],
-            label: "device".into(),
-            owner: "test".into(),
-            issued_at: 0,
-            not_after: 1_000,
-            status: Status::Valid,
+    #[test]
+    fn a_record_stored_in_todays_format_decodes_and_encodes_to_the_same_bytes() {
+        let record = decode(TODAY.as_bytes()).expect("decodes");
+        assert_eq!(
+            record.serial,
+            Serial::parse("4f1c2a9e0b7d3c5e6a8f0b1c2d3e4f50").expect("serial")
+        );
+        assert_eq!(
+            record.renews,
+            Serial::parse("1a2b3c4d5e6f708192a3b4c5d6e7f801")
+        );
+        assert_eq!(record.der, [0x30, 0x03, 0x02, 0x01, 0x01]);
+        assert_eq!(record.status, Status::Superseded);
+        assert_eq!(encode(&record).expect("encodes"), TODAY.as_bytes());
+        // Without renews and DER (a first certificate's reservation): both keys absent.
+        let bare = CertificateRecord {
             renews: None,
-            der: String::new(),
-        }
-    }
-
-    fn first(store: &CertificateStore) -> Serial {
-        let serial = Serial::random();
-        assert!(store.record_new(&serial, &record(&serial)).expect("record"));
-        serial
-    }
-
-    fn renew(store: &CertificateStore, old: &Serial) -> (Serial, Renewal) {
-        let serial = Serial::random();
-        let renewal = store
-            .record_renewal(&serial, &record(&serial), old)
-            .expect("renewal");
-        (serial, renewal)
-    }
-
-    fn status(store: &CertificateStore, serial: &Serial) -> Option<Status> {
-        store.get(serial).expect("get").map(|r| r.status)
+            der: Vec::new(),
+            ..record
+        };
+        let text = String::from_utf8(encode(&bare).expect("encodes")).expect("utf-8");
+        assert!(text.ends_with(r#""status":"superseded"}"#), "{text}");
+        assert_eq!(decode(text.as_bytes()).expect("decodes"), bare);
     }
 
     #[test]
-    fn a_renewal_after_a_revocation_writes_nothing_and_the_revocation_stands() {
-        let store = store();
-        let a = first(&store);
-        store.revoke(&a, 5, 1).expect("revoke");
-        let (b, renewal) = renew(&store, &a);
-        assert!(
-            matches!(
-                renewal,
-                Renewal::PredecessorNotCurrent {
-                    status: Some(Status::Revoked),
-                    ended: Some(_)
-                }
-            ),
-            "{renewal:?}"
-        );
-        assert_eq!(status(&store, &b), None, "no successor record");
-        assert_eq!(status(&store, &a), Some(Status::Revoked));
-        assert_eq!(store.lineage(&a).expect("lineage").successor, None);
-        assert_eq!(
-            store.query(&InventoryQuery::default(), 0).expect("q").total,
-            Some(1)
-        );
-    }
-
-    #[test]
-    fn a_certificate_renews_once_and_its_renewal_joins_its_lineage() {
-        let store = store();
-        let a = first(&store);
-        let legacy = store.lineage(&a).expect("lineage");
-        assert_eq!(
-            (legacy.root, legacy.successor, legacy.ended),
-            (a, None, None)
-        );
-        let (b, renewal) = renew(&store, &a);
-        assert_eq!(renewal, Renewal::Recorded);
-        assert_eq!(status(&store, &a), Some(Status::Superseded));
-        assert_eq!(store.lineage(&a).expect("a").successor, Some(b));
-        assert_eq!(store.lineage(&b).expect("b").root, a);
-        // A second renewal of A (a concurrent request that lost) writes nothing.
-        let (c, renewal) = renew(&store, &a);
-        assert!(
-            matches!(
-                renewal,
-                Renewal::PredecessorNotCurrent {
-                    status: Some(Status::Superseded),
-                    ended: None
-                }
-            ),
-            "{renewal:?}"
-        );
-        assert_eq!(status(&store, &c), None);
-        assert_eq!(store.lineage(&a).expect("a").successor, Some(b));
-    }
-
-    #[test]
-    fn revoking_any_member_ends_the_whole_lineage() {
-        let store = store();
-        let a = first(&store);
-        let (b, _) = renew(&store, &a);
-        let (c, renewal) = renew(&store, &b);
-        assert_eq!(renewal, Renewal::Recorded);
-        assert_eq!(
-            store.lineage(&c).expect("c").root,
-            a,
-            "the root is the first"
-        );
-        // The oldest, long superseded, is revoked: the current one renews no more.
-        store.revoke(&a, 7, 4).expect("revoke");
-        let end = store.lineage(&c).expect("c").ended.expect("ended");
-        assert_eq!((end.revoked, end.at), (a.to_string(), 7));
-        let (d, renewal) = renew(&store, &c);
-        assert!(
-            matches!(
-                renewal,
-                Renewal::PredecessorNotCurrent {
-                    status: Some(Status::Valid),
-                    ended: Some(_)
-                }
-            ),
-            "{renewal:?}"
-        );
-        assert_eq!(status(&store, &d), None);
-        assert_eq!(status(&store, &c), Some(Status::Valid), "not superseded");
-        // Another lineage is untouched.
-        let other = first(&store);
-        assert_eq!(renew(&store, &other).1, Renewal::Recorded);
-    }
-
-    #[test]
-    fn a_revocation_racing_a_renewal_is_never_overwritten() {
-        let store = store();
-        for _ in 0..200 {
-            let a = first(&store);
-            let successor = Serial::random();
-            std::thread::scope(|scope| {
-                let revoking = scope.spawn(|| store.revoke(&a, 9, 1).expect("revoke"));
-                let renewing = scope.spawn(|| {
-                    store
-                        .record_renewal(&successor, &record(&successor), &a)
-                        .expect("renewal")
-                });
-                revoking.join().expect("revoking thread");
-                renewing.join().expect("renewing thread");
-            });
-            assert_eq!(status(&store, &a), Some(Status::Revoked));
-            assert!(store
-                .revocations(0)
-                .expect("crl")
-                .iter()
-                .any(|r| r.serial == a.to_string()));
-            // Whichever came first, the lineage ended: a successor that won the race renews
-            // no more.
-            assert!(store.lineage(&a).expect("lineage").ended.is_some());
-            if status(&store, &successor).is_some() {
-                assert!(store.lineage(&successor).expect("lineage").ended.is_some());
-            }
-        }
+    fn a_record_whose_serial_is_not_one_is_refused() {
+        let broken = TODAY.replace("4f1c2a9e0b7d3c5e6a8f0b1c2d3e4f50", "not-hex");
+        assert!(decode(broken.as_bytes()).is_err());
     }
 }

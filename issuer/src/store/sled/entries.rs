@@ -51,7 +51,7 @@ impl EntryRecord {
 
 /// The entry table with its parent and identity indexes.
 #[derive(Debug, Clone)]
-pub struct EntryStore {
+pub struct Entries {
     by_id: sled::Tree,
     /// `parent_id || 0x00 || id` → empty.
     by_parent: sled::Tree,
@@ -60,27 +60,10 @@ pub struct EntryStore {
     journal: Journal,
 }
 
-fn parent_key(parent_id: &str, id: &str) -> Vec<u8> {
-    let mut key = Vec::with_capacity(parent_id.len() + 1 + id.len());
-    key.extend_from_slice(parent_id.as_bytes());
-    key.push(0);
-    key.extend_from_slice(id.as_bytes());
-    key
-}
-
-impl EntryStore {
-    pub(in crate::store) fn open(db: &sled::Db, journal: Journal) -> Result<Self, Error> {
-        Ok(Self {
-            by_id: db.open_tree("entries")?,
-            by_parent: db.open_tree("entries_by_parent")?,
-            by_identity: db.open_tree("entries_by_identity")?,
-            journal,
-        })
-    }
-
+impl crate::store::EntryStore for Entries {
     /// Stores a new entry. `Ok(Some(existing_id))` and nothing written when an entry with the
     /// same SPIFFE ID, parent and selectors exists.
-    pub fn insert(&self, record: &EntryRecord) -> Result<Option<String>, Error> {
+    fn insert(&self, record: &EntryRecord) -> Result<Option<String>, Error> {
         let value = encode(record)?;
         let identity = record.identity_key();
         let parent = parent_key(&record.parent_id, &record.id);
@@ -95,7 +78,7 @@ impl EntryStore {
     }
 
     /// The entry `id`.
-    pub fn get(&self, id: &str) -> Result<Option<EntryRecord>, Error> {
+    fn get(&self, id: &str) -> Result<Option<EntryRecord>, Error> {
         self.by_id
             .get(id.as_bytes())?
             .map(|b| decode(&b))
@@ -103,7 +86,7 @@ impl EntryStore {
     }
 
     /// Every entry, or those of one parent; ordered by id (by parent, then id).
-    pub fn list(&self, parent_id: Option<&str>) -> Result<Vec<EntryRecord>, Error> {
+    fn list(&self, parent_id: Option<&str>) -> Result<Vec<EntryRecord>, Error> {
         let mut out = Vec::new();
         match parent_id {
             None => {
@@ -130,7 +113,7 @@ impl EntryStore {
     }
 
     /// Deletes entry `id` with its index rows; returns it, or `None` if there was none.
-    pub fn delete(&self, id: &str) -> Result<Option<EntryRecord>, Error> {
+    fn delete(&self, id: &str) -> Result<Option<EntryRecord>, Error> {
         let mut write = self.journal.begin()?;
         let Some(bytes) = self.by_id.get(id.as_bytes())? else {
             return Ok(None);
@@ -140,6 +123,25 @@ impl EntryStore {
         write.remove(&self.by_parent, parent_key(&record.parent_id, &record.id))?;
         write.remove(&self.by_identity, record.identity_key())?;
         Ok(Some(record))
+    }
+}
+
+fn parent_key(parent_id: &str, id: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(parent_id.len() + 1 + id.len());
+    key.extend_from_slice(parent_id.as_bytes());
+    key.push(0);
+    key.extend_from_slice(id.as_bytes());
+    key
+}
+
+impl Entries {
+    pub(in crate::store) fn open(db: &sled::Db, journal: Journal) -> Result<Self, Error> {
+        Ok(Self {
+            by_id: db.open_tree("entries")?,
+            by_parent: db.open_tree("entries_by_parent")?,
+            by_identity: db.open_tree("entries_by_identity")?,
+            journal,
+        })
     }
 }
 

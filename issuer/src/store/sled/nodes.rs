@@ -93,13 +93,13 @@ pub enum Recorded {
 /// The node table, keyed by SPIFFE ID, and the ban table keyed by credential
 /// (`lineage:…`, `key:…`), each ban naming the banned node.
 #[derive(Debug, Clone)]
-pub struct NodeStore {
+pub struct Nodes {
     tree: sled::Tree,
     bans: sled::Tree,
     journal: Journal,
 }
 
-impl NodeStore {
+impl Nodes {
     pub(in crate::store) fn open(db: &sled::Db, journal: Journal) -> Result<Self, Error> {
         Ok(Self {
             tree: db.open_tree("nodes")?,
@@ -107,10 +107,12 @@ impl NodeStore {
             journal,
         })
     }
+}
 
+impl crate::store::NodeStore for Nodes {
     /// Records a node after an attestation: new, or replacing what was known of it (a
     /// re-attestation clears an eviction and names the new SVID).
-    pub fn put(&self, record: &NodeRecord) -> Result<(), Error> {
+    fn put(&self, record: &NodeRecord) -> Result<(), Error> {
         self.journal
             .begin()?
             .insert(&self.tree, record.spiffe_id.as_bytes(), encode(record)?)?;
@@ -120,7 +122,7 @@ impl NodeStore {
     /// Records an attestation only if the node is as it was read (`expected`, `None`: still
     /// unknown) and neither it nor its credential is banned, in one write: a ban that
     /// lands while the node SVID is being signed is never overwritten.
-    pub fn record_attestation(
+    fn record_attestation(
         &self,
         expected: Option<&NodeRecord>,
         record: &NodeRecord,
@@ -155,7 +157,7 @@ impl NodeStore {
     }
 
     /// The banned node whose credential matches `with`, if any.
-    pub fn banned_credential(&self, with: &AttestedWith) -> Result<Option<String>, Error> {
+    fn banned_credential(&self, with: &AttestedWith) -> Result<Option<String>, Error> {
         for key in with.ban_keys() {
             if let Some(node) = self.bans.get(key.as_bytes())? {
                 return Ok(Some(String::from_utf8_lossy(&node).into_owned()));
@@ -166,7 +168,7 @@ impl NodeStore {
 
     /// Bans node `spiffe_id` (and evicts it), with what it attested with, in one
     /// write; returns the node as it was, or `None` if unknown.
-    pub fn ban(&self, spiffe_id: &str, release: bool) -> Result<Option<NodeRecord>, Error> {
+    fn ban(&self, spiffe_id: &str, release: bool) -> Result<Option<NodeRecord>, Error> {
         let mut write = self.journal.begin()?;
         let Some(bytes) = self.tree.get(spiffe_id.as_bytes())? else {
             return Ok(None);
@@ -192,7 +194,7 @@ impl NodeStore {
 
     /// Lifts the ban on node `spiffe_id`; it stays evicted until it attests again. Returns
     /// the node as it was, or `None` if unknown.
-    pub fn unban(&self, spiffe_id: &str) -> Result<Option<NodeRecord>, Error> {
+    fn unban(&self, spiffe_id: &str) -> Result<Option<NodeRecord>, Error> {
         let mut write = self.journal.begin()?;
         let Some(bytes) = self.tree.get(spiffe_id.as_bytes())? else {
             return Ok(None);
@@ -218,7 +220,7 @@ impl NodeStore {
     }
 
     /// The node `spiffe_id`.
-    pub fn get(&self, spiffe_id: &str) -> Result<Option<NodeRecord>, Error> {
+    fn get(&self, spiffe_id: &str) -> Result<Option<NodeRecord>, Error> {
         self.tree
             .get(spiffe_id.as_bytes())?
             .map(|b| decode(&b))
@@ -226,7 +228,7 @@ impl NodeStore {
     }
 
     /// Every node, by SPIFFE ID.
-    pub fn list(&self) -> Result<Vec<NodeRecord>, Error> {
+    fn list(&self) -> Result<Vec<NodeRecord>, Error> {
         self.tree
             .iter()
             .map(|item| decode(&item?.1))
@@ -235,10 +237,10 @@ impl NodeStore {
 
     /// Applies `change` to node `spiffe_id` atomically (under the store's write lock); returns the node
     /// as it was before, or `None` if unknown.
-    pub fn update(
+    fn apply(
         &self,
         spiffe_id: &str,
-        change: impl Fn(&mut NodeRecord),
+        change: &dyn Fn(&mut NodeRecord),
     ) -> Result<Option<NodeRecord>, Error> {
         let mut write = self.journal.begin()?;
         let Some(current) = self.tree.get(spiffe_id.as_bytes())? else {
@@ -281,54 +283,6 @@ mod tests {
             released: false,
             banned: false,
         }
-    }
-
-    #[tokio::test]
-    async fn a_ban_holds_by_node_and_by_credential_until_lifted() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = crate::store::Store::open(dir.path()).expect("open");
-        let nodes = &store.nodes;
-        let id = "spiffe://plant.test/agent/x509pop/gw-1";
-        let first = node(id, "certificate:01");
-        assert_eq!(
-            nodes.record_attestation(None, &first).expect("record"),
-            Recorded::Done
-        );
-        // A stale read loses: nothing is overwritten.
-        assert_eq!(
-            nodes.record_attestation(None, &first).expect("record"),
-            Recorded::Changed
-        );
-        let before = nodes.ban(id, false).expect("ban").expect("known");
-        assert!(!before.banned);
-        let banned = nodes.get(id).expect("get").expect("known");
-        assert!(banned.banned && banned.evicted && !banned.released);
-        // The same node again, even read after the ban: refused.
-        assert_eq!(
-            nodes.record_attestation(Some(&banned), &first).expect("r"),
-            Recorded::Banned(id.into())
-        );
-        // Another node id with the banned device's lineage: refused, naming the banned node.
-        let other = node("spiffe://plant.test/agent/x509pop/gw-2", "certificate:01");
-        assert_eq!(
-            nodes.record_attestation(None, &other).expect("r"),
-            Recorded::Banned(id.into())
-        );
-        let with = first.attested_with.clone().expect("with");
-        assert_eq!(
-            nodes.banned_credential(&with).expect("b"),
-            Some(id.to_owned())
-        );
-        nodes.unban(id).expect("unban").expect("known");
-        assert_eq!(nodes.banned_credential(&with).expect("b"), None);
-        let unbanned = nodes.get(id).expect("get").expect("known");
-        assert!(!unbanned.banned && unbanned.evicted);
-        assert_eq!(
-            nodes
-                .record_attestation(Some(&unbanned), &first)
-                .expect("r"),
-            Recorded::Done
-        );
     }
 
     #[test]

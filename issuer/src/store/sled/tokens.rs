@@ -109,7 +109,7 @@ pub enum Consumed {
 
 /// The token table.
 #[derive(Debug, Clone)]
-pub struct TokenStore {
+pub struct Tokens {
     tree: sled::Tree,
     journal: Journal,
 }
@@ -120,55 +120,12 @@ pub fn hash(secret: &str) -> [u8; 32] {
     sha2::Sha256::digest(secret.as_bytes()).into()
 }
 
-impl TokenStore {
+impl Tokens {
     pub(in crate::store) fn open(db: &sled::Db, journal: Journal) -> Result<Self, Error> {
         Ok(Self {
             tree: db.open_tree("tokens")?,
             journal,
         })
-    }
-
-    /// Stores a new token (by its hash).
-    pub fn insert(&self, record: &TokenRecord) -> Result<(), Error> {
-        let key = hex::decode(&record.hash).map_err(|e| Error::Store(e.to_string()))?;
-        self.journal
-            .begin()?
-            .insert(&self.tree, key, encode(record)?)?;
-        Ok(())
-    }
-
-    /// Looks a token up without using it.
-    pub fn find(&self, secret: &str) -> Result<Option<TokenRecord>, Error> {
-        let digest = hash(secret);
-        let Some(bytes) = self.tree.get(digest)? else {
-            return Ok(None);
-        };
-        let record = decode(&bytes)?;
-        // The key lookup already matched; compare the stored hash in constant time anyway so
-        // no code path compares token material with a short-circuiting equality.
-        let stored = hex::decode(&record.hash).map_err(|e| Error::Store(e.to_string()))?;
-        if stored.ct_eq(&digest).into() {
-            Ok(Some(record))
-        } else {
-            Ok(None)
-        }
-    }
-
-    /// Uses a token exactly once: checked and spent under the store's write lock, so of
-    /// any number of concurrent requests with the same token one wins.
-    pub fn consume(&self, secret: &str, now: i64) -> Result<Consumed, Error> {
-        self.consume_hash(&hash(secret), now)
-    }
-
-    /// [`TokenStore::consume`] by the token's SHA-256, for callers that no longer hold the
-    /// secret.
-    pub fn consume_hash(&self, digest: &[u8; 32], now: i64) -> Result<Consumed, Error> {
-        let mut write = self.journal.begin()?;
-        let consumed = self.spendable(digest, now)?;
-        if let Consumed::Ok(record) = &consumed {
-            self.spend_in(&mut write, digest, record, now)?;
-        }
-        Ok(consumed)
     }
 
     /// Whether the token could be used now ([`Consumed::Ok`]), without using it. Under a
@@ -206,9 +163,52 @@ impl TokenStore {
     }
 }
 
-impl TokenStore {
+impl crate::store::TokenStore for Tokens {
+    /// Stores a new token (by its hash).
+    fn insert(&self, record: &TokenRecord) -> Result<(), Error> {
+        let key = hex::decode(&record.hash).map_err(|e| Error::Store(e.to_string()))?;
+        self.journal
+            .begin()?
+            .insert(&self.tree, key, encode(record)?)?;
+        Ok(())
+    }
+
+    /// Looks a token up without using it.
+    fn find(&self, secret: &str) -> Result<Option<TokenRecord>, Error> {
+        let digest = hash(secret);
+        let Some(bytes) = self.tree.get(digest)? else {
+            return Ok(None);
+        };
+        let record = decode(&bytes)?;
+        // The key lookup already matched; compare the stored hash in constant time anyway so
+        // no code path compares token material with a short-circuiting equality.
+        let stored = hex::decode(&record.hash).map_err(|e| Error::Store(e.to_string()))?;
+        if stored.ct_eq(&digest).into() {
+            Ok(Some(record))
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// Uses a token exactly once: checked and spent under the store's write lock, so of
+    /// any number of concurrent requests with the same token one wins.
+    fn consume(&self, secret: &str, now: i64) -> Result<Consumed, Error> {
+        self.consume_hash(&hash(secret), now)
+    }
+
+    /// [`Tokens::consume`] by the token's SHA-256, for callers that no longer hold the
+    /// secret.
+    fn consume_hash(&self, digest: &[u8; 32], now: i64) -> Result<Consumed, Error> {
+        let mut write = self.journal.begin()?;
+        let consumed = self.spendable(digest, now)?;
+        if let Consumed::Ok(record) = &consumed {
+            self.spend_in(&mut write, digest, record, now)?;
+        }
+        Ok(consumed)
+    }
+
     /// Every token, secrets never included (only their hashes are stored), oldest first.
-    pub fn list(&self) -> Result<Vec<TokenRecord>, Error> {
+    fn list(&self) -> Result<Vec<TokenRecord>, Error> {
         let mut records = self
             .tree
             .iter()
@@ -223,7 +223,7 @@ impl TokenStore {
     /// concurrent use either wins (the token reads as used) or finds it revoked. An id is a
     /// prefix of the hash the tokens are keyed by; an enrollment token's 32-bit id may be
     /// shared by more than one token, and then each is revoked. No match: an empty list.
-    pub fn revoke(&self, id: &str, now: i64) -> Result<Vec<TokenRevocation>, Error> {
+    fn revoke(&self, id: &str, now: i64) -> Result<Vec<TokenRevocation>, Error> {
         let Ok(prefix) = hex::decode(id) else {
             return Ok(Vec::new());
         };
@@ -306,52 +306,5 @@ mod tests {
         for (record, now, state) in cases {
             assert_eq!(record.state(now), state, "{record:?} at {now}");
         }
-    }
-
-    #[tokio::test]
-    async fn revoking_an_id_touches_only_unused_tokens_with_exactly_that_id() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = crate::store::Store::open(dir.path()).expect("open");
-        let tokens = &store.tokens;
-        // An enrollment token and a join token whose longer id starts with the same 8 digits.
-        let enrollment = record(
-            &format!("3fa9c2d1{}", "00".repeat(28)),
-            8,
-            TokenKind::Enrollment,
-        );
-        let join = record(&format!("3fa9c2d1{}", "11".repeat(28)), 32, TokenKind::Join);
-        tokens.insert(&enrollment).expect("insert");
-        tokens.insert(&join).expect("insert");
-        assert_eq!(tokens.list().expect("list").len(), 2);
-
-        let revoked = tokens.revoke("3fa9c2d1", 7).expect("revoke");
-        assert!(
-            matches!(revoked.as_slice(), [TokenRevocation::Revoked(r)] if r.id == "3fa9c2d1" && r.revoked_at == Some(7)),
-            "{revoked:?}"
-        );
-        assert!(matches!(
-            tokens.revoke("3fa9c2d1", 8).expect("again").as_slice(),
-            [TokenRevocation::AlreadyRevoked(_)]
-        ));
-        let digest: [u8; 32] = hex::decode(&enrollment.hash)
-            .expect("hex")
-            .try_into()
-            .expect("32 bytes");
-        assert!(matches!(
-            tokens.consume_hash(&digest, 9).expect("consume"),
-            Consumed::Revoked(_)
-        ));
-        assert_eq!(
-            tokens
-                .list()
-                .expect("list")
-                .iter()
-                .map(|t| t.state(9))
-                .collect::<Vec<_>>(),
-            vec![TokenState::Revoked, TokenState::Unused],
-            "the join token sharing the prefix is untouched"
-        );
-        assert!(tokens.revoke("not-hex", 9).expect("revoke").is_empty());
-        assert!(tokens.revoke("0badc0de", 9).expect("revoke").is_empty());
     }
 }
