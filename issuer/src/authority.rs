@@ -39,14 +39,12 @@ pub struct Authority {
     pub(crate) token_default_ttl: Duration,
     pub(crate) token_max_ttl: Duration,
     pub(crate) clock: Arc<dyn Clock>,
-    pub(crate) crl: crate::crl::Crl,
+    pub(crate) crl: Arc<crate::crl::Crl>,
     pub(crate) crl_validity: Duration,
     pub(crate) crl_file: Option<std::path::PathBuf>,
     pub(crate) metrics: Arc<crate::metrics::Metrics>,
     /// Where the root key is, as `issuer status` says it.
     pub(crate) root_key: String,
-    /// The dashboard's expiry timeline, recounted at most every 30 s.
-    pub(crate) timeline_cache: crate::dashboard::TimelineCache,
     /// Checked before any request writes: a full or read-only disk answers 503.
     pub(crate) state_volume: crate::state_volume::StateVolume,
     /// Per-source lockout and audit summaries of refusals without a valid credential.
@@ -212,7 +210,7 @@ impl Authority {
             config.issuance.min_free_mb.saturating_mul(1024 * 1024),
         );
         store.durability.watch_volume(state_volume.clone());
-        let crl = crate::crl::Crl::default();
+        let crl = Arc::new(crate::crl::Crl::default());
         let metrics = Arc::new(crate::metrics::Metrics::default());
         let backdate = time::Duration::try_from(config.issuance.backdate)
             .map_err(|e| Error::Config(format!("issuance.backdate: {e}")))?;
@@ -252,7 +250,6 @@ impl Authority {
                 .as_ref()
                 .map(|_| config.state_dir().join("crl.der")),
             metrics,
-            timeline_cache: Default::default(),
             state_volume,
             lockouts: crate::lockout::Lockouts::new(config.tokens.lockout),
             renewal_retry_window: config.est.renewal_retry_window,
@@ -560,11 +557,6 @@ impl Authority {
             .query(query, self.now().unix_timestamp())
     }
 
-    /// The Prometheus exposition text.
-    pub fn metrics_text(&self) -> String {
-        self.metrics.render()
-    }
-
     /// Counts one EST answer.
     pub fn count_est_response(&self, status: u16) {
         self.metrics.est_response(status);
@@ -715,6 +707,46 @@ fn new_secret() -> String {
         let secret = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
         if !secret.starts_with('-') {
             return secret;
+        }
+    }
+}
+
+impl Authority {
+    /// Builds, signs and publishes a new CRL (also written to `state_dir/crl.der`).
+    pub fn publish_crl(&self) -> Result<(), Error> {
+        let now = self.now();
+        // A CRL dated outside the CA's validity is one no verifier takes; the last good one
+        // stays published.
+        self.check_clock_within_ca(now)?;
+        let revocations = self.store.certificates.revocations(now.unix_timestamp())?;
+        let number = self.store.certificates.next_crl_number()?;
+        let next_update = (now + self.crl_validity).min(self.ca.not_after());
+        let der = self.ca.sign_crl(crate::crl::crl_params(
+            &revocations,
+            number,
+            now,
+            next_update,
+        )?)?;
+        if let Some(path) = &self.crl_file {
+            let tmp = path.with_extension("der.tmp");
+            std::fs::write(&tmp, &der).map_err(Error::io(&tmp))?;
+            std::fs::rename(&tmp, path).map_err(Error::io(path))?;
+        }
+        self.crl
+            .publish(der, now.unix_timestamp(), next_update.unix_timestamp());
+        tracing::info!(number, revoked = revocations.len(), "CRL published");
+        Ok(())
+    }
+
+    /// Re-issues the CRL whenever half its validity has passed; runs for the process's life.
+    pub async fn keep_crl_fresh(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            if self.crl.due(self.now().unix_timestamp()) {
+                if let Err(e) = self.publish_crl() {
+                    tracing::error!(error = %e, "re-issuing the CRL failed; retrying in 30 s");
+                }
+            }
         }
     }
 }

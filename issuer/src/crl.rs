@@ -4,16 +4,14 @@
 //! CRL without already trusting a TLS server that the CRL might revoke.
 
 use std::sync::{Arc, OnceLock, RwLock};
-use std::time::Duration;
 
-use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use rcgen::{CertificateRevocationListParams, RevokedCertParams, SerialNumber};
 
-use crate::authority::Authority;
+use crate::metrics::Metrics;
 use crate::serial::Serial;
 use crate::Error;
 
@@ -59,52 +57,22 @@ impl Crl {
             .and_then(|c| c.as_ref().map(|p| p.der.clone()))
     }
 
-    fn due(&self, now: i64) -> bool {
+    /// Makes `der` (valid from `this_update` to `next_update`, unix seconds) the CRL served.
+    pub fn publish(&self, der: Vec<u8>, this_update: i64, next_update: i64) {
+        if let Ok(mut current) = self.current.write() {
+            *current = Some(Published {
+                der: bytes::Bytes::from(der),
+                this_update,
+                next_update,
+            });
+        }
+    }
+
+    /// Whether half the current CRL's validity has passed (or none is published).
+    pub fn due(&self, now: i64) -> bool {
         match self.current.read().ok().and_then(|c| c.clone()) {
             Some(p) => now >= p.this_update + (p.next_update - p.this_update) / 2,
             None => true,
-        }
-    }
-}
-
-impl Authority {
-    /// Builds, signs and publishes a new CRL (also written to `state_dir/crl.der`).
-    pub fn publish_crl(&self) -> Result<(), Error> {
-        let now = self.now();
-        // A CRL dated outside the CA's validity is one no verifier takes; the last good one
-        // stays published.
-        self.check_clock_within_ca(now)?;
-        let revocations = self.store.certificates.revocations(now.unix_timestamp())?;
-        let number = self.store.certificates.next_crl_number()?;
-        let next_update = (now + self.crl_validity).min(self.ca.not_after());
-        let der = self
-            .ca
-            .sign_crl(crl_params(&revocations, number, now, next_update)?)?;
-        if let Some(path) = &self.crl_file {
-            let tmp = path.with_extension("der.tmp");
-            std::fs::write(&tmp, &der).map_err(Error::io(&tmp))?;
-            std::fs::rename(&tmp, path).map_err(Error::io(path))?;
-        }
-        if let Ok(mut current) = self.crl.current.write() {
-            *current = Some(Published {
-                der: bytes::Bytes::from(der),
-                this_update: now.unix_timestamp(),
-                next_update: next_update.unix_timestamp(),
-            });
-        }
-        tracing::info!(number, revoked = revocations.len(), "CRL published");
-        Ok(())
-    }
-
-    /// Re-issues the CRL whenever half its validity has passed; runs for the process's life.
-    pub async fn keep_crl_fresh(self: Arc<Self>) {
-        loop {
-            tokio::time::sleep(Duration::from_secs(30)).await;
-            if self.crl.due(self.now().unix_timestamp()) {
-                if let Err(e) = self.publish_crl() {
-                    tracing::error!(error = %e, "re-issuing the CRL failed; retrying in 30 s");
-                }
-            }
         }
     }
 }
@@ -151,15 +119,26 @@ fn reason(code: u8) -> Option<rcgen::RevocationReason> {
 
 /// The plain-HTTP routes: `GET /crl/issuing.crl` and `GET /metrics` (unauthenticated, for a
 /// scraper on the plant network; the HTTPS listener serves `/metrics` to operators too).
-pub fn router(authority: Arc<Authority>) -> Router {
+pub fn router(crl: Arc<Crl>, metrics: Arc<Metrics>) -> Router {
     Router::new()
-        .route(PATH, get(serve_crl))
-        .route("/metrics", get(crate::metrics::page))
-        .with_state(authority)
+        .route(
+            PATH,
+            get(move || {
+                let crl = crl.clone();
+                async move { serve_crl(&crl) }
+            }),
+        )
+        .route(
+            "/metrics",
+            get(move || {
+                let metrics = metrics.clone();
+                async move { crate::metrics::page(&metrics) }
+            }),
+        )
 }
 
-async fn serve_crl(State(authority): State<Arc<Authority>>) -> Response {
-    match authority.crl.current() {
+fn serve_crl(crl: &Crl) -> Response {
+    match crl.current() {
         Some(der) => (
             [
                 (header::CONTENT_TYPE, "application/pkix-crl"),

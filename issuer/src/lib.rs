@@ -25,6 +25,7 @@ pub mod lockout;
 pub mod metrics;
 pub mod operator_api;
 pub mod profile;
+pub mod refusal;
 pub mod registration;
 pub mod serial;
 pub mod serve;

@@ -32,7 +32,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::config::LockoutPolicy;
@@ -102,9 +102,9 @@ struct Sources {
 /// The lockout table.
 #[derive(Debug)]
 pub struct Lockouts {
-    policy: LockoutPolicy,
+    pub(crate) policy: LockoutPolicy,
     sources: Mutex<Sources>,
-    summaries: Summaries,
+    pub(crate) summaries: Summaries,
 }
 
 impl Lockouts {
@@ -180,140 +180,7 @@ impl Lockouts {
     }
 }
 
-impl crate::authority::Authority {
-    /// Whether a client at `address` may be heard now (unknown addresses may).
-    pub(crate) fn source_admitted(&self, address: Option<IpAddr>) -> Result<(), Locked> {
-        match address {
-            Some(address) => self.lockouts.check(Source::of(address), Instant::now()),
-            None => Ok(()),
-        }
-    }
-
-    /// Counts a token secret that matched no token (EST or join token) in the metrics; the
-    /// refusal itself is counted toward the lockout by [`Self::refused_unauthenticated`].
-    pub(crate) fn token_failed(&self, _address: Option<IpAddr>) {
-        self.metrics.token_failure();
-    }
-
-    /// One refusal of a request that carried no credential this CA knows: counted (metrics
-    /// by `kind`, the source's lockout), and audited as `audit_kind` with `detail` only if
-    /// it is the source's first this interval, else left to the source's summary. Strings
-    /// in `detail` must be [`truncated`] already.
-    pub(crate) fn refused_unauthenticated(
-        &self,
-        address: Option<IpAddr>,
-        kind: &'static str,
-        audit_kind: &str,
-        detail: serde_json::Value,
-    ) {
-        self.metrics.unauthenticated_refusal(kind);
-        let source = address.map(Source::of);
-        let now = Instant::now();
-        if let Some(source) = source {
-            if let Failure::LockedOut { failures } = self.lockouts.failed(source, now) {
-                self.locked_out(source, failures, kind);
-            }
-        }
-        let noted = self
-            .lockouts
-            .summaries
-            .note(source, kind, now, self.now_ms());
-        if let Some(summary) = noted.summary {
-            self.write_summary(&summary);
-        }
-        if noted.first {
-            let mut detail = detail;
-            detail["source"] = source_text(source).into();
-            self.audit_unless_unwritable(audit_kind, detail);
-        }
-    }
-
-    fn locked_out(&self, source: Source, failures: u32, kind: &'static str) {
-        self.metrics.source_lockout();
-        let policy = self.lockouts.policy;
-        tracing::warn!(
-            %source,
-            failures,
-            last = kind,
-            lockout_secs = policy.lockout.as_secs(),
-            "too many refused requests without a valid credential: source locked out"
-        );
-        self.audit_unless_unwritable(
-            "source.locked_out",
-            serde_json::json!({
-                "source": source.to_string(),
-                "failures": failures,
-                "last_refusal": kind,
-                "window_secs": policy.window.as_secs(),
-                "lockout_secs": policy.lockout.as_secs(),
-            }),
-        );
-    }
-
-    fn write_summary(&self, summary: &Summary) {
-        let total: u64 = summary.counts.values().sum();
-        tracing::info!(
-            source = %source_text(summary.source),
-            total,
-            "refusals without a valid credential summarized"
-        );
-        self.audit_unless_unwritable(
-            "refusals.summarized",
-            serde_json::json!({
-                "source": source_text(summary.source),
-                "since": proto::rfc3339_unix(summary.since_ms / 1000),
-                "refusals": total,
-                "by_kind": summary.counts,
-            }),
-        );
-    }
-
-    /// Appends an audit record without waiting for it to reach the disk, unless the state
-    /// folder can't take writes now (recording would be the very write the disk can't take).
-    pub(crate) fn audit_unless_unwritable(&self, kind: &str, detail: serde_json::Value) {
-        if let Err(why) = self.state_volume.probe() {
-            tracing::warn!(
-                ?why,
-                kind,
-                "not audited while the state folder is unwritable"
-            );
-            return;
-        }
-        if let Err(e) = self.audit(kind, detail) {
-            tracing::error!(error = %e, kind, "could not write an audit record");
-        }
-    }
-
-    fn now_ms(&self) -> i64 {
-        (self.now().unix_timestamp_nanos() / 1_000_000) as i64
-    }
-
-    /// Writes the summaries of sources whose interval is over, every few seconds, with one
-    /// commit per sweep that wrote anything: the disk sees at most one flush per sweep for
-    /// them, however many sources are refused.
-    pub async fn keep_refusal_summaries_written(self: Arc<Self>) {
-        let every = SUMMARY_SWEEP
-            .min(self.lockouts.policy.summary_interval / 2)
-            .max(Duration::from_millis(500));
-        let mut ticks = tokio::time::interval(every);
-        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            ticks.tick().await;
-            let due = self.lockouts.summaries.due(Instant::now());
-            if due.is_empty() {
-                continue;
-            }
-            for summary in &due {
-                self.write_summary(summary);
-            }
-            if let Err(e) = self.store.durability.commit().await {
-                tracing::error!(error = %e, "committing refusal summaries failed");
-            }
-        }
-    }
-}
-
-fn source_text(source: Option<Source>) -> String {
+pub(crate) fn source_text(source: Option<Source>) -> String {
     source.map_or_else(|| "unknown".to_owned(), |s| s.to_string())
 }
 
@@ -333,7 +200,7 @@ pub fn truncated(text: &str) -> String {
 
 /// How often summaries that are due are written when no new refusal brings them out, at
 /// most (a shorter summary interval sweeps more often).
-const SUMMARY_SWEEP: Duration = Duration::from_secs(10);
+pub(crate) const SUMMARY_SWEEP: Duration = Duration::from_secs(10);
 
 /// A source's refusals since its last audit record.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -371,7 +238,7 @@ struct SummaryTable {
 
 /// Per-source counts of unauthenticated refusals not yet in the audit log.
 #[derive(Debug)]
-struct Summaries {
+pub(crate) struct Summaries {
     max_sources: usize,
     interval: Duration,
     table: Mutex<SummaryTable>,
@@ -387,7 +254,13 @@ impl Summaries {
     }
 
     /// Notes one refusal of `kind` from `source` at `now` (`now_ms` for the record).
-    fn note(&self, source: Option<Source>, kind: &'static str, now: Instant, now_ms: i64) -> Noted {
+    pub(crate) fn note(
+        &self,
+        source: Option<Source>,
+        kind: &'static str,
+        now: Instant,
+        now_ms: i64,
+    ) -> Noted {
         let Ok(mut table) = self.table.lock() else {
             return Noted::default();
         };
@@ -439,7 +312,7 @@ impl Summaries {
 
     /// The summaries of sources whose interval is over; sources quiet for a whole interval
     /// since are forgotten.
-    fn due(&self, now: Instant) -> Vec<Summary> {
+    pub(crate) fn due(&self, now: Instant) -> Vec<Summary> {
         let Ok(mut table) = self.table.lock() else {
             return Vec::new();
         };

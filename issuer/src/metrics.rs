@@ -9,7 +9,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use prometheus_client::encoding::EncodeLabelSet;
@@ -19,8 +18,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::authority::Authority;
-use crate::store::{InventoryQuery, Status};
+use crate::clock::Clock;
+use crate::store::{CertificateStore, InventoryQuery, Status, Store};
 
 /// Upper bounds (seconds) of the issuance latency histogram.
 const LATENCY_BUCKETS: [f64; 10] = [
@@ -227,26 +226,24 @@ impl Metrics {
     }
 }
 
-/// `GET /metrics`: the exposition, on the CRL listener (when configured) and, behind the
-/// operator-certificate check, on the EST HTTPS listener.
-pub async fn page(State(authority): State<Arc<Authority>>) -> Response {
+/// `GET /metrics`: the exposition of `metrics`, on the CRL listener (when configured) and,
+/// behind the operator-certificate check, on the EST HTTPS listener.
+pub fn page(metrics: &Metrics) -> Response {
     (
         [(
             header::CONTENT_TYPE,
             prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
         )],
-        authority.metrics_text(),
+        metrics.render(),
     )
         .into_response()
 }
 
-impl Authority {
-    /// Recomputes the inventory gauges.
-    pub fn refresh_inventory_metrics(&self) {
-        let now = self.now().unix_timestamp();
+impl Metrics {
+    /// Recomputes the inventory gauges from `certificates` as of `now` (unix seconds).
+    pub fn refresh_inventory(&self, certificates: &dyn CertificateStore, now: i64) {
         let count = |query: InventoryQuery| {
-            self.store
-                .certificates
+            certificates
                 .query(
                     &InventoryQuery {
                         limit: Some(1),
@@ -288,31 +285,36 @@ impl Authority {
             })
             .collect();
         for (status, n) in by_status {
-            self.metrics
-                .certificates
+            self.certificates
                 .get_or_create(&StatusLabel { status })
                 .set(i64::try_from(n).unwrap_or(i64::MAX));
         }
         for (within, n) in expiring {
-            self.metrics
-                .expiring
+            self.expiring
                 .get_or_create(&WithinLabel { within })
                 .set(i64::try_from(n).unwrap_or(i64::MAX));
         }
     }
 
-    /// Keeps the inventory gauges fresh for the process's life.
-    pub async fn keep_metrics_fresh(self: Arc<Self>) {
+    /// Keeps the inventory gauges fresh for the process's life, from `store` as `clock`
+    /// tells the time.
+    pub async fn keep_fresh(self: Arc<Self>, store: Store, clock: Arc<dyn Clock>) {
         loop {
-            let authority = self.clone();
+            let (metrics, certificates, now) = (
+                self.clone(),
+                store.certificates.clone(),
+                clock.now().unix_timestamp(),
+            );
             let started = std::time::Instant::now();
-            let _ =
-                tokio::task::spawn_blocking(move || authority.refresh_inventory_metrics()).await;
+            let _ = tokio::task::spawn_blocking(move || {
+                metrics.refresh_inventory(certificates.as_ref(), now)
+            })
+            .await;
             let pause = (started.elapsed() * 10).max(Duration::from_secs(5));
             tokio::time::sleep(pause).await;
             // Expiry moves the buckets even without changes: recompute at least hourly.
             let mut waited = pause;
-            while !self.metrics.inventory_dirty.swap(false, Ordering::Relaxed)
+            while !self.inventory_dirty.swap(false, Ordering::Relaxed)
                 && waited < Duration::from_secs(3600)
             {
                 tokio::time::sleep(Duration::from_secs(1)).await;

@@ -32,9 +32,14 @@ pub const PREFIX: &str = "/api";
 pub fn router(authority: Arc<Authority>) -> Router {
     Router::new()
         .nest(PREFIX, read_only_routes())
-        .route("/ui", axum::routing::get(crate::dashboard::page))
+        .merge(crate::dashboard::router(authority.clone()))
         // Always here, CRL listener or not: a scraper holding an operator certificate.
-        .route("/metrics", axum::routing::get(crate::metrics::page))
+        .route(
+            "/metrics",
+            axum::routing::get(|State(authority): State<Arc<Authority>>| async move {
+                crate::metrics::page(&authority.metrics)
+            }),
+        )
         .layer(axum::middleware::from_fn_with_state(
             authority.clone(),
             require_operator,

@@ -102,7 +102,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
         }
         let crl_url_file = state_dir.join("crl.url");
         std::fs::write(&crl_url_file, format!("{crl_url}\n")).map_err(Error::io(&crl_url_file))?;
-        let router = crate::crl::router(authority.clone());
+        let router = crate::crl::router(authority.crl.clone(), authority.metrics.clone());
         // Plain HTTP under the same bounds as EST (axum::serve has no timeouts at all).
         let connections = Connections::new(
             "crl",
@@ -134,7 +134,12 @@ pub async fn run(config: Config) -> Result<(), Error> {
             }
         });
         tokio::spawn(authority.clone().keep_crl_fresh());
-        tokio::spawn(authority.clone().keep_metrics_fresh());
+        tokio::spawn(
+            authority
+                .metrics
+                .clone()
+                .keep_fresh(authority.store.clone(), authority.clock.clone()),
+        );
         println!("CRL served at {crl_url}");
     }
 

@@ -18,7 +18,7 @@ use serde::Deserialize;
 
 use crate::authority::Authority;
 use crate::store::{InventoryQuery, Status};
-pub use timeline::TimelineCache;
+use timeline::TimelineCache;
 use timeline::{AMBER_DAYS, RED_DAYS};
 
 /// Rows shown in the table (the first page); the summary says how many match in all.
@@ -42,12 +42,26 @@ pub struct Filters {
     expiring_within: String,
 }
 
+/// The dashboard's own state: what it reads, and its timeline cache.
+#[derive(Debug)]
+struct Dashboard {
+    authority: Arc<Authority>,
+    timeline: TimelineCache,
+}
+
+/// `GET /ui`, for any router's state (the dashboard keeps its own).
+pub fn router<S: Clone + Send + Sync + 'static>(authority: Arc<Authority>) -> axum::Router<S> {
+    axum::Router::new()
+        .route("/ui", axum::routing::get(page))
+        .with_state(Arc::new(Dashboard {
+            authority,
+            timeline: TimelineCache::default(),
+        }))
+}
+
 /// `GET /ui`.
-pub async fn page(
-    State(authority): State<Arc<Authority>>,
-    Query(filters): Query<Filters>,
-) -> Response {
-    match render(&authority, &filters) {
+async fn page(State(dashboard): State<Arc<Dashboard>>, Query(filters): Query<Filters>) -> Response {
+    match render(&dashboard.authority, &dashboard.timeline, &filters) {
         Ok(html) => (
             [
                 (header::CONTENT_TYPE, "text/html; charset=utf-8"),
@@ -60,7 +74,11 @@ pub async fn page(
     }
 }
 
-fn render(authority: &Authority, filters: &Filters) -> Result<String, (StatusCode, String)> {
+fn render(
+    authority: &Authority,
+    timeline_cache: &TimelineCache,
+    filters: &Filters,
+) -> Result<String, (StatusCode, String)> {
     let bad = |m: String| (StatusCode::BAD_REQUEST, m);
     let unavailable = |e: crate::Error| (StatusCode::SERVICE_UNAVAILABLE, e.to_string());
     let status_text = filters.status.as_deref().unwrap_or("valid").trim();
@@ -89,7 +107,7 @@ fn render(authority: &Authority, filters: &Filters) -> Result<String, (StatusCod
         ..InventoryQuery::default()
     };
     let page = authority.inventory(&query).map_err(unavailable)?;
-    let timeline = timeline::cached(authority).map_err(unavailable)?;
+    let timeline = timeline::cached(authority, timeline_cache).map_err(unavailable)?;
     let now = authority.now().unix_timestamp();
     // Every profile the issuer issues under, the SVID ones too, and any label still in the
     // timeline whose profile has since left the configuration. Not `authority.status()`:

@@ -119,8 +119,11 @@ fn month_abbreviation(month: time::Month) -> &'static str {
 }
 
 /// The cached timeline, or a fresh count if the cached one is older than [`TTL`].
-pub(super) fn cached(authority: &Authority) -> Result<Arc<Timeline>, crate::Error> {
-    let cache = &authority.timeline_cache.0;
+pub(super) fn cached(
+    authority: &Authority,
+    cache: &TimelineCache,
+) -> Result<Arc<Timeline>, crate::Error> {
+    let cache = &cache.0;
     if let Some((at, timeline)) = cache.lock().ok().and_then(|c| c.clone()) {
         if at.elapsed() < TTL {
             return Ok(timeline);
