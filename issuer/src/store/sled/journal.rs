@@ -29,8 +29,9 @@
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
@@ -45,6 +46,8 @@ const REMOVE: u8 = 2;
 const MAX_RECORD: usize = 256 * 1024 * 1024;
 /// How far ahead of its records a segment is zero-filled.
 const PREALLOCATE: u64 = 1024 * 1024;
+/// The longest a group commit waits for writes announced as coming ([`Journal::incoming`]).
+const GATHER: Duration = Duration::from_micros(500);
 
 /// Where durability stands, published to every waiting request.
 #[derive(Debug, Clone, Default)]
@@ -73,6 +76,24 @@ struct Shared {
     wake: Condvar,
     state: watch::Sender<Flushed>,
     dir: PathBuf,
+    /// Writes announced and not yet queued ([`Incoming`]).
+    incoming: AtomicUsize,
+}
+
+/// A write on its way (a certificate being signed): while any is, a group commit waits up
+/// to [`GATHER`] for it, so one `fdatasync` covers it too instead of the next one. A lone
+/// request never waits: by the time it asks for its commit, its own announcement is gone.
+#[derive(Debug)]
+pub struct Incoming(Arc<Shared>);
+
+impl Drop for Incoming {
+    fn drop(&mut self) {
+        if self.0.incoming.fetch_sub(1, Ordering::AcqRel) == 1 {
+            // Under the queue's lock, so a committer about to wait can't miss it.
+            drop(self.0.queue.lock());
+            self.0.wake.notify_one();
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -389,6 +410,7 @@ impl Journal {
             wake: Condvar::new(),
             state,
             dir,
+            incoming: AtomicUsize::new(0),
         });
         let committer = shared.clone();
         std::thread::Builder::new()
@@ -403,6 +425,12 @@ impl Journal {
     pub fn scratch() -> Self {
         let dir = tempfile::tempdir().expect("tempdir").keep();
         Self::start(&dir, 0).expect("journal")
+    }
+
+    /// Announces a write about to be made; drop the answer once it is made (or given up).
+    pub fn incoming(&self) -> Incoming {
+        self.shared.incoming.fetch_add(1, Ordering::AcqRel);
+        Incoming(self.shared.clone())
     }
 
     /// Begins a write; every other writer waits until it is dropped.
@@ -574,7 +602,7 @@ impl Segment {
 
     fn fill_zeros(&self, target: u64) -> std::io::Result<()> {
         use std::os::unix::fs::FileExt as _;
-        const ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+        static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
         let mut at = self.allocated.max(self.end);
         while at < target {
             let n = (target - at).min(ZEROS.len() as u64) as usize;
@@ -620,6 +648,20 @@ impl Shared {
                     Ok(queue) => queue,
                     Err(_) => return,
                 };
+            }
+            // Group commit: a sync is wanted and other writes are on their way; gather them
+            // into this sync, for at most GATHER.
+            if queue.sync_upto > synced && !queue.closed && queue.rotation.is_none() {
+                let until = Instant::now() + GATHER;
+                while self.incoming.load(Ordering::Acquire) > 0 {
+                    let Some(left) = until.checked_duration_since(Instant::now()) else {
+                        break;
+                    };
+                    queue = match self.wake.wait_timeout(queue, left) {
+                        Ok((queue, _)) => queue,
+                        Err(_) => return,
+                    };
+                }
             }
             let bytes = std::mem::take(&mut queue.pending);
             let upto = queue.assigned;
