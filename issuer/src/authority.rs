@@ -1,9 +1,8 @@
 //! The issuing authority: the issuance pipeline ([`crate::issuance`]) with what the EST,
-//! agent and admin surfaces need beside it: token creation, revocation, inventory and
-//! status answers.
+//! agent and admin surfaces need beside it: the token office ([`crate::tokens`]), revocation
+//! and the CRL ([`crate::revocation`]), inventory and status answers.
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,13 +13,10 @@ use time::OffsetDateTime;
 use crate::ca::{CertificateAuthority, SignWith};
 use crate::clock::Clock;
 use crate::config::Config;
-use crate::grant::{valid_dns, valid_subject, Grant};
-use crate::profile::{Profile, SanKind};
+use crate::grant::Grant;
+use crate::profile::Profile;
 use crate::serial::Serial;
-use crate::store::{
-    AuditEvent, CertificateRecord, InventoryPage, InventoryQuery, Status, Store, TokenKind,
-    TokenRecord, TokenState,
-};
+use crate::store::{CertificateRecord, InventoryPage, InventoryQuery, Store};
 use crate::Error;
 use proto::rfc3339;
 
@@ -36,12 +32,11 @@ pub struct Authority {
     pub(crate) spiffe_profiles: BTreeMap<String, Profile>,
     pub(crate) default_profile: String,
     pub(crate) trust_domain: String,
-    pub(crate) token_default_ttl: Duration,
-    pub(crate) token_max_ttl: Duration,
+    /// One-time tokens: creation, listing, revocation.
+    pub(crate) tokens: crate::tokens::TokenOffice,
+    /// Certificate revocation and the CRL.
+    pub(crate) revocation: Arc<crate::revocation::Revocation>,
     pub(crate) clock: Arc<dyn Clock>,
-    pub(crate) crl: Arc<crate::crl::Crl>,
-    pub(crate) crl_validity: Duration,
-    pub(crate) crl_file: Option<std::path::PathBuf>,
     pub(crate) metrics: Arc<crate::metrics::Metrics>,
     /// Where the root key is, as `issuer status` says it.
     pub(crate) root_key: String,
@@ -54,96 +49,6 @@ pub struct Authority {
     pub(crate) renewal_retry_window: Duration,
     /// The names on the issuer's own TLS certificate, which no token or entry may grant.
     pub(crate) listener_names: crate::grant::ListenerNames,
-}
-
-/// An operator's request for tokens.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct TokenRequest {
-    /// Enrollment (EST, the default) or join (agent node attestation).
-    #[serde(default)]
-    pub kind: TokenKind,
-    /// The label the token enrolls under (default profile when absent).
-    pub label: Option<String>,
-    /// The subject it is bound to.
-    pub subject: Option<String>,
-    /// Lifetime in seconds (config default when absent).
-    pub ttl_secs: Option<u64>,
-    /// DNS names to grant.
-    #[serde(default)]
-    pub dns: Vec<String>,
-    /// IP addresses to grant.
-    #[serde(default)]
-    pub ips: Vec<IpAddr>,
-    /// How many tokens (for benches and cabinets); default 1, at most 100,000.
-    pub count: Option<usize>,
-}
-
-/// A created token: the secret is shown once and never stored.
-#[derive(Clone, Serialize, Deserialize)]
-pub struct CreatedToken {
-    /// Public id.
-    pub id: String,
-    /// The secret to hand to the engineer.
-    pub token: String,
-    /// Enrollment or join.
-    #[serde(default)]
-    pub kind: TokenKind,
-    /// Label.
-    pub label: String,
-    /// Bound subject.
-    pub subject: Option<String>,
-    /// Unix seconds.
-    pub expires_at: i64,
-}
-
-impl std::fmt::Debug for CreatedToken {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CreatedToken")
-            .field("id", &self.id)
-            .field("kind", &self.kind)
-            .field("label", &self.label)
-            .field("subject", &self.subject)
-            .finish_non_exhaustive()
-    }
-}
-
-/// Why a certificate is revoked (RFC 5280 §5.3.1 CRLReason names).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "camelCase")]
-#[value(rename_all = "camelCase")]
-pub enum RevocationReason {
-    /// No reason given.
-    Unspecified,
-    /// The device's key may be known to someone else.
-    KeyCompromise,
-    /// The device changed role or owner.
-    AffiliationChanged,
-    /// Replaced by a newer certificate.
-    Superseded,
-    /// The device is decommissioned.
-    CessationOfOperation,
-}
-
-impl RevocationReason {
-    /// The RFC 5280 §5.3.1 CRLReason code.
-    pub fn code(self) -> u8 {
-        match self {
-            Self::Unspecified => 0,
-            Self::KeyCompromise => 1,
-            Self::AffiliationChanged => 3,
-            Self::Superseded => 4,
-            Self::CessationOfOperation => 5,
-        }
-    }
-}
-
-/// An operator's revocation.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct RevokeRequest {
-    /// Serial, hex.
-    pub serial: String,
-    /// Reason.
-    pub reason: RevocationReason,
 }
 
 /// What `issuer status` shows.
@@ -229,6 +134,37 @@ impl Authority {
             distribution_point: crl.distribution_point(),
         });
         pipeline.observe(metrics.clone());
+        let listener_names =
+            crate::grant::ListenerNames::load(&config.resolve(&config.est.tls_certificate));
+        let tokens = crate::tokens::TokenOffice::new(crate::tokens::Parts {
+            store: store.clone(),
+            clock: clock.clone(),
+            profiles: config.profiles.clone(),
+            default_profile: config.default_profile.clone(),
+            trust_domain: config.trust_domain.clone(),
+            default_ttl: config.tokens.default_ttl,
+            max_ttl: config.tokens.max_ttl,
+            state_volume: state_volume.clone(),
+            listener_names: listener_names.clone(),
+        });
+        let revocation = Arc::new(crate::revocation::Revocation::new(
+            crate::revocation::Parts {
+                ca: ca.clone(),
+                store: store.clone(),
+                clock: clock.clone(),
+                crl,
+                validity: config
+                    .crl
+                    .as_ref()
+                    .map_or(Duration::from_secs(7 * 86_400), |c| c.validity),
+                file: config
+                    .crl
+                    .as_ref()
+                    .map(|_| config.state_dir().join("crl.der")),
+                metrics: metrics.clone(),
+                state_volume: state_volume.clone(),
+            },
+        ));
         Ok(Self {
             pipeline,
             ca,
@@ -237,25 +173,14 @@ impl Authority {
             spiffe_profiles,
             default_profile: config.default_profile.clone(),
             trust_domain: config.trust_domain.clone(),
-            token_default_ttl: config.tokens.default_ttl,
-            token_max_ttl: config.tokens.max_ttl,
+            tokens,
+            revocation,
             clock,
-            crl,
-            crl_validity: config
-                .crl
-                .as_ref()
-                .map_or(Duration::from_secs(7 * 86_400), |c| c.validity),
-            crl_file: config
-                .crl
-                .as_ref()
-                .map(|_| config.state_dir().join("crl.der")),
             metrics,
             state_volume,
             lockouts: crate::lockout::Lockouts::new(config.tokens.lockout),
             renewal_retry_window: config.est.renewal_retry_window,
-            listener_names: crate::grant::ListenerNames::load(
-                &config.resolve(&config.est.tls_certificate),
-            ),
+            listener_names,
             root_key: {
                 // `init` writes the root key beside the root certificate; operators are told
                 // to move it offline, and status says whether they did.
@@ -318,236 +243,7 @@ impl Authority {
     }
 
     pub(crate) fn audit(&self, kind: &str, detail: serde_json::Value) -> Result<u64, Error> {
-        let at_ms = crate::issuance::now_ms(self.now());
-        self.store.audit.append(
-            AuditEvent {
-                kind: kind.to_owned(),
-                detail,
-            },
-            at_ms,
-        )
-    }
-
-    /// Creates one-time tokens; their secrets exist only in the answer.
-    pub async fn create_tokens(&self, request: &TokenRequest) -> Result<Vec<CreatedToken>, Error> {
-        self.state_volume.check()?;
-        let bad = |why: String| Error::Admin(why);
-        if request.kind == TokenKind::Join
-            && (request.label.is_some()
-                || request.subject.is_some()
-                || !request.dns.is_empty()
-                || !request.ips.is_empty())
-        {
-            return Err(bad(
-                "a join token names no label, subject, DNS name or IP address: the node's \
-                 identity is spiffe://<trust domain>/agent/join_token/<token id>"
-                    .into(),
-            ));
-        }
-        let (label, profile) = self.profile(request.label.as_deref()).ok_or_else(|| {
-            bad(format!(
-                "unknown label {:?}; this issuer serves {}",
-                request.label.clone().unwrap_or_default(),
-                self.profiles.keys().cloned().collect::<Vec<_>>().join(", ")
-            ))
-        })?;
-        if let Some(subject) = &request.subject {
-            if !valid_subject(subject) {
-                return Err(bad(format!(
-                    "subject {subject:?} must be 1-64 letters, digits, '.', '-', '_'"
-                )));
-            }
-        }
-        if let Some(dns) = request.dns.iter().find(|d| !valid_dns(d)) {
-            return Err(bad(format!("{dns:?} is not a valid DNS name")));
-        }
-        if !request.dns.is_empty() && !profile.allows(SanKind::Dns) {
-            return Err(bad(format!("profile {label} does not allow DNS names")));
-        }
-        if !request.ips.is_empty() && !profile.allows(SanKind::Ip) {
-            return Err(bad(format!("profile {label} does not allow IP addresses")));
-        }
-        self.listener_names.refuse(&request.dns, &request.ips)?;
-        let ttl = request
-            .ttl_secs
-            .map(Duration::from_secs)
-            .unwrap_or(self.token_default_ttl);
-        if ttl > self.token_max_ttl || ttl.is_zero() {
-            return Err(bad(format!(
-                "token lifetime must be between 1s and {} (tokens.max_ttl)",
-                proto::duration::format(self.token_max_ttl)
-            )));
-        }
-        let count = request.count.unwrap_or(1);
-        if count == 0 || count > 100_000 {
-            return Err(bad("count must be between 1 and 100000".into()));
-        }
-        let now = self.now().unix_timestamp();
-        let expires_at = now + ttl.as_secs() as i64;
-        let mut created = Vec::with_capacity(count);
-        for _ in 0..count {
-            let secret = new_secret();
-            let hash = hex::encode(crate::store::tokens_hash(&secret));
-            let record = TokenRecord {
-                // A join token's id names a node for as long as the node lives, so it gets
-                // more of the hash than an enrollment token's: 128 bits, not 32. Either way it
-                // is of the hash, never of the secret.
-                id: match request.kind {
-                    TokenKind::Enrollment => hash[..8].to_owned(),
-                    TokenKind::Join => hash[..32].to_owned(),
-                },
-                kind: request.kind,
-                hash,
-                label: match request.kind {
-                    TokenKind::Enrollment => label.to_owned(),
-                    TokenKind::Join => String::new(),
-                },
-                subject: request.subject.clone(),
-                dns: request.dns.clone(),
-                ips: request.ips.clone(),
-                created_at: now,
-                expires_at,
-                used_at: None,
-                revoked_at: None,
-            };
-            self.store.tokens.insert(&record)?;
-            self.audit(
-                "token.created",
-                serde_json::json!({
-                    "token_id": record.id, "kind": record.kind, "label": record.label,
-                    "subject": record.subject, "expires_at": expires_at,
-                }),
-            )?;
-            created.push(CreatedToken {
-                id: record.id,
-                token: secret,
-                kind: record.kind,
-                label: record.label,
-                subject: request.subject.clone(),
-                expires_at,
-            });
-        }
-        self.store.durability.commit().await?;
-        Ok(created)
-    }
-
-    /// Every token with its state now, oldest first; secrets are never stored, so never
-    /// listed.
-    pub fn list_tokens(&self) -> Result<Vec<(TokenRecord, TokenState)>, Error> {
-        let now = self.now().unix_timestamp();
-        Ok(self
-            .store
-            .tokens
-            .list()?
-            .into_iter()
-            .map(|t| {
-                let state = t.state(now);
-                (t, state)
-            })
-            .collect())
-    }
-
-    /// Revokes the unused token(s) with public id `id`: they can no longer enroll or join.
-    /// Recorded and audited before the answer. A spent token is not revoked (what it
-    /// enrolled is revoked or evicted instead); the error says how.
-    pub async fn revoke_token(&self, id: &str) -> Result<Vec<TokenRecord>, Error> {
-        use crate::store::TokenRevocation;
-        self.state_volume.check()?;
-        let id = id.trim().to_ascii_lowercase();
-        let found = self.store.tokens.revoke(&id, self.now().unix_timestamp())?;
-        let mut revoked = Vec::new();
-        let mut refusal = None;
-        for outcome in found {
-            match outcome {
-                TokenRevocation::Revoked(record) => revoked.push(record),
-                TokenRevocation::AlreadyRevoked(_) => {
-                    refusal = Some(format!("token {id} is already revoked; nothing to do"))
-                }
-                TokenRevocation::AlreadyUsed(record) => {
-                    let used = record.used_at.map(proto::rfc3339_unix).unwrap_or_default();
-                    refusal = Some(match record.kind {
-                        TokenKind::Enrollment => format!(
-                            "token {id} was already used ({used}); revoking it now changes \
-                             nothing: revoke the certificate it enrolled instead (`issuer \
-                             inventory --owner token:{id}` shows its serial, then `issuer \
-                             revoke <serial>`)"
-                        ),
-                        TokenKind::Join => format!(
-                            "token {id} was already used ({used}); revoking it now changes \
-                             nothing: evict the agent it joined instead (`issuer agent evict \
-                             spiffe://{}/agent/join_token/{id}`)",
-                            self.trust_domain
-                        ),
-                    })
-                }
-            }
-        }
-        if revoked.is_empty() {
-            return Err(match refusal {
-                Some(message) => Error::Admin(message),
-                None => Error::NotFound(format!(
-                    "no token with id {id:?}; `issuer token list` shows the ids (a token's \
-                     secret is not its id)"
-                )),
-            });
-        }
-        for record in &revoked {
-            self.audit(
-                "token.revoked",
-                serde_json::json!({
-                    "token_id": record.id, "kind": record.kind, "label": record.label,
-                    "subject": record.subject,
-                }),
-            )?;
-        }
-        self.store.durability.commit().await?;
-        Ok(revoked)
-    }
-
-    /// Revokes a certificate: it can no longer re-enroll. Recorded and audited before the
-    /// answer.
-    pub async fn revoke(&self, request: &RevokeRequest) -> Result<CertificateRecord, Error> {
-        self.state_volume.check()?;
-        let serial = Serial::parse(&request.serial).ok_or_else(|| {
-            Error::Admin(format!(
-                "{:?} is not a certificate serial; give it in hex, as `issuer inventory` shows it",
-                request.serial
-            ))
-        })?;
-        let existing = self
-            .store
-            .certificates
-            .get(&serial)?
-            .ok_or_else(|| unknown_serial(serial))?;
-        if existing.status == Status::Revoked {
-            return Err(Error::Admin(format!(
-                "certificate {serial} is already revoked; nothing to do"
-            )));
-        }
-        let record = self
-            .store
-            .certificates
-            .revoke(&serial, self.now().unix_timestamp(), request.reason.code())?
-            .ok_or_else(|| unknown_serial(serial))?;
-        self.audit(
-            "certificate.revoked",
-            serde_json::json!({
-                "serial": record.serial.to_string(), "subject": record.subject,
-                "reason": request.reason,
-            }),
-        )?;
-        self.store.durability.commit().await?;
-        self.metrics.inventory_changed();
-        // The revocation is recorded; a failure to sign the CRL now is retried by the
-        // refresher and must not make the operator think the revocation was lost.
-        if let Err(e) = self.publish_crl() {
-            tracing::error!(error = %e, "publishing the CRL after a revocation failed");
-        }
-        Ok(CertificateRecord {
-            status: Status::Revoked,
-            der: Vec::new(),
-            ..record
-        })
+        self.store.audit_event(kind, detail, self.now())
     }
 
     /// Answers an inventory query.
@@ -576,7 +272,7 @@ impl Authority {
                 .unwrap_or_default(),
             labels: self.profiles.keys().cloned().collect(),
             certificates: self.store.certificates.len(),
-            crl_url: self.crl.url().map(str::to_owned),
+            crl_url: self.revocation.crl().url().map(str::to_owned),
             issuing_key_queue: self.ca.key_queue().map(|q| (q.waiting, q.capacity)),
             signing_keys: self
                 .ca
@@ -686,82 +382,6 @@ impl Authority {
                 }
                 Err(_) => {}
             }
-        }
-    }
-}
-
-/// A revocation of a serial this issuer never issued: likely a typo or another CA's.
-fn unknown_serial(serial: Serial) -> Error {
-    Error::Admin(format!(
-        "this issuer has no certificate with serial {serial}; check it against `issuer inventory` \
-         (a certificate from another CA must be revoked there)"
-    ))
-}
-
-/// 256 random bits, base64url: the one-time token an engineer types or pastes.
-fn new_secret() -> String {
-    // A token that starts with '-' reads as an option to command-line tools
-    // (`agent enroll --token -x…`), so draw again: one in 64 times, costing 6 bits of 256.
-    loop {
-        let bytes: [u8; 32] = rand::random();
-        let secret = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
-        if !secret.starts_with('-') {
-            return secret;
-        }
-    }
-}
-
-impl Authority {
-    /// Builds, signs and publishes a new CRL (also written to `state_dir/crl.der`).
-    pub fn publish_crl(&self) -> Result<(), Error> {
-        let now = self.now();
-        // A CRL dated outside the CA's validity is one no verifier takes; the last good one
-        // stays published.
-        self.check_clock_within_ca(now)?;
-        let revocations = self.store.certificates.revocations(now.unix_timestamp())?;
-        let number = self.store.certificates.next_crl_number()?;
-        let next_update = (now + self.crl_validity).min(self.ca.not_after());
-        let der = self.ca.sign_crl(crate::crl::crl_params(
-            &revocations,
-            number,
-            now,
-            next_update,
-        )?)?;
-        if let Some(path) = &self.crl_file {
-            let tmp = path.with_extension("der.tmp");
-            std::fs::write(&tmp, &der).map_err(Error::io(&tmp))?;
-            std::fs::rename(&tmp, path).map_err(Error::io(path))?;
-        }
-        self.crl
-            .publish(der, now.unix_timestamp(), next_update.unix_timestamp());
-        tracing::info!(number, revoked = revocations.len(), "CRL published");
-        Ok(())
-    }
-
-    /// Re-issues the CRL whenever half its validity has passed; runs for the process's life.
-    pub async fn keep_crl_fresh(self: Arc<Self>) {
-        loop {
-            tokio::time::sleep(Duration::from_secs(30)).await;
-            if self.crl.due(self.now().unix_timestamp()) {
-                if let Err(e) = self.publish_crl() {
-                    tracing::error!(error = %e, "re-issuing the CRL failed; retrying in 30 s");
-                }
-            }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::new_secret;
-
-    #[test]
-    fn token_secrets_never_start_with_a_hyphen() {
-        // Without the redraw, one in 64 would: 2,000 draws would all but surely show one.
-        for _ in 0..2000 {
-            let secret = new_secret();
-            assert!(!secret.starts_with('-'), "{secret}");
-            assert_eq!(secret.len(), 43);
         }
     }
 }

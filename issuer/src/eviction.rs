@@ -7,7 +7,8 @@
 use proto::SpiffeId;
 
 use crate::attestation::x509pop;
-use crate::authority::{Authority, RevocationReason, RevokeRequest};
+use crate::authority::Authority;
+use crate::revocation::{RevocationReason, RevokeRequest};
 use crate::store::{CertificateRecord, NodeRecord, Status};
 use crate::Error;
 
@@ -161,11 +162,12 @@ impl Authority {
             None => None,
         };
         if current.is_some_and(|c| c.status != Status::Revoked) {
-            self.revoke(&RevokeRequest {
-                serial: node.svid_serial.clone(),
-                reason: RevocationReason::CessationOfOperation,
-            })
-            .await?;
+            self.revocation
+                .revoke(&RevokeRequest {
+                    serial: node.svid_serial.clone(),
+                    reason: RevocationReason::CessationOfOperation,
+                })
+                .await?;
         }
         Ok(())
     }

@@ -238,25 +238,31 @@ impl Pipeline {
     /// battery died boots in 2000; a VM restored from an old snapshot): refuse to issue
     /// rather than sign certificates no verifier will accept.
     pub fn check_clock_within_ca(&self, now: OffsetDateTime) -> Result<(), Error> {
-        let (ca_from, ca_until) = (self.ca.not_before(), self.ca.not_after());
-        if now >= ca_until {
-            return Err(Error::OutsideCaValidity(format!(
-                "the issuer's clock reads {}, after the issuing CA expired ({}); nothing can be \
-                 issued: check the issuer's clock, or install a new issuing CA",
-                proto::rfc3339(now),
-                proto::rfc3339(ca_until)
-            )));
-        }
-        if now < ca_from {
-            return Err(Error::OutsideCaValidity(format!(
-                "the issuer's clock reads {}, before the issuing CA's validity starts ({}); \
-                 nothing can be issued until the clock is set right",
-                proto::rfc3339(now),
-                proto::rfc3339(ca_from)
-            )));
-        }
-        Ok(())
+        clock_within_ca(&self.ca, now)
     }
+}
+
+/// Whether `now` lies inside `ca`'s validity: nothing is signed (certificate or CRL) with a
+/// clock outside it.
+pub(crate) fn clock_within_ca(ca: &CertificateAuthority, now: OffsetDateTime) -> Result<(), Error> {
+    let (ca_from, ca_until) = (ca.not_before(), ca.not_after());
+    if now >= ca_until {
+        return Err(Error::OutsideCaValidity(format!(
+            "the issuer's clock reads {}, after the issuing CA expired ({}); nothing can be \
+             issued: check the issuer's clock, or install a new issuing CA",
+            proto::rfc3339(now),
+            proto::rfc3339(ca_until)
+        )));
+    }
+    if now < ca_from {
+        return Err(Error::OutsideCaValidity(format!(
+            "the issuer's clock reads {}, before the issuing CA's validity starts ({}); \
+             nothing can be issued until the clock is set right",
+            proto::rfc3339(now),
+            proto::rfc3339(ca_from)
+        )));
+    }
+    Ok(())
 }
 
 /// Unix milliseconds, as audit records carry them.

@@ -27,11 +27,13 @@ pub mod operator_api;
 pub mod profile;
 pub mod refusal;
 pub mod registration;
+pub mod revocation;
 pub mod serial;
 pub mod serve;
 pub mod signing_key;
 pub mod state_volume;
 pub mod store;
 pub mod tls;
+pub mod tokens;
 
 pub use error::Error;

@@ -96,13 +96,16 @@ pub async fn run(config: Config) -> Result<(), Error> {
             .url
             .clone()
             .unwrap_or_else(|| format!("http://{crl_addr}{}", crate::crl::PATH));
-        authority.crl.set_url(crl_url.clone());
+        authority.revocation.crl().set_url(crl_url.clone());
         if clock_wrong.is_none() {
-            authority.publish_crl()?;
+            authority.revocation.publish_crl()?;
         }
         let crl_url_file = state_dir.join("crl.url");
         std::fs::write(&crl_url_file, format!("{crl_url}\n")).map_err(Error::io(&crl_url_file))?;
-        let router = crate::crl::router(authority.crl.clone(), authority.metrics.clone());
+        let router = crate::crl::router(
+            authority.revocation.crl().clone(),
+            authority.metrics.clone(),
+        );
         // Plain HTTP under the same bounds as EST (axum::serve has no timeouts at all).
         let connections = Connections::new(
             "crl",
@@ -133,7 +136,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
                 tokio::spawn(serve_http1(tcp, service, slot, limits, peer));
             }
         });
-        tokio::spawn(authority.clone().keep_crl_fresh());
+        tokio::spawn(authority.revocation.clone().keep_crl_fresh());
         tokio::spawn(
             authority
                 .metrics

@@ -13,8 +13,10 @@ use proto::admin::tokens_client::TokensClient;
 use proto::admin::{ReadAuditRequest, StatusRequest, VerifyAuditRequest};
 use tonic::transport::Channel;
 
-use crate::authority::{CreatedToken, RevokeRequest, StatusReport, TokenRequest};
+use crate::authority::StatusReport;
+use crate::revocation::RevokeRequest;
 use crate::store::{AuditRecord, CertificateRecord, InventoryPage, InventoryQuery, Verification};
+use crate::tokens::{CreatedToken, TokenRequest};
 use crate::Error;
 
 /// Largest answer the CLI reads: 100,000 new tokens in one answer are ~10 MB, past tonic's

@@ -22,8 +22,10 @@ use proto::admin::{
 use tonic::{Request, Response, Status};
 
 use super::{to_status, wire};
-use crate::authority::{Authority, RevokeRequest, TokenRequest};
+use crate::authority::Authority;
+use crate::revocation::RevokeRequest;
 use crate::store::{InventoryQuery, TokenState};
+use crate::tokens::TokenRequest;
 use crate::Error;
 
 /// Every admin service over one authority.
@@ -132,7 +134,7 @@ impl Tokens for AdminGrpc {
         request: Request<CreateTokensRequest>,
     ) -> Result<Response<CreateTokensResponse>, Status> {
         let request = TokenRequest::try_from(request.into_inner()).map_err(to_status)?;
-        let tokens = self.0.create_tokens(&request).await.map_err(to_status)?;
+        let tokens = self.0.tokens.create(&request).await.map_err(to_status)?;
         Ok(Response::new(CreateTokensResponse {
             tokens: tokens.into_iter().map(Into::into).collect(),
         }))
@@ -142,7 +144,7 @@ impl Tokens for AdminGrpc {
         &self,
         _request: Request<ListTokensRequest>,
     ) -> Result<Response<ListTokensResponse>, Status> {
-        let tokens = self.0.list_tokens().map_err(to_status)?;
+        let tokens = self.0.tokens.list().map_err(to_status)?;
         Ok(Response::new(ListTokensResponse {
             tokens: tokens
                 .into_iter()
@@ -157,7 +159,8 @@ impl Tokens for AdminGrpc {
     ) -> Result<Response<RevokeTokenResponse>, Status> {
         let revoked = self
             .0
-            .revoke_token(&request.into_inner().id)
+            .tokens
+            .revoke(&request.into_inner().id)
             .await
             .map_err(to_status)?;
         Ok(Response::new(RevokeTokenResponse {
@@ -185,7 +188,12 @@ impl Certificates for AdminGrpc {
         request: Request<RevokeCertificateRequest>,
     ) -> Result<Response<Certificate>, Status> {
         let request = RevokeRequest::try_from(request.into_inner()).map_err(to_status)?;
-        let record = self.0.revoke(&request).await.map_err(to_status)?;
+        let record = self
+            .0
+            .revocation
+            .revoke(&request)
+            .await
+            .map_err(to_status)?;
         // A node that attested with this device certificate goes with it.
         self.0
             .evict_nodes_attested_with(&record)

@@ -4,16 +4,16 @@
 
 use proto::admin as wire;
 
-use crate::authority::{
-    CreatedToken, RevocationReason, RevokeRequest, SigningKeyStatus, StatusReport, TokenRequest,
-};
+use crate::authority::{SigningKeyStatus, StatusReport};
 use crate::registration::NewEntry;
+use crate::revocation::{RevocationReason, RevokeRequest};
 use crate::serial::Serial;
 use crate::signing_key::Phase;
 use crate::store::{
     AuditEvent, AuditRecord, CertificateRecord, EntryRecord, InventoryPage, InventoryQuery,
     NodeRecord, Status, TokenKind, TokenRecord, TokenState, Verification,
 };
+use crate::tokens::{CreatedToken, TokenRequest};
 use crate::Error;
 
 /// An answer field the CLI can't read: the issuer and the command disagree on the protocol.

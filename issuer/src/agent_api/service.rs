@@ -504,7 +504,8 @@ impl Agent for AgentService {
             jwt_bundle: self.jwt.jwks(),
             crl: self
                 .authority
-                .crl
+                .revocation
+                .crl()
                 .current()
                 .map(|c| vec![c.to_vec()])
                 .unwrap_or_default(),

@@ -1,7 +1,7 @@
 //! `issuer revoke`: a certificate can no longer re-enroll.
 
 use super::ConfigArg;
-use crate::authority::{RevocationReason, RevokeRequest};
+use crate::revocation::{RevocationReason, RevokeRequest};
 use crate::Error;
 
 #[derive(Debug, clap::Args)]

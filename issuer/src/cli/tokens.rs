@@ -8,8 +8,8 @@ use proto::admin::{ListTokensRequest, RevokeTokenRequest, Token, TokenState};
 use super::render::{self, ListFormat, Rows};
 use super::{parse_duration, ConfigArg};
 use crate::admin::client::from_status;
-use crate::authority::{CreatedToken, TokenRequest};
 use crate::store::TokenKind;
+use crate::tokens::{CreatedToken, TokenRequest};
 use crate::Error;
 use proto::rfc3339_unix as rfc3339;
 

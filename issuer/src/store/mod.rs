@@ -141,6 +141,23 @@ pub struct Store {
 pub const DEFAULT_CACHE_MB: u64 = 32;
 
 impl Store {
+    /// Appends an audit record of `kind` dated `at` (kept to the millisecond).
+    pub fn audit_event(
+        &self,
+        kind: &str,
+        detail: serde_json::Value,
+        at: time::OffsetDateTime,
+    ) -> Result<u64, Error> {
+        let at_ms = (at.unix_timestamp_nanos() / 1_000_000) as i64;
+        self.audit.append(
+            AuditEvent {
+                kind: kind.to_owned(),
+                detail,
+            },
+            at_ms,
+        )
+    }
+
     /// Opens (or creates) the store under `dir` with the default cache. Must run inside a
     /// tokio runtime.
     pub fn open(dir: &Path) -> Result<Self, Error> {
