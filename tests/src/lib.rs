@@ -74,9 +74,25 @@ impl Issuer {
         init_args: &[&str],
         edit: impl FnOnce(&Path) -> Result<()>,
     ) -> Result<Self> {
+        Self::start_custom_env(&[], init_args, edit)
+    }
+
+    /// Like [`Issuer::start_custom`], with `env` added for `issuer init` and every
+    /// `issuer serve` (e.g. `SOFTHSM2_CONF`): tests share one process, so none sets its
+    /// own environment for its children to inherit.
+    pub fn start_custom_env(
+        env: &[(&str, &str)],
+        init_args: &[&str],
+        edit: impl FnOnce(&Path) -> Result<()>,
+    ) -> Result<Self> {
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
         let dir = tempfile::tempdir()?;
         run_ok(
             Command::new(bin("issuer"))
+                .envs(env.iter().map(|(k, v)| (k, v)))
                 .args([
                     "init",
                     "--dir",
@@ -95,7 +111,7 @@ impl Issuer {
             dir,
             url: String::new(),
             child: None,
-            env: Vec::new(),
+            env,
         };
         issuer.serve()?;
         Ok(issuer)
@@ -901,6 +917,9 @@ pub struct Agent {
     child: Option<Child>,
     /// Extra environment for `agent run` (e.g. libfaketime's), kept across restarts.
     env: Vec<(String, String)>,
+    /// A command `agent run` is started through (e.g. `prlimit --nofile=…`), kept across
+    /// restarts; empty for none.
+    launcher: Vec<String>,
 }
 
 impl Agent {
@@ -927,6 +946,19 @@ impl Agent {
         files: &[(&str, &str)],
         extra: &str,
     ) -> Result<Self> {
+        Self::start_through(issuer, attestation, files, extra, &[])
+    }
+
+    /// Like [`Agent::start_with_config`], with `agent run` started through `launcher` (a
+    /// command and its arguments, e.g. `prlimit --nofile=1024:4096 --`): how a test gives the
+    /// daemon process limits without changing its own.
+    pub fn start_through(
+        issuer: &Issuer,
+        attestation: &str,
+        files: &[(&str, &str)],
+        extra: &str,
+        launcher: &[&str],
+    ) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         // Workloads of other users must reach the socket's directory.
         std::fs::set_permissions(
@@ -949,6 +981,7 @@ impl Agent {
             socket,
             child: None,
             env: Vec::new(),
+            launcher: launcher.iter().map(|s| (*s).to_owned()).collect(),
         };
         agent.run()?;
         Ok(agent)
@@ -970,7 +1003,15 @@ impl Agent {
             .create(true)
             .append(true)
             .open(self.dir.path().join("agent.log"))?;
-        let child = Command::new(bin("agent"))
+        let mut command = match self.launcher.split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(bin("agent"));
+                command
+            }
+            None => Command::new(bin("agent")),
+        };
+        let child = command
             .args(["run", "--config"])
             .arg(self.config())
             .env("RUST_LOG", "info")

@@ -1,13 +1,13 @@
 //! The agent's metrics listener against a crowd of idle connections, and the agent's
-//! open-file limit. Alone in its test binary: it lowers this process's soft limit for a
-//! moment so that the agent starts as a service manager's default (1024) would start it.
+//! open-file limit. The agent is started through `prlimit` with a soft limit of 1024 below
+//! a higher hard one, as a service manager's default would start it.
 
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use plant_tests::{Agent, Issuer};
-use rustix::process::{getrlimit, setrlimit, Resource};
+use rustix::process::{getrlimit, Resource};
 
 /// Connections the agent's metrics listener holds at most (agent::daemon::metrics::MAX_CONNECTIONS).
 const MAX_CONNECTIONS: usize = 32;
@@ -34,14 +34,20 @@ fn descriptors(pid: u32) -> Result<usize> {
 fn idle_metrics_connections_neither_pile_up_nor_keep_a_scrape_out() -> Result<()> {
     let issuer = Issuer::start()?;
     let token = issuer.join_token()?;
-    // The agent inherits this process's limits: a soft limit of 1024 below a higher hard one.
-    let own = getrlimit(Resource::Nofile);
-    let mut low = own;
-    low.current = Some(1024.min(own.maximum.unwrap_or(u64::MAX)));
-    setrlimit(Resource::Nofile, low)?;
-    let started = Agent::start_with_join_token(&issuer, &token);
-    setrlimit(Resource::Nofile, own)?;
-    let mut agent = started?;
+    // A soft limit of 1024 below a higher hard one, for the agent only.
+    let hard = getrlimit(Resource::Nofile).maximum;
+    let nofile = format!(
+        "--nofile={}:{}",
+        hard.map_or(1024, |max| max.min(1024)),
+        hard.map_or("unlimited".to_owned(), |max| max.to_string())
+    );
+    let mut agent = Agent::start_through(
+        &issuer,
+        "method = \"join_token\"\njoin_token_file = \"join.token\"\n",
+        &[("join.token", &token)],
+        "",
+        &["prlimit", &nofile, "--"],
+    )?;
     agent.node_id()?;
     let pid = agent.pid().context("agent pid")?;
     let before = descriptors(pid)?;

@@ -13,29 +13,28 @@ use plant_tests::{
 
 const MODULE: &str = hsm::DEFAULT_PKCS11_MODULE;
 
-/// A SoftHSM2 token `plant-ca` (PIN in `dir/pin`, a wrong one in `dir/wrong-pin`), made the
-/// process's SoftHSM2 configuration so the `issuer` children find it.
-fn softhsm(dir: &Path) -> Result<()> {
+/// A SoftHSM2 token `plant-ca` (PIN in `dir/pin`, a wrong one in `dir/wrong-pin`); the
+/// answer is its SoftHSM2 configuration file, for the `issuer` children's `SOFTHSM2_CONF`.
+fn softhsm(dir: &Path) -> Result<String> {
     let conf = plant_tests::softhsm_token(dir, "plant-ca", "4711")?;
     std::fs::write(dir.join("pin"), "4711\n")?;
     std::fs::write(dir.join("wrong-pin"), "1111\n")?;
-    // The only test in this binary: nothing else reads the environment concurrently.
-    std::env::set_var("SOFTHSM2_CONF", &conf);
-    Ok(())
+    Ok(conf.to_string_lossy().into_owned())
 }
 
 #[test]
 fn an_hsm_held_ca_key_issues_directly_and_through_short_lived_keys_and_a_wrong_pin_is_named(
 ) -> Result<()> {
     let hsm_dir = tempfile::tempdir()?;
-    softhsm(hsm_dir.path())?;
+    let conf = softhsm(hsm_dir.path())?;
     let key_ref = |pin: &str| {
         format!(
             "pkcs11:module={MODULE};token=plant-ca;object=issuing-ca;pin-file={}",
             hsm_dir.path().join(pin).display()
         )
     };
-    let mut issuer = Issuer::start_custom(&["--ca-key", &key_ref("pin")], |toml| {
+    let env = [("SOFTHSM2_CONF", conf.as_str())];
+    let mut issuer = Issuer::start_custom_env(&env, &["--ca-key", &key_ref("pin")], |toml| {
         let text = std::fs::read_to_string(toml)?;
         ensure!(
             text.contains("\n[ca.signing_key]\n"),
