@@ -199,7 +199,7 @@ impl Pipeline {
                 renews: grant.renews.as_ref(),
                 token: grant.token.as_ref(),
                 unique_subject: self.unique_subject(grant),
-                audit: (audit, now_ms(now)),
+                audit: (audit, crate::store::audit_ms(now)),
                 now: now.unix_timestamp(),
             })?;
             match issued {
@@ -263,11 +263,6 @@ pub(crate) fn clock_within_ca(ca: &CertificateAuthority, now: OffsetDateTime) ->
         )));
     }
     Ok(())
-}
-
-/// Unix milliseconds, as audit records carry them.
-pub(crate) fn now_ms(now: OffsetDateTime) -> i64 {
-    (now.unix_timestamp_nanos() / 1_000_000) as i64
 }
 
 /// Why a token can't enroll, in words the engineer can act on.

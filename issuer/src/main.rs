@@ -34,7 +34,13 @@ fn main() -> ExitCode {
     // issuer alive.
     runtime.shutdown_timeout(std::time::Duration::from_secs(10));
     match outcome {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => match issuer::cli::output_failure() {
+            None => ExitCode::SUCCESS,
+            Some(e) => {
+                eprintln!("issuer: writing the output failed: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Err(e) => {
             eprintln!("issuer: {e}");
             if e.is_usage() {

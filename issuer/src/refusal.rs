@@ -113,7 +113,7 @@ impl crate::authority::Authority {
     }
 
     fn now_ms(&self) -> i64 {
-        (self.now().unix_timestamp_nanos() / 1_000_000) as i64
+        crate::store::audit_ms(self.now())
     }
 
     /// Writes the summaries of sources whose interval is over, every few seconds, with one

@@ -61,7 +61,7 @@ pub(super) async fn run(command: AgentCommand) -> Result<(), Error> {
                 .await
                 .map_err(from_status)?
                 .into_inner();
-            print!("{}", render_list(&list.agents, format));
+            say_raw!("{}", render_list(&list.agents, format));
         }
         AgentCommand::Evict {
             config,
@@ -79,12 +79,12 @@ pub(super) async fn run(command: AgentCommand) -> Result<(), Error> {
                 .await
                 .map_err(from_status)?;
             if ban {
-                println!(
+                say!(
                     "evicted and banned {spiffe_id}; its node SVID is revoked and it can't \
                      attest again until `issuer agent unban {spiffe_id}`"
                 );
             } else {
-                println!("evicted {spiffe_id}; its node SVID is revoked");
+                say!("evicted {spiffe_id}; its node SVID is revoked");
             }
         }
         AgentCommand::Ban { config, spiffe_id } => {
@@ -97,7 +97,7 @@ pub(super) async fn run(command: AgentCommand) -> Result<(), Error> {
                 })
                 .await
                 .map_err(from_status)?;
-            println!(
+            say!(
                 "banned {spiffe_id}; its node SVID is revoked and it can't attest again until \
                  `issuer agent unban {spiffe_id}`"
             );
@@ -112,7 +112,7 @@ pub(super) async fn run(command: AgentCommand) -> Result<(), Error> {
                 })
                 .await
                 .map_err(from_status)?;
-            println!("unbanned {spiffe_id}; it may attest again");
+            say!("unbanned {spiffe_id}; it may attest again");
         }
     }
     Ok(())

@@ -55,7 +55,7 @@ async fn verify(config: &ConfigArg) -> Result<(), Error> {
     };
     match result.problem {
         None => {
-            println!(
+            say!(
                 "audit log intact: {} records, hash chain verified",
                 result.records
             );
@@ -71,6 +71,9 @@ async fn verify(config: &ConfigArg) -> Result<(), Error> {
 async fn tail(config: &ConfigArg, count: usize, before: Option<u64>) -> Result<(), Error> {
     // The socket answers at most MAX_AUDIT_PAGE records at a time: walk back page by page,
     // newest page first, then print oldest first.
+    if count == 0 {
+        return Ok(());
+    }
     let client = config.admin().await?;
     let mut records: Vec<AuditRecord> = Vec::new();
     let mut below = before;
@@ -86,7 +89,7 @@ async fn tail(config: &ConfigArg, count: usize, before: Option<u64>) -> Result<(
         }
     }
     for r in records {
-        println!(
+        say!(
             "{:>8}  {}  {:<20} {}",
             r.seq,
             proto::rfc3339_unix(r.at_ms / 1000),

@@ -87,7 +87,7 @@ pub(super) async fn run(command: EntryCommand) -> Result<(), Error> {
                 .await
                 .map_err(from_status)?
                 .into_inner();
-            println!("{}", entry.id);
+            say!("{}", entry.id);
             Ok(())
         }
         EntryCommand::List {
@@ -105,7 +105,7 @@ pub(super) async fn run(command: EntryCommand) -> Result<(), Error> {
                 .await
                 .map_err(from_status)?
                 .into_inner();
-            print!("{}", render_list(&list.entries, format));
+            say_raw!("{}", render_list(&list.entries, format));
             Ok(())
         }
         EntryCommand::Delete { config, id } => {
@@ -116,7 +116,7 @@ pub(super) async fn run(command: EntryCommand) -> Result<(), Error> {
                 .delete(DeleteEntryRequest { id: id.clone() })
                 .await
                 .map_err(from_status)?;
-            println!("deleted entry {id}");
+            say!("deleted entry {id}");
             Ok(())
         }
     }

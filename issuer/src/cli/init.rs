@@ -79,9 +79,9 @@ pub(super) async fn run(args: InitArgs) -> Result<(), Error> {
         ips,
     })
     .await?;
-    println!("created {}", report.config.display());
-    println!("root CA fingerprint (SHA-256): {}", report.root_fingerprint);
-    println!(
+    say!("created {}", report.config.display());
+    say!("root CA fingerprint (SHA-256): {}", report.root_fingerprint);
+    say!(
         "start it with: issuer serve --config {}",
         report.config.display()
     );

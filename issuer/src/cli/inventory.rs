@@ -92,7 +92,7 @@ pub(super) async fn run(args: InventoryArgs) -> Result<(), Error> {
             None => break total,
         }
     };
-    print!("{}", render_rows(&rows, args.format));
+    say_raw!("{}", render_rows(&rows, args.format));
     if args.format == Format::Table {
         eprintln!("{} of {total} certificates shown", rows.len());
     }

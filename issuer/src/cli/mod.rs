@@ -2,6 +2,24 @@
 //! [`render`]; the commands that ask the running issuer do it over the admin socket
 //! ([`crate::admin::AdminClient`]).
 
+/// `println!` for the command line's output: never panics on a closed pipe
+/// (`issuer token list | head`), see [`render::emit`].
+macro_rules! say {
+    () => {
+        $crate::cli::render::emit(format_args!("\n"))
+    };
+    ($($arg:tt)*) => {
+        $crate::cli::render::emit(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+/// `print!` for the command line's output, see [`say`].
+macro_rules! say_raw {
+    ($($arg:tt)*) => {
+        $crate::cli::render::emit(format_args!($($arg)*))
+    };
+}
+
 mod agents;
 mod audit;
 mod entries;
@@ -11,6 +29,8 @@ mod render;
 mod revoke;
 mod status;
 mod tokens;
+
+pub use render::output_failure;
 
 use std::path::PathBuf;
 

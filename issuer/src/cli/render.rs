@@ -2,7 +2,38 @@
 //! and RFC 4180 CSV for scripts. Every command prints through it, so one table looks like
 //! another and scripts parse one JSON style.
 
+use std::io::Write as _;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
 use serde::Serialize;
+
+/// Standard output is gone or failed: nothing more is written to it.
+static STDOUT_CLOSED: AtomicBool = AtomicBool::new(false);
+/// The first write to standard output that failed other than on a closed pipe.
+static STDOUT_FAILED: Mutex<Option<String>> = Mutex::new(None);
+
+/// Writes the command's output. A reader that has gone (`| head`) ends the output quietly,
+/// as it does for other Unix tools, instead of the panic `println!` gives; any other failure
+/// (a full disk behind `> file`) is kept for [`output_failure`], so the command still fails.
+pub fn emit(text: std::fmt::Arguments<'_>) {
+    if STDOUT_CLOSED.load(Ordering::Relaxed) {
+        return;
+    }
+    if let Err(e) = std::io::stdout().lock().write_fmt(text) {
+        STDOUT_CLOSED.store(true, Ordering::Relaxed);
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            if let Ok(mut failed) = STDOUT_FAILED.lock() {
+                failed.get_or_insert_with(|| e.to_string());
+            }
+        }
+    }
+}
+
+/// Why the command's output could not be written, if it could not (not a closed pipe).
+pub fn output_failure() -> Option<String> {
+    STDOUT_FAILED.lock().ok().and_then(|failed| failed.clone())
+}
 
 /// Output formats of `issuer inventory`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

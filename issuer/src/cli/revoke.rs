@@ -25,6 +25,6 @@ pub(super) async fn run(args: RevokeArgs) -> Result<(), Error> {
             reason: args.reason,
         })
         .await?;
-    println!("revoked {} ({})", record.serial, record.subject);
+    say!("revoked {} ({})", record.serial, record.subject);
     Ok(())
 }

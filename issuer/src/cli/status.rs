@@ -6,16 +6,16 @@ use crate::Error;
 
 pub(super) async fn run(arg: &ConfigArg) -> Result<(), Error> {
     let report = arg.admin().await?.status().await?;
-    println!("trust domain        {}", report.trust_domain);
-    println!("root fingerprint    {}", report.root_fingerprint);
-    println!("root key            {}", report.root_key);
-    println!("issuing key         {}", report.issuing_key);
+    say!("trust domain        {}", report.trust_domain);
+    say!("root fingerprint    {}", report.root_fingerprint);
+    say!("root key            {}", report.root_key);
+    say!("issuing key         {}", report.issuing_key);
     if let Some((waiting, capacity)) = report.issuing_key_queue {
-        println!("  queue             {waiting} waiting (at most {capacity})");
+        say!("  queue             {waiting} waiting (at most {capacity})");
     }
-    println!("issuing CA expires  {}", report.issuing_ca_not_after);
+    say!("issuing CA expires  {}", report.issuing_ca_not_after);
     if report.signing_keys.is_empty() {
-        println!("signing key         the issuing key signs every certificate");
+        say!("signing key         the issuing key signs every certificate");
     }
     for key in &report.signing_keys {
         let phase = match key.phase {
@@ -23,21 +23,21 @@ pub(super) async fn run(arg: &ConfigArg) -> Result<(), Error> {
             Phase::Signing => "signing",
             Phase::Retired => "retired",
         };
-        println!(
+        say!(
             "signing key         {phase:<8} in memory, serial {}, signs {} to {}, certificate valid to {}",
             key.serial, key.signs_from, key.signs_until, key.not_after
         );
     }
     if !report.signing_keys.is_empty() && !report.issuing_key_labels.is_empty() {
-        println!(
+        say!(
             "issuing key signs   {} (sign_with = \"issuing-key\")",
             report.issuing_key_labels.join(", ")
         );
     }
-    println!("labels              {}", report.labels.join(", "));
-    println!("certificates        {}", report.certificates);
+    say!("labels              {}", report.labels.join(", "));
+    say!("certificates        {}", report.certificates);
     if let Some(url) = &report.crl_url {
-        println!("CRL                 {url}");
+        say!("CRL                 {url}");
     }
     Ok(())
 }
@@ -46,6 +46,6 @@ pub(super) async fn run(arg: &ConfigArg) -> Result<(), Error> {
 pub(super) fn fingerprint(arg: &ConfigArg) -> Result<(), Error> {
     let config = arg.load()?;
     let root = crate::ca::read_pem_certificate(&config.resolve(&config.ca.root_certificate))?;
-    println!("{}", est::fingerprint(&root));
+    say!("{}", est::fingerprint(&root));
     Ok(())
 }

@@ -105,7 +105,7 @@ pub(super) async fn run(command: TokenCommand) -> Result<(), Error> {
                 .await
                 .map_err(from_status)?
                 .into_inner();
-            print!("{}", render_list(&list.tokens, format));
+            say_raw!("{}", render_list(&list.tokens, format));
             Ok(())
         }
         TokenCommand::Revoke { config, id } => {
@@ -126,11 +126,12 @@ pub(super) async fn run(command: TokenCommand) -> Result<(), Error> {
                 };
                 match TokenKind::from(t.kind()) {
                     TokenKind::Join => {
-                        println!("revoked join token {}; it can no longer join", t.id);
+                        say!("revoked join token {}; it can no longer join", t.id);
                     }
-                    TokenKind::Enrollment => println!(
+                    TokenKind::Enrollment => say!(
                         "revoked token {} (label {}{bound}); it can no longer enroll",
-                        t.id, t.label
+                        t.id,
+                        t.label
                     ),
                 }
             }
@@ -199,23 +200,23 @@ fn print_created(tokens: &[CreatedToken], format: TokenFormat) {
     match format {
         TokenFormat::Plain => {
             for t in tokens {
-                println!("{}", t.token);
+                say!("{}", t.token);
             }
         }
-        TokenFormat::Json => print!("{}", render::json(tokens)),
+        TokenFormat::Json => say_raw!("{}", render::json(tokens)),
         TokenFormat::Text => {
             for t in tokens {
-                println!("token    {}", t.token);
-                println!("id       {}", t.id);
+                say!("token    {}", t.token);
+                say!("id       {}", t.id);
                 match t.kind {
-                    TokenKind::Enrollment => println!("label    {}", t.label),
-                    TokenKind::Join => println!("kind     join"),
+                    TokenKind::Enrollment => say!("label    {}", t.label),
+                    TokenKind::Join => say!("kind     join"),
                 }
                 if let Some(s) = &t.subject {
-                    println!("subject  {s}");
+                    say!("subject  {s}");
                 }
-                println!("expires  {}", rfc3339(t.expires_at));
-                println!();
+                say!("expires  {}", rfc3339(t.expires_at));
+                say!();
             }
             eprintln!("The token is shown once; the issuer keeps only its hash. It works once.");
         }

@@ -148,7 +148,7 @@ impl Store {
         detail: serde_json::Value,
         at: time::OffsetDateTime,
     ) -> Result<u64, Error> {
-        let at_ms = (at.unix_timestamp_nanos() / 1_000_000) as i64;
+        let at_ms = audit_ms(at);
         self.audit.append(
             AuditEvent {
                 kind: kind.to_owned(),
@@ -177,4 +177,9 @@ impl Store {
     pub fn record_issuance(&self, issuance: Issuance<'_>) -> Result<Issued, Error> {
         self.issuances.record_issuance(issuance)
     }
+}
+
+/// An instant as audit records carry it: Unix milliseconds.
+pub fn audit_ms(at: time::OffsetDateTime) -> i64 {
+    (at.unix_timestamp_nanos() / 1_000_000) as i64
 }

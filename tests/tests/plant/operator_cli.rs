@@ -337,3 +337,33 @@ fn tokens_are_listed_without_secrets_and_a_revoked_one_no_longer_enrolls() -> Re
     );
     Ok(())
 }
+
+#[test]
+fn output_into_a_pipe_closed_early_ends_quietly() -> Result<()> {
+    use std::io::BufRead as _;
+    use std::process::Stdio;
+
+    let issuer = Issuer::start()?;
+    run_ok(issuer.cli().args([
+        "token", "create", "--label", "device", "--count", "1500", "--ttl", "1h",
+    ]))?;
+    // `issuer token list | head -n 1`: the listing (about 150 KB) outgrows the pipe's buffer,
+    // so the issuer is still writing when the reader goes.
+    let mut child = issuer
+        .cli()
+        .args(["token", "list"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let mut first = String::new();
+    std::io::BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut first)?;
+    ensure!(first.starts_with("ID"), "first line {first:?}");
+    let out = child.wait_with_output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        out.status.success() && stderr.is_empty(),
+        "{}: {stderr}",
+        out.status
+    );
+    Ok(())
+}
