@@ -46,6 +46,18 @@ pub fn run_ok(command: &mut Command) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Extra environment for a child, as the `Issuer` and `Agent` handles keep it across restarts.
+fn owned_env(env: &[(&str, &str)]) -> Vec<(String, String)> {
+    env.iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
+/// The `[attestation]` table of an agent joining with the token in `join.token` beside its
+/// agent.toml.
+pub const JOIN_TOKEN_ATTESTATION: &str =
+    "method = \"join_token\"\njoin_token_file = \"join.token\"\n";
+
 /// A running issuer with its own CA in a temp folder.
 #[derive(Debug)]
 pub struct Issuer {
@@ -85,10 +97,7 @@ impl Issuer {
         init_args: &[&str],
         edit: impl FnOnce(&Path) -> Result<()>,
     ) -> Result<Self> {
-        let env: Vec<(String, String)> = env
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect();
+        let env = owned_env(env);
         let dir = tempfile::tempdir()?;
         run_ok(
             Command::new(bin("issuer"))
@@ -162,10 +171,7 @@ impl Issuer {
     /// variables for clock-fault tests.
     pub fn serve_with_env(&mut self, env: &[(&str, &str)]) -> Result<()> {
         self.kill()?;
-        self.env = env
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect();
+        self.env = owned_env(env);
         self.serve()
     }
 
@@ -925,11 +931,7 @@ pub struct Agent {
 impl Agent {
     /// An agent of `issuer` attesting with a join token.
     pub fn start_with_join_token(issuer: &Issuer, token: &str) -> Result<Self> {
-        Self::start(
-            issuer,
-            "method = \"join_token\"\njoin_token_file = \"join.token\"\n",
-            &[("join.token", token)],
-        )
+        Self::start(issuer, JOIN_TOKEN_ATTESTATION, &[("join.token", token)])
     }
 
     /// An agent of `issuer` with `attestation` as the body of its `[attestation]` table and
@@ -1045,10 +1047,7 @@ impl Agent {
     /// libfaketime's variables for clock-fault tests.
     pub fn restart_with_env(&mut self, env: &[(&str, &str)]) -> Result<()> {
         self.stop()?;
-        self.env = env
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect();
+        self.env = owned_env(env);
         self.run()
     }
 

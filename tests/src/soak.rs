@@ -744,7 +744,7 @@ fn join_token_agent(issuer: &Issuer, extra: &str) -> Result<Agent> {
     let token = issuer.join_token()?;
     Agent::start_with_config(
         issuer,
-        "method = \"join_token\"\njoin_token_file = \"join.token\"\n",
+        crate::JOIN_TOKEN_ATTESTATION,
         &[("join.token", &token)],
         extra,
     )

@@ -69,11 +69,11 @@ async fn verify(config: &ConfigArg) -> Result<(), Error> {
 }
 
 async fn tail(config: &ConfigArg, count: usize, before: Option<u64>) -> Result<(), Error> {
-    // The socket answers at most MAX_AUDIT_PAGE records at a time: walk back page by page,
-    // newest page first, then print oldest first.
     if count == 0 {
         return Ok(());
     }
+    // The socket answers at most MAX_AUDIT_PAGE records at a time: walk back page by page,
+    // newest page first, then print oldest first.
     let client = config.admin().await?;
     let mut records: Vec<AuditRecord> = Vec::new();
     let mut below = before;

@@ -562,9 +562,7 @@ async fn measure_throughput(
 
 mod proxies {
     use super::*;
-    use plant_tests::{Agent, Issuer};
-
-    const JOIN_TOKEN: &str = "method = \"join_token\"\njoin_token_file = \"join.token\"\n";
+    use plant_tests::{Agent, Issuer, JOIN_TOKEN_ATTESTATION};
 
     /// Both agents and their proxies' addresses.
     pub struct Proxies {
@@ -592,9 +590,13 @@ mod proxies {
             "[[proxy.inbound]]\ndevice = \"press-7\"\nspiffe_id = \"{PLC_ID}\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{plc}\"\nprotocol = \"modbus\"\nallow = [\n  {{ spiffe_id = \"{HMI_ID}\", access = \"read-write\" }},\n  {{ spiffe_id = \"{BENCH_ID}\", access = \"read-write\" }},\n]\n"
         );
         let token = issuer.join_token()?;
-        let mut gateway =
-            Agent::start_with_config(issuer, JOIN_TOKEN, &[("join.token", &token)], &inbound)
-                .context("starting the gateway agent (inbound proxy)")?;
+        let mut gateway = Agent::start_with_config(
+            issuer,
+            JOIN_TOKEN_ATTESTATION,
+            &[("join.token", &token)],
+            &inbound,
+        )
+        .context("starting the gateway agent (inbound proxy)")?;
         let gateway_node = gateway.node_id()?;
         issuer.create_entry(PLC_ID, &gateway_node, &["legacy:device:press-7"], &[])?;
         let inbound_address = gateway.proxy_address("press-7")?;
@@ -603,9 +605,13 @@ mod proxies {
             "[[proxy.outbound]]\ndevice = \"hmi-1\"\nspiffe_id = \"{HMI_ID}\"\nlisten = \"127.0.0.1:0\"\ngateway = \"{inbound_address}\"\nserver_spiffe_id = \"{PLC_ID}\"\n"
         );
         let token = issuer.join_token()?;
-        let mut client =
-            Agent::start_with_config(issuer, JOIN_TOKEN, &[("join.token", &token)], &outbound)
-                .context("starting the client agent (outbound proxy)")?;
+        let mut client = Agent::start_with_config(
+            issuer,
+            JOIN_TOKEN_ATTESTATION,
+            &[("join.token", &token)],
+            &outbound,
+        )
+        .context("starting the client agent (outbound proxy)")?;
         let client_node = client.node_id()?;
         issuer.create_entry(HMI_ID, &client_node, &["legacy:device:hmi-1"], &[])?;
         let uid = format!("unix:uid:{}", plant_tests::own_uid()?);

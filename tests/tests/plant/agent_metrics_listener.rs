@@ -43,7 +43,7 @@ fn idle_metrics_connections_neither_pile_up_nor_keep_a_scrape_out() -> Result<()
     );
     let mut agent = Agent::start_through(
         &issuer,
-        "method = \"join_token\"\njoin_token_file = \"join.token\"\n",
+        plant_tests::JOIN_TOKEN_ATTESTATION,
         &[("join.token", &token)],
         "",
         &["prlimit", &nofile, "--"],

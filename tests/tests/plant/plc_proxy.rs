@@ -96,7 +96,7 @@ fn join_token_agent(issuer: &Issuer, proxies: &str) -> Result<Agent> {
     let token = issuer.join_token()?;
     Agent::start_with_config(
         issuer,
-        "method = \"join_token\"\njoin_token_file = \"join.token\"\n",
+        plant_tests::JOIN_TOKEN_ATTESTATION,
         &[("join.token", &token)],
         proxies,
     )
