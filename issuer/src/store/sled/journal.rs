@@ -33,7 +33,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 
 use crate::Error;
 
@@ -49,7 +49,10 @@ const PREALLOCATE: u64 = 1024 * 1024;
 /// The longest a group commit waits for writes announced as coming ([`Journal::incoming`]).
 const GATHER: Duration = Duration::from_micros(500);
 
-/// Where durability stands, published to every waiting request.
+/// Where durability stands. Receivers are notified only when the store breaks: a waiting
+/// request is told of its own record by the committer ([`Queue::waiters`]), so a commit wakes
+/// exactly the requests it made durable, and nothing else (the serve loop watching for a
+/// broken store would otherwise wake at every commit).
 #[derive(Debug, Clone, Default)]
 pub struct Flushed {
     /// Every record up to here is on disk.
@@ -104,10 +107,17 @@ struct Queue {
     pending: Vec<u8>,
     /// Some waiter needs every record up to here on disk.
     sync_upto: u64,
+    /// Every record up to here is on disk (as [`Flushed::durable`]).
+    durable: u64,
+    /// Requests waiting for their record, with the record number each needs on disk.
+    waiters: Vec<(u64, Waiter)>,
     rotation: Option<Rotation>,
     closed: bool,
     broken: bool,
 }
+
+/// Told once whether a waiting request's record is on disk, or why it never will be.
+type Waiter = oneshot::Sender<Result<(), String>>;
 
 /// A checkpoint's request for a new segment: `before` (records up to `upto`) goes to the
 /// old segment, everything later to the new one.
@@ -405,6 +415,7 @@ impl Journal {
             queue: Mutex::new(Queue {
                 assigned: last,
                 sync_upto: last,
+                durable: last,
                 ..Queue::default()
             }),
             wake: Condvar::new(),
@@ -454,24 +465,32 @@ impl Journal {
     /// Waits until every record handed out before the call is on disk, at most `deadline`
     /// (a hung disk then breaks the store rather than every request behind it).
     pub async fn wait(&self, deadline: Duration) -> Result<(), Error> {
-        let target = {
+        let told = {
             let mut queue = self.queue()?;
-            queue.sync_upto = queue.sync_upto.max(queue.assigned);
-            queue.assigned
+            if queue.broken {
+                return Err(Error::Store(format!(
+                    "writing to disk failed: {}",
+                    self.shared
+                        .state
+                        .borrow()
+                        .broken
+                        .clone()
+                        .unwrap_or_default()
+                )));
+            }
+            let target = queue.assigned;
+            if queue.durable >= target {
+                return Ok(());
+            }
+            queue.sync_upto = queue.sync_upto.max(target);
+            let (waiter, told) = oneshot::channel();
+            queue.waiters.push((target, waiter));
+            told
         };
         self.shared.wake.notify_one();
-        let mut rx = self.shared.state.subscribe();
-        let reached = tokio::time::timeout(
-            deadline,
-            rx.wait_for(|s| s.durable >= target || s.broken.is_some()),
-        )
-        .await;
-        match reached {
-            Ok(Ok(state)) if state.durable >= target && state.broken.is_none() => Ok(()),
-            Ok(Ok(state)) => Err(Error::Store(format!(
-                "writing to disk failed: {}",
-                state.broken.clone().unwrap_or_default()
-            ))),
+        match tokio::time::timeout(deadline, told).await {
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(error))) => Err(Error::Store(format!("writing to disk failed: {error}"))),
             Ok(Err(_)) => Err(Error::Store("the store's journal stopped".into())),
             Err(_) => {
                 let error = format!(
@@ -496,8 +515,7 @@ impl Journal {
 
     /// Records handed out so far, and how many are on disk.
     pub fn progress(&self) -> (u64, u64) {
-        let assigned = self.queue().map_or(0, |q| q.assigned);
-        (assigned, self.shared.state.borrow().durable)
+        self.queue().map_or((0, 0), |q| (q.assigned, q.durable))
     }
 
     fn queue(&self) -> Result<MutexGuard<'_, Queue>, Error> {
@@ -615,13 +633,41 @@ impl Segment {
 
 impl Shared {
     fn fail(&self, error: String) {
-        if let Ok(mut queue) = self.queue.lock() {
-            queue.broken = true;
-        }
         self.state.send_modify(|s| {
             s.broken.get_or_insert(error);
         });
+        if let Ok(mut queue) = self.queue.lock() {
+            queue.broken = true;
+            let error = self.state.borrow().broken.clone().unwrap_or_default();
+            for (_, waiter) in queue.waiters.drain(..) {
+                let _ = waiter.send(Err(error.clone()));
+            }
+        }
         self.wake.notify_one();
+    }
+
+    /// Publishes that every record up to `synced` is on disk and tells the requests that
+    /// waited for them.
+    fn made_durable(&self, synced: u64) {
+        let Ok(mut queue) = self.queue.lock() else {
+            return;
+        };
+        if synced <= queue.durable {
+            return;
+        }
+        queue.durable = synced;
+        // Without notifying: see [`Flushed`].
+        self.state.send_if_modified(|s| {
+            s.durable = s.durable.max(synced);
+            false
+        });
+        // Waiters queue in record order, so the durable ones are a prefix.
+        let done = queue
+            .waiters
+            .partition_point(|(target, _)| *target <= synced);
+        for (_, waiter) in queue.waiters.drain(..done) {
+            let _ = waiter.send(Ok(()));
+        }
     }
 
     /// A write sled refused: it keeps such an error for good, so the store is broken.
@@ -709,26 +755,21 @@ impl Shared {
             };
             let outcome = step();
             match &outcome {
-                Ok(()) => self.state.send_if_modified(|s| {
-                    let newer = synced > s.durable;
-                    s.durable = s.durable.max(synced);
-                    newer
-                }),
+                Ok(()) => self.made_durable(synced),
                 Err(e) => {
                     tracing::error!(error = %e, "the store's journal failed");
-                    if let Ok(mut queue) = self.queue.lock() {
-                        queue.broken = true;
-                    }
-                    self.state.send_modify(|s| {
-                        s.broken.get_or_insert_with(|| e.clone());
-                    });
-                    true
+                    self.fail(e.clone());
                 }
-            };
+            }
             if let Some(rotation) = rotation {
                 let _ = rotation.done.send(outcome);
             }
             if closed {
+                // Everything queued is on disk; a request still waiting wrote after the
+                // close, and hears that the journal stopped.
+                if let Ok(mut queue) = self.queue.lock() {
+                    queue.waiters.clear();
+                }
                 return;
             }
         }
