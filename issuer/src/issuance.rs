@@ -135,8 +135,6 @@ impl Pipeline {
         }
         // Nothing is written (not even the token spent) unless it can also be recorded.
         self.state_volume.check()?;
-        // Until its write is made, a group commit of other requests waits briefly for it.
-        let incoming = self.store.durability.incoming();
         let now = self.clock.now();
         self.check_clock_within_ca(now)?;
         let signer = self
@@ -218,7 +216,6 @@ impl Pipeline {
                 }
             }
         };
-        drop(incoming);
         self.store.durability.commit().await?;
         if let Some(observer) = self.observer.get() {
             observer.issued(&grant.label, started.elapsed());

@@ -97,12 +97,6 @@ impl Durability {
         &self.journal
     }
 
-    /// Announces a write about to be made, so a group commit running meanwhile waits
-    /// briefly to include it ([`super::journal::Incoming`]).
-    pub fn incoming(&self) -> super::Incoming {
-        self.journal.incoming()
-    }
-
     /// Checkpoints only while `volume` takes writes.
     pub fn watch_volume(&self, volume: StateVolume) {
         let _ = self.owner.volume.set(volume);

@@ -3,9 +3,14 @@
 //! Every write to the store is applied to sled in memory and, in the same step, appended to
 //! the journal as one record: the keys and values it wrote, in the order it wrote them.
 //! Writes are serialised ([`Journal::begin`] holds a lock while a write applies), so journal
-//! order is the order sled saw. One committer thread appends the records of every request
-//! that arrived while it was busy and makes them durable with one `fdatasync` (group
-//! commit); a request is answered only once its record is on disk ([`Journal::wait`]).
+//! order is the order sled saw. A request is answered only once its record is on disk
+//! ([`Journal::wait`]). The first request to wait while no commit runs leads one: on its own
+//! thread it appends every queued record and makes them durable with one `fdatasync`.
+//! Requests that wait meanwhile queue behind it; when it is done, it wakes those it made
+//! durable and hands the lead to the first still waiting (group commit, with no thread of
+//! its own: a committer thread cost two wake-ups and as many context switches per request).
+//! Records nobody waits for (refusals' audit records) reach the disk with the next commit
+//! or checkpoint.
 //!
 //! sled's own log reaches the disk only at checkpoints ([`Journal::checkpoint`]), off the
 //! request path: sled's `flush()` writes its log buffers with `sync_file_range` from its
@@ -26,12 +31,11 @@
 //! op: `kind u8 (1 insert, 2 remove) ‖ tree name (u16 LE length) ‖ key (u32 LE length)
 //! ‖ value (u32 LE length, inserts only)`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use tokio::sync::{oneshot, watch};
 
@@ -46,11 +50,9 @@ const REMOVE: u8 = 2;
 const MAX_RECORD: usize = 256 * 1024 * 1024;
 /// How far ahead of its records a segment is zero-filled.
 const PREALLOCATE: u64 = 1024 * 1024;
-/// The longest a group commit waits for writes announced as coming ([`Journal::incoming`]).
-const GATHER: Duration = Duration::from_micros(500);
 
 /// Where durability stands. Receivers are notified only when the store breaks: a waiting
-/// request is told of its own record by the committer ([`Queue::waiters`]), so a commit wakes
+/// request is told of its own record by the commit that wrote it ([`Queue::waiters`]), so a commit wakes
 /// exactly the requests it made durable, and nothing else (the serve loop watching for a
 /// broken store would otherwise wake at every commit).
 #[derive(Debug, Clone, Default)]
@@ -64,8 +66,8 @@ pub struct Flushed {
     pub broken: Option<String>,
 }
 
-/// The journal: hands out record numbers, queues records for the committer thread, and
-/// tells waiters when their record is on disk.
+/// The journal: hands out record numbers, queues records, and makes them durable on the
+/// thread of a request that waits for them (group commit without a committer thread).
 #[derive(Debug, Clone)]
 pub struct Journal {
     shared: Arc<Shared>,
@@ -76,56 +78,66 @@ struct Shared {
     /// Serialises writers: held while a write applies to sled and until its record is queued.
     order: Mutex<()>,
     queue: Mutex<Queue>,
-    wake: Condvar,
+    /// The segment records are written to. Whoever holds it is writing and syncing: the
+    /// leading request, a checkpoint rotating segments, or the close. Lock order: `tail`,
+    /// then `order`, then `queue`; a writer holds `order` and `queue` only while it applies
+    /// and queues its record, never while waiting for the disk.
+    tail: Mutex<Tail>,
     state: watch::Sender<Flushed>,
     dir: PathBuf,
-    /// Writes announced and not yet queued ([`Incoming`]).
-    incoming: AtomicUsize,
 }
 
-/// A write on its way (a certificate being signed): while any is, a group commit waits up
-/// to [`GATHER`] for it, so one `fdatasync` covers it too instead of the next one. A lone
-/// request never waits: by the time it asks for its commit, its own announcement is gone.
+/// The journal's end on disk.
 #[derive(Debug)]
-pub struct Incoming(Arc<Shared>);
-
-impl Drop for Incoming {
-    fn drop(&mut self) {
-        if self.0.incoming.fetch_sub(1, Ordering::AcqRel) == 1 {
-            // Under the queue's lock, so a committer about to wait can't miss it.
-            drop(self.0.queue.lock());
-            self.0.wake.notify_one();
-        }
-    }
+struct Tail {
+    segment: Segment,
+    /// Records up to here are written to the segment.
+    written: u64,
 }
 
 #[derive(Debug, Default)]
 struct Queue {
     /// The newest record number handed out.
     assigned: u64,
-    /// Records not yet taken by the committer.
+    /// Records not yet written to the segment.
     pending: Vec<u8>,
-    /// Some waiter needs every record up to here on disk.
-    sync_upto: u64,
     /// Every record up to here is on disk (as [`Flushed::durable`]).
     durable: u64,
-    /// Requests waiting for their record, with the record number each needs on disk.
-    waiters: Vec<(u64, Waiter)>,
-    rotation: Option<Rotation>,
-    closed: bool,
+    /// A request is writing and syncing for everyone; the others wait in `waiters`.
+    leading: bool,
+    /// Requests waiting for their record, in record order, with the record number each
+    /// needs on disk.
+    waiters: VecDeque<(u64, Waiter)>,
     broken: bool,
 }
 
-/// Told once whether a waiting request's record is on disk, or why it never will be.
-type Waiter = oneshot::Sender<Result<(), String>>;
-
-/// A checkpoint's request for a new segment: `before` (records up to `upto`) goes to the
-/// old segment, everything later to the new one.
+/// What a waiting request is told, once.
 #[derive(Debug)]
-struct Rotation {
-    before: Vec<u8>,
-    upto: u64,
-    done: std::sync::mpsc::Sender<Result<(), String>>,
+enum Told {
+    /// Its record is on disk.
+    Durable,
+    /// The leader is done and the request's record is not on disk yet: it leads next.
+    Lead,
+    /// The store broke; nothing more is made durable.
+    Broken(String),
+}
+
+type Waiter = oneshot::Sender<Told>;
+
+/// A request waiting for its record. Dropped with leadership handed to it and not taken up
+/// (the request was cancelled: its client went away), it hands leadership on, so the
+/// requests behind it are not left without a leader.
+struct Waiting<'a> {
+    shared: &'a Shared,
+    told: oneshot::Receiver<Told>,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if let Ok(Told::Lead) = self.told.try_recv() {
+            self.shared.lead();
+        }
+    }
 }
 
 /// One write in progress: applies each operation to sled at once and journals them all as
@@ -212,8 +224,6 @@ impl Drop for Write<'_> {
             .pending
             .extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
         queue.pending.extend_from_slice(&body);
-        drop(queue);
-        self.shared.wake.notify_one();
     }
 }
 
@@ -398,8 +408,7 @@ impl<'a> Cursor<'a> {
 }
 
 impl Journal {
-    /// Starts the committer thread on a new segment after record `last` ([`recover`]'s
-    /// answer).
+    /// Starts a new segment after record `last` ([`recover`]'s answer).
     pub fn start(store_dir: &Path, last: u64) -> Result<Self, Error> {
         let dir = store_dir.join("journal");
         std::fs::create_dir_all(&dir).map_err(Error::io(&dir))?;
@@ -414,20 +423,16 @@ impl Journal {
             order: Mutex::new(()),
             queue: Mutex::new(Queue {
                 assigned: last,
-                sync_upto: last,
                 durable: last,
                 ..Queue::default()
             }),
-            wake: Condvar::new(),
+            tail: Mutex::new(Tail {
+                segment,
+                written: last,
+            }),
             state,
             dir,
-            incoming: AtomicUsize::new(0),
         });
-        let committer = shared.clone();
-        std::thread::Builder::new()
-            .name("store-journal".into())
-            .spawn(move || committer.commit_loop(segment, last))
-            .map_err(|e| Error::Store(format!("cannot start the journal's committer: {e}")))?;
         Ok(Self { shared })
     }
 
@@ -436,12 +441,6 @@ impl Journal {
     pub fn scratch() -> Self {
         let dir = tempfile::tempdir().expect("tempdir").keep();
         Self::start(&dir, 0).expect("journal")
-    }
-
-    /// Announces a write about to be made; drop the answer once it is made (or given up).
-    pub fn incoming(&self) -> Incoming {
-        self.shared.incoming.fetch_add(1, Ordering::AcqRel);
-        Incoming(self.shared.clone())
     }
 
     /// Begins a write; every other writer waits until it is dropped.
@@ -465,42 +464,70 @@ impl Journal {
     /// Waits until every record handed out before the call is on disk, at most `deadline`
     /// (a hung disk then breaks the store rather than every request behind it).
     pub async fn wait(&self, deadline: Duration) -> Result<(), Error> {
-        let told = {
+        let (target, told) = {
             let mut queue = self.queue()?;
             if queue.broken {
-                return Err(Error::Store(format!(
-                    "writing to disk failed: {}",
-                    self.shared
-                        .state
-                        .borrow()
-                        .broken
-                        .clone()
-                        .unwrap_or_default()
-                )));
+                return Err(self.broken_error());
             }
             let target = queue.assigned;
             if queue.durable >= target {
                 return Ok(());
             }
-            queue.sync_upto = queue.sync_upto.max(target);
-            let (waiter, told) = oneshot::channel();
-            queue.waiters.push((target, waiter));
-            told
+            if queue.leading {
+                let (waiter, told) = oneshot::channel();
+                queue.waiters.push_back((target, waiter));
+                (target, Some(told))
+            } else {
+                queue.leading = true;
+                (target, None)
+            }
         };
-        self.shared.wake.notify_one();
-        match tokio::time::timeout(deadline, told).await {
-            Ok(Ok(Ok(()))) => Ok(()),
-            Ok(Ok(Err(error))) => Err(Error::Store(format!("writing to disk failed: {error}"))),
-            Ok(Err(_)) => Err(Error::Store("the store's journal stopped".into())),
-            Err(_) => {
-                let error = format!(
-                    "a write to the store did not reach the disk within {} s (is the disk hung?)",
-                    deadline.as_secs()
-                );
-                self.fail(error.clone());
-                Err(Error::Store(error))
+        if let Some(told) = told {
+            let mut waiting = Waiting {
+                shared: &self.shared,
+                told,
+            };
+            match tokio::time::timeout(deadline, &mut waiting.told).await {
+                Ok(Ok(Told::Durable)) => return Ok(()),
+                Ok(Ok(Told::Broken(error))) => {
+                    return Err(Error::Store(format!("writing to disk failed: {error}")))
+                }
+                Ok(Ok(Told::Lead)) => {}
+                Ok(Err(_)) => return Err(Error::Store("the store's journal stopped".into())),
+                Err(_) => {
+                    let error = format!(
+                        "a write to the store did not reach the disk within {} s (is the disk \
+                         hung?)",
+                        deadline.as_secs()
+                    );
+                    self.fail(error.clone());
+                    return Err(Error::Store(error));
+                }
             }
         }
+        // This request leads: it writes and syncs every queued record, its own among them,
+        // on its own thread. An `fdatasync` blocks this worker for its duration (a few
+        // hundred µs); handing it to a thread of its own instead cost more CPU in wake-ups
+        // and context switches than the sync itself.
+        self.shared.lead();
+        let queue = self.queue()?;
+        if queue.durable >= target {
+            Ok(())
+        } else {
+            Err(self.broken_error())
+        }
+    }
+
+    fn broken_error(&self) -> Error {
+        Error::Store(format!(
+            "writing to disk failed: {}",
+            self.shared
+                .state
+                .borrow()
+                .broken
+                .clone()
+                .unwrap_or_else(|| "the store is broken".into())
+        ))
     }
 
     /// Marks the store broken with `error` (see [`Flushed::broken`]).
@@ -529,28 +556,55 @@ impl Journal {
     /// held only older ones. Blocking: run it off the async workers. `log` is sled's log
     /// file.
     pub fn checkpoint(&self, db: &sled::Db, log: &File) -> Result<(), String> {
-        let (done, finished) = std::sync::mpsc::channel();
         let upto = {
+            // The segment first, then the write lock: a sync that hangs on a failed disk
+            // then holds up this checkpoint, not every writer behind it.
+            let mut tail = self
+                .shared
+                .tail
+                .lock()
+                .map_err(|_| "the journal's segment lock is poisoned")?;
             // Under the write lock every record up to `upto` is applied and none after it:
             // the checkpoint key lands in sled's log after all of them.
-            let _order = self
+            let order = self
                 .shared
                 .order
                 .lock()
                 .map_err(|_| "write lock poisoned")?;
-            let mut queue = self.queue().map_err(|e| e.to_string())?;
-            let upto = queue.assigned;
+            let (before, upto) = {
+                let mut queue = self.queue().map_err(|e| e.to_string())?;
+                if queue.broken {
+                    return Err("the store is broken".into());
+                }
+                (std::mem::take(&mut queue.pending), queue.assigned)
+            };
             db.open_tree(CHECKPOINT_TREE)
                 .and_then(|t| t.insert(CHECKPOINT_KEY, &upto.to_be_bytes()))
                 .map_err(|e| e.to_string())?;
-            let before = std::mem::take(&mut queue.pending);
-            queue.rotation = Some(Rotation { before, upto, done });
+            drop(order);
+            // Records up to `upto` go to the old segment, everything later to a new one.
+            let rotated = (|| -> Result<(), String> {
+                tail.segment
+                    .append(&before)
+                    .and_then(|()| tail.segment.file.sync_data())
+                    .map_err(|e| format!("writing the store's journal: {e}"))?;
+                tail.written = upto;
+                let path = segment_path(&self.shared.dir, upto + 1);
+                tail.segment = Segment::create(&path)
+                    .map_err(|e| format!("opening {}: {e}", path.display()))?;
+                File::open(&self.shared.dir)
+                    .and_then(|d| d.sync_all())
+                    .map_err(|e| format!("syncing {}: {e}", self.shared.dir.display()))
+            })();
+            match rotated {
+                Ok(()) => self.shared.made_durable(upto),
+                Err(e) => {
+                    self.shared.fail(e.clone());
+                    return Err(e);
+                }
+            }
             upto
         };
-        self.shared.wake.notify_one();
-        finished
-            .recv()
-            .map_err(|_| "the journal's committer stopped".to_owned())??;
         flush_sled(db, log)?;
         let current = segment_path(&self.shared.dir, upto + 1);
         for (_, path) in segments(&self.shared.dir).map_err(|e| e.to_string())? {
@@ -561,16 +615,16 @@ impl Journal {
         Ok(())
     }
 
-    /// Writes and syncs what is queued, then stops the committer.
+    /// Writes and syncs what is queued (shutdown).
     pub fn close(&self) {
-        if let Ok(mut queue) = self.shared.queue.lock() {
-            queue.closed = true;
+        if let Ok(mut tail) = self.shared.tail.lock() {
+            self.shared.commit(&mut tail);
         }
-        self.shared.wake.notify_one();
     }
 }
 
-/// The segment the committer writes: records in place, into space zero-filled ahead.
+/// A journal segment: records in place, into space zero-filled ahead.
+#[derive(Debug)]
 struct Segment {
     file: File,
     /// Where the next record goes.
@@ -640,10 +694,9 @@ impl Shared {
             queue.broken = true;
             let error = self.state.borrow().broken.clone().unwrap_or_default();
             for (_, waiter) in queue.waiters.drain(..) {
-                let _ = waiter.send(Err(error.clone()));
+                let _ = waiter.send(Told::Broken(error.clone()));
             }
         }
-        self.wake.notify_one();
     }
 
     /// Publishes that every record up to `synced` is on disk and tells the requests that
@@ -661,118 +714,68 @@ impl Shared {
             s.durable = s.durable.max(synced);
             false
         });
-        // Waiters queue in record order, so the durable ones are a prefix.
-        let done = queue
+        while queue
             .waiters
-            .partition_point(|(target, _)| *target <= synced);
-        for (_, waiter) in queue.waiters.drain(..done) {
-            let _ = waiter.send(Ok(()));
+            .front()
+            .is_some_and(|(target, _)| *target <= synced)
+        {
+            if let Some((_, waiter)) = queue.waiters.pop_front() {
+                let _ = waiter.send(Told::Durable);
+            }
         }
     }
 
-    /// A write sled refused: it keeps such an error for good, so the store is broken.
+    /// A sled write refused: sled keeps such an error for good, so the store is broken.
     fn broke(&self, error: sled::Error) -> Error {
         let error = Error::from(error);
         self.fail(error.to_string());
         error
     }
 
-    /// The committer: takes every queued record, appends them, and syncs once for all the
-    /// waiters among them. Records nobody waits for (refusals' audit records) are written
-    /// but synced only with the next record someone waits for.
-    fn commit_loop(&self, mut segment: Segment, last: u64) {
-        let (mut written, mut synced) = (last, last);
-        loop {
-            let Ok(mut queue) = self.queue.lock() else {
-                return;
-            };
-            while !(queue.closed
-                || queue.rotation.is_some()
-                || (!queue.broken && (!queue.pending.is_empty() || queue.sync_upto > synced)))
-            {
-                queue = match self.wake.wait(queue) {
-                    Ok(queue) => queue,
-                    Err(_) => return,
-                };
+    /// Writes every queued record and syncs them: one `fdatasync` for all the requests
+    /// whose records were queued by now.
+    fn commit(&self, tail: &mut Tail) {
+        let (bytes, upto) = match self.queue.lock() {
+            Ok(mut queue) if !queue.broken => (std::mem::take(&mut queue.pending), queue.assigned),
+            _ => return,
+        };
+        let written = (|| -> Result<(), String> {
+            if !bytes.is_empty() {
+                tail.segment
+                    .append(&bytes)
+                    .map_err(|e| format!("writing the store's journal: {e}"))?;
+                tail.written = upto;
             }
-            // Group commit: a sync is wanted and other writes are on their way; gather them
-            // into this sync, for at most GATHER.
-            if queue.sync_upto > synced && !queue.closed && queue.rotation.is_none() {
-                let until = Instant::now() + GATHER;
-                while self.incoming.load(Ordering::Acquire) > 0 {
-                    let Some(left) = until.checked_duration_since(Instant::now()) else {
-                        break;
-                    };
-                    queue = match self.wake.wait_timeout(queue, left) {
-                        Ok((queue, _)) => queue,
-                        Err(_) => return,
-                    };
-                }
+            tail.segment
+                .file
+                .sync_data()
+                .map_err(|e| format!("syncing the store's journal: {e}"))
+        })();
+        match written {
+            Ok(()) => self.made_durable(tail.written),
+            Err(e) => {
+                tracing::error!(error = %e, "the store's journal failed");
+                self.fail(e);
             }
-            let bytes = std::mem::take(&mut queue.pending);
-            let upto = queue.assigned;
-            let rotation = queue.rotation.take();
-            let want_sync = queue.sync_upto;
-            let (closed, broken) = (queue.closed, queue.broken);
-            drop(queue);
-            if broken {
-                if let Some(rotation) = rotation {
-                    let _ = rotation.done.send(Err("the store is broken".into()));
-                }
-                if closed {
-                    return;
-                }
-                continue;
-            }
-            let mut step = || -> Result<(), String> {
-                if let Some(rotation) = &rotation {
-                    segment
-                        .append(&rotation.before)
-                        .and_then(|()| segment.file.sync_data())
-                        .map_err(|e| format!("writing the store's journal: {e}"))?;
-                    (written, synced) = (rotation.upto, rotation.upto);
-                    let path = segment_path(&self.dir, rotation.upto + 1);
-                    segment = Segment::create(&path)
-                        .map_err(|e| format!("opening {}: {e}", path.display()))?;
-                    File::open(&self.dir)
-                        .and_then(|d| d.sync_all())
-                        .map_err(|e| format!("syncing {}: {e}", self.dir.display()))?;
-                }
-                if !bytes.is_empty() {
-                    segment
-                        .append(&bytes)
-                        .map_err(|e| format!("writing the store's journal: {e}"))?;
-                    written = upto;
-                }
-                if (want_sync > synced || closed) && written > synced {
-                    segment
-                        .file
-                        .sync_data()
-                        .map_err(|e| format!("syncing the store's journal: {e}"))?;
-                    synced = written;
-                }
-                Ok(())
-            };
-            let outcome = step();
-            match &outcome {
-                Ok(()) => self.made_durable(synced),
-                Err(e) => {
-                    tracing::error!(error = %e, "the store's journal failed");
-                    self.fail(e.clone());
-                }
-            }
-            if let Some(rotation) = rotation {
-                let _ = rotation.done.send(outcome);
-            }
-            if closed {
-                // Everything queued is on disk; a request still waiting wrote after the
-                // close, and hears that the journal stopped.
-                if let Ok(mut queue) = self.queue.lock() {
-                    queue.waiters.clear();
-                }
+        }
+    }
+
+    /// Leads one group commit, then hands leadership to the first request whose record is
+    /// still not on disk (it arrived during this sync), or gives it up.
+    fn lead(&self) {
+        match self.tail.lock() {
+            Ok(mut tail) => self.commit(&mut tail),
+            Err(_) => self.fail("the journal's segment lock is poisoned".into()),
+        }
+        let Ok(mut queue) = self.queue.lock() else {
+            return;
+        };
+        while let Some((_, waiter)) = queue.waiters.pop_front() {
+            if waiter.send(Told::Lead).is_ok() {
                 return;
             }
         }
+        queue.leading = false;
     }
 }
 
@@ -950,5 +953,81 @@ mod tests {
         journal.close();
         assert_eq!(recover(&db, dir.path()).expect("recover"), 1);
         assert_eq!(tree.get("k").expect("get").as_deref(), Some(&b"new"[..]));
+    }
+
+    /// Polls `future` once; true when it is still pending.
+    async fn pending_after_one_poll<F: std::future::Future + Unpin>(future: &mut F) -> bool {
+        tokio::select! {
+            biased;
+            _ = future => false,
+            () = std::future::ready(()) => true,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_waiter_cancelled_after_being_handed_the_lead_passes_it_on() {
+        // A request handed the lead whose client goes away before it runs again must not
+        // leave the requests behind it without a leader: they would wait until the deadline
+        // and then break the store.
+        let journal = Journal::scratch();
+        let db = sled::Config::new().temporary(true).open().expect("sled");
+        let tree = db.open_tree("table").expect("tree");
+        // A commit is running: waits from here on queue behind it.
+        journal.queue().expect("queue").leading = true;
+        journal
+            .begin()
+            .expect("begin")
+            .insert(&tree, "a", "1")
+            .expect("insert");
+        let mut cancelled = Box::pin(journal.wait(Duration::from_secs(30)));
+        assert!(pending_after_one_poll(&mut cancelled).await);
+        journal
+            .begin()
+            .expect("begin")
+            .insert(&tree, "b", "2")
+            .expect("insert");
+        let mut behind = Box::pin(journal.wait(Duration::from_secs(30)));
+        assert!(pending_after_one_poll(&mut behind).await);
+        // The running commit ends without covering either record and hands the lead on.
+        let first = journal.queue().expect("queue").waiters.pop_front();
+        let (_, waiter) = first.expect("the first request waits");
+        assert!(waiter.send(Told::Lead).is_ok());
+        drop(cancelled);
+        tokio::time::timeout(Duration::from_secs(5), behind)
+            .await
+            .expect("the request behind the cancelled one was left without a leader")
+            .expect("durable");
+        let queue = journal.queue().expect("queue");
+        assert_eq!((queue.durable, queue.assigned), (2, 2));
+        assert!(!queue.leading && queue.waiters.is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_writers_are_all_made_durable_in_groups() {
+        let journal = Journal::scratch();
+        let db = sled::Config::new().temporary(true).open().expect("sled");
+        let tree = db.open_tree("table").expect("tree");
+        let writers = (0..16).map(|w| {
+            let (journal, tree) = (journal.clone(), tree.clone());
+            tokio::spawn(async move {
+                for i in 0..50 {
+                    journal
+                        .begin()
+                        .expect("begin")
+                        .insert(&tree, format!("{w}-{i}"), "v")
+                        .expect("insert");
+                    journal
+                        .wait(Duration::from_secs(30))
+                        .await
+                        .expect("durable");
+                }
+            })
+        });
+        for writer in writers.collect::<Vec<_>>() {
+            writer.await.expect("writer");
+        }
+        let queue = journal.queue().expect("queue");
+        assert_eq!((queue.durable, queue.assigned), (800, 800));
+        assert!(!queue.leading && queue.waiters.is_empty());
     }
 }

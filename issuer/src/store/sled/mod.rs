@@ -19,7 +19,6 @@ use crate::Error;
 pub use audit::{AuditEvent, AuditRecord, Verification};
 pub use durability::Durability;
 pub use entries::EntryRecord;
-pub use journal::Incoming;
 pub(in crate::store) use journal::Journal;
 pub use nodes::{AttestedWith, NodeRecord, Recorded};
 pub use tokens::{
