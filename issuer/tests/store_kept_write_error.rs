@@ -6,7 +6,7 @@ mod support;
 
 use std::time::Duration;
 
-use issuer::store::Durability;
+use issuer::store::Journaled;
 use support::{fill_until_refused, sled_on, Tmpfs};
 
 #[tokio::test]
@@ -14,7 +14,7 @@ async fn a_write_error_sled_keeps_breaks_the_store_without_any_flush_of_ours_fai
     let dir = tempfile::tempdir().expect("tempdir");
     let _tmpfs = Tmpfs::mount(dir.path(), "8m");
     let db = sled_on(dir.path());
-    let durability = Durability::start(db.clone(), dir.path()).expect("durability");
+    let durability = Journaled::start(db.clone(), dir.path()).expect("durability");
     // Records of a certificate's size, and no commit: our flusher is never asked to flush.
     let failed = fill_until_refused(&db, &[0x5a; 2048]);
     // A bound against a hang, not a timing assertion: the idle probe runs every 500 ms.

@@ -6,7 +6,7 @@ mod support;
 
 use std::time::Duration;
 
-use issuer::store::Durability;
+use issuer::store::Journaled;
 use support::{fill_until_refused, sled_on, Tmpfs};
 
 #[test]
@@ -17,7 +17,7 @@ fn a_flush_stuck_on_a_failed_write_breaks_the_store_instead_of_hanging_commits()
         let _tmpfs = Tmpfs::mount(dir.path(), "8m");
         let db = sled_on(dir.path());
         let durability =
-            Durability::start_with_deadline(db.clone(), dir.path(), Duration::from_secs(2))
+            Journaled::start_with_deadline(db.clone(), dir.path(), Duration::from_secs(2))
                 .expect("durability");
         // Values this large go to sled's blob files; a blob write that fails on a full disk
         // leaves a log buffer that sled's flush then waits for without end.

@@ -2,10 +2,11 @@
 //! tokens, registration entries, attested nodes and the audit log.
 //!
 //! Each aggregate is a trait here ([`CertificateStore`], [`TokenStore`], [`NodeStore`],
-//! [`EntryStore`], [`AuditLog`], and [`IssuanceStore`] for the one write that spans them);
+//! [`EntryStore`], [`AuditLog`], and [`IssuanceStore`] for the one write that spans them),
+//! beside [`Durability`], the barrier every write passes before its response leaves;
 //! [`Store`] holds one `Arc<dyn …>` of each, so a backend is one more module. The embedded
-//! backend is sled in the state folder (`sled/`); its writes are made durable by
-//! [`Durability::commit`] before a response leaves. Every backend runs the same cases
+//! backend is sled in the state folder (`sled/`), made durable by its journal
+//! ([`Journaled`]). Every backend runs the same cases
 //! (`conformance`). Domain types live beside their trait (`certificates.rs`); how a backend
 //! encodes them is its own business.
 
@@ -19,16 +20,39 @@ pub use self::certificates::{
     NewRecord, Renewal, Revocation, Status,
 };
 pub use self::sled::{
-    tokens_hash, AttestedWith, AuditEvent, AuditRecord, Consumed, Durability, EntryRecord,
-    Issuance, Issued, NodeRecord, Recorded, TokenKind, TokenRecord, TokenRevocation, TokenState,
+    tokens_hash, AttestedWith, AuditEvent, AuditRecord, Consumed, EntryRecord, Issuance, Issued,
+    Journaled, NodeRecord, Recorded, TokenKind, TokenRecord, TokenRevocation, TokenState,
     Verification,
 };
 
 use std::fmt::Debug;
+use std::future::Future;
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::Arc;
 
+use crate::state_volume::StateVolume;
 use crate::Error;
+
+/// The future a store trait's async method returns (the traits are used as `dyn`).
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Durable before the answer (DESIGN §3): a request's writes are on disk, or committed in
+/// the database, before its response leaves, and a backend that can no longer promise
+/// that says so.
+pub trait Durability: Debug + Send + Sync {
+    /// Waits until every write this task made before calling is durable (many requests
+    /// share one commit). Fails once the store is broken: nothing is claimed durable after
+    /// a failed write.
+    fn commit(&self) -> StoreFuture<'_, Result<(), Error>>;
+    /// Resolves once the store is broken for good, with the error; the issuer then stops,
+    /// to restart on what is durable.
+    fn broken(&self) -> StoreFuture<'_, String>;
+    /// Makes everything durable one last time and stops background work (shutdown).
+    fn close(&self) -> StoreFuture<'_, ()>;
+    /// Holds background writes while `volume`, the state folder's disk, takes none.
+    fn watch_volume(&self, volume: StateVolume);
+}
 
 /// Enrollment and join tokens, stored by the SHA-256 of their secret.
 pub trait TokenStore: Debug + Send + Sync {
@@ -132,8 +156,8 @@ pub struct Store {
     pub entries: Arc<dyn EntryStore>,
     /// Attested nodes.
     pub nodes: Arc<dyn NodeStore>,
-    /// The group-commit barrier.
-    pub durability: Durability,
+    /// The barrier every write passes before its response leaves.
+    pub durability: Arc<dyn Durability>,
     issuances: Arc<dyn IssuanceStore>,
 }
 

@@ -1,6 +1,6 @@
 //! Durable before the answer, with group commit.
 //!
-//! Every store write is journaled ([`super::journal`]); [`Durability::commit`] waits until
+//! Every store write is journaled ([`super::journal`]); [`Journaled::commit`] waits until
 //! the journal holds every write made before the call, which one `fdatasync` does for all
 //! the requests that arrived while the previous one ran. A checkpoint task makes sled itself
 //! durable in the background (every [`CHECKPOINT_INTERVAL`] while writes come in, and at
@@ -8,8 +8,8 @@
 //!
 //! A store error that sled keeps for good (an I/O error writing its log) surfaces at the
 //! next checkpoint; a failed journal write or sync at once. Either way the store is broken
-//! ([`Durability::broken`]) and the issuer stops, to restart on what is on disk. A checkpoint
-//! is skipped while the state folder is full or read-only ([`Durability::watch_volume`]):
+//! ([`Journaled::broken`]) and the issuer stops, to restart on what is on disk. A checkpoint
+//! is skipped while the state folder is full or read-only ([`Journaled::watch_volume`]):
 //! sled must not meet such a disk, and the journal alone keeps answered writes safe.
 
 use std::fs::File;
@@ -21,6 +21,7 @@ use tokio::sync::Notify;
 
 use super::journal::Journal;
 use crate::state_volume::StateVolume;
+use crate::store::{Durability, StoreFuture};
 use crate::Error;
 
 /// How often, while writes come in, sled is made durable and the journal emptied.
@@ -29,9 +30,9 @@ pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(2);
 /// A write or checkpoint that takes longer than this is taken as a failed disk.
 const FLUSH_DEADLINE: Duration = Duration::from_secs(30);
 
-/// Commits writes and reports a broken store.
+/// The embedded store's [`Durability`]: commits through the journal, checkpoints sled.
 #[derive(Debug, Clone)]
-pub struct Durability {
+pub struct Journaled {
     journal: Journal,
     owner: Arc<Owner>,
     checkpointer: Checkpointer,
@@ -52,14 +53,14 @@ impl Drop for Owner {
     }
 }
 
-impl Durability {
+impl Journaled {
     /// Applies the journal in `dir` to `db` (whose log file lives in `dir`), then starts
     /// the journal and the checkpoint task. Must run inside a tokio runtime.
     pub fn start(db: sled::Db, dir: &Path) -> Result<Self, Error> {
         Self::start_with_deadline(db, dir, FLUSH_DEADLINE)
     }
 
-    /// [`Durability::start`] with a deadline other than [`FLUSH_DEADLINE`] (tests).
+    /// [`Journaled::start`] with a deadline other than [`FLUSH_DEADLINE`] (tests).
     pub fn start_with_deadline(
         db: sled::Db,
         dir: &Path,
@@ -137,6 +138,24 @@ impl Durability {
         if let Some(task) = task {
             let _ = task.await;
         }
+    }
+}
+
+impl Durability for Journaled {
+    fn commit(&self) -> StoreFuture<'_, Result<(), Error>> {
+        Box::pin(Journaled::commit(self))
+    }
+
+    fn broken(&self) -> StoreFuture<'_, String> {
+        Box::pin(Journaled::broken(self))
+    }
+
+    fn close(&self) -> StoreFuture<'_, ()> {
+        Box::pin(Journaled::close(self))
+    }
+
+    fn watch_volume(&self, volume: StateVolume) {
+        Journaled::watch_volume(self, volume);
     }
 }
 

@@ -17,7 +17,7 @@ use crate::serial::Serial;
 use crate::Error;
 
 pub use audit::{AuditEvent, AuditRecord, Verification};
-pub use durability::Durability;
+pub use durability::Journaled;
 pub use entries::EntryRecord;
 pub(in crate::store) use journal::Journal;
 pub use nodes::{AttestedWith, NodeRecord, Recorded};
@@ -46,7 +46,7 @@ pub(in crate::store) fn open(dir: &Path, cache_mb: u64) -> Result<Store, Error> 
                 dir.display()
             ))
         })?;
-    let durability = Durability::start(db.clone(), dir)?;
+    let durability = Journaled::start(db.clone(), dir)?;
     let journal = durability.journal().clone();
     let certificates = Certificates::open(&db, journal.clone())?;
     let tokens = Tokens::open(&db, journal.clone())?;
@@ -72,7 +72,7 @@ pub(in crate::store) fn open(dir: &Path, cache_mb: u64) -> Result<Store, Error> 
         audit: Arc::new(audit),
         entries: Arc::new(entries),
         nodes: Arc::new(nodes),
-        durability,
+        durability: Arc::new(durability),
         issuances: Arc::new(issuances),
     })
 }
