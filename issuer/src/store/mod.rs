@@ -14,15 +14,18 @@ mod certificates;
 #[cfg(test)]
 mod conformance;
 mod sled;
+mod tokens;
 
 pub use self::certificates::{
     CertificateRecord, CertificateStore, InventoryPage, InventoryQuery, Lineage, LineageEnd,
     NewRecord, Renewal, Revocation, Status,
 };
 pub use self::sled::{
-    tokens_hash, AttestedWith, AuditEvent, AuditRecord, Consumed, EntryRecord, Issuance, Issued,
-    Journaled, NodeRecord, Recorded, TokenKind, TokenRecord, TokenRevocation, TokenState,
-    Verification,
+    AttestedWith, AuditEvent, AuditRecord, EntryRecord, Issuance, Issued, Journaled, NodeRecord,
+    Recorded, Verification,
+};
+pub use self::tokens::{
+    hash as tokens_hash, Consumed, TokenKind, TokenRecord, TokenRevocation, TokenState, TokenStore,
 };
 
 use std::fmt::Debug;
@@ -52,22 +55,6 @@ pub trait Durability: Debug + Send + Sync {
     fn close(&self) -> StoreFuture<'_, ()>;
     /// Holds background writes while `volume`, the state folder's disk, takes none.
     fn watch_volume(&self, volume: StateVolume);
-}
-
-/// Enrollment and join tokens, stored by the SHA-256 of their secret.
-pub trait TokenStore: Debug + Send + Sync {
-    /// Stores a new token (by its hash).
-    fn insert(&self, record: &TokenRecord) -> Result<(), Error>;
-    /// Looks a token up without using it.
-    fn find(&self, secret: &str) -> Result<Option<TokenRecord>, Error>;
-    /// Uses a token exactly once: of any number of concurrent requests one wins.
-    fn consume(&self, secret: &str, now: i64) -> Result<Consumed, Error>;
-    /// [`consume`](Self::consume) by the token's SHA-256.
-    fn consume_hash(&self, digest: &[u8; 32], now: i64) -> Result<Consumed, Error>;
-    /// Every token (hashes only), oldest first.
-    fn list(&self) -> Result<Vec<TokenRecord>, Error>;
-    /// Revokes the unused tokens with public id `id`; no match: an empty list.
-    fn revoke(&self, id: &str, now: i64) -> Result<Vec<TokenRevocation>, Error>;
 }
 
 /// Attested nodes and the bans on their credentials.

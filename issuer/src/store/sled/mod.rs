@@ -12,7 +12,7 @@ pub(in crate::store) mod tokens;
 use std::path::Path;
 use std::sync::Arc;
 
-use super::{CertificateRecord, IssuanceStore, NewRecord, Renewal, Store};
+use super::{CertificateRecord, Consumed, IssuanceStore, NewRecord, Renewal, Store};
 use crate::serial::Serial;
 use crate::Error;
 
@@ -21,9 +21,6 @@ pub use durability::Journaled;
 pub use entries::EntryRecord;
 pub(in crate::store) use journal::Journal;
 pub use nodes::{AttestedWith, NodeRecord, Recorded};
-pub use tokens::{
-    hash as tokens_hash, Consumed, TokenKind, TokenRecord, TokenRevocation, TokenState,
-};
 
 use self::audit::Audit;
 use self::certificates::Certificates;

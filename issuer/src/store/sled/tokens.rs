@@ -1,4 +1,5 @@
-//! One-time enrollment tokens, stored only as SHA-256 hashes.
+//! The token table: one record per token, keyed by the SHA-256 of its secret, as JSON
+//! (the layout every release has written, so existing stores open as they are).
 
 use std::net::IpAddr;
 
@@ -6,118 +7,15 @@ use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 
 use super::journal::{Journal, Write};
+use crate::store::tokens::hash;
+use crate::store::{Consumed, TokenKind, TokenRecord, TokenRevocation};
 use crate::Error;
-
-/// What a token may be used for: one kind never stands in for the other, so a leaked join
-/// token cannot enroll a device over EST and an enrollment token cannot attest an agent.
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
-#[serde(rename_all = "snake_case")]
-pub enum TokenKind {
-    /// EST enrollment of one device certificate (the default; records written before kinds
-    /// existed are enrollment tokens).
-    #[default]
-    Enrollment,
-    /// One agent's node attestation (`join_token`).
-    Join,
-}
-
-/// A token as stored: everything but the secret.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct TokenRecord {
-    /// Short public id (first 8 hex digits of the hash), for logs and audit.
-    pub id: String,
-    /// What it may be used for.
-    #[serde(default)]
-    pub kind: TokenKind,
-    /// SHA-256 of the secret, hex.
-    pub hash: String,
-    /// The label (profile) it may enroll under.
-    pub label: String,
-    /// The subject it is bound to, if any.
-    pub subject: Option<String>,
-    /// DNS names the certificate may carry.
-    #[serde(default)]
-    pub dns: Vec<String>,
-    /// IP addresses the certificate may carry.
-    #[serde(default)]
-    pub ips: Vec<IpAddr>,
-    /// Unix seconds.
-    pub created_at: i64,
-    /// Unix seconds; unusable from then on.
-    pub expires_at: i64,
-    /// Unix seconds of its one use.
-    pub used_at: Option<i64>,
-    /// Unix seconds an operator revoked it; unusable from then on.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub revoked_at: Option<i64>,
-}
-
-/// Where a token is in its life, as `issuer token list` shows it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TokenState {
-    /// Can still be used once.
-    Unused,
-    /// Used (its one use is done).
-    Spent,
-    /// Past its expiry, never used.
-    Expired,
-    /// Revoked by an operator before it was used.
-    Revoked,
-}
-
-impl TokenRecord {
-    /// The token's state as of `now` (unix seconds). A revoked token was never used (only an
-    /// unused one can be revoked), and a revocation outranks the expiry it may also be past.
-    pub fn state(&self, now: i64) -> TokenState {
-        if self.revoked_at.is_some() {
-            TokenState::Revoked
-        } else if self.used_at.is_some() {
-            TokenState::Spent
-        } else if now >= self.expires_at {
-            TokenState::Expired
-        } else {
-            TokenState::Unused
-        }
-    }
-}
-
-/// What revoking one token found.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum TokenRevocation {
-    /// Now revoked; the record as it is now.
-    Revoked(TokenRecord),
-    /// Already used: revoking would not undo what it enrolled or joined.
-    AlreadyUsed(TokenRecord),
-    /// Revoked before.
-    AlreadyRevoked(TokenRecord),
-}
-
-/// Why a token can't be used.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Consumed {
-    /// Now used; the record as it was.
-    Ok(TokenRecord),
-    /// No such token.
-    Unknown,
-    /// Already used (possibly by a concurrent request a moment ago).
-    AlreadyUsed(TokenRecord),
-    /// Revoked by an operator.
-    Revoked(TokenRecord),
-    /// Past its expiry.
-    Expired(TokenRecord),
-}
 
 /// The token table.
 #[derive(Debug, Clone)]
 pub struct Tokens {
     tree: sled::Tree,
     journal: Journal,
-}
-
-/// SHA-256 of a token secret.
-pub fn hash(secret: &str) -> [u8; 32] {
-    use sha2::Digest;
-    sha2::Sha256::digest(secret.as_bytes()).into()
 }
 
 impl Tokens {
@@ -252,59 +150,99 @@ impl crate::store::TokenStore for Tokens {
     }
 }
 
+/// A token as stored.
+#[derive(Serialize, Deserialize)]
+struct Stored {
+    id: String,
+    /// Records written before kinds existed are enrollment tokens.
+    #[serde(default)]
+    kind: StoredKind,
+    hash: String,
+    label: String,
+    subject: Option<String>,
+    #[serde(default)]
+    dns: Vec<String>,
+    #[serde(default)]
+    ips: Vec<IpAddr>,
+    created_at: i64,
+    expires_at: i64,
+    used_at: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    revoked_at: Option<i64>,
+}
+
+#[derive(Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum StoredKind {
+    #[default]
+    Enrollment,
+    Join,
+}
+
 fn encode(record: &TokenRecord) -> Result<Vec<u8>, Error> {
-    serde_json::to_vec(record).map_err(|e| Error::Store(e.to_string()))
+    let stored = Stored {
+        id: record.id.clone(),
+        kind: match record.kind {
+            TokenKind::Enrollment => StoredKind::Enrollment,
+            TokenKind::Join => StoredKind::Join,
+        },
+        hash: record.hash.clone(),
+        label: record.label.clone(),
+        subject: record.subject.clone(),
+        dns: record.dns.clone(),
+        ips: record.ips.clone(),
+        created_at: record.created_at,
+        expires_at: record.expires_at,
+        used_at: record.used_at,
+        revoked_at: record.revoked_at,
+    };
+    serde_json::to_vec(&stored).map_err(|e| Error::Store(e.to_string()))
 }
 
 fn decode(bytes: &[u8]) -> Result<TokenRecord, Error> {
-    serde_json::from_slice(bytes).map_err(|e| Error::Store(format!("token record: {e}")))
+    let stored: Stored =
+        serde_json::from_slice(bytes).map_err(|e| Error::Store(format!("token record: {e}")))?;
+    Ok(TokenRecord {
+        id: stored.id,
+        kind: match stored.kind {
+            StoredKind::Enrollment => TokenKind::Enrollment,
+            StoredKind::Join => TokenKind::Join,
+        },
+        hash: stored.hash,
+        label: stored.label,
+        subject: stored.subject,
+        dns: stored.dns,
+        ips: stored.ips,
+        created_at: stored.created_at,
+        expires_at: stored.expires_at,
+        used_at: stored.used_at,
+        revoked_at: stored.revoked_at,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn record(hash: &str, id_len: usize, kind: TokenKind) -> TokenRecord {
-        TokenRecord {
-            id: hash[..id_len].to_owned(),
-            kind,
-            hash: hash.to_owned(),
-            label: "device".into(),
-            subject: None,
-            dns: vec![],
-            ips: vec![],
-            created_at: 0,
-            expires_at: 100,
-            used_at: None,
-            revoked_at: None,
-        }
-    }
-
     #[test]
-    fn state_puts_revoked_before_spent_and_expired() {
-        let fresh = record(&"ab".repeat(32), 8, TokenKind::Enrollment);
-        let cases = [
-            (fresh.clone(), 10, TokenState::Unused),
-            (fresh.clone(), 100, TokenState::Expired),
-            (
-                TokenRecord {
-                    used_at: Some(5),
-                    ..fresh.clone()
-                },
-                200,
-                TokenState::Spent,
-            ),
-            (
-                TokenRecord {
-                    revoked_at: Some(5),
-                    ..fresh
-                },
-                200,
-                TokenState::Revoked,
-            ),
-        ];
-        for (record, now, state) in cases {
-            assert_eq!(record.state(now), state, "{record:?} at {now}");
-        }
+    fn records_keep_the_json_layout_existing_stores_hold() {
+        // As an issuer from before token kinds wrote it: no kind, no revocation.
+        let old = br#"{"id":"abcd1234","hash":"ab","label":"device","subject":null,"created_at":1,"expires_at":2,"used_at":null}"#;
+        let record = decode(old).expect("an old record reads");
+        assert_eq!(record.kind, TokenKind::Enrollment);
+        assert_eq!(record.revoked_at, None);
+        let join = TokenRecord {
+            kind: TokenKind::Join,
+            revoked_at: Some(3),
+            ..record
+        };
+        let json: serde_json::Value =
+            serde_json::from_slice(&encode(&join).expect("encode")).expect("json");
+        assert_eq!(json["kind"], "join");
+        assert_eq!(json["revoked_at"], 3);
+        assert_eq!(
+            decode(&encode(&join).expect("encode")).expect("decode"),
+            join
+        );
     }
 }
