@@ -13,6 +13,8 @@
 mod certificates;
 #[cfg(test)]
 mod conformance;
+mod entries;
+mod nodes;
 mod sled;
 mod tokens;
 
@@ -20,10 +22,9 @@ pub use self::certificates::{
     CertificateRecord, CertificateStore, InventoryPage, InventoryQuery, Lineage, LineageEnd,
     NewRecord, Renewal, Revocation, Status,
 };
-pub use self::sled::{
-    AttestedWith, AuditEvent, AuditRecord, EntryRecord, Issuance, Issued, Journaled, NodeRecord,
-    Recorded, Verification,
-};
+pub use self::entries::{EntryRecord, EntryStore};
+pub use self::nodes::{AttestedWith, NodeRecord, NodeStore, Recorded};
+pub use self::sled::{AuditEvent, AuditRecord, Issuance, Issued, Journaled, Verification};
 pub use self::tokens::{
     hash as tokens_hash, Consumed, TokenKind, TokenRecord, TokenRevocation, TokenState, TokenStore,
 };
@@ -55,61 +56,6 @@ pub trait Durability: Debug + Send + Sync {
     fn close(&self) -> StoreFuture<'_, ()>;
     /// Holds background writes while `volume`, the state folder's disk, takes none.
     fn watch_volume(&self, volume: StateVolume);
-}
-
-/// Attested nodes and the bans on their credentials.
-pub trait NodeStore: Debug + Send + Sync {
-    /// Records a node, new or replacing what was known of it.
-    fn put(&self, record: &NodeRecord) -> Result<(), Error>;
-    /// Records an attestation only if the node is as it was read (`expected`) and neither
-    /// it nor its credential is banned, in one write.
-    fn record_attestation(
-        &self,
-        expected: Option<&NodeRecord>,
-        record: &NodeRecord,
-    ) -> Result<Recorded, Error>;
-    /// The banned node whose credential matches `with`, if any.
-    fn banned_credential(&self, with: &AttestedWith) -> Result<Option<String>, Error>;
-    /// Bans (and evicts) a node and its credentials in one write; the node as it was.
-    fn ban(&self, spiffe_id: &str, release: bool) -> Result<Option<NodeRecord>, Error>;
-    /// Lifts a node's ban; the node as it was.
-    fn unban(&self, spiffe_id: &str) -> Result<Option<NodeRecord>, Error>;
-    /// The node `spiffe_id`.
-    fn get(&self, spiffe_id: &str) -> Result<Option<NodeRecord>, Error>;
-    /// Every node, by SPIFFE ID.
-    fn list(&self) -> Result<Vec<NodeRecord>, Error>;
-    /// Applies `change` to a node atomically; the node as it was, or None if unknown.
-    /// Callers use [`update`](dyn NodeStore::update).
-    fn apply(
-        &self,
-        spiffe_id: &str,
-        change: &dyn Fn(&mut NodeRecord),
-    ) -> Result<Option<NodeRecord>, Error>;
-}
-
-impl dyn NodeStore {
-    /// Applies `change` to node `spiffe_id` atomically; returns the node as it was before,
-    /// or `None` if unknown.
-    pub fn update(
-        &self,
-        spiffe_id: &str,
-        change: impl Fn(&mut NodeRecord),
-    ) -> Result<Option<NodeRecord>, Error> {
-        self.apply(spiffe_id, &change)
-    }
-}
-
-/// Registration entries, indexed by parent node.
-pub trait EntryStore: Debug + Send + Sync {
-    /// Stores an entry unless an identical one (SPIFFE ID, parent, selectors) exists: then
-    /// nothing is written and that entry's id returned.
-    fn insert(&self, record: &EntryRecord) -> Result<Option<String>, Error>;
-    /// The entry `id`.
-    fn get(&self, id: &str) -> Result<Option<EntryRecord>, Error>;
-    /// The entries under `parent_id` (all of them when `None`), by id.
-    fn list(&self, parent_id: Option<&str>) -> Result<Vec<EntryRecord>, Error>;
-    /// Deletes an entry with its indexes; the entry as it was.
-    fn delete(&self, id: &str) -> Result<Option<EntryRecord>, Error>;
 }
 
 /// The hash-chained audit log.

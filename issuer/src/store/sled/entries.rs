@@ -4,50 +4,8 @@
 use serde::{Deserialize, Serialize};
 
 use super::journal::Journal;
+use crate::store::EntryRecord;
 use crate::Error;
-
-/// One registration entry as stored.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct EntryRecord {
-    /// Random id (32 hex digits), what operators delete by.
-    pub id: String,
-    /// The SPIFFE ID a matching workload gets.
-    pub spiffe_id: String,
-    /// The node SPIFFE ID (`spiffe://<td>/agent/…`) whose agent serves it.
-    pub parent_id: String,
-    /// `type:value` selectors, sorted; all must match a workload.
-    pub selectors: Vec<String>,
-    /// X509-SVID lifetime in seconds; 0: the issuer's default.
-    pub x509_svid_ttl_secs: u32,
-    /// JWT-SVID lifetime in seconds; 0: the issuer's default.
-    pub jwt_svid_ttl_secs: u32,
-    /// dNSName SANs the X509-SVID carries besides its SPIFFE ID.
-    pub dns_names: Vec<String>,
-    /// Workload API hint.
-    pub hint: String,
-    /// Bumped on every change.
-    pub revision: u64,
-    /// Unix seconds.
-    pub created_at: i64,
-}
-
-impl EntryRecord {
-    /// What makes two entries the same: SPIFFE ID, parent and selector set.
-    fn identity_key(&self) -> [u8; 32] {
-        use sha2::Digest;
-        let mut selectors = self.selectors.clone();
-        selectors.sort();
-        let mut digest = sha2::Sha256::new();
-        for part in [&self.spiffe_id, &self.parent_id]
-            .into_iter()
-            .chain(selectors.iter())
-        {
-            digest.update((part.len() as u64).to_be_bytes());
-            digest.update(part.as_bytes());
-        }
-        digest.finalize().into()
-    }
-}
 
 /// The entry table with its parent and identity indexes.
 #[derive(Debug, Clone)]
@@ -145,10 +103,50 @@ impl Entries {
     }
 }
 
+/// An entry as stored: JSON, the layout every release has written.
+#[derive(Serialize, Deserialize)]
+struct Stored {
+    id: String,
+    spiffe_id: String,
+    parent_id: String,
+    selectors: Vec<String>,
+    x509_svid_ttl_secs: u32,
+    jwt_svid_ttl_secs: u32,
+    dns_names: Vec<String>,
+    hint: String,
+    revision: u64,
+    created_at: i64,
+}
+
 fn encode(record: &EntryRecord) -> Result<Vec<u8>, Error> {
-    serde_json::to_vec(record).map_err(|e| Error::Store(e.to_string()))
+    let stored = Stored {
+        id: record.id.clone(),
+        spiffe_id: record.spiffe_id.clone(),
+        parent_id: record.parent_id.clone(),
+        selectors: record.selectors.clone(),
+        x509_svid_ttl_secs: record.x509_svid_ttl_secs,
+        jwt_svid_ttl_secs: record.jwt_svid_ttl_secs,
+        dns_names: record.dns_names.clone(),
+        hint: record.hint.clone(),
+        revision: record.revision,
+        created_at: record.created_at,
+    };
+    serde_json::to_vec(&stored).map_err(|e| Error::Store(e.to_string()))
 }
 
 fn decode(bytes: &[u8]) -> Result<EntryRecord, Error> {
-    serde_json::from_slice(bytes).map_err(|e| Error::Store(format!("entry record: {e}")))
+    let stored: Stored =
+        serde_json::from_slice(bytes).map_err(|e| Error::Store(format!("entry record: {e}")))?;
+    Ok(EntryRecord {
+        id: stored.id,
+        spiffe_id: stored.spiffe_id,
+        parent_id: stored.parent_id,
+        selectors: stored.selectors,
+        x509_svid_ttl_secs: stored.x509_svid_ttl_secs,
+        jwt_svid_ttl_secs: stored.jwt_svid_ttl_secs,
+        dns_names: stored.dns_names,
+        hint: stored.hint,
+        revision: stored.revision,
+        created_at: stored.created_at,
+    })
 }

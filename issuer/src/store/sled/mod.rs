@@ -18,9 +18,7 @@ use crate::Error;
 
 pub use audit::{AuditEvent, AuditRecord, Verification};
 pub use durability::Journaled;
-pub use entries::EntryRecord;
 pub(in crate::store) use journal::Journal;
-pub use nodes::{AttestedWith, NodeRecord, Recorded};
 
 use self::audit::Audit;
 use self::certificates::Certificates;

@@ -4,90 +4,16 @@
 use serde::{Deserialize, Serialize};
 
 use super::journal::Journal;
+use crate::store::{AttestedWith, NodeRecord, Recorded};
 use crate::Error;
 
-/// One attested node as stored.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct NodeRecord {
-    /// `spiffe://<td>/agent/<method>/<id>`.
-    pub spiffe_id: String,
-    /// join_token, x509pop, tpm.
-    pub method: String,
-    /// Unix seconds of the latest attestation.
-    pub attested_at: i64,
-    /// Serial (hex) of the node SVID it holds now; older ones no longer authenticate it.
-    pub svid_serial: String,
-    /// notAfter of that SVID, unix seconds.
-    pub svid_not_after: i64,
-    /// Evicted by an operator (or by the revocation of what it attested with): refused on
-    /// the agent API until it attests again (if its method allows).
-    pub evicted: bool,
-    /// Whether its method lets it attest again (x509pop, tpm).
-    pub can_reattest: bool,
-    /// What it attested with last; absent on records from before nodes remembered it (the
-    /// next attestation binds them).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub attested_with: Option<AttestedWith>,
-    /// An operator evicted it, so another credential (a re-commissioned device's new
-    /// certificate) may attest as this node. Cleared by the next attestation.
-    #[serde(default)]
-    pub released: bool,
-    /// Banned by an operator: refused at attestation, by node id and by what it attested
-    /// with, until unbanned.
-    #[serde(default)]
-    pub banned: bool,
-}
-
-/// What a node proved it holds, as a later attestation, a revocation or a ban recognises it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct AttestedWith {
-    /// What stays the same across the node's re-attestations and its credential's
-    /// renewals: `certificate:<serial of the lineage's first certificate>` (x509pop),
-    /// `ek:<hex SHA-256 of the EK public key>` (tpm), `join_token:<id>`.
-    pub lineage: String,
-    /// x509pop: serial (hex) of the device certificate it attested with last.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub certificate_serial: Option<String>,
-    /// x509pop: hex SHA-256 of that certificate's public key, so a banned device is known
-    /// by its key even under a new certificate.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub key_sha256: Option<String>,
-}
-
-impl AttestedWith {
-    /// The keys of the ban table that match this credential.
-    fn ban_keys(&self) -> Vec<String> {
-        let mut keys = vec![format!("lineage:{}", self.lineage)];
-        if let Some(key) = &self.key_sha256 {
-            keys.push(format!("key:{key}"));
-        }
-        keys
+/// The keys of the ban table that match a credential.
+fn ban_keys(with: &AttestedWith) -> Vec<String> {
+    let mut keys = vec![format!("lineage:{}", with.lineage)];
+    if let Some(key) = &with.key_sha256 {
+        keys.push(format!("key:{key}"));
     }
-}
-
-impl NodeRecord {
-    /// Whether a node proving `with` may attest as this node: the credential it is bound to
-    /// (same lineage), or any once an operator released it by eviction, or any if the record
-    /// predates bindings.
-    pub fn admits(&self, with: &AttestedWith) -> bool {
-        self.released
-            || self
-                .attested_with
-                .as_ref()
-                .is_none_or(|bound| bound.lineage == with.lineage)
-    }
-}
-
-/// Why an attestation could not be recorded.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Recorded {
-    /// Stored.
-    Done,
-    /// The node, or what it attested with, is banned (`spiffe_id` of the banned node).
-    Banned(String),
-    /// The node record changed since it was read (a concurrent attestation, ban or
-    /// eviction): nothing stored.
-    Changed,
+    keys
 }
 
 /// The node table, keyed by SPIFFE ID, and the ban table keyed by credential
@@ -131,7 +57,7 @@ impl crate::store::NodeStore for Nodes {
         let ban_keys = record
             .attested_with
             .as_ref()
-            .map(AttestedWith::ban_keys)
+            .map(ban_keys)
             .unwrap_or_default();
         let mut write = self.journal.begin()?;
         let current = self
@@ -158,7 +84,7 @@ impl crate::store::NodeStore for Nodes {
 
     /// The banned node whose credential matches `with`, if any.
     fn banned_credential(&self, with: &AttestedWith) -> Result<Option<String>, Error> {
-        for key in with.ban_keys() {
+        for key in ban_keys(with) {
             if let Some(node) = self.bans.get(key.as_bytes())? {
                 return Ok(Some(String::from_utf8_lossy(&node).into_owned()));
             }
@@ -184,7 +110,7 @@ impl crate::store::NodeStore for Nodes {
         for key in before
             .attested_with
             .as_ref()
-            .map(AttestedWith::ban_keys)
+            .map(ban_keys)
             .unwrap_or_default()
         {
             write.insert(&self.bans, key.as_bytes(), spiffe_id.as_bytes())?;
@@ -208,7 +134,7 @@ impl crate::store::NodeStore for Nodes {
         for key in before
             .attested_with
             .as_ref()
-            .map(AttestedWith::ban_keys)
+            .map(ban_keys)
             .unwrap_or_default()
         {
             // Only this node's own ban: another banned node may share a key.
@@ -254,55 +180,103 @@ impl crate::store::NodeStore for Nodes {
     }
 }
 
+/// A node as stored: JSON, the layout every release has written (fields added later
+/// default when absent).
+#[derive(Serialize, Deserialize)]
+struct Stored {
+    spiffe_id: String,
+    method: String,
+    attested_at: i64,
+    svid_serial: String,
+    svid_not_after: i64,
+    evicted: bool,
+    can_reattest: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    attested_with: Option<StoredWith>,
+    #[serde(default)]
+    released: bool,
+    #[serde(default)]
+    banned: bool,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StoredWith {
+    lineage: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    certificate_serial: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    key_sha256: Option<String>,
+}
+
 fn encode(record: &NodeRecord) -> Result<Vec<u8>, Error> {
-    serde_json::to_vec(record).map_err(|e| Error::Store(e.to_string()))
+    let stored = Stored {
+        spiffe_id: record.spiffe_id.clone(),
+        method: record.method.clone(),
+        attested_at: record.attested_at,
+        svid_serial: record.svid_serial.clone(),
+        svid_not_after: record.svid_not_after,
+        evicted: record.evicted,
+        can_reattest: record.can_reattest,
+        attested_with: record.attested_with.as_ref().map(|with| StoredWith {
+            lineage: with.lineage.clone(),
+            certificate_serial: with.certificate_serial.clone(),
+            key_sha256: with.key_sha256.clone(),
+        }),
+        released: record.released,
+        banned: record.banned,
+    };
+    serde_json::to_vec(&stored).map_err(|e| Error::Store(e.to_string()))
 }
 
 fn decode(bytes: &[u8]) -> Result<NodeRecord, Error> {
-    serde_json::from_slice(bytes).map_err(|e| Error::Store(format!("node record: {e}")))
+    let stored: Stored =
+        serde_json::from_slice(bytes).map_err(|e| Error::Store(format!("node record: {e}")))?;
+    Ok(NodeRecord {
+        spiffe_id: stored.spiffe_id,
+        method: stored.method,
+        attested_at: stored.attested_at,
+        svid_serial: stored.svid_serial,
+        svid_not_after: stored.svid_not_after,
+        evicted: stored.evicted,
+        can_reattest: stored.can_reattest,
+        attested_with: stored.attested_with.map(|with| AttestedWith {
+            lineage: with.lineage,
+            certificate_serial: with.certificate_serial,
+            key_sha256: with.key_sha256,
+        }),
+        released: stored.released,
+        banned: stored.banned,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn node(id: &str, lineage: &str) -> NodeRecord {
-        NodeRecord {
-            spiffe_id: id.into(),
-            method: "x509pop".into(),
-            attested_at: 1,
-            svid_serial: "01".into(),
-            svid_not_after: 100,
-            evicted: false,
-            can_reattest: true,
-            attested_with: Some(AttestedWith {
-                lineage: lineage.into(),
-                certificate_serial: Some("0a".into()),
-                key_sha256: Some(format!("key-of-{lineage}")),
-            }),
-            released: false,
-            banned: false,
-        }
-    }
-
     #[test]
-    fn a_node_admits_its_own_lineage_or_any_once_released() {
-        let mut record = node("spiffe://plant.test/agent/x509pop/gw-1", "certificate:01");
-        let same = record.attested_with.clone().expect("with");
-        let other = AttestedWith {
-            lineage: "certificate:02".into(),
-            certificate_serial: None,
-            key_sha256: None,
+    fn records_keep_the_json_layout_existing_stores_hold() {
+        // As an issuer from before nodes remembered their credential and bans wrote it.
+        let old = br#"{"spiffe_id":"spiffe://plant.test/agent/join_token/ab","method":"join_token","attested_at":1,"svid_serial":"01","svid_not_after":2,"evicted":false,"can_reattest":false}"#;
+        let record = decode(old).expect("an old record reads");
+        assert_eq!(record.attested_with, None);
+        assert!(!record.released && !record.banned);
+        let bound = NodeRecord {
+            attested_with: Some(AttestedWith {
+                lineage: "join_token:ab".into(),
+                certificate_serial: None,
+                key_sha256: Some("cd".into()),
+            }),
+            banned: true,
+            ..record
         };
-        assert!(record.admits(&same));
-        assert!(!record.admits(&other));
-        record.released = true;
-        assert!(record.admits(&other));
-        record.released = false;
-        record.attested_with = None;
-        assert!(
-            record.admits(&other),
-            "a record from before bindings binds anew"
+        let json: serde_json::Value =
+            serde_json::from_slice(&encode(&bound).expect("encode")).expect("json");
+        assert_eq!(json["attested_with"]["lineage"], "join_token:ab");
+        assert!(json["attested_with"].get("certificate_serial").is_none());
+        assert_eq!(json["banned"], true);
+        assert_eq!(
+            decode(&encode(&bound).expect("encode")).expect("decode"),
+            bound
         );
     }
 }
