@@ -10,6 +10,7 @@
 //! (`conformance`). Domain types live beside their trait (`certificates.rs`); how a backend
 //! encodes them is its own business.
 
+mod audit;
 mod certificates;
 #[cfg(test)]
 mod conformance;
@@ -18,13 +19,14 @@ mod nodes;
 mod sled;
 mod tokens;
 
+pub use self::audit::{chain_hash, AuditEvent, AuditLog, AuditRecord, Verification};
 pub use self::certificates::{
     CertificateRecord, CertificateStore, InventoryPage, InventoryQuery, Lineage, LineageEnd,
     NewRecord, Renewal, Revocation, Status,
 };
 pub use self::entries::{EntryRecord, EntryStore};
 pub use self::nodes::{AttestedWith, NodeRecord, NodeStore, Recorded};
-pub use self::sled::{AuditEvent, AuditRecord, Issuance, Issued, Journaled, Verification};
+pub use self::sled::Journaled;
 pub use self::tokens::{
     hash as tokens_hash, Consumed, TokenKind, TokenRecord, TokenRevocation, TokenState, TokenStore,
 };
@@ -35,6 +37,7 @@ use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
 
+use crate::serial::Serial;
 use crate::state_volume::StateVolume;
 use crate::Error;
 
@@ -58,16 +61,38 @@ pub trait Durability: Debug + Send + Sync {
     fn watch_volume(&self, volume: StateVolume);
 }
 
-/// The hash-chained audit log.
-pub trait AuditLog: Debug + Send + Sync {
-    /// Appends an event; returns its sequence number.
-    fn append(&self, event: AuditEvent, at_ms: i64) -> Result<u64, Error>;
-    /// The newest `count` records, oldest first.
-    fn tail(&self, count: usize) -> Result<Vec<AuditRecord>, Error>;
-    /// The newest `count` records numbered below `before`, oldest first.
-    fn page(&self, before: Option<u64>, count: usize) -> Result<Vec<AuditRecord>, Error>;
-    /// Walks the whole chain and names its first break, if any.
-    fn verify(&self) -> Result<Verification, Error>;
+/// One issuance, as [`Store::record_issuance`] writes it.
+#[derive(Debug)]
+pub struct Issuance<'a> {
+    /// The new certificate's serial.
+    pub serial: &'a Serial,
+    /// Its record.
+    pub record: &'a CertificateRecord,
+    /// The certificate it renews (superseded by it), if a renewal.
+    pub renews: Option<&'a Serial>,
+    /// The token it spends (SHA-256 of the secret), if enrolled by token.
+    pub token: Option<&'a [u8; 32]>,
+    /// Whether it must be its subject's only valid certificate under its label.
+    pub unique_subject: bool,
+    /// Its audit record, and when (unix milliseconds).
+    pub audit: (AuditEvent, i64),
+    /// The token's "now" (unix seconds): expired tokens are refused.
+    pub now: i64,
+}
+
+/// What [`Store::record_issuance`] did.
+#[derive(Debug)]
+pub enum Issued {
+    /// All written.
+    Recorded,
+    /// The serial was taken; nothing written (sign again with a new one).
+    SerialTaken,
+    /// The token can't be used (used, revoked, expired or unknown); nothing written.
+    TokenRefused(Consumed),
+    /// The subject is held by this valid certificate (serial); nothing written.
+    SubjectHeld(String),
+    /// The renewed certificate is no longer current; nothing written.
+    PredecessorNotCurrent(Renewal),
 }
 
 /// What spans aggregates: one issuance is one atomic write.

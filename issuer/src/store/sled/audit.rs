@@ -3,36 +3,9 @@
 
 use std::sync::{Arc, Mutex};
 
-use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
-
 use super::journal::{Journal, Write};
+use crate::store::{chain_hash, AuditEvent, AuditRecord, Verification};
 use crate::Error;
-
-/// What happened, before it is numbered and chained.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct AuditEvent {
-    /// e.g. `certificate.issued`, `token.created`.
-    pub kind: String,
-    /// Event fields (never secrets).
-    pub detail: serde_json::Value,
-}
-
-/// A stored audit record.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct AuditRecord {
-    /// 1, 2, 3, … with no gaps.
-    pub seq: u64,
-    /// Unix milliseconds.
-    pub at_ms: i64,
-    /// The event.
-    #[serde(flatten)]
-    pub event: AuditEvent,
-    /// The previous record's hash, hex (zeros for the first).
-    pub prev: String,
-    /// SHA-256 over `prev` and this record's content, hex.
-    pub hash: String,
-}
 
 /// The audit table.
 #[derive(Debug, Clone)]
@@ -97,30 +70,6 @@ impl Audit {
     pub(crate) fn tree(&self) -> &sled::Tree {
         &self.tree
     }
-}
-
-/// What `audit verify` found.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Verification {
-    /// Records read.
-    pub records: u64,
-    /// The first break in the chain, if any, in words an auditor can act on.
-    pub problem: Option<String>,
-}
-
-/// The hash that chains a record to its predecessor.
-pub fn chain_hash(
-    prev: &[u8; 32],
-    seq: u64,
-    at_ms: i64,
-    event: &AuditEvent,
-) -> Result<[u8; 32], Error> {
-    let content = serde_json::to_vec(&(seq, at_ms, &event.kind, &event.detail))
-        .map_err(|e| Error::Store(e.to_string()))?;
-    let mut hasher = Sha256::new();
-    hasher.update(prev);
-    hasher.update(&content);
-    Ok(hasher.finalize().into())
 }
 
 impl crate::store::AuditLog for Audit {

@@ -12,11 +12,9 @@ pub(in crate::store) mod tokens;
 use std::path::Path;
 use std::sync::Arc;
 
-use super::{CertificateRecord, Consumed, IssuanceStore, NewRecord, Renewal, Store};
-use crate::serial::Serial;
+use super::{Consumed, Issuance, IssuanceStore, Issued, NewRecord, Renewal, Store};
 use crate::Error;
 
-pub use audit::{AuditEvent, AuditRecord, Verification};
 pub use durability::Journaled;
 pub(in crate::store) use journal::Journal;
 
@@ -70,40 +68,6 @@ pub(in crate::store) fn open(dir: &Path, cache_mb: u64) -> Result<Store, Error> 
         durability: Arc::new(durability),
         issuances: Arc::new(issuances),
     })
-}
-
-/// One issuance, as [`Store::record_issuance`] writes it.
-#[derive(Debug)]
-pub struct Issuance<'a> {
-    /// The new certificate's serial.
-    pub serial: &'a Serial,
-    /// Its record.
-    pub record: &'a CertificateRecord,
-    /// The certificate it renews (superseded by it), if a renewal.
-    pub renews: Option<&'a Serial>,
-    /// The token it spends (SHA-256 of the secret), if enrolled by token.
-    pub token: Option<&'a [u8; 32]>,
-    /// Whether it must be its subject's only valid certificate under its label.
-    pub unique_subject: bool,
-    /// Its audit record, and when (unix milliseconds).
-    pub audit: (AuditEvent, i64),
-    /// The token's "now" (unix seconds): expired tokens are refused.
-    pub now: i64,
-}
-
-/// What [`Store::record_issuance`] did.
-#[derive(Debug)]
-pub enum Issued {
-    /// All written.
-    Recorded,
-    /// The serial was taken; nothing written (sign again with a new one).
-    SerialTaken,
-    /// The token can't be used (used, revoked, expired or unknown); nothing written.
-    TokenRefused(Consumed),
-    /// The subject is held by this valid certificate (serial); nothing written.
-    SubjectHeld(String),
-    /// The renewed certificate is no longer current; nothing written.
-    PredecessorNotCurrent(Renewal),
 }
 
 /// The tables an issuance writes, sharing one journal so that it is one write.
@@ -166,6 +130,7 @@ impl IssuanceStore for Issuances {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::serial::Serial;
     use crate::store::conformance::{self, status_counts};
     use crate::store::{AuditEvent, Status};
 
@@ -176,6 +141,29 @@ mod tests {
     }
 
     conformance::suite!(fresh);
+
+    /// Opens what `open` opens once sled has let go of it in this process. sled releases
+    /// its file lock when its I/O threads drop the log file, a moment after the last handle
+    /// is dropped, so opening again at once may find the lock still held for that moment.
+    fn when_unlocked<T, E: std::fmt::Display>(open: impl Fn() -> Result<T, E>) -> T {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match open() {
+                Ok(opened) => return opened,
+                Err(e)
+                    if e.to_string().contains("could not acquire lock")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => panic!("opening again: {e}"),
+            }
+        }
+    }
+
+    fn reopen(dir: &Path) -> Store {
+        when_unlocked(|| Store::open(dir))
+    }
 
     #[tokio::test]
     async fn a_store_from_before_the_status_index_is_filled_in_on_open() {
@@ -202,7 +190,7 @@ mod tests {
             db.flush().expect("flush");
         }
         // What Store::open does to the certificate tables.
-        let db = ::sled::Config::new().path(dir.path()).open().expect("sled");
+        let db = when_unlocked(|| ::sled::Config::new().path(dir.path()).open());
         let certificates = certificates::Certificates::open(&db, Journal::scratch()).expect("open");
         let counts = status_counts(&certificates, 2_020);
         assert_eq!(
@@ -224,7 +212,7 @@ mod tests {
         store.durability.commit().await.expect("commit");
         store.durability.close().await;
         drop(store);
-        let store = Store::open(dir.path()).expect("reopen");
+        let store = reopen(dir.path());
         store
             .audit
             .append(
@@ -250,7 +238,7 @@ mod tests {
         store.durability.close().await;
         drop(store);
         // Reopened (journal applied or checkpointed): the same, and the chain intact.
-        let store = Store::open(dir.path()).expect("reopen");
+        let store = reopen(dir.path());
         assert!(store.certificates.get(&first).expect("get").is_some());
         assert_eq!(store.audit.verify().expect("verify").problem, None);
     }
