@@ -4,6 +4,7 @@
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
@@ -161,6 +162,29 @@ struct ReenrollArgs {
     new_key: Option<hsm::KeyRef>,
 }
 
+/// Standard output failed other than by a closed pipe: the command fails once it is done.
+static OUTPUT_FAILED: AtomicBool = AtomicBool::new(false);
+
+/// `print!` for the command's output: a reader that has gone (`agent status | head -1`)
+/// ends the output quietly, as it does for other Unix tools, instead of the panic `print!`
+/// gives; any other failure (a full disk behind `> file`) is reported and fails the command.
+macro_rules! say {
+    ($($arg:tt)*) => {
+        emit(format_args!($($arg)*))
+    };
+}
+
+fn emit(text: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    if let Err(e) = std::io::stdout().lock().write_fmt(text) {
+        if e.kind() != std::io::ErrorKind::BrokenPipe
+            && !OUTPUT_FAILED.swap(true, Ordering::Relaxed)
+        {
+            eprintln!("error: writing the output failed: {e}");
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -204,6 +228,7 @@ fn main() -> ExitCode {
     // `OPENSSL_cleanup` runs at exit (see `hsm::tpm`'s `Drop for Tpm`).
     drop(runtime);
     match outcome {
+        Ok(_) if OUTPUT_FAILED.load(Ordering::Relaxed) => ExitCode::FAILURE,
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e}");
@@ -247,7 +272,7 @@ async fn run(cli: Cli) -> Result<ExitCode, agent::Error> {
                 new_key: args.new_key,
             })
             .await?;
-            println!("renewed\n{renewed}");
+            say!("renewed\n{renewed}\n");
             Ok(ExitCode::SUCCESS)
         }
         Command::Run(args) => {
@@ -258,14 +283,14 @@ async fn run(cli: Cli) -> Result<ExitCode, agent::Error> {
         Command::Status(args) => {
             let config = AgentConfig::load(&args.config)?;
             let Some(status) = Status::read(&config.state_dir)? else {
-                print!(
+                say!(
                     "{}",
                     Status::render_never_ran(&config.state_dir, &args.config)
                 );
                 return Ok(ExitCode::from(EXIT_NOT_RUNNING));
             };
-            print!("{}", status.render());
-            print!(
+            say!("{}", status.render());
+            say!(
                 "{}",
                 agent::daemon::proxy::describe(&config.proxy, &config.state_dir)
             );
@@ -337,7 +362,7 @@ async fn enroll_one(args: EnrollArgs) -> Result<ExitCode, agent::Error> {
         keys,
     })
     .await?;
-    println!("enrolled\n{enrolled}");
+    say!("enrolled\n{enrolled}\n");
     Ok(ExitCode::SUCCESS)
 }
 
@@ -356,7 +381,7 @@ async fn enroll_batch(args: EnrollArgs, csv: PathBuf) -> Result<ExitCode, agent:
         concurrency: usize::from(args.concurrency),
     })
     .await?;
-    println!("{outcome}");
+    say!("{outcome}\n");
     Ok(if outcome.failed() == 0 {
         ExitCode::SUCCESS
     } else {

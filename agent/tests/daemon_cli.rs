@@ -61,3 +61,40 @@ fn status_without_a_daemon_exits_3_and_says_how_to_start_one() {
     assert!(stdout.contains("NOT RUNNING"), "{stdout}");
     assert!(stdout.contains("agent run --config"), "{stdout}");
 }
+
+/// `agent status | head -1` once `head` has gone: the output ends quietly with the status's
+/// own exit code, not the panic `print!` gives on a closed pipe (exit 101). Output that can't
+/// be written for another reason (a full disk) fails the command and says so.
+#[test]
+fn status_into_a_closed_pipe_ends_quietly_and_into_a_full_disk_fails() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("agent.toml");
+    std::fs::write(&path, CONFIG).expect("write");
+
+    let status_into = |stdout: std::process::Stdio| {
+        let out = agent()
+            .args(["status", "--config"])
+            .arg(&path)
+            .stdout(stdout)
+            .output()
+            .expect("run agent");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    let (code, stderr) = status_into(writer.into());
+    assert_eq!(code, Some(3), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .expect("/dev/full");
+    let (code, stderr) = status_into(full.into());
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("writing the output failed"), "{stderr}");
+}
