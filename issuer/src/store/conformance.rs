@@ -246,7 +246,7 @@ pub(crate) async fn audit_records_chain_by_hash(store: &Store) {
     assert_eq!((verified.records, verified.problem), (4, None));
 }
 
-fn token(secret: &str) -> TokenRecord {
+pub(super) fn token(secret: &str) -> TokenRecord {
     TokenRecord {
         id: "abcd".into(),
         kind: TokenKind::Enrollment,
@@ -422,7 +422,7 @@ pub(crate) async fn entries_list_by_parent_refuse_duplicates_and_delete_with_the
     );
 }
 
-fn node(id: &str, attested_with: Option<AttestedWith>) -> NodeRecord {
+pub(super) fn node(id: &str, attested_with: Option<AttestedWith>) -> NodeRecord {
     NodeRecord {
         spiffe_id: id.into(),
         method: "x509pop".into(),

@@ -6,9 +6,9 @@
 //! beside [`Durability`], the barrier every write passes before its response leaves;
 //! [`Store`] holds one `Arc<dyn …>` of each, so a backend is one more module. The embedded
 //! backend is sled in the state folder (`sled/`), made durable by its journal
-//! ([`Journaled`]). Every backend runs the same cases
-//! (`conformance`). Domain types live beside their trait (`certificates.rs`); how a backend
-//! encodes them is its own business.
+//! ([`Journaled`]). Every backend runs the same cases (`conformance`). Domain types live
+//! beside their trait, one file per aggregate; how a backend encodes them is its own
+//! business.
 
 mod audit;
 mod certificates;

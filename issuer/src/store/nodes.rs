@@ -125,28 +125,16 @@ impl dyn NodeStore {
 mod tests {
     use super::*;
 
-    fn node(id: &str, lineage: &str) -> NodeRecord {
-        NodeRecord {
-            spiffe_id: id.into(),
-            method: "x509pop".into(),
-            attested_at: 1,
-            svid_serial: "01".into(),
-            svid_not_after: 100,
-            evicted: false,
-            can_reattest: true,
-            attested_with: Some(AttestedWith {
-                lineage: lineage.into(),
-                certificate_serial: Some("0a".into()),
-                key_sha256: Some(format!("key-of-{lineage}")),
-            }),
-            released: false,
-            banned: false,
-        }
-    }
-
     #[test]
     fn a_node_admits_its_own_lineage_or_any_once_released() {
-        let mut record = node("spiffe://plant.test/agent/x509pop/gw-1", "certificate:01");
+        let mut record = crate::store::conformance::node(
+            "spiffe://plant.test/agent/x509pop/gw-1",
+            Some(AttestedWith {
+                lineage: "certificate:01".into(),
+                certificate_serial: Some("0a".into()),
+                key_sha256: None,
+            }),
+        );
         let same = record.attested_with.clone().expect("with");
         let other = AttestedWith {
             lineage: "certificate:02".into(),

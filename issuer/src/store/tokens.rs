@@ -129,25 +129,9 @@ pub trait TokenStore: Debug + Send + Sync {
 mod tests {
     use super::*;
 
-    fn record(hash: &str, id_len: usize, kind: TokenKind) -> TokenRecord {
-        TokenRecord {
-            id: hash[..id_len].to_owned(),
-            kind,
-            hash: hash.to_owned(),
-            label: "device".into(),
-            subject: None,
-            dns: vec![],
-            ips: vec![],
-            created_at: 0,
-            expires_at: 100,
-            used_at: None,
-            revoked_at: None,
-        }
-    }
-
     #[test]
     fn state_puts_revoked_before_spent_and_expired() {
-        let fresh = record(&"ab".repeat(32), 8, TokenKind::Enrollment);
+        let fresh = crate::store::conformance::token("secret");
         let cases = [
             (fresh.clone(), 10, TokenState::Unused),
             (fresh.clone(), 100, TokenState::Expired),

@@ -117,13 +117,13 @@ impl Journaled {
     }
 
     /// Resolves once the store is broken, with the error: the store can't be written again
-    /// by this process (see [`super::journal::Flushed::broken`]).
+    /// by this process (see [`Journal::broken`]).
     pub async fn broken(&self) -> String {
-        let mut rx = self.journal.state();
+        let mut rx = self.journal.broken();
         let error = rx
-            .wait_for(|s| s.broken.is_some())
+            .wait_for(Option::is_some)
             .await
-            .map(|state| state.broken.clone().unwrap_or_default());
+            .map(|broken| broken.clone().unwrap_or_default());
         match error {
             Ok(error) => error,
             // The journal is gone (shutdown): never "broken" from here on.
@@ -175,7 +175,7 @@ impl Checkpointer {
     /// A sled flush bounded by the deadline, run when nothing journaled is left to
     /// checkpoint: it writes nothing, but returns an error sled kept from a failed write.
     async fn probe(&self) {
-        if self.journal.state().borrow().broken.is_some() {
+        if self.journal.broken().borrow().is_some() {
             return;
         }
         let db = self.db.clone();
@@ -195,7 +195,7 @@ impl Checkpointer {
 
     async fn run(&self) -> bool {
         let writable = self.volume.get().is_none_or(|v| v.probe().is_ok());
-        if !writable || self.journal.state().borrow().broken.is_some() {
+        if !writable || self.journal.broken().borrow().is_some() {
             return false;
         }
         let (db, log, journal) = (self.db.clone(), self.log.clone(), self.journal.clone());

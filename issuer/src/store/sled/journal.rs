@@ -51,21 +51,6 @@ const MAX_RECORD: usize = 256 * 1024 * 1024;
 /// How far ahead of its records a segment is zero-filled.
 const PREALLOCATE: u64 = 1024 * 1024;
 
-/// Where durability stands. Receivers are notified only when the store breaks: a waiting
-/// request is told of its own record by the commit that wrote it ([`Queue::waiters`]), so a commit wakes
-/// exactly the requests it made durable, and nothing else (the serve loop watching for a
-/// broken store would otherwise wake at every commit).
-#[derive(Debug, Clone, Default)]
-pub struct Flushed {
-    /// Every record up to here is on disk.
-    pub durable: u64,
-    /// Set once a write or fsync of the journal (or a checkpoint of sled) failed: after a
-    /// failed fsync the kernel may have dropped the dirty pages, so nothing written since
-    /// the last good one can be trusted (PostgreSQL's "fsyncgate" lesson), and sled keeps a
-    /// failed write's error for good. Only a restart on what is on disk recovers.
-    pub broken: Option<String>,
-}
-
 /// The journal: hands out record numbers, queues records, and makes them durable on the
 /// thread of a request that waits for them (group commit without a committer thread).
 #[derive(Debug, Clone)]
@@ -83,7 +68,13 @@ struct Shared {
     /// then `order`, then `queue`; a writer holds `order` and `queue` only while it applies
     /// and queues its record, never while waiting for the disk.
     tail: Mutex<Tail>,
-    state: watch::Sender<Flushed>,
+    /// Set once a write or fsync of the journal (or a checkpoint of sled) failed: after a
+    /// failed fsync the kernel may have dropped the dirty pages, so nothing written since
+    /// the last good one can be trusted (PostgreSQL's "fsyncgate" lesson), and sled keeps a
+    /// failed write's error for good. Only a restart on what is on disk recovers. It changes
+    /// once; waiting requests hear of their own record from the commit that wrote it
+    /// ([`Queue::waiters`]), so nothing watching this wakes at every commit.
+    broken: watch::Sender<Option<String>>,
     dir: PathBuf,
 }
 
@@ -101,7 +92,7 @@ struct Queue {
     assigned: u64,
     /// Records not yet written to the segment.
     pending: Vec<u8>,
-    /// Every record up to here is on disk (as [`Flushed::durable`]).
+    /// Every record up to here is on disk.
     durable: u64,
     /// A request is writing and syncing for everyone; the others wait in `waiters`.
     leading: bool,
@@ -415,10 +406,7 @@ impl Journal {
         let path = segment_path(&dir, last + 1);
         let segment = Segment::create(&path).map_err(Error::io(&path))?;
         sync_dir(&dir)?;
-        let (state, _) = watch::channel(Flushed {
-            durable: last,
-            broken: None,
-        });
+        let (broken, _) = watch::channel(None);
         let shared = Arc::new(Shared {
             order: Mutex::new(()),
             queue: Mutex::new(Queue {
@@ -430,7 +418,7 @@ impl Journal {
                 segment,
                 written: last,
             }),
-            state,
+            broken,
             dir,
         });
         Ok(Self { shared })
@@ -450,7 +438,7 @@ impl Journal {
             .order
             .lock()
             .map_err(|_| Error::Store("the store's write lock is poisoned".into()))?;
-        if let Some(error) = &self.shared.state.borrow().broken {
+        if let Some(error) = &*self.shared.broken.borrow() {
             return Err(Error::Store(format!("writing to disk failed: {error}")));
         }
         Ok(Write {
@@ -522,22 +510,21 @@ impl Journal {
         Error::Store(format!(
             "writing to disk failed: {}",
             self.shared
-                .state
-                .borrow()
                 .broken
+                .borrow()
                 .clone()
                 .unwrap_or_else(|| "the store is broken".into())
         ))
     }
 
-    /// Marks the store broken with `error` (see [`Flushed::broken`]).
+    /// Marks the store broken with `error` (see [`Shared::broken`]).
     pub fn fail(&self, error: String) {
         self.shared.fail(error);
     }
 
-    /// A receiver of the durability state.
-    pub fn state(&self) -> watch::Receiver<Flushed> {
-        self.shared.state.subscribe()
+    /// Why the store is broken, once it is (see [`Shared::broken`]).
+    pub fn broken(&self) -> watch::Receiver<Option<String>> {
+        self.shared.broken.subscribe()
     }
 
     /// Records handed out so far, and how many are on disk.
@@ -687,12 +674,12 @@ impl Segment {
 
 impl Shared {
     fn fail(&self, error: String) {
-        self.state.send_modify(|s| {
-            s.broken.get_or_insert(error);
+        self.broken.send_modify(|broken| {
+            broken.get_or_insert(error);
         });
         if let Ok(mut queue) = self.queue.lock() {
             queue.broken = true;
-            let error = self.state.borrow().broken.clone().unwrap_or_default();
+            let error = self.broken.borrow().clone().unwrap_or_default();
             for (_, waiter) in queue.waiters.drain(..) {
                 let _ = waiter.send(Told::Broken(error.clone()));
             }
@@ -709,11 +696,6 @@ impl Shared {
             return;
         }
         queue.durable = synced;
-        // Without notifying: see [`Flushed`].
-        self.state.send_if_modified(|s| {
-            s.durable = s.durable.max(synced);
-            false
-        });
         while queue
             .waiters
             .front()
@@ -736,6 +718,8 @@ impl Shared {
     /// whose records were queued by now.
     fn commit(&self, tail: &mut Tail) {
         let (bytes, upto) = match self.queue.lock() {
+            // Everything written is on disk already (a checkpoint took it): no sync to make.
+            Ok(queue) if queue.pending.is_empty() && queue.durable >= tail.written => return,
             Ok(mut queue) if !queue.broken => (std::mem::take(&mut queue.pending), queue.assigned),
             _ => return,
         };
