@@ -132,18 +132,29 @@ pub fn refuse_existing(path: &Path, overwrite: Overwrite) -> Result<(), Error> {
 
 /// Writes `bytes` to `path` through a temporary file in the same directory (created 0600 by
 /// `tempfile`, so a key is never readable by others, even for a moment), then renames it into
-/// place. With `Overwrite::Refuse` the rename fails if `path` exists, even if it appeared
-/// after an earlier check.
+/// place and flushes the directory. With `Overwrite::Refuse` the rename fails if `path`
+/// exists, even if it appeared after an earlier check.
 pub fn write_atomically(
     path: &Path,
     bytes: &[u8],
     mode: u32,
     overwrite: Overwrite,
 ) -> Result<(), Error> {
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
+    replace_file(path, bytes, mode, overwrite)?;
+    // The rename is durable only once the directory entry is on disk.
+    sync_directory(parent_of(path))
+}
+
+/// [`write_atomically`] without the directory flush: the file's content is on disk and
+/// readers see the old file or the new one, but the rename itself is durable only after
+/// [`sync_directory`]. For writing many files in one directory with one flush at the end.
+pub fn replace_file(
+    path: &Path,
+    bytes: &[u8],
+    mode: u32,
+    overwrite: Overwrite,
+) -> Result<(), Error> {
+    let dir = parent_of(path);
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -167,16 +178,26 @@ pub fn write_atomically(
         Overwrite::Refuse => temp.persist_noclobber(path),
     };
     match persisted {
-        Ok(_) => {}
+        Ok(_) => Ok(()),
         Err(e) if e.error.kind() == std::io::ErrorKind::AlreadyExists => {
-            return Err(Error::WouldOverwrite(path.to_owned()));
+            Err(Error::WouldOverwrite(path.to_owned()))
         }
-        Err(e) => return Err(io(e.error)),
+        Err(e) => Err(io(e.error)),
     }
-    // The rename is durable only once the directory entry is on disk.
+}
+
+/// Flushes `dir` itself: renames and removals in it survive a power cut once this returns.
+pub fn sync_directory(dir: &Path) -> Result<(), Error> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(Error::io(dir))
+}
+
+fn parent_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
 }
 
 /// The key reference in a `key.ref` file, its relative paths resolved against the file's

@@ -167,6 +167,26 @@ impl Issuer {
         Ok(())
     }
 
+    /// Starts `issuer serve` again with its agent API on the address it had (issuer.toml
+    /// says port 0 until now): agents keep the URL they were configured with, so an issuer
+    /// coming back from an outage must come back there.
+    pub fn serve_on_the_same_agent_api(&mut self) -> Result<()> {
+        let api = self.agent_api_url()?;
+        self.kill()?;
+        let port = api.rsplit(':').next().context("port")?;
+        let toml = std::fs::read_to_string(self.config())?;
+        let (head, tail) = toml.split_once("[agent_api]").context("[agent_api]")?;
+        let tail = tail.replacen(
+            "listen = \"127.0.0.1:0\"",
+            &format!("listen = \"127.0.0.1:{port}\""),
+            1,
+        );
+        std::fs::write(self.config(), format!("{head}[agent_api]{tail}"))?;
+        self.serve()?;
+        ensure!(self.agent_api_url()? == api, "the issuer's agent API moved");
+        Ok(())
+    }
+
     /// Restarts `issuer serve` with `env` added (kept for later restarts), e.g. libfaketime's
     /// variables for clock-fault tests.
     pub fn serve_with_env(&mut self, env: &[(&str, &str)]) -> Result<()> {
@@ -1145,6 +1165,20 @@ impl Agent {
                 .args(["status", "--config"])
                 .arg(self.config()),
         )
+    }
+
+    /// SIGKILL, as a power cut would: nothing is saved on the way out. The socket file is
+    /// removed as a reboot would (it lives on /run, a tmpfs), so [`Agent::run`] waits for
+    /// the new daemon's socket and not the dead one's.
+    pub fn kill(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        match std::fs::remove_file(&self.socket) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
+            _ => Ok(()),
+        }
     }
 
     /// SIGTERM, then waits for a clean exit; returns whether it exited successfully.

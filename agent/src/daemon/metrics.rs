@@ -93,6 +93,7 @@ pub struct Metrics {
     svids: Gauge,
     entries: Gauge,
     node_expiry: Gauge,
+    from_cache: Gauge,
     attestations: Family<OutcomeLabel, Counter>,
     issuer_errors: Counter,
     requests: Family<RequestLabels, Counter>,
@@ -118,6 +119,7 @@ impl Metrics {
             svids: Gauge::default(),
             entries: Gauge::default(),
             node_expiry: Gauge::default(),
+            from_cache: Gauge::default(),
             attestations: Family::default(),
             issuer_errors: Counter::default(),
             requests: Family::default(),
@@ -158,6 +160,11 @@ impl Metrics {
             "plant_agent_node_svid_expiry_timestamp_seconds",
             "The node SVID's notAfter as a unix time (0: no node SVID)",
             metrics.node_expiry.clone(),
+        );
+        registry.register(
+            "plant_agent_serving_from_cache",
+            "1 while the agent serves what it saved before a restart, not having reached the issuer since",
+            metrics.from_cache.clone(),
         );
         registry.register(
             "plant_agent_node_attestations",
@@ -204,6 +211,11 @@ impl Metrics {
             .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
             .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
         self.node_expiry.set(expiry);
+    }
+
+    /// Whether what is served came from the saved cache (the issuer not reached since start).
+    pub fn serving_from_cache(&self, yes: bool) {
+        self.from_cache.set(i64::from(yes));
     }
 
     /// One node attestation attempt.

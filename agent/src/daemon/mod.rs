@@ -6,7 +6,8 @@
 //! - [`config`] reads `agent.toml`.
 //! - [`node`]: node attestation (join token, x509pop; tpm) and [`issuer_client`], the agent
 //!   API client that drives it over TLS, then mTLS with the node SVID.
-//! - [`cache`]: entry sync, X509-SVID minting and [`rotation`] at half life ± 10 %.
+//! - [`cache`]: entry sync, X509-SVID minting and [`rotation`] at half life ± 10 %; what it
+//!   holds is saved in the state directory and served after a restart until the issuer answers.
 //! - [`workload_api`]: the SPIFFE Workload API on a Unix socket; callers attested by [`peer`];
 //!   [`h2_authority`] rewrites the socket path some gRPC clients send as `:authority`.
 //! - [`status`]: `<state_dir>/status.json` and `agent status`.

@@ -32,6 +32,10 @@ pub struct Status {
     pub entries: Vec<EntryStatus>,
     /// The last problem, until things work again.
     pub last_error: Option<String>,
+    /// While the daemon serves what it saved before a restart, not having reached the issuer
+    /// since: when that was saved (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serving_cache_saved_at: Option<String>,
 }
 
 /// The node identity.
@@ -97,7 +101,15 @@ impl Status {
             node,
             entries,
             last_error,
+            serving_cache_saved_at: None,
         }
+    }
+
+    /// Says the daemon serves the cache saved at `saved_at` (when it is `Some`).
+    #[must_use]
+    pub fn from_cache(mut self, saved_at: Option<SystemTime>) -> Self {
+        self.serving_cache_saved_at = saved_at.map(proto::rfc3339);
+        self
     }
 
     /// Writes `<state_dir>/status.json` atomically (readers never see half a file).
@@ -171,6 +183,12 @@ impl Status {
             None => {
                 let _ = writeln!(text, "node:         not attested");
             }
+        }
+        if let Some(saved_at) = &self.serving_cache_saved_at {
+            let _ = writeln!(
+                text,
+                "cache:        SERVING THE SAVED CACHE (saved {saved_at}): the issuer has not been reached since the agent started"
+            );
         }
         if let Some(error) = &self.last_error {
             let _ = writeln!(text, "last error:   {error}");

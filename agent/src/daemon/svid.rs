@@ -36,6 +36,13 @@ impl KeyPair {
             .map_err(|e| Error::Csr(format!("reading a P-256 key: {e}")))
     }
 
+    /// A key from unencrypted PKCS#8 DER.
+    pub fn from_pkcs8_der(der: &[u8]) -> Result<Self, Error> {
+        rcgen::KeyPair::try_from(der)
+            .map(Self)
+            .map_err(|e| Error::Csr(format!("reading a P-256 key: {e}")))
+    }
+
     /// Unencrypted PKCS#8 DER, as the Workload API hands keys out (`x509_svid_key`).
     pub fn pkcs8_der(&self) -> Zeroizing<Vec<u8>> {
         Zeroizing::new(self.0.serialize_der())

@@ -182,23 +182,13 @@ fn a_tpm_node_attests_again_by_itself_after_its_svid_lapsed_in_an_outage() -> Re
     let node = agent.node_id()?;
     let (first, _) = agent.node_status()?;
 
-    let api = issuer.agent_api_url()?;
     issuer.kill()?;
     agent.wait_status("attestation retried after the lapse", |(_, error)| {
         error.as_deref().is_some_and(|e| e.contains("attesting"))
     })?;
 
     // Back on the same address: the agent proves its TPM again, with no one's help.
-    let port = api.rsplit(':').next().context("port")?;
-    let toml = std::fs::read_to_string(issuer.config())?;
-    let (head, tail) = toml.split_once("[agent_api]").context("[agent_api]")?;
-    let tail = tail.replacen(
-        "listen = \"127.0.0.1:0\"",
-        &format!("listen = \"127.0.0.1:{port}\""),
-        1,
-    );
-    std::fs::write(issuer.config(), format!("{head}[agent_api]{tail}"))?;
-    issuer.serve()?;
+    issuer.serve_on_the_same_agent_api()?;
     agent.wait_status("attested again", |(expires, error)| {
         expires.is_some() && expires != &first && error.is_none()
     })?;

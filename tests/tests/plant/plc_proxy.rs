@@ -806,3 +806,49 @@ fn a_write_smuggled_inside_a_read_is_refused_and_never_reaches_the_plc() -> Resu
     }
     Ok(())
 }
+
+#[test]
+fn a_gateway_restarted_during_an_issuer_outage_fronts_its_plc_from_the_saved_cache() -> Result<()> {
+    let mut plant = plant("1h")?;
+    let hmi = plant.outbound("hmi-1")?;
+    let read = serde_json::json!([["read_holding", 0, 3]]);
+    assert_eq!(scada(hmi, read.clone())?[0]["result"], "ok");
+
+    // The gateway loses power while the issuer is unreachable. It comes back on the same
+    // proxy address (the client agent's outbound proxy is configured with it).
+    let press = plant.gateway.proxy_address("press-7")?;
+    plant.gateway.kill()?;
+    plant.issuer.kill()?;
+    let toml = std::fs::read_to_string(plant.gateway.config())?;
+    let toml = toml.replacen(
+        "\nlisten = \"127.0.0.1:0\"",
+        &format!("\nlisten = \"{press}\""),
+        1,
+    );
+    std::fs::write(plant.gateway.config(), toml)?;
+    std::fs::remove_file(plant.gateway.dir.path().join("state/proxies.json"))?;
+    plant.gateway.run()?;
+    ensure!(
+        plant.gateway.proxy_address("press-7")? == press,
+        "the proxy moved"
+    );
+
+    // Its PLC identity, the bundle and the CRL come from the saved cache: the SCADA client
+    // reaches the PLC through mTLS again with no issuer anywhere.
+    plant.gateway.wait_for_log("proxy identity ready", 2)?;
+    let results = scada(hmi, read)?;
+    assert_eq!(
+        results[0]["result"],
+        "ok",
+        "{}\n{}",
+        results[0],
+        plant.gateway.log()
+    );
+    assert_eq!(values(&results[0]), [0, 1, 2]);
+    ensure!(
+        plant.gateway.status()?.contains("SERVING THE SAVED CACHE"),
+        "{}",
+        plant.gateway.status()?
+    );
+    Ok(())
+}

@@ -364,7 +364,6 @@ async fn x509pop_agent_keeps_serving_through_an_issuer_outage() -> Result<()> {
     let mut updates = source.updated();
 
     // The issuer goes away; the agent's next sync or rotation fails…
-    let api = issuer.agent_api_url()?;
     issuer.kill()?;
     let error = wait_for_error(&agent)?;
     assert!(!error.is_empty());
@@ -375,17 +374,7 @@ async fn x509pop_agent_keeps_serving_through_an_issuer_outage() -> Result<()> {
     assert_eq!(out.trim(), format!("ok {HISTORIAN}"), "{}", agent.log());
 
     // The issuer comes back on the same address; the agent's retries get a new SVID.
-    let port = api.rsplit(':').next().context("port")?;
-    let toml = std::fs::read_to_string(issuer.config())?;
-    let (head, tail) = toml.split_once("[agent_api]").context("[agent_api]")?;
-    let tail = tail.replacen(
-        "listen = \"127.0.0.1:0\"",
-        &format!("listen = \"127.0.0.1:{port}\""),
-        1,
-    );
-    std::fs::write(issuer.config(), format!("{head}[agent_api]{tail}"))?;
-    issuer.serve()?;
-    ensure!(issuer.agent_api_url()? == api, "the issuer moved");
+    issuer.serve_on_the_same_agent_api()?;
     tokio::time::timeout(Duration::from_secs(45), updates.changed())
         .await
         .with_context(|| format!("no new SVID after the issuer returned:\n{}", agent.log()))??;
@@ -443,21 +432,11 @@ async fn x509pop_node_renews_and_attests_again_after_its_svid_lapsed() -> Result
 
     // The issuer goes away long enough for the node SVID to lapse; the agent then tries to
     // attest again by itself, and succeeds once the issuer is back on the same address.
-    let api = issuer.agent_api_url()?;
     issuer.kill()?;
     agent.wait_status("attestation retried after the lapse", |(_, error)| {
         error.as_deref().is_some_and(|e| e.contains("attesting"))
     })?;
-    let port = api.rsplit(':').next().context("port")?;
-    let toml = std::fs::read_to_string(issuer.config())?;
-    let (head, tail) = toml.split_once("[agent_api]").context("[agent_api]")?;
-    let tail = tail.replacen(
-        "listen = \"127.0.0.1:0\"",
-        &format!("listen = \"127.0.0.1:{port}\""),
-        1,
-    );
-    std::fs::write(issuer.config(), format!("{head}[agent_api]{tail}"))?;
-    issuer.serve()?;
+    issuer.serve_on_the_same_agent_api()?;
     agent.wait_status("attested again", |(expires, error)| {
         expires.is_some() && expires != &renewed && error.is_none()
     })?;
@@ -787,5 +766,115 @@ fn an_entry_that_names_no_user_is_refused_with_the_reason() -> Result<()> {
         &["legacy:device:press-9"],
         &[],
     )?;
+    Ok(())
+}
+
+/// The SPIFFE IDs and leaf serials a workload gets from one FetchX509SVID (the `spiffe`
+/// crate's client), sorted by ID.
+async fn fetched(agent: &Agent) -> Result<Vec<(String, Vec<u8>)>> {
+    let client =
+        WorkloadApiClient::connect_to(&format!("unix://{}", agent.socket.display())).await?;
+    let context = tokio::time::timeout(Duration::from_secs(10), client.fetch_x509_context())
+        .await
+        .with_context(|| format!("FetchX509SVID unanswered after 10 s:\n{}", agent.log()))?
+        .with_context(|| format!("FetchX509SVID:\n{}", agent.log()))?;
+    let mut svids = context
+        .svids()
+        .iter()
+        .map(|svid| Ok((svid.spiffe_id().to_string(), leaf_serial(svid)?)))
+        .collect::<Result<Vec<_>>>()?;
+    svids.sort();
+    Ok(svids)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_restarted_during_an_issuer_outage_serves_its_saved_cache_then_reconciles(
+) -> Result<()> {
+    const SCADA: &str = "spiffe://plant.example/scada";
+    let mut issuer = Issuer::start()?;
+    let token = issuer.join_token()?;
+    let mut agent = Agent::start_with_join_token(&issuer, &token)?;
+    let node = agent.node_id()?;
+    let uid = format!("unix:uid:{}", plant_tests::own_uid()?);
+    issuer.create_entry(HISTORIAN, &node, &[&uid], &["--ttl", "10m"])?;
+    let scada = issuer.create_entry(SCADA, &node, &[&uid], &["--ttl", "10m"])?;
+    agent.wait_for_svid(HISTORIAN)?;
+    agent.wait_for_svid(SCADA)?;
+    let before = fetched(&agent).await?;
+    assert_eq!(before.len(), 2, "{before:?}");
+    // Saved as it changes: both SVID files are there (owner-only) before the power cut.
+    let svids = agent.dir.path().join("state/cache/svids");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::fs::read_dir(&svids).map_or(0, Iterator::count) < 2 {
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "no saved SVIDs in {}:\n{}",
+            svids.display(),
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for file in std::fs::read_dir(&svids)? {
+        let mode = std::os::unix::fs::PermissionsExt::mode(&file?.metadata()?.permissions());
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    // A power cut takes the gateway down; while it is down the operator deletes the scada
+    // entry, then the network to the issuer goes too.
+    agent.kill()?;
+    run_ok(issuer.cli().args(["entry", "delete", &scada]))?;
+    issuer.kill()?;
+
+    // The gateway comes back with no issuer to reach: its workloads get what it held.
+    let started = std::time::Instant::now();
+    agent.run()?;
+    let served = fetched(&agent).await?;
+    let took = started.elapsed();
+    assert_eq!(served, before, "the saved SVIDs, the same certificates");
+    println!("SVIDs served from the saved cache {took:?} after `agent run` started");
+    let status = agent.status()?;
+    ensure!(status.contains("SERVING THE SAVED CACHE"), "{status}");
+    let text = agent.metrics()?;
+    assert_eq!(
+        plant_tests::metric(&text, "plant_agent_serving_from_cache"),
+        Some(1.0),
+        "{text}"
+    );
+
+    // The issuer is back: the agent syncs, drops the deleted entry's SVID and says it no
+    // longer serves the cache.
+    issuer.serve_on_the_same_agent_api()?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(45);
+    loop {
+        let now = fetched(&agent).await?;
+        if now.len() == 1 {
+            assert_eq!(now[0], before[0], "the historian SVID stays");
+            assert_eq!(now[0].0, HISTORIAN);
+            break;
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "the deleted entry is still served: {now:?}\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let status = agent.status()?;
+    ensure!(!status.contains("SAVED CACHE"), "{status}");
+    let text = agent.metrics()?;
+    assert_eq!(
+        plant_tests::metric(&text, "plant_agent_serving_from_cache"),
+        Some(0.0),
+        "{text}"
+    );
+    ensure!(
+        !svids.join(format!("{scada}.json")).exists(),
+        "the deleted entry's SVID file is removed"
+    );
+    ensure!(
+        agent.stop()?,
+        "agent did not exit cleanly:\n{}",
+        agent.log()
+    );
     Ok(())
 }

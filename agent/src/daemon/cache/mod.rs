@@ -7,6 +7,10 @@
 //! publication wakes them to push the new state. An SVID is dropped from the snapshot the
 //! moment it expires, so nothing expired is ever served, while valid ones keep being served
 //! through an issuer outage.
+//!
+//! Everything served is also saved to `<state_dir>/cache/` as it changes ([`saved`]); at
+//! start the agent serves that at once and says so (`agent status`, metrics) until it reaches
+//! the issuer, so a restart during an outage does not leave workloads and PLCs with nothing.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -31,6 +35,11 @@ use crate::daemon::svid::{
 };
 use crate::pem_files::{self, Overwrite};
 use crate::Error;
+
+mod saved;
+
+use saved::SavedCache;
+pub use saved::CACHE_DIR;
 
 /// CSRs per MintX509Svids call.
 const MINT_BATCH: usize = 100;
@@ -101,6 +110,7 @@ struct Fingerprint {
     entries: Vec<(String, u64)>,
     svids: Vec<(String, SystemTime)>,
     node: Option<SystemTime>,
+    from_cache: bool,
 }
 
 /// A pass that finds the wall clock earlier than the previous pass by more than this saw
@@ -123,6 +133,11 @@ pub struct Manager {
     snapshot: Snapshot,
     last_error: Option<String>,
     state: watch::Sender<Arc<Snapshot>>,
+    /// The cache on disk, saved after every change.
+    saved: SavedCache,
+    /// While what is served came from the saved cache (the issuer not reached since the
+    /// start): when that cache was saved.
+    from_cache: Option<SystemTime>,
 }
 
 /// The node identity's part: how the node attests, the identity it holds, and when to try
@@ -207,6 +222,7 @@ impl Manager {
         let (state, state_rx) = watch::channel(Arc::new(snapshot.clone()));
         let (issuer, issuer_rx) = watch::channel(None);
         let now = SystemTime::now();
+        let saved = SavedCache::new(&state_dir);
         let manager = Self {
             trust_domain,
             state_dir,
@@ -224,6 +240,8 @@ impl Manager {
             sync_schedule: Schedule::at(now),
             mint_schedule: Schedule::at(now),
             last_pass: now,
+            saved,
+            from_cache: None,
             snapshot,
             last_error: None,
             state,
@@ -244,6 +262,7 @@ impl Manager {
         shutdown: impl std::future::Future<Output = ()>,
     ) -> Result<(), Error> {
         self.load_persisted_node();
+        self.restore_saved_cache(SystemTime::now());
         tokio::pin!(shutdown);
         loop {
             let wake = self.step(SystemTime::now()).await?;
@@ -271,7 +290,11 @@ impl Manager {
             self.mint(now).await;
         }
         self.drop_expired(SystemTime::now());
-        if self.fingerprint() != before || self.last_error != error_before {
+        let changed = self.fingerprint() != before;
+        if changed {
+            self.save();
+        }
+        if changed || self.last_error != error_before {
             self.publish();
         }
         Ok(self.next_wake(SystemTime::now()))
@@ -315,6 +338,41 @@ impl Manager {
             Err(e) => {
                 tracing::warn!(error = %e, "persisted node identity not readable; attesting again")
             }
+        }
+    }
+
+    /// Serves the saved cache, if there is one, until the issuer is reached: after a restart
+    /// during an issuer outage workloads and the PLC proxy get at once what they had.
+    fn restore_saved_cache(&mut self, now: SystemTime) {
+        let Some(restored) = self.saved.load(&self.trust_domain, now) else {
+            return;
+        };
+        tracing::info!(
+            entries = restored.entries.len(),
+            svids = restored.svids.len(),
+            saved_at = %proto::rfc3339(restored.saved_at),
+            "serving the saved cache until the issuer is reached"
+        );
+        if !restored.bundle.is_empty() {
+            self.snapshot.bundle = restored.bundle;
+        }
+        self.snapshot.crl = restored.crl;
+        self.snapshot.jwt_bundle = restored.jwt_bundle;
+        self.snapshot.jwt_keys = restored.jwt_keys;
+        self.snapshot.entries = restored.entries;
+        self.snapshot.svids = restored.svids;
+        // The agent knows its entries: callers no entry matches are refused, not kept
+        // waiting for a sync that may be hours away.
+        self.snapshot.synced = true;
+        self.from_cache = Some(restored.saved_at);
+        self.publish();
+    }
+
+    /// Writes what changed to the cache on disk. Serving goes on if that fails; only a
+    /// restart during an outage would miss it.
+    fn save(&mut self) {
+        if let Err(e) = self.saved.save(&self.snapshot) {
+            tracing::warn!(error = %e, "could not save the cache to the state directory");
         }
     }
 
@@ -572,6 +630,9 @@ impl Manager {
         }
         self.snapshot.entries = entries;
         self.snapshot.synced = true;
+        if self.from_cache.take().is_some() {
+            tracing::info!("reached the issuer: serving its entries, no longer the saved cache");
+        }
         if self.last_error.is_some() && self.node.schedule.failures == 0 {
             self.last_error = None;
         }
@@ -703,6 +764,7 @@ impl Manager {
                 .map(|(id, s)| (id.clone(), s.not_after))
                 .collect(),
             node: self.node.current.as_ref().map(|n| n.identity.not_after),
+            from_cache: self.from_cache.is_some(),
         }
     }
 
@@ -712,6 +774,7 @@ impl Manager {
             self.snapshot.entries.len(),
             self.node.current.as_ref().map(|n| n.identity.not_after),
         );
+        METRICS.serving_from_cache(self.from_cache.is_some());
         self.state.send_replace(Arc::new(self.snapshot.clone()));
         let node = self.node.current.as_ref().map(|n| status::NodeStatus {
             spiffe_id: n.identity.spiffe_id.to_string(),
@@ -724,7 +787,8 @@ impl Manager {
             node,
             &self.snapshot,
             self.last_error.clone(),
-        );
+        )
+        .from_cache(self.from_cache);
         if let Err(e) = status.write(&self.state_dir) {
             tracing::warn!(error = %e, "could not write status.json");
         }

@@ -1,0 +1,679 @@
+//! The cache on disk, `<state_dir>/cache/`: what the agent serves, saved after every change so
+//! that an agent restarted while the issuer is unreachable (a power cut in the middle of a
+//! network outage) serves at once what it held, instead of nothing until the issuer is back.
+//!
+//! - `cache/trust.json`: the trust domain, the X.509 and JWT bundles, the CRLs and this node's
+//!   registration entries. Rewritten only when one of them changes.
+//! - `cache/svids/<entry id>.json`: one X509-SVID each (chain, PKCS#8 key, rotation time,
+//!   entry revision). A rotation rewrites one small file, not the whole cache: a gateway with
+//!   a thousand SVIDs rotates one every few seconds, and its flash should not be rewritten
+//!   megabytes at a time for that.
+//!
+//! Every file is replaced atomically (temporary file, fsync, rename; one directory fsync per
+//! save), owner-only (0600) in the owner-only state directory: the SVID files hold private
+//! keys. Loading trusts nothing it reads: every SVID is checked again (its key certifies its
+//! leaf, the leaf names its entry's SPIFFE ID, it has not expired) and anything else is
+//! dropped with a warning and never served.
+
+use std::collections::BTreeMap;
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use proto::TrustDomain;
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use crate::daemon::cache::Snapshot;
+use crate::daemon::entry::Entry;
+use crate::daemon::jwt::JwtKeys;
+use crate::daemon::rotation::is_valid;
+use crate::daemon::svid::{
+    certificate_validity, ensure_certifies, spiffe_id_of, KeyPair, X509Svid,
+};
+use crate::pem_files::{self, Overwrite};
+use crate::Error;
+
+/// The folder in the state directory.
+pub const CACHE_DIR: &str = "cache";
+const TRUST_FILE: &str = "trust.json";
+const SVIDS_DIR: &str = "svids";
+/// Owner-only: SVID files hold private keys, and the rest is nobody else's business.
+const FILE_MODE: u32 = 0o600;
+const DIR_MODE: u32 = 0o700;
+/// Bumped when the layout changes; a cache of another format is ignored (and replaced).
+const FORMAT: u32 = 1;
+
+/// What a loaded cache gives the agent to serve.
+#[derive(Debug)]
+pub struct Restored {
+    /// When the trust file was written.
+    pub saved_at: SystemTime,
+    /// DER root certificates.
+    pub bundle: Vec<Vec<u8>>,
+    /// DER CRLs.
+    pub crl: Vec<Vec<u8>>,
+    /// The JWKS document.
+    pub jwt_bundle: Vec<u8>,
+    /// `jwt_bundle`, parsed.
+    pub jwt_keys: JwtKeys,
+    /// The node's entries, sorted by id.
+    pub entries: Vec<Arc<Entry>>,
+    /// The X509-SVIDs still valid, by entry id.
+    pub svids: BTreeMap<String, Arc<X509Svid>>,
+}
+
+/// The cache folder and what is in it, so a save writes only what changed.
+#[derive(Debug)]
+pub struct SavedCache {
+    dir: PathBuf,
+    /// A hash of the trust file's content as last written (`None`: not written by this run).
+    trust: Option<u64>,
+    /// SVID files on disk by entry id, with the notAfter of the SVID each holds (`None`: a
+    /// file this run did not write or load, replaced or removed at the next save).
+    svids: BTreeMap<String, Option<SystemTime>>,
+}
+
+/// `trust.json`, as written (borrowing the snapshot) and as read.
+#[derive(Serialize)]
+struct TrustOut<'a> {
+    format: u32,
+    trust_domain: &'a str,
+    bundle: Vec<String>,
+    crl: Vec<String>,
+    jwt_bundle: String,
+    entries: Vec<EntryOut<'a>>,
+}
+
+#[derive(Serialize)]
+struct EntryOut<'a> {
+    id: &'a str,
+    spiffe_id: &'a str,
+    selectors: Vec<String>,
+    hint: &'a str,
+    revision: u64,
+}
+
+#[derive(Deserialize)]
+struct TrustIn {
+    format: u32,
+    trust_domain: String,
+    bundle: Vec<String>,
+    crl: Vec<String>,
+    jwt_bundle: String,
+    entries: Vec<EntryIn>,
+}
+
+#[derive(Deserialize)]
+struct EntryIn {
+    id: String,
+    spiffe_id: String,
+    selectors: Vec<String>,
+    hint: String,
+    revision: u64,
+}
+
+/// One `svids/<entry id>.json`.
+/// The key is borrowed both ways: written from a zeroized buffer, read from the zeroized
+/// file bytes, so no copy of it outlives the call.
+#[derive(Serialize, Deserialize)]
+struct SvidFile<'a> {
+    format: u32,
+    entry_id: String,
+    entry_revision: u64,
+    /// Base64 DER, leaf first.
+    chain: Vec<String>,
+    /// Base64 PKCS#8 DER.
+    #[serde(borrow)]
+    key: &'a str,
+    /// Unix seconds.
+    rotate_at: u64,
+}
+
+impl SavedCache {
+    /// The cache folder of `state_dir`; nothing is read yet.
+    pub fn new(state_dir: &Path) -> Self {
+        Self {
+            dir: state_dir.join(CACHE_DIR),
+            trust: None,
+            svids: BTreeMap::new(),
+        }
+    }
+
+    /// Reads the cache: what it holds for `trust_domain` that may still be served at `now`,
+    /// or `None` when there is nothing usable (no cache yet, another trust domain, another
+    /// format, an unreadable trust file; each but the first is logged).
+    pub fn load(&mut self, trust_domain: &TrustDomain, now: SystemTime) -> Option<Restored> {
+        // Every SVID file present is the next save's to replace or remove, whatever is in it.
+        for name in self.svid_file_names() {
+            if let Some(id) = entry_id_of(&name) {
+                self.svids.insert(id, None);
+            }
+        }
+        match self.read(trust_domain, now) {
+            Ok(restored) => restored,
+            Err(e) => {
+                tracing::warn!(error = %e, "the saved cache is not usable; starting empty");
+                None
+            }
+        }
+    }
+
+    fn read(
+        &mut self,
+        trust_domain: &TrustDomain,
+        now: SystemTime,
+    ) -> Result<Option<Restored>, Error> {
+        let path = self.dir.join(TRUST_FILE);
+        let bytes = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io(&path)(e)),
+        };
+        let bad = |message: String| Error::certificate(path.display().to_string(), message);
+        let trust: TrustIn = serde_json::from_slice(&bytes).map_err(|e| bad(e.to_string()))?;
+        if trust.format != FORMAT {
+            return Err(bad(format!(
+                "format {} (this agent writes {FORMAT})",
+                trust.format
+            )));
+        }
+        if trust.trust_domain != trust_domain.as_str() {
+            return Err(bad(format!(
+                "saved for trust domain {}, this agent is in {trust_domain}",
+                trust.trust_domain
+            )));
+        }
+        // The file's modification time says when: the content has no clock in it, so an
+        // unchanged cache compares equal and is not rewritten.
+        let saved_at = std::fs::metadata(&path)
+            .and_then(|m| m.modified())
+            .map_err(Error::io(&path))?;
+        let ders = |list: Vec<String>, what: &str| {
+            list.iter()
+                .map(|text| B64.decode(text))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| bad(format!("{what}: {e}")))
+        };
+        let bundle = ders(trust.bundle, "bundle")?;
+        let crl = ders(trust.crl, "crl")?;
+        let jwt_bundle = B64
+            .decode(&trust.jwt_bundle)
+            .map_err(|e| bad(format!("jwt_bundle: {e}")))?;
+        let jwt_keys = JwtKeys::from_jwks(&jwt_bundle).map_err(|e| bad(e.to_string()))?;
+        let mut entries = Vec::with_capacity(trust.entries.len());
+        for entry in trust.entries {
+            let wire = proto::agent::RegistrationEntry {
+                id: entry.id,
+                spiffe_id: entry.spiffe_id,
+                selectors: entry.selectors,
+                hint: entry.hint,
+                revision: entry.revision,
+                ..Default::default()
+            };
+            match Entry::from_wire(wire) {
+                Ok(entry) => entries.push(Arc::new(entry)),
+                Err(e) => tracing::warn!(error = %e, "saved entry skipped"),
+            }
+        }
+        entries.sort_by(|a, b| a.id.cmp(&b.id));
+        self.trust = Some(hash(&bytes));
+
+        let mut svids = BTreeMap::new();
+        for entry in &entries {
+            if !self.svids.contains_key(&entry.id) {
+                continue;
+            }
+            let path = self.svid_path(&entry.id);
+            match read_svid(&path, entry, now) {
+                Ok(svid) => {
+                    self.svids.insert(entry.id.clone(), Some(svid.not_after));
+                    svids.insert(entry.id.clone(), Arc::new(svid));
+                }
+                Err(e) => tracing::warn!(error = %e, "saved X509-SVID not served"),
+            }
+        }
+        Ok(Some(Restored {
+            saved_at,
+            bundle,
+            crl,
+            jwt_bundle,
+            jwt_keys,
+            entries,
+            svids,
+        }))
+    }
+
+    /// Writes what changed in `snapshot` since the last save and removes the SVID files of
+    /// SVIDs no longer held. A file that can't be written is tried again at the next save.
+    pub fn save(&mut self, snapshot: &Snapshot) -> Result<(), Error> {
+        let svids_dir = self.dir.join(SVIDS_DIR);
+        if !svids_dir.is_dir() {
+            for dir in [&self.dir, &svids_dir] {
+                std::fs::create_dir_all(dir).map_err(Error::io(dir))?;
+                set_mode(dir, DIR_MODE)?;
+            }
+        }
+        let mut touched_trust = false;
+        let mut touched_svids = false;
+
+        let trust = trust_json(snapshot)?;
+        let trust_hash = hash(&trust);
+        if self.trust != Some(trust_hash) {
+            let path = self.dir.join(TRUST_FILE);
+            pem_files::replace_file(&path, &trust, FILE_MODE, Overwrite::Allow)?;
+            self.trust = Some(trust_hash);
+            touched_trust = true;
+        }
+
+        let mut failed = None;
+        for (id, svid) in &snapshot.svids {
+            if self.svids.get(id) == Some(&Some(svid.not_after)) {
+                continue;
+            }
+            let written = svid_json(id, svid).and_then(|json| {
+                pem_files::replace_file(&self.svid_path(id), &json, FILE_MODE, Overwrite::Allow)
+            });
+            match written {
+                Ok(()) => {
+                    self.svids.insert(id.clone(), Some(svid.not_after));
+                    touched_svids = true;
+                }
+                Err(e) => failed = Some(e),
+            }
+        }
+        let gone: Vec<String> = self
+            .svids
+            .keys()
+            .filter(|id| !snapshot.svids.contains_key(*id))
+            .cloned()
+            .collect();
+        for id in gone {
+            let path = self.svid_path(&id);
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    failed = Some(Error::io(&path)(e));
+                    continue;
+                }
+            }
+            self.svids.remove(&id);
+            touched_svids = true;
+        }
+        // One directory flush per folder per save, however many files were replaced.
+        if touched_svids {
+            pem_files::sync_directory(&svids_dir)?;
+        }
+        if touched_trust {
+            pem_files::sync_directory(&self.dir)?;
+        }
+        failed.map_or(Ok(()), Err)
+    }
+
+    fn svid_path(&self, entry_id: &str) -> PathBuf {
+        self.dir
+            .join(SVIDS_DIR)
+            .join(format!("{}.json", file_stem(entry_id)))
+    }
+
+    fn svid_file_names(&self) -> Vec<String> {
+        let Ok(read) = std::fs::read_dir(self.dir.join(SVIDS_DIR)) else {
+            return Vec::new();
+        };
+        read.filter_map(Result::ok)
+            .filter_map(|e| e.file_name().into_string().ok())
+            .collect()
+    }
+}
+
+/// A file name for an entry id. The issuer's ids are hex, but the agent does not rely on
+/// that: an id that is not plainly safe as a file name is hex-encoded behind `hex.` (a dot
+/// no plain stem has, so the two forms never collide).
+fn file_stem(entry_id: &str) -> String {
+    let plain = !entry_id.is_empty()
+        && entry_id.len() <= 100
+        && entry_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if plain {
+        entry_id.to_owned()
+    } else {
+        format!("hex.{}", hex::encode(entry_id))
+    }
+}
+
+/// The entry id a file name stands for (the inverse of [`file_stem`] plus `.json`).
+fn entry_id_of(file_name: &str) -> Option<String> {
+    let stem = file_name.strip_suffix(".json")?;
+    match stem.strip_prefix("hex.") {
+        Some(encoded) => String::from_utf8(hex::decode(encoded).ok()?).ok(),
+        None if !stem.contains('.') && !stem.is_empty() => Some(stem.to_owned()),
+        None => None,
+    }
+}
+
+fn read_svid(path: &Path, entry: &Entry, now: SystemTime) -> Result<X509Svid, Error> {
+    let what = path.display().to_string();
+    let bad = |message: String| Error::certificate(&what, message);
+    let bytes = Zeroizing::new(std::fs::read(path).map_err(Error::io(path))?);
+    let file: SvidFile<'_> = serde_json::from_slice(&bytes).map_err(|e| bad(e.to_string()))?;
+    if file.format != FORMAT || file.entry_id != entry.id {
+        return Err(bad(format!(
+            "format {} for entry {}, expected format {FORMAT} for {}",
+            file.format, file.entry_id, entry.id
+        )));
+    }
+    let chain = file
+        .chain
+        .iter()
+        .map(|text| B64.decode(text))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad(format!("chain: {e}")))?;
+    let key = Zeroizing::new(B64.decode(file.key).map_err(|e| bad(format!("key: {e}")))?);
+    let pair = KeyPair::from_pkcs8_der(&key)?;
+    let leaf = chain.first().ok_or_else(|| bad("empty chain".into()))?;
+    ensure_certifies(&what, leaf, &pair)?;
+    let spiffe_id = spiffe_id_of(&what, leaf)?;
+    if spiffe_id != entry.spiffe_id {
+        return Err(bad(format!(
+            "names {spiffe_id}, its entry {}",
+            entry.spiffe_id
+        )));
+    }
+    let (not_before, not_after) = certificate_validity(&what, leaf)?;
+    if !is_valid(not_after, now) {
+        return Err(bad(format!(
+            "expired at {}; never served",
+            proto::rfc3339(not_after)
+        )));
+    }
+    let rotate_at = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(file.rotate_at);
+    Ok(X509Svid {
+        spiffe_id,
+        chain,
+        key,
+        not_before,
+        not_after,
+        rotate_at,
+        entry_revision: file.entry_revision,
+    })
+}
+
+fn trust_json(snapshot: &Snapshot) -> Result<Vec<u8>, Error> {
+    let ders = |list: &[Vec<u8>]| list.iter().map(|der| B64.encode(der)).collect();
+    let trust = TrustOut {
+        format: FORMAT,
+        trust_domain: snapshot.trust_domain.as_str(),
+        bundle: ders(&snapshot.bundle),
+        crl: ders(&snapshot.crl),
+        jwt_bundle: B64.encode(&snapshot.jwt_bundle),
+        entries: snapshot
+            .entries
+            .iter()
+            .map(|entry| EntryOut {
+                id: &entry.id,
+                spiffe_id: entry.spiffe_id.as_str(),
+                selectors: entry.selectors.iter().map(ToString::to_string).collect(),
+                hint: &entry.hint,
+                revision: entry.revision,
+            })
+            .collect(),
+    };
+    serde_json::to_vec(&trust).map_err(|e| Error::Io {
+        path: PathBuf::from(TRUST_FILE),
+        source: std::io::Error::other(e),
+    })
+}
+
+fn svid_json(entry_id: &str, svid: &X509Svid) -> Result<Zeroizing<Vec<u8>>, Error> {
+    let key = Zeroizing::new(B64.encode(svid.key.as_slice()));
+    let file = SvidFile {
+        format: FORMAT,
+        entry_id: entry_id.to_owned(),
+        entry_revision: svid.entry_revision,
+        chain: svid.chain.iter().map(|der| B64.encode(der)).collect(),
+        key: &key,
+        rotate_at: svid
+            .rotate_at
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+    };
+    serde_json::to_vec(&file)
+        .map(Zeroizing::new)
+        .map_err(|e| Error::Io {
+            path: PathBuf::from(SVIDS_DIR),
+            source: std::io::Error::other(e),
+        })
+}
+
+/// Change detection only (not a security check): the trust file is rewritten when its content
+/// differs from the last write.
+fn hash(json: &[u8]) -> u64 {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    json.hash(&mut hasher);
+    hasher.finish()
+}
+
+fn set_mode(path: &Path, mode: u32) -> Result<(), Error> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(Error::io(path))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    use std::time::Duration;
+
+    use super::*;
+
+    const TD: &str = "plant.example";
+
+    struct Ca {
+        der: Vec<u8>,
+        issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+    }
+
+    fn ca() -> Ca {
+        let key = rcgen::KeyPair::generate().expect("ca key");
+        let mut params = rcgen::CertificateParams::default();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let der = params.self_signed(&key).expect("ca").der().to_vec();
+        let issuer = rcgen::Issuer::from_ca_cert_der(&der.clone().into(), key).expect("issuer");
+        Ca { der, issuer }
+    }
+
+    fn entry(id: &str, spiffe_id: &str) -> Arc<Entry> {
+        Arc::new(
+            Entry::from_wire(proto::agent::RegistrationEntry {
+                id: id.into(),
+                spiffe_id: spiffe_id.into(),
+                selectors: vec!["unix:uid:1000".into()],
+                revision: 3,
+                ..Default::default()
+            })
+            .expect("entry"),
+        )
+    }
+
+    /// An SVID for `spiffe_id` valid until `now + valid_for` (expired when negative).
+    fn svid(ca: &Ca, spiffe_id: &str, valid_for: i64) -> Arc<X509Svid> {
+        let key = KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::default();
+        params.subject_alt_names = vec![rcgen::SanType::URI(spiffe_id.try_into().expect("uri"))];
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::hours(2);
+        params.not_after = now + time::Duration::seconds(valid_for);
+        let public = rcgen::KeyPair::from_pem(&key.pkcs8_pem()).expect("key");
+        let leaf = params.signed_by(&public, &ca.issuer).expect("leaf");
+        let (not_before, not_after) = certificate_validity("test", leaf.der()).expect("validity");
+        Arc::new(X509Svid {
+            spiffe_id: proto::SpiffeId::new(spiffe_id).expect("id"),
+            chain: vec![leaf.der().to_vec()],
+            key: key.pkcs8_der(),
+            not_before,
+            not_after,
+            rotate_at: SystemTime::UNIX_EPOCH + Duration::from_secs(1_900_000_000),
+            entry_revision: 3,
+        })
+    }
+
+    fn snapshot(ca: &Ca) -> Snapshot {
+        let mut snapshot = Snapshot::empty(TrustDomain::new(TD).expect("td"));
+        snapshot.synced = true;
+        snapshot.bundle = vec![ca.der.clone()];
+        snapshot.crl = vec![vec![0x30, 0x00]];
+        snapshot.entries = vec![
+            entry("a1", "spiffe://plant.example/historian"),
+            entry("b2", "spiffe://plant.example/scada"),
+        ];
+        snapshot.svids.insert(
+            "a1".into(),
+            svid(ca, "spiffe://plant.example/historian", 3600),
+        );
+        snapshot
+            .svids
+            .insert("b2".into(), svid(ca, "spiffe://plant.example/scada", 3600));
+        snapshot
+    }
+
+    fn load(state_dir: &Path) -> (SavedCache, Option<Restored>) {
+        let mut saved = SavedCache::new(state_dir);
+        let restored = saved.load(&TrustDomain::new(TD).expect("td"), SystemTime::now());
+        (saved, restored)
+    }
+
+    fn mode(path: &Path) -> u32 {
+        std::fs::metadata(path)
+            .expect("metadata")
+            .permissions()
+            .mode()
+            & 0o777
+    }
+
+    #[test]
+    fn a_saved_cache_is_served_again_with_its_keys_and_nothing_else_can_read_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = ca();
+        let snapshot = snapshot(&ca);
+        SavedCache::new(dir.path()).save(&snapshot).expect("save");
+
+        let (_, restored) = load(dir.path());
+        let restored = restored.expect("a cache");
+        assert_eq!(restored.bundle, snapshot.bundle);
+        assert_eq!(restored.crl, snapshot.crl);
+        assert_eq!(restored.entries, snapshot.entries);
+        assert_eq!(restored.svids.keys().collect::<Vec<_>>(), vec!["a1", "b2"]);
+        for (id, svid) in &restored.svids {
+            let before = &snapshot.svids[id];
+            assert_eq!(svid.chain, before.chain);
+            assert_eq!(svid.key.as_slice(), before.key.as_slice());
+            assert_eq!(svid.not_after, before.not_after);
+            assert_eq!(svid.rotate_at, before.rotate_at);
+            assert_eq!(svid.entry_revision, 3);
+        }
+        let cache = dir.path().join(CACHE_DIR);
+        assert_eq!(mode(&cache), 0o700);
+        assert_eq!(mode(&cache.join(SVIDS_DIR)), 0o700);
+        assert_eq!(mode(&cache.join(TRUST_FILE)), 0o600);
+        assert_eq!(mode(&cache.join(SVIDS_DIR).join("a1.json")), 0o600);
+    }
+
+    #[test]
+    fn only_what_changed_is_rewritten_and_a_dropped_svid_leaves_the_disk() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = ca();
+        let mut snapshot = snapshot(&ca);
+        let mut saved = SavedCache::new(dir.path());
+        saved.save(&snapshot).expect("save");
+        let svids = dir.path().join(CACHE_DIR).join(SVIDS_DIR);
+        // Each write is a rename of a new file: an unchanged inode was not rewritten.
+        let inode = |path: PathBuf| std::fs::metadata(path).expect("metadata").ino();
+        let trust = inode(dir.path().join(CACHE_DIR).join(TRUST_FILE));
+        let a1 = inode(svids.join("a1.json"));
+        let b2 = inode(svids.join("b2.json"));
+
+        // b2 rotates, a1 is deleted with its entry.
+        snapshot
+            .svids
+            .insert("b2".into(), svid(&ca, "spiffe://plant.example/scada", 7200));
+        snapshot.svids.remove("a1");
+        snapshot.entries.remove(0);
+        saved.save(&snapshot).expect("save");
+        assert!(!svids.join("a1.json").exists());
+        assert_ne!(inode(svids.join("b2.json")), b2);
+        assert_ne!(inode(dir.path().join(CACHE_DIR).join(TRUST_FILE)), trust);
+        let _ = a1;
+
+        // Nothing new: nothing written.
+        let b2 = inode(svids.join("b2.json"));
+        let trust = inode(dir.path().join(CACHE_DIR).join(TRUST_FILE));
+        saved.save(&snapshot).expect("save");
+        assert_eq!(inode(svids.join("b2.json")), b2);
+        assert_eq!(inode(dir.path().join(CACHE_DIR).join(TRUST_FILE)), trust);
+
+        let (_, restored) = load(dir.path());
+        assert_eq!(
+            restored.expect("cache").svids.keys().collect::<Vec<_>>(),
+            vec!["b2"]
+        );
+    }
+
+    #[test]
+    fn expired_mismatched_and_foreign_svids_are_never_served() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = ca();
+        let mut snapshot = snapshot(&ca);
+        // a1 expires a second from now; b2's file is given another SVID's key.
+        snapshot.svids.insert(
+            "a1".into(),
+            svid(&ca, "spiffe://plant.example/historian", 1),
+        );
+        SavedCache::new(dir.path()).save(&snapshot).expect("save");
+        let b2 = dir.path().join(CACHE_DIR).join(SVIDS_DIR).join("b2.json");
+        let other = svid(&ca, "spiffe://plant.example/scada", 3600);
+        let mut file: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&b2).expect("read")).expect("json");
+        file["key"] = B64.encode(other.key.as_slice()).into();
+        std::fs::write(&b2, file.to_string()).expect("write");
+
+        let mut saved = SavedCache::new(dir.path());
+        let later = SystemTime::now() + Duration::from_secs(2);
+        let restored = saved
+            .load(&TrustDomain::new(TD).expect("td"), later)
+            .expect("the trust file is fine");
+        assert!(restored.svids.is_empty(), "{:?}", restored.svids);
+        assert_eq!(restored.entries.len(), 2, "entries are still known");
+        // The next save removes the files it could not use.
+        saved
+            .save(&Snapshot {
+                svids: BTreeMap::new(),
+                ..snapshot.clone()
+            })
+            .expect("save");
+        assert!(!b2.exists());
+
+        // A cache of another trust domain is not used at all.
+        let mut foreign = SavedCache::new(dir.path());
+        assert!(foreign
+            .load(
+                &TrustDomain::new("other.example").expect("td"),
+                SystemTime::now()
+            )
+            .is_none());
+    }
+
+    #[test]
+    fn any_entry_id_gets_a_file_name_of_its_own() {
+        for id in ["0f3a", "a-b_c", "../../etc/passwd", "x.json", "hex.41", ""] {
+            let stem = file_stem(id);
+            assert!(!stem.contains('/'), "{stem}");
+            assert_eq!(entry_id_of(&format!("{stem}.json")).as_deref(), Some(id));
+        }
+        assert_ne!(file_stem("hex.41"), file_stem("A"));
+        assert_eq!(entry_id_of("notes.txt"), None);
+    }
+}
