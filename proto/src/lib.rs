@@ -17,7 +17,7 @@ mod selector;
 mod spiffe_id;
 
 pub use rfc3339::{rfc3339, rfc3339_unix};
-pub use selector::{Selector, SelectorError};
+pub use selector::{is_container_id, is_unit_name, Selector, SelectorError};
 pub use spiffe_id::{SpiffeId, SpiffeIdError, TrustDomain};
 
 /// Longest legacy device name (it appears in selectors, owners and log lines).

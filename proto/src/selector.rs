@@ -1,6 +1,11 @@
 //! Workload selectors (`unix:uid:1000`): facts the agent learns from the kernel about the
 //! process calling the Workload API, and what registration entries require.
 //!
+//! Types and what produces them: `unix:*` (the kernel's credentials and /proc), `systemd:unit`
+//! (the system unit of the process's cgroup), `docker:id` and `podman:id` (a container's id
+//! from the cgroup path the container runtime created). Entries can name nothing else: an
+//! entry with a selector no agent produces would never match anything.
+//!
 //! One type is not about processes: `legacy:device:<name>` marks an entry that gives a
 //! legacy device declared in the gateway agent's configuration (a PLC behind its inbound
 //! proxy, an old HMI behind its outbound one) its identity. No process ever shows that
@@ -23,8 +28,14 @@ pub enum SelectorError {
     #[error("a selector has the form type:key:value, e.g. unix:uid:1000")]
     Form,
     /// A selector type this system does not produce.
-    #[error("unknown selector type {0:?}: use unix:…, systemd:unit:… or legacy:device:…")]
+    #[error("unknown selector type {0:?}: use unix:…, systemd:unit:…, docker:id:…, podman:id:… or legacy:device:…")]
     UnknownType(String),
+    /// `systemd:unit:` takes a full unit name: a process runs in a `.service` or `.scope`.
+    #[error("{0:?} is not a unit a process runs in: a systemd selector has the form systemd:unit:<name>.service (or .scope), the full name of a system unit as `systemctl status` shows it (e.g. systemd:unit:mosquitto.service)")]
+    SystemdUnit(String),
+    /// `docker:id:` and `podman:id:` take a full container id.
+    #[error("a container selector has the form docker:id:<id> or podman:id:<id>, the container's full 64-hex-digit id (`docker inspect --format '{{{{.Id}}}}'`)")]
+    ContainerId,
     /// A key of the `unix` type this system does not produce.
     #[error("unknown unix selector {0:?}: use unix:uid, unix:gid, unix:user, unix:group, unix:path or unix:sha256")]
     UnknownUnixKey(String),
@@ -62,9 +73,17 @@ impl Selector {
         }
         match kind {
             "unix" => check_unix(value)?,
-            "systemd" => {
-                if value.strip_prefix("unit:").is_none_or(str::is_empty) {
-                    return Err(SelectorError::Form);
+            "systemd" => match value.strip_prefix("unit:") {
+                Some(unit) if is_unit_name(unit) => {}
+                Some(unit) => return Err(SelectorError::SystemdUnit(unit.to_owned())),
+                None => return Err(SelectorError::SystemdUnit(value.to_owned())),
+            },
+            "docker" | "podman" => {
+                if value
+                    .strip_prefix("id:")
+                    .is_none_or(|id| !is_container_id(id))
+                {
+                    return Err(SelectorError::ContainerId);
                 }
             }
             "legacy" => {
@@ -106,6 +125,15 @@ impl Selector {
         }
     }
 
+    /// A selector the agent observed that is not a `unix` one, e.g. `systemd`, `unit`,
+    /// `historian.service`. Not validated: the kernel said so.
+    pub fn observed(kind: &str, key: &str, value: impl fmt::Display) -> Self {
+        Self {
+            kind: kind.to_owned(),
+            value: format!("{key}:{value}"),
+        }
+    }
+
     /// The type, e.g. `unix`.
     pub fn kind(&self) -> &str {
         &self.kind
@@ -115,6 +143,20 @@ impl Selector {
     pub fn value(&self) -> &str {
         &self.value
     }
+}
+
+/// A systemd unit a process can run in: a service or a scope (`.slice`s hold units, they
+/// are not one), no path separator.
+pub fn is_unit_name(name: &str) -> bool {
+    let stem = name
+        .strip_suffix(".service")
+        .or_else(|| name.strip_suffix(".scope"));
+    stem.is_some_and(|stem| !stem.is_empty() && !name.contains('/'))
+}
+
+/// A full container id as docker and podman make them: 64 lowercase hex digits.
+pub fn is_container_id(id: &str) -> bool {
+    id.len() == 64 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 fn check_unix(value: &str) -> Result<(), SelectorError> {
@@ -164,6 +206,9 @@ mod tests {
             "unix:path:/usr/bin/opcua-agg",
             "unix:sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
             "systemd:unit:historian.service",
+            "systemd:unit:run-r3f1.scope",
+            "docker:id:4b825dc642cb6eb9a060e54bf8d69288fbee4904c3d3b51a2c1e8e1f0a8d2e71",
+            "podman:id:4b825dc642cb6eb9a060e54bf8d69288fbee4904c3d3b51a2c1e8e1f0a8d2e71",
             "legacy:device:press-7",
         ] {
             let selector = Selector::new(text).expect(text);
@@ -193,6 +238,29 @@ mod tests {
             ("legacy:plc:press-7", SelectorError::LegacyDevice),
             ("legacy:device:press 7", SelectorError::LegacyDevice),
             ("legacy:device:", SelectorError::LegacyDevice),
+            // Names no agent would produce: the unit without its suffix, a slice, a path.
+            (
+                "systemd:unit:mosquitto",
+                SelectorError::SystemdUnit("mosquitto".into()),
+            ),
+            (
+                "systemd:unit:system.slice",
+                SelectorError::SystemdUnit("system.slice".into()),
+            ),
+            (
+                "systemd:unit:a/b.service",
+                SelectorError::SystemdUnit("a/b.service".into()),
+            ),
+            (
+                "systemd:name:x.service",
+                SelectorError::SystemdUnit("name:x.service".into()),
+            ),
+            ("docker:id:4b825dc642cb", SelectorError::ContainerId),
+            (
+                "podman:id:4B825DC642CB6EB9A060E54BF8D69288FBEE4904C3D3B51A2C1E8E1F0A8D2E71",
+                SelectorError::ContainerId,
+            ),
+            ("docker:image:nginx", SelectorError::ContainerId),
         ];
         for (text, expected) in cases {
             assert_eq!(Selector::new(text), Err(expected), "{text}");

@@ -20,6 +20,7 @@
 //! ([`crate::certificate`], [`crate::pem_files`], [`crate::Error`]) is at the crate's root.
 
 pub mod cache;
+pub mod cgroup;
 pub mod config;
 pub mod connections;
 pub mod entry;

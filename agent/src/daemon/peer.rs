@@ -25,7 +25,8 @@
 //! Selectors: `unix:uid`, `unix:gid`, `unix:user`, `unix:group` (names from /etc/passwd and
 //! /etc/group), `unix:path` (/proc/<pid>/exe) and `unix:sha256` (of the executable, read
 //! through /proc/<pid>/exe so a replaced file on disk does not matter; cached by device,
-//! inode, mtime and size).
+//! inode, mtime and size); `systemd:unit`, `docker:id` and `podman:id` from the cgroup
+//! ([`crate::daemon::cgroup`]).
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -181,6 +182,11 @@ impl Peer {
                 pid,
                 "Workload API caller runs in another mount or user namespace than the agent: no unix:path or unix:sha256 selector for it (a user there can mount any file over any path)"
             );
+        }
+        // The unit and container: a process can't move itself into a root-owned cgroup, so
+        // reading the file once between the two stamps is enough.
+        if let Ok(text) = read_at(dir, "cgroup") {
+            selectors.extend(crate::daemon::cgroup::selectors(&text));
         }
         let after = ProcessStamp::read(dir, pid)?;
         if after != before {

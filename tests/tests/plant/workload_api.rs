@@ -878,3 +878,139 @@ async fn an_agent_restarted_during_an_issuer_outage_serves_its_saved_cache_then_
     );
     Ok(())
 }
+
+/// Where this machine mounts the cgroup hierarchy systemd keeps its units in: `name=systemd`
+/// (cgroup v1, hybrid), else the unified one. `None` with the reason when there is none.
+fn systemd_cgroup_mount() -> std::result::Result<std::path::PathBuf, String> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").map_err(|e| e.to_string())?;
+    let mut unified = None;
+    for line in mountinfo.lines() {
+        // "… mount-point options - fstype source super-options"
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
+        let point = left.split(' ').nth(4).unwrap_or_default();
+        let mut right = right.split(' ');
+        let fstype = right.next().unwrap_or_default();
+        let options = right.nth(1).unwrap_or_default();
+        if fstype == "cgroup" && options.split(',').any(|o| o == "name=systemd") {
+            return Ok(point.into());
+        }
+        if fstype == "cgroup2" {
+            unified = Some(point.into());
+        }
+    }
+    unified.ok_or_else(|| "no cgroup hierarchy is mounted".to_owned())
+}
+
+#[test]
+fn systemd_unit_and_docker_id_select_processes_by_their_cgroup() -> Result<()> {
+    // The test puts the probe into cgroups it creates, named as systemd names a service and
+    // as docker's systemd driver names a container: that needs root and a writable hierarchy.
+    let mount = match systemd_cgroup_mount() {
+        Ok(mount) => mount,
+        Err(why) => {
+            println!("SKIPPED: cgroup selectors can't be tried here: {why}");
+            return Ok(());
+        }
+    };
+    let slice = mount.join(format!("plant-test-{}.slice", std::process::id()));
+    if let Err(e) = std::fs::create_dir(&slice) {
+        println!(
+            "SKIPPED: cgroup selectors can't be tried here: creating {} failed ({e}); the test needs root",
+            slice.display()
+        );
+        return Ok(());
+    }
+    struct Cleanup(std::path::PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            for dir in std::fs::read_dir(&self.0).into_iter().flatten().flatten() {
+                let _ = std::fs::remove_dir(dir.path());
+            }
+            let _ = std::fs::remove_dir(&self.0);
+        }
+    }
+    let _cleanup = Cleanup(slice.clone());
+    let service = format!("historian-{}.service", std::process::id());
+    let container_id = hex::encode(rand::random::<[u8; 32]>());
+    let scope = format!("docker-{container_id}.scope");
+    for unit in [&service, &scope] {
+        std::fs::create_dir(slice.join(unit))?;
+    }
+
+    let uid = format!("unix:uid:{}", plant_tests::own_uid()?);
+    let issuer = Issuer::start()?;
+    let token = issuer.join_token()?;
+    let mut agent = Agent::start_with_join_token(&issuer, &token)?;
+    let node = agent.node_id()?;
+    let by_unit = "spiffe://plant.example/by-unit";
+    let by_container = "spiffe://plant.example/by-container";
+    issuer.create_entry(
+        by_unit,
+        &node,
+        &[&uid, &format!("systemd:unit:{service}")],
+        &[],
+    )?;
+    issuer.create_entry(
+        by_container,
+        &node,
+        &[&uid, &format!("docker:id:{container_id}")],
+        &[],
+    )?;
+    agent.wait_for_svid(by_unit)?;
+    agent.wait_for_svid(by_container)?;
+
+    // The probe, moved into `cgroup` (or left where the test runs) before it calls.
+    let probe = |cgroup: Option<&str>| -> Result<String> {
+        let socket = agent.socket.display().to_string();
+        let probe = env!("CARGO_BIN_EXE_workload_probe");
+        let out = match cgroup {
+            Some(name) => {
+                let procs = slice.join(name).join("cgroup.procs");
+                run_ok(Command::new("sh").args([
+                    "-c",
+                    &format!("echo $$ > {} && exec {probe} {socket}", procs.display()),
+                ]))?
+            }
+            None => run_ok(Command::new(probe).arg(&socket))?,
+        };
+        Ok(out.trim().to_owned())
+    };
+    assert_eq!(
+        probe(Some(&service))?,
+        format!("ok {by_unit}"),
+        "{}",
+        agent.log()
+    );
+    assert_eq!(
+        probe(Some(&scope))?,
+        format!("ok {by_container}"),
+        "{}",
+        agent.log()
+    );
+    // Outside both: same user, same executable, neither entry.
+    assert_eq!(probe(None)?, "status PermissionDenied", "{}", agent.log());
+
+    // An entry no agent could ever match is refused when it is created.
+    let refused = plant_tests::run(issuer.cli().args([
+        "entry",
+        "create",
+        "--spiffe-id",
+        "spiffe://plant.example/never",
+        "--parent",
+        &node,
+        "--selector",
+        &uid,
+        "--selector",
+        "systemd:unit:mosquitto",
+    ]))?;
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    ensure!(!refused.status.success(), "created: {stderr}");
+    ensure!(
+        stderr.contains("\"mosquitto\" is not a unit a process runs in")
+            && stderr.contains("systemd:unit:mosquitto.service"),
+        "{stderr}"
+    );
+    Ok(())
+}
