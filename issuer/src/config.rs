@@ -279,11 +279,16 @@ pub struct AttestationConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TpmAttestationConfig {
-    /// PEM files (relative to this file's folder) with the TPM manufacturers' CA
-    /// certificates that sign EK certificates, e.g. `ek_ca = ["ek-ca/infineon.pem"]`. Each
-    /// certificate in them is trusted as an EK certificate issuer on its own, so list the
-    /// intermediates that sign EK certificates: a TPM's NV holds only its EK certificate.
+    /// The TPM manufacturers' CA certificates this plant trusts, e.g. `ek_ca =
+    /// ["ek-ca/infineon-root.pem"]` (relative to this file's folder): PEM files, DER
+    /// `.crt`/`.cer` files, or folders of them. Each is trusted on its own.
     pub ek_ca: Vec<PathBuf>,
+    /// The intermediate CAs between EK certificates and those roots, in the same forms
+    /// (vendors publish folders of them): a TPM's NV holds only its EK certificate, and its
+    /// AIA URL can't be followed from an air-gapped plant. An intermediate is trusted only
+    /// through a chain to an `ek_ca` certificate.
+    #[serde(default)]
+    pub intermediates: Vec<PathBuf>,
 }
 
 /// `[issuance]`: what every certificate-producing path shares.

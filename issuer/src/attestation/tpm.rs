@@ -31,7 +31,7 @@ use subtle::ConstantTimeEq;
 use tss_esapi::structures::SymmetricDefinitionObject;
 use zeroize::Zeroizing;
 
-use self::endorsement::{EndorsementCertificate, ManufacturerCa};
+use self::endorsement::{EndorsementCertificate, ManufacturerCa, Manufacturers};
 use self::public_area::PublicArea;
 use super::{AttestedNode, NodeAttestor, PendingAttestation, Refusal, Step};
 use crate::config::{Config, TpmAttestationConfig};
@@ -43,7 +43,7 @@ const METHOD: &str = "tpm";
 /// The issuer's side of TPM credential activation.
 #[derive(Debug)]
 pub struct TpmAttestor {
-    manufacturer_cas: Vec<ManufacturerCa>,
+    manufacturers: Manufacturers,
 }
 
 impl TpmAttestor {
@@ -62,44 +62,108 @@ impl TpmAttestor {
                     .map_err(|e| Error::Config(format!("[attestation.tpm] ek_ca: {e}")))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(Self { manufacturer_cas })
+        Ok(Self {
+            manufacturers: Manufacturers {
+                anchors: manufacturer_cas,
+                intermediates: Vec::new(),
+            },
+        })
     }
 
-    /// The attestor for `[attestation.tpm]`: every certificate in each `ek_ca` PEM file
-    /// (paths relative to the config file's folder).
+    /// The same attestor, also building chains through `intermediates` (DER certificates,
+    /// each a CA): an EK certificate one of them signed is trusted when that intermediate
+    /// chains to a manufacturer CA.
+    pub fn with_intermediates(mut self, intermediates: Vec<Vec<u8>>) -> Result<Self, Error> {
+        for der in intermediates {
+            let ca = ManufacturerCa::new(&der)
+                .map_err(|e| Error::Config(format!("[attestation.tpm] intermediates: {e}")))?;
+            self.manufacturers.intermediates.push(ca);
+        }
+        Ok(self)
+    }
+
+    /// The attestor for `[attestation.tpm]`: every certificate in each `ek_ca` and
+    /// `intermediates` entry (paths relative to the config file's folder; a file of PEM
+    /// certificates or one DER certificate, or a folder of such files).
     pub fn from_config(tpm: &TpmAttestationConfig, config: &Config) -> Result<Self, Error> {
-        let mut cas = Vec::new();
-        for path in &tpm.ek_ca {
-            let path = config.resolve(path);
-            let pem = std::fs::read(&path).map_err(Error::io(&path))?;
-            let certificates = x509_cert::Certificate::load_pem_chain(&pem).map_err(|e| {
-                Error::Config(format!(
-                    "[attestation.tpm] ek_ca {}: not PEM certificates: {e}",
-                    path.display()
-                ))
-            })?;
-            if certificates.is_empty() {
-                return Err(Error::Config(format!(
-                    "[attestation.tpm] ek_ca {}: no certificate in it",
-                    path.display()
-                )));
+        let load = |key: &str, paths: &[std::path::PathBuf]| -> Result<Vec<Vec<u8>>, Error> {
+            let mut certificates = Vec::new();
+            for path in paths {
+                certificates.extend(certificates_at(key, &config.resolve(path))?);
             }
-            for certificate in certificates {
-                cas.push(der::Encode::to_der(&certificate).map_err(|e| {
-                    Error::Config(format!("[attestation.tpm] ek_ca {}: {e}", path.display()))
-                })?);
+            Ok(certificates)
+        };
+        let attestor = Self::new(load("ek_ca", &tpm.ek_ca)?)?
+            .with_intermediates(load("intermediates", &tpm.intermediates)?)?;
+        for intermediate in &attestor.manufacturers.intermediates {
+            if !attestor.manufacturers.chains_to_anchor(intermediate) {
+                tracing::warn!(
+                    intermediate = %intermediate.subject(),
+                    "[attestation.tpm] intermediates: this certificate chains to no ek_ca; EK certificates it signed will be refused"
+                );
             }
         }
-        Self::new(cas)
+        Ok(attestor)
     }
 
     /// The configured manufacturer CAs' subjects, for `issuer status` and logs.
     pub fn manufacturer_cas(&self) -> Vec<String> {
-        self.manufacturer_cas
+        self.manufacturers
+            .anchors
             .iter()
             .map(ManufacturerCa::subject)
             .collect()
     }
+}
+
+/// The certificates (DER) at `path` for config key `key`: a file holding PEM certificates or
+/// one DER certificate (`.crt`/`.cer`, as TPM vendors publish them), or a folder of such files
+/// (read in name order; other files in it are skipped).
+fn certificates_at(key: &str, path: &std::path::Path) -> Result<Vec<Vec<u8>>, Error> {
+    let what = |message: String| {
+        Error::Config(format!(
+            "[attestation.tpm] {key} {}: {message}",
+            path.display()
+        ))
+    };
+    if path.is_dir() {
+        let mut files: Vec<_> = std::fs::read_dir(path)
+            .map_err(Error::io(path))?
+            .filter_map(Result::ok)
+            .map(|entry| entry.path())
+            .filter(|file| {
+                file.extension().and_then(|e| e.to_str()).is_some_and(|e| {
+                    ["pem", "crt", "cer", "der"].contains(&e.to_ascii_lowercase().as_str())
+                })
+            })
+            .collect();
+        files.sort();
+        let mut certificates = Vec::new();
+        for file in files {
+            certificates.extend(certificates_at(key, &file)?);
+        }
+        if certificates.is_empty() {
+            return Err(what(
+                "no certificate file (.pem, .crt, .cer, .der) in this folder".into(),
+            ));
+        }
+        return Ok(certificates);
+    }
+    let bytes = std::fs::read(path).map_err(Error::io(path))?;
+    if bytes.first() == Some(&0x30) {
+        <x509_cert::Certificate as der::Decode>::from_der(&bytes)
+            .map_err(|e| what(format!("not a DER certificate: {e}")))?;
+        return Ok(vec![bytes]);
+    }
+    let certificates = x509_cert::Certificate::load_pem_chain(&bytes)
+        .map_err(|e| what(format!("not PEM certificates: {e}")))?;
+    if certificates.is_empty() {
+        return Err(what("no certificate in it".into()));
+    }
+    certificates
+        .iter()
+        .map(|c| der::Encode::to_der(c).map_err(|e| what(e.to_string())))
+        .collect()
 }
 
 impl NodeAttestor for TpmAttestor {
@@ -119,7 +183,7 @@ impl NodeAttestor for TpmAttestor {
         let ek_certificate = EndorsementCertificate::decode(&tpm.ek_certificate)?;
         let ek_public = PublicArea::decode(&tpm.ek_public, "EK")?;
         let ak_public = PublicArea::decode(&tpm.ak_public, "AK")?;
-        ek_certificate.verify(&self.manufacturer_cas)?;
+        ek_certificate.verify(&self.manufacturers, std::time::SystemTime::now())?;
         check_ek(&ek_certificate, &ek_public)?;
         check_ak(&ak_public)?;
 
@@ -270,6 +334,8 @@ impl PendingAttestation for PendingTpm {
 
 #[cfg(test)]
 mod tests {
+    use der::Encode;
+
     use super::*;
 
     #[test]
@@ -331,6 +397,45 @@ mod tests {
         assert_eq!(
             attestor.manufacturer_cas(),
             vec!["CN=Vendor Root".to_owned(), "CN=Vendor EK CA".to_owned()]
+        );
+    }
+
+    #[test]
+    fn intermediates_come_from_a_folder_of_der_and_pem_files_as_vendors_publish_them() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = config_with_ek_ca(dir.path(), &certificate("Vendor Root", true));
+        let folder = dir.path().join("ek-ca/intermediates");
+        std::fs::create_dir_all(&folder).expect("mkdir");
+        let der = |pem: String| {
+            x509_cert::Certificate::load_pem_chain(pem.as_bytes()).expect("pem")[0]
+                .to_der()
+                .expect("der")
+        };
+        std::fs::write(
+            folder.join("a-ek-ca-1.crt"),
+            der(certificate("EK CA 1", true)),
+        )
+        .expect("write");
+        std::fs::write(folder.join("b-ek-ca-2.pem"), certificate("EK CA 2", true)).expect("write");
+        std::fs::write(folder.join("README.txt"), "vendor notes").expect("write");
+        let mut tpm = config.attestation.tpm.clone().expect("[attestation.tpm]");
+        tpm.intermediates = vec!["ek-ca/intermediates".into()];
+        let attestor = TpmAttestor::from_config(&tpm, &config).expect("attestor");
+        let names: Vec<String> = attestor
+            .manufacturers
+            .intermediates
+            .iter()
+            .map(ManufacturerCa::subject)
+            .collect();
+        assert_eq!(names, ["CN=EK CA 1", "CN=EK CA 2"]);
+
+        // A folder with no certificate in it is a mistake worth stopping for.
+        std::fs::create_dir_all(dir.path().join("empty")).expect("mkdir");
+        tpm.intermediates = vec!["empty".into()];
+        let error = TpmAttestor::from_config(&tpm, &config).expect_err("refused");
+        assert!(
+            matches!(&error, Error::Config(m) if m.contains("intermediates") && m.contains("no certificate file")),
+            "{error}"
         );
     }
 

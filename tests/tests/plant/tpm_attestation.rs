@@ -132,9 +132,145 @@ fn an_ek_from_an_unconfigured_manufacturer_is_refused() {
     );
 
     // The root alone does not vouch for an EK certificate its intermediate signed: a TPM
-    // carries no chain, so the signing CA itself must be configured.
+    // carries no chain. The refusal names the missing intermediate and where it goes.
     let root_only = TpmAttestor::new(certificates(&stranger.ek_root_certificate())).expect("root");
-    assert_eq!(refusal(root_only.begin(&evidence)).reason, "ek_untrusted");
+    let refused = refusal(root_only.begin(&evidence));
+    assert_eq!(refused.reason, "ek_untrusted");
+    assert!(
+        refused.message.contains("\"CN=swtpm-localca\"")
+            && refused.message.contains("[attestation.tpm] intermediates"),
+        "{}",
+        refused.message
+    );
+}
+
+#[test]
+fn an_ek_chain_through_a_configured_intermediate_attests_and_without_its_root_does_not() {
+    let tpm = Swtpm::start_manufactured();
+    let other = Swtpm::start_manufactured();
+    let mut agent = agent_for(&tpm);
+    let evidence = agent.evidence(CSR).expect("evidence");
+
+    // Root as the anchor, the signing CA as an intermediate: the whole chain is checked.
+    let chained = TpmAttestor::new(certificates(&tpm.ek_root_certificate()))
+        .expect("root")
+        .with_intermediates(certificates(&tpm.ek_ca_certificate()))
+        .expect("intermediate");
+    let (sent, pending) = challenge(chained.begin(&evidence).expect("chain accepted"));
+    let answer = agent.answer(&sent, CSR).expect("ActivateCredential");
+    assert_eq!(
+        pending.verify(&answer).expect("attested").id,
+        ek_id(tpm_evidence(&evidence))
+    );
+
+    // The intermediate under another manufacturer's root: the refusal names the root the
+    // chain needs.
+    let wrong_root = TpmAttestor::new(certificates(&other.ek_root_certificate()))
+        .expect("root")
+        .with_intermediates(certificates(&tpm.ek_ca_certificate()))
+        .expect("intermediate");
+    let refused = refusal(wrong_root.begin(&evidence));
+    assert_eq!(refused.reason, "ek_untrusted");
+    assert!(
+        refused.message.contains("\"CN=swtpm-localca-rootca\"")
+            && refused
+                .message
+                .contains("through the intermediate(s) \"CN=swtpm-localca\"")
+            && refused.message.contains("ek_ca"),
+        "{}",
+        refused.message
+    );
+}
+
+/// The TPM's EK certificate issued again by its manufacturer CA with the validity
+/// `not_before..not_after` (same key, same issuer, same extensions as rcgen makes them).
+fn ek_certificate_valid(
+    tpm: &Swtpm,
+    evidence: &TpmEvidence,
+    not_before: time::OffsetDateTime,
+    not_after: time::OffsetDateTime,
+) -> Vec<u8> {
+    let dir = tpm.ek_ca_certificate().parent().expect("ek-ca").to_owned();
+    // swtpm_localca's key may be PKCS#1; rcgen reads PKCS#8.
+    let key = plant_tests::openssl(&[
+        "pkey",
+        "-in",
+        &dir.join("signkey.pem").display().to_string(),
+    ])
+    .expect("openssl pkey");
+    let key = rcgen::KeyPair::from_pem(&key).expect("CA key");
+    let ca = std::fs::read_to_string(tpm.ek_ca_certificate()).expect("CA certificate");
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&ca, key).expect("issuer");
+    let ek = x509_cert::Certificate::from_der(&evidence.ek_certificate).expect("EK cert");
+    let spki = ek
+        .tbs_certificate
+        .subject_public_key_info
+        .to_der()
+        .expect("SPKI");
+    let public = rcgen::SubjectPublicKeyInfo::from_der(&spki).expect("EK key");
+    let mut params = rcgen::CertificateParams::default();
+    params.not_before = not_before;
+    params.not_after = not_after;
+    params
+        .signed_by(&public, &issuer)
+        .expect("EK certificate")
+        .der()
+        .to_vec()
+}
+
+#[test]
+fn an_expired_ek_certificate_is_refused_unless_it_never_expires() {
+    let tpm = Swtpm::start_manufactured();
+    let attestor = attestor_for(&tpm);
+    let mut agent = agent_for(&tpm);
+    let evidence = agent.evidence(CSR).expect("evidence");
+    let now = time::OffsetDateTime::now_utc();
+    let with_certificate = |der: Vec<u8>| {
+        with_tpm_evidence(TpmEvidence {
+            ek_certificate: der,
+            ..tpm_evidence(&evidence).clone()
+        })
+    };
+
+    let expired = ek_certificate_valid(
+        &tpm,
+        tpm_evidence(&evidence),
+        now - time::Duration::days(400),
+        now - time::Duration::days(1),
+    );
+    let refused = refusal(attestor.begin(&with_certificate(expired)));
+    assert_eq!(refused.reason, "ek_expired", "{}", refused.message);
+    assert!(
+        refused.message.contains("expired at"),
+        "{}",
+        refused.message
+    );
+
+    let not_yet = ek_certificate_valid(
+        &tpm,
+        tpm_evidence(&evidence),
+        now + time::Duration::days(1),
+        now + time::Duration::days(400),
+    );
+    assert_eq!(
+        refusal(attestor.begin(&with_certificate(not_yet))).reason,
+        "ek_not_yet_valid"
+    );
+
+    // The manufacturers' "no expiration", 99991231235959Z: attested, by the real TPM.
+    let forever = ek_certificate_valid(
+        &tpm,
+        tpm_evidence(&evidence),
+        now - time::Duration::days(400),
+        time::macros::datetime!(9999-12-31 23:59:59 UTC),
+    );
+    let (sent, pending) = challenge(
+        attestor
+            .begin(&with_certificate(forever))
+            .expect("a 9999 EK certificate is accepted"),
+    );
+    let answer = agent.answer(&sent, CSR).expect("ActivateCredential");
+    pending.verify(&answer).expect("attested");
 }
 
 #[test]

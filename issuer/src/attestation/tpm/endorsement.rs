@@ -7,11 +7,16 @@
 //! the check is exactly that: decode with x509-cert, find a configured CA with the issuer's
 //! name, verify the signature over the TBSCertificate with aws-lc-rs.
 //!
-//! Each configured certificate is trusted on its own (a trust anchor), intermediates
-//! included: a TPM's NV holds its EK certificate alone, so the CA that signed it must be
-//! configured. Validity dates are not checked: manufacturers issue EK certificates until
-//! 9999-12-31 (RFC 5280 §4.1.2.5's "no well-defined expiration"), and a TPM's identity does
-//! not lapse when an intermediate's certificate does.
+//! Each `ek_ca` certificate is trusted on its own (a trust anchor). A TPM's NV holds its EK
+//! certificate alone and real EK certificates name their issuer only by an AIA URL an
+//! air-gapped plant can't follow, so the intermediates between an EK certificate and a
+//! manufacturer root are configured too (`intermediates`, files or folders as vendors publish
+//! them): an intermediate counts only when its signature chains to an anchor. When no chain
+//! can be built, the refusal names the certificate that is missing.
+//!
+//! The EK certificate's validity is checked; its notAfter may be 99991231235959Z, RFC 5280
+//! §4.1.2.5's "no well-defined expiration", which manufacturers use. The CAs' validity is
+//! not: a TPM's identity does not lapse when an intermediate's certificate does.
 
 use aws_lc_rs::signature::{self, UnparsedPublicKey, VerificationAlgorithm};
 use const_oid::db::rfc5912;
@@ -91,6 +96,70 @@ impl ManufacturerCa {
     }
 }
 
+/// Chains longer than this (EK certificate, intermediates, anchor) are not followed.
+const MAX_INTERMEDIATES: usize = 4;
+
+/// The configured manufacturer roots and the intermediates below them.
+#[derive(Debug, Clone)]
+pub(super) struct Manufacturers {
+    /// `ek_ca`: trusted on their own.
+    pub(super) anchors: Vec<ManufacturerCa>,
+    /// `intermediates`: trusted when they chain to an anchor.
+    pub(super) intermediates: Vec<ManufacturerCa>,
+}
+
+impl Manufacturers {
+    /// The first configured certificate named `issuer` whose key signed `certificate`.
+    fn signer<'a>(
+        list: &'a [ManufacturerCa],
+        certificate: &Certificate,
+    ) -> Option<&'a ManufacturerCa> {
+        let issuer = certificate
+            .tbs_certificate
+            .issuer
+            .to_der()
+            .unwrap_or_default();
+        list.iter()
+            .find(|ca| ca.subject == issuer && ca.signed(certificate))
+    }
+}
+
+impl Manufacturers {
+    /// Whether `intermediate` chains, through other intermediates, to an anchor.
+    pub(super) fn chains_to_anchor(&self, intermediate: &ManufacturerCa) -> bool {
+        let mut current = &intermediate.certificate;
+        for _ in 0..=MAX_INTERMEDIATES {
+            if Self::signer(&self.anchors, current).is_some() {
+                return true;
+            }
+            match Self::signer(&self.intermediates, current) {
+                // A self-signed intermediate is a loop, not a chain.
+                Some(next) if !std::ptr::eq(&next.certificate, current) => {
+                    current = &next.certificate;
+                }
+                _ => return false,
+            }
+        }
+        false
+    }
+}
+
+/// The authority key identifier of `certificate`, hex, for naming a missing CA.
+fn authority_key_id(certificate: &Certificate) -> Option<String> {
+    use x509_cert::ext::pkix::AuthorityKeyIdentifier;
+    let (_, aki) = certificate
+        .tbs_certificate
+        .get::<AuthorityKeyIdentifier>()
+        .ok()
+        .flatten()?;
+    aki.key_identifier.map(|id| hex::encode(id.as_bytes()))
+}
+
+/// RFC 5280 §4.1.2.5: notAfter 99991231235959Z means "no well-defined expiration".
+fn never_expires(not_after: &x509_cert::time::Time) -> bool {
+    not_after.to_unix_duration().as_secs() == 253_402_300_799
+}
+
 /// A decoded RSA EK certificate; [`EndorsementCertificate::verify`] says who signed it.
 #[derive(Debug)]
 pub(super) struct EndorsementCertificate {
@@ -161,26 +230,75 @@ impl EndorsementCertificate {
         })
     }
 
-    /// Checks that a CA in `cas` signed this certificate (`ek_untrusted` names its issuer).
-    pub(super) fn verify(&self, cas: &[ManufacturerCa]) -> Result<(), Refusal> {
+    /// Checks that this certificate is valid at `now` (`ek_expired`, `ek_not_yet_valid`)
+    /// and chains, through configured intermediates, to a configured manufacturer CA
+    /// (`ek_untrusted`, naming the certificate missing from the chain).
+    pub(super) fn verify(
+        &self,
+        manufacturers: &Manufacturers,
+        now: std::time::SystemTime,
+    ) -> Result<(), Refusal> {
         let tbs = &self.certificate.tbs_certificate;
-        let issuer = tbs.issuer.to_der().unwrap_or_default();
-        let trusted = cas
-            .iter()
-            .filter(|ca| ca.subject == issuer)
-            .any(|ca| ca.signed(&self.certificate));
-        if trusted {
-            return Ok(());
+        let validity = &tbs.validity;
+        if now < validity.not_before.to_system_time() {
+            return Err(Refusal::new(
+                "ek_not_yet_valid",
+                format!(
+                    "the EK certificate is valid only from {}; is the issuer's clock right?",
+                    validity.not_before
+                ),
+            ));
         }
-        Err(Refusal::new(
-            "ek_untrusted",
+        if !never_expires(&validity.not_after) && now > validity.not_after.to_system_time() {
+            return Err(Refusal::new(
+                "ek_expired",
+                format!(
+                    "the EK certificate expired at {} (a manufacturer's 99991231235959Z \
+                     \"no expiration\" would be accepted)",
+                    validity.not_after
+                ),
+            ));
+        }
+        let mut current = &self.certificate;
+        let mut through: Vec<String> = Vec::new();
+        for _ in 0..=MAX_INTERMEDIATES {
+            if Manufacturers::signer(&manufacturers.anchors, current).is_some() {
+                return Ok(());
+            }
+            match Manufacturers::signer(&manufacturers.intermediates, current) {
+                Some(intermediate) if !through.contains(&intermediate.subject()) => {
+                    through.push(intermediate.subject());
+                    current = &intermediate.certificate;
+                }
+                _ => break,
+            }
+        }
+        let missing = &current.tbs_certificate.issuer;
+        let key_id = authority_key_id(current)
+            .map(|id| format!(" (authority key id {id})"))
+            .unwrap_or_default();
+        let message = if through.is_empty() {
             format!(
-                "the EK certificate was issued by \"{}\", which is not a configured TPM \
-                 manufacturer CA (or its signature does not verify); add that CA's \
-                 certificate to [attestation.tpm] ek_ca if this manufacturer is trusted",
-                tbs.issuer
-            ),
-        ))
+                "the EK certificate was issued by \"{missing}\"{key_id}, which is neither a \
+                 configured TPM manufacturer CA nor a configured intermediate (or its signature \
+                 does not verify): if it is the manufacturer's intermediate CA, add its \
+                 certificate to [attestation.tpm] intermediates (and its root to ek_ca); if \
+                 it is a CA this plant trusts on its own, to [attestation.tpm] ek_ca"
+            )
+        } else {
+            format!(
+                "the EK certificate chains through the intermediate(s) {} to \"{missing}\"{key_id}, \
+                 which is not a configured TPM manufacturer CA (or its signature does not \
+                 verify): add that certificate to [attestation.tpm] ek_ca if this \
+                 manufacturer is trusted, or to intermediates if it is another intermediate",
+                through
+                    .iter()
+                    .map(|s| format!("\"{s}\""))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        };
+        Err(Refusal::new("ek_untrusted", message))
     }
 }
 
