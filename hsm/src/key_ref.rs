@@ -373,6 +373,34 @@ impl fmt::Debug for KeyRef {
     }
 }
 
+/// Which endorsement key a TPM attests with (TCG EK Credential Profile, low range).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EndorsementKind {
+    /// The RSA 2048 EK if its certificate is in NV (0x01c00002), else the ECC P-256 one: a
+    /// TPM that attested with RSA keeps doing so (its node id is its EK's), and one whose
+    /// manufacturer certified only the ECC EK still attests.
+    #[default]
+    Auto,
+    /// The RSA 2048 EK (template L-1), certificate at NV index 0x01c00002.
+    Rsa,
+    /// The ECC NIST P-256 EK (template L-2), certificate at NV index 0x01c0000a.
+    Ecc,
+}
+
+impl std::str::FromStr for EndorsementKind {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "auto" => Ok(Self::Auto),
+            "rsa" => Ok(Self::Rsa),
+            "ecc" => Ok(Self::Ecc),
+            other => Err(format!(
+                "unknown EK {other:?}: use \"auto\" (RSA if certified, else ECC), \"rsa\" or \"ecc\""
+            )),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

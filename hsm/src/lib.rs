@@ -47,7 +47,9 @@ mod soft;
 pub mod tpm;
 
 pub use error::Error;
-pub use key_ref::{KeyRef, Pkcs11KeyRef, Tcti, TpmKeyRef, TpmObject, DEFAULT_PKCS11_MODULE};
+pub use key_ref::{
+    EndorsementKind, KeyRef, Pkcs11KeyRef, Tcti, TpmKeyRef, TpmObject, DEFAULT_PKCS11_MODULE,
+};
 #[cfg(feature = "pkcs11")]
 pub use pkcs11::Pkcs11Key;
 pub use public_key::PublicKey;

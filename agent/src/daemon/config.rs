@@ -13,7 +13,7 @@
 //! method = "join_token"               # or "x509pop", "tpm"
 //! join_token_file = "join.token"      # or join_token = "…"
 //! # x509pop: certificate = "cert.pem", key = "key.pem" | "key.ref" | "tpm:…"
-//! # tpm:     tcti = "swtpm:host=127.0.0.1,port=2321"
+//! # tpm:     tcti = "swtpm:host=127.0.0.1,port=2321", ek = "auto" (or "rsa", "ecc")
 //! ```
 //!
 //! Relative paths are relative to the directory of the config file, so a config and its
@@ -85,6 +85,8 @@ pub enum AttestationConfig {
         /// The TCTI of the TPM, e.g. `device:/dev/tpmrm0`; `None` = `PLANT_TPM_TCTI` or the
         /// default device.
         tcti: Option<String>,
+        /// Which endorsement key: RSA if certified, else ECC (`auto`), or one of them.
+        ek: hsm::EndorsementKind,
     },
 }
 
@@ -97,7 +99,11 @@ impl std::fmt::Debug for AttestationConfig {
                 .field("certificate", certificate)
                 .field("key", key)
                 .finish(),
-            Self::Tpm { tcti } => f.debug_struct("Tpm").field("tcti", tcti).finish(),
+            Self::Tpm { tcti, ek } => f
+                .debug_struct("Tpm")
+                .field("tcti", tcti)
+                .field("ek", ek)
+                .finish(),
         }
     }
 }
@@ -216,6 +222,7 @@ struct RawAttestation {
     certificate: Option<PathBuf>,
     key: Option<String>,
     tcti: Option<String>,
+    ek: Option<String>,
 }
 
 impl std::fmt::Debug for RawAttestation {
@@ -327,6 +334,7 @@ fn attestation(
                 ("certificate", raw.certificate.is_some()),
                 ("key", raw.key.is_some()),
                 ("tcti", raw.tcti.is_some()),
+                ("ek", raw.ek.is_some()),
             ])?;
             let token = match (&raw.join_token, &raw.join_token_file) {
                 (Some(_), Some(_)) => {
@@ -361,6 +369,7 @@ fn attestation(
                 ("join_token", raw.join_token.is_some()),
                 ("join_token_file", raw.join_token_file.is_some()),
                 ("tcti", raw.tcti.is_some()),
+                ("ek", raw.ek.is_some()),
             ])?;
             let certificate = base.join(raw.certificate.ok_or_else(|| {
                 bad(
@@ -396,7 +405,11 @@ fn attestation(
                 tcti.parse::<hsm::Tcti>()
                     .map_err(|e| bad("attestation.tcti", e.to_string()))?;
             }
-            Ok(AttestationConfig::Tpm { tcti: raw.tcti })
+            let ek = match raw.ek.as_deref() {
+                Some(text) => text.parse().map_err(|e| bad("attestation.ek", e))?,
+                None => hsm::EndorsementKind::Auto,
+            };
+            Ok(AttestationConfig::Tpm { tcti: raw.tcti, ek })
         }
         other => Err(bad(
             "attestation.method",
@@ -555,6 +568,23 @@ join_token = "tok"
     }
 
     #[test]
+    fn a_tpm_node_names_its_endorsement_key_or_takes_rsa_then_ecc() {
+        let tpm = |extra: &str| {
+            let text = GOOD.replace(
+                "method = \"join_token\"\njoin_token = \"tok\"",
+                &format!("method = \"tpm\"{extra}"),
+            );
+            match parse(&text).expect("valid").attestation {
+                AttestationConfig::Tpm { ek, .. } => ek,
+                other => panic!("{other:?}"),
+            }
+        };
+        assert_eq!(tpm(""), hsm::EndorsementKind::Auto);
+        assert_eq!(tpm("\nek = \"ecc\""), hsm::EndorsementKind::Ecc);
+        assert_eq!(tpm("\nek = \"rsa\""), hsm::EndorsementKind::Rsa);
+    }
+
+    #[test]
     fn errors_name_the_key_to_fix() {
         let cases = [
             (GOOD.replace("https://", "http://"), "server"),
@@ -579,6 +609,17 @@ join_token = "tok"
                     "method = \"tpm\"\ntcti = \"carrier-pigeon\"",
                 ),
                 "attestation.tcti",
+            ),
+            (
+                GOOD.replace(
+                    "method = \"join_token\"\njoin_token = \"tok\"",
+                    "method = \"tpm\"\nek = \"dsa\"",
+                ),
+                "attestation.ek",
+            ),
+            (
+                GOOD.replace("join_token = \"tok\"", "join_token = \"tok\"\nek = \"ecc\""),
+                "attestation.ek",
             ),
             (GOOD.replace("state_dir", "statedir"), "statedir"),
         ];

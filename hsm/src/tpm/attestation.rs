@@ -27,13 +27,21 @@ use zeroize::Zeroizing;
 
 use super::device::{classify, flush};
 use super::{Tpm, TpmOptions};
-use crate::key_ref::Tcti;
+use crate::key_ref::{EndorsementKind, Tcti};
 use crate::Error;
+
+/// How the evidence names an EK in messages.
+fn ek_name(selection: AsymmetricAlgorithmSelection) -> &'static str {
+    match selection {
+        AsymmetricAlgorithmSelection::Rsa(_) => "RSA 2048 EK certificate (NV index 0x01c00002)",
+        AsymmetricAlgorithmSelection::Ecc(_) => "ECC P-256 EK certificate (NV index 0x01c0000a)",
+    }
+}
 
 /// What a verifier needs to send this TPM a credential.
 #[derive(Clone, PartialEq, Eq)]
 pub struct EndorsementEvidence {
-    /// The RSA 2048 EK certificate (DER) from NV index 0x01c00002.
+    /// The EK certificate (DER) from NV: RSA 2048 at 0x01c00002 or ECC P-256 at 0x01c0000a.
     pub ek_certificate: Vec<u8>,
     /// The EK's TPM2B_PUBLIC, marshalled.
     pub ek_public: Vec<u8>,
@@ -60,6 +68,9 @@ impl std::fmt::Debug for EndorsementEvidence {
 pub struct CredentialActivation {
     tpm: Arc<Tpm>,
     deadline: Duration,
+    kind: EndorsementKind,
+    /// The EK of the last evidence: activation derives the same one again.
+    ek: Option<AsymmetricAlgorithmSelection>,
     /// The AK of the last evidence: its public area and its private area wrapped by the EK
     /// (only this TPM can load it).
     ak: Option<(Public, Private)>,
@@ -68,16 +79,30 @@ pub struct CredentialActivation {
 /// The TCG EK Credential Profile's low-range RSA 2048 EK (template L-1): the one whose
 /// certificate sits at 0x01c00002 on nearly every TPM, and that `swtpm_setup
 /// --create-ek-cert` certifies.
-const EK: AsymmetricAlgorithmSelection = AsymmetricAlgorithmSelection::Rsa(RsaKeyBits::Rsa2048);
+const RSA_EK: AsymmetricAlgorithmSelection = AsymmetricAlgorithmSelection::Rsa(RsaKeyBits::Rsa2048);
+/// The low-range ECC NIST P-256 EK (template L-2), certificate at 0x01c0000a: many recent
+/// TPMs carry it beside the RSA one, some only it.
+const ECC_EK: AsymmetricAlgorithmSelection = AsymmetricAlgorithmSelection::Ecc(EccCurve::NistP256);
 
 impl CredentialActivation {
     /// Reaches the TPM at `tcti`, sharing its owner thread with any key of it this process
     /// has open. `options.deadline` bounds each call: deriving an RSA EK takes a while on a
     /// slow chip, so give it seconds.
     pub fn open(tcti: &Tcti, options: TpmOptions) -> Result<Self, Error> {
+        Self::open_with(tcti, options, EndorsementKind::Auto)
+    }
+
+    /// As [`CredentialActivation::open`], attesting with the EK `kind` names.
+    pub fn open_with(
+        tcti: &Tcti,
+        options: TpmOptions,
+        kind: EndorsementKind,
+    ) -> Result<Self, Error> {
         Ok(Self {
             tpm: Tpm::shared(tcti, options)?,
             deadline: options.deadline,
+            kind,
+            ek: None,
             ak: None,
         })
     }
@@ -90,51 +115,75 @@ impl CredentialActivation {
     /// Reads the EK certificate, derives the EK and creates a fresh AK under it. The AK
     /// replaces the previous one: only the last evidence can be answered.
     pub fn evidence(&mut self) -> Result<EndorsementEvidence, Error> {
-        let (evidence, ak) = self.tpm.session(self.deadline, |context, device| {
-            let ek_certificate = context
-                .execute_without_session(|ctx| ek::retrieve_ek_pubcert(ctx, EK))
-                .map_err(|e| {
-                    let mut error = classify(device, "read the RSA EK certificate", e);
+        let kind = self.kind;
+        let (evidence, ak, selection) =
+            self.tpm.session(self.deadline, move |context, device| {
+                let read = |context: &mut Context, selection| {
+                    context.execute_without_session(|ctx| ek::retrieve_ek_pubcert(ctx, selection))
+                };
+                let (selection, ek_certificate) = match kind {
+                    EndorsementKind::Rsa => (RSA_EK, read(context, RSA_EK)),
+                    EndorsementKind::Ecc => (ECC_EK, read(context, ECC_EK)),
+                    EndorsementKind::Auto => match read(context, RSA_EK) {
+                        Ok(certificate) => (RSA_EK, Ok(certificate)),
+                        Err(_) => (ECC_EK, read(context, ECC_EK)),
+                    },
+                };
+                let ek_certificate = ek_certificate.map_err(|e| {
+                    let mut error = classify(device, "read the EK certificate", e);
                     if let Error::Tpm { reason, .. } = &mut error {
-                        reason.push_str(
-                            "; the TPM has no RSA 2048 EK certificate at NV index 0x01c00002 \
-                             (provision one, e.g. swtpm_setup --create-ek-cert)",
-                        );
+                        let wanted = match kind {
+                            EndorsementKind::Auto => {
+                                format!("{} nor an {}", ek_name(RSA_EK), ek_name(ECC_EK))
+                            }
+                            _ => ek_name(selection).to_owned(),
+                        };
+                        reason.push_str(&format!(
+                            "; the TPM has no {wanted} (provision one, e.g. swtpm_setup \
+                         --create-ek-cert)"
+                        ));
                     }
                     error
                 })?;
-            // Some TPMs pad the NV index after the certificate; send the certificate alone.
-            let length = der_length(&ek_certificate).unwrap_or(ek_certificate.len());
-            let ek_certificate = ek_certificate[..length].to_vec();
-            let ek = endorsement_key(context, device)?;
-            let result = (|| {
-                let (ek_public, _, _) = context
-                    .execute_without_session(|ctx| ctx.read_public(ek))
-                    .map_err(|e| classify(device, "read the EK's public area", e))?;
-                let created = context
-                    .execute_without_session(|ctx| {
-                        ak::create_ak_2(
-                            ctx,
-                            ek,
-                            HashingAlgorithm::Sha256,
-                            AsymmetricAlgorithmSelection::Ecc(EccCurve::NistP256),
-                            SignatureSchemeAlgorithm::EcDsa,
-                            None,
-                            None,
-                        )
-                    })
-                    .map_err(|e| classify(device, "create an attestation key under the EK", e))?;
-                let evidence = EndorsementEvidence {
-                    ek_certificate,
-                    ek_public: public_area(&ek_public, device)?,
-                    ak_public: public_area(&created.out_public, device)?,
-                };
-                Ok((evidence, (created.out_public, created.out_private)))
-            })();
-            flush(context, ek);
-            result
-        })?;
+                // Some TPMs pad the NV index after the certificate; send the certificate alone.
+                let length = der_length(&ek_certificate).unwrap_or(ek_certificate.len());
+                let ek_certificate = ek_certificate[..length].to_vec();
+                let ek = endorsement_key(context, device, selection)?;
+                let result = (|| {
+                    let (ek_public, _, _) = context
+                        .execute_without_session(|ctx| ctx.read_public(ek))
+                        .map_err(|e| classify(device, "read the EK's public area", e))?;
+                    let created = context
+                        .execute_without_session(|ctx| {
+                            ak::create_ak_2(
+                                ctx,
+                                ek,
+                                HashingAlgorithm::Sha256,
+                                AsymmetricAlgorithmSelection::Ecc(EccCurve::NistP256),
+                                SignatureSchemeAlgorithm::EcDsa,
+                                None,
+                                None,
+                            )
+                        })
+                        .map_err(|e| {
+                            classify(device, "create an attestation key under the EK", e)
+                        })?;
+                    let evidence = EndorsementEvidence {
+                        ek_certificate,
+                        ek_public: public_area(&ek_public, device)?,
+                        ak_public: public_area(&created.out_public, device)?,
+                    };
+                    Ok((
+                        evidence,
+                        (created.out_public, created.out_private),
+                        selection,
+                    ))
+                })();
+                flush(context, ek);
+                result
+            })?;
         self.ak = Some(ak);
+        self.ek = Some(selection);
         Ok(evidence)
     }
 
@@ -167,13 +216,15 @@ impl CredentialActivation {
             )
         })?)
         .map_err(|e| bad("encrypted secret", &e.to_string()))?;
-        let (ak_public, ak_private) = self.ak.clone().ok_or_else(|| Error::Tpm {
-            device: device.clone(),
-            action: "activate the credential".into(),
-            reason: "no attestation key: produce the evidence first".into(),
-        })?;
+        let (Some((ak_public, ak_private)), Some(selection)) = (self.ak.clone(), self.ek) else {
+            return Err(Error::Tpm {
+                device: device.clone(),
+                action: "activate the credential".into(),
+                reason: "no attestation key: produce the evidence first".into(),
+            });
+        };
         self.tpm.session(self.deadline, move |context, device| {
-            let ek = endorsement_key(context, device)?;
+            let ek = endorsement_key(context, device, selection)?;
             let result = (|| {
                 let ak = context
                     .execute_without_session(|ctx| {
@@ -195,15 +246,20 @@ impl std::fmt::Debug for CredentialActivation {
         f.debug_struct("CredentialActivation")
             .field("device", &self.tpm.name)
             .field("deadline", &self.deadline)
+            .field("kind", &self.kind)
             .field("has_ak", &self.ak.is_some())
             .finish()
     }
 }
 
-/// Derives the EK from the default template; the caller flushes it.
-fn endorsement_key(context: &mut Context, device: &str) -> Result<KeyHandle, Error> {
+/// Derives the EK from its default template; the caller flushes it.
+fn endorsement_key(
+    context: &mut Context,
+    device: &str,
+    selection: AsymmetricAlgorithmSelection,
+) -> Result<KeyHandle, Error> {
     context
-        .execute_without_session(|ctx| ek::create_ek_object_2(ctx, EK, None))
+        .execute_without_session(|ctx| ek::create_ek_object_2(ctx, selection, None))
         .map_err(|e| classify(device, "derive the endorsement key", e))
 }
 

@@ -1,10 +1,10 @@
 //! `tpm`: node attestation by TPM 2.0 credential activation (DESIGN §5 "Node identity";
 //! TPM 2.0 Part 1 §24; TCG EK Credential Profile).
 //!
-//! 1. The agent sends its TPM's RSA 2048 EK certificate, the EK's public area and the
-//!    public area of an attestation key (AK) it created under the EK.
-//! 2. `TpmAttestor::begin` checks that a configured manufacturer CA signed the EK
-//!    certificate (`ek_untrusted`), that the EK public area carries the certificate's key
+//! 1. The agent sends its TPM's EK certificate (RSA 2048 or ECC P-256), the EK's public area
+//!    and the public area of an attestation key (AK) it created under the EK.
+//! 2. `TpmAttestor::begin` checks that the EK certificate is valid now and chains to a
+//!    configured manufacturer CA (`ek_expired`, `ek_untrusted`), that the EK public area carries the certificate's key
 //!    (`ek_mismatch`), and that the AK is a restricted signing key that cannot leave its
 //!    TPM: restricted, fixedTPM, fixedParent, sensitiveDataOrigin, sign, not decrypt
 //!    (`ak_attributes`). Then it makes a credential in software for the EK and the AK's
@@ -17,7 +17,8 @@
 //! the same for as long as the TPM's endorsement seed lives, whatever AK it presents, and
 //! computable by operators with `openssl x509 -pubkey -noout | openssl pkey -pubin -outform
 //! der | sha256sum`. Anything undecodable is refused as `malformed`, never a panic; an EK
-//! other than the default RSA 2048 one (AES-128-CFB, nameAlg SHA-256) as `ek_unsupported`.
+//! other than the TCG low-range RSA 2048 and ECC P-256 ones (AES-128-CFB, nameAlg SHA-256)
+//! as `ek_unsupported`.
 
 mod credential;
 mod endorsement;
@@ -31,7 +32,7 @@ use subtle::ConstantTimeEq;
 use tss_esapi::structures::SymmetricDefinitionObject;
 use zeroize::Zeroizing;
 
-use self::endorsement::{EndorsementCertificate, ManufacturerCa, Manufacturers};
+use self::endorsement::{EndorsementCertificate, EndorsementKey, ManufacturerCa, Manufacturers};
 use self::public_area::PublicArea;
 use super::{AttestedNode, NodeAttestor, PendingAttestation, Refusal, Step};
 use crate::config::{Config, TpmAttestationConfig};
@@ -195,7 +196,7 @@ impl NodeAttestor for TpmAttestor {
             )
         })?;
         let sealed =
-            credential::make_credential(&ek_certificate.spki, ak_public.name(), secret.as_ref())
+            credential::make_credential(&ek_certificate, ak_public.name(), secret.as_ref())
                 .map_err(|e| {
                     Refusal::new(
                         "ek_unsupported",
@@ -225,8 +226,8 @@ impl NodeAttestor for TpmAttestor {
     }
 }
 
-/// The EK public area must carry the certificate's key, and be the default EK's kind: an
-/// RSA restricted decryption key with AES-128-CFB (the seed's symmetric key is made for
+/// The EK public area must carry the certificate's key, and be a default EK's kind: an RSA
+/// or P-256 restricted decryption key with AES-128-CFB (the seed's symmetric key is made for
 /// that algorithm).
 fn check_ek(certificate: &EndorsementCertificate, public: &PublicArea) -> Result<(), Refusal> {
     let mismatch = |what: &str| {
@@ -235,11 +236,26 @@ fn check_ek(certificate: &EndorsementCertificate, public: &PublicArea) -> Result
             format!("the EK public area {what} the EK certificate's key"),
         )
     };
-    let rsa = public.rsa().ok_or_else(|| mismatch("is not RSA, unlike"))?;
-    let modulus = strip_leading_zeros(rsa.modulus);
-    if modulus != certificate.modulus.as_slice() || rsa.exponent != certificate.exponent {
-        return Err(mismatch("does not hold"));
-    }
+    let symmetric = match &certificate.key {
+        EndorsementKey::Rsa { modulus, exponent } => {
+            let rsa = public.rsa().ok_or_else(|| mismatch("is not RSA, unlike"))?;
+            if strip_leading_zeros(rsa.modulus) != modulus.as_slice() || rsa.exponent != *exponent {
+                return Err(mismatch("does not hold"));
+            }
+            rsa.symmetric
+        }
+        EndorsementKey::EccP256 { point } => {
+            let ecc = public.ecc().ok_or_else(|| mismatch("is not ECC, unlike"))?;
+            // Coordinates may come without their leading zero bytes: compare as numbers.
+            let same = |ours: &[u8], theirs: &[u8]| {
+                strip_leading_zeros(ours) == strip_leading_zeros(theirs)
+            };
+            if !ecc.p256 || !same(ecc.x, &point[1..33]) || !same(ecc.y, &point[33..]) {
+                return Err(mismatch("does not hold"));
+            }
+            ecc.symmetric
+        }
+    };
     let attributes = public.attributes();
     if !(attributes.restricted() && attributes.decrypt() && !attributes.sign_encrypt()) {
         return Err(Refusal::new(
@@ -247,10 +263,10 @@ fn check_ek(certificate: &EndorsementCertificate, public: &PublicArea) -> Result
             "the EK public area is not a restricted decryption key, as an EK is",
         ));
     }
-    if rsa.symmetric != SymmetricDefinitionObject::AES_128_CFB {
+    if symmetric != SymmetricDefinitionObject::AES_128_CFB {
         return Err(Refusal::new(
             "ek_unsupported",
-            "the EK's symmetric algorithm is not AES-128-CFB (the TCG default RSA 2048 EK)",
+            "the EK's symmetric algorithm is not AES-128-CFB (the TCG default low-range EKs)",
         ));
     }
     Ok(())

@@ -441,3 +441,122 @@ fn attestation_shares_the_tpm_with_a_key_the_process_holds_open() {
 
     key.sign(b"after").expect("the key still signs");
 }
+
+/// `tpm2` (tpm2-tools) against `tpm`, in `dir`; its stdout.
+fn tpm2(tpm: &Swtpm, dir: &std::path::Path, args: &[&str]) -> String {
+    let out = std::process::Command::new(format!("tpm2_{}", args[0]))
+        .args(&args[1..])
+        .current_dir(dir)
+        .env("TPM2TOOLS_TCTI", tpm.tcti_string())
+        .env("TSS2_LOG", "all+NONE")
+        .output()
+        .expect("tpm2-tools (apt package tpm2-tools)");
+    assert!(
+        out.status.success(),
+        "tpm2_{}: {}",
+        args[0],
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// What a manufacturer whose TPMs carry an ECC P-256 EK does: derive that EK (TCG template
+/// L-2), certify it with its CA (here swtpm's local CA, which also signed the RSA EK's
+/// certificate) and store the certificate at NV index 0x01c0000a. swtpm_setup 0.7 certifies
+/// a P-384 EK instead, at 0x01c00016.
+fn provision_ecc_p256_ek_certificate(tpm: &Swtpm) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    tpm2(
+        tpm,
+        dir.path(),
+        &[
+            "createek", "-G", "ecc", "-c", "ek.ctx", "-u", "ek.pem", "-f", "pem",
+        ],
+    );
+    tpm2(tpm, dir.path(), &["flushcontext", "-t"]);
+    let pem = std::fs::read_to_string(dir.path().join("ek.pem")).expect("EK PEM");
+    let spki = plant_tests::pem_blocks(&pem, "PUBLIC KEY")
+        .pop()
+        .expect("a PUBLIC KEY block");
+    let now = time::OffsetDateTime::now_utc();
+    let ca_dir = tpm.ek_ca_certificate().parent().expect("ek-ca").to_owned();
+    let key = plant_tests::openssl(&[
+        "pkey",
+        "-in",
+        &ca_dir.join("signkey.pem").display().to_string(),
+    ])
+    .expect("openssl pkey");
+    let key = rcgen::KeyPair::from_pem(&key).expect("CA key");
+    let ca = std::fs::read_to_string(tpm.ek_ca_certificate()).expect("CA certificate");
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&ca, key).expect("issuer");
+    let mut params = rcgen::CertificateParams::default();
+    params.not_before = now - time::Duration::days(1);
+    params.not_after = time::macros::datetime!(9999-12-31 23:59:59 UTC);
+    let public = rcgen::SubjectPublicKeyInfo::from_der(&spki).expect("EK key");
+    let certificate = params.signed_by(&public, &issuer).expect("EK certificate");
+    std::fs::write(dir.path().join("ek.der"), certificate.der()).expect("write");
+    let size = certificate.der().len().to_string();
+    tpm2(
+        tpm,
+        dir.path(),
+        &[
+            "nvdefine",
+            "0x01c0000a",
+            "-C",
+            "o",
+            "-s",
+            &size,
+            "-a",
+            "ownerwrite|ownerread|authread|no_da",
+        ],
+    );
+    tpm2(
+        tpm,
+        dir.path(),
+        &["nvwrite", "0x01c0000a", "-C", "o", "-i", "ek.der"],
+    );
+}
+
+#[test]
+fn a_tpm_attests_with_its_ecc_p256_ek_and_that_is_another_node_than_its_rsa_ek() {
+    let tpm = Swtpm::start_manufactured();
+    provision_ecc_p256_ek_certificate(&tpm);
+    let attestor = attestor_for(&tpm);
+    let mut ecc = TpmAttestation::open_with(&tpm.tcti_string(), hsm::EndorsementKind::Ecc)
+        .expect("open the TPM");
+    let evidence = ecc.evidence(CSR).expect("evidence with the ECC EK");
+    let certificate =
+        x509_cert::Certificate::from_der(&tpm_evidence(&evidence).ek_certificate).expect("EK");
+    assert_eq!(
+        certificate
+            .tbs_certificate
+            .subject_public_key_info
+            .algorithm
+            .oid
+            .to_string(),
+        "1.2.840.10045.2.1",
+        "an EC key (swtpm_setup certifies both EKs)"
+    );
+    let (sent, pending) = challenge(attestor.begin(&evidence).expect("ECC EK accepted"));
+    let answer = ecc
+        .answer(&sent, CSR)
+        .expect("ActivateCredential with the ECC EK");
+    let node = pending.verify(&answer).expect("attested");
+    assert_eq!(node.id, ek_id(tpm_evidence(&evidence)));
+
+    // `auto` keeps the RSA EK when it is certified: a node that attested with it stays the
+    // same node.
+    let mut auto = agent_for(&tpm);
+    let rsa = auto.evidence(CSR).expect("evidence");
+    assert_ne!(ek_id(tpm_evidence(&rsa)), node.id);
+    let (sent, pending) = challenge(attestor.begin(&rsa).expect("RSA EK accepted"));
+    let answer = auto.answer(&sent, CSR).expect("ActivateCredential");
+    assert_eq!(
+        pending.verify(&answer).expect("attested").id,
+        ek_id(tpm_evidence(&rsa))
+    );
+
+    // A credential made for the ECC EK does not open with the RSA one.
+    let (sent, _pending) = challenge(attestor.begin(&evidence).expect("accepted"));
+    assert!(auto.answer(&sent, CSR).is_err());
+}

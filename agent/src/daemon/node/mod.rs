@@ -48,12 +48,12 @@ pub fn from_config(
             key.open()?,
         )?)),
         #[cfg(feature = "tpm")]
-        AttestationConfig::Tpm { tcti } => {
+        AttestationConfig::Tpm { tcti, ek } => {
             let tcti = match tcti {
                 Some(tcti) => tcti.clone(),
                 None => hsm::Tcti::from_env()?.to_string(),
             };
-            Ok(Box::new(tpm::TpmAttestation::open(&tcti)?))
+            Ok(Box::new(tpm::TpmAttestation::open_with(&tcti, *ek)?))
         }
         // The configuration parses the same in every build; only running it needs the TPM.
         #[cfg(not(feature = "tpm"))]

@@ -1,5 +1,5 @@
 //! TPM 2.0 node attestation by credential activation (DESIGN §5 "Node identity"): the
-//! evidence is the TPM's RSA 2048 EK certificate, its EK public area and a fresh attestation
+//! evidence is the TPM's EK certificate (RSA 2048 or ECC P-256), its EK public area and a fresh attestation
 //! key's public area; the issuer answers with a credential only this TPM can activate, and
 //! the secret inside it is the answer.
 //!
@@ -32,13 +32,18 @@ impl TpmAttestation {
     /// `swtpm:host=127.0.0.1,port=2321`, `tabrmd`). Nothing is sent to it until
     /// [`NodeAttestation::evidence`].
     pub fn open(tcti: &str) -> Result<Self, Error> {
+        Self::open_with(tcti, hsm::EndorsementKind::Auto)
+    }
+
+    /// As [`TpmAttestation::open`], attesting with the endorsement key `ek` names.
+    pub fn open_with(tcti: &str, ek: hsm::EndorsementKind) -> Result<Self, Error> {
         let tcti: hsm::Tcti = tcti.parse()?;
         let options = hsm::TpmOptions {
             deadline: TPM_DEADLINE,
             ..hsm::TpmOptions::default()
         };
         Ok(Self {
-            activation: hsm::tpm::CredentialActivation::open(&tcti, options)?,
+            activation: hsm::tpm::CredentialActivation::open_with(&tcti, options, ek)?,
         })
     }
 }

@@ -160,16 +160,23 @@ fn never_expires(not_after: &x509_cert::time::Time) -> bool {
     not_after.to_unix_duration().as_secs() == 253_402_300_799
 }
 
-/// A decoded RSA EK certificate; [`EndorsementCertificate::verify`] says who signed it.
+/// A decoded EK certificate; [`EndorsementCertificate::verify`] says who signed it.
 #[derive(Debug)]
 pub(super) struct EndorsementCertificate {
     certificate: Certificate,
     /// Its SubjectPublicKeyInfo, DER: the EK public key.
     pub(super) spki: Vec<u8>,
-    /// The RSA modulus, without leading zeros.
-    pub(super) modulus: Vec<u8>,
-    /// The RSA public exponent.
-    pub(super) exponent: u32,
+    /// The key in it.
+    pub(super) key: EndorsementKey,
+}
+
+/// The EK public key an EK certificate carries: the TCG low-range RSA 2048 or ECC P-256 EK.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum EndorsementKey {
+    /// RSA: the modulus without leading zeros, and the public exponent.
+    Rsa { modulus: Vec<u8>, exponent: u32 },
+    /// NIST P-256: the uncompressed point, `04 || x || y`.
+    EccP256 { point: Vec<u8> },
 }
 
 /// RSAPublicKey (RFC 8017 §A.1.1).
@@ -184,8 +191,9 @@ struct RsaPublicKey<'a> {
 }
 
 impl EndorsementCertificate {
-    /// Decodes an EK certificate (DER) and its RSA key, without judging who signed it:
-    /// `malformed` for bytes that are no certificate, `ek_unsupported` for other key types.
+    /// Decodes an EK certificate (DER) and its key, without judging who signed it:
+    /// `malformed` for bytes that are no certificate, `ek_unsupported` for key types other
+    /// than RSA and ECC P-256.
     pub(super) fn decode(der: &[u8]) -> Result<Self, Refusal> {
         let certificate = Certificate::from_der(der).map_err(|e| {
             Refusal::new(
@@ -194,12 +202,48 @@ impl EndorsementCertificate {
             )
         })?;
         let spki = &certificate.tbs_certificate.subject_public_key_info;
+        if spki.algorithm.oid == rfc5912::ID_EC_PUBLIC_KEY {
+            let curve = spki
+                .algorithm
+                .parameters
+                .as_ref()
+                .and_then(|p| p.decode_as::<ObjectIdentifier>().ok());
+            if curve != Some(rfc5912::SECP_256_R_1) {
+                return Err(Refusal::new(
+                    "ek_unsupported",
+                    "the EK certificate's ECC key is not on NIST P-256; the RSA 2048 EK \
+                     (0x01c00002) and the ECC P-256 EK (0x01c0000a) are supported",
+                ));
+            }
+            let point = spki
+                .subject_public_key
+                .as_bytes()
+                .filter(|p| p.len() == 65 && p[0] == 0x04)
+                .ok_or_else(|| {
+                    Refusal::new(
+                        "malformed",
+                        "the EK certificate's P-256 key is not an uncompressed point",
+                    )
+                })?
+                .to_vec();
+            let spki = spki.to_der().map_err(|_| {
+                Refusal::new(
+                    "malformed",
+                    "the EK certificate's key does not encode again",
+                )
+            })?;
+            return Ok(Self {
+                certificate,
+                spki,
+                key: EndorsementKey::EccP256 { point },
+            });
+        }
         if spki.algorithm.oid != rfc5912::RSA_ENCRYPTION {
             return Err(Refusal::new(
                 "ek_unsupported",
                 format!(
-                    "the EK certificate's key is {}, not RSA; only the RSA 2048 EK \
-                     (NV index 0x01c00002) is supported",
+                    "the EK certificate's key is {}, neither RSA nor ECC; the RSA 2048 EK \
+                     (NV index 0x01c00002) and the ECC P-256 EK (0x01c0000a) are supported",
                     spki.algorithm.oid
                 ),
             ));
@@ -225,8 +269,7 @@ impl EndorsementCertificate {
         Ok(Self {
             certificate,
             spki,
-            modulus,
-            exponent,
+            key: EndorsementKey::Rsa { modulus, exponent },
         })
     }
 

@@ -9,6 +9,7 @@
 use aws_lc_rs::digest;
 use tss_esapi::attributes::ObjectAttributes;
 use tss_esapi::interface_types::algorithm::HashingAlgorithm;
+use tss_esapi::interface_types::ecc::EccCurve;
 use tss_esapi::structures::{Public, SymmetricDefinitionObject};
 use tss_esapi::traits::{Marshall, UnMarshall};
 
@@ -93,6 +94,30 @@ impl PublicArea {
             _ => None,
         }
     }
+
+    /// The point, curve and symmetric algorithm of an ECC key; `None` for other key types.
+    pub(super) fn ecc(&self) -> Option<EccArea<'_>> {
+        match &self.public {
+            Public::Ecc {
+                parameters, unique, ..
+            } => Some(EccArea {
+                x: unique.x().value(),
+                y: unique.y().value(),
+                p256: parameters.ecc_curve() == EccCurve::NistP256,
+                symmetric: parameters.symmetric_definition_object(),
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// The NIST P-256 parts of a public area.
+#[derive(Debug)]
+pub(super) struct EccArea<'a> {
+    pub(super) x: &'a [u8],
+    pub(super) y: &'a [u8],
+    pub(super) p256: bool,
+    pub(super) symmetric: SymmetricDefinitionObject,
 }
 
 /// The RSA parts of a public area.
