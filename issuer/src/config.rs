@@ -289,6 +289,11 @@ pub struct TpmAttestationConfig {
     /// through a chain to an `ek_ca` certificate.
     #[serde(default)]
     pub intermediates: Vec<PathBuf>,
+    /// TPM nodes renew their node SVID by credential activation again, and renewal over
+    /// mTLS is refused: a copied state directory then holds a node only until its SVID
+    /// expires. Default true.
+    #[serde(default = "default_true")]
+    pub renew_by_attesting: bool,
 }
 
 /// `[issuance]`: what every certificate-producing path shares.

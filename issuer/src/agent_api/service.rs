@@ -459,6 +459,18 @@ impl Agent for AgentService {
     ) -> Result<Response<NodeSvid>, Status> {
         let caller = caller(&self.authority, &request)?;
         self.credential_not_revoked(&caller).map_err(to_status)?;
+        let method = caller.node.method.as_str();
+        if self
+            .attestors
+            .iter()
+            .any(|a| a.method() == method && a.renews_by_attesting())
+        {
+            return Err(Status::failed_precondition(format!(
+                "{method} nodes renew their node SVID by attesting again, not over mTLS (a \
+                 copy of the node's files must not outlive its SVID): attest with the {method} \
+                 method; [attestation.{method}] renew_by_attesting = false allows mTLS renewal"
+            )));
+        }
         let csr = parse_csr(&request.get_ref().csr)?;
         let (der, (serial, not_after)) = self
             .issue(

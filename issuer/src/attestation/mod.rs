@@ -58,6 +58,13 @@ pub trait NodeAttestor: Send + Sync + std::fmt::Debug {
     /// Examines the evidence: a verdict, or a challenge to answer. `evidence.csr` is the
     /// node SVID's CSR, which x509pop binds its signature to.
     fn begin(&self, evidence: &Evidence) -> Result<Step, Refusal>;
+
+    /// Whether this method's nodes renew their node SVID only by attesting again, never
+    /// over mTLS with the current one: then a copy of a node's state directory dies with the
+    /// SVID it holds, since only the hardware can attest (SPIRE's default since 1.9).
+    fn renews_by_attesting(&self) -> bool {
+        false
+    }
 }
 
 /// How long an agent has to answer a challenge before the nonce is forgotten.

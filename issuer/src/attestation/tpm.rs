@@ -45,6 +45,7 @@ const METHOD: &str = "tpm";
 #[derive(Debug)]
 pub struct TpmAttestor {
     manufacturers: Manufacturers,
+    renew_by_attesting: bool,
 }
 
 impl TpmAttestor {
@@ -68,6 +69,7 @@ impl TpmAttestor {
                 anchors: manufacturer_cas,
                 intermediates: Vec::new(),
             },
+            renew_by_attesting: true,
         })
     }
 
@@ -94,8 +96,9 @@ impl TpmAttestor {
             }
             Ok(certificates)
         };
-        let attestor = Self::new(load("ek_ca", &tpm.ek_ca)?)?
+        let mut attestor = Self::new(load("ek_ca", &tpm.ek_ca)?)?
             .with_intermediates(load("intermediates", &tpm.intermediates)?)?;
+        attestor.renew_by_attesting = tpm.renew_by_attesting;
         for intermediate in &attestor.manufacturers.intermediates {
             if !attestor.manufacturers.chains_to_anchor(intermediate) {
                 tracing::warn!(
@@ -170,6 +173,10 @@ fn certificates_at(key: &str, path: &std::path::Path) -> Result<Vec<Vec<u8>>, Er
 impl NodeAttestor for TpmAttestor {
     fn method(&self) -> &'static str {
         METHOD
+    }
+
+    fn renews_by_attesting(&self) -> bool {
+        self.renew_by_attesting
     }
 
     fn begin(&self, evidence: &Evidence) -> Result<Step, Refusal> {

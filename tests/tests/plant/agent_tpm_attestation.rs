@@ -186,6 +186,17 @@ fn a_tpm_node_attests_again_by_itself_after_its_svid_lapsed_in_an_outage() -> Re
     agent.wait_status("attestation retried after the lapse", |(_, error)| {
         error.as_deref().is_some_and(|e| e.contains("attesting"))
     })?;
+    // A TPM node renews by attesting, so it retries attestation from half life on; wait
+    // for the SVID to lapse as well.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !agent.log().contains("node SVID expired") {
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "the node SVID did not lapse:\n{}",
+            agent.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
 
     // Back on the same address: the agent proves its TPM again, with no one's help.
     issuer.serve_on_the_same_agent_api()?;
@@ -202,6 +213,67 @@ fn a_tpm_node_attests_again_by_itself_after_its_svid_lapsed_in_an_outage() -> Re
     ensure!(
         audit.matches(&node).count() >= 2,
         "two attestations of {node} in the audit log:\n{audit}"
+    );
+    ensure!(
+        agent.stop()?,
+        "agent did not exit cleanly:\n{}",
+        agent.log()
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tpm_node_renews_by_attesting_and_its_copied_files_cannot_renew_over_mtls() -> Result<()>
+{
+    use proto::agent::agent_client::AgentClient;
+    let tpm = Swtpm::start_manufactured();
+    // 12 s node SVIDs: renewed from about 5 s on.
+    let issuer = issuer_trusting(&tpm.ek_ca_certificate(), |text| {
+        text.replacen("node_svid_ttl = \"1h\"", "node_svid_ttl = \"12s\"", 1)
+    })?;
+    let mut agent = Agent::start(&issuer, &tpm_attestation(&tpm), &[])?;
+    let node = agent.node_id()?;
+    let (first, _) = agent.node_status()?;
+    agent.wait_status("node SVID renewed", |(expires, error)| {
+        expires.is_some() && expires != &first && error.is_none()
+    })?;
+    let log = agent.log();
+    ensure!(
+        log.contains("node SVID renewed by attesting again"),
+        "renewed another way:\n{log}"
+    );
+    assert_eq!(agent.node_id()?, node, "the same TPM, the same node");
+
+    // Someone copies the state directory: its node SVID and key authenticate (they are the
+    // current ones), but renewing with them over mTLS is refused.
+    let state = agent.dir.path().join("state");
+    let chain = plant_tests::pem_blocks(
+        &std::fs::read_to_string(state.join("node-svid.pem"))?,
+        "CERTIFICATE",
+    );
+    let key = plant_tests::pem_blocks(
+        &std::fs::read_to_string(state.join("node-key.pem"))?,
+        "PRIVATE KEY",
+    )
+    .pop()
+    .context("node key")?;
+    let mut copy =
+        AgentClient::new(plant_tests::agent_api_channel(&issuer, Some((chain, key))).await?);
+    let refused = copy
+        .renew_node_svid(proto::agent::RenewNodeSvidRequest {
+            csr: plant_tests::p256_csr("copy")?,
+        })
+        .await
+        .expect_err("mTLS renewal of a TPM node");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
+    assert!(
+        refused.message().contains("by attesting again"),
+        "{}",
+        refused.message()
     );
     ensure!(
         agent.stop()?,

@@ -147,6 +147,8 @@ struct NodeKeeper {
     attestation: Arc<Mutex<Box<dyn NodeAttestation>>>,
     method: &'static str,
     can_reattest: bool,
+    /// Renews by attesting again, never over mTLS (TPM nodes).
+    renews_by_attesting: bool,
     current: Option<Node>,
     /// Whether this node ever held an identity (this run or a persisted one).
     had_identity: bool,
@@ -231,6 +233,7 @@ impl Manager {
                 endpoint,
                 method: attestation.method(),
                 can_reattest: attestation.can_reattest(),
+                renews_by_attesting: attestation.renews_by_attesting(),
                 attestation: Arc::new(Mutex::new(attestation)),
                 current: None,
                 had_identity: false,
@@ -458,6 +461,8 @@ impl Manager {
         }
         match &self.node.current {
             Some(node) if now < node.rotate_at => Ok(()),
+            // The current SVID keeps serving until the new attestation succeeds.
+            Some(_) if self.node.renews_by_attesting => self.attest(now).await,
             Some(node) => {
                 let client = node.client.clone();
                 match client.renew().await {
@@ -511,7 +516,11 @@ impl Manager {
         match attested {
             Ok(identity) => {
                 METRICS.attestation(Outcome::Ok);
-                tracing::info!(spiffe_id = %identity.spiffe_id, method = self.node.method, "node attested");
+                if self.node.current.is_some() {
+                    tracing::info!(spiffe_id = %identity.spiffe_id, method = self.node.method, "node SVID renewed by attesting again");
+                } else {
+                    tracing::info!(spiffe_id = %identity.spiffe_id, method = self.node.method, "node attested");
+                }
                 self.take_identity(identity);
                 // A new identity may be a new node: sync at once.
                 self.sync_schedule.next = now;

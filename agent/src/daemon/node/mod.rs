@@ -25,6 +25,13 @@ pub trait NodeAttestation: Send + std::fmt::Debug {
 
     /// Whether this method can attest again after a success (false for a join token).
     fn can_reattest(&self) -> bool;
+
+    /// Whether the node SVID is renewed by attesting again instead of over mTLS (TPM
+    /// nodes: the issuer refuses their mTLS renewal, so a copy of the state directory dies
+    /// with the SVID it holds).
+    fn renews_by_attesting(&self) -> bool {
+        false
+    }
 }
 
 pub mod join_token;

@@ -84,6 +84,10 @@ impl NodeAttestation for TpmAttestation {
     fn can_reattest(&self) -> bool {
         true
     }
+
+    fn renews_by_attesting(&self) -> bool {
+        true
+    }
 }
 
 #[cfg(test)]
