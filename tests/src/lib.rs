@@ -46,6 +46,22 @@ pub fn run_ok(command: &mut Command) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// The SVID files an agent saved in `svids` (its `state/cache/svids`): `<entry id>.json`,
+/// not the temporary files of a write in progress.
+pub fn saved_svid_files(svids: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(svids)
+        .into_iter()
+        .flatten()
+        .filter_map(std::result::Result::ok)
+        .map(|entry| entry.path())
+        .filter(|path| {
+            path.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.ends_with(".json") && !n.starts_with('.'))
+        })
+        .collect()
+}
+
 /// Extra environment for a child, as the `Issuer` and `Agent` handles keep it across restarts.
 fn owned_env(env: &[(&str, &str)]) -> Vec<(String, String)> {
     env.iter()

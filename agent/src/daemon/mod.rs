@@ -91,13 +91,17 @@ pub async fn run(
     std::fs::set_permissions(&config.state_dir, std::fs::Permissions::from_mode(0o700))
         .map_err(Error::io(&config.state_dir))?;
 
-    let (manager, published) = Manager::new(
+    let protector = node::cache_key_protector(&config.attestation)?;
+    let (mut manager, published) = Manager::new(
         config.trust_domain.clone(),
         config.state_dir.clone(),
         config.sync_interval,
         endpoint,
         attestation,
     );
+    if let Some(protector) = protector {
+        manager.protect_cache_keys_with(protector);
+    }
     // Metrics first: once the socket is there, so is metrics.url.
     let metrics_listener = match config.metrics_listen {
         Some(address) => Some(metrics::bind(address, &config.state_dir).await?),

@@ -169,7 +169,7 @@ fn flush_stale_objects(context: &mut Context, device: &str) -> Result<(), Error>
 /// The storage primary of the owner hierarchy, from the TCG provisioning guidance's ECC
 /// P-256 SRK template (restricted decryption key, AES-128-CFB, empty unique): the same
 /// template re-derives the same key for as long as the owner seed lives.
-fn storage_primary(context: &mut Context, device: &str) -> Result<KeyHandle, Error> {
+pub(super) fn storage_primary(context: &mut Context, device: &str) -> Result<KeyHandle, Error> {
     let attributes = ObjectAttributesBuilder::new()
         .with_fixed_tpm(true)
         .with_fixed_parent(true)

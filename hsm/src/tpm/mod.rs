@@ -21,9 +21,11 @@
 mod attestation;
 mod blob;
 mod device;
+mod sealing;
 
 pub use attestation::{CredentialActivation, EndorsementEvidence};
 pub use blob::KeyBlob;
+pub use sealing::Sealer;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};

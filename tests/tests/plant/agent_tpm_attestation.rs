@@ -282,3 +282,97 @@ async fn a_tpm_node_renews_by_attesting_and_its_copied_files_cannot_renew_over_m
     );
     Ok(())
 }
+
+/// Copies the files (not folders' metadata) of `from` into `to`, recursively.
+fn copy_tree(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_tree(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), &target)?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn a_tpm_gateways_saved_keys_are_sealed_to_its_tpm_and_a_copy_elsewhere_serves_nothing(
+) -> Result<()> {
+    let tpm = Swtpm::start_manufactured();
+    let other_tpm = Swtpm::start_manufactured();
+    let mut issuer = issuer_trusting(&tpm.ek_ca_certificate(), |text| text)?;
+    let mut gateway = Agent::start(&issuer, &tpm_attestation(&tpm), &[])?;
+    let node = gateway.node_id()?;
+    issuer.create_entry(
+        HISTORIAN,
+        &node,
+        &[&format!("unix:uid:{}", plant_tests::own_uid()?)],
+        &["--ttl", "10m"],
+    )?;
+    gateway.wait_for_svid(HISTORIAN)?;
+    let cache = gateway.dir.path().join("state/cache");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while plant_tests::saved_svid_files(&cache.join("svids")).is_empty() {
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "nothing saved:\n{}",
+            gateway.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // The key is in the file only sealed: encrypted under a key only this TPM unseals.
+    ensure!(cache.join("key.sealed").exists(), "no sealed cache key");
+    for file in plant_tests::saved_svid_files(&cache.join("svids")) {
+        let text = std::fs::read_to_string(&file).with_context(|| file.display().to_string())?;
+        ensure!(
+            text.contains("\"sealed_key\"") && !text.contains("\"key\""),
+            "{text}"
+        );
+    }
+
+    // A power cut during an issuer outage: the same gateway, the same TPM, serves at once.
+    gateway.kill()?;
+    issuer.kill()?;
+    gateway.run()?;
+    let probe = env!("CARGO_BIN_EXE_workload_probe");
+    let out = run_ok(Command::new(probe).arg(&gateway.socket))?;
+    assert_eq!(out.trim(), format!("ok {HISTORIAN}"), "{}", gateway.log());
+    ensure!(
+        gateway.stop()?,
+        "gateway did not stop cleanly:\n{}",
+        gateway.log()
+    );
+
+    // The state directory copied to a machine with another TPM: its node files come along,
+    // but the saved keys do not open there, so nothing is served from them.
+    let mut copy =
+        Agent::start(&issuer, &tpm_attestation(&other_tpm), &[]).context("the copy's agent")?;
+    ensure!(copy.stop()?, "copy did not stop cleanly:\n{}", copy.log());
+    let copy_state = copy.dir.path().join("state");
+    std::fs::remove_dir_all(&copy_state).context("clearing the copy's state")?;
+    copy_tree(&gateway.dir.path().join("state"), &copy_state).context("copying the state")?;
+    std::fs::remove_file(copy_state.join("status.json")).context("status.json")?;
+    copy.run()?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !copy.log().contains("sealed to another TPM") {
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "the copy did not refuse the sealed keys:\n{}",
+            copy.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let status: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(copy_state.join("status.json"))?)?;
+    let served = status["entries"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| !e["svid"].is_null())
+        .count();
+    assert_eq!(served, 0, "the copy serves SVIDs: {status}");
+    Ok(())
+}

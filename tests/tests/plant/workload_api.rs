@@ -805,7 +805,7 @@ async fn an_agent_restarted_during_an_issuer_outage_serves_its_saved_cache_then_
     // Saved as it changes: both SVID files are there (owner-only) before the power cut.
     let svids = agent.dir.path().join("state/cache/svids");
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while std::fs::read_dir(&svids).map_or(0, Iterator::count) < 2 {
+    while plant_tests::saved_svid_files(&svids).len() < 2 {
         ensure!(
             std::time::Instant::now() < deadline,
             "no saved SVIDs in {}:\n{}",
@@ -814,8 +814,8 @@ async fn an_agent_restarted_during_an_issuer_outage_serves_its_saved_cache_then_
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    for file in std::fs::read_dir(&svids)? {
-        let mode = std::os::unix::fs::PermissionsExt::mode(&file?.metadata()?.permissions());
+    for file in plant_tests::saved_svid_files(&svids) {
+        let mode = std::os::unix::fs::PermissionsExt::mode(&file.metadata()?.permissions());
         assert_eq!(mode & 0o777, 0o600);
     }
 

@@ -39,7 +39,7 @@ use crate::Error;
 mod saved;
 
 use saved::SavedCache;
-pub use saved::CACHE_DIR;
+pub use saved::{KeyProtector, CACHE_DIR};
 
 /// CSRs per MintX509Svids call.
 const MINT_BATCH: usize = 100;
@@ -256,6 +256,12 @@ impl Manager {
                 issuer: issuer_rx,
             },
         )
+    }
+
+    /// Keeps the saved cache's private keys under a key `protector` seals (the node's TPM):
+    /// a copy of the state directory then serves nothing elsewhere.
+    pub fn protect_cache_keys_with(&mut self, protector: Box<dyn KeyProtector>) {
+        self.saved.protect_keys_with(protector);
     }
 
     /// Runs until `shutdown` resolves. Fails only when the node can never get an identity

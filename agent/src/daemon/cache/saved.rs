@@ -11,7 +11,10 @@
 //!
 //! Every file is replaced atomically (temporary file, fsync, rename; one directory fsync per
 //! save), owner-only (0600) in the owner-only state directory: the SVID files hold private
-//! keys. Loading trusts nothing it reads: every SVID is checked again (its key certifies its
+//! keys. On a node with a TPM they hold them encrypted (AES-256-GCM, the entry id as
+//! associated data) under one key sealed to that TPM (`cache/key.sealed`, a
+//! [`KeyProtector`]): a copy of the folder on another machine, or after the TPM was cleared,
+//! serves nothing. Loading trusts nothing it reads: every SVID is checked again (its key certifies its
 //! leaf, the leaf names its entry's SPIFFE ID, it has not expired) and anything else is
 //! dropped with a warning and never served.
 
@@ -46,6 +49,20 @@ const FILE_MODE: u32 = 0o600;
 const DIR_MODE: u32 = 0o700;
 /// Bumped when the layout changes; a cache of another format is ignored (and replaced).
 const FORMAT: u32 = 1;
+/// The cache key, sealed to the node's TPM.
+const SEALED_KEY_FILE: &str = "key.sealed";
+
+/// Seals the cache key to hardware (the node's TPM), so the saved private keys open only on
+/// this machine.
+pub trait KeyProtector: Send + std::fmt::Debug {
+    /// The sealed form of `secret`.
+    fn seal(&self, secret: &[u8]) -> Result<Vec<u8>, Error>;
+    /// The secret in `sealed`, or why it does not open here.
+    fn unseal(&self, sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>, Error>;
+}
+
+/// The key SVID private keys are encrypted with, while this run holds it.
+type CacheKey = Zeroizing<[u8; 32]>;
 
 /// What a loaded cache gives the agent to serve.
 #[derive(Debug)]
@@ -75,6 +92,10 @@ pub struct SavedCache {
     /// SVID files on disk by entry id, with the notAfter of the SVID each holds (`None`: a
     /// file this run did not write or load, replaced or removed at the next save).
     svids: BTreeMap<String, Option<SystemTime>>,
+    /// Seals the cache key; `None` on a node without a TPM (keys are then plain, 0600).
+    protector: Option<Box<dyn KeyProtector>>,
+    /// The unsealed cache key, once loaded or made.
+    key: Option<CacheKey>,
 }
 
 /// `trust.json`, as written (borrowing the snapshot) and as read.
@@ -126,9 +147,13 @@ struct SvidFile<'a> {
     entry_revision: u64,
     /// Base64 DER, leaf first.
     chain: Vec<String>,
-    /// Base64 PKCS#8 DER.
-    #[serde(borrow)]
-    key: &'a str,
+    /// Base64 PKCS#8 DER (no TPM).
+    #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
+    key: Option<&'a str>,
+    /// Base64 of nonce (12 bytes) and AES-256-GCM of the PKCS#8 DER under the sealed cache
+    /// key, the entry id as associated data (a TPM node).
+    #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
+    sealed_key: Option<&'a str>,
     /// Unix seconds.
     rotate_at: u64,
 }
@@ -140,13 +165,70 @@ impl SavedCache {
             dir: state_dir.join(CACHE_DIR),
             trust: None,
             svids: BTreeMap::new(),
+            protector: None,
+            key: None,
         }
+    }
+
+    /// Keeps the private keys encrypted under a key `protector` seals (the node's TPM).
+    pub fn protect_keys_with(&mut self, protector: Box<dyn KeyProtector>) {
+        self.protector = Some(protector);
+    }
+
+    /// The cache key from `key.sealed`, if this machine's TPM opens it.
+    fn unseal_key(&mut self) {
+        let Some(protector) = &self.protector else {
+            return;
+        };
+        let path = self.dir.join(SEALED_KEY_FILE);
+        let Ok(sealed) = std::fs::read(&path) else {
+            return;
+        };
+        match protector.unseal(&sealed) {
+            Ok(secret) if secret.len() == 32 => {
+                let mut key = Zeroizing::new([0u8; 32]);
+                key.copy_from_slice(&secret);
+                self.key = Some(key);
+            }
+            Ok(_) => {
+                tracing::warn!(path = %path.display(), "the sealed cache key has the wrong length; the saved keys are not used")
+            }
+            Err(e) => tracing::warn!(
+                error = %e,
+                "the saved cache's keys are sealed to another TPM (a copied state directory, or this TPM was cleared): no saved SVID is served; they are replaced once the issuer answers"
+            ),
+        }
+    }
+
+    /// The cache key for writing: the one loaded, or a new one sealed now (every SVID file
+    /// is then rewritten under it).
+    fn key_for_saving(&mut self) -> Result<Option<CacheKey>, Error> {
+        let Some(protector) = &self.protector else {
+            return Ok(None);
+        };
+        if let Some(key) = &self.key {
+            return Ok(Some(key.clone()));
+        }
+        let mut key = Zeroizing::new([0u8; 32]);
+        aws_lc_rs::rand::fill(key.as_mut())
+            .map_err(|_| Error::Attestation("no randomness for the cache key".into()))?;
+        let sealed = protector.seal(key.as_ref())?;
+        let path = self.dir.join(SEALED_KEY_FILE);
+        pem_files::replace_file(&path, &sealed, FILE_MODE, Overwrite::Allow)?;
+        pem_files::sync_directory(&self.dir)?;
+        for saved in self.svids.values_mut() {
+            *saved = None;
+        }
+        self.key = Some(key.clone());
+        Ok(Some(key))
     }
 
     /// Reads the cache: what it holds for `trust_domain` that may still be served at `now`,
     /// or `None` when there is nothing usable (no cache yet, another trust domain, another
     /// format, an unreadable trust file; each but the first is logged).
     pub fn load(&mut self, trust_domain: &TrustDomain, now: SystemTime) -> Option<Restored> {
+        self.unseal_key();
+        self.remove_leftover_temporaries();
         // Every SVID file present is the next save's to replace or remove, whatever is in it.
         for name in self.svid_file_names() {
             if let Some(id) = entry_id_of(&name) {
@@ -228,7 +310,11 @@ impl SavedCache {
                 continue;
             }
             let path = self.svid_path(&entry.id);
-            match read_svid(&path, entry, now) {
+            let keys = KeyMode {
+                protected: self.protector.is_some(),
+                key: self.key.as_ref(),
+            };
+            match read_svid(&path, entry, now, &keys) {
                 Ok(svid) => {
                     self.svids.insert(entry.id.clone(), Some(svid.not_after));
                     svids.insert(entry.id.clone(), Arc::new(svid));
@@ -259,6 +345,7 @@ impl SavedCache {
         }
         let mut touched_trust = false;
         let mut touched_svids = false;
+        let cache_key = self.key_for_saving()?;
 
         let trust = trust_json(snapshot)?;
         let trust_hash = hash(&trust);
@@ -274,7 +361,7 @@ impl SavedCache {
             if self.svids.get(id) == Some(&Some(svid.not_after)) {
                 continue;
             }
-            let written = svid_json(id, svid).and_then(|json| {
+            let written = svid_json(id, svid, cache_key.as_ref()).and_then(|json| {
                 pem_files::replace_file(&self.svid_path(id), &json, FILE_MODE, Overwrite::Allow)
             });
             match written {
@@ -312,6 +399,23 @@ impl SavedCache {
             pem_files::sync_directory(&self.dir)?;
         }
         failed.map_or(Ok(()), Err)
+    }
+
+    /// Temporary files a write left when the power went (`.<name>.<random>.tmp`): nothing
+    /// else removes them.
+    fn remove_leftover_temporaries(&self) {
+        for dir in [self.dir.clone(), self.dir.join(SVIDS_DIR)] {
+            let Ok(read) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for entry in read.filter_map(Result::ok) {
+                let name = entry.file_name();
+                let name = name.to_string_lossy();
+                if name.starts_with('.') && name.ends_with(".tmp") {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+            }
+        }
     }
 
     fn svid_path(&self, entry_id: &str) -> PathBuf {
@@ -356,7 +460,19 @@ fn entry_id_of(file_name: &str) -> Option<String> {
     }
 }
 
-fn read_svid(path: &Path, entry: &Entry, now: SystemTime) -> Result<X509Svid, Error> {
+/// How SVID keys are stored: plain, or encrypted under the cache key (`key` is `None` when
+/// a protected cache's key did not unseal: then no key is readable).
+struct KeyMode<'a> {
+    protected: bool,
+    key: Option<&'a CacheKey>,
+}
+
+fn read_svid(
+    path: &Path,
+    entry: &Entry,
+    now: SystemTime,
+    keys: &KeyMode<'_>,
+) -> Result<X509Svid, Error> {
     let what = path.display().to_string();
     let bad = |message: String| Error::certificate(&what, message);
     let bytes = Zeroizing::new(std::fs::read(path).map_err(Error::io(path))?);
@@ -373,7 +489,26 @@ fn read_svid(path: &Path, entry: &Entry, now: SystemTime) -> Result<X509Svid, Er
         .map(|text| B64.decode(text))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| bad(format!("chain: {e}")))?;
-    let key = Zeroizing::new(B64.decode(file.key).map_err(|e| bad(format!("key: {e}")))?);
+    let key = match (keys.protected, file.key, file.sealed_key) {
+        (false, Some(plain), _) => {
+            Zeroizing::new(B64.decode(plain).map_err(|e| bad(format!("key: {e}")))?)
+        }
+        (true, _, Some(sealed)) => {
+            let cache_key = keys
+                .key
+                .ok_or_else(|| bad("its key is sealed to another TPM".into()))?;
+            let sealed = B64
+                .decode(sealed)
+                .map_err(|e| bad(format!("sealed_key: {e}")))?;
+            open_key(cache_key, &entry.id, sealed).map_err(bad)?
+        }
+        (true, _, None) => {
+            return Err(bad(
+                "its key is not sealed, and this node keeps keys sealed to its TPM".into(),
+            ))
+        }
+        (false, _, _) => return Err(bad("no plain key (sealed to a TPM?)".into())),
+    };
     let pair = KeyPair::from_pkcs8_der(&key)?;
     let leaf = chain.first().ok_or_else(|| bad("empty chain".into()))?;
     ensure_certifies(&what, leaf, &pair)?;
@@ -429,14 +564,25 @@ fn trust_json(snapshot: &Snapshot) -> Result<Vec<u8>, Error> {
     })
 }
 
-fn svid_json(entry_id: &str, svid: &X509Svid) -> Result<Zeroizing<Vec<u8>>, Error> {
-    let key = Zeroizing::new(B64.encode(svid.key.as_slice()));
+fn svid_json(
+    entry_id: &str,
+    svid: &X509Svid,
+    cache_key: Option<&CacheKey>,
+) -> Result<Zeroizing<Vec<u8>>, Error> {
+    let (plain, sealed) = match cache_key {
+        None => (Some(Zeroizing::new(B64.encode(svid.key.as_slice()))), None),
+        Some(cache_key) => (
+            None,
+            Some(B64.encode(seal_key(cache_key, entry_id, &svid.key)?)),
+        ),
+    };
     let file = SvidFile {
         format: FORMAT,
         entry_id: entry_id.to_owned(),
         entry_revision: svid.entry_revision,
         chain: svid.chain.iter().map(|der| B64.encode(der)).collect(),
-        key: &key,
+        key: plain.as_ref().map(|k| k.as_str()),
+        sealed_key: sealed.as_deref(),
         rotate_at: svid
             .rotate_at
             .duration_since(SystemTime::UNIX_EPOCH)
@@ -456,6 +602,49 @@ fn hash(json: &[u8]) -> u64 {
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     json.hash(&mut hasher);
     hasher.finish()
+}
+
+/// nonce || AES-256-GCM(cache key, PKCS#8, aad = entry id).
+fn seal_key(cache_key: &CacheKey, entry_id: &str, pkcs8: &[u8]) -> Result<Vec<u8>, Error> {
+    use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
+    let failed = || Error::Attestation("encrypting a saved key failed".into());
+    let key =
+        LessSafeKey::new(UnboundKey::new(&AES_256_GCM, cache_key.as_ref()).map_err(|_| failed())?);
+    let mut nonce = [0u8; NONCE_LEN];
+    aws_lc_rs::rand::fill(&mut nonce).map_err(|_| failed())?;
+    let mut sealed = Zeroizing::new(pkcs8.to_vec());
+    key.seal_in_place_append_tag(
+        Nonce::assume_unique_for_key(nonce),
+        Aad::from(entry_id.as_bytes()),
+        &mut *sealed,
+    )
+    .map_err(|_| failed())?;
+    let mut out = nonce.to_vec();
+    out.extend_from_slice(&sealed);
+    Ok(out)
+}
+
+/// The PKCS#8 key in `sealed` (see [`seal_key`]); an error for another cache key or entry.
+fn open_key(
+    cache_key: &CacheKey,
+    entry_id: &str,
+    sealed: Vec<u8>,
+) -> Result<Zeroizing<Vec<u8>>, String> {
+    use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
+    if sealed.len() < NONCE_LEN {
+        return Err("sealed_key: too short".into());
+    }
+    let mut sealed = Zeroizing::new(sealed);
+    let (nonce, body) = sealed.split_at_mut(NONCE_LEN);
+    let nonce =
+        Nonce::try_assume_unique_for_key(nonce).map_err(|_| "sealed_key: nonce".to_owned())?;
+    let key = LessSafeKey::new(
+        UnboundKey::new(&AES_256_GCM, cache_key.as_ref()).map_err(|_| "cache key".to_owned())?,
+    );
+    let plain = key
+        .open_in_place(nonce, Aad::from(entry_id.as_bytes()), body)
+        .map_err(|_| "sealed_key does not open with this cache key".to_owned())?;
+    Ok(Zeroizing::new(plain.to_vec()))
 }
 
 fn set_mode(path: &Path, mode: u32) -> Result<(), Error> {
@@ -664,6 +853,68 @@ mod tests {
                 SystemTime::now()
             )
             .is_none());
+    }
+
+    /// A stand-in for a TPM: "seals" by XOR with its own pad, so only the same pad opens
+    /// it (a real TPM's integrity check refuses another's blob; this one checks a tag).
+    #[derive(Debug)]
+    struct Pad(u8);
+
+    impl KeyProtector for Pad {
+        fn seal(&self, secret: &[u8]) -> Result<Vec<u8>, Error> {
+            let mut out = vec![self.0];
+            out.extend(secret.iter().map(|b| b ^ self.0));
+            Ok(out)
+        }
+        fn unseal(&self, sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>, Error> {
+            match sealed.split_first() {
+                Some((tag, body)) if *tag == self.0 => {
+                    Ok(Zeroizing::new(body.iter().map(|b| b ^ self.0).collect()))
+                }
+                _ => Err(Error::Attestation("another TPM's blob".into())),
+            }
+        }
+    }
+
+    #[test]
+    fn sealed_keys_are_served_by_their_own_tpm_only() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = ca();
+        let snapshot = snapshot(&ca);
+        let mut saved = SavedCache::new(dir.path());
+        saved.protect_keys_with(Box::new(Pad(0x5a)));
+        saved.save(&snapshot).expect("save");
+        let file =
+            std::fs::read_to_string(dir.path().join(CACHE_DIR).join(SVIDS_DIR).join("a1.json"))
+                .expect("read");
+        assert!(
+            file.contains("\"sealed_key\"") && !file.contains("\"key\""),
+            "{file}"
+        );
+        let plain = B64.encode(snapshot.svids["a1"].key.as_slice());
+        assert!(
+            !file.contains(&plain),
+            "the key is in the file in the clear"
+        );
+
+        let load_with = |pad: Option<u8>| {
+            let mut saved = SavedCache::new(dir.path());
+            if let Some(pad) = pad {
+                saved.protect_keys_with(Box::new(Pad(pad)));
+            }
+            saved
+                .load(&TrustDomain::new(TD).expect("td"), SystemTime::now())
+                .expect("the trust file is fine")
+        };
+        let own = load_with(Some(0x5a));
+        assert_eq!(own.svids.len(), 2);
+        assert_eq!(
+            own.svids["a1"].key.as_slice(),
+            snapshot.svids["a1"].key.as_slice()
+        );
+        // Another TPM, or an agent without one: entries, but no key and so no SVID.
+        assert!(load_with(Some(0x33)).svids.is_empty());
+        assert!(load_with(None).svids.is_empty());
     }
 
     #[test]

@@ -40,6 +40,25 @@ pub mod x509pop;
 pub use join_token::JoinTokenAttestation;
 pub use x509pop::X509PopAttestation;
 
+/// What keeps the saved cache's keys on this machine: the TPM a `tpm` node attests with;
+/// `None` for other methods (their cache files are owner-only, not sealed).
+pub fn cache_key_protector(
+    config: &crate::daemon::config::AttestationConfig,
+) -> Result<Option<Box<dyn crate::daemon::cache::KeyProtector>>, Error> {
+    use crate::daemon::config::AttestationConfig;
+    match config {
+        #[cfg(feature = "tpm")]
+        AttestationConfig::Tpm { tcti, .. } => {
+            let tcti = match tcti {
+                Some(tcti) => tcti.clone(),
+                None => hsm::Tcti::from_env()?.to_string(),
+            };
+            Ok(Some(Box::new(tpm::TpmKeyProtector::open(&tcti)?)))
+        }
+        _ => Ok(None),
+    }
+}
+
 /// The attestation `config` names. Without `tcti`, the TPM is `PLANT_TPM_TCTI`'s, else the
 /// kernel's resource manager (the same default as a `tpm:` key reference).
 pub fn from_config(

@@ -90,6 +90,32 @@ impl NodeAttestation for TpmAttestation {
     }
 }
 
+/// The saved cache's key sealed to this node's TPM (see [`crate::daemon::cache::KeyProtector`]).
+#[derive(Debug)]
+pub struct TpmKeyProtector(hsm::tpm::Sealer);
+
+impl TpmKeyProtector {
+    /// Seals with the TPM at `tcti`; nothing is sent to it until the cache is loaded or saved.
+    pub fn open(tcti: &str) -> Result<Self, Error> {
+        let tcti: hsm::Tcti = tcti.parse()?;
+        let options = hsm::TpmOptions {
+            deadline: TPM_DEADLINE,
+            ..hsm::TpmOptions::default()
+        };
+        Ok(Self(hsm::tpm::Sealer::open(&tcti, options)?))
+    }
+}
+
+impl crate::daemon::cache::KeyProtector for TpmKeyProtector {
+    fn seal(&self, secret: &[u8]) -> Result<Vec<u8>, Error> {
+        Ok(self.0.seal(secret)?)
+    }
+
+    fn unseal(&self, sealed: &[u8]) -> Result<zeroize::Zeroizing<Vec<u8>>, Error> {
+        Ok(self.0.unseal(sealed)?)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
