@@ -45,18 +45,18 @@ pub use x509pop::X509PopAttestation;
 pub fn cache_key_protector(
     config: &crate::daemon::config::AttestationConfig,
 ) -> Result<Option<Box<dyn crate::daemon::cache::KeyProtector>>, Error> {
-    use crate::daemon::config::AttestationConfig;
-    match config {
-        #[cfg(feature = "tpm")]
-        AttestationConfig::Tpm { tcti, .. } => {
-            let tcti = match tcti {
-                Some(tcti) => tcti.clone(),
-                None => hsm::Tcti::from_env()?.to_string(),
-            };
-            Ok(Some(Box::new(tpm::TpmKeyProtector::open(&tcti)?)))
-        }
-        _ => Ok(None),
+    #[cfg(feature = "tpm")]
+    if let crate::daemon::config::AttestationConfig::Tpm { tcti, .. } = config {
+        let tcti = match tcti {
+            Some(tcti) => tcti.clone(),
+            None => hsm::Tcti::from_env()?.to_string(),
+        };
+        return Ok(Some(Box::new(tpm::TpmKeyProtector::open(&tcti)?)));
     }
+    // Without the TPM backend a tpm node does not start at all (`from_config` says why).
+    #[cfg(not(feature = "tpm"))]
+    let _ = config;
+    Ok(None)
 }
 
 /// The attestation `config` names. Without `tcti`, the TPM is `PLANT_TPM_TCTI`'s, else the
