@@ -6,8 +6,9 @@
 //!   over the Workload API; `agent status` reads what it holds.
 //!
 //! The two never import each other. What both need is here at the root: [`certificate`]
-//! (names, serials, chains), [`pem_files`] (the credential files and how they are written)
-//! and the crate's one [`Error`].
+//! (names, serials, chains), [`pem_files`] (the credential files and how they are written),
+//! `device_key` (keys held by a TPM or token, for TLS and requests) and the crate's one
+//! [`Error`].
 //!
 //! The `agent` binary parses arguments and calls [`commissioning::enrollment::enroll`],
 //! [`commissioning::batch::enroll_batch`], [`commissioning::reenrollment::reenroll`] or
@@ -16,6 +17,7 @@
 pub mod certificate;
 pub mod commissioning;
 pub mod daemon;
+mod device_key;
 mod error;
 pub mod pem_files;
 

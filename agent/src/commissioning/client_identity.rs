@@ -12,75 +12,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use est::{body, certs_only, media, Label};
-use rustls::client::ResolvesClientCert;
 use rustls::pki_types::CertificateDer;
-use rustls::sign::CertifiedKey;
-use rustls::{SignatureAlgorithm, SignatureScheme};
 
 use crate::commissioning::trust::CaTrust;
-
-/// The only scheme a Plant PKI key signs with: every backend holds P-256 keys and signs
-/// SHA-256 digests (RFC 8446 §4.2.3 `ecdsa_secp256r1_sha256`).
-const SCHEME: SignatureScheme = SignatureScheme::ECDSA_NISTP256_SHA256;
-
-/// A device key as rustls sees it: ECDSA P-256 signatures made by the key's own backend.
-#[derive(Debug)]
-struct DeviceSigningKey(Arc<dyn hsm::Signer>);
-
-impl rustls::sign::SigningKey for DeviceSigningKey {
-    fn choose_scheme(&self, offered: &[SignatureScheme]) -> Option<Box<dyn rustls::sign::Signer>> {
-        offered.contains(&SCHEME).then(|| {
-            Box::new(DeviceSignature(Arc::clone(&self.0))) as Box<dyn rustls::sign::Signer>
-        })
-    }
-
-    fn algorithm(&self) -> SignatureAlgorithm {
-        SignatureAlgorithm::ECDSA
-    }
-}
-
-/// One handshake signature. `hsm::Signer::sign` hashes with SHA-256 and returns the DER
-/// `ECDSA-Sig-Value` TLS carries (RFC 8446 §4.4.3), so the message goes in unhashed.
-#[derive(Debug)]
-struct DeviceSignature(Arc<dyn hsm::Signer>);
-
-impl rustls::sign::Signer for DeviceSignature {
-    fn sign(&self, message: &[u8]) -> Result<Vec<u8>, rustls::Error> {
-        // Blocks this runtime thread up to the backend's deadline (a TPM signs in ~50 ms).
-        self.0
-            .sign(message)
-            .map_err(|e| rustls::Error::General(format!("signing with {}: {e}", self.0.location())))
-    }
-
-    fn scheme(&self) -> SignatureScheme {
-        SCHEME
-    }
-}
-
-/// Always presents the one certificate chain the agent renews with.
-struct DeviceCertificate(Arc<CertifiedKey>);
-
-impl fmt::Debug for DeviceCertificate {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("DeviceCertificate")
-            .field("chain", &self.0.cert.len())
-            .finish_non_exhaustive()
-    }
-}
-
-impl ResolvesClientCert for DeviceCertificate {
-    fn resolve(
-        &self,
-        _root_hint_subjects: &[&[u8]],
-        sigschemes: &[SignatureScheme],
-    ) -> Option<Arc<CertifiedKey>> {
-        sigschemes.contains(&SCHEME).then(|| Arc::clone(&self.0))
-    }
-
-    fn has_certs(&self) -> bool {
-        true
-    }
-}
+use crate::device_key;
 
 /// An EST client for `simplereenroll` that authenticates with a certificate whose key is
 /// reached through [`hsm::Signer`].
@@ -112,17 +47,14 @@ impl ReenrollClient {
                 .add(CertificateDer::from(der.clone()))
                 .map_err(|e| transport(format!("trust anchor not usable: {e}")))?;
         }
-        let certified = CertifiedKey::new(
-            chain.iter().cloned().map(CertificateDer::from).collect(),
-            Arc::new(DeviceSigningKey(key)),
-        );
+        let certified = device_key::certified(chain, key);
         let config = rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::aws_lc_rs::default_provider(),
         ))
         .with_safe_default_protocol_versions()
         .map_err(transport)?
         .with_root_certificates(roots)
-        .with_client_cert_resolver(Arc::new(DeviceCertificate(Arc::new(certified))));
+        .with_client_cert_resolver(Arc::new(device_key::Presented::new(certified)));
         let http = reqwest::Client::builder()
             .use_preconfigured_tls(config)
             .connect_timeout(Duration::from_secs(10))
@@ -180,26 +112,4 @@ impl ReenrollClient {
 
 fn transport(e: impl fmt::Display) -> est::Error {
     est::Error::Transport(e.to_string())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use rustls::sign::SigningKey;
-
-    #[test]
-    fn only_ecdsa_p256_sha256_is_offered_to_the_handshake() {
-        let key: Arc<dyn hsm::Signer> = Arc::new(hsm::SoftKey::generate().expect("key"));
-        let signing = DeviceSigningKey(Arc::clone(&key));
-        assert!(signing
-            .choose_scheme(&[SignatureScheme::RSA_PSS_SHA256, SignatureScheme::ED25519])
-            .is_none());
-        let signer = signing
-            .choose_scheme(&[SignatureScheme::ED25519, SCHEME])
-            .expect("P-256 offered");
-        assert_eq!(signer.scheme(), SCHEME);
-        let signature = signer.sign(b"handshake transcript").expect("signature");
-        // DER ECDSA-Sig-Value: a SEQUENCE of two INTEGERs.
-        assert_eq!(signature[0], 0x30, "{signature:02x?}");
-    }
 }

@@ -100,7 +100,7 @@ impl DeviceNames {
         params.distinguished_name = self.subject.clone();
         params.subject_alt_names = self.subject_alt_names.clone();
         let csr = params
-            .serialize_request(&CsrSigner(key))
+            .serialize_request(&crate::device_key::CsrSigner(key))
             .map_err(|e| Error::Csr(e.to_string()))?;
         Ok(csr.der().to_vec())
     }
@@ -178,29 +178,6 @@ fn san(name: &GeneralName) -> Result<SanType, String> {
             )
         }
     })
-}
-
-/// Lets rcgen sign a request with any [`hsm::Signer`] (always P-256 with SHA-256).
-struct CsrSigner<'a>(&'a dyn hsm::Signer);
-
-impl rcgen::PublicKeyData for CsrSigner<'_> {
-    fn der_bytes(&self) -> &[u8] {
-        // rcgen wants the SPKI's BIT STRING content: the uncompressed point.
-        self.0.public_key().point()
-    }
-
-    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
-        &rcgen::PKCS_ECDSA_P256_SHA256
-    }
-}
-
-impl rcgen::SigningKey for CsrSigner<'_> {
-    fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, rcgen::Error> {
-        self.0.sign(msg).map_err(|e| {
-            tracing::warn!(error = %e, "signing the certificate request failed");
-            rcgen::Error::RemoteKeyError
-        })
-    }
 }
 
 #[cfg(test)]
