@@ -23,11 +23,10 @@ use proto::SpiffeId;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use tokio_stream::StreamExt;
 use tonic::transport::{Channel, Endpoint};
-use zeroize::Zeroizing;
 
 use crate::daemon::metrics::METRICS;
 use crate::daemon::node::NodeAttestation;
-use crate::daemon::svid::{certificate_validity, KeyPair};
+use crate::daemon::svid::{certificate_validity, KeyPair, NodeKey};
 use crate::Error;
 
 /// How long a connection attempt to the issuer may take.
@@ -44,7 +43,7 @@ pub struct NodeIdentity {
     /// The trust bundle the issuer sent with it (DER roots).
     pub bundle: Vec<Vec<u8>>,
     /// The node SVID's key.
-    pub key: KeyPair,
+    pub key: NodeKey,
     /// The leaf's validity.
     pub not_before: SystemTime,
     /// The leaf's validity.
@@ -64,7 +63,8 @@ impl std::fmt::Debug for NodeIdentity {
 
 impl NodeIdentity {
     /// The identity from the issuer's `NodeSvid` and the key its CSR was made with.
-    pub fn from_node_svid(svid: NodeSvid, key: KeyPair) -> Result<Self, Error> {
+    pub fn from_node_svid(svid: NodeSvid, key: impl Into<NodeKey>) -> Result<Self, Error> {
+        let key = key.into();
         let spiffe_id = SpiffeId::new(&svid.spiffe_id)
             .map_err(|e| Error::certificate("node SVID from the issuer", e))?;
         let leaf = svid
@@ -72,7 +72,7 @@ impl NodeIdentity {
             .first()
             .ok_or_else(|| Error::certificate("node SVID from the issuer", "empty chain"))?;
         let (not_before, not_after) = certificate_validity("node SVID", leaf)?;
-        crate::daemon::svid::ensure_certifies("node SVID", leaf, &key)?;
+        crate::daemon::svid::ensure_certifies_spki("node SVID", leaf, &key.spki_der())?;
         Ok(Self {
             spiffe_id,
             chain: svid.chain,
@@ -157,8 +157,8 @@ impl IssuerEndpoint {
             est::tls::issuer_verifier(Arc::clone(&self.roots))
                 .map_err(|e| Error::certificate("trust bundle", e))?,
         );
-        let mut tls = match identity {
-            Some(identity) => builder
+        let mut tls = match identity.map(|i| (i, &i.key)) {
+            Some((identity, NodeKey::Software(key))) => builder
                 .with_client_auth_cert(
                     identity
                         .chain
@@ -166,11 +166,14 @@ impl IssuerEndpoint {
                         .cloned()
                         .map(CertificateDer::from)
                         .collect(),
-                    PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
-                        identity.key.pkcs8_der().to_vec(),
-                    )),
+                    PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.pkcs8_der().to_vec())),
                 )
                 .map_err(|e| Error::certificate("node SVID", e))?,
+            Some((identity, NodeKey::Held { signer, .. })) => {
+                builder.with_client_cert_resolver(Arc::new(crate::device_key::Presented::new(
+                    crate::device_key::certified(&identity.chain, Arc::clone(signer)),
+                )))
+            }
             None => builder.with_no_client_auth(),
         };
         tls.alpn_protocols = vec![b"h2".to_vec()];
@@ -212,8 +215,9 @@ impl IssuerClient {
         attestation: &Arc<Mutex<Box<dyn NodeAttestation>>>,
     ) -> Result<NodeIdentity, Error> {
         let step = "attesting the node with the issuer";
-        let key = KeyPair::generate()?;
-        let csr = Arc::new(key.csr(None)?);
+        // A method may hold the key in hardware (a TPM node): made on a blocking thread.
+        let key = blocking(attestation, |a| a.node_key()).await?;
+        let csr = Arc::new(key.csr()?);
         let evidence = blocking(attestation, {
             let csr = Arc::clone(&csr);
             move |a| a.evidence(&csr)
@@ -366,9 +370,4 @@ async fn blocking<T: Send + 'static>(
     })
     .await
     .map_err(|e| Error::Attestation(format!("the attestation task failed: {e}")))?
-}
-
-/// The node key's PKCS#8 bytes for the state directory (kept secret by the caller).
-pub fn node_key_pem(identity: &NodeIdentity) -> Zeroizing<String> {
-    identity.key.pkcs8_pem()
 }

@@ -85,7 +85,7 @@ pub async fn run(
     }
     raise_open_file_limit();
     let endpoint = IssuerEndpoint::new(&config.server, &anchors)?;
-    let attestation = node::from_config(&config.attestation)?;
+    let attestation = node::from_config(&config.attestation, &config.state_dir)?;
     std::fs::create_dir_all(&config.state_dir).map_err(Error::io(&config.state_dir))?;
     // The node key lives here: only the agent's user may look inside.
     std::fs::set_permissions(&config.state_dir, std::fs::Permissions::from_mode(0o700))

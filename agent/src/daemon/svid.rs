@@ -78,6 +78,61 @@ impl KeyPair {
     }
 }
 
+/// A node SVID's key: made in memory (its PKCS#8 kept in the state directory, 0600), or
+/// made in and held by the node's TPM (the state directory keeps only its key reference and
+/// the TPM-wrapped blob, which no other TPM loads).
+pub enum NodeKey {
+    /// In memory.
+    Software(KeyPair),
+    /// In the TPM: signs through it.
+    Held {
+        /// The key.
+        signer: std::sync::Arc<dyn hsm::Signer>,
+        /// Where it is (`tpm:blob=…`), for the state directory.
+        key_ref: hsm::KeyRef,
+    },
+}
+
+impl fmt::Debug for NodeKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Software(_) => f.write_str("NodeKey::Software(<redacted>)"),
+            Self::Held { key_ref, .. } => write!(f, "NodeKey::Held({key_ref})"),
+        }
+    }
+}
+
+impl From<KeyPair> for NodeKey {
+    fn from(key: KeyPair) -> Self {
+        Self::Software(key)
+    }
+}
+
+impl NodeKey {
+    /// The SubjectPublicKeyInfo, DER.
+    pub fn spki_der(&self) -> Vec<u8> {
+        match self {
+            Self::Software(key) => key.spki_der(),
+            Self::Held { signer, .. } => signer.public_key().spki_der().to_vec(),
+        }
+    }
+
+    /// A PKCS#10 request (DER) for this key, with no names: the issuer names the node.
+    pub fn csr(&self) -> Result<Vec<u8>, Error> {
+        match self {
+            Self::Software(key) => key.csr(None),
+            Self::Held { signer, .. } => {
+                let mut params = rcgen::CertificateParams::default();
+                params.distinguished_name = rcgen::DistinguishedName::new();
+                params
+                    .serialize_request(&crate::device_key::CsrSigner(signer.as_ref()))
+                    .map(|csr| csr.der().to_vec())
+                    .map_err(|e| Error::Csr(e.to_string()))
+            }
+        }
+    }
+}
+
 /// notBefore and notAfter of a DER certificate.
 pub fn certificate_validity(what: &str, der: &[u8]) -> Result<(SystemTime, SystemTime), Error> {
     let certificate = Certificate::from_der(der).map_err(|e| Error::certificate(what, e))?;
@@ -91,10 +146,15 @@ pub fn certificate_validity(what: &str, der: &[u8]) -> Result<(SystemTime, Syste
 /// Fails unless the DER certificate `leaf` certifies `key`: an issuer answering with another
 /// key's certificate would otherwise hand workloads a key that does not match their SVID.
 pub fn ensure_certifies(what: &str, leaf: &[u8], key: &KeyPair) -> Result<(), Error> {
+    ensure_certifies_spki(what, leaf, &key.spki_der())
+}
+
+/// As [`ensure_certifies`], for the key whose SubjectPublicKeyInfo is `key_spki` (DER).
+pub fn ensure_certifies_spki(what: &str, leaf: &[u8], key_spki: &[u8]) -> Result<(), Error> {
     let certificate = Certificate::from_der(leaf).map_err(|e| Error::certificate(what, e))?;
     let spki = der::Encode::to_der(&certificate.tbs_certificate.subject_public_key_info)
         .map_err(|e| Error::certificate(what, e))?;
-    if spki == key.spki_der() {
+    if spki == key_spki {
         Ok(())
     } else {
         Err(Error::certificate(

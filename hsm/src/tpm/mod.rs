@@ -491,6 +491,7 @@ impl Owner {
                 Job::Release { object } => self.release(&object),
                 Job::Session { work, deadline } => {
                     if Instant::now() < deadline {
+                        self.unload_blobs();
                         let activity = Arc::clone(&self.activity);
                         let name = self.name.clone();
                         let broken = {
@@ -516,6 +517,22 @@ impl Owner {
         let _busy = self.activity.begin();
         let context = device::connect(&self.tcti, &self.name)?;
         Ok(self.context.insert(context))
+    }
+
+    /// Flushes the blob keys loaded now; each reloads at its next signature. A TPM without a
+    /// resource manager (swtpm, a bare /dev/tpm0) holds three transient objects, and session
+    /// work (credential activation: the EK and an AK; sealing: the storage key and the
+    /// sealed object) needs room next to a process's keys.
+    fn unload_blobs(&mut self) {
+        let Some(context) = self.context.as_mut() else {
+            return;
+        };
+        for key in &mut self.keys {
+            if let (TpmObject::Blob(_), Some(handle)) = (&key.object, key.handle) {
+                device::release(context, &key.object, handle);
+                key.handle = None;
+            }
+        }
     }
 
     /// Drops the ESAPI context (closing the connection); every key reloads on next use.

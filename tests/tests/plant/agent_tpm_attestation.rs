@@ -222,13 +222,20 @@ fn a_tpm_node_attests_again_by_itself_after_its_svid_lapsed_in_an_outage() -> Re
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_tpm_node_renews_by_attesting_and_its_copied_files_cannot_renew_over_mtls() -> Result<()>
-{
-    use proto::agent::agent_client::AgentClient;
+#[test]
+fn a_tpm_node_renews_by_attesting_and_its_node_key_never_leaves_the_tpm() -> Result<()> {
     let tpm = Swtpm::start_manufactured();
+    let other_tpm = Swtpm::start_manufactured();
+    // One issuer trusting both TPMs' manufacturers.
+    let cas = tempfile::tempdir()?;
+    let both = cas.path().join("ek-cas.pem");
+    std::fs::write(
+        &both,
+        std::fs::read_to_string(tpm.ek_ca_certificate())?
+            + &std::fs::read_to_string(other_tpm.ek_ca_certificate())?,
+    )?;
     // 12 s node SVIDs: renewed from about 5 s on.
-    let issuer = issuer_trusting(&tpm.ek_ca_certificate(), |text| {
+    let issuer = issuer_trusting(&both, |text| {
         text.replacen("node_svid_ttl = \"1h\"", "node_svid_ttl = \"12s\"", 1)
     })?;
     let mut agent = Agent::start(&issuer, &tpm_attestation(&tpm), &[])?;
@@ -244,24 +251,109 @@ async fn a_tpm_node_renews_by_attesting_and_its_copied_files_cannot_renew_over_m
     );
     assert_eq!(agent.node_id()?, node, "the same TPM, the same node");
 
-    // Someone copies the state directory: its node SVID and key authenticate (they are the
-    // current ones), but renewing with them over mTLS is refused.
+    // No key file: a reference to a blob only this TPM loads, and only the current blob.
     let state = agent.dir.path().join("state");
-    let chain = plant_tests::pem_blocks(
-        &std::fs::read_to_string(state.join("node-svid.pem"))?,
-        "CERTIFICATE",
+    ensure!(!state.join("node-key.pem").exists(), "a node key file");
+    let key_ref = std::fs::read_to_string(state.join("node-key.ref"))?;
+    ensure!(key_ref.starts_with("tpm:blob=node-key-"), "{key_ref}");
+    let blobs = std::fs::read_dir(&state)?
+        .filter_map(std::result::Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".tpm"))
+        .count();
+    assert_eq!(blobs, 1, "old node key blobs are removed");
+    ensure!(
+        agent.stop()?,
+        "agent did not exit cleanly:\n{}",
+        agent.log()
     );
-    let key = plant_tests::pem_blocks(
-        &std::fs::read_to_string(state.join("node-key.pem"))?,
-        "PRIVATE KEY",
-    )
-    .pop()
-    .context("node key")?;
-    let mut copy =
-        AgentClient::new(plant_tests::agent_api_channel(&issuer, Some((chain, key))).await?);
-    let refused = copy
+
+    // The state directory copied to a machine with another TPM: the node key does not
+    // load there, so that machine is not this node; it attests as what it is.
+    let mut copy = Agent::start(&issuer, &tpm_attestation(&other_tpm), &[])?;
+    let copy_node = copy.node_id()?;
+    ensure!(copy.stop()?, "copy did not stop cleanly:\n{}", copy.log());
+    let copy_state = copy.dir.path().join("state");
+    std::fs::remove_dir_all(&copy_state)?;
+    copy_tree(&state, &copy_state)?;
+    std::fs::remove_file(copy_state.join("status.json"))?;
+    copy.run()?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !copy.log().contains("persisted node identity not") {
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "the copied node key was used:\n{}",
+            copy.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    ensure!(copy.stop()?, "copy did not stop cleanly:\n{}", copy.log());
+    ensure!(copy_node != node, "two TPMs, two nodes");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_issuer_refuses_mtls_renewal_of_a_tpm_node() -> Result<()> {
+    use agent::daemon::node::tpm::TpmAttestation;
+    use agent::daemon::node::NodeAttestation;
+    use proto::agent::agent_client::AgentClient;
+    use proto::agent::{attest_request, attest_response, AttestRequest};
+    let tpm = Swtpm::start_manufactured();
+    let issuer = issuer_trusting(&tpm.ek_ca_certificate(), |text| text)?;
+    // Attest by hand with a node key in memory, as a modified agent could.
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let csr = rcgen::CertificateParams::new(Vec::<String>::new())?
+        .serialize_request(&key)?
+        .der()
+        .to_vec();
+    let tcti = tpm.tcti_string();
+    let (evidence, mut attestation) = {
+        let csr = csr.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut attestation = TpmAttestation::open(&tcti)?;
+            let evidence = attestation.evidence(&csr)?;
+            anyhow::Ok((evidence, attestation))
+        })
+        .await??
+    };
+    let mut client = AgentClient::new(plant_tests::agent_api_channel(&issuer, None).await?);
+    let (sender, receiver) = tokio::sync::mpsc::channel(2);
+    sender
+        .send(AttestRequest {
+            step: Some(attest_request::Step::Evidence(evidence)),
+        })
+        .await?;
+    let mut responses = client
+        .attest(tokio_stream::wrappers::ReceiverStream::new(receiver))
+        .await?
+        .into_inner();
+    let Some(attest_response::Step::Challenge(challenge)) =
+        responses.message().await?.context("no challenge")?.step
+    else {
+        anyhow::bail!("the tpm method is challenged first");
+    };
+    let answer = {
+        let csr = csr.clone();
+        tokio::task::spawn_blocking(move || attestation.answer(&challenge, &csr)).await??
+    };
+    sender
+        .send(AttestRequest {
+            step: Some(attest_request::Step::ChallengeResponse(answer)),
+        })
+        .await?;
+    let Some(attest_response::Step::NodeSvid(svid)) =
+        responses.message().await?.context("no node SVID")?.step
+    else {
+        anyhow::bail!("expected the node SVID");
+    };
+    // Its node SVID authenticates, but renewing it over mTLS is refused.
+    let mut node = AgentClient::new(
+        plant_tests::agent_api_channel(&issuer, Some((svid.chain, key.serialize_der()))).await?,
+    );
+    node.sync_entries(proto::agent::SyncEntriesRequest {})
+        .await?;
+    let refused = node
         .renew_node_svid(proto::agent::RenewNodeSvidRequest {
-            csr: plant_tests::p256_csr("copy")?,
+            csr: plant_tests::p256_csr("again")?,
         })
         .await
         .expect_err("mTLS renewal of a TPM node");
@@ -274,11 +366,6 @@ async fn a_tpm_node_renews_by_attesting_and_its_copied_files_cannot_renew_over_m
         refused.message().contains("by attesting again"),
         "{}",
         refused.message()
-    );
-    ensure!(
-        agent.stop()?,
-        "agent did not exit cleanly:\n{}",
-        agent.log()
     );
     Ok(())
 }

@@ -31,7 +31,7 @@ use crate::daemon::rotation::{
 };
 use crate::daemon::status::{self, Status};
 use crate::daemon::svid::{
-    certificate_validity, ensure_certifies, spiffe_id_of, KeyPair, X509Svid,
+    certificate_validity, ensure_certifies, spiffe_id_of, KeyPair, NodeKey, X509Svid,
 };
 use crate::pem_files::{self, Overwrite};
 use crate::Error;
@@ -46,6 +46,12 @@ const MINT_BATCH: usize = 100;
 
 const NODE_CHAIN_FILE: &str = "node-svid.pem";
 const NODE_KEY_FILE: &str = "node-key.pem";
+/// Instead of `node-key.pem` when the node key is held by the TPM: its key reference.
+const NODE_KEY_REF_FILE: &str = "node-key.ref";
+/// A TPM-held node key's blob in the state directory: `node-key-<nanoseconds>.tpm`.
+pub const NODE_KEY_BLOB_PREFIX: &str = "node-key-";
+/// See [`NODE_KEY_BLOB_PREFIX`].
+pub const NODE_KEY_BLOB_SUFFIX: &str = ".tpm";
 const NODE_BUNDLE_FILE: &str = "node-bundle.pem";
 const KEY_MODE: u32 = 0o600;
 const PUBLIC_MODE: u32 = 0o644;
@@ -332,7 +338,14 @@ impl Manager {
     }
 
     fn load_persisted_node(&mut self) {
-        match read_persisted_node(&self.state_dir) {
+        let attestation = Arc::clone(&self.node.attestation);
+        let reopen = move |key_ref: hsm::KeyRef| {
+            attestation
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .reopen_node_key(key_ref)
+        };
+        match read_persisted_node(&self.state_dir, reopen) {
             Ok(Some(identity)) if is_valid(identity.not_after, SystemTime::now()) => {
                 tracing::info!(spiffe_id = %identity.spiffe_id, "node identity loaded from the state directory");
                 self.node.had_identity = true;
@@ -391,7 +404,22 @@ impl Manager {
             pem_files::write_atomically(&self.state_dir.join(name), bytes, mode, Overwrite::Allow)
         };
         // Key first: a chain without its key is useless, a key without its chain harmless.
-        write(NODE_KEY_FILE, identity.key.pkcs8_pem().as_bytes(), KEY_MODE)?;
+        let other = match &identity.key {
+            NodeKey::Software(key) => {
+                write(NODE_KEY_FILE, key.pkcs8_pem().as_bytes(), KEY_MODE)?;
+                NODE_KEY_REF_FILE
+            }
+            NodeKey::Held { key_ref, .. } => {
+                write(
+                    NODE_KEY_REF_FILE,
+                    format!("{key_ref}\n").as_bytes(),
+                    KEY_MODE,
+                )?;
+                NODE_KEY_FILE
+            }
+        };
+        remove_if_present(&self.state_dir.join(other))?;
+        remove_stale_key_blobs(&self.state_dir, &identity.key);
         write(
             NODE_CHAIN_FILE,
             pem_files::encode_certificates(identity.chain.iter().map(Vec::as_slice))?.as_bytes(),
@@ -878,19 +906,33 @@ fn check_minted(entry: &Entry, key: &KeyPair, chain: Vec<Vec<u8>>) -> Result<Min
 /// Whether `state_dir` holds a node identity the agent will use at start (readable and not
 /// expired), so it need not attest.
 pub fn holds_node_identity(state_dir: &Path) -> bool {
-    matches!(read_persisted_node(state_dir), Ok(Some(identity)) if is_valid(identity.not_after, SystemTime::now()))
+    // Only join-token nodes ask, and their keys are files: a key reference does not count.
+    let no_held_keys = |_: hsm::KeyRef| Err(Error::Attestation("a TPM-held node key".into()));
+    matches!(read_persisted_node(state_dir, no_held_keys), Ok(Some(identity)) if is_valid(identity.not_after, SystemTime::now()))
 }
 
-fn read_persisted_node(state_dir: &Path) -> Result<Option<NodeIdentity>, Error> {
+/// The node identity in `state_dir`; a TPM-held key is opened by `reopen` (the node's own
+/// TPM, whatever TPM the reference was written for).
+fn read_persisted_node(
+    state_dir: &Path,
+    reopen: impl FnOnce(hsm::KeyRef) -> Result<NodeKey, Error>,
+) -> Result<Option<NodeIdentity>, Error> {
     let chain_path = state_dir.join(NODE_CHAIN_FILE);
     let key_path = state_dir.join(NODE_KEY_FILE);
-    if !chain_path.exists() || !key_path.exists() {
+    let key_ref_path = state_dir.join(NODE_KEY_REF_FILE);
+    if !chain_path.exists() || !(key_path.exists() || key_ref_path.exists()) {
         return Ok(None);
     }
     let chain = pem_files::read_certificates(&chain_path)?;
-    let key_pem =
-        zeroize::Zeroizing::new(std::fs::read_to_string(&key_path).map_err(Error::io(&key_path))?);
-    let key = KeyPair::from_pkcs8_pem(&key_pem)?;
+    let key = if key_ref_path.exists() {
+        // Held by the TPM: it loads only in the TPM that made it.
+        reopen(pem_files::read_key_ref(&key_ref_path)?)?
+    } else {
+        let key_pem = zeroize::Zeroizing::new(
+            std::fs::read_to_string(&key_path).map_err(Error::io(&key_path))?,
+        );
+        NodeKey::Software(KeyPair::from_pkcs8_pem(&key_pem)?)
+    };
     let bundle_path = state_dir.join(NODE_BUNDLE_FILE);
     let bundle = if bundle_path.exists() {
         pem_files::read_certificates(&bundle_path)?
@@ -909,6 +951,42 @@ fn read_persisted_node(state_dir: &Path) -> Result<Option<NodeIdentity>, Error> 
     let mut identity = NodeIdentity::from_node_svid(svid, key)?;
     identity.received_at = identity.not_before;
     Ok(Some(identity))
+}
+
+fn remove_if_present(path: &Path) -> Result<(), Error> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io(path)(e)),
+        _ => Ok(()),
+    }
+}
+
+/// Removes the TPM blobs of node keys no longer in use (every blob but `key`'s): each
+/// attestation makes a new one.
+fn remove_stale_key_blobs(state_dir: &Path, key: &NodeKey) {
+    let current = match key {
+        NodeKey::Held {
+            key_ref:
+                hsm::KeyRef::Tpm(hsm::TpmKeyRef {
+                    object: hsm::TpmObject::Blob(path),
+                    ..
+                }),
+            ..
+        } => path.file_name().map(std::ffi::OsStr::to_owned),
+        _ => None,
+    };
+    let Ok(entries) = std::fs::read_dir(state_dir) else {
+        return;
+    };
+    for entry in entries.filter_map(Result::ok) {
+        let name = entry.file_name();
+        let text = name.to_string_lossy();
+        let blob = text.starts_with(NODE_KEY_BLOB_PREFIX) && text.ends_with(NODE_KEY_BLOB_SUFFIX);
+        if blob && Some(&name) != current.as_ref() {
+            if let Err(e) = std::fs::remove_file(entry.path()) {
+                tracing::warn!(error = %e, file = %entry.path().display(), "could not remove an old node key blob");
+            }
+        }
+    }
 }
 
 /// The state directory's node files, for `agent status`.

@@ -26,6 +26,24 @@ pub trait NodeAttestation: Send + std::fmt::Debug {
     /// Whether this method can attest again after a success (false for a join token).
     fn can_reattest(&self) -> bool;
 
+    /// A new key for the node SVID the next attestation asks for. In memory by default; a
+    /// TPM node makes it in its TPM.
+    fn node_key(&mut self) -> Result<crate::daemon::svid::NodeKey, Error> {
+        Ok(crate::daemon::svid::KeyPair::generate()?.into())
+    }
+
+    /// Opens a node key this method made earlier (its reference from the state directory),
+    /// in this node's hardware. Methods whose keys are files have none to reopen.
+    fn reopen_node_key(
+        &mut self,
+        key_ref: hsm::KeyRef,
+    ) -> Result<crate::daemon::svid::NodeKey, Error> {
+        Err(Error::Attestation(format!(
+            "{key_ref}: a {} node keeps its node key in a file, not in a device",
+            self.method()
+        )))
+    }
+
     /// Whether the node SVID is renewed by attesting again instead of over mTLS (TPM
     /// nodes: the issuer refuses their mTLS renewal, so a copy of the state directory dies
     /// with the SVID it holds).
@@ -63,6 +81,7 @@ pub fn cache_key_protector(
 /// kernel's resource manager (the same default as a `tpm:` key reference).
 pub fn from_config(
     config: &crate::daemon::config::AttestationConfig,
+    state_dir: &std::path::Path,
 ) -> Result<Box<dyn NodeAttestation>, Error> {
     use crate::daemon::config::AttestationConfig;
     match config {
@@ -79,10 +98,15 @@ pub fn from_config(
                 Some(tcti) => tcti.clone(),
                 None => hsm::Tcti::from_env()?.to_string(),
             };
-            Ok(Box::new(tpm::TpmAttestation::open_with(&tcti, *ek)?))
+            Ok(Box::new(
+                tpm::TpmAttestation::open_with(&tcti, *ek)?.with_node_keys_in(state_dir),
+            ))
         }
         // The configuration parses the same in every build; only running it needs the TPM.
         #[cfg(not(feature = "tpm"))]
-        AttestationConfig::Tpm { .. } => Err(hsm::Error::NO_TPM.into()),
+        AttestationConfig::Tpm { .. } => {
+            let _ = state_dir;
+            Err(hsm::Error::NO_TPM.into())
+        }
     }
 }

@@ -25,6 +25,9 @@ const TPM_DEADLINE: Duration = Duration::from_secs(30);
 #[derive(Debug)]
 pub struct TpmAttestation {
     activation: hsm::tpm::CredentialActivation,
+    tcti: hsm::Tcti,
+    /// Where node keys made in the TPM keep their blobs; `None`: node keys in memory.
+    node_keys: Option<std::path::PathBuf>,
 }
 
 impl TpmAttestation {
@@ -44,7 +47,17 @@ impl TpmAttestation {
         };
         Ok(Self {
             activation: hsm::tpm::CredentialActivation::open_with(&tcti, options, ek)?,
+            tcti,
+            node_keys: None,
         })
+    }
+
+    /// Makes each node SVID key in the TPM, its blob in `state_dir` (the daemon's way: the
+    /// node key can't be copied off the machine).
+    #[must_use]
+    pub fn with_node_keys_in(mut self, state_dir: &std::path::Path) -> Self {
+        self.node_keys = Some(state_dir.to_owned());
+        self
     }
 }
 
@@ -87,6 +100,64 @@ impl NodeAttestation for TpmAttestation {
 
     fn renews_by_attesting(&self) -> bool {
         true
+    }
+
+    fn node_key(&mut self) -> Result<crate::daemon::svid::NodeKey, Error> {
+        let Some(dir) = &self.node_keys else {
+            return Ok(crate::daemon::svid::KeyPair::generate()?.into());
+        };
+        std::fs::create_dir_all(dir).map_err(Error::io(dir))?;
+        // A new blob per key: the current one stays usable until the new SVID arrives.
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let name = format!(
+            "{}{stamp}{}",
+            crate::daemon::cache::NODE_KEY_BLOB_PREFIX,
+            crate::daemon::cache::NODE_KEY_BLOB_SUFFIX
+        );
+        let signer = hsm::create(&hsm::KeyRef::Tpm(hsm::TpmKeyRef {
+            object: hsm::TpmObject::Blob(dir.join(&name)),
+            tcti: Some(self.tcti.clone()),
+        }))?;
+        // Recorded relative to the state directory and without the TPM's address: the key
+        // is reopened in whatever TPM this node attests with, and only its own loads it.
+        Ok(crate::daemon::svid::NodeKey::Held {
+            signer,
+            key_ref: hsm::KeyRef::Tpm(hsm::TpmKeyRef {
+                object: hsm::TpmObject::Blob(name.into()),
+                tcti: None,
+            }),
+        })
+    }
+
+    fn reopen_node_key(
+        &mut self,
+        key_ref: hsm::KeyRef,
+    ) -> Result<crate::daemon::svid::NodeKey, Error> {
+        let hsm::KeyRef::Tpm(hsm::TpmKeyRef { object, .. }) = &key_ref else {
+            return Err(Error::Attestation(format!(
+                "{key_ref}: a TPM node's key reference names a TPM key"
+            )));
+        };
+        let signer = hsm::open(&hsm::KeyRef::Tpm(hsm::TpmKeyRef {
+            object: object.clone(),
+            tcti: Some(self.tcti.clone()),
+        }))?;
+        let relative = match object {
+            hsm::TpmObject::Blob(path) => hsm::TpmObject::Blob(
+                path.file_name()
+                    .map_or_else(|| path.clone(), std::path::PathBuf::from),
+            ),
+            other => other.clone(),
+        };
+        Ok(crate::daemon::svid::NodeKey::Held {
+            signer,
+            key_ref: hsm::KeyRef::Tpm(hsm::TpmKeyRef {
+                object: relative,
+                tcti: None,
+            }),
+        })
     }
 }
 
