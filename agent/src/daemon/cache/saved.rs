@@ -84,7 +84,6 @@ pub struct Restored {
 }
 
 /// The cache folder and what is in it, so a save writes only what changed.
-#[derive(Debug)]
 pub struct SavedCache {
     dir: PathBuf,
     /// A hash of the trust file's content as last written (`None`: not written by this run).
@@ -96,6 +95,18 @@ pub struct SavedCache {
     protector: Option<Box<dyn KeyProtector>>,
     /// The unsealed cache key, once loaded or made.
     key: Option<CacheKey>,
+}
+
+impl std::fmt::Debug for SavedCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the cache key.
+        f.debug_struct("SavedCache")
+            .field("dir", &self.dir)
+            .field("svids", &self.svids.len())
+            .field("protector", &self.protector)
+            .field("key", &self.key.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 /// `trust.json`, as written (borrowing the snapshot) and as read.
@@ -906,6 +917,17 @@ mod tests {
                 .load(&TrustDomain::new(TD).expect("td"), SystemTime::now())
                 .expect("the trust file is fine")
         };
+        let mut holder = SavedCache::new(dir.path());
+        holder.protect_keys_with(Box::new(Pad(0x5a)));
+        let _ = holder.load(&TrustDomain::new(TD).expect("td"), SystemTime::now());
+        let shown = format!("{holder:?}");
+        assert!(shown.contains("<redacted>"), "{shown}");
+        let key_bytes = format!("{:?}", holder.key.as_ref().map(|k| k.to_vec()));
+        assert!(
+            !shown.contains(&key_bytes[5..key_bytes.len() - 1]),
+            "{shown}"
+        );
+
         let own = load_with(Some(0x5a));
         assert_eq!(own.svids.len(), 2);
         assert_eq!(
