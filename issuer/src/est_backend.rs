@@ -273,6 +273,12 @@ impl Authority {
                 .subject_holder(&grant.label, &grant.common_name, now)
                 .map_err(to_est)?;
             if let Some(holder) = holder {
+                // Requests racing with one token: the one that won spent it and now holds the
+                // subject. The others' answer is the spent token's 401, as for any retry with
+                // it, not the subject's 403.
+                if let Some(current) = self.store.tokens.find(secret).map_err(to_est)? {
+                    check_usable(&current, now)?;
+                }
                 return Err(to_est(crate::issuance::subject_held(
                     &grant,
                     &holder.serial.to_string(),
