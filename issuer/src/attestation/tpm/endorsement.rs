@@ -81,11 +81,7 @@ impl ManufacturerCa {
         let Some(key) = spki.subject_public_key.as_bytes() else {
             return false;
         };
-        let curve = spki
-            .algorithm
-            .parameters
-            .as_ref()
-            .and_then(|p| p.decode_as::<ObjectIdentifier>().ok());
+        let curve = named_curve(spki);
         let Some(algorithm) = verification_algorithm(&certificate.signature_algorithm.oid, curve)
         else {
             return false;
@@ -203,12 +199,7 @@ impl EndorsementCertificate {
         })?;
         let spki = &certificate.tbs_certificate.subject_public_key_info;
         if spki.algorithm.oid == rfc5912::ID_EC_PUBLIC_KEY {
-            let curve = spki
-                .algorithm
-                .parameters
-                .as_ref()
-                .and_then(|p| p.decode_as::<ObjectIdentifier>().ok());
-            if curve != Some(rfc5912::SECP_256_R_1) {
+            if named_curve(spki) != Some(rfc5912::SECP_256_R_1) {
                 return Err(Refusal::new(
                     "ek_unsupported",
                     "the EK certificate's ECC key is not on NIST P-256; the RSA 2048 EK \
@@ -343,6 +334,14 @@ impl EndorsementCertificate {
         };
         Err(Refusal::new("ek_untrusted", message))
     }
+}
+
+/// The named curve of an EC SubjectPublicKeyInfo (its algorithm parameters), if any.
+fn named_curve(spki: &x509_cert::spki::SubjectPublicKeyInfoOwned) -> Option<ObjectIdentifier> {
+    spki.algorithm
+        .parameters
+        .as_ref()
+        .and_then(|p| p.decode_as::<ObjectIdentifier>().ok())
 }
 
 /// The aws-lc-rs verifier for a certificate signature algorithm, with the signer's curve
